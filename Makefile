@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make sandbox` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install sandbox test test-quick bench-sim bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: this pin takes the local CPU wheel; an unpinned torch pulls CUDA builds.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sandbox: install
+	$(VENV)/bin/climber sandbox
+
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-quick: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench-sim: install
+	$(VENV)/bin/climber bench sim
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""A/B experiments: user assignment, the DuckDB run record, and metrics per arm."""

@@ -1,0 +1,1 @@
+"""Ranking: the contract, the baseline ranker, ASTRO and its baselines, and serving."""

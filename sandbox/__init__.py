@@ -1,0 +1,1 @@
+"""Settings, the `climber` command line and the wiring of the closed loop."""

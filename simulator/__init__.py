@@ -1,0 +1,1 @@
+"""A SimPy music platform: catalog, users whose tastes drift, sessions that react to rankings."""
