@@ -1,0 +1,250 @@
+"""ASTRO, the Climber ranking model (arXiv 2502.09888), as we interpret it (docs/astro.md).
+
+    tokens -> split into Nb blocks (by behaviour group, scenario or recency scale)
+           -> per block: its own transformer stack, causal over the block's history,
+              attention logits / (tau * sqrt(d_head)) with tau from scenario and behaviour
+           -> each candidate attends each block's history and itself (target-aware, SUMI)
+           -> a per-dimension gate fuses the Nb block outputs -> one logit per task
+
+Attention cost is sum_b L_b^2 d, about n^2 d / Nb for an even split, because each block's
+tokens are gathered into their own tensor (no n x n mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranker.batch import RankBatch
+from ranker.model_common import (
+    DEFAULT_SIZES,
+    BlockCache,
+    HistoryCache,
+    SequenceRanker,
+    SoftmaxConfig,
+    SoftmaxStack,
+    TaskHeads,
+    TARGET_BEHAVIOUR,
+    check_batch,
+    gather_tokens,
+    last_timestamps,
+    layout_blocks,
+    softplus_inverse,
+)
+from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
+
+PARTITIONS = ("behaviour", "scenario", "recency", "none")
+
+
+@dataclass(frozen=True)
+class AstroConfig(SoftmaxConfig):
+    partition: str = "behaviour"  # one of PARTITIONS
+    behaviour_groups: tuple[tuple[str, ...], ...] = (
+        ("full_play", "like", "share", "add_to_playlist"),  # positive
+        ("play",),  # neutral
+        ("skip", "dislike"),  # negative
+    )
+    scenario_groups: tuple[tuple[str, ...], ...] = (("home_feed",), ("daily_mix",), ("radio",), ("search",), ("library",))
+    recency_scales: tuple[int, ...] = (32, 128, 512)  # block b = the last recency_scales[b] events
+    block_positions: bool = True  # each block adds its own learned in-block position embedding
+    share_block_layers: bool = False  # one transformer stack for all blocks (fewer parameters)
+    temperature: str = "dynamic"  # "dynamic" (learned tau) or "fixed" (tau = 1, the ablation)
+    tau_min: float = 0.1
+    tau_hidden: int = 32
+    fusion: str = "softmax"  # gate over blocks per dimension: "softmax" (sums to 1) or "sigmoid"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.temperature not in ("dynamic", "fixed"):
+            raise ValueError(f"temperature must be 'dynamic' or 'fixed', got {self.temperature!r}")
+        if self.fusion not in ("softmax", "sigmoid"):
+            raise ValueError(f"fusion must be 'softmax' or 'sigmoid', got {self.fusion!r}")
+        if self.tau_min <= 0:
+            raise ValueError(f"tau_min must be > 0, got {self.tau_min}")
+        _group_codes(self.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
+        _group_codes(self.scenario_groups, SCENARIO_CODE, "scenario_groups")
+        if not self.recency_scales or any(s < 1 for s in self.recency_scales):
+            raise ValueError(f"recency_scales must be positive, got {self.recency_scales}")
+
+    @property
+    def n_blocks(self) -> int:
+        return {
+            "behaviour": len(self.behaviour_groups),
+            "scenario": len(self.scenario_groups),
+            "recency": len(self.recency_scales),
+            "none": 1,
+        }[self.partition]
+
+
+def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], field: str) -> list[int]:
+    """Block of each code (-1: in no block, so such tokens are left out of every block)."""
+    if not groups or any(not g for g in groups):
+        raise ValueError(f"{field} must be non-empty groups, got {groups}")
+    block_of = [-1] * len(codes)
+    for block, group in enumerate(groups):
+        for name in group:
+            if name not in codes:
+                raise ValueError(f"{field}: unknown name {name!r}; known: {list(codes)}")
+            if block_of[codes[name]] != -1:
+                raise ValueError(f"{field}: {name!r} is in more than one group")
+            block_of[codes[name]] = block
+    return block_of
+
+
+SIZES = DEFAULT_SIZES
+
+
+class DynamicTemperature(nn.Module):
+    """tau per block and head for a query token, from its scenario and behaviour embeddings.
+
+    softplus + tau_min keeps tau away from 0 (no exploding logits); the output bias starts
+    at tau = 1, so training begins from ordinary attention.
+    """
+
+    def __init__(self, cfg: AstroConfig):
+        super().__init__()
+        self.shape = (cfg.n_blocks, cfg.n_heads)
+        self.tau_min = cfg.tau_min
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * cfg.d_model, cfg.tau_hidden), nn.SiLU(), nn.Linear(cfg.tau_hidden, cfg.n_blocks * cfg.n_heads)
+        )
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+        nn.init.constant_(self.mlp[2].bias, softplus_inverse(1.0 - cfg.tau_min) if cfg.tau_min < 1 else 0.0)
+
+    def forward(self, scenario_emb: torch.Tensor, behaviour_emb: torch.Tensor) -> torch.Tensor:  # [..., Nb, h]
+        raw = self.mlp(torch.cat([scenario_emb, behaviour_emb], dim=-1))
+        return F.softplus(raw).view(*raw.shape[:-1], *self.shape) + self.tau_min
+
+    @staticmethod
+    def flops(cfg: AstroConfig, n_tokens: int) -> int:
+        return n_tokens * (2 * 2 * cfg.d_model * cfg.tau_hidden + 2 * cfg.tau_hidden * cfg.n_blocks * cfg.n_heads)
+
+
+class BlockFusion(nn.Module):
+    """Candidate-dependent gate per block and dimension: which time scale / behaviour matters."""
+
+    def __init__(self, cfg: AstroConfig):
+        super().__init__()
+        self.n_blocks = cfg.n_blocks
+        self.kind = cfg.fusion
+        self.gate = nn.Linear(cfg.d_model, cfg.n_blocks * cfg.d_model)
+
+    def forward(self, candidates: torch.Tensor, block_outputs: torch.Tensor) -> torch.Tensor:
+        """candidates [B, M, d] (the token embeddings), block_outputs [B, M, Nb, d] -> [B, M, d]."""
+        gates = self.gate(candidates).view(block_outputs.shape)
+        gates = gates.softmax(dim=2) if self.kind == "softmax" else torch.sigmoid(gates)
+        return (gates * block_outputs).sum(2)
+
+
+class AstroModel(SequenceRanker):
+    family = "astro"
+    config: AstroConfig
+    config_class = AstroConfig
+    SIZES = SIZES
+
+    def __init__(self, cfg: AstroConfig):
+        super().__init__(cfg)
+        n_blocks = cfg.n_blocks
+        if cfg.share_block_layers:
+            shared = SoftmaxStack(cfg)
+            self.stacks = nn.ModuleList([shared] * n_blocks)
+        else:
+            self.stacks = nn.ModuleList(SoftmaxStack(cfg) for _ in range(n_blocks))
+        self.block_position = None
+        if cfg.block_positions:
+            self.block_position = nn.ModuleList(nn.Embedding(cfg.max_len + 1, cfg.d_model) for _ in range(n_blocks))
+            for table in self.block_position:
+                nn.init.normal_(table.weight, std=0.02)
+        self.temperature = DynamicTemperature(cfg) if cfg.temperature == "dynamic" else None
+        self.fusion = BlockFusion(cfg)
+        block_of_behaviour = _group_codes(cfg.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
+        block_of_scenario = _group_codes(cfg.scenario_groups, SCENARIO_CODE, "scenario_groups")
+        self.register_buffer("block_of_behaviour", torch.tensor(block_of_behaviour), persistent=False)
+        self.register_buffer("block_of_scenario", torch.tensor(block_of_scenario), persistent=False)
+        self.register_buffer("recency_scales", torch.tensor(cfg.recency_scales), persistent=False)
+
+    # -- partition
+
+    def block_membership(self, batch: RankBatch) -> torch.Tensor:
+        """bool [B, n, Nb]: which block(s) each valid history token belongs to."""
+        valid = batch.history_mask
+        blocks = torch.arange(self.config.n_blocks, device=valid.device)
+        kind = self.config.partition
+        if kind == "behaviour":
+            member = self.block_of_behaviour[batch.history_behaviours][..., None] == blocks
+        elif kind == "scenario":
+            member = self.block_of_scenario[batch.history_scenarios][..., None] == blocks
+        elif kind == "recency":  # overlapping windows: the last 32, last 128, ... events
+            age = batch.history_lengths[:, None] - 1 - torch.arange(valid.shape[1], device=valid.device)[None]
+            member = age[..., None] < self.recency_scales
+        else:
+            member = torch.ones(*valid.shape, 1, dtype=torch.bool, device=valid.device)
+        return member & valid[..., None]
+
+    def temperatures(self, scenarios: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor | None:
+        """tau [..., Nb, heads] for query tokens with these scenario and behaviour codes (None if fixed)."""
+        if self.temperature is None:
+            return None
+        return self.temperature(self.embed.scenario(scenarios), self.embed.behaviour(behaviours))
+
+    def _with_block_position(self, x: torch.Tensor, block: int, positions: torch.Tensor) -> torch.Tensor:
+        return x if self.block_position is None else x + self.block_position[block](positions)
+
+    # -- the two serving steps
+
+    def encode_history(self, batch: RankBatch) -> HistoryCache:
+        check_batch(batch, self.config)
+        x = self.embed.history(batch)
+        tau = self.temperatures(batch.history_scenarios, batch.history_behaviours)  # [B, n, Nb, h]
+        blocks = []
+        for b, layout in enumerate(layout_blocks(self.block_membership(batch))):
+            width = layout.index.shape[1]
+            xb = self._with_block_position(gather_tokens(x, layout.index), b, torch.arange(width, device=x.device))
+            tau_b = None if tau is None else gather_tokens(tau[:, :, b], layout.index)
+            timestamps = gather_tokens(batch.history_ts, layout.index)
+            keys, values = self.stacks[b].encode(xb, layout, timestamps, tau_b)
+            blocks.append(BlockCache(keys, values, layout.valid, layout.index, timestamps))
+        return HistoryCache(blocks, batch.history_lengths, last_timestamps(batch))
+
+    def score_candidates(self, cache: HistoryCache, batch: RankBatch) -> torch.Tensor:
+        c = self.embed.candidates(batch, cache.history_lengths, cache.last_ts)  # [B, M, d]
+        M = c.shape[1]
+        target = torch.full_like(batch.scenario, TARGET_BEHAVIOUR)
+        tau = self.temperatures(batch.scenario, target)  # [B, Nb, h]
+        outputs = []
+        for b, block in enumerate(cache.blocks):
+            cb = self._with_block_position(c, b, block.lengths[:, None])
+            tau_b = None if tau is None else tau[:, None, b].expand(-1, M, -1)
+            outputs.append(self.stacks[b].attend_candidates(cb, block, cache.history_lengths, batch.request_ts, tau_b))
+        return self.heads(self.fusion(c, torch.stack(outputs, dim=2)))
+
+    # -- cost
+
+    def even_block_lengths(self, n: int) -> list[int]:
+        """Block lengths the analytic FLOPs assume: an even split, or the recency windows."""
+        cfg = self.config
+        if cfg.partition == "recency":
+            return [min(s, n) for s in cfg.recency_scales]
+        return [n // cfg.n_blocks + (b < n % cfg.n_blocks) for b in range(cfg.n_blocks)]
+
+    def flops_breakdown(self, n: int, M: int, block_lengths: list[int] | None = None) -> dict[str, int]:
+        """Forward FLOPs (2 per multiply-add) for one request; pass real block_lengths for one user.
+
+        Sum over blocks of SoftmaxStack.flops(L_b, M) (attention ~ sum_b L_b^2 d, ~ n^2 d / Nb),
+        plus tau for n + 1 query tokens, the fusion gate (2 d Nb d per candidate) and heads.
+        """
+        cfg = self.config
+        lengths = self.even_block_lengths(n) if block_lengths is None else block_lengths
+        total = {"linear": 0, "history_attention": 0, "candidate_attention": 0}
+        for length in lengths:
+            for key, value in SoftmaxStack.flops(cfg, length, M).items():
+                total[key] += value
+        total["temperature"] = DynamicTemperature.flops(cfg, n + 1) if self.temperature is not None else 0
+        total["fusion"] = M * 2 * cfg.d_model * cfg.n_blocks * cfg.d_model
+        total["heads"] = TaskHeads.flops(cfg, M)
+        return total

@@ -1,0 +1,161 @@
+"""HSTU-style baseline (Meta, arXiv 2402.17152): pointwise SiLU attention, no softmax.
+
+Per layer:  U, Q, K, V = SiLU(f1(Norm(x)))
+            A = SiLU(alpha * Q K^T + rab) / N, masked      (rab: relative position + time bias)
+            x = x + f2(Norm(A V) * U)
+Without softmax the weights do not sum to 1, so the output keeps "how much" related history
+there is, not just a weighted average; N is a constant (max_len), which also keeps a
+token's output independent of padding and of later events (a cacheable prefix).
+Candidates attend the cached history and themselves, as in every family here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranker.model_common import (
+    DEFAULT_SIZES,
+    BlockCache,
+    BlockLayout,
+    ModelConfig,
+    SingleStackRanker,
+    log_bucket,
+    merge_heads,
+    seconds_bucket,
+    split_heads,
+)
+
+SIZES = DEFAULT_SIZES
+
+
+@dataclass(frozen=True)
+class HSTUConfig(ModelConfig):
+    n_rab_buckets: int = 48  # half-octave buckets of position distance and of seconds apart
+    attention_norm: int = 0  # N in A = SiLU(.) / N; 0 means max_len
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_rab_buckets < 1 or self.attention_norm < 0:
+            raise ValueError(
+                f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
+            )
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.alpha = cfg.d_head**-0.5
+        self.norm = float(cfg.attention_norm or cfg.max_len)
+        self.n_buckets = cfg.n_rab_buckets
+        self.norm_in = nn.LayerNorm(d)
+        self.f1 = nn.Linear(d, 4 * d)  # U, Q, K, V (K and V last, so project_kv is one slice)
+        self.norm_attn = nn.LayerNorm(d)
+        self.f2 = nn.Linear(d, d)
+        self.rab_position = nn.Embedding(cfg.n_rab_buckets, cfg.n_heads)
+        self.rab_time = nn.Embedding(cfg.n_rab_buckets, cfg.n_heads)
+        nn.init.zeros_(self.rab_position.weight)
+        nn.init.zeros_(self.rab_time.weight)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def project(self, x: torch.Tensor):
+        u, q, k, v = F.silu(self.f1(self.norm_in(x))).chunk(4, dim=-1)
+        return u, split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def project_kv(self, x: torch.Tensor):
+        d = x.shape[-1]
+        k, v = F.silu(F.linear(self.norm_in(x), self.f1.weight[2 * d :], self.f1.bias[2 * d :])).chunk(2, dim=-1)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def bias_table(self) -> torch.Tensor:
+        """[heads, n_buckets^2]: rab for every (position bucket, time bucket) pair, one lookup."""
+        table = self.rab_position.weight[:, None, :] + self.rab_time.weight[None, :, :]
+        return table.view(-1, self.n_heads).t()
+
+    def attention(self, q, k, v, buckets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(alpha q.k + rab) / N, masked, times V. q [B, h, Lq, dh]; k, v [B, h, Lk, dh].
+
+        buckets [B, Lq or 1, Lk] from relative_buckets; keep bool [B, Lk] masks keys, and
+        None means causal (Lq == Lk). Heads go first internally so the bias gather lands in
+        place and one baddbmm adds it: HSTU's cost is in these B x h x Lq x Lk passes.
+        """
+        B, h, Lq, dh = q.shape
+        Lk = k.shape[2]
+        bias = self.bias_table()[:, buckets].reshape(h * B, -1, Lk)
+        heads_first = lambda t: t.transpose(0, 1).reshape(h * B, -1, dh)  # noqa: E731
+        w = F.silu(torch.baddbmm(bias, heads_first(q * self.alpha), heads_first(k).transpose(1, 2)))
+        w = w.tril_() if keep is None else w.masked_fill_(~keep[None].expand(h, B, Lk).reshape(h * B, 1, Lk), 0.0)
+        return (torch.bmm(w, heads_first(v)) / self.norm).view(h, B, Lq, dh).transpose(0, 1)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A candidate's weight on itself: same formula, distance 0 (bucket 0)."""
+        rab = self.bias_table()[:, 0].view(1, -1, 1, 1)
+        return F.silu(self.alpha * (q * k).sum(-1, keepdim=True) + rab) / self.norm * v
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.f2(self.norm_attn(merge_heads(attended)) * u))
+
+
+def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):
+    """Buckets of how many events and how many seconds a key lies before a query."""
+    position = log_bucket(query_pos[:, :, None] - key_pos[:, None, :], n_buckets)
+    time = seconds_bucket(query_ts[:, :, None] - key_ts[:, None, :], n_buckets)
+    return position.mul_(n_buckets).add_(time)  # one index into HSTULayer.bias_table
+
+
+class HSTUStack(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
+        self.n_buckets = cfg.n_rab_buckets
+
+    def encode(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor, tau: torch.Tensor | None = None):
+        buckets = relative_buckets(layout.index, timestamps, layout.index, timestamps, self.n_buckets)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                k, v = layer.project_kv(x)
+            else:
+                u, q, k, v = layer.project(x)
+                x = layer.finish(x, layer.attention(q, k, v, buckets), u)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def attend_candidates(
+        self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
+        tau: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """History keys with one bias row per request (broadcast over candidates), plus self."""
+        buckets = relative_buckets(positions[:, None], request_ts[:, None], block.positions, block.timestamps, self.n_buckets)
+        for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
+            u, q, k, v = layer.project(c)
+            c = layer.finish(c, layer.attention(q, k_hist, v_hist, buckets, block.valid) + layer.self_attention(q, k, v), u)
+        return c
+
+    @staticmethod
+    def flops(cfg: HSTUConfig, history_len: int, n_candidates: int) -> dict[str, int]:
+        """As SoftmaxStack.flops: f1 (8 d^2) + f2 (2 d^2) per token per layer, last history
+        layer K/V only (4 d^2); attention 4 L^2 d per history layer, 4 M (L + 1) d per candidate layer."""
+        d, L, M, layers = cfg.d_model, history_len, n_candidates, cfg.n_layers
+        per_token_linear = 2 * d * 4 * d + 2 * d * d
+        return {
+            "linear": (layers - 1) * L * per_token_linear + L * 2 * d * 2 * d + layers * M * per_token_linear,
+            "history_attention": (layers - 1) * 4 * L * L * d,
+            "candidate_attention": layers * 4 * M * (L + 1) * d,
+        }
+
+
+class HSTUModel(SingleStackRanker):
+    family = "hstu"
+    config: HSTUConfig
+    config_class = HSTUConfig
+    SIZES = SIZES
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__(cfg, HSTUStack(cfg))

@@ -1,0 +1,555 @@
+"""What every neural ranker shares: config base, tokens, history cache, heads, registry.
+
+All three families (ASTRO, SASRec-style, HSTU-style) score a request the same way, in two
+steps that serving can call separately (TURBO's KV cache):
+
+    cache  = model.encode_history(batch)          # per block, per layer K and V of the history
+    logits = model.score_candidates(cache, batch)  # the M candidates against that K/V
+    model(batch) == model.score_candidates(model.encode_history(batch), batch)
+
+History attention is causal inside each block, so the K/V of a history prefix never change
+when events are appended; a candidate sees its block's history and itself, never another
+candidate (target-aware "SUMI" scoring: one pass scores all M).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranker.batch import TASKS, RankBatch
+from streaming.events import BEHAVIOURS, SCENARIOS
+
+TARGET_BEHAVIOUR = len(BEHAVIOURS)  # the behaviour slot of a candidate token: "to be scored"
+SIZE_NAMES: tuple[str, ...] = ("xs", "s", "m", "l", "xl")
+# The shared depth/width ladder; families may override it.
+DEFAULT_SIZES: dict[str, dict[str, int]] = {
+    "xs": dict(d_model=32, n_layers=1, n_heads=2),
+    "s": dict(d_model=64, n_layers=2, n_heads=2),
+    "m": dict(d_model=128, n_layers=2, n_heads=4),
+    "l": dict(d_model=192, n_layers=3, n_heads=4),
+    "xl": dict(d_model=256, n_layers=4, n_heads=8),
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+def _tuples(value: Any) -> Any:
+    """JSON turns tuples into lists; frozen configs want them back (hashable, immutable)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_tracks: int  # catalogue size; embedding rows are n_tracks + 1 (row 0 is padding)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 256  # longest history; positions 0..max_len (a candidate sits at max_len)
+    dropout: float = 0.1
+    n_time_buckets: int = 48  # half-octave buckets of seconds: 2^23 s ~ 3 months at the top
+    head_hidden: int = 0  # hidden width of the task heads; 0 means d_model
+    # Ranking score = sum_t w_t * sigmoid(logit_t), in TASKS order (full_play, like, skip, share).
+    task_weights: tuple[float, ...] = (1.0, 0.5, -1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("n_tracks", "d_model", "n_layers", "n_heads", "max_len", "n_time_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if len(self.task_weights) != len(TASKS):
+            raise ValueError(f"task_weights needs {len(TASKS)} weights for {TASKS}, got {self.task_weights}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class SoftmaxConfig(ModelConfig):
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * d_model
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def log_bucket(x: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Half-octave buckets of a non-negative quantity (0 -> 0, 1 -> 2, 255 -> 16, ...).
+
+    Fine near zero where "same session" and "a minute later" differ, coarse for months.
+    In place on one float copy: HSTU buckets B x L x L pairs, so passes over memory count.
+    """
+    y = x.to(torch.float32, copy=True).clamp_min_(0).add_(1).log2_().mul_(2).floor_()
+    return y.to(torch.long).clamp_max_(n_buckets - 1)
+
+
+def seconds_bucket(ms: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """log_bucket of a duration given in milliseconds, measured in seconds."""
+    return log_bucket(ms.to(torch.float32) * 1e-3, n_buckets)
+
+
+def history_time_gaps(history_ts: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Bucket of the gap to the previous event (bucket 0 = no previous event).
+
+    The gap to the previous event, not the age at request time, so a token's embedding
+    never changes once written: that is what makes a cached history prefix reusable.
+    """
+    buckets = 1 + seconds_bucket(torch.diff(history_ts, dim=1), n_buckets - 1)
+    return F.pad(buckets, (1, 0), value=0)
+
+
+class TokenEmbedding(nn.Module):
+    """Token = track + behaviour + scenario + position + time gap (summed).
+
+    A candidate token has behaviour TARGET, the request's scenario, position = history length
+    and the gap from the last event to the request.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_time_buckets = cfg.n_time_buckets
+        self.track = nn.Embedding(cfg.n_tracks + 1, d, padding_idx=0)
+        self.behaviour = nn.Embedding(len(BEHAVIOURS) + 1, d)
+        self.scenario = nn.Embedding(len(SCENARIOS), d)
+        self.position = nn.Embedding(cfg.max_len + 1, d)
+        self.time_gap = nn.Embedding(cfg.n_time_buckets, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        for table in (self.track, self.behaviour, self.scenario, self.position, self.time_gap):
+            nn.init.normal_(table.weight, std=0.02)
+        with torch.no_grad():
+            self.track.weight[0].zero_()
+
+    def history(self, batch: RankBatch) -> torch.Tensor:  # [B, n, d]
+        n = batch.history_tracks.shape[1]
+        positions = torch.arange(n, device=batch.history_tracks.device)
+        x = (
+            self.track(batch.history_tracks)
+            + self.behaviour(batch.history_behaviours)
+            + self.scenario(batch.history_scenarios)
+            + self.position(positions)[None]
+            + self.time_gap(history_time_gaps(batch.history_ts, self.n_time_buckets))
+        )
+        return self.dropout(x)
+
+    def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
+        """[B, M, d]; needs only the history's length and last timestamp (kept in the cache)."""
+        gap = torch.where(history_lengths > 0, 1 + seconds_bucket(batch.request_ts - last_ts, self.n_time_buckets - 1), 0)
+        target = torch.full_like(batch.scenario, TARGET_BEHAVIOUR)
+        per_row = self.behaviour(target) + self.scenario(batch.scenario) + self.position(history_lengths) + self.time_gap(gap)
+        return self.dropout(self.track(batch.candidate_tracks) + per_row[:, None, :])
+
+
+def last_timestamps(batch: RankBatch) -> torch.Tensor:  # int64 [B], 0 for an empty history
+    last = (batch.history_lengths - 1).clamp_min(0)
+    ts = batch.history_ts.gather(1, last[:, None])[:, 0] if batch.history_ts.shape[1] else torch.zeros_like(last)
+    return torch.where(batch.history_lengths > 0, ts, 0)
+
+
+# ----------------------------------------------------------------------------- blocks and cache
+
+@dataclass
+class BlockLayout:
+    """Where one block's tokens sit in the history: gathered left-aligned, oldest first."""
+
+    index: torch.Tensor  # int64 [B, L]: position in the history of each block token
+    valid: torch.Tensor  # bool [B, L]: a prefix of True per row
+
+
+def layout_blocks(membership: torch.Tensor) -> list[BlockLayout]:
+    """Gather each block's tokens into its own tensor, width = the block's longest row.
+
+    membership: bool [B, n, Nb]. A stable sort puts members first in history order, so
+    attention inside a block costs L_b^2, not n^2 with a mask: the partition saving is real.
+    """
+    B, n, n_blocks = membership.shape
+    counts = membership.sum(1)  # [B, Nb]
+    widths = counts.amax(0).tolist() if B else [0] * n_blocks  # one host sync for all blocks
+    order = torch.argsort((~membership).to(torch.int8), dim=1, stable=True)
+    layouts = []
+    for b, width in enumerate(widths):
+        valid = torch.arange(width, device=membership.device)[None, :] < counts[:, b : b + 1]
+        layouts.append(BlockLayout(order[:, :width, b], valid))
+    return layouts
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, n, ...] -> [B, L, ...] at index [B, L]."""
+    return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
+
+
+@dataclass
+class BlockCache:
+    """One block's encoded history: what a candidate needs to attend to it, at every layer."""
+
+    keys: list[torch.Tensor]  # per layer [B, heads, L, d_head]
+    values: list[torch.Tensor]  # per layer [B, heads, L, d_head]
+    valid: torch.Tensor  # bool [B, L], a prefix of True per row
+    positions: torch.Tensor  # int64 [B, L], index of each token in the full history
+    timestamps: torch.Tensor  # int64 [B, L], epoch ms
+
+    @property
+    def lengths(self) -> torch.Tensor:  # int64 [B]
+        return self.valid.sum(1)
+
+
+@dataclass
+class HistoryCache:
+    """Everything `score_candidates` needs from a history; the unit TURBO's cache stores."""
+
+    blocks: list[BlockCache]
+    history_lengths: torch.Tensor  # int64 [B]
+    last_ts: torch.Tensor  # int64 [B], timestamp of the newest event (0 if none)
+
+    def select(self, rows: torch.Tensor) -> "HistoryCache":
+        """The cache of a subset (or repetition) of rows, e.g. one user's cache for many requests."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, rows)
+
+        blocks = [
+            BlockCache(
+                [pick(k) for k in blk.keys], [pick(v) for v in blk.values],
+                pick(blk.valid), pick(blk.positions), pick(blk.timestamps),
+            )
+            for blk in self.blocks
+        ]
+        return HistoryCache(blocks, pick(self.history_lengths), pick(self.last_ts))
+
+
+def single_block_layout(batch: RankBatch) -> BlockLayout:
+    """The whole history as one block, trailing batch padding trimmed."""
+    width = int(batch.history_lengths.max()) if len(batch.history_lengths) else 0
+    index = torch.arange(width, device=batch.history_tracks.device).expand(len(batch.history_lengths), width)
+    return BlockLayout(index, batch.history_mask[:, :width])
+
+
+def candidate_key_mask(history_valid: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """bool [B, 1, M, L + M]: candidate m sees the valid history and itself, no other candidate."""
+    own = torch.eye(n_candidates, dtype=torch.bool, device=history_valid.device)
+    history = history_valid[:, None, :].expand(-1, n_candidates, -1)
+    return torch.cat([history, own.expand(len(history_valid), -1, -1)], dim=2)[:, None]
+
+
+# ----------------------------------------------------------------------------- softmax transformer
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # [B, L, d] -> [B, h, L, d_head]
+    B, L, d = x.shape
+    return x.view(B, L, n_heads, d // n_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:  # [B, h, L, d_head] -> [B, L, d]
+    B, h, L, dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, h * dh)
+
+
+def scale_queries(q: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """Attention logits / (tau * sqrt(d_head)) == (q / tau) . k / sqrt(d_head); tau: [B, L, h]."""
+    return q if tau is None else q / tau.transpose(1, 2).unsqueeze(-1)
+
+
+class SoftmaxLayer(nn.Module):
+    """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True)."""
+
+    def __init__(self, cfg: SoftmaxConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        hidden = cfg.ffn_mult * d
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        return split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V only: the last layer's history needs nothing else (no query, no output)."""
+        d = x.shape[-1]
+        k, v = F.linear(self.norm1(x), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.resid_dropout(self.out(merge_heads(attended)))
+        return x + self.resid_dropout(self.ffn(self.norm2(x)))
+
+
+class SoftmaxStack(nn.Module):
+    """A stack of SoftmaxLayers run in the two serving steps: encode history, attend candidates."""
+
+    def __init__(self, cfg: SoftmaxConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SoftmaxLayer(cfg) for _ in range(cfg.n_layers))
+
+    def encode(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor, tau: torch.Tensor | None = None):
+        """Causal self-attention over one block's history; returns per-layer K and V.
+
+        Padding sits after the valid prefix, so a causal mask alone keeps real tokens off it.
+        """
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                k, v = layer.project_kv(x)
+            else:
+                q, k, v = layer.project(x)
+                x = layer.finish(x, layer.attend(scale_queries(q, tau), k, v))
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def attend_candidates(
+        self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
+        tau: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Candidates [B, M, d] through every layer against the block's cached K/V.
+
+        positions and request_ts (the candidates' place in time) are unused by softmax
+        attention; HSTU's relative bias needs them, and both stacks share one signature.
+        """
+        mask = candidate_key_mask(block.valid, c.shape[1])
+        for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
+            q, k, v = layer.project(c)
+            attended = layer.attend(scale_queries(q, tau), torch.cat([k_hist, k], 2), torch.cat([v_hist, v], 2), mask)
+            c = layer.finish(c, attended)
+        return c
+
+    @staticmethod
+    def flops(cfg: SoftmaxConfig, history_len: int, n_candidates: int) -> dict[str, int]:
+        """Forward matmul FLOPs (2 per multiply-add) of one block for one request.
+
+        history: (n_layers-1) full layers + the last layer's K/V projection, attention over
+        the full L x L rectangle (as a dense kernel computes it). Candidates: every layer,
+        each candidate attending L history keys + M keys of which it keeps one (the mask).
+        """
+        d, L, M, layers = cfg.d_model, history_len, n_candidates, cfg.n_layers
+        per_token_linear = 2 * d * (3 * d) + 2 * d * d + 2 * 2 * d * cfg.ffn_mult * d
+        return {
+            "linear": (layers - 1) * L * per_token_linear + L * 2 * d * 2 * d + layers * M * per_token_linear,
+            "history_attention": (layers - 1) * 4 * L * L * d,
+            "candidate_attention": layers * 4 * M * (L + M) * d,
+        }
+
+
+# ----------------------------------------------------------------------------- heads and model base
+
+class TaskHeads(nn.Module):
+    """Final norm, a shared hidden layer, then one logit per task."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.head_hidden or cfg.d_model
+        self.net = nn.Sequential(
+            nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, len(TASKS))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, n_candidates: int) -> int:
+        hidden = cfg.head_hidden or cfg.d_model
+        return n_candidates * (2 * cfg.d_model * hidden + 2 * hidden * len(TASKS))
+
+
+def check_batch(batch: RankBatch, cfg: ModelConfig) -> None:
+    """Fail with a message naming the field, not an index error deep inside an embedding."""
+    B, n = batch.history_tracks.shape
+    for name in ("history_behaviours", "history_scenarios", "history_ts"):
+        if getattr(batch, name).shape != (B, n):
+            raise ValueError(f"RankBatch.{name} has shape {tuple(getattr(batch, name).shape)}, expected {(B, n)}")
+    M = batch.candidate_tracks.shape[1] if batch.candidate_tracks.dim() == 2 else -1
+    if batch.candidate_tracks.shape != (B, M) or batch.candidate_mask.shape != (B, M):
+        raise ValueError(
+            f"candidate_tracks {tuple(batch.candidate_tracks.shape)} and candidate_mask "
+            f"{tuple(batch.candidate_mask.shape)} must both be [B={B}, M]"
+        )
+    for name in ("history_lengths", "scenario", "request_ts"):
+        if getattr(batch, name).shape != (B,):
+            raise ValueError(f"RankBatch.{name} has shape {tuple(getattr(batch, name).shape)}, expected {(B,)}")
+    if n > cfg.max_len:
+        raise ValueError(f"history length {n} exceeds the model's max_len={cfg.max_len}")
+    limits = {
+        "history_tracks": cfg.n_tracks, "candidate_tracks": cfg.n_tracks, "history_lengths": n,
+        "history_behaviours": len(BEHAVIOURS) - 1, "history_scenarios": len(SCENARIOS) - 1, "scenario": len(SCENARIOS) - 1,
+    }
+    for name, high in limits.items():
+        t = getattr(batch, name)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > high):
+            raise ValueError(f"RankBatch.{name} must be in [0, {high}], got [{int(t.min())}, {int(t.max())}]")
+
+
+class SequenceRanker(nn.Module):
+    """Base of every family: forward is `score_candidates(encode_history(batch), batch)`."""
+
+    family: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]]
+    SIZES: ClassVar[dict[str, dict[str, Any]]]
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.config = cfg
+        self.embed = TokenEmbedding(cfg)
+        self.heads = TaskHeads(cfg)
+        self.register_buffer("task_weights", torch.tensor(cfg.task_weights, dtype=torch.float32), persistent=False)
+
+    def encode_history(self, batch: RankBatch) -> HistoryCache:
+        raise NotImplementedError
+
+    def score_candidates(self, cache: HistoryCache, batch: RankBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flops_breakdown(self, n: int, M: int) -> dict[str, int]:
+        raise NotImplementedError
+
+    def forward(self, batch: RankBatch) -> torch.Tensor:
+        """Logits [B, M, len(TASKS)]."""
+        return self.score_candidates(self.encode_history(batch), batch)
+
+    def score(self, logits: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Ranking score [B, M] = sum_t task_weights[t] * sigmoid(logit_t); -inf at padding."""
+        s = torch.sigmoid(logits) @ self.task_weights.to(logits.dtype)
+        return s if candidate_mask is None else s.masked_fill(~candidate_mask, float("-inf"))
+
+    def flops_per_request(self, n: int, M: int) -> int:
+        """Analytic forward FLOPs for one request, history n and M candidates (see flops_breakdown)."""
+        return sum(self.flops_breakdown(n, M).values())
+
+    def n_params(self, include_embeddings: bool = True) -> int:
+        params = {id(p): p for p in self.parameters()}  # shared block stacks count once
+        if not include_embeddings:
+            params.pop(id(self.embed.track.weight))
+        return sum(p.numel() for p in params.values())
+
+
+class SingleStackRanker(SequenceRanker):
+    """One block (the whole history) through one stack: the SASRec- and HSTU-style baselines."""
+
+    def __init__(self, cfg: ModelConfig, stack: nn.Module):
+        super().__init__(cfg)
+        self.stack = stack
+
+    def encode_history(self, batch: RankBatch) -> HistoryCache:
+        check_batch(batch, self.config)
+        layout = single_block_layout(batch)
+        width = layout.index.shape[1]
+        x = self.embed.history(batch)[:, :width]
+        timestamps = batch.history_ts[:, :width]
+        keys, values = self.stack.encode(x, layout, timestamps)
+        block = BlockCache(keys, values, layout.valid, layout.index, timestamps)
+        return HistoryCache([block], batch.history_lengths, last_timestamps(batch))
+
+    def score_candidates(self, cache: HistoryCache, batch: RankBatch) -> torch.Tensor:
+        c = self.embed.candidates(batch, cache.history_lengths, cache.last_ts)
+        c = self.stack.attend_candidates(c, cache.blocks[0], cache.history_lengths, batch.request_ts)
+        return self.heads(c)
+
+    def flops_breakdown(self, n: int, M: int) -> dict[str, int]:
+        flops = type(self.stack).flops(self.config, n, M)
+        flops["heads"] = TaskHeads.flops(self.config, M)
+        return flops
+
+
+# ----------------------------------------------------------------------------- registry
+
+_FAMILY_CLASSES = {"astro": "ranker.astro:AstroModel", "sasrec": "ranker.sasrec:SASRecModel", "hstu": "ranker.hstu:HSTUModel"}
+
+
+def __getattr__(name: str) -> Any:
+    """`MODEL_FAMILIES` is resolved on first use: the family modules import this one."""
+    if name == "MODEL_FAMILIES":
+        families = {}
+        for family, target in _FAMILY_CLASSES.items():
+            module, cls = target.split(":")
+            families[family] = getattr(importlib.import_module(module), cls)
+        return families
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def model_class(family: str) -> type[SequenceRanker]:
+    families = __getattr__("MODEL_FAMILIES")
+    if family not in families:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(families)}")
+    return families[family]
+
+
+def build_model(family: str, size: str, n_tracks: int, **overrides: Any) -> SequenceRanker:
+    """A model of `family` at ladder rung `size`, any config field overridable."""
+    cls = model_class(family)
+    if size not in cls.SIZES:
+        raise ValueError(f"unknown size {size!r} for {family}; known: {list(cls.SIZES)}")
+    known = {f.name for f in fields(cls.config_class)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.config_class.__name__} overrides {unknown}; known: {sorted(known)}")
+    return cls(cls.config_class(n_tracks=n_tracks, **{**cls.SIZES[size], **overrides}))
+
+
+def model_from_config(family: str, config: dict[str, Any]) -> SequenceRanker:
+    """Rebuild a model (untrained) from a saved `config.to_dict()`; load weights after."""
+    cls = model_class(family)
+    return cls(cls.config_class.from_dict(config))
+
+
+def softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+# ----------------------------------------------------------------------------- synthetic input
+
+def random_batch(B: int, n: int, M: int, n_tracks: int, seed: int = 0, min_length: int = 0) -> RankBatch:
+    """A valid random RankBatch (ragged histories, time-ordered) for tests and FLOP/latency benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_length, n + 1, (B,), generator=g)
+    real = torch.arange(n)[None, :] < lengths[:, None]
+    ts = 1_700_000_000_000 + torch.cumsum(torch.randint(0, 3_600_000, (B, n), generator=g), dim=1)
+    return RankBatch(
+        history_tracks=torch.randint(1, n_tracks + 1, (B, n), generator=g) * real,
+        history_behaviours=torch.randint(1, len(BEHAVIOURS), (B, n), generator=g) * real,  # no impressions
+        history_scenarios=torch.randint(0, len(SCENARIOS), (B, n), generator=g) * real,
+        history_ts=ts * real,
+        history_lengths=lengths,
+        candidate_tracks=torch.randint(1, n_tracks + 1, (B, M), generator=g),
+        candidate_mask=torch.ones(B, M, dtype=torch.bool),
+        scenario=torch.randint(0, len(SCENARIOS), (B,), generator=g),
+        request_ts=ts[:, -1] + 60_000,
+    )
+
+
+if __name__ == "__main__":  # python -m ranker.model_common: the size ladder's cost table
+    n, M, catalogue = 256, 32, 50_000
+    print(f"n={n} M={M} n_tracks={catalogue}")
+    print(f"{'family':8} {'size':4} {'params':>12} {'non-emb':>12} {'MFLOPs/request':>15}")
+    for family in _FAMILY_CLASSES:
+        for size in SIZE_NAMES:
+            model = build_model(family, size, catalogue)
+            mflops = model.flops_per_request(n, M) / 1e6
+            print(f"{family:8} {size:4} {model.n_params():>12,} {model.n_params(False):>12,} {mflops:>15.1f}")

@@ -1,0 +1,363 @@
+"""ASTRO against slow, obviously-correct reference paths (in the style of Meta's HSTU tests).
+
+The references score one candidate at a time: the candidate is appended to its block's
+unpadded history and a plain causal softmax attention (written out here, not the model's
+SDPA/cache code) runs over [history..., candidate]. The batched model must match it.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ranker.astro import AstroConfig, AstroModel
+from ranker.batch import TASKS, RankBatch
+from ranker.model_common import (
+    TARGET_BEHAVIOUR,
+    build_model,
+    seconds_bucket,
+    model_from_config,
+    random_batch,
+)
+from streaming.events import BEHAVIOURS, SCENARIOS
+
+torch.set_num_threads(1)
+N_TRACKS = 40
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8)
+
+
+def tiny_astro(**overrides) -> AstroModel:
+    torch.manual_seed(0)
+    return build_model("astro", "xs", N_TRACKS, **{**TINY, **overrides}).eval()
+
+
+def batch_with_edge_cases(seed: int = 0, B: int = 4, n: int = 20, M: int = 5) -> RankBatch:
+    """Ragged histories including an empty one, and a padded candidate slot."""
+    batch = random_batch(B, n, M, N_TRACKS, seed=seed)
+    batch.history_lengths[0] = 0
+    batch.history_lengths[1] = n
+    real = torch.arange(n)[None] < batch.history_lengths[:, None]
+    for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts"):
+        setattr(batch, name, getattr(batch, name) * real)
+    batch.candidate_mask[2, -1] = False
+    batch.candidate_tracks[2, -1] = 0
+    return batch
+
+
+# ----------------------------------------------------------------------------- reference paths
+
+def gap_bucket(gap_ms: torch.Tensor, n_buckets: int) -> int:
+    """Buckets 1.. for a gap in ms (0 is kept for "no previous event")."""
+    return 1 + int(seconds_bucket(gap_ms, n_buckets - 1))
+
+
+def reference_history_tokens(model, batch: RankBatch, row: int) -> torch.Tensor:
+    """[length, d]: the sum of embeddings, time gap to the previous event (bucket 0 for the first)."""
+    e, length = model.embed, int(batch.history_lengths[row])
+    tokens = []
+    for i in range(length):
+        gap = 0 if i == 0 else gap_bucket(batch.history_ts[row, i] - batch.history_ts[row, i - 1], e.n_time_buckets)
+        tokens.append(
+            e.track.weight[batch.history_tracks[row, i]] + e.behaviour.weight[batch.history_behaviours[row, i]]
+            + e.scenario.weight[batch.history_scenarios[row, i]] + e.position.weight[i] + e.time_gap.weight[gap]
+        )
+    return torch.stack(tokens) if tokens else torch.zeros(0, model.config.d_model)
+
+
+def reference_candidate_token(model, batch: RankBatch, row: int, m: int) -> torch.Tensor:
+    """[d]: target behaviour, request scenario, position = history length, gap since the last event."""
+    e, length = model.embed, int(batch.history_lengths[row])
+    gap = 0
+    if length:
+        gap = gap_bucket(batch.request_ts[row] - batch.history_ts[row, length - 1], e.n_time_buckets)
+    return (
+        e.track.weight[batch.candidate_tracks[row, m]] + e.behaviour.weight[TARGET_BEHAVIOUR]
+        + e.scenario.weight[batch.scenario[row]] + e.position.weight[length] + e.time_gap.weight[gap]
+    )
+
+
+def softmax_reference(layers, x: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """Plain pre-norm causal transformer over one unpadded sequence x [L, d]; tau [L, heads]."""
+    L, d = x.shape
+    for layer in layers:
+        h = layer.n_heads
+        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in layer.qkv(layer.norm1(x)).chunk(3, -1))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        if tau is not None:
+            logits = logits / tau.T[:, :, None]
+        logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        x = x + layer.out((logits.softmax(-1) @ v).transpose(0, 1).reshape(L, d))
+        x = x + layer.ffn(layer.norm2(x))
+    return x
+
+
+def in_block(cfg: AstroConfig, batch: RankBatch, row: int, i: int, block: int) -> bool:
+    length = int(batch.history_lengths[row])
+    if cfg.partition == "behaviour":
+        return BEHAVIOURS[batch.history_behaviours[row, i]] in cfg.behaviour_groups[block]
+    if cfg.partition == "scenario":
+        return SCENARIOS[batch.history_scenarios[row, i]] in cfg.scenario_groups[block]
+    if cfg.partition == "recency":
+        return i >= length - cfg.recency_scales[block]
+    return True
+
+
+def astro_reference(model: AstroModel, batch: RankBatch) -> torch.Tensor:
+    """One forward per candidate: each block = [that block's history, the candidate], causal."""
+    cfg = model.config
+    logits = torch.zeros(*batch.candidate_tracks.shape, len(TASKS))
+    for row in range(len(batch.history_lengths)):
+        history = reference_history_tokens(model, batch, row)
+        length = len(history)
+        target = torch.tensor(TARGET_BEHAVIOUR)
+        for m in range(batch.candidate_tracks.shape[1]):
+            if not batch.candidate_mask[row, m]:
+                continue
+            candidate = reference_candidate_token(model, batch, row, m)
+            outputs = []
+            for b in range(cfg.n_blocks):
+                idx = [i for i in range(length) if in_block(cfg, batch, row, i, b)]
+                seq = torch.cat([history[idx], candidate[None]])
+                if cfg.block_positions:
+                    seq = seq + model.block_position[b].weight[: len(idx) + 1]
+                tau = None
+                if cfg.temperature == "dynamic":
+                    scen = torch.cat([batch.history_scenarios[row, idx], batch.scenario[row : row + 1]])
+                    beh = torch.cat([batch.history_behaviours[row, idx], target[None]])
+                    tau = model.temperatures(scen, beh)[:, b]
+                outputs.append(softmax_reference(model.stacks[b].layers, seq, tau)[-1])
+            fused = model.fusion(candidate[None, None], torch.stack(outputs)[None, None])[0, 0]
+            logits[row, m] = model.heads(fused)
+    return logits
+
+
+def assert_real_candidates_close(actual: torch.Tensor, expected: torch.Tensor, batch: RankBatch) -> None:
+    mask = batch.candidate_mask
+    torch.testing.assert_close(actual[mask], expected[mask], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(partition="behaviour"),
+        dict(partition="scenario", fusion="sigmoid"),
+        dict(partition="recency", recency_scales=(3, 8, 32)),
+        dict(partition="behaviour", temperature="fixed", block_positions=False, share_block_layers=True),
+    ],
+    ids=["behaviour", "scenario-sigmoid", "recency", "fixed-shared"],
+)
+def test_batched_sumi_matches_one_candidate_at_a_time(overrides):
+    model = tiny_astro(**overrides)
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)
+
+
+def test_one_block_with_fixed_temperature_is_a_standard_target_aware_transformer():
+    """Nb = 1, tau = 1 against torch's own nn.TransformerEncoderLayer with the SUMI mask."""
+    model = tiny_astro(partition="none", temperature="fixed", block_positions=False)
+    batch = batch_with_edge_cases(seed=2)
+    assert_real_candidates_close(*torch_transformer_logits(model, model.stacks[0].layers, batch), batch)
+
+
+def torch_transformer_logits(model, layers, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model logits, logits of nn.TransformerEncoderLayers holding the same weights)."""
+    cfg = model.config
+    reference = []
+    for layer in layers:
+        ref = torch.nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        ref.self_attn.in_proj_weight.data.copy_(layer.qkv.weight)
+        ref.self_attn.in_proj_bias.data.copy_(layer.qkv.bias)
+        ref.self_attn.out_proj.load_state_dict(layer.out.state_dict())
+        ref.linear1.load_state_dict(layer.ffn[0].state_dict())
+        ref.linear2.load_state_dict(layer.ffn[3].state_dict())
+        ref.norm1.load_state_dict(layer.norm1.state_dict())
+        ref.norm2.load_state_dict(layer.norm2.state_dict())
+        reference.append(ref.eval())
+    with torch.no_grad():
+        lengths = batch.history_lengths
+        last_ts = torch.stack([batch.history_ts[r, max(int(l) - 1, 0)] if l else torch.tensor(0) for r, l in enumerate(lengths)])
+        x = torch.cat([model.embed.history(batch), model.embed.candidates(batch, lengths, last_ts)], dim=1)
+        n, M = batch.history_tracks.shape[1], batch.candidate_tracks.shape[1]
+        allowed = torch.zeros(len(lengths), n + M, n + M, dtype=torch.bool)
+        allowed[:, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[:, n:, :n] = batch.history_mask[:, None, :]
+        allowed[:, n:, n:] = torch.eye(M, dtype=torch.bool)
+        disallowed = (~allowed).repeat_interleave(cfg.n_heads, dim=0)  # [B * heads, L, L]
+        for ref in reference:
+            x = ref(x, src_mask=disallowed)
+        return model(batch), model.heads(x[:, n:])
+
+
+# ----------------------------------------------------------------------------- invariances
+# The check_* functions are shared with tests/test_model_baselines.py (every family must pass).
+
+def check_shuffling_candidates_only_shuffles_scores(model) -> None:
+    batch = batch_with_edge_cases(seed=3)
+    perm = torch.randperm(batch.candidate_tracks.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(batch)
+        batch.candidate_tracks, batch.candidate_mask = batch.candidate_tracks[:, perm], batch.candidate_mask[:, perm]
+        torch.testing.assert_close(model(batch), base[:, perm])
+
+
+def check_padding_changes_no_real_score(model) -> None:
+    """Extra padded candidates and extra history padding columns leave real logits alone."""
+    batch = batch_with_edge_cases(seed=4)
+    real, M = batch.candidate_mask.clone(), batch.candidate_tracks.shape[1]
+    with torch.no_grad():
+        base = model(batch)
+        B = len(batch.history_lengths)
+        batch.candidate_tracks = torch.cat([batch.candidate_tracks, torch.randint(0, N_TRACKS, (B, 3))], 1)
+        batch.candidate_mask = torch.cat([batch.candidate_mask, torch.zeros(B, 3, dtype=torch.bool)], 1)
+        for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts"):
+            setattr(batch, name, torch.nn.functional.pad(getattr(batch, name), (0, 4)))
+        padded = model(batch)
+    torch.testing.assert_close(padded[:, :M][real], base[real])
+
+
+def check_prefix_keys_and_values_never_change(model) -> None:
+    """What TURBO's incremental KV cache relies on: appending events leaves a prefix's K/V alone."""
+    full = random_batch(2, 16, 3, N_TRACKS, seed=5, min_length=16)
+    prefix = random_batch(2, 16, 3, N_TRACKS, seed=5, min_length=16)
+    prefix.history_lengths = torch.tensor([10, 13])
+    with torch.no_grad():
+        long_cache, short_cache = model.encode_history(full), model.encode_history(prefix)
+    for long_block, short_block in zip(long_cache.blocks, short_cache.blocks):
+        for row in range(2):
+            keep = int(short_block.lengths[row])
+            for k_long, k_short, v_long, v_short in zip(long_block.keys, short_block.keys, long_block.values, short_block.values):
+                torch.testing.assert_close(k_long[row, :, :keep], k_short[row, :, :keep])
+                torch.testing.assert_close(v_long[row, :, :keep], v_short[row, :, :keep])
+
+
+def check_one_cached_history_scores_many_requests(model) -> None:
+    """forward == score_candidates(encode_history(...)), with the cache reused across requests."""
+    batch = random_batch(1, 12, 4, N_TRACKS, seed=6, min_length=5)
+    more = random_batch(3, 12, 4, N_TRACKS, seed=7)
+    for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts", "history_lengths"):
+        setattr(more, name, getattr(batch, name).expand(3, *getattr(batch, name).shape[1:]).clone())
+    with torch.no_grad():
+        cache = model.encode_history(batch).select(torch.zeros(3, dtype=torch.long))
+        torch.testing.assert_close(model.score_candidates(cache, more), model(more))
+        torch.testing.assert_close(model(more), model.score_candidates(model.encode_history(more), more))
+
+
+def check_gradients_reach_every_parameter(model) -> None:
+    model.train()
+    batch = random_batch(3, 12, 4, N_TRACKS, seed=9, min_length=6)
+    model(batch).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_shuffling_candidates_only_shuffles_scores():
+    check_shuffling_candidates_only_shuffles_scores(tiny_astro())
+
+
+def test_padding_candidates_and_history_changes_no_real_score():
+    check_padding_changes_no_real_score(tiny_astro())
+
+
+@pytest.mark.parametrize("partition", ["behaviour", "scenario"])
+def test_history_prefix_keys_and_values_never_change_when_events_are_appended(partition):
+    check_prefix_keys_and_values_never_change(tiny_astro(partition=partition))
+
+
+def test_one_cached_history_scores_many_requests():
+    check_one_cached_history_scores_many_requests(tiny_astro())
+
+
+# ----------------------------------------------------------------------------- cost, temperature, gradients
+
+def test_four_blocks_cost_a_quarter_of_the_attention_of_one():
+    groups = (("full_play", "like"), ("play",), ("skip", "dislike"), ("share", "add_to_playlist"))
+    four = tiny_astro(partition="behaviour", behaviour_groups=groups)
+    one = tiny_astro(partition="none")
+    four_flops, one_flops = four.flops_breakdown(256, 32), one.flops_breakdown(256, 32)
+    assert four_flops["history_attention"] / one_flops["history_attention"] == pytest.approx(0.25)
+    # Candidates still see all n history keys in total, so their attention stays ~ linear in n.
+    assert four_flops["candidate_attention"] < 1.5 * one_flops["candidate_attention"]
+    # And the blocks really are gathered narrow: behaviours cycling over the 4 groups.
+    batch = random_batch(2, 24, 3, N_TRACKS, seed=8, min_length=24)
+    batch.history_behaviours = torch.tensor([BEHAVIOURS.index(g[0]) for g in groups] * 6).expand(2, 24).clone()
+    with torch.no_grad():
+        widths = [block.keys[0].shape[2] for block in four.encode_history(batch).blocks]
+    assert widths == [6, 6, 6, 6]
+
+
+def test_dynamic_temperatures_stay_above_tau_min_and_depend_on_scenario():
+    model = tiny_astro(tau_min=0.3)
+    scenarios = torch.arange(len(SCENARIOS))
+    with torch.no_grad():
+        tau = model.temperatures(scenarios, torch.full_like(scenarios, TARGET_BEHAVIOUR))  # [S, Nb, h]
+    assert tau.shape == (len(SCENARIOS), model.config.n_blocks, model.config.n_heads)
+    assert (tau > 0.3).all()
+    assert (tau - tau[0]).abs().amax(dim=(1, 2))[1:].min() > 1e-5  # every scenario differs from the first
+    assert tiny_astro(temperature="fixed").temperatures(scenarios, scenarios) is None
+
+
+@pytest.mark.parametrize("overrides", [dict(partition="recency", recency_scales=(4, 32)), dict(fusion="sigmoid")])
+def test_gradients_reach_every_parameter(overrides):
+    check_gradients_reach_every_parameter(tiny_astro(**overrides))
+
+
+# ----------------------------------------------------------------------------- config, score, errors
+
+def test_config_round_trips_through_json_and_rebuilds_the_model():
+    model = tiny_astro(partition="recency", recency_scales=(4, 16))
+    config = json.loads(json.dumps(model.config.to_dict()))
+    rebuilt = model_from_config("astro", config)
+    assert rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict())
+    batch = random_batch(2, 10, 3, N_TRACKS, seed=10)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(batch), model(batch))
+
+
+def test_score_combines_tasks_with_the_configured_weights_and_masks_padding():
+    model, batch = tiny_astro(task_weights=(1.0, 0.5, -1.0, 2.0)), batch_with_edge_cases()
+    with torch.no_grad():
+        logits = model(batch)
+        score = model.score(logits, batch.candidate_mask)
+    p = torch.sigmoid(logits)
+    expected = p[..., 0] + 0.5 * p[..., 1] - p[..., 2] + 2.0 * p[..., 3]
+    torch.testing.assert_close(score[batch.candidate_mask], expected[batch.candidate_mask])
+    assert torch.isneginf(score[~batch.candidate_mask]).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(partition="genre"), "partition must be one of"),
+        (dict(behaviour_groups=(("like",), ("like", "skip"))), "more than one group"),
+        (dict(scenario_groups=(("podcast",),)), "unknown name 'podcast'"),
+        (dict(temperature="hot"), "temperature must be"),
+        (dict(n_heads=3), "not divisible"),
+        (dict(tau_min=0.0), "tau_min"),
+        (dict(colour="red"), "unknown AstroConfig overrides"),
+    ],
+)
+def test_bad_configs_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_astro(**overrides)
+
+
+def test_bad_inputs_are_named():
+    model = tiny_astro()
+    batch = random_batch(2, 8, 3, N_TRACKS)
+    batch.candidate_tracks[0, 0] = N_TRACKS + 1
+    with pytest.raises(ValueError, match="candidate_tracks must be in"):
+        model(batch)
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        model(random_batch(1, 40, 2, N_TRACKS))
+    with pytest.raises(ValueError, match="unknown model family"):
+        build_model("bert", "xs", N_TRACKS)
+    with pytest.raises(ValueError, match="unknown size"):
+        build_model("astro", "xxl", N_TRACKS)

@@ -1,0 +1,149 @@
+"""SASRec- and HSTU-style baselines against one-candidate-at-a-time references; the ladder."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ranker.batch import TASKS, RankBatch
+from ranker.hstu import HSTUModel
+from ranker.model_common import SIZE_NAMES, build_model, log_bucket, model_from_config, seconds_bucket, random_batch
+from tests.test_astro import (
+    N_TRACKS,
+    assert_real_candidates_close,
+    batch_with_edge_cases,
+    check_gradients_reach_every_parameter,
+    check_one_cached_history_scores_many_requests,
+    check_padding_changes_no_real_score,
+    check_prefix_keys_and_values_never_change,
+    check_shuffling_candidates_only_shuffles_scores,
+    reference_candidate_token,
+    reference_history_tokens,
+    softmax_reference,
+    torch_transformer_logits,
+)
+
+torch.set_num_threads(1)
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32)
+BASELINES = ("sasrec", "hstu")
+
+
+def tiny(family: str, **overrides):
+    torch.manual_seed(0)
+    return build_model(family, "xs", N_TRACKS, **{**TINY, **overrides}).eval()
+
+
+def per_candidate_reference(model, batch: RankBatch, sequence_output) -> torch.Tensor:
+    """Logits from running sequence_output(model, row, [history..., candidate]) per candidate."""
+    logits = torch.zeros(*batch.candidate_tracks.shape, len(TASKS))
+    for row in range(len(batch.history_lengths)):
+        history = reference_history_tokens(model, batch, row)
+        for m in range(batch.candidate_tracks.shape[1]):
+            if batch.candidate_mask[row, m]:
+                seq = torch.cat([history, reference_candidate_token(model, batch, row, m)[None]])
+                logits[row, m] = model.heads(sequence_output(model, batch, row, seq)[-1])
+    return logits
+
+
+def sasrec_sequence(model, batch, row, seq):
+    return softmax_reference(model.stack.layers, seq, tau=None)
+
+
+def hstu_sequence(model: HSTUModel, batch: RankBatch, row: int, x: torch.Tensor) -> torch.Tensor:
+    """Meta's HSTU layer written out for one sequence, causal over [history..., candidate]."""
+    L, d = x.shape
+    length = L - 1
+    positions = torch.arange(L)
+    ts = torch.cat([batch.history_ts[row, :length], batch.request_ts[row : row + 1]])
+    for layer in model.stack.layers:
+        h = layer.n_heads
+        u, q, k, v = F.silu(layer.f1(layer.norm_in(x))).chunk(4, -1)
+        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in (q, k, v))
+        bias = layer.rab_position(log_bucket(positions[:, None] - positions[None, :], layer.n_buckets))
+        bias = bias + layer.rab_time(seconds_bucket(ts[:, None] - ts[None, :], layer.n_buckets))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h) + bias.permute(2, 0, 1)
+        weights = F.silu(scores) * torch.ones(L, L).tril() / model.config.max_len
+        attended = (weights @ v).transpose(0, 1).reshape(L, d)
+        x = x + layer.f2(layer.norm_attn(attended) * u)
+    return x
+
+
+def randomise_relative_bias(model: HSTUModel) -> HSTUModel:
+    """rab starts at zero; give it values so the reference test exercises it."""
+    with torch.no_grad():
+        for layer in model.stack.layers:
+            layer.rab_position.weight.normal_(std=0.5)
+            layer.rab_time.weight.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("family, sequence_output", [("sasrec", sasrec_sequence), ("hstu", hstu_sequence)])
+def test_batched_sumi_matches_one_candidate_at_a_time(family, sequence_output):
+    model = tiny(family)
+    if family == "hstu":
+        randomise_relative_bias(model)
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        assert_real_candidates_close(model(batch), per_candidate_reference(model, batch, sequence_output), batch)
+
+
+def test_sasrec_is_a_standard_target_aware_transformer():
+    model = tiny("sasrec")
+    batch = batch_with_edge_cases(seed=2)
+    assert_real_candidates_close(*torch_transformer_logits(model, model.stack.layers, batch), batch)
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_shuffling_candidates_only_shuffles_scores(family):
+    check_shuffling_candidates_only_shuffles_scores(tiny(family))
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_padding_candidates_and_history_changes_no_real_score(family):
+    model = tiny(family)
+    if family == "hstu":
+        randomise_relative_bias(model)
+    check_padding_changes_no_real_score(model)
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_history_prefix_keys_and_values_never_change_when_events_are_appended(family):
+    check_prefix_keys_and_values_never_change(tiny(family))
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_one_cached_history_scores_many_requests(family):
+    check_one_cached_history_scores_many_requests(tiny(family))
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_gradients_reach_every_parameter(family):
+    check_gradients_reach_every_parameter(tiny(family))
+
+
+@pytest.mark.parametrize("family", BASELINES)
+def test_config_round_trips_through_json(family):
+    model = tiny(family)
+    rebuilt = model_from_config(family, json.loads(json.dumps(model.config.to_dict())))
+    assert rebuilt.config == model.config and type(rebuilt) is type(model)
+
+
+@pytest.mark.parametrize("family", ("astro", *BASELINES))
+def test_the_size_ladder_grows_in_parameters_and_flops(family):
+    models = [build_model(family, size, 100) for size in SIZE_NAMES]
+    params = [m.n_params(include_embeddings=False) for m in models]
+    flops = [m.flops_per_request(256, 32) for m in models]
+    assert params == sorted(params) and len(set(params)) == len(params)
+    assert flops == sorted(flops) and len(set(flops)) == len(flops)
+    # Every rung still scores a (small) batch.
+    with torch.no_grad():
+        assert models[0].eval()(random_batch(2, 8, 3, 100)).shape == (2, 3, len(TASKS))
+
+
+def test_flops_grow_quadratically_in_history_only_through_attention():
+    model = tiny("sasrec")
+    short, long = model.flops_breakdown(64, 8), model.flops_breakdown(128, 8)
+    assert long["history_attention"] == 4 * short["history_attention"]
+    assert long["linear"] < 2 * short["linear"]
