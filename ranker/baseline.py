@@ -1,0 +1,185 @@
+"""Non-neural rankers: the sandbox's default A/B test and the floor every model must beat.
+
+- `PopularityRanker` (control): recency-decayed track popularity.
+- `CooccurrenceRanker` (treatment): popularity + artist co-occurrence with the user's recent
+  positive tokens + the user's genre affinity, minus a penalty for repeating an artist in
+  the list (the k-th best track of an artist loses k * w_artist_repeat). Listeners tire of
+  hearing one artist again and again (so does the simulated one); without the penalty the
+  affinity terms fill slates with the user's favourite artist and lose to plain popularity.
+
+Both learn online from the event stream (`observe`, subscribed to the bus) and read user
+history through a `SequenceSource` (the Feast online store in the sandbox), as any ranker
+must. Scoring is vectorised over the whole batch: candidates of all requests are padded
+into one [B, M] matrix.
+
+Co-occurrence is artist-level: a dense, decayed, symmetric n_artists x n_artists float32
+matrix counting consecutive positive tokens (full play, like, share, add to playlist) in
+each user's stream, between different artists (a run of one artist is not co-listening).
+Artist level because track pairs are too sparse to learn from a few simulated days, and
+the dense matrix keeps updates and lookups to single numpy gathers.
+A pair's strength is the cosine C[a, b] / sqrt(d[a] d[b]) (d = row sums), which is in
+[0, 1] and does not favour artists just for being popular; popularity is its own term.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ranker.candidates import (
+    DAY_MS, IS_POSITIVE, DecayClock, TrackPopularity, check_track_ids, history_profiles,
+)
+from ranker.interface import RANKING_SCORE, RankRequest, RankResponse, SequenceSource, TrackMetadata, order_by_score
+from streaming.events import EventBatch
+
+MAX_ARTISTS = 8192  # a dense float32 matrix of this side is 256 MiB
+
+
+class _PaddedCandidates:
+    """Candidates of a batch of requests as one [B, M] matrix (-1 pad), checked against the catalog."""
+
+    def __init__(self, requests: Sequence[RankRequest], n_tracks: int) -> None:
+        lengths = np.array([len(r.candidates) for r in requests], np.int64)
+        self.tracks = np.full((len(requests), int(lengths.max(initial=0))), -1, np.int64)
+        self.mask = np.arange(self.tracks.shape[1])[None, :] < lengths[:, None]
+        for request in requests:
+            check_track_ids(np.asarray(request.candidates), n_tracks, f"request {request.request_id} candidates")
+        if len(requests):
+            self.tracks[self.mask] = np.concatenate([np.asarray(r.candidates, np.int64) for r in requests])
+        self.safe = np.maximum(self.tracks, 0)  # for gathers; padded slots are masked anyway
+
+
+def _responses(requests: Sequence[RankRequest], scores: np.ndarray, name: str, version: str) -> list[RankResponse]:
+    """One response per request from a [B, M] score matrix (padding ignored)."""
+    out = []
+    for row, request in enumerate(requests):
+        score = scores[row, : len(request.candidates)].astype(np.float32)
+        out.append(RankResponse(request_id=request.request_id, user_id=request.user_id,
+                                candidates=np.asarray(request.candidates, np.int64),
+                                scores={RANKING_SCORE: score}, order=order_by_score(score),
+                                model_name=name, model_version=version))
+    return out
+
+
+def rank_within_group(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """int [B, M]: 0 for the best-scored item of its group in its row, 1 for the next, ...
+    Ties go by `tie` (track id), so the result depends on the candidate set, not its order."""
+    order = np.lexsort((tie, -score, group), axis=-1)
+    sorted_group = np.take_along_axis(group, order, axis=1)
+    index = np.broadcast_to(np.arange(group.shape[1]), group.shape)
+    new_run = np.ones(group.shape, bool)
+    new_run[:, 1:] = sorted_group[:, 1:] != sorted_group[:, :-1]
+    run_start = np.maximum.accumulate(np.where(new_run, index, 0), axis=1)
+    ranks = np.empty(group.shape, np.int64)
+    np.put_along_axis(ranks, order, index - run_start, axis=1)
+    return ranks
+
+
+class PopularityRanker:
+    """Ranks by log-scaled, recency-decayed popularity, normalised to [0, 1] by the catalog maximum."""
+
+    name = "popularity"
+    version = "1"
+
+    def __init__(self, metadata: TrackMetadata, sequences: SequenceSource | None = None,
+                 half_life_ms: float = 3 * DAY_MS) -> None:
+        self.metadata = metadata
+        self.sequences = sequences  # unused: popularity is the same for everyone
+        self.popularity = TrackPopularity(metadata.n_tracks, half_life_ms)
+
+    def observe(self, events: EventBatch) -> None:
+        self.popularity.observe(events)
+
+    def popularity_feature(self, candidates: _PaddedCandidates, now_ts: int) -> np.ndarray:
+        counts = np.log1p(self.popularity.at(now_ts))
+        return counts[candidates.safe] / max(counts.max(initial=0.0), 1e-12)
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        if not requests:
+            return []
+        candidates = _PaddedCandidates(requests, self.metadata.n_tracks)
+        now = max(r.ts for r in requests)
+        return _responses(requests, self.popularity_feature(candidates, now), self.name, self.version)
+
+
+class CooccurrenceRanker(PopularityRanker):
+    """score = w_pop * popularity + w_cooc * artist co-occurrence + w_genre * genre affinity."""
+
+    name = "cooccurrence"
+    version = "1"
+
+    def __init__(self, metadata: TrackMetadata, sequences: SequenceSource,
+                 half_life_ms: float = 3 * DAY_MS, w_pop: float = 1.0, w_cooc: float = 1.0,
+                 w_genre: float = 0.5, w_artist_repeat: float = 0.5, recent: int = 20,
+                 recency_decay: float = 0.9) -> None:
+        super().__init__(metadata, sequences, half_life_ms)
+        if sequences is None:
+            raise ValueError("CooccurrenceRanker needs a SequenceSource to read user history from")
+        if metadata.n_artists > MAX_ARTISTS:
+            raise ValueError(f"{metadata.n_artists} artists: the dense co-occurrence matrix allows "
+                             f"at most {MAX_ARTISTS}")
+        self.w_pop, self.w_cooc, self.w_genre, self.w_artist_repeat = w_pop, w_cooc, w_genre, w_artist_repeat
+        self.recent = recent
+        self.recency_weight = recency_decay ** np.arange(recent)  # most recent token weighs 1
+        n = max(metadata.n_artists, 1)
+        self.cooccurrence = np.zeros((n, n), np.float32)  # inflated by the decay clock
+        self.degree = np.zeros(n, np.float64)  # row sums of `cooccurrence`
+        self._clock = DecayClock(half_life_ms)
+        self._last_artist: dict[int, int] = {}  # user -> artist of their latest positive token
+
+    def observe(self, events: EventBatch) -> None:
+        super().observe(events)
+        positive = events.select(IS_POSITIVE[events.behaviour])
+        if len(positive) == 0:
+            return
+        check_track_ids(positive.track_id, self.metadata.n_tracks, "events")
+        order = np.lexsort((positive.event_id, positive.user_id))
+        users, ts = positive.user_id[order], positive.ts[order]
+        artists = self.metadata.artist_id[positive.track_id[order]]
+        new_user = np.ones(len(users), bool)
+        new_user[1:] = users[1:] != users[:-1]
+        previous = np.empty_like(artists)
+        previous[1:] = artists[:-1]
+        firsts = np.flatnonzero(new_user)
+        previous[firsts] = [self._last_artist.get(u, -1) for u in users[firsts].tolist()]
+        lasts = np.append(firsts[1:], len(users)) - 1
+        self._last_artist.update(zip(users[lasts].tolist(), artists[lasts].tolist()))
+
+        paired = (previous >= 0) & (previous != artists)  # an artist run is not co-listening
+        if not paired.any():
+            return
+        a, b = previous[paired], artists[paired]
+        weight = self._clock.weights(ts[paired], [self.cooccurrence, self.degree])
+        np.add.at(self.cooccurrence, (a, b), weight.astype(np.float32))
+        np.add.at(self.cooccurrence, (b, a), weight.astype(np.float32))
+        n = len(self.degree)
+        self.degree += np.bincount(a, weights=weight, minlength=n) + np.bincount(b, weights=weight, minlength=n)
+
+    def cooccurrence_feature(self, recent_artists: np.ndarray, candidate_artists: np.ndarray) -> np.ndarray:
+        """float32 [B, M]: recency-weighted mean cosine between the user's recent artists
+        ([B, R], -1 pad) and each candidate's artist ([B, M])."""
+        weight = np.where(recent_artists >= 0, self.recency_weight[None, : recent_artists.shape[1]], 0.0)
+        weight /= np.maximum(weight.sum(axis=1, keepdims=True), 1e-12)
+        inv_sqrt_degree = np.divide(1.0, np.sqrt(self.degree), out=np.zeros_like(self.degree),
+                                    where=self.degree > 0).astype(np.float32)
+        mine = np.maximum(recent_artists, 0)
+        n = self.cooccurrence.shape[1]
+        counts = self.cooccurrence.ravel()[(mine * n)[:, :, None] + candidate_artists[:, None, :]]
+        cosine = counts * inv_sqrt_degree[mine][:, :, None] * inv_sqrt_degree[candidate_artists][:, None, :]
+        return (weight.astype(np.float32)[:, None, :] @ cosine)[:, 0, :]
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        if not requests:
+            return []
+        meta = self.metadata
+        candidates = _PaddedCandidates(requests, meta.n_tracks)
+        users = [r.user_id for r in requests]
+        profile = history_profiles(self.sequences.get_sequences(sorted(set(users))), users, meta, self.recent)
+        popularity = self.popularity_feature(candidates, max(r.ts for r in requests))
+        cooccurrence = self.cooccurrence_feature(profile.recent_artists, meta.artist_id[candidates.safe])
+        genre = np.take_along_axis(profile.genre_share, meta.genre_id[candidates.safe], axis=1)
+        score = self.w_pop * popularity + self.w_cooc * cooccurrence + self.w_genre * genre
+        # Diversity: the k-th best track of an artist in the list loses k * w_artist_repeat.
+        repeats = rank_within_group(meta.artist_id[candidates.safe], score, candidates.tracks)
+        return _responses(requests, score - self.w_artist_repeat * repeats, self.name, self.version)

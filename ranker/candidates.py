@@ -1,0 +1,449 @@
+"""Candidate generation: a few hundred released tracks per request, from several sources.
+
+Rankers only reorder what they are given, so this stage decides what can be recommended
+at all. Each request draws from sources in priority order, each up to its quota (a share
+of `n_candidates` that depends on the scenario):
+
+- `popular`: recency-decayed engagement counts over the whole catalog;
+- `user_genre`: the most popular tracks of the genres the user engages with;
+- `recent_artist`: other tracks by artists in the user's latest positive tokens;
+- `query_genre`, `query_genre_random`, `query_artist` (search): the query's genre by
+  popularity and at random, and the query artist's tracks;
+- `seed_artist`, `seed_genre` (radio): the seed track's artist and genre;
+- `random`: uniform exploration over released tracks, so new tracks get shown at all.
+
+A source's leftover quota (too few tracks, duplicates of earlier sources, unreleased
+tracks) is backfilled from global popularity, then at random; search backfills from the
+query genre only and radio from the seed genre first.
+
+Everything is vectorised over the batch of requests: each source yields a [B, k] matrix of
+track ids (-1 = none), and one masked pass per source applies the release filter,
+de-duplication and the quota. Popularity is learned online from the event stream
+(`observe`); the per-group popularity orders are rebuilt at most every `refresh_ms` of
+simulated time, since re-sorting the catalog per batch would cost more than the rest.
+
+The history helpers here (`history_profiles`) are shared with the baseline rankers, so
+"the user's recent artists" means the same thing in retrieval and in ranking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from features.sequence import UserSequence
+from ranker.interface import SequenceSource, SlateRequest, TrackMetadata
+from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, SCENARIOS, EventBatch
+
+DAY_MS = 24 * 3600 * 1000
+
+# Tokens that say the user liked what they heard (used for history profiles and co-occurrence).
+POSITIVE_BEHAVIOURS = ("full_play", "like", "share", "add_to_playlist")
+IS_POSITIVE = np.isin(np.arange(len(BEHAVIOURS)), [BEHAVIOUR_CODE[b] for b in POSITIVE_BEHAVIOURS])
+# What counts towards a track's popularity: any listen started, plus positive signals.
+POPULARITY_WEIGHT = np.array([1.0 if b in ("play",) + POSITIVE_BEHAVIOURS else 0.0 for b in BEHAVIOURS])
+
+SOURCES: tuple[str, ...] = (
+    "seed_artist", "seed_genre", "query_artist", "query_genre", "query_genre_random",
+    "recent_artist", "user_genre", "popular", "random",
+)
+RANDOM_SOURCES = frozenset({"query_genre_random", "random"})  # may propose a track twice
+BACKFILL = "backfill"  # label of tracks that filled leftover quota
+SOURCE_LABELS: tuple[str, ...] = SOURCES + (BACKFILL,)
+SOURCE_CODE = {name: i for i, name in enumerate(SOURCE_LABELS)}
+
+DEFAULT_QUOTAS: dict[str, dict[str, float]] = {
+    "home_feed": {"recent_artist": 0.25, "user_genre": 0.30, "popular": 0.25, "random": 0.20},
+    "daily_mix": {"recent_artist": 0.35, "user_genre": 0.35, "popular": 0.15, "random": 0.15},
+    "radio": {"seed_artist": 0.30, "seed_genre": 0.45, "user_genre": 0.15, "random": 0.10},
+    # Search stays inside the query: the genre by popularity and at random, and the artist.
+    "search": {"query_artist": 0.30, "query_genre": 0.50, "query_genre_random": 0.20},
+    "library": {"recent_artist": 0.30, "user_genre": 0.30, "popular": 0.25, "random": 0.15},
+}
+# Where leftover quota goes, in order. Search stays inside the query; radio near its seed.
+BACKFILL_ORDER: dict[str, tuple[str, ...]] = {
+    "search": ("query_genre", "query_genre_random"),
+    "radio": ("seed_genre", "popular", "random"),
+}
+DEFAULT_BACKFILL = ("popular", "random")
+OVERSAMPLE = 2  # a source proposes this many times its quota, to survive filtering
+
+
+class DecayClock:
+    """Lazy exponential decay for counters learned from a stream.
+
+    Values are stored inflated by exp((ts - origin) / tau), so "decay everything" costs
+    nothing per event; `decay_to(now)` converts back. When inflation grows large the owner
+    rebases (multiplies its arrays once) to stay far from float overflow.
+    """
+
+    REBASE_EXPONENT = 20.0
+
+    def __init__(self, half_life_ms: float) -> None:
+        if not half_life_ms > 0:
+            raise ValueError(f"half_life_ms must be > 0, got {half_life_ms}")
+        self.tau = half_life_ms / math.log(2)
+        self.origin: int | None = None
+
+    def weights(self, ts: np.ndarray, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Inflated weights of events at `ts`; rebases `arrays` in place first if needed."""
+        newest = int(ts.max())
+        if self.origin is None:
+            self.origin = newest
+        elif (newest - self.origin) / self.tau > self.REBASE_EXPONENT:
+            factor = math.exp(-(newest - self.origin) / self.tau)
+            for array in arrays:
+                array *= factor
+            self.origin = newest
+        return np.exp((ts - self.origin) / self.tau)
+
+    def decay_to(self, now_ts: int) -> float:
+        """Multiplier turning stored values into values decayed to `now_ts`."""
+        return 1.0 if self.origin is None else math.exp(-(now_ts - self.origin) / self.tau)
+
+
+class TrackPopularity:
+    """Recency-decayed engagement counts per track (half-life `half_life_ms`), from events."""
+
+    def __init__(self, n_tracks: int, half_life_ms: float = 3 * DAY_MS) -> None:
+        self.n_tracks = n_tracks
+        self._counts = np.zeros(n_tracks, np.float64)
+        self._clock = DecayClock(half_life_ms)
+
+    def observe(self, events: EventBatch) -> None:
+        weight = POPULARITY_WEIGHT[events.behaviour]
+        counted = weight > 0
+        if not counted.any():
+            return
+        tracks = events.track_id[counted]
+        check_track_ids(tracks, self.n_tracks, "events")
+        inflated = weight[counted] * self._clock.weights(events.ts[counted], [self._counts])
+        self._counts += np.bincount(tracks, weights=inflated, minlength=self.n_tracks)
+
+    def at(self, now_ts: int) -> np.ndarray:
+        """float64 [n_tracks]: decayed counts as of `now_ts`."""
+        return self._counts * self._clock.decay_to(now_ts)
+
+
+def check_track_ids(track_ids: np.ndarray, n_tracks: int, where: str) -> None:
+    if len(track_ids) and (track_ids.min() < 0 or track_ids.max() >= n_tracks):
+        bad = track_ids[(track_ids < 0) | (track_ids >= n_tracks)][0]
+        raise ValueError(f"{where}: track_id {bad} is not in the catalog (0..{n_tracks - 1})")
+
+
+def first_occurrence(matrix: np.ndarray) -> np.ndarray:
+    """bool mask, True where a value appears for the first time in its row (left to right)."""
+    order = np.argsort(matrix, axis=1, kind="stable")
+    ordered = np.take_along_axis(matrix, order, axis=1)
+    first_sorted = np.ones(matrix.shape, bool)
+    first_sorted[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = np.empty(matrix.shape, bool)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    return first
+
+
+def compact_left(matrix: np.ndarray, keep: np.ndarray, width: int, fill: int = -1) -> np.ndarray:
+    """Per row, the kept values moved to the left in order, padded with `fill`, cut to `width`."""
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    out = np.take_along_axis(matrix, order, axis=1)
+    out[~np.take_along_axis(keep, order, axis=1)] = fill
+    return out
+
+
+@dataclass(frozen=True)
+class HistoryProfile:
+    """What a batch of users' sequences say about their taste, one row per user."""
+
+    recent_tracks: np.ndarray  # int64 [B, R], latest positive tokens, most recent first, -1 pad
+    recent_artists: np.ndarray  # int64 [B, R], their artists, -1 pad
+    genre_share: np.ndarray  # float64 [B, n_genres], share of positive tokens per genre
+
+    def distinct_recent_artists(self, width: int) -> np.ndarray:
+        """int64 [B, width]: the user's most recent distinct artists, -1 pad."""
+        keep = first_occurrence(self.recent_artists) & (self.recent_artists >= 0)
+        return compact_left(self.recent_artists, keep, width)
+
+    def top_genres(self, width: int) -> np.ndarray:
+        """int64 [B, width]: genres with the largest share first (ties by id), -1 pad."""
+        width = min(width, self.genre_share.shape[1])
+        order = np.argsort(-self.genre_share, axis=1, kind="stable")[:, :width]
+        return np.where(np.take_along_axis(self.genre_share, order, axis=1) > 0, order, -1)
+
+
+def history_profiles(sequences: Mapping[int, UserSequence], user_ids: Sequence[int],
+                     metadata: TrackMetadata, recent: int = 32) -> HistoryProfile:
+    """Profiles of `user_ids` (users missing from `sequences` count as empty)."""
+    n_users, n_genres = len(user_ids), max(metadata.n_genres, 1)
+    recent_tracks = np.full((n_users, recent), -1, np.int64)
+    positives = []
+    for row, user in enumerate(user_ids):
+        sequence = sequences.get(int(user))
+        if sequence is None or len(sequence) == 0:
+            positives.append(np.zeros(0, np.int64))
+            continue
+        tracks = sequence.track_ids[IS_POSITIVE[sequence.behaviours]]
+        positives.append(tracks)
+        latest = tracks[-recent:][::-1]
+        recent_tracks[row, : len(latest)] = latest
+    flat = np.concatenate(positives) if positives else np.zeros(0, np.int64)
+    check_track_ids(flat, metadata.n_tracks, "user sequences")
+    rows = np.repeat(np.arange(n_users), [len(p) for p in positives])
+    counts = np.bincount(rows * n_genres + metadata.genre_id[flat], minlength=n_users * n_genres)
+    counts = counts.reshape(n_users, n_genres).astype(np.float64)
+    genre_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    recent_artists = np.where(recent_tracks >= 0, metadata.artist_id[np.maximum(recent_tracks, 0)], -1)
+    return HistoryProfile(recent_tracks, recent_artists, genre_share)
+
+
+class _GroupIndex:
+    """Released tracks grouped (by genre or artist), each group ordered by popularity."""
+
+    def __init__(self, group_of_track: np.ndarray, released: np.ndarray, popularity: np.ndarray) -> None:
+        n_groups = int(group_of_track.max()) + 1 if len(group_of_track) else 0
+        order = np.lexsort((-popularity[released], group_of_track[released]))
+        self.tracks = released[order]
+        sizes = np.bincount(group_of_track[self.tracks], minlength=n_groups)
+        self.start = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_groups = n_groups
+
+    def gather(self, groups: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """int64 [B, k]: tracks from each row's groups ([B, G], -1 = none), interleaved
+        group by group; best first, or uniformly at random within the group with `rng`."""
+        if len(self.tracks) == 0:
+            return np.full((len(groups), k), -1, np.int64)
+        groups = np.where((groups >= 0) & (groups < self.n_groups), groups, -1)
+        slot = np.arange(k)[None, :]
+        if groups.shape[1] == 1:  # one group per row (search, radio): nothing to interleave
+            n_valid, group = 1, np.broadcast_to(groups, (len(groups), k))
+        else:
+            groups = compact_left(groups, groups >= 0, groups.shape[1])
+            n_valid = np.maximum((groups >= 0).sum(axis=1, keepdims=True), 1)
+            group = np.take_along_axis(groups, slot % n_valid, axis=1)
+        safe = np.maximum(group, 0)
+        size = self.start[safe + 1] - self.start[safe]
+        if rng is None:
+            rank = slot // n_valid
+        else:
+            rank = np.floor(rng.random(group.shape) * size).astype(np.int64)
+        ok = (group >= 0) & (rank < size)
+        return np.where(ok, self.tracks[np.minimum(self.start[safe] + rank, len(self.tracks) - 1)], -1)
+
+
+class CandidateGenerator:
+    """Merges candidate sources per request; see the module docstring.
+
+    `sequences` gives the user-history sources (`recent_artist`, `user_genre`); without it
+    their quota is backfilled from popularity. `observe(events)` is meant to be subscribed
+    to the event bus.
+    """
+
+    def __init__(self, metadata: TrackMetadata, seed: int = 0, n_candidates: int = 200,
+                 sequences: SequenceSource | None = None,
+                 quotas: Mapping[str, Mapping[str, float]] | None = None,
+                 half_life_ms: float = 3 * DAY_MS, refresh_ms: int = 15 * 60_000,
+                 history_artists: int = 5, history_genres: int = 3) -> None:
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+        self.metadata = metadata
+        self.n_candidates = n_candidates
+        self.sequences = sequences
+        self.refresh_ms = refresh_ms
+        self.history_artists, self.history_genres = history_artists, history_genres
+        self.popularity = TrackPopularity(metadata.n_tracks, half_life_ms)
+        self.quota = self._quota_table({**DEFAULT_QUOTAS, **(quotas or {})})
+        self.backfill = [BACKFILL_ORDER.get(scenario, DEFAULT_BACKFILL) for scenario in SCENARIOS]
+        self._rng = np.random.default_rng(seed)
+        self._built_ts: int | None = None
+
+    def _quota_table(self, quotas: Mapping[str, Mapping[str, float]]) -> np.ndarray:
+        """int64 [n_scenarios, n_sources]: how many candidates each source may add."""
+        table = np.zeros((len(SCENARIOS), len(SOURCES)), np.int64)
+        for scenario, shares in quotas.items():
+            if scenario not in SCENARIO_CODE:
+                raise ValueError(f"quotas: unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+            unknown = set(shares) - set(SOURCES)
+            if unknown:
+                raise ValueError(f"quotas[{scenario!r}]: unknown source(s) {sorted(unknown)}; expected {SOURCES}")
+            if any(not 0 <= s <= 1 for s in shares.values()) or sum(shares.values()) > 1 + 1e-9:
+                raise ValueError(f"quotas[{scenario!r}]: shares must be in [0, 1] and sum to at most 1")
+            for source, share in shares.items():
+                table[SCENARIO_CODE[scenario], SOURCES.index(source)] = int(share * self.n_candidates)
+        return table
+
+    def observe(self, events: EventBatch) -> None:
+        self.popularity.observe(events)
+
+    def _refresh(self, now_ts: int) -> None:
+        """Rebuild the popularity orders if older than `refresh_ms` of simulated time."""
+        if self._built_ts is not None and 0 <= now_ts - self._built_ts < self.refresh_ms:
+            return
+        meta = self.metadata
+        popularity = self.popularity.at(now_ts)
+        released = np.flatnonzero(meta.release_ts <= now_ts)
+        self._released = released
+        self._popular = released[np.argsort(-popularity[released], kind="stable")]
+        self._by_genre = _GroupIndex(meta.genre_id, released, popularity)
+        self._by_artist = _GroupIndex(meta.artist_id, released, popularity)
+        self._built_ts = now_ts
+
+    def generate(self, requests: Sequence[SlateRequest]) -> list[np.ndarray]:
+        """int64 track ids per request, in source priority order, unique and released."""
+        return [tracks for tracks, _ in self.generate_with_sources(requests)]
+
+    def generate_with_sources(self, requests: Sequence[SlateRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per request (track ids, source codes into `SOURCE_LABELS`)."""
+        if not requests:
+            return []
+        batch = _RequestBatch.of(requests, self.metadata)
+        self._refresh(int(batch.ts.max()))
+        n_rows, quota = len(requests), self.quota[batch.scenario]
+        taken = np.zeros((n_rows, self.metadata.n_tracks), bool)  # already a candidate of the row
+        radio = np.flatnonzero(batch.seed_track >= 0)
+        taken[radio, batch.seed_track[radio]] = True  # radio never proposes its own seed
+        picked, codes = [], []
+
+        def take(rows: np.ndarray, proposed: np.ndarray, limit: np.ndarray, code: int, may_repeat: bool) -> np.ndarray:
+            kept = self._take(rows, proposed, limit, batch.ts[rows], taken, may_repeat)
+            column = np.full((n_rows, proposed.shape[1]), -1, np.int64)
+            column[rows] = np.where(kept, proposed, -1)
+            picked.append(column)
+            codes.append(np.full(proposed.shape[1], code, np.int8))
+            return kept.sum(axis=1)
+
+        for code, source in enumerate(SOURCES):
+            rows = np.flatnonzero(quota[:, code])  # only requests whose scenario uses the source
+            if len(rows):
+                k = int(quota[rows, code].max()) * OVERSAMPLE
+                take(rows, self._propose(source, rows, k, batch), quota[rows, code], code, source in RANDOM_SOURCES)
+        # Backfill what the quotas left empty, from each scenario's backfill sources in turn.
+        missing = np.full(n_rows, self.n_candidates) - sum((p >= 0).sum(axis=1) for p in picked)
+        for stage in range(max(len(order) for order in self.backfill)):
+            stage_source = np.array([order[stage] if stage < len(order) else "" for order in self.backfill])
+            for source in dict.fromkeys(stage_source[batch.scenario]):
+                rows = np.flatnonzero((stage_source[batch.scenario] == source) & (missing > 0))
+                if source and len(rows):
+                    k = self.n_candidates + int(missing[rows].max()) * OVERSAMPLE  # top lists restart at the top
+                    proposed = self._propose(source, rows, k, batch)
+                    missing[rows] -= take(rows, proposed, missing[rows], SOURCE_CODE[BACKFILL], source in RANDOM_SOURCES)
+        tracks, labels = np.concatenate(picked, axis=1), np.concatenate(codes)
+        found = tracks >= 0
+        ends = np.cumsum(found.sum(axis=1))[:-1]
+        return list(zip(np.split(tracks[found], ends), np.split(np.broadcast_to(labels, tracks.shape)[found], ends)))
+
+    def _propose(self, source: str, rows: np.ndarray, k: int, batch: "_RequestBatch") -> np.ndarray:
+        """int64 [len(rows), k]: what `source` suggests for those requests, best first, -1 = none."""
+        meta = self.metadata
+        if source == "popular":
+            return self._popular_rows(len(rows), k)
+        if source == "random":
+            return self._random_rows(len(rows), k)
+        if source in ("recent_artist", "user_genre"):
+            profile = batch.profile(self.sequences, meta)
+            if source == "recent_artist":
+                return self._by_artist.gather(profile.distinct_recent_artists(self.history_artists)[rows], k)
+            return self._by_genre.gather(profile.top_genres(self.history_genres)[rows], k)
+        seed = batch.seed_track[rows]
+        seed_safe = np.maximum(seed, 0)
+        if source == "seed_artist":
+            return self._by_artist.gather(np.where(seed >= 0, meta.artist_id[seed_safe], -1)[:, None], k)
+        if source == "seed_genre":
+            return self._by_genre.gather(np.where(seed >= 0, meta.genre_id[seed_safe], -1)[:, None], k)
+        if source == "query_artist":
+            return self._by_artist.gather(batch.query_artist[rows, None], k)
+        if source == "query_genre":
+            return self._by_genre.gather(batch.query_genre[rows, None], k)
+        if source == "query_genre_random":
+            return self._by_genre.gather(batch.query_genre[rows, None], k, self._rng)
+        raise ValueError(f"unknown candidate source {source!r}")
+
+    def _popular_rows(self, n_rows: int, k: int) -> np.ndarray:
+        top = np.full(k, -1, np.int64)
+        top[: min(k, len(self._popular))] = self._popular[:k]
+        return np.broadcast_to(top, (n_rows, k))
+
+    def _random_rows(self, n_rows: int, k: int) -> np.ndarray:
+        if len(self._released) == 0 or k == 0:
+            return np.full((n_rows, k), -1, np.int64)
+        return self._released[self._rng.integers(0, len(self._released), size=(n_rows, k))]
+
+    def _take(self, rows: np.ndarray, proposed: np.ndarray, quota: np.ndarray, ts: np.ndarray,
+              taken: np.ndarray, may_repeat: bool) -> np.ndarray:
+        """Mask of the proposals kept for `rows`: released, not yet taken by the row, the first
+        `quota` per row. `may_repeat`: the proposals can hold a track twice (random draws)."""
+        flat = rows[:, None] * taken.shape[1] + np.maximum(proposed, 0)  # index into taken.ravel()
+        ok = (proposed >= 0) & (self.metadata.release_ts[np.maximum(proposed, 0)] <= ts[:, None])
+        ok &= ~taken.ravel()[flat]
+        if may_repeat:
+            ok &= first_occurrence(proposed)
+        keep = ok & (np.cumsum(ok, axis=1) <= quota[:, None])
+        taken.ravel()[flat[keep]] = True
+        return keep
+
+
+@dataclass
+class _RequestBatch:
+    """The columns of a batch of slate requests that candidate sources read, checked once."""
+
+    requests: Sequence[SlateRequest]
+    ts: np.ndarray  # int64 [B]
+    scenario: np.ndarray  # int64 [B], scenario codes
+    seed_track: np.ndarray  # int64 [B], radio's seed, -1 elsewhere
+    query_genre: np.ndarray  # int64 [B], search's genre, -1 elsewhere
+    query_artist: np.ndarray  # int64 [B], search's artist if any, -1 elsewhere
+    _profile: HistoryProfile | None = None
+
+    @classmethod
+    def of(cls, requests: Sequence[SlateRequest], meta: TrackMetadata) -> "_RequestBatch":
+        scenario = np.array([_scenario_code(r) for r in requests], np.int64)
+        radio, search = scenario == SCENARIO_CODE["radio"], scenario == SCENARIO_CODE["search"]
+        return cls(
+            requests=requests, ts=np.array([r.ts for r in requests], np.int64), scenario=scenario,
+            seed_track=_context_ids(requests, radio, "seed_track", meta.n_tracks, required=True),
+            query_genre=_context_ids(requests, search, "query_genre", meta.n_genres, required=True),
+            query_artist=_context_ids(requests, search, "query_artist", meta.n_artists, required=False),
+        )
+
+    def profile(self, sequences: SequenceSource | None, meta: TrackMetadata) -> HistoryProfile:
+        """History profiles of the batch's users (read once, on first use)."""
+        if self._profile is None:
+            users = [r.user_id for r in self.requests]
+            found = sequences.get_sequences(sorted(set(users))) if sequences is not None else {}
+            self._profile = history_profiles(found, users, meta)
+        return self._profile
+
+
+def _context_ids(requests: Sequence[SlateRequest], applies: np.ndarray, key: str, n_ids: int,
+                 required: bool) -> np.ndarray:
+    """int64 [B]: context[key] of the requests where `applies`, -1 elsewhere; checked to be an id."""
+    out = np.full(len(requests), -1, np.int64)
+    for i in np.flatnonzero(applies).tolist():
+        request = requests[i]
+        value = request.context.get(key)
+        if value is None:
+            if required:
+                raise ValueError(f"{request.scenario} request {request.request_id} has no context[{key!r}]")
+            continue
+        if not _is_id(value, n_ids):
+            raise ValueError(f"{request.scenario} request {request.request_id}: context[{key!r}]={value!r} "
+                             f"is not an id in 0..{n_ids - 1}")
+        out[i] = int(value)
+    return out
+
+
+def _is_id(value, n_ids: int) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool) and number.is_integer() and 0 <= number < n_ids
+
+
+def _scenario_code(request: SlateRequest) -> int:
+    try:
+        return SCENARIO_CODE[request.scenario]
+    except KeyError:
+        raise ValueError(f"request {request.request_id}: unknown scenario {request.scenario!r}; "
+                         f"expected one of {SCENARIOS}") from None
