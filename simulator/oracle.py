@@ -1,0 +1,106 @@
+"""Ground truth: the user model's own engagement probabilities, from current hidden state.
+
+The simulator draws reactions from exactly these logits (`Oracle.logits`), so the oracle is
+not an estimate: `expected_engagement` is the true P(full play | examined) of a user-track
+pair right now, given the user's taste, the track's hidden position and popularity, the
+scenario, the query or seed of the request, and the user's current session fatigue. It
+leaves out only what depends on the rest of the slate (repeats within one slate) and the
+position effect (examination), which belongs to the slate, not the track. That makes it
+the reference for regret: rank candidates by it and no ranker can do better on average.
+
+Model (per examined item; sigma is the logistic function):
+    affinity   = taste_u . latent_i                       (cosine, unit vectors)
+    context    = +1 / -1 if the track is / is not in the search query's genre,
+                 latent_seed . latent_i for radio, 0 otherwise
+    fatigue    = genre_fatigue * max(0, same-genre plays this session - free)
+                 + artist_fatigue * (plays of this artist among the session's last 8)
+    play logit = play_bias_s + taste_w_s (affinity - c) + pop_w_s popularity_z + ctx_w_s context - fatigue / 2
+    full logit = full_bias_s + taste_w_s (affinity - c) + skip_tolerance_u + ctx_w_s context / 2 - fatigue
+    P(full play | examined) = sigma(play logit) * sigma(full logit)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import expit as sigmoid
+
+from simulator.catalog import Catalog
+from simulator.config import SimConfig
+from simulator.users import Users
+from streaming.events import SCENARIOS
+
+AFFINITY_CENTER = 0.25  # affinity of a so-so match; logits are centred there
+
+
+class Oracle:
+    def __init__(self, config: SimConfig, catalog: Catalog, users: Users) -> None:
+        self.config, self.catalog, self.users = config, catalog, users
+        params = [config.scenario(name) for name in SCENARIOS]
+        self.play_bias = np.array([p.play_bias for p in params])
+        self.full_bias = np.array([p.full_bias for p in params])
+        self.taste_weight = np.array([p.taste_weight for p in params])
+        self.popularity_weight = np.array([p.popularity_weight for p in params])
+        self.context_weight = np.array([p.context_weight for p in params])
+
+    def affinity(self, user_ids: np.ndarray, track_latent: np.ndarray) -> np.ndarray:
+        return np.einsum("...d,...d->...", self.users.taste[user_ids], track_latent)
+
+    def session_fatigue(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
+        """Boredom from this session so far: same genre beyond a free allowance, same artist."""
+        config, users = self.config, self.users
+        same_genre = users.session_genre_plays[user_ids, self.catalog.genre_id[track_ids]]
+        recent = users.recent_artists[user_ids]  # [..., 8]
+        same_artist = (recent == self.catalog.artist_id[track_ids][..., None]).sum(axis=-1)
+        return (config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
+                + config.artist_fatigue * same_artist)
+
+    def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
+                      seed_track: np.ndarray) -> np.ndarray:
+        """+-1 for the search query's genre, seed similarity for radio, 0 without context."""
+        catalog = self.catalog
+        in_query = np.where(catalog.genre_id[track_ids] == query_genre, 1.0, -1.0)
+        seed_similarity = np.einsum("...d,...d->...", catalog.latent[np.maximum(seed_track, 0)], track_latent)
+        return np.where(query_genre >= 0, in_query, 0.0) + np.where(seed_track >= 0, seed_similarity, 0.0)
+
+    def logits(self, user_ids: np.ndarray, track_ids: np.ndarray, scenario_codes: np.ndarray,
+               query_genre: np.ndarray, seed_track: np.ndarray, fatigue: np.ndarray,
+               track_latent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(play logit, full-play logit); all arguments broadcast together.
+
+        `track_latent` (= catalog.latent[track_ids]) may be passed by a caller that has it."""
+        s = scenario_codes
+        latent = self.catalog.latent[track_ids] if track_latent is None else track_latent
+        centred = self.taste_weight[s] * (self.affinity(user_ids, latent) - AFFINITY_CENTER)
+        context = self.context_weight[s] * self.context_match(track_ids, latent, query_genre, seed_track)
+        play = (self.play_bias[s] + centred + self.popularity_weight[s] * self.catalog.popularity_z[track_ids]
+                + context - 0.5 * fatigue)
+        full = self.full_bias[s] + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
+        return play, full
+
+    def expected_engagement(self, user_ids, track_ids, scenario_codes, ts: int | np.ndarray | None = None,
+                            query_genre=None, seed_track=None) -> np.ndarray:
+        """True P(full play | examined) for each (user, track, scenario), broadcasting.
+
+        `query_genre` / `seed_track` (-1 = none) add a search query or radio seed. With
+        `ts`, tracks not yet released at that time get 0: nobody can play them.
+        """
+        user_ids, track_ids, scenario_codes = (np.asarray(a, dtype=np.int64)
+                                               for a in (user_ids, track_ids, scenario_codes))
+        self._check_ids(user_ids, track_ids, scenario_codes)
+        query_genre = np.asarray(-1 if query_genre is None else query_genre, dtype=np.int64)
+        seed_track = np.asarray(-1 if seed_track is None else seed_track, dtype=np.int64)
+        if (seed_track >= self.catalog.n_tracks).any():
+            raise ValueError(f"seed_track: ids must be < n_tracks={self.catalog.n_tracks}")
+        fatigue = self.session_fatigue(user_ids, track_ids)
+        play, full = self.logits(user_ids, track_ids, scenario_codes, query_genre, seed_track, fatigue)
+        engagement = sigmoid(play) * sigmoid(full)
+        if ts is not None:
+            engagement = np.where(self.catalog.release_ts[track_ids] <= np.asarray(ts), engagement, 0.0)
+        return engagement
+
+    def _check_ids(self, user_ids: np.ndarray, track_ids: np.ndarray, scenario_codes: np.ndarray) -> None:
+        for name, ids, bound in (("user_ids", user_ids, self.users.n_users),
+                                 ("track_ids", track_ids, self.catalog.n_tracks),
+                                 ("scenario_codes", scenario_codes, len(SCENARIOS))):
+            if ids.size and (ids.min() < 0 or ids.max() >= bound):
+                raise ValueError(f"{name}: ids must be in [0, {bound}), got [{ids.min()}, {ids.max()}]")
