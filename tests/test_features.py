@@ -3,13 +3,21 @@ Redis against a real Valkey server), and the pure track-statistics function agai
 straightforward recompute from the event log."""
 
 import math
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from features.sequence import UserSequence, apply_events, sequences_from_log
-from features.store import SEQUENCE_FEATURES, FeatureStoreClient, redis_connection_string
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+from features.store import (
+    SEQUENCE_FEATURES, FeatureStoreClient, encode_float64_lists, encode_float64s, encode_int64_lists, encode_int64s,
+    redis_connection_string,
+)
+from features.updater import FeatureUpdater
 from features.track_stats import (
     N_BEHAVIOURS, RECENT_FEATURES, RECENT_TAU_MS, TOTAL_FEATURES, TrackStats, apply_track_events,
 )
@@ -102,6 +110,81 @@ def test_a_newer_sequence_overwrites_the_stored_one(client):
     updated = apply_events(client.get_sequences(list(state)), second)
     client.write_sequences(updated)
     assert_same_sequences(client.get_sequences(list(state)), sequences_from_log(log))
+
+
+# -- the client's protobuf encoding: byte for byte what protobuf writes -------------------
+
+INT64S = st.lists(st.integers(-2**63, 2**63 - 1), max_size=40)
+
+
+@settings(max_examples=50, deadline=None)
+@given(lists=st.lists(INT64S, max_size=6))
+def test_int64_encoders_match_protobuf(lists):
+    flat = np.array([v for values in lists for v in values], np.int64)
+    expected = []
+    for values in lists:
+        proto = ValueProto()
+        proto.int64_list_val.SetInParent()  # an empty list is still a list
+        proto.int64_list_val.val.extend(values)
+        expected.append(proto.SerializeToString())
+    assert encode_int64_lists(flat, np.array([len(v) for v in lists], np.int64)) == expected
+    assert encode_int64s(flat) == [ValueProto(int64_val=int(v)).SerializeToString() for v in flat]
+
+
+@settings(max_examples=30, deadline=None)
+@given(lists=st.lists(st.lists(st.floats(allow_nan=False), max_size=10), max_size=5))
+def test_float64_encoders_match_protobuf(lists):
+    flat = np.array([v for values in lists for v in values], np.float64)
+    expected = []
+    for values in lists:
+        proto = ValueProto()
+        proto.double_list_val.SetInParent()
+        proto.double_list_val.val.extend(values)
+        expected.append(proto.SerializeToString())
+    assert encode_float64_lists(flat, np.array([len(v) for v in lists], np.int64)) == expected
+    assert encode_float64s(flat) == [ValueProto(double_val=float(v)).SerializeToString() for v in flat]
+
+
+def test_rows_match_what_feasts_own_write_stores(client, tmp_path):
+    """The client's SQLite rows are the rows Feast's `online_write_batch` writes."""
+    seqs = sequences_from_log(event_log(300, n_users=4))
+    client.write_sequences(seqs, event_ts=1_767_225_600_123)
+    reference = FeatureStoreClient(tmp_path / "reference")
+    reference.apply()
+    view = reference.store.get_feature_view("user_sequence")
+    rows = []
+    for user, seq in seqs.items():
+        values = {name: ValueProto() for name in SEQUENCE_FEATURES}
+        for name in ("track_ids", "behaviours", "scenarios", "timestamps"):
+            values[name].int64_list_val.val.extend(getattr(seq, name).tolist())
+        values["length"].int64_val = len(seq)
+        values["last_event_id"].int64_val = seq.last_event_id
+        key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
+        rows.append((key, values, datetime.fromtimestamp(1_767_225_600.123, tz=timezone.utc), None))
+    reference.store.provider.online_write_batch(reference.store.config, view, rows, progress=None)
+
+    def stored(store):
+        connection = store.store.provider.online_store._get_conn(store.store.config)
+        return sorted(connection.execute("SELECT entity_key, feature_name, value, value_text, event_ts, created_ts "
+                                         "FROM climber_user_sequence").fetchall())
+    assert stored(client) == stored(reference)
+
+
+def test_background_updater_ranks_on_its_own_writes(client):
+    """flush_users returns only once the users' newest sequences are readable in Feast."""
+    log = event_log(3_000, n_users=10)
+    updater = FeatureUpdater(client, max_len=64, flush_ms=HOUR_MS, track_flush_ms=HOUR_MS, background=True)
+    try:
+        for chunk in np.array_split(np.arange(len(log)), 30):
+            updater.on_events(log.select(chunk))
+            users = sorted(set(log.user_id[chunk].tolist()))[:3]
+            updater.flush_users(users)
+            assert_same_sequences(client.get_sequences(users), {u: updater.sequences[u] for u in users})
+        updater.flush()
+        assert_same_sequences(client.get_sequences(sorted(updater.sequences)), sequences_from_log(log, 64))
+        assert client.read_track_stats(np.arange(30)).equals(apply_track_events(None, log).lookup(np.arange(30)))
+    finally:
+        updater.close()
 
 
 def test_reading_before_apply_names_the_fix(tmp_path):
@@ -232,6 +315,18 @@ def test_track_stats_round_trip(client):
     assert columns["play_total"].tolist() == [0, stats.totals[top, play], stats.totals[top, play]]
     assert columns["like_recent"][0] == 0.0
     assert 0 < columns["play_recent"][1] < stats.recent[top, play]  # decayed to now
+
+
+def test_feasts_public_read_sees_the_track_stats_the_client_wrote(client):
+    stats = apply_track_events(None, event_log(500, n_tracks=20))
+    client.write_track_stats(stats)
+    response = client.store.get_online_features(
+        features=["track_stats:totals", "track_stats:recent", "track_stats:as_of_ts"],
+        entity_rows=[{"track_id": int(t)} for t in stats.track_ids],
+    ).to_dict()
+    assert response["totals"] == stats.totals.tolist()
+    assert response["recent"] == stats.recent.tolist()
+    assert response["as_of_ts"] == stats.as_of_ts.tolist()
 
 
 # -- Redis online store against a real Valkey server ---------------------------------------

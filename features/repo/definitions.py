@@ -13,8 +13,6 @@ from datetime import timedelta
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float64, Int64
 
-from features.track_stats import RECENT_FEATURES, TOTAL_FEATURES
-
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64,
               description="A listener of the simulated platform.")
 track = Entity(name="track", join_keys=["track_id"], value_type=ValueType.INT64,
@@ -57,11 +55,15 @@ track_stats = FeatureView(
     name="track_stats",
     entities=[track],
     ttl=timedelta(0),
-    schema=[Field(name="track_id", dtype=Int64)]
-    + [Field(name=name, dtype=Int64) for name in TOTAL_FEATURES]
-    # Decayed counts (time constant 24 h) as of `as_of_ts`; see features.track_stats.
-    + [Field(name=name, dtype=Float64) for name in RECENT_FEATURES]
-    + [Field(name="as_of_ts", dtype=Int64)],
+    schema=[
+        Field(name="track_id", dtype=Int64),
+        # One value per behaviour, indexed by behaviour code (streaming.events.BEHAVIOURS):
+        # three features per row instead of 2 x 8 scalars, so a flush writes 3 online-store
+        # rows per track, not 17 (names of the scalar columns: features.track_stats).
+        Field(name="totals", dtype=Array(Int64)),  # all-time counts
+        Field(name="recent", dtype=Array(Float64)),  # decayed counts (time constant 24 h) as of as_of_ts
+        Field(name="as_of_ts", dtype=Int64),
+    ],
     source=track_stats_push,
     online=True,
     description="Per-track behaviour counts, all-time and recent (features.track_stats.TrackStats).",

@@ -1,0 +1,150 @@
+"""The `climber` command line. Commands import their machinery lazily so `--help` is instant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Climber Sandbox: simulator, streaming features, ASTRO ranking, A/B tests.",
+                  no_args_is_help=True, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/results.md.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(topics_app, name="topics")
+
+
+def _settings(users: Optional[int], tracks: Optional[int], days: Optional[float], seed: Optional[int],
+              out: Optional[Path], **extra):
+    """Flags override environment variables, which override defaults."""
+    from pydantic import ValidationError
+
+    from sandbox.settings import SandboxSettings
+
+    try:
+        base = SandboxSettings()
+        sim_overrides = {k: v for k, v in {"n_users": users, "n_tracks": tracks, "days": days, "seed": seed}.items()
+                         if v is not None}
+        top = {k: v for k, v in {"out": out, **extra}.items() if v is not None}
+        data = base.model_dump()
+        data["sim"].update(sim_overrides)
+        data.update(top)
+        return SandboxSettings.model_validate(data)
+    except ValidationError as exc:
+        typer.secho(f"invalid settings:\n{exc}", fg="red", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def sandbox(
+    users: Optional[int] = typer.Option(None, help="simulated users"),
+    tracks: Optional[int] = typer.Option(None, help="catalog size"),
+    days: Optional[float] = typer.Option(None, help="simulated days"),
+    seed: Optional[int] = typer.Option(None, help="random seed (same seed, same event log)"),
+    out: Optional[Path] = typer.Option(None, help="folder for runs (default runs/)"),
+    run_id: Optional[str] = typer.Option(None, help="run folder name (default derived from seed and time)"),
+    transport: Optional[str] = typer.Option(None, help="embedded (default) or kafka"),
+) -> None:
+    """Run the closed loop: simulator -> events -> features -> ranker -> simulator."""
+    settings = _settings(users, tracks, days, seed, out, run_id=run_id, transport=transport)
+    from sandbox.embedded import run_sandbox
+    from sandbox.report import print_summary, write_report
+
+    result = run_sandbox(settings, show_progress=True)
+    print_summary(result)
+    report = write_report(result)
+    typer.echo(f"\nresults: {result.run_dir}\n  DuckDB: {result.db_path}\n  report: {report}")
+
+
+@bench_app.command("sim")
+def bench_sim(
+    users: int = typer.Option(2000), tracks: int = typer.Option(20000), days: float = typer.Option(3.0),
+    seed: int = typer.Option(7), repeats: int = typer.Option(1),
+) -> None:
+    """Simulated events/s of the embedded loop with the baseline rankers."""
+    from bench.sim import run_bench_sim
+
+    run_bench_sim(users=users, tracks=tracks, days=days, seed=seed, repeats=repeats)
+
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _forward(module: str, ctx: typer.Context) -> None:
+    """Hand the remaining arguments to a module's own argparse `main` (its --help included)."""
+    import importlib
+
+    importlib.import_module(module).main(list(ctx.args))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def train(ctx: typer.Context) -> None:
+    """Train a ranker: --model astro|sasrec|hstu --size xs|s|m|l|xl --db RUN.duckdb (see --help)."""
+    _forward("ranker.train", ctx)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def scaling(ctx: typer.Context) -> None:
+    """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""
+    _forward("ranker.scaling", ctx)
+
+
+@bench_app.command("stream", context_settings=PASS_THROUGH)
+def bench_stream(ctx: typer.Context) -> None:
+    """Events/s and freshness from producer to Feast, through Kafka and Faust (see --help)."""
+    _forward("streaming.bench", ctx)
+
+
+@bench_app.command("serve", context_settings=PASS_THROUGH)
+def bench_serve(ctx: typer.Context) -> None:
+    """TURBO serving: batched vs per-pair scoring, KV cache, partitioning, service latency (see --help)."""
+    _forward("bench.serve", ctx)
+
+
+@topics_app.command("create")
+def topics_create(
+    bootstrap: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP)"),
+    partitions: Optional[int] = typer.Option(None, help="partitions of `events` (default 4)"),
+) -> None:
+    """Create `events`, `events.by_track` and `events.dlq` (kafka-python admin), and register Feast."""
+    from streaming.settings import StreamSettings
+    from streaming.worker import prepare_stream
+
+    overrides = {k: v for k, v in {"bootstrap": bootstrap, "partitions": partitions}.items() if v is not None}
+    settings = StreamSettings(**overrides)
+    created = prepare_stream(settings)
+    typer.echo(f"topics on {settings.bootstrap}: {', '.join(created) if created else 'all existed already'}")
+
+
+@app.command()
+def broker(port: int = typer.Option(9092, help="port on 127.0.0.1"),
+           host: str = typer.Option("127.0.0.1", help="address to listen on")) -> None:
+    """A local Kafka-protocol broker (Tansu, memory storage) without Docker or a JVM; Ctrl-C stops it."""
+    import time
+
+    from streaming.broker import start_broker
+
+    running = start_broker(port=port, host=host)
+    typer.echo(f"Tansu listening on {running.bootstrap} (KAFKA_BOOTSTRAP={running.bootstrap}); Ctrl-C to stop")
+    try:
+        while running.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        running.stop()
+
+
+@app.command(context_settings=PASS_THROUGH)
+def worker(ctx: typer.Context) -> None:
+    """A Faust worker (sequence_builder + track_stats) until SIGINT/SIGTERM (see --help)."""
+    _forward("streaming.worker", ctx)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,237 @@
+"""The embedded closed loop: simulator -> in-process bus -> features in Feast -> ranker -> simulator.
+
+Everything runs in one process on one seeded generator with synchronous delivery, so a
+seed fixes the event log bit for bit. Time spent in each component is kept (`timings`)
+because the loop's throughput goal is only met if no single stage dominates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from experiments.assignment import assign_arms
+from experiments.metrics import engagement_by_arm
+from experiments.recorder import RunRecorder
+from features.store import FeatureStoreClient
+from features.updater import FeatureUpdater
+from ranker.baseline import CooccurrenceRanker, PopularityRanker
+from ranker.candidates import CandidateGenerator
+from ranker.recommender import ArmRecommender
+from sandbox.settings import SandboxSettings
+from simulator.facts import stylised_facts
+from simulator.platform import MusicPlatform
+from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC, InProcessBus
+from streaming.events import EventBatch, decode_events, validate_batch
+
+BASELINE_RANKERS = {"popularity": PopularityRanker, "cooccurrence": CooccurrenceRanker}
+
+
+class Stopwatch:
+    """Wall seconds per component, accumulated across calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def time(self, component: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[component] += time.perf_counter() - start
+
+
+@dataclass
+class SandboxResult:
+    settings: SandboxSettings
+    run_dir: Path
+    db_path: Path
+    wall_seconds: float
+    events: int
+    requests: int
+    sessions: int
+    dead_letters: int
+    feature_rows_written: int
+    event_log_hash: str
+    facts: list
+    arm_metrics: object  # pandas DataFrame
+    behaviour_counts: object  # pandas DataFrame: scenario x behaviour
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.wall_seconds if self.wall_seconds else 0.0
+
+
+class EventPipeline:
+    """What happens to events on the bus: validation, the DuckDB record, features, online learners.
+
+    The live loop and replay of an event log both feed it, so both treat bad input alike:
+    rejected events go to the dead-letter topic (and table) with the reason, the rest goes on.
+    """
+
+    def __init__(self, bus: InProcessBus, recorder: RunRecorder, updater: FeatureUpdater,
+                 learners: list, watch: Stopwatch) -> None:
+        self.bus, self.recorder, self.updater, self.learners, self.watch = bus, recorder, updater, learners, watch
+        bus.subscribe(EVENTS_TOPIC, self.on_events)
+        bus.subscribe(DEAD_LETTER_TOPIC, recorder.log_dead_letters)
+
+    def on_events(self, batch: EventBatch, source: str = "simulator") -> None:
+        good, dead = validate_batch(batch, source=source)
+        if dead:
+            self.bus.publish(DEAD_LETTER_TOPIC, dead)
+        with self.watch.time("duckdb"):
+            self.recorder.log_events(good)
+        with self.watch.time("features"):
+            self.updater.on_events(good)
+        with self.watch.time("learners"):
+            for learner in self.learners:
+                learner.observe(good)
+
+    def on_json(self, raws, source: str) -> None:
+        """Raw JSON events (replayed logs, files): decode, dead-letter the bad, publish the good."""
+        good, dead = decode_events(raws, source=source)
+        if dead:
+            self.bus.publish(DEAD_LETTER_TOPIC, dead)
+        if len(good):
+            self.bus.publish(EVENTS_TOPIC, good)
+
+    def finish(self) -> None:
+        with self.watch.time("features"):
+            self.updater.flush()
+        with self.watch.time("duckdb"):
+            self.recorder.flush()
+
+
+class EmbeddedSandbox:
+    """All parts of one run, built from settings; `run()` simulates, `result()` summarises."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.run_dir = settings.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.watch = Stopwatch()
+        self.started = time.perf_counter()
+
+        self.recorder = RunRecorder(self.run_dir / "sandbox.duckdb")
+        self.recorder.log_run(settings.resolved_run_id(), settings.sim.seed, json.loads(settings.model_dump_json()))
+        self.store = FeatureStoreClient(self.run_dir / "feast", online_store=settings.online_store,
+                                        redis_url=settings.redis_url)
+        self.store.apply()
+        self.bus = InProcessBus()
+
+        experiment = settings.experiment
+        user_ids = np.arange(settings.sim.n_users)
+        self.arms = assign_arms(user_ids, experiment.name, experiment.salt, experiment.arms)
+        self.recorder.log_assignments(user_ids, self.arms, experiment.name, experiment.salt)
+
+        self.platform = MusicPlatform(settings.sim, recommender=None,
+                                      sink=lambda batch: self.bus.publish(EVENTS_TOPIC, batch), arms=self.arms)
+        self.metadata = self.platform.catalog.metadata()
+        self.recorder.log_tracks(self.metadata)
+        sequences = BatchSequences(self.store)
+        self.candidates = CandidateGenerator(self.metadata, seed=settings.sim.seed, sequences=sequences)
+        self.rankers = {arm: BASELINE_RANKERS[name](self.metadata, sequences)
+                        for arm, name in experiment.rankers.items()}
+        self.recommender = ArmRecommender(self.candidates, self.rankers, self.arms, on_response=self._log_response)
+        self.updater = FeatureUpdater(self.store, settings.max_seq_len, settings.feature_flush_ms,
+                                      settings.track_stats_flush_ms, background=settings.background_feature_writes)
+        self.platform.recommender = ServingPath(self.recommender, self.updater, sequences, self.watch)
+        learners = [self.candidates, *{id(r): r for r in self.rankers.values()}.values()]
+        self.pipeline = EventPipeline(self.bus, self.recorder, self.updater, learners, self.watch)
+        self.summary = None
+
+    def _log_response(self, *args) -> None:
+        with self.watch.time("duckdb"):
+            self.recorder.log_response(*args)
+
+    def run(self, show_progress: bool = False) -> None:
+        self.summary = _run_with_progress(self.platform, show_progress)
+        self.pipeline.finish()
+
+    def result(self) -> SandboxResult:
+        self.pipeline.finish()
+        wall = time.perf_counter() - self.started
+        timings = {**self.watch.seconds, "simulator": max(0.0, wall - sum(self.watch.seconds.values()))}
+        events = self.recorder.read_events()
+        return SandboxResult(
+            settings=self.settings, run_dir=self.run_dir, db_path=self.recorder.path, wall_seconds=wall,
+            events=len(events), requests=self.summary.requests if self.summary else 0,
+            sessions=self.summary.sessions if self.summary else 0,
+            dead_letters=self.recorder.count("dead_letters"), feature_rows_written=self.updater.rows_written,
+            event_log_hash=self.recorder.event_log_hash(), facts=stylised_facts(events, self.metadata),
+            arm_metrics=engagement_by_arm(self.recorder.connection),
+            behaviour_counts=self.recorder.behaviour_counts(), timings=timings,
+        )
+
+    def close(self) -> None:
+        self.updater.close()
+        self.recorder.close()
+
+
+def run_sandbox(settings: SandboxSettings, show_progress: bool = False) -> SandboxResult:
+    sandbox = EmbeddedSandbox(settings)
+    try:
+        sandbox.run(show_progress)
+        return sandbox.result()
+    finally:
+        sandbox.close()
+
+
+class BatchSequences:
+    """A SequenceSource that reads Feast once per recommendation batch.
+
+    Candidate generation and ranking both need the batch's sequences; without this each
+    would read the online store separately.
+    """
+
+    def __init__(self, store: FeatureStoreClient) -> None:
+        self.store = store
+        self._batch: dict = {}
+
+    def load(self, user_ids) -> None:
+        self._batch = self.store.get_sequences(sorted(set(user_ids)))
+
+    def get_sequences(self, user_ids):
+        missing = [u for u in user_ids if u not in self._batch]
+        if missing:
+            self._batch.update(self.store.get_sequences(missing))
+        return {u: self._batch[u] for u in user_ids}
+
+
+class ServingPath:
+    """What the simulator calls: push the batch's pending features, read them once, rank."""
+
+    def __init__(self, recommender: ArmRecommender, updater: FeatureUpdater, sequences: BatchSequences,
+                 watch: Stopwatch) -> None:
+        self.recommender, self.updater, self.sequences, self.watch = recommender, updater, sequences, watch
+
+    def recommend(self, requests):
+        users = [r.user_id for r in requests]
+        with self.watch.time("features"):
+            self.updater.flush_users(users)
+        with self.watch.time("feature reads"):
+            self.sequences.load(users)
+        with self.watch.time("ranking"):
+            return self.recommender.recommend(requests)
+
+
+def _run_with_progress(platform: MusicPlatform, show_progress: bool):
+    if not show_progress:
+        return platform.run()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("simulating"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task("sim", total=1.0)
+        summary = platform.run(progress=lambda fraction: bar.update(task, completed=fraction))
+        bar.update(task, completed=1.0)
+    return summary

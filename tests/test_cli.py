@@ -1,0 +1,32 @@
+"""The `climber` command line: the main job end to end, and bad settings named clearly."""
+
+from typer.testing import CliRunner
+
+from sandbox.cli import app
+
+runner = CliRunner()
+
+
+def test_sandbox_command_runs_and_says_where_results_are(tmp_path):
+    result = runner.invoke(app, ["sandbox", "--users", "30", "--tracks", "400", "--days", "0.5",
+                                 "--seed", "5", "--out", str(tmp_path), "--run-id", "cli"])
+    assert result.exit_code == 0, result.output
+    assert "Stylised facts" in result.output and "Engagement per arm" in result.output
+    run_dir = tmp_path / "cli"
+    assert (run_dir / "sandbox.duckdb").exists() and (run_dir / "report.html").exists()
+    assert str(run_dir) in result.output
+
+
+def test_bad_settings_exit_2_naming_the_field(tmp_path):
+    result = runner.invoke(app, ["sandbox", "--users", "-4", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "n_users" in result.output
+    result = runner.invoke(app, ["sandbox", "--transport", "carrier-pigeon", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "transport" in result.output
+
+
+def test_train_forwards_its_own_help():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "--model" in result.output and "--size" in result.output
