@@ -74,25 +74,38 @@ def apply_events(
     tokens = sequence_tokens(events)
     if len(tokens) == 0:
         return {}
-    users, starts = np.unique(tokens.user_id, return_index=True)
-    ends = np.append(starts[1:], len(tokens))
+    # Everything that does not depend on one user's stored sequence is done for the whole
+    # batch at once; per user only the final two-piece concatenations remain (a batch holds
+    # tens of users, and per-user numpy calls were most of the features stage's time).
+    user, ids = tokens.user_id, tokens.event_id
+    users, starts, counts = np.unique(user, return_index=True, return_counts=True)
+    previous = [current.get(u) for u in users.tolist()]
+    marks = np.array([-1 if p is None else p.last_event_id for p in previous], np.int64)
+    # Skip redeliveries (at or below the user's high-water mark) and duplicates inside the batch.
+    keep = ids > np.repeat(marks, counts)
+    keep[1:] &= (ids[1:] != ids[:-1]) | (user[1:] != user[:-1])
+    kept = np.add.reduceat(keep.astype(np.int64), starts)
+    # Of each user's kept tokens only the last `max_len` can survive truncation.
+    from_end = np.repeat(np.cumsum(kept), counts) - np.cumsum(keep)  # kept tokens after this one
+    survivors = tokens.select(keep & (from_end < max_len))
+    n_new = np.minimum(kept, max_len)
+    ends = np.cumsum(n_new)
+    columns = (survivors.track_id, survivors.behaviour, survivors.scenario, survivors.ts)
+    touched = np.flatnonzero(kept)
+    last_ids = survivors.event_id[ends[touched] - 1]
+
     updated: dict[int, UserSequence] = {}
-    for user, start, end in zip(users.tolist(), starts.tolist(), ends.tolist()):
-        previous = current.get(user) or UserSequence.empty()
-        ids = tokens.event_id[start:end]
-        # Skip redeliveries (at or below the high-water mark) and duplicates inside the batch.
-        keep = ids > previous.last_event_id
-        keep[1:] &= ids[1:] != ids[:-1]
-        if not keep.any():
-            continue
-        sl = np.arange(start, end)[keep]
-        updated[user] = UserSequence(
-            track_ids=np.concatenate([previous.track_ids, tokens.track_id[sl]])[-max_len:],
-            behaviours=np.concatenate([previous.behaviours, tokens.behaviour[sl]])[-max_len:],
-            scenarios=np.concatenate([previous.scenarios, tokens.scenario[sl]])[-max_len:],
-            timestamps=np.concatenate([previous.timestamps, tokens.ts[sl]])[-max_len:],
-            last_event_id=int(ids[keep][-1]),
-        )
+    for i, user_id, end, n, last_id in zip(touched.tolist(), users[touched].tolist(), ends[touched].tolist(),
+                                           n_new[touched].tolist(), last_ids.tolist()):
+        stored = previous[i] or UserSequence.empty()
+        start = end - n
+        n_old = min(len(stored), max_len - n)
+        if n_old:
+            old = (stored.track_ids, stored.behaviours, stored.scenarios, stored.timestamps)
+            arrays = [np.concatenate((o[len(o) - n_old:], c[start:end])) for o, c in zip(old, columns)]
+        else:  # a copy, so the sequence does not keep the whole batch's arrays alive
+            arrays = [c[start:end].copy() for c in columns]
+        updated[user_id] = UserSequence(*arrays, last_event_id=last_id)
     return updated
 
 

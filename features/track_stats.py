@@ -85,16 +85,33 @@ class TrackStats:
         return result
 
     def upsert(self, updates: "TrackStats") -> "TrackStats":
-        """A new TrackStats with `updates`' rows replacing or adding to these."""
-        kept = self._rows(~np.isin(self.track_ids, updates.track_ids))
-        track_ids = np.concatenate([kept.track_ids, updates.track_ids])
-        order = np.argsort(track_ids, kind="stable")
-        return TrackStats(
-            track_ids[order],
-            np.concatenate([kept.totals, updates.totals])[order],
-            np.concatenate([kept.recent, updates.recent])[order],
-            np.concatenate([kept.as_of_ts, updates.as_of_ts])[order],
-        )
+        """A new TrackStats with `updates`' rows replacing or adding to these.
+
+        Both sides are sorted by id, so this is a merge: a binary search places each update,
+        no re-sort (the embedded updater upserts a batch's tracks into the whole catalog's
+        stats on every event batch)."""
+        index = np.searchsorted(self.track_ids, updates.track_ids)
+        replaced = index < len(self)
+        replaced[replaced] = self.track_ids[index[replaced]] == updates.track_ids[replaced]
+        added = ~replaced
+        columns = zip(self._columns(), updates._columns())
+        if not added.any():  # the steady state: every touched track was seen before
+            return TrackStats(*(_overwrite(ours.copy(), index, theirs) for ours, theirs in columns))
+        # An update's row in the result: its place among ours, after the updates added before it.
+        rows = index + np.cumsum(added) - added
+        from_updates = np.zeros(len(self) + int(added.sum()), bool)
+        from_updates[rows] = True
+        kept = np.ones(len(self), bool)
+        kept[index[replaced]] = False
+        merged = []
+        for ours, theirs in columns:
+            out = np.empty((len(from_updates),) + ours.shape[1:], ours.dtype)
+            out[~from_updates] = ours[kept]
+            merged.append(_overwrite(out, rows, theirs))
+        return TrackStats(*merged)
+
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        return self.track_ids, self.totals, self.recent, self.as_of_ts
 
     def recent_at(self, now_ts: int) -> np.ndarray:
         """Decayed counts as seen at `now_ts`. A row newer than `now_ts` is returned as
@@ -110,6 +127,11 @@ class TrackStats:
             and np.array_equal(self.as_of_ts, other.as_of_ts)
             and np.allclose(self.recent, other.recent, rtol=rtol, atol=0.0)
         )
+
+
+def _overwrite(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out[rows] = values
+    return out
 
 
 def apply_track_events(current: TrackStats | None, events: EventBatch) -> TrackStats:

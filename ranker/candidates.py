@@ -201,11 +201,16 @@ def history_profiles(sequences: Mapping[int, UserSequence], user_ids: Sequence[i
 class _GroupIndex:
     """Released tracks grouped (by genre or artist), each group ordered by popularity."""
 
-    def __init__(self, group_of_track: np.ndarray, released: np.ndarray, popularity: np.ndarray) -> None:
+    def __init__(self, group_of_track: np.ndarray, by_popularity: np.ndarray) -> None:
+        """`by_popularity`: the released tracks, most popular first (ties by id)."""
         n_groups = int(group_of_track.max()) + 1 if len(group_of_track) else 0
-        order = np.lexsort((-popularity[released], group_of_track[released]))
-        self.tracks = released[order]
-        sizes = np.bincount(group_of_track[self.tracks], minlength=n_groups)
+        groups = group_of_track[by_popularity]
+        # A stable sort by group keeps the popularity order inside each group; on 16-bit
+        # keys numpy sorts by radix, ~30x faster than re-sorting (group, -popularity) pairs.
+        if n_groups <= np.iinfo(np.int16).max:
+            groups = groups.astype(np.int16)
+        self.tracks = by_popularity[np.argsort(groups, kind="stable")]
+        sizes = np.bincount(groups, minlength=n_groups)
         self.start = np.concatenate([[0], np.cumsum(sizes)])
         self.n_groups = n_groups
 
@@ -285,8 +290,8 @@ class CandidateGenerator:
         released = np.flatnonzero(meta.release_ts <= now_ts)
         self._released = released
         self._popular = released[np.argsort(-popularity[released], kind="stable")]
-        self._by_genre = _GroupIndex(meta.genre_id, released, popularity)
-        self._by_artist = _GroupIndex(meta.artist_id, released, popularity)
+        self._by_genre = _GroupIndex(meta.genre_id, self._popular)
+        self._by_artist = _GroupIndex(meta.artist_id, self._popular)
         self._built_ts = now_ts
 
     def generate(self, requests: Sequence[SlateRequest]) -> list[np.ndarray]:

@@ -13,10 +13,8 @@ from features.sequence import UserSequence, apply_events, sequences_from_log
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from features.store import (
-    SEQUENCE_FEATURES, FeatureStoreClient, encode_float64_lists, encode_float64s, encode_int64_lists, encode_int64s,
-    redis_connection_string,
-)
+from features.feast_codec import encode_float64_lists, encode_float64s, encode_int64_lists, encode_int64s
+from features.store import SEQUENCE_FEATURES, FeatureStoreClient, redis_connection_string
 from features.updater import FeatureUpdater
 from features.track_stats import (
     N_BEHAVIOURS, RECENT_FEATURES, RECENT_TAU_MS, TOTAL_FEATURES, TrackStats, apply_track_events,

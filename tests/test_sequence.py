@@ -61,3 +61,32 @@ def test_any_split_into_batches_gives_the_reference(cuts, max_len):
         state.update(apply_events(state, log.select(np.arange(lo, hi)), max_len))
     assert state.keys() == reference.keys()
     assert all(state[u].equals(reference[u]) for u in reference)
+
+
+@settings(max_examples=40, deadline=None)
+@given(windows=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400)), min_size=1, max_size=8),
+       max_len=st.integers(1, 64))
+def test_redelivered_and_overlapping_batches_give_the_reference(windows, max_len):
+    """Batches that re-send earlier events (at-least-once delivery) change nothing, as long as
+    every event is delivered at least once, in order per user."""
+    log = random_log(400, seed=2)
+    reference = sequences_from_log(log, max_len)
+    state: dict = {}
+    delivered = 0
+    for a, b in windows:  # replay some already-delivered range, then continue where we were
+        lo, hi = min(a, b, delivered), max(a, b, delivered)
+        batch = log.select(np.arange(lo, hi))
+        state.update(apply_events(state, EventBatch.concat([batch, batch]), max_len))
+        delivered = max(delivered, hi)
+    state.update(apply_events(state, log.select(np.arange(delivered, len(log))), max_len))
+    assert state.keys() == reference.keys()
+    assert all(state[u].equals(reference[u]) for u in reference)
+
+
+def test_sequences_own_their_arrays():
+    """A sequence must not be a view into a batch's arrays (it would keep them all alive)."""
+    log = random_log(300)
+    state = sequences_from_log(log.select(np.arange(150)), max_len=32)
+    state.update(apply_events(state, log.select(np.arange(150, 300)), max_len=32))
+    arrays = [a for s in state.values() for a in (s.track_ids, s.behaviours, s.scenarios, s.timestamps)]
+    assert arrays and all(a.base is None for a in arrays)
