@@ -1,0 +1,505 @@
+"""Training data from the DuckDB event log: one sample per ranking request.
+
+Feature compression as in Climber: a request stores its user's history once and all of its
+impressions as targets (single user, many items), exactly the shape serving scores.
+
+Layout (`RequestLog`) is compact so a million impressions fit in a few tens of MB:
+  - tokens: every user's sequence tokens concatenated, sorted by (user_id, event_id);
+  - per request: where its user's tokens start and where its history ends in that array,
+    so history = tokens[max(first, end - max_len) : end] is sliced only at batch time;
+  - per impression: candidate track, position and one label per task, grouped by request.
+Tensors (`RankBatch`) are materialised per mini-batch by `RequestLog.batch`.
+
+History semantics match `features.sequence.apply_events`: tokens are every behaviour except
+`impression`, duplicates (redelivered event ids) count once, order is event_id (emission
+order), and a request sees only tokens emitted strictly before its first impression.
+
+The external importer (`import_interactions`) turns a public interaction log (CSV/Parquet)
+into the same `events` table, so the same trainer runs on public data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import duckdb
+import numpy as np
+import pandas as pd
+import torch
+
+from ranker.batch import TASKS, RankBatch
+from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIOS, EventBatch
+
+DAY_MS = 86_400_000
+# NDCG relevance: the positive tasks, summed (a skip is not relevance).
+RELEVANCE_TASKS: tuple[str, ...] = ("full_play", "like", "share")
+
+assert all(task in BEHAVIOUR_CODE for task in TASKS), "every task must be a behaviour name"
+
+
+@dataclass(frozen=True)
+class RequestLog:
+    """Requests with their histories and labelled impressions (see the module docstring).
+
+    `select` returns a subset of requests that shares the token and impression arrays, so
+    train/eval splits cost only the per-request columns.
+    """
+
+    # tokens, sorted by (user_id, event_id)
+    token_tracks: np.ndarray  # int32 [N_tok]
+    token_behaviours: np.ndarray  # int8 [N_tok]
+    token_scenarios: np.ndarray  # int8 [N_tok]
+    token_ts: np.ndarray  # int64 [N_tok]
+    # requests, in time order
+    request_id: np.ndarray  # int64 [R]
+    user_id: np.ndarray  # int64 [R]
+    scenario: np.ndarray  # int8 [R]
+    request_ts: np.ndarray  # int64 [R], ts of the first impression
+    history_first: np.ndarray  # int64 [R], the user's first token
+    history_end: np.ndarray  # int64 [R], one past the last token before the request
+    candidate_start: np.ndarray  # int64 [R], into the impression arrays
+    candidate_count: np.ndarray  # int64 [R]
+    # impressions, grouped by request, in position order
+    candidate_tracks: np.ndarray  # int32 [N_imp]
+    candidate_positions: np.ndarray  # int16 [N_imp]
+    labels: np.ndarray  # uint8 [N_imp, len(TASKS)]
+    n_tracks: int
+
+    def __len__(self) -> int:
+        return len(self.request_id)
+
+    @property
+    def n_impressions(self) -> int:
+        return int(self.candidate_count.sum())
+
+    def select(self, rows: np.ndarray) -> "RequestLog":
+        """The requests at `rows` (boolean mask or indices); shared arrays are not copied."""
+        per_request = ("request_id", "user_id", "scenario", "request_ts", "history_first",
+                       "history_end", "candidate_start", "candidate_count")
+        return replace(self, **{name: getattr(self, name)[rows] for name in per_request})
+
+    def history_window(self, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """[start, end) token ranges of the last `max_len` tokens before each request."""
+        end = self.history_end[rows]
+        return np.maximum(self.history_first[rows], end - max_len), end
+
+    def impression_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Indices into the impression arrays, request by request, in position order: the
+        order of `logits[batch.candidate_mask]` for `batch = self.batch(rows, ...)`."""
+        counts = self.candidate_count[rows]
+        starts = np.repeat(self.candidate_start[rows] - np.cumsum(counts) + counts, counts)
+        return starts + np.arange(counts.sum())
+
+    def batch(self, rows: np.ndarray, max_len: int) -> RankBatch:
+        """Materialise the requests at `rows` as padded tensors (ids shifted +1, 0 = pad)."""
+        rows = np.asarray(rows)
+        start, end = self.history_window(rows, max_len)
+        lengths = end - start
+        n = max(int(lengths.max(initial=0)), 1)
+        hist_mask = np.arange(n)[None, :] < lengths[:, None]
+        hist_index = np.where(hist_mask, start[:, None] + np.arange(n)[None, :], 0)
+
+        counts = self.candidate_count[rows]
+        m = max(int(counts.max(initial=0)), 1)
+        cand_mask = np.arange(m)[None, :] < counts[:, None]
+        cand_index = np.where(cand_mask, self.candidate_start[rows][:, None] + np.arange(m)[None, :], 0)
+
+        def gather(values: np.ndarray, index: np.ndarray, mask: np.ndarray, shift: int = 0) -> torch.Tensor:
+            if len(values) == 0:
+                return torch.zeros(index.shape, dtype=torch.int64)
+            return torch.from_numpy(np.where(mask, values[index].astype(np.int64) + shift, 0))
+
+        labels = np.zeros((len(rows), m, len(TASKS)), np.float32)
+        if self.n_impressions:
+            labels[cand_mask] = self.labels[cand_index[cand_mask]]
+        return RankBatch(
+            history_tracks=gather(self.token_tracks, hist_index, hist_mask, shift=1),
+            history_behaviours=gather(self.token_behaviours, hist_index, hist_mask),
+            history_scenarios=gather(self.token_scenarios, hist_index, hist_mask),
+            history_ts=gather(self.token_ts, hist_index, hist_mask),
+            history_lengths=torch.from_numpy(lengths.astype(np.int64)),
+            candidate_tracks=gather(self.candidate_tracks, cand_index, cand_mask, shift=1),
+            candidate_mask=torch.from_numpy(cand_mask),
+            scenario=torch.from_numpy(self.scenario[rows].astype(np.int64)),
+            request_ts=torch.from_numpy(self.request_ts[rows].astype(np.int64)),
+            labels=torch.from_numpy(labels),
+        )
+
+    def relevance(self, impression_rows: np.ndarray) -> np.ndarray:
+        """Graded relevance for NDCG: the number of positive behaviours on an impression."""
+        columns = [TASKS.index(task) for task in RELEVANCE_TASKS]
+        return self.labels[impression_rows][:, columns].sum(axis=1).astype(np.float64)
+
+
+def iterate_batches(n_rows: int, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0
+                    ) -> Iterator[np.ndarray]:
+    """Row indices in batches; the shuffle depends only on (seed, epoch), so every DDP rank
+    and every resumed run sees the same global order."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows) if shuffle else np.arange(n_rows)
+    for start in range(0, n_rows, batch_size):
+        yield order[start:start + batch_size]
+
+
+# --------------------------------------------------------------------------------------
+# Building a RequestLog from DuckDB
+
+
+def _code_sql(column: str, names: tuple[str, ...]) -> str:
+    """SQL mapping a name column to its contract code (NULL for an unknown name)."""
+    listed = ", ".join(f"'{name}'" for name in names)
+    return f"(list_position([{listed}], {column}) - 1)"
+
+
+def _check_known(con: duckdb.DuckDBPyConnection, column: str, names: tuple[str, ...]) -> None:
+    unknown = con.execute(
+        f"SELECT DISTINCT {column} FROM events WHERE {_code_sql(column, names)} IS NULL LIMIT 5"
+    ).fetchall()
+    if unknown:
+        raise ValueError(f"events.{column} holds unknown value(s) {[u[0] for u in unknown]}; "
+                         f"expected one of {list(names)}")
+
+
+def _check_events_table(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "events" not in tables:
+        raise ValueError(f"{db_path} has no `events` table (tables: {sorted(tables)})")
+    columns = {row[0] for row in con.execute("DESCRIBE events").fetchall()}
+    missing = {"event_id", "ts", "user_id", "track_id", "scenario", "behaviour", "request_id",
+               "position"} - columns
+    if missing:
+        raise ValueError(f"{db_path}: table `events` lacks column(s) {sorted(missing)}")
+    _check_known(con, "behaviour", BEHAVIOURS)
+    _check_known(con, "scenario", SCENARIOS)
+
+
+def _count_tokens_before(token_user: np.ndarray, token_event: np.ndarray,
+                         query_user: np.ndarray, query_event: np.ndarray) -> np.ndarray:
+    """For each query, the number of tokens ordered before (query_user, query_event), i.e.
+    with a smaller user, or the same user and a smaller event id. One merged sort."""
+    n_tok = len(token_user)
+    users = np.concatenate([token_user, query_user])
+    events = np.concatenate([token_event, query_event])
+    is_token = np.concatenate([np.ones(n_tok, bool), np.zeros(len(query_user), bool)])
+    # Queries sort before tokens with the same key: "strictly before" the impression.
+    order = np.lexsort((is_token, events, users))
+    tokens_so_far = np.cumsum(is_token[order])
+    before = np.empty(len(query_user), np.int64)
+    query_slots = order >= n_tok
+    before[order[query_slots] - n_tok] = tokens_so_far[query_slots]
+    return before
+
+
+def load_request_log(db_path: str | Path) -> RequestLog:
+    """Read `events` (and `tracks`, if present) from a DuckDB file into a RequestLog."""
+    db_path = Path(db_path)
+    if not db_path.exists():
+        raise FileNotFoundError(f"no DuckDB file at {db_path}")
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        _check_events_table(con, db_path)
+        label_columns = ", ".join(
+            f"max(behaviour = '{task}')::UTINYINT AS {task}" for task in TASKS)
+        task_list = ", ".join(f"'{task}'" for task in TASKS)
+        # Redelivered events share an event_id: keep one, as apply_events does.
+        con.execute(f"""
+            CREATE TEMP VIEW once AS SELECT DISTINCT ON (event_id) * FROM events;
+            CREATE TEMP VIEW labelled AS
+              SELECT request_id, track_id, {label_columns}
+              FROM once WHERE request_id >= 0 AND behaviour IN ({task_list})
+              GROUP BY request_id, track_id;
+        """)
+        tokens = con.execute(f"""
+            SELECT user_id, event_id, track_id::INTEGER AS track_id,
+                   {_code_sql('behaviour', BEHAVIOURS)}::TINYINT AS behaviour,
+                   {_code_sql('scenario', SCENARIOS)}::TINYINT AS scenario, ts
+            FROM once WHERE behaviour <> 'impression' ORDER BY user_id, event_id
+        """).fetchnumpy()
+        label_select = ", ".join(f"coalesce(l.{task}, 0)::UTINYINT AS {task}" for task in TASKS)
+        impressions = con.execute(f"""
+            SELECT i.request_id, i.user_id, {_code_sql('i.scenario', SCENARIOS)}::TINYINT AS scenario,
+                   i.track_id::INTEGER AS track_id, i.position::SMALLINT AS position,
+                   i.event_id, i.ts, {label_select}
+            FROM once i LEFT JOIN labelled l USING (request_id, track_id)
+            WHERE i.behaviour = 'impression' AND i.request_id >= 0
+            ORDER BY i.request_id, i.position, i.event_id
+        """).fetchnumpy()
+        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        max_catalog_id = -1
+        if "tracks" in tables:
+            (max_catalog_id,) = con.execute("SELECT coalesce(max(track_id), -1) FROM tracks").fetchone() or (-1,)
+    finally:
+        con.close()
+    return _build_request_log(tokens, impressions, max_catalog_id)
+
+
+def _as_array(column, dtype) -> np.ndarray:
+    return np.asarray(column, dtype=dtype)  # DuckDB may hand back masked arrays for no rows
+
+
+def _build_request_log(tokens: Mapping[str, np.ndarray], impressions: Mapping[str, np.ndarray],
+                       max_catalog_id: int) -> RequestLog:
+    token_user = _as_array(tokens["user_id"], np.int64)
+    imp_request = _as_array(impressions["request_id"], np.int64)
+    imp_user = _as_array(impressions["user_id"], np.int64)
+    imp_event = _as_array(impressions["event_id"], np.int64)
+    imp_ts = _as_array(impressions["ts"], np.int64)
+
+    # Impressions are sorted by request: one segment per request.
+    new_request = np.r_[True, imp_request[1:] != imp_request[:-1]] if len(imp_request) else np.zeros(0, bool)
+    starts = np.flatnonzero(new_request)
+    counts = np.diff(np.r_[starts, len(imp_request)])
+    segment = np.cumsum(new_request) - 1
+    if np.any(imp_user != imp_user[starts][segment]):
+        bad = imp_request[np.flatnonzero(imp_user != imp_user[starts][segment])[0]]
+        raise ValueError(f"request_id {bad} has impressions for more than one user_id")
+    first_event = np.minimum.reduceat(imp_event, starts) if len(starts) else np.zeros(0, np.int64)
+    first_ts = np.minimum.reduceat(imp_ts, starts) if len(starts) else np.zeros(0, np.int64)
+    user = imp_user[starts]
+
+    history_end = _count_tokens_before(token_user, _as_array(tokens["event_id"], np.int64), user, first_event)
+    history_first = np.searchsorted(token_user, user, side="left").astype(np.int64)
+    time_order = np.lexsort((imp_request[starts], first_ts))
+    track_max = max(int(max_catalog_id),
+                    int(_as_array(tokens["track_id"], np.int64).max(initial=-1)),
+                    int(_as_array(impressions["track_id"], np.int64).max(initial=-1)))
+    return RequestLog(
+        token_tracks=_as_array(tokens["track_id"], np.int32),
+        token_behaviours=_as_array(tokens["behaviour"], np.int8),
+        token_scenarios=_as_array(tokens["scenario"], np.int8),
+        token_ts=_as_array(tokens["ts"], np.int64),
+        request_id=imp_request[starts][time_order],
+        user_id=user[time_order],
+        scenario=_as_array(impressions["scenario"], np.int8)[starts][time_order],
+        request_ts=first_ts[time_order],
+        history_first=history_first[time_order],
+        history_end=history_end[time_order],
+        candidate_start=starts.astype(np.int64)[time_order],
+        candidate_count=counts.astype(np.int64)[time_order],
+        candidate_tracks=_as_array(impressions["track_id"], np.int32),
+        candidate_positions=_as_array(impressions["position"], np.int16),
+        labels=np.stack([_as_array(impressions[task], np.uint8) for task in TASKS], axis=1)
+        if len(imp_request) else np.zeros((0, len(TASKS)), np.uint8),
+        n_tracks=track_max + 1,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Time split
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    train: RequestLog
+    eval: RequestLog
+    cutoff_ts: int  # train requests are before it, eval requests at or after it
+
+
+def split_by_time(log: RequestLog, eval_window_ms: int = DAY_MS, cutoff_ts: int | None = None) -> TimeSplit:
+    """Train on earlier requests, evaluate on the last `eval_window_ms` of the log (by
+    default the last day). Histories of eval requests may reach back into the train period,
+    as they would in production; train requests never see anything at or after the cutoff."""
+    if len(log) == 0:
+        raise ValueError("the event log holds no requests with impressions; nothing to train on")
+    if cutoff_ts is None:
+        cutoff_ts = int(log.request_ts.max()) - int(eval_window_ms) + 1
+    is_eval = log.request_ts >= cutoff_ts
+    if is_eval.all() or not is_eval.any():
+        span_h = (log.request_ts.max() - log.request_ts.min()) / 3_600_000
+        raise ValueError(f"time split at {cutoff_ts} leaves an empty side: the log spans {span_h:.1f} h "
+                         f"of requests; choose a shorter eval window than {eval_window_ms} ms")
+    return TimeSplit(log.select(~is_eval), log.select(is_eval), int(cutoff_ts))
+
+
+# --------------------------------------------------------------------------------------
+# External importer
+
+
+@dataclass(frozen=True)
+class InteractionColumns:
+    """Which source columns hold what. `behaviour`/`scenario` are optional."""
+
+    user: str
+    item: str
+    timestamp: str
+    behaviour: str | None = None
+    scenario: str | None = None
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    n_interactions: int
+    n_users: int
+    n_tracks: int
+    n_requests: int
+    n_events: int
+
+
+DEFAULT_BEHAVIOUR = "full_play"  # an implicit-feedback row means the user chose and consumed it
+DEFAULT_SCENARIO = "library"
+
+
+def _timestamps_ms(values: pd.Series, unit: str) -> np.ndarray:
+    """Epoch ms from datetimes, date strings, or numbers in seconds/ms ('auto': numbers below
+    1e11 are seconds, since 1e11 ms is 1973 but 1e11 s is the year 5138)."""
+    if pd.api.types.is_datetime64_any_dtype(values) or values.dtype == object:
+        parsed = pd.to_datetime(values, utc=True, errors="raise")
+        return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")).to_numpy(np.int64)
+    numbers = values.to_numpy(dtype=np.float64)
+    if unit == "auto":
+        unit = "s" if np.nanmax(np.abs(numbers)) < 1e11 else "ms"
+    if unit not in ("s", "ms"):
+        raise ValueError(f"timestamp_unit must be 's', 'ms' or 'auto', not {unit!r}")
+    return np.round(numbers * (1000 if unit == "s" else 1)).astype(np.int64)
+
+
+def _codes(values: pd.Series | None, default: str, names: tuple[str, ...], what: str, n: int) -> np.ndarray:
+    """Contract codes of a name column (case and spaces ignored); `default` where no column."""
+    if values is None:
+        return np.full(n, names.index(default), np.int8)
+    spelled = values.astype(str).str.strip().str.lower()
+    unknown = sorted(set(spelled.unique()) - set(names))
+    if unknown:
+        raise ValueError(f"{what} column holds unknown value(s) {unknown[:5]}; expected one of {list(names)}")
+    return spelled.map({name: code for code, name in enumerate(names)}).to_numpy(np.int8)
+
+
+def _read_table(path: Path, wanted: list[str]) -> pd.DataFrame:
+    """CSV/TSV/Parquet through DuckDB's readers (type and delimiter detection, fast)."""
+    suffix = path.suffix.lower()
+    reader = {".parquet": "read_parquet", ".csv": "read_csv_auto", ".tsv": "read_csv_auto",
+              ".txt": "read_csv_auto"}.get(suffix)
+    if reader is None:
+        raise ValueError(f"{path}: expected a .csv, .tsv, .txt or .parquet file")
+    frame = duckdb.connect().execute(f"SELECT * FROM {reader}(?)", [str(path)]).df()
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}")
+    return frame[wanted]
+
+
+def _sample_negatives(items: np.ndarray, window: np.ndarray, n_negatives: int, n_items: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """For each interaction (sorted by window), `n_negatives` items drawn from the other
+    interactions of the same time window (so by popularity at that time), never the positive
+    itself. Where a window cannot supply one, a uniform draw from the catalogue does."""
+    starts = np.searchsorted(window, window, side="left")
+    ends = np.searchsorted(window, window, side="right")
+    sizes = (ends - starts)[:, None]
+    draws = starts[:, None] + (rng.random((len(items), n_negatives)) * sizes).astype(np.int64)
+    negatives = items[draws]
+    for _ in range(8):  # resample collisions with the positive; few remain after a round
+        clash = negatives == items[:, None]
+        if not clash.any():
+            return negatives
+        rows = np.nonzero(clash)[0]
+        redraw = starts[rows] + (rng.random(len(rows)) * sizes[rows, 0]).astype(np.int64)
+        negatives[clash] = items[redraw]
+    clash = negatives == items[:, None]
+    if clash.any() and n_items < 2:
+        raise ValueError("cannot sample negatives: the source holds a single item")
+    rows = np.nonzero(clash)[0]
+    uniform = rng.integers(0, n_items - 1, len(rows))
+    negatives[clash] = uniform + (uniform >= items[rows])  # uniform over items != positive
+    return negatives
+
+
+def import_interactions(
+    path: str | Path,
+    db_path: str | Path,
+    columns: InteractionColumns | Mapping[str, str],
+    n_negatives: int = 9,
+    window_ms: int = DAY_MS,
+    timestamp_unit: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> ImportSummary:
+    """Turn a public interaction log (CSV or Parquet) into an `events` table.
+
+    Rules (so the same trainer and metrics run on public data):
+      - user and item ids are remapped densely in order of first appearance in time; the
+        maps are kept in tables `user_ids(user_id, source_user)` and `track_ids(track_id, source_item)`;
+      - a missing behaviour column means every row is `full_play` (implicit feedback records
+        what the user chose to consume); a present one must hold Behaviour names;
+      - a missing scenario column means `library`;
+      - each interaction becomes one synthetic request: a slate of the positive item and
+        `n_negatives` items sampled from other interactions in the same `window_ms` time
+        window (popularity of the moment), in a random order, as impressions 1 ms before
+        the interaction; the interaction's behaviour event follows, on the positive only.
+    Event ids follow time order, so a request's history is every earlier interaction.
+    """
+    path, db_path = Path(path), Path(db_path)
+    if isinstance(columns, Mapping):
+        columns = InteractionColumns(**columns)
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1, not {n_negatives}")
+    if not path.exists():
+        raise FileNotFoundError(f"no interaction file at {path}")
+    wanted = list(dict.fromkeys(c for c in (columns.user, columns.item, columns.timestamp,
+                                             columns.behaviour, columns.scenario) if c))
+    frame = _read_table(path, wanted).dropna(subset=[columns.user, columns.item, columns.timestamp])
+    if frame.empty:
+        raise ValueError(f"{path} holds no complete interactions")
+
+    ts = _timestamps_ms(frame[columns.timestamp], timestamp_unit)
+    order = np.lexsort((np.arange(len(frame)), ts))  # stable time order
+    frame, ts = frame.iloc[order].reset_index(drop=True), ts[order]
+    users, source_users = pd.factorize(frame[columns.user])
+    items, source_items = pd.factorize(frame[columns.item])
+    n, k = len(frame), n_negatives
+    behaviour_code = _codes(frame.get(columns.behaviour), DEFAULT_BEHAVIOUR, BEHAVIOURS, "behaviour", n)
+    if np.any(behaviour_code == BEHAVIOUR_CODE["impression"]):
+        raise ValueError("behaviour column holds 'impression': impressions are synthesised by the importer")
+    scenario_code = _codes(frame.get(columns.scenario), DEFAULT_SCENARIO, SCENARIOS, "scenario", n)
+
+    rng = np.random.default_rng(seed)
+    negatives = _sample_negatives(items.astype(np.int64), ts // window_ms, k, len(source_items), rng)
+    slates = np.concatenate([items[:, None], negatives], axis=1)  # [n, k+1], positive first
+    positions = rng.permuted(np.tile(np.arange(k + 1), (n, 1)), axis=1)  # slot of each slate entry
+
+    # Per interaction: k+1 impressions then the behaviour event; event ids in that order.
+    per = k + 2
+    request = np.arange(n, dtype=np.int64)
+    imp_events = EventBatch.from_columns(
+        event_id=(request[:, None] * per + np.arange(k + 1)).ravel(),
+        ts=np.repeat(ts - 1, k + 1),
+        user_id=np.repeat(users, k + 1),
+        track_id=slates.ravel(),
+        scenario=np.repeat(scenario_code, k + 1),
+        behaviour=np.full(n * (k + 1), BEHAVIOUR_CODE["impression"]),
+        request_id=np.repeat(request, k + 1),
+        position=positions.ravel(),
+    )
+    act_events = EventBatch.from_columns(
+        event_id=request * per + k + 1, ts=ts, user_id=users, track_id=items, scenario=scenario_code,
+        behaviour=behaviour_code, request_id=request, position=positions[:, 0],
+    )
+    events = EventBatch.concat([imp_events, act_events])
+    events_df = events.select(np.argsort(events.event_id, kind="stable")).to_pandas()
+    user_map = pd.DataFrame({"user_id": np.arange(len(source_users)),
+                             "source_user": np.asarray(source_users).astype(str)})
+    track_map = pd.DataFrame({"track_id": np.arange(len(source_items)),
+                              "source_item": np.asarray(source_items).astype(str)})
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(db_path))
+    try:
+        existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "events" in existing and not overwrite:
+            raise FileExistsError(f"{db_path} already has an `events` table; pass overwrite=True to replace it")
+        con.register("events_df", events_df)
+        con.register("user_map", user_map)
+        con.register("track_map", track_map)
+        con.execute("CREATE OR REPLACE TABLE events AS SELECT * FROM events_df")
+        # The catalogue of a public log is unknown beyond ids; release = first interaction.
+        con.execute("""CREATE OR REPLACE TABLE tracks AS
+                       SELECT track_id, NULL::BIGINT AS artist_id, NULL::BIGINT AS genre_id,
+                              NULL::BIGINT AS duration_ms, min(ts) AS release_ts
+                       FROM events_df GROUP BY track_id ORDER BY track_id""")
+        con.execute("CREATE OR REPLACE TABLE user_ids AS SELECT * FROM user_map")
+        con.execute("CREATE OR REPLACE TABLE track_ids AS SELECT * FROM track_map")
+    finally:
+        con.close()
+    return ImportSummary(n_interactions=n, n_users=len(source_users), n_tracks=len(source_items),
+                         n_requests=n, n_events=len(events_df))

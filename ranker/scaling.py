@@ -1,0 +1,303 @@
+"""The scaling ladder: every family at several sizes, same data, same budget rule.
+
+    python -m ranker.scaling --db runs/<id>/sandbox.duckdb --out runs/<id>/scaling \\
+        --families astro sasrec hstu --sizes xs s m l --epochs 1
+
+Training compute of a rung is C = 3 x (forward FLOPs per request) x (requests seen): the
+forward pass plus a backward pass costing about two forwards. Per family we fit the
+held-out loss L(C) = a * (C / C0)^(-b) + c with scipy's curve_fit, C0 being the family's
+smallest compute (it keeps the fit well conditioned; a is the loss above the floor c at
+C0), and report R^2. With four or five rungs and three parameters the fit describes the
+trend; it is not evidence of a law.
+
+Outputs in `out_dir`: `ladder.jsonl` (one line per trained rung; rungs already there are
+reused, so an interrupted ladder picks up where it stopped), `scaling.csv`, `scaling.md`,
+`scaling.png` (all families, log compute vs val loss, with fitted curves), `scaling.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy.optimize import OptimizeWarning, curve_fit
+
+from ranker.batch import TASKS
+from ranker.data import DAY_MS, load_request_log, split_by_time
+from ranker.model_common import build_model
+from ranker.train import train
+
+console = Console()
+LADDER_FILE = "ladder.jsonl"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The same rule for every rung: `steps` optimizer steps if set, else `epochs` passes."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    max_len: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    family: str
+    a: float
+    b: float
+    c: float
+    c0: float  # compute the fit is normalised by
+    r2: float
+    n_points: int
+
+    def predict(self, compute: np.ndarray) -> np.ndarray:
+        return power_law(np.asarray(compute, dtype=np.float64) / self.c0, self.a, self.b, self.c)
+
+
+def power_law(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    return a * np.power(x, -b) + c
+
+
+def fit_power_law(family: str, compute: np.ndarray, loss: np.ndarray) -> PowerLawFit:
+    """Least-squares fit of loss = a (C/C0)^-b + c with a, b, c >= 0; NaN if it cannot."""
+    compute, loss = np.asarray(compute, np.float64), np.asarray(loss, np.float64)
+    keep = np.isfinite(compute) & np.isfinite(loss) & (compute > 0)
+    compute, loss = compute[keep], loss[keep]
+    c0 = float(compute.min()) if len(compute) else float("nan")
+    if len(compute) < 3:
+        return PowerLawFit(family, math.nan, math.nan, math.nan, c0, math.nan, len(compute))
+    x = compute / c0
+    guess = (max(float(loss.max() - loss.min()), 1e-3), 0.3, max(float(loss.min()) * 0.9, 0.0))
+    try:
+        with warnings.catch_warnings():  # three rungs fit exactly: no covariance, which we don't use
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (a, b, c), _ = curve_fit(power_law, x, loss, p0=guess, bounds=([0, 0, 0], [np.inf, 5.0, np.inf]),
+                                     maxfev=20_000)
+    except (RuntimeError, ValueError):
+        return PowerLawFit(family, math.nan, math.nan, math.nan, c0, math.nan, len(compute))
+    residual = float(np.sum((loss - power_law(x, a, b, c)) ** 2))
+    total = float(np.sum((loss - loss.mean()) ** 2))
+    r2 = 1.0 - residual / total if total > 0 else math.nan
+    return PowerLawFit(family, float(a), float(b), float(c), c0, r2, len(compute))
+
+
+# ----------------------------------------------------------------------------- running the ladder
+
+def _rung_key(family: str, size: str, budget: Budget) -> str:
+    return json.dumps({"family": family, "size": size, **asdict(budget)}, sort_keys=True)
+
+
+def _read_done(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["key"]: row for row in rows}
+
+
+def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = ("astro", "sasrec", "hstu"),
+               sizes: Sequence[str] = ("xs", "s", "m", "l"), budget: Budget = Budget(),
+               eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Train every (family, size) on one loaded split under `budget`; write the reports;
+    return the table (one row per rung)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = split_by_time(load_request_log(db_path), eval_window_ms)
+    console.print(f"ladder on {db_path}: {len(data.train):,} train requests ({data.train.n_impressions:,} impressions), "
+                  f"{len(data.eval):,} eval requests; budget {asdict(budget)}")
+    ladder_path = out_dir / LADDER_FILE
+    done = _read_done(ladder_path)
+    for family in families:
+        for size in sizes:
+            key = _rung_key(family, size, budget)
+            if key in done:
+                console.print(f"{family}-{size}: reusing the result in {ladder_path}")
+                continue
+            result = train(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs, steps=budget.steps,
+                           batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, max_len=budget.max_len,
+                           device=device, progress=progress, data=data, checkpoint_every=0)
+            row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
+            with ladder_path.open("a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+            done[key] = row
+    rows = [done[_rung_key(f, s, budget)] for f in families for s in sizes]
+    table = ladder_table(rows)
+    write_reports(table, out_dir, budget)
+    return table
+
+
+def ladder_table(rows: Sequence[dict]) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        m = row["metrics"]
+        record = {"family": row["family"], "size": row["size"], "params": row["n_params"],
+                  "flops_per_request": row["flops_per_request"], "compute": row["train_compute"],
+                  "steps": row["steps"], "train_s": row["train_seconds"], "val_loss": m["loss"],
+                  "ndcg@10": m["ndcg@10"]}
+        for task in TASKS:
+            record[f"auc_{task}"] = m[f"auc/{task}"]
+            record[f"gauc_{task}"] = m[f"gauc/{task}"]
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def fit_families(table: pd.DataFrame) -> list[PowerLawFit]:
+    return [fit_power_law(family, group["compute"].to_numpy(), group["val_loss"].to_numpy())
+            for family, group in table.groupby("family", sort=False)]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "n/a"
+        return f"{value:.3e}" if abs(value) >= 1e5 else f"{value:.4f}"
+    return str(value)
+
+
+def _display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    return table.apply(lambda col: col.map(_fmt))
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _fits_frame(fits: Sequence[PowerLawFit]) -> pd.DataFrame:
+    return pd.DataFrame([{"family": f.family, "a": f.a, "b": f.b, "c": f.c, "C0": f.c0, "R2": f.r2, "points": f.n_points}
+                         for f in fits])
+
+
+def plot_ladder(table: pd.DataFrame, fits: Sequence[PowerLawFit], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_family = {f.family: f for f in fits}
+    for i, (family, group) in enumerate(table.groupby("family", sort=False)):
+        colour = f"C{i}"
+        ax.scatter(group["compute"], group["val_loss"], color=colour, label=family, zorder=3)
+        for _, row in group.iterrows():
+            ax.annotate(row["size"], (row["compute"], row["val_loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        fit = by_family.get(family)
+        if fit is not None and np.isfinite(fit.a):
+            grid = np.geomspace(group["compute"].min(), group["compute"].max(), 100)
+            ax.plot(grid, fit.predict(grid), color=colour, linestyle="--",
+                    label=f"{family}: {fit.a:.3g}(C/C0)^-{fit.b:.3g} + {fit.c:.3g}, R²={fit.r2:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs = 3 x forward FLOPs/request x requests seen)")
+    ax.set_ylabel("held-out loss (sum of per-task BCE)")
+    ax.set_title("Scaling ladder")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget) -> list[PowerLawFit]:
+    """CSV, markdown, PNG and HTML of the ladder, and the rich table on the terminal."""
+    fits = fit_families(table)
+    table.to_csv(out_dir / "scaling.csv", index=False)
+    fits_frame = _fits_frame(fits)
+    markdown = (f"# Scaling ladder\n\nBudget: {json.dumps(asdict(budget))}\n\n"
+                f"{_markdown(_display_frame(table))}\n\n## Fits: val_loss = a (C/C0)^-b + c\n\n"
+                f"{_markdown(_display_frame(fits_frame))}\n")
+    (out_dir / "scaling.md").write_text(markdown)
+    plot_ladder(table, fits, out_dir / "scaling.png")
+    image = base64.b64encode((out_dir / "scaling.png").read_bytes()).decode()
+    (out_dir / "scaling.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>Scaling ladder</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
+        f"<h1>Scaling ladder</h1><p>Budget: {html.escape(json.dumps(asdict(budget)))}. "
+        "Compute C = 3 x forward FLOPs per request x requests seen.</p>"
+        f"<img src='data:image/png;base64,{image}' alt='compute vs held-out loss'>"
+        f"<h2>Rungs</h2>{_display_frame(table).to_html(index=False)}"
+        f"<h2>Fits: val_loss = a (C/C0)<sup>-b</sup> + c</h2>{_display_frame(fits_frame).to_html(index=False)}"
+        "</body></html>")
+    print_table(table, fits)
+    return fits
+
+
+def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
+    """The headline columns on the terminal (every task's AUC/GAUC is in the CSV/markdown)."""
+    columns = ["family", "size", "params", "flops_per_request", "compute", "val_loss", "ndcg@10",
+               "auc_full_play", "gauc_full_play", "auc_like", "auc_skip", "train_s"]
+    rich_table = Table(title="Scaling ladder")
+    for column in columns:
+        rich_table.add_column(column, justify="left" if column in ("family", "size") else "right", no_wrap=True)
+    for _, row in _display_frame(table[columns]).iterrows():
+        rich_table.add_row(*row.tolist())
+    # Redirected output has no terminal width; don't squeeze the table into 80 columns.
+    out = console if console.is_terminal else Console(width=200)
+    out.print(rich_table)
+    for fit in fits:
+        out.print(f"{fit.family}: val_loss = {fit.a:.4g} (C/{fit.c0:.3g})^-{fit.b:.4g} + {fit.c:.4g}, "
+                  f"R² = {fit.r2:.4f} over {fit.n_points} sizes")
+
+
+def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], history_len: int, n_candidates: int
+               ) -> pd.DataFrame:
+    """Parameters and forward FLOPs per request of every rung, without training."""
+    rows = []
+    for family in families:
+        for size in sizes:
+            model = build_model(family, size, n_tracks, max_len=max(history_len, 1))
+            rows.append({"family": family, "size": size, "params": model.n_params(),
+                         "params_no_embeddings": model.n_params(include_embeddings=False),
+                         "flops_per_request": model.flops_per_request(history_len, n_candidates)})
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m ranker.scaling", description="Train a scaling ladder and fit L(C).")
+    parser.add_argument("--db", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--families", nargs="+", default=["astro", "sasrec", "hstu"])
+    parser.add_argument("--sizes", nargs="+", default=["xs", "s", "m", "l"])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-window-h", type=float, default=24.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes-only", action="store_true", help="print params and FLOPs per request, train nothing")
+    args = parser.parse_args(argv)
+    if args.sizes_only:
+        log = load_request_log(args.db)
+        m = max(1, round(float(np.mean(log.candidate_count))))
+        table = size_table(log.n_tracks, args.families, args.sizes, args.max_len, m)
+        console.print(table.to_string(index=False))
+        return table
+    budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    max_len=args.max_len, seed=args.seed)
+    return run_ladder(args.db, args.out, args.families, args.sizes, budget,
+                      eval_window_ms=int(args.eval_window_h * 3_600_000), device=args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Train a ranker on the DuckDB event log: loss, loop, evaluation, checkpoints, DDP.
+
+    python -m ranker.train --model astro --size s --db runs/<id>/sandbox.duckdb --out models/astro-s
+    torchrun --nproc-per-node 2 -m ranker.train ...     # the same, data-parallel
+
+Loss: binary cross-entropy per task on real (unpadded) candidates, summed over tasks and
+averaged over the candidates of the *global* batch. Normalising by the global count (not
+per rank) is what makes DDP's gradient average equal the single-process gradient exactly.
+
+Checkpoints (a folder): `model.safetensors` (weights only), `optimizer.pt` (optimizer state,
+loaded with `weights_only=True`) and `checkpoint.json` (family, size, model config, step,
+model version = "<family>-<size>-<hash of the weights file>"). The JSON is written last, so
+a folder with a JSON holds a complete checkpoint. Data order depends only on (seed, epoch),
+so `resume=True` continues exactly where the last checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_model, save_model
+
+from ranker.batch import TASKS, RankBatch
+from ranker.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
+from ranker.metrics import ranking_report
+from ranker.model_common import SIZE_NAMES, SequenceRanker, build_model, model_class, model_from_config
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+META_FILE = "checkpoint.json"
+CHECKPOINT_FORMAT = 1
+console = Console()
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # evaluation on the held-out last window (see ranker.metrics)
+    n_params: int
+    flops_per_request: int  # forward, at the train set's mean history length and slate size
+    train_seconds: float
+    steps: int
+    requests_seen: int
+    train_compute: float  # 3 x forward FLOPs x requests seen (forward + backward)
+    final_train_loss: float
+    checkpoint: Path
+    model_version: str
+    family: str
+    size: str
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checkpoint"] = str(self.checkpoint)
+        return out
+
+
+# ----------------------------------------------------------------------------- devices and DDP
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int
+    world: int
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA, None (fp32) on CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Device and process group: `torchrun` sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', not {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' asked for, but torch sees no CUDA device")
+        if world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world, torch.bfloat16 if dev.type == "cuda" else None)
+
+
+def shard(global_rows: np.ndarray, runtime: Runtime) -> np.ndarray:
+    """This rank's contiguous share of a global batch."""
+    return np.array_split(global_rows, runtime.world)[runtime.rank]
+
+
+# ----------------------------------------------------------------------------- loss and schedule
+
+def masked_bce_sum(logits: torch.Tensor, batch: RankBatch) -> torch.Tensor:
+    """Sum over real candidates and tasks of BCE-with-logits (fp32 whatever the autocast)."""
+    if batch.labels is None:
+        raise ValueError("a training batch needs labels (RankBatch.labels is None)")
+    mask = batch.candidate_mask
+    return F.binary_cross_entropy_with_logits(logits[mask].float(), batch.labels[mask], reduction="sum")
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of peak: a function of the step alone, so a
+    resumed run needs no scheduler state."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def weights_version(family: str, size: str, weights_path: Path) -> str:
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()[:12]
+    return f"{family}-{size}-{digest}"
+
+
+def save_checkpoint(out_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
+                    family: str, size: str, step: int, extra: dict[str, Any]) -> str:
+    """Write weights, optimizer and metadata (JSON last, each via a temporary file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_weights = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_model(model, str(tmp_weights))
+    tmp_weights.replace(out_dir / WEIGHTS_FILE)
+    tmp_opt = out_dir / (OPTIMIZER_FILE + ".tmp")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp_opt)
+    tmp_opt.replace(out_dir / OPTIMIZER_FILE)
+    version = weights_version(family, size, out_dir / WEIGHTS_FILE)
+    meta = {"format": CHECKPOINT_FORMAT, "family": family, "size": size, "model_version": version,
+            "step": step, "config": model.config.to_dict(), **extra}
+    tmp_meta = out_dir / (META_FILE + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2, default=float))
+    tmp_meta.replace(out_dir / META_FILE)
+    return version
+
+
+def read_checkpoint_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} (missing {META_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return meta
+
+
+def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[SequenceRanker, dict[str, Any]]:
+    """A trained model (in eval mode) and its metadata; reads weights only, never pickles."""
+    meta = read_checkpoint_meta(checkpoint_dir)
+    model = model_from_config(meta["family"], meta["config"])
+    load_model(model, str(Path(checkpoint_dir) / WEIGHTS_FILE), strict=True, device=str(device))
+    return model.to(device).eval(), meta
+
+
+def restore_checkpoint(checkpoint_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
+                       family: str, size: str, device: torch.device) -> int:
+    """Load weights and optimizer state into a freshly built model; return the step reached."""
+    meta = read_checkpoint_meta(checkpoint_dir)
+    if (meta["family"], meta["size"]) != (family, size):
+        raise ValueError(f"{checkpoint_dir} holds a {meta['family']}/{meta['size']} checkpoint, not {family}/{size}")
+    load_model(model, str(checkpoint_dir / WEIGHTS_FILE), strict=True, device=str(device))
+    state = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
+             runtime: Runtime | None = None) -> dict[str, float]:
+    """All offline metrics of `model` on every request of `log` (see ranker.metrics)."""
+    runtime = runtime or Runtime(torch.device("cpu"), 0, 1, None)
+    was_training = model.training
+    model.eval()
+    logits_parts, score_parts = [], []
+    for rows in iterate_batches(len(log), batch_size, shuffle=False):
+        batch = log.batch(rows, max_len).to(runtime.device)
+        with runtime.autocast():
+            logits = model(batch)
+        mask = batch.candidate_mask
+        logits_parts.append(logits[mask].float().cpu())
+        score_parts.append(model.score(logits.float(), mask)[mask].cpu())
+    model.train(was_training)
+    impressions = log.impression_rows(np.arange(len(log)))
+    per_request = np.repeat(np.arange(len(log)), log.candidate_count)
+    return ranking_report(
+        labels=log.labels[impressions].astype(np.float64),
+        logits=torch.cat(logits_parts).numpy(),
+        ranking_score=torch.cat(score_parts).numpy(),
+        users=log.user_id[per_request],
+        requests=log.request_id[per_request],
+        relevance=log.relevance(impressions),
+        positions=log.candidate_positions[impressions],
+    )
+
+
+def typical_shape(log: RequestLog, max_len: int) -> tuple[int, int]:
+    """Mean (history length, slate size) of a log's requests, for FLOPs per request."""
+    start, end = log.history_window(np.arange(len(log)), max_len)
+    return max(1, round(float(np.mean(end - start)))), max(1, round(float(np.mean(log.candidate_count))))
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(
+    family: str,
+    size: str,
+    db_path: str | Path | None,
+    out_dir: str | Path,
+    epochs: float = 1.0,
+    steps: int | None = None,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    max_len: int = 256,
+    eval_window_ms: int = DAY_MS,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    warmup_steps: int | None = None,
+    checkpoint_every: int = 500,
+    eval_batch_size: int = 256,
+    progress: bool = True,
+    model_overrides: dict[str, Any] | None = None,
+    data: TimeSplit | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `family`/`size` on the requests before the last `eval_window_ms` of the log at
+    `db_path` (or on `data`, an already loaded split) and evaluate on that last window.
+
+    Budget: `steps` optimizer steps if given, else `epochs` passes over the train requests.
+    `batch_size` is the global batch in requests (split across DDP ranks). `stop_after`
+    ends this invocation after that many steps (checkpointed) while keeping the full
+    budget's LR schedule, as a preempted job would; `resume=True` later continues it.
+    """
+    if size not in model_class(family).SIZES:  # model_class names the known families
+        raise ValueError(f"unknown size {size!r} for {family}; known: {list(model_class(family).SIZES)}")
+    if batch_size < 1 or max_len < 1:
+        raise ValueError(f"batch_size and max_len must be >= 1 (got {batch_size}, {max_len})")
+    runtime = setup_runtime(device)
+    if runtime.device.type == "cpu" and runtime.world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
+    out_dir = Path(out_dir)
+    say = console.print if runtime.is_main and progress else (lambda *a, **k: None)
+
+    if data is None:
+        if db_path is None:
+            raise ValueError("give db_path or data")
+        data = split_by_time(load_request_log(db_path), eval_window_ms)
+    train_log = data.train
+    if batch_size > len(train_log):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(train_log)} train requests")
+    if batch_size % runtime.world:
+        raise ValueError(f"global batch_size {batch_size} must divide evenly over {runtime.world} ranks")
+    steps_per_epoch = len(train_log) // batch_size  # whole global batches only: equal shards
+    total_steps = steps if steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+    warmup = warmup_steps if warmup_steps is not None else min(100, total_steps // 10 + 1)
+    last_step = total_steps if stop_after is None else min(total_steps, stop_after)
+
+    torch.manual_seed(seed)
+    overrides = {"max_len": max_len, **(model_overrides or {})}
+    model = build_model(family, size, train_log.n_tracks, **overrides).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    step = 0
+    if resume and (out_dir / META_FILE).exists():
+        step = restore_checkpoint(out_dir, model, optimizer, family, size, runtime.device)
+        say(f"resumed {family}-{size} from {out_dir} at step {step}")
+    elif resume:
+        say(f"no checkpoint in {out_dir}: starting from step 0")
+
+    n_hist, n_cand = typical_shape(train_log, max_len)
+    flops = int(model.flops_per_request(n_hist, n_cand))
+    n_params = model.n_params()
+    say(f"{family}-{size}: {n_params:,} params, {flops:,} FLOPs/request (n={n_hist}, M={n_cand}), "
+        f"{len(train_log):,} train / {len(data.eval):,} eval requests, {total_steps} steps of {batch_size}, "
+        f"{runtime.device}{' bf16' if runtime.autocast_dtype else ''} x{runtime.world}")
+
+    net: torch.nn.Module = model
+    if runtime.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    extra: dict[str, Any] = {"n_tracks": train_log.n_tracks, "max_len": max_len, "seed": seed, "batch_size": batch_size,
+             "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts}
+
+    def checkpoint() -> str:
+        version = ""
+        if runtime.is_main:
+            version = save_checkpoint(out_dir, model, optimizer, family, size, step, extra)
+        if runtime.world > 1:
+            dist.barrier()
+        return version
+
+    model.train()
+    loss_history: list[tuple[int, float]] = []
+    start_step, started = step, time.perf_counter()
+    bar = Progress(TextColumn(f"{family}-{size}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TimeRemainingColumn(), console=console, disable=not (progress and runtime.is_main), transient=True)
+    with bar:
+        task = bar.add_task("train", total=total_steps, completed=step, loss=float("nan"))
+        while step < last_step:
+            epoch, offset = divmod(step, steps_per_epoch)
+            batches = iterate_batches(len(train_log), batch_size, shuffle=True, seed=seed, epoch=epoch)
+            for i, global_rows in enumerate(batches):
+                if i < offset or len(global_rows) < batch_size:
+                    continue
+                if step >= last_step:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total_steps, lr, warmup)
+                global_count = int(train_log.candidate_count[global_rows].sum())
+                batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
+                with runtime.autocast():
+                    logits = net(batch)
+                loss = masked_bce_sum(logits, batch) * (runtime.world / global_count)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                step += 1
+                loss_value = loss.item() / runtime.world  # this rank's share of the global mean
+                loss_history.append((step, loss_value))
+                bar.update(task, completed=step, loss=loss_value)
+                if checkpoint_every and step % checkpoint_every == 0 and step < last_step:
+                    checkpoint()
+    train_seconds = time.perf_counter() - started
+
+    metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
+    extra["metrics"] = metrics
+    version = checkpoint()
+    requests_seen = step * batch_size
+    recent = [loss for _, loss in loss_history[-20:]]
+    result = TrainResult(
+        metrics=metrics, n_params=n_params, flops_per_request=flops, train_seconds=train_seconds,
+        steps=step, requests_seen=requests_seen, train_compute=3.0 * flops * requests_seen,
+        final_train_loss=float(np.mean(recent)) if recent else float("nan"), checkpoint=out_dir,
+        model_version=version, family=family, size=size, loss_history=loss_history,
+    )
+    if runtime.is_main and metrics:
+        say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
+            + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS) + f", NDCG@10 {metrics['ndcg@10']:.3f}")
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    parser = argparse.ArgumentParser(prog="python -m ranker.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=["astro", "sasrec", "hstu"])
+    parser.add_argument("--size", required=True, choices=list(SIZE_NAMES))
+    parser.add_argument("--db", required=True, type=Path, help="DuckDB event log (runs/<id>/sandbox.duckdb)")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, in requests")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--eval-window-h", type=float, default=24.0, help="hours at the end of the log held out")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    result = train(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                   resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
+                   checkpoint_every=args.checkpoint_every)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
