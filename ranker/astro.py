@@ -22,6 +22,7 @@ from ranker.batch import RankBatch
 from ranker.model_common import (
     DEFAULT_SIZES,
     BlockCache,
+    HistoryBuffer,
     HistoryCache,
     SequenceRanker,
     SoftmaxConfig,
@@ -173,18 +174,22 @@ class AstroModel(SequenceRanker):
     def block_membership(self, batch: RankBatch) -> torch.Tensor:
         """bool [B, n, Nb]: which block(s) each valid history token belongs to."""
         valid = batch.history_mask
-        blocks = torch.arange(self.config.n_blocks, device=valid.device)
-        kind = self.config.partition
-        if kind == "behaviour":
-            member = self.block_of_behaviour[batch.history_behaviours][..., None] == blocks
-        elif kind == "scenario":
-            member = self.block_of_scenario[batch.history_scenarios][..., None] == blocks
-        elif kind == "recency":  # overlapping windows: the last 32, last 128, ... events
+        if self.config.partition == "recency":  # overlapping windows: the last 32, last 128, ... events
             age = batch.history_lengths[:, None] - 1 - torch.arange(valid.shape[1], device=valid.device)[None]
             member = age[..., None] < self.recency_scales
         else:
-            member = torch.ones(*valid.shape, 1, dtype=torch.bool, device=valid.device)
+            member = self.token_blocks(batch.history_behaviours, batch.history_scenarios)
         return member & valid[..., None]
+
+    def token_blocks(self, behaviours: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        """bool [..., Nb] for partitions that depend on the token alone (recency: every block)."""
+        blocks = torch.arange(self.config.n_blocks, device=behaviours.device)
+        kind = self.config.partition
+        if kind == "behaviour":
+            return self.block_of_behaviour[behaviours][..., None] == blocks
+        if kind == "scenario":
+            return self.block_of_scenario[scenarios][..., None] == blocks
+        return torch.ones(*behaviours.shape, self.config.n_blocks, dtype=torch.bool, device=behaviours.device)
 
     def temperatures(self, scenarios: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor | None:
         """tau [..., Nb, heads] for query tokens with these scenario and behaviour codes (None if fixed)."""
@@ -222,6 +227,42 @@ class AstroModel(SequenceRanker):
             tau_b = None if tau is None else tau[:, None, b].expand(-1, M, -1)
             outputs.append(self.stacks[b].attend_candidates(cb, block, cache.history_lengths, batch.request_ts, tau_b))
         return self.heads(self.fusion(c, torch.stack(outputs, dim=2)))
+
+    # -- incremental history
+
+    def can_extend(self, cached_length: int, new_length: int) -> bool:
+        """Behaviour and scenario blocks only grow; recency windows slide once the history
+        outgrows the shortest window (before that, every window holds every event)."""
+        if self.config.partition == "recency" and new_length > min(self.config.recency_scales):
+            return False
+        return super().can_extend(cached_length, new_length)
+
+    def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
+        start, end = self._extension_range(history, batch)
+        x = self.embed.history(batch, start)[:, : end - start]  # [1, k, d]
+        behaviours, scenarios = batch.history_behaviours[:, start:end], batch.history_scenarios[:, start:end]
+        tau = self.temperatures(scenarios, behaviours)  # [1, k, Nb, h]
+        member = self.token_blocks(behaviours[0], scenarios[0])  # [k, Nb]
+        if end - start == 1:  # the common case, one event: no index gathers, one host sync
+            touched = [(b, None) for b in member[0].nonzero()[:, 0].tolist()]
+        else:
+            touched = [(b, new) for b, new in enumerate(member.t().contiguous()) if bool(new.any())]
+        for b, new in touched:
+            block = history.blocks[b]
+            xb = x if new is None else x[:, new]
+            tau_b = None if tau is None else (tau[:, :, b] if new is None else tau[:, new, b])
+            length, grown = block.length, block.length + xb.shape[1]
+            block.reserve(grown)
+            at = torch.arange(start, end, device=x.device)
+            at = at if new is None else at[new]
+            block.positions[0, length:grown] = at
+            block.timestamps[0, length:grown] = batch.history_ts[0, at]
+            if self.block_position is not None:  # rows of the block's position table, no lookup op
+                xb = xb + self.block_position[b].weight[length:grown]
+            self.stacks[b].extend(xb, block, length, tau_b)
+            block.length = grown
+        history.length = end
+        history.last_ts = int(batch.history_ts[0, end - 1])
 
     # -- cost
 

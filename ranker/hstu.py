@@ -19,6 +19,7 @@ from torch import nn
 
 from ranker.model_common import (
     DEFAULT_SIZES,
+    BlockBuffer,
     BlockCache,
     BlockLayout,
     ModelConfig,
@@ -80,16 +81,21 @@ class HSTULayer(nn.Module):
     def attention(self, q, k, v, buckets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(alpha q.k + rab) / N, masked, times V. q [B, h, Lq, dh]; k, v [B, h, Lk, dh].
 
-        buckets [B, Lq or 1, Lk] from relative_buckets; keep bool [B, Lk] masks keys, and
-        None means causal (Lq == Lk). Heads go first internally so the bias gather lands in
-        place and one baddbmm adds it: HSTU's cost is in these B x h x Lq x Lk passes.
+        buckets [B, Lq or 1, Lk] from relative_buckets; keep bool [B, Lk] masks keys,
+        [B, Lq, Lk] masks per query, and None means causal (Lq == Lk). Heads go first
+        internally so the bias gather lands in place and one baddbmm adds it: HSTU's cost
+        is in these B x h x Lq x Lk passes.
         """
         B, h, Lq, dh = q.shape
         Lk = k.shape[2]
-        bias = self.bias_table()[:, buckets].reshape(h * B, -1, Lk)
+        bias = self.bias_table()[:, buckets].reshape(h * B, buckets.shape[1], Lk)  # explicit: Lk may be 0
         heads_first = lambda t: t.transpose(0, 1).reshape(h * B, -1, dh)  # noqa: E731
         w = F.silu(torch.baddbmm(bias, heads_first(q * self.alpha), heads_first(k).transpose(1, 2)))
-        w = w.tril_() if keep is None else w.masked_fill_(~keep[None].expand(h, B, Lk).reshape(h * B, 1, Lk), 0.0)
+        if keep is None:
+            w.tril_()
+        else:  # keep [B, Lk] (per key) or [B, Lq, Lk] (per query and key)
+            keep = keep[:, None] if keep.dim() == 2 else keep
+            w.masked_fill_(~keep[None].expand(h, *keep.shape).reshape(h * B, keep.shape[1], Lk), 0.0)
         return (torch.bmm(w, heads_first(v)) / self.norm).view(h, B, Lq, dh).transpose(0, 1)
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -137,6 +143,22 @@ class HSTUStack(nn.Module):
             u, q, k, v = layer.project(c)
             c = layer.finish(c, layer.attention(q, k_hist, v_hist, buckets, block.valid) + layer.self_attention(q, k, v), u)
         return c
+
+    def extend(self, x: torch.Tensor, block: BlockBuffer, start: int, tau: torch.Tensor | None = None) -> None:
+        """Append k new tokens x [1, k, d] at [start, start + k) of the block's buffers (see
+        SoftmaxStack.extend); their positions and timestamps must already be written."""
+        end = start + x.shape[1]
+        positions, timestamps = block.positions[:, :end], block.timestamps[:, :end]
+        buckets = relative_buckets(positions[:, start:], timestamps[:, start:], positions, timestamps, self.n_buckets)
+        causal = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            u, q, k, v = (None, None, *layer.project_kv(x)) if last else layer.project(x)
+            block.keys[i][:, :, start:end] = k
+            block.values[i][:, :, start:end] = v
+            if not last:
+                attended = layer.attention(q, block.keys[i][:, :, :end], block.values[i][:, :, :end], buckets, causal[None])
+                x = layer.finish(x, attended, u)
 
     @staticmethod
     def flops(cfg: HSTUConfig, history_len: int, n_candidates: int) -> dict[str, int]:

@@ -1,0 +1,164 @@
+"""The ranking service over HTTP (FastAPI + uvicorn).
+
+    POST /rank     {user_id, scenario, candidates, context?, ts?, request_id?}
+                   -> scores per task, order (best first), model name and version, timing
+    GET  /health   model and cache state
+    GET  /metrics  Prometheus text
+
+    python -m ranker.http --checkpoint models/astro-s --feast-dir runs/<id>/feast [--port 8000]
+
+Bad requests get a 422 whose `message` names the field and the problem: an empty or
+oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
+value, a track outside the model's catalogue. Binds 127.0.0.1 unless told otherwise.
+"""
+# No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
+
+import argparse
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Sequence
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from ranker.interface import RankRequest
+from ranker.serving import ScoringService, ServingSettings
+from streaming.events import SCENARIOS
+
+Id = Annotated[StrictInt, Field(ge=0)]  # user and track ids: JSON integers, never "7" or 7.5
+
+
+class RankReply(BaseModel):
+    request_id: int
+    user_id: int
+    model_name: str
+    model_version: str
+    candidates: list[int]
+    order: list[int]  # indices into candidates, best first
+    scores: dict[str, list[float]]  # "score" (ranked by) and one probability per task
+    timing_ms: dict[str, float]
+
+
+def rank_body_model(max_candidates: int) -> type[BaseModel]:
+    """The POST /rank body; the candidate limit is a setting, so the model is built per app."""
+
+    class RankBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user_id: Id
+        scenario: Literal[SCENARIOS]  # type: ignore[valid-type]
+        candidates: Annotated[list[Id], Field(min_length=1, max_length=max_candidates)]
+        context: dict[str, StrictInt | StrictFloat | StrictStr] = {}
+        ts: StrictInt | None = None  # epoch ms of the request; default: now
+        request_id: StrictInt | None = None
+
+        @field_validator("context")
+        @classmethod
+        def _finite(cls, context: dict) -> dict:
+            for key, value in context.items():  # JSON has no NaN, but Python clients send it
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"context[{key!r}] must be a finite number, got {value}")
+            return context
+
+    return RankBody
+
+
+def _problem(error: dict) -> str:
+    return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+
+
+def create_app(service: ScoringService) -> FastAPI:
+    """An app over `service`; its lifespan starts and stops the batching task."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="Climber ranking service", lifespan=lifespan)
+    RankBody = rank_body_model(service.settings.max_candidates)
+    counter = iter(range(1, 2**62))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"message": "; ".join(map(_problem, errors)), "detail": errors})
+
+    @app.post("/rank")
+    async def rank(body: RankBody) -> RankReply:  # type: ignore[valid-type]
+        request = RankRequest(
+            request_id=body.request_id if body.request_id is not None else next(counter),
+            user_id=body.user_id, scenario=body.scenario, candidates=body.candidates,
+            context=body.context, ts=body.ts if body.ts is not None else int(time.time() * 1000),
+        )
+        try:
+            scored = await service.rank_one(request)
+        except ValueError as error:  # beyond what the body schema can say, e.g. unknown track
+            return JSONResponse(status_code=422, content={"message": str(error), "detail": []})
+        response = scored.response
+        return RankReply(
+            request_id=response.request_id, user_id=response.user_id, model_name=response.model_name,
+            model_version=response.model_version, candidates=response.candidates.tolist(),
+            order=response.order.tolist(), scores={name: s.tolist() for name, s in response.scores.items()},
+            timing_ms=scored.timing_ms,
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        stats = service.ranker.cache.stats
+        return {"status": "ok" if service.running else "stopped", "model_name": service.ranker.name,
+                "model_version": service.ranker.version, "device": str(service.ranker.device),
+                "cache_entries": stats.entries, "cache_bytes": stats.bytes}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def build_service(settings: ServingSettings) -> ScoringService:
+    """Checkpoint + the run's Feast store -> a ready (not yet started) service."""
+    from features.store import FeatureStoreClient
+    from ranker.neural import NeuralRanker
+
+    if settings.checkpoint is None or settings.feast_dir is None:
+        raise ValueError("serving needs a checkpoint folder and a Feast data folder (--checkpoint, --feast-dir)")
+    store = FeatureStoreClient(settings.feast_dir, settings.online_store, settings.redis_url)
+    ranker = NeuralRanker.from_checkpoint(settings.checkpoint, store, cache_bytes=settings.cache_bytes,
+                                          max_candidates=settings.max_candidates, device=settings.device)
+    return ScoringService(ranker, settings)
+
+
+def serve(settings: ServingSettings) -> None:
+    uvicorn.run(create_app(build_service(settings)), host=settings.host, port=settings.port,
+                log_level="warning", access_log=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--feast-dir", type=Path, required=True)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--max-wait-ms", type=float)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = vars(parser.parse_args(argv))
+    threads = args.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    serve(ServingSettings(**{k: v for k, v in args.items() if v is not None}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""TURBO's per-user KV cache: encode a user's history once, extend it as events arrive.
+
+Entries are keyed by (user, model version) and hold, per block and layer, the K/V of the
+history window they were built from (`HistoryBuffer`) plus that window's tokens. A lookup
+compares the user's current window (the last `max_len` tokens of their Feast sequence)
+with the cached one:
+
+- same tokens                                   -> hit, score straight from the cache;
+- cached tokens are a prefix, k events appended -> incremental: K/V for the k new tokens
+  only (history attention is causal inside each block, so the prefix is unchanged);
+- anything else (the window slid past max_len, a recency block slid, the model version
+  changed, no entry)                             -> full rebuild, batched across users.
+
+Memory: a byte budget over everything entries hold (K/V buffers at their capacity, the
+token arrays); the least recently used entries are evicted to stay under it, and an
+entry larger than the whole budget is used for its request and never stored.
+
+Not thread-safe by design: one scoring thread owns it (ranker.serving's worker or the
+sandbox's loop), so lookups and extensions need no lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from features.sequence import UserSequence
+from ranker.batch import RankBatch
+from ranker.model_common import BlockCache, HistoryBuffer, HistoryCache, SequenceRanker
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+
+
+def model_window(sequence: UserSequence, max_len: int) -> UserSequence:
+    """The last `max_len` tokens: what the model sees of a longer sequence."""
+    if len(sequence) <= max_len:
+        return sequence
+    return UserSequence(sequence.track_ids[-max_len:], sequence.behaviours[-max_len:],
+                        sequence.scenarios[-max_len:], sequence.timestamps[-max_len:], sequence.last_event_id)
+
+
+def history_batch(windows: Sequence[UserSequence], n_tracks: int, device: torch.device | str = "cpu") -> RankBatch:
+    """Left-aligned padded history tensors of `windows` (no candidates yet).
+
+    Track ids shift by +1 (0 = padding); an id the model has no embedding for (a track
+    newer than its catalogue) becomes 0, the padding row, rather than failing the request.
+    """
+    lengths = np.array([len(w) for w in windows], np.int64)
+    width = max(int(lengths.max(initial=0)), 1)
+    arrays = {name: np.zeros((len(windows), width), np.int64)
+              for name in ("track_ids", "behaviours", "scenarios", "timestamps")}
+    for row, window in enumerate(windows):
+        for name, array in arrays.items():
+            array[row, : len(window)] = getattr(window, name)
+    tracks = arrays["track_ids"] + 1
+    tracks[(tracks > n_tracks) | (tracks < 0)] = 0
+    tracks[np.arange(width)[None, :] >= lengths[:, None]] = 0
+    as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    empty = torch.zeros(len(windows), 0, dtype=torch.int64, device=device)
+    return RankBatch(
+        history_tracks=as_tensor(tracks), history_behaviours=as_tensor(arrays["behaviours"]),
+        history_scenarios=as_tensor(arrays["scenarios"]), history_ts=as_tensor(arrays["timestamps"]),
+        history_lengths=as_tensor(lengths), candidate_tracks=empty, candidate_mask=empty.bool(),
+        scenario=torch.zeros(len(windows), dtype=torch.int64, device=device),
+        request_ts=torch.zeros(len(windows), dtype=torch.int64, device=device),
+    )
+
+
+def _pad_rows(tensors: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+    """Single-row tensors stacked along dim 0, zero-padded to the widest along `axis`
+    (2 for K/V [1, h, L, dh], 1 for [1, L])."""
+    if axis == 2:
+        return pad_sequence([t[0].transpose(0, 1) for t in tensors], batch_first=True).transpose(1, 2)
+    return pad_sequence([t[0] for t in tensors], batch_first=True)
+
+
+def stack_histories(histories: Sequence[HistoryCache]) -> HistoryCache:
+    """One batched HistoryCache from single-user ones, so a micro-batch of users is scored
+    in one pass. Padding is invalid (masked), so each row scores as it would alone."""
+    if len(histories) == 1:
+        return histories[0]
+    blocks = []
+    for parts in zip(*(h.blocks for h in histories)):
+        blocks.append(BlockCache(
+            keys=[_pad_rows(layer, 2) for layer in zip(*(p.keys for p in parts))],
+            values=[_pad_rows(layer, 2) for layer in zip(*(p.values for p in parts))],
+            valid=_pad_rows([p.valid for p in parts], 1),
+            positions=_pad_rows([p.positions for p in parts], 1),
+            timestamps=_pad_rows([p.timestamps for p in parts], 1),
+        ))
+    return HistoryCache(blocks, torch.cat([h.history_lengths for h in histories]),
+                        torch.cat([h.last_ts for h in histories]))
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # the cached tokens were the user's current window
+    incremental: int = 0  # k events appended: K/V computed for those k only
+    rebuilds: int = 0  # no usable entry: the history re-encoded in full
+    cold: int = 0  # no history at all: nothing to cache
+    evictions: int = 0  # entries dropped to stay under the byte budget
+    oversized: int = 0  # entries larger than the whole budget, used once and not stored
+    entries: int = 0
+    bytes: int = 0
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.incremental + self.rebuilds
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of lookups (users with history) served without encoding anything."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of lookups that reused cached K/V (hits and incremental updates)."""
+        return (self.hits + self.incremental) / self.lookups if self.lookups else 0.0
+
+
+@dataclass
+class _Entry:
+    history: HistoryBuffer
+    window: UserSequence  # the tokens the K/V were computed from
+    nbytes: int
+
+
+def _token_bytes(window: UserSequence) -> int:
+    return sum(getattr(window, name).nbytes for name in ("track_ids", "behaviours", "scenarios", "timestamps"))
+
+
+def _same_tokens(a: UserSequence, b: UserSequence, length: int) -> bool:
+    """Whether the first `length` tokens of a and b are the same events."""
+    return all(np.array_equal(getattr(a, name)[:length], getattr(b, name)[:length])
+               for name in ("timestamps", "track_ids", "behaviours", "scenarios"))
+
+
+class UserKVCache:
+    """Per-(user, model version) history K/V with incremental updates and an LRU byte budget."""
+
+    def __init__(self, model: SequenceRanker, model_version: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                 headroom: float = 0.25) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.headroom = headroom
+        self.stats = CacheStats()
+        self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
+        self.set_model(model, model_version)
+
+    def set_model(self, model: SequenceRanker, model_version: str) -> None:
+        """Serve a (re)loaded model: entries of any other version can never be used again, so
+        they are dropped now rather than left to age out of the budget."""
+        self.model, self.model_version = model.eval(), str(model_version)
+        self.device = next(model.parameters()).device
+        for key in [k for k in self._entries if k[1] != self.model_version]:
+            self._drop(key, count=False)
+        with torch.inference_mode():
+            self._empty = model.encode_history(history_batch([UserSequence.empty()], 1, self.device))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stats.bytes
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key, count=False)
+
+    def histories(self, user_ids: Sequence[int], sequences: Sequence[UserSequence]) -> list[HistoryCache]:
+        """One single-row HistoryCache per user (in order), each equal to encoding that user's
+        current window from scratch. Users must be distinct within a call."""
+        if len(user_ids) != len(sequences):
+            raise ValueError(f"{len(user_ids)} user ids but {len(sequences)} sequences")
+        if len(set(user_ids)) != len(user_ids):
+            raise ValueError("user ids must be distinct within one histories() call")
+        max_len = self.model.config.max_len
+        windows = [model_window(s, max_len) for s in sequences]
+        out: list[HistoryCache | None] = [None] * len(user_ids)
+        rebuild: list[int] = []
+        with torch.inference_mode():
+            for i, (user, window) in enumerate(zip(user_ids, windows)):
+                out[i] = self._reuse(int(user), window)
+                if out[i] is None:
+                    rebuild.append(i)
+            if rebuild:
+                batch = history_batch([windows[i] for i in rebuild], self.model.config.n_tracks, self.device)
+                encoded = self.model.encode_history(batch)
+                for row, i in enumerate(rebuild):
+                    out[i] = self._store(int(user_ids[i]), windows[i], HistoryBuffer(encoded, row, self.headroom, max_len))
+        return out  # type: ignore[return-value]
+
+    # -- internals
+
+    def _reuse(self, user: int, window: UserSequence) -> HistoryCache | None:
+        """The cached history if it is current or can be extended to `window`; None to rebuild."""
+        key = (user, self.model_version)
+        if len(window) == 0:
+            self.stats.cold += 1
+            self._drop(key, count=False)
+            return self._empty
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        cached = len(entry.window)
+        if cached == len(window) and entry.window.last_event_id == window.last_event_id \
+                and _same_tokens(entry.window, window, cached):
+            self.stats.hits += 1
+            self._entries.move_to_end(key)
+            return entry.history.view()
+        if cached < len(window) and self.model.can_extend(cached, len(window)) \
+                and _same_tokens(entry.window, window, cached):
+            self.model.extend_history(entry.history, history_batch([window], self.model.config.n_tracks, self.device))
+            self.stats.incremental += 1
+            self._drop(key, count=False)
+            return self._store(user, window, entry.history, counted=False)
+        self._drop(key, count=False)
+        return None
+
+    def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True) -> HistoryCache:
+        """Insert as most recent, evicting least recent entries to fit the budget."""
+        if counted:
+            self.stats.rebuilds += 1
+        nbytes = history.nbytes + _token_bytes(window)
+        if nbytes > self.budget_bytes:
+            self.stats.oversized += 1
+            return history.view()
+        while self.stats.bytes + nbytes > self.budget_bytes:
+            self._drop(next(iter(self._entries)))
+        self._entries[(user, self.model_version)] = _Entry(history, window, nbytes)
+        self.stats.bytes += nbytes
+        self.stats.entries = len(self._entries)
+        return history.view()
+
+    def _drop(self, key: tuple[int, str], count: bool = True) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self.stats.bytes -= entry.nbytes
+        self.stats.entries = len(self._entries)
+        if count:
+            self.stats.evictions += 1

@@ -1,0 +1,263 @@
+"""The ranking service: requests from many clients micro-batched into one `rank` call.
+
+    service = ScoringService(NeuralRanker.from_checkpoint(path, feature_store), ServingSettings())
+    await service.start()                           # the batching task, on the running event loop
+    scored = await service.rank_one(request)        # from any coroutine (the HTTP handlers)
+    responses = service.rank(requests)              # or in-process, already batched (the sandbox)
+
+Why batch: a `NeuralRanker.rank` call has a fixed cost (one feature-store read, one stacked
+cache, one model pass) that a batch shares, so requests that arrive together are served
+together. The batching task takes the first waiting request, then whatever else arrives
+within `max_wait_ms` (up to `max_batch`), and ranks them in one call.
+
+Why on the event loop, not a worker thread: the model is Python-heavy (hundreds of small
+torch ops per batch), and a scoring thread beside the HTTP loop fights it for the GIL on
+every op; on 2 cores that convoy cost more than the scoring itself. So the batching task
+ranks on the loop: while a batch scores, new requests wait in socket buffers and form the
+next batch. One task owns the model and the KV cache, so neither needs a lock. Requests
+are validated before they are queued, so one bad request never fails a batch.
+
+Metrics (Prometheus text, `metrics_text()`): request latency, batch sizes, seconds per
+stage, and the KV cache's lookups by outcome, evictions, bytes and hit rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ranker.interface import RankRequest, RankResponse
+from ranker.kv_cache import DEFAULT_BUDGET_BYTES
+from ranker.neural import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServingSettings(BaseSettings):
+    """Service settings: defaults, then `CLIMBER_SERVE_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIMBER_SERVE_")
+
+    checkpoint: Path | None = None  # a ranker.train checkpoint folder
+    feast_dir: Path | None = None  # the run's Feast data folder (runs/<id>/feast)
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = ""
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"  # auto: CUDA when present
+    max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, ge=1)
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(1.0, ge=0)
+    cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
+
+
+@dataclass
+class ScoredResponse:
+    response: RankResponse
+    timing_ms: dict[str, float] = field(default_factory=dict)  # queue, batch stages, total
+
+
+@dataclass
+class _Pending:
+    request: RankRequest
+    future: asyncio.Future
+    enqueued: float
+
+
+class _Histogram:
+    """Bucketed observations held by this object.
+
+    Not prometheus_client's Histogram: importing Feast switches prometheus_client into
+    multiprocess mode (it sets PROMETHEUS_MULTIPROCESS_DIR), where every metric of the same
+    name in a process shares one value, so two services (tests, benchmarks) would mix counts.
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = np.asarray(bounds, np.float64)
+        self.counts = np.zeros(len(bounds) + 1, np.int64)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[np.searchsorted(self.bounds, value, side="left")] += 1  # le: upper bound inclusive
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        cumulative = np.cumsum(self.counts).tolist()
+        return [(repr(float(b)), c) for b, c in zip(self.bounds, cumulative)] + [("+Inf", cumulative[-1])]
+
+
+class ServiceMetrics:
+    """Request latency, batch sizes, stage times, outcomes, and the KV cache read at scrape
+    time (so cache counters are never counted twice); a prometheus_client collector."""
+
+    def __init__(self, ranker: NeuralRanker) -> None:
+        self.ranker = ranker
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.batch_size = _Histogram(BATCH_BUCKETS)
+        self.stages: dict[str, _Histogram] = {}
+        self.requests = {"ok": 0, "error": 0}
+
+    def record(self, n: int, stages: dict[str, float], latencies: Sequence[float]) -> None:
+        self.batch_size.observe(n)
+        self.requests["ok"] += n
+        for name, seconds in stages.items():
+            self.stages.setdefault(name, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+        for seconds in latencies:
+            self.latency.observe(seconds)
+
+    def collect(self):
+        for name, doc, histogram in (("climber_rank_latency_seconds", "Time from submit to response", self.latency),
+                                     ("climber_rank_batch_size", "Requests per ranked batch", self.batch_size)):
+            yield HistogramMetricFamily(name, doc, buckets=histogram.buckets(), sum_value=histogram.sum)
+        stage = HistogramMetricFamily("climber_rank_stage_seconds", "Seconds per batch stage", labels=["stage"])
+        for name, histogram in self.stages.items():
+            stage.add_metric([name], histogram.buckets(), histogram.sum)
+        yield stage
+        requests = CounterMetricFamily("climber_rank_requests", "Ranked requests by outcome", labels=["outcome"])
+        for outcome, count in self.requests.items():
+            requests.add_metric([outcome], count)
+        yield requests
+        info = GaugeMetricFamily("climber_model_info", "Model served", labels=["name", "version"])
+        info.add_metric([self.ranker.name, self.ranker.version], 1)
+        yield info
+        cache = self.ranker.cache
+        lookups = CounterMetricFamily("climber_kv_cache_lookups", "KV cache lookups by outcome", labels=["outcome"])
+        for outcome in ("hits", "incremental", "rebuilds", "cold"):
+            lookups.add_metric([outcome], getattr(cache.stats, outcome))
+        yield lookups
+        yield CounterMetricFamily("climber_kv_cache_evictions", "Entries evicted to stay under the budget",
+                                  value=cache.stats.evictions)
+        for name, doc, value in (
+            ("climber_kv_cache_bytes", "Bytes held by cache entries", cache.stats.bytes),
+            ("climber_kv_cache_budget_bytes", "Byte budget of the cache", cache.budget_bytes),
+            ("climber_kv_cache_entries", "Users cached", cache.stats.entries),
+            ("climber_kv_cache_hit_rate", "Hits / lookups of users with history", cache.stats.hit_rate),
+            ("climber_kv_cache_reuse_rate", "(Hits + incremental) / lookups", cache.stats.reuse_rate),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+class ScoringService:
+    """Micro-batching front of a NeuralRanker, with Prometheus metrics."""
+
+    def __init__(self, ranker: NeuralRanker, settings: ServingSettings | None = None) -> None:
+        self.ranker = ranker
+        self.settings = settings or ServingSettings()
+        self.metrics = ServiceMetrics(ranker)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.metrics)
+        self._queue: asyncio.Queue[_Pending | None] | None = None
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle (on the event loop that will call rank_one)
+
+    async def start(self) -> "ScoringService":
+        if self._task is None:
+            self.ranker.warm_up()
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._serve(), name="climber-ranker")
+        return self
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+
+    async def __aenter__(self) -> "ScoringService":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # -- requests
+
+    async def rank_one(self, request: RankRequest) -> ScoredResponse:
+        """Rank one request in the next batch. Raises ValueError at once (before queueing)
+        for a request that could never be ranked."""
+        if not self.running:
+            raise RuntimeError("the scoring service is not running; await start() first")
+        check_request(request, self.ranker.model.config.n_tracks, self.settings.max_candidates)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(request, future, time.perf_counter()))
+        return await future
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        """In-process, already batched (the embedded sandbox): rank now, in the caller's thread.
+        Not while the batching task runs: both would touch the cache."""
+        if self.running:
+            raise RuntimeError("rank() bypasses the batching task; use rank_one() while the service is running")
+        for request in requests:
+            check_request(request, self.ranker.model.config.n_tracks, self.settings.max_candidates)
+        started = time.perf_counter()
+        responses, stages = self.ranker.rank_timed(requests)
+        self._record(len(requests), stages, [started] * len(requests))
+        return responses
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- the batching task
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        first = await self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        while len(batch) < self.settings.max_batch:
+            if self._queue.empty():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if item is None:
+                self._queue.put_nowait(None)  # stop after this batch
+                break
+            batch.append(item)
+        return batch
+
+    async def _serve(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            started = time.perf_counter()
+            try:  # blocking on purpose: see the module docstring
+                responses, stages = self.ranker.rank_timed([p.request for p in batch])
+            except Exception as error:  # noqa: BLE001 - delivered to every waiting caller
+                self.metrics.requests["error"] += len(batch)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            done = time.perf_counter()
+            self._record(len(batch), stages, [p.enqueued for p in batch])
+            batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+            for pending, response in zip(batch, responses):
+                if pending.future.done():  # the caller went away (e.g. a dropped connection)
+                    continue
+                timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
+                          "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
+                pending.future.set_result(ScoredResponse(response, timing))
+
+    def _record(self, n: int, stages: dict[str, float], enqueued: Sequence[float]) -> None:
+        now = time.perf_counter()
+        self.metrics.record(n, stages, [now - t for t in enqueued])

@@ -1,0 +1,97 @@
+"""The HTTP API (FastAPI TestClient) over a real Feast store and a checkpoint loaded from disk."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from features.sequence import UserSequence
+from features.store import FeatureStoreClient
+from ranker.http import build_service, create_app
+from ranker.model_common import build_model
+from ranker.serving import ServingSettings
+from ranker.train import save_checkpoint
+
+torch.set_num_threads(1)
+N_TRACKS = 40
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    store = FeatureStoreClient(root / "feast")
+    store.apply()
+    rng = np.random.default_rng(0)
+    store.write_sequences({7: UserSequence(rng.integers(0, N_TRACKS, 12), rng.integers(1, 8, 12).astype(np.int8),
+                                           rng.integers(0, 5, 12).astype(np.int8),
+                                           1_700_000_000_000 + np.arange(12) * 60_000, 11)})
+    torch.manual_seed(0)
+    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8)
+    save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
+    settings = ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", max_candidates=5, device="cpu")
+    with TestClient(create_app(build_service(settings))) as test_client:
+        yield test_client
+
+
+def test_rank_returns_scores_order_model_and_timing(client):
+    reply = client.post("/rank", json={"user_id": 7, "scenario": "daily_mix", "candidates": [3, 9, 1, 30],
+                                       "context": {"seed_track": 3, "weight": 0.5, "mood": "calm"}, "request_id": 41})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["request_id"] == 41 and body["user_id"] == 7 and body["candidates"] == [3, 9, 1, 30]
+    assert body["model_name"] == "astro-xs" and body["model_version"].startswith("astro-xs-")
+    score = body["scores"]["score"]
+    assert sorted(body["order"]) == [0, 1, 2, 3]
+    assert [score[i] for i in body["order"]] == sorted(score, reverse=True)
+    assert set(body["scores"]) == {"score", "full_play", "like", "skip", "share"}
+    assert body["timing_ms"]["total_ms"] > 0 and body["timing_ms"]["batch_size"] >= 1
+
+
+def test_cold_start_user_gets_a_ranking(client):
+    reply = client.post("/rank", json={"user_id": 123456, "scenario": "search", "candidates": [5, 6]})
+    assert reply.status_code == 200 and len(reply.json()["order"]) == 2
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"user_id": 7, "scenario": "home_feed", "candidates": []}, "candidates: List should have at least 1 item"),
+    ({"user_id": 7, "scenario": "home_feed", "candidates": [1, 2, 3, 4, 5, 6]}, "candidates: List should have at most 5"),
+    ({"user_id": 7, "scenario": "podcast", "candidates": [1]}, "scenario: Input should be 'home_feed'"),
+    ({"user_id": "7", "scenario": "home_feed", "candidates": [1]}, "user_id: Input should be a valid integer"),
+    ({"user_id": 7.5, "scenario": "home_feed", "candidates": [1]}, "user_id: Input should be a valid integer"),
+    ({"user_id": 7, "scenario": "home_feed", "candidates": [1, "x"]}, "candidates.1: Input should be a valid integer"),
+    ({"user_id": 7, "scenario": "home_feed", "candidates": [1, -2]}, "candidates.1: Input should be greater than"),
+    ({"user_id": 7, "scenario": "home_feed", "candidates": [1, N_TRACKS]}, f"track id {N_TRACKS} is outside"),
+    ({"user_id": 7, "scenario": "home_feed", "candidates": [1], "extra": 1}, "extra: Extra inputs are not permitted"),
+])
+def test_bad_requests_get_a_422_naming_the_problem(client, body, problem):
+    reply = client.post("/rank", json=body)
+    assert reply.status_code == 422
+    assert problem in reply.json()["message"]
+
+
+def test_nan_in_context_is_a_422(client):
+    raw = json.dumps({"user_id": 7, "scenario": "radio", "candidates": [1], "context": {"tempo": math.nan}})
+    assert "NaN" in raw  # Python's json writes the non-standard literal, as careless clients do
+    reply = client.post("/rank", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422
+    assert reply.json()["message"] == "body.context: Value error, context['tempo'] must be a finite number, got nan"
+
+
+def test_health_and_prometheus_metrics(client):
+    client.post("/rank", json={"user_id": 7, "scenario": "home_feed", "candidates": [2, 4]})
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu" and health["cache_entries"] >= 1
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    for name in ("climber_rank_latency_seconds_bucket", "climber_rank_batch_size_bucket",
+                 "climber_kv_cache_hit_rate", "climber_kv_cache_bytes", 'climber_kv_cache_lookups_total{outcome="hits"}'):
+        assert name in metrics.text
+
+
+def test_settings_default_to_loopback():
+    assert ServingSettings().host == "127.0.0.1"
+    with pytest.raises(ValueError, match="checkpoint"):
+        build_service(ServingSettings())

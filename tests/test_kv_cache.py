@@ -1,0 +1,250 @@
+"""TURBO's per-user KV cache: every path (hit, incremental, rebuild, eviction, reload) must
+score exactly as a full recompute of the same sequence does."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from features.sequence import UserSequence
+from ranker.kv_cache import UserKVCache, history_batch, model_window, stack_histories
+from ranker.model_common import build_model
+
+torch.set_num_threads(1)
+N_TRACKS = 50
+MAX_LEN = 24
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=MAX_LEN)
+EXACT = 1e-4  # fp32: cache vs full recompute
+
+
+def tiny_model(family: str = "astro", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    extra = dict(tau_hidden=8) if family == "astro" else {}
+    return build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
+
+
+def random_sequence(length: int, seed: int, start_ts: int = 1_700_000_000_000, first_id: int = 0) -> UserSequence:
+    rng = np.random.default_rng(seed)
+    return UserSequence(
+        track_ids=rng.integers(0, N_TRACKS, length),
+        behaviours=rng.integers(1, 8, length).astype(np.int8),  # every behaviour but impression
+        scenarios=rng.integers(0, 5, length).astype(np.int8),
+        timestamps=start_ts + np.cumsum(rng.integers(0, 600_000, length)),
+        last_event_id=first_id + length - 1,
+    )
+
+
+def append(seq: UserSequence, k: int, seed: int, max_len: int = 1000) -> UserSequence:
+    """`seq` with k later events appended (keeping the last max_len), as apply_events would."""
+    new = random_sequence(k, seed, start_ts=int(seq.timestamps[-1]) + 1000 if len(seq) else 1_700_000_000_000)
+    return UserSequence(
+        *(np.concatenate([getattr(seq, f), getattr(new, f)])[-max_len:]
+          for f in ("track_ids", "behaviours", "scenarios", "timestamps")),
+        last_event_id=seq.last_event_id + k,
+    )
+
+
+def full_recompute_scores(model, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
+    batch = history_batch([model_window(window, model.config.max_len)], N_TRACKS)
+    batch = replace(batch, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
+                    scenario=torch.tensor([2]), request_ts=batch.history_ts.max(1).values + 60_000)
+    with torch.no_grad():
+        return model(batch)[0]
+
+
+def cached_scores(model, cache: UserKVCache, user: int, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
+    history = cache.histories([user], [window])[0]
+    reference = history_batch([model_window(window, model.config.max_len)], N_TRACKS)
+    batch = replace(reference, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
+                    scenario=torch.tensor([2]), request_ts=reference.history_ts.max(1).values + 60_000)
+    with torch.no_grad():
+        return model.score_candidates(history, batch)[0]
+
+
+def assert_exact(model, cache, user, window, candidates=torch.arange(1, 9)):
+    diff = (cached_scores(model, cache, user, window, candidates) - full_recompute_scores(model, window, candidates)).abs().max()
+    assert diff <= EXACT, f"cache differs from a full recompute by {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", ["astro", "sasrec", "hstu"])
+def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(family):
+    model = tiny_model(family)
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(10, seed=1)
+    assert_exact(model, cache, 7, seq)
+    assert (cache.stats.rebuilds, cache.stats.incremental) == (1, 0)
+    for step in range(3):
+        seq = append(seq, 1, seed=10 + step)
+        assert_exact(model, cache, 7, seq)
+    assert (cache.stats.rebuilds, cache.stats.incremental, cache.stats.hits) == (1, 3, 0)
+
+
+@pytest.mark.parametrize("overrides", [dict(partition="behaviour"), dict(partition="scenario"), dict(partition="none")])
+def test_appending_many_events_across_blocks_equals_a_full_recompute(overrides):
+    model = tiny_model(**overrides)
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(3, seed=2)
+    assert_exact(model, cache, 1, seq)
+    seq = append(seq, 12, seed=3)  # several new tokens in every block, buffers must grow
+    assert_exact(model, cache, 1, seq)
+    assert cache.stats.incremental == 1 and cache.stats.rebuilds == 1
+
+
+def test_an_unchanged_sequence_is_a_hit():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(12, seed=4)
+    assert_exact(model, cache, 3, seq)
+    assert_exact(model, cache, 3, seq)
+    assert (cache.stats.hits, cache.stats.rebuilds, cache.stats.incremental) == (1, 1, 0)
+    assert cache.stats.hit_rate == pytest.approx(0.5)
+
+
+def test_sliding_past_max_len_rebuilds_in_full():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(MAX_LEN - 1, seed=5)
+    assert_exact(model, cache, 2, seq)
+    seq = append(seq, 1, seed=6)  # exactly max_len: still an append
+    assert_exact(model, cache, 2, seq)
+    seq = append(seq, 3, seed=7)  # the window slides: positions shift, every K/V changes
+    assert_exact(model, cache, 2, seq)
+    assert (cache.stats.rebuilds, cache.stats.incremental) == (2, 1)
+    # The same through a Feast-style window that itself slid (sequence max_len = model max_len).
+    seq = append(seq, 2, seed=8, max_len=MAX_LEN)
+    assert_exact(model, cache, 2, seq)
+    assert cache.stats.rebuilds == 3
+
+
+def test_a_changed_prefix_is_never_extended():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(8, seed=9)
+    assert_exact(model, cache, 4, seq)
+    rewritten = append(replace(seq, track_ids=(seq.track_ids + 1) % N_TRACKS), 2, seed=10)
+    assert_exact(model, cache, 4, rewritten)
+    assert (cache.stats.rebuilds, cache.stats.incremental) == (2, 0)
+
+
+def test_sliding_recency_blocks_rebuild_and_stay_exact():
+    model = tiny_model(partition="recency", recency_scales=(6, 16))
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(4, seed=11)
+    assert_exact(model, cache, 5, seq)
+    seq = append(seq, 1, seed=12)  # 5 <= 6: every window still holds every event
+    assert_exact(model, cache, 5, seq)
+    seq = append(seq, 2, seed=13)  # the 6-event window slides
+    assert_exact(model, cache, 5, seq)
+    assert (cache.stats.rebuilds, cache.stats.incremental) == (2, 1)
+
+
+def test_the_budget_is_never_exceeded_and_least_recent_users_are_evicted():
+    model = tiny_model()
+    probe = UserKVCache(model, "v1", budget_bytes=10**7)
+    probe.histories([0], [random_sequence(MAX_LEN, seed=0)])
+    budget = int(probe.nbytes * 2.5)  # room for two full-length users
+    cache = UserKVCache(model, "v1", budget_bytes=budget)
+    sequences = {user: random_sequence(MAX_LEN - 4, seed=20 + user) for user in range(4)}
+    for user in (0, 1, 2):
+        assert_exact(model, cache, user, sequences[user])
+        assert cache.nbytes <= budget
+    assert cache.stats.evictions == 1 and len(cache) == 2  # user 0 went
+    assert_exact(model, cache, 1, sequences[1])  # a hit: 1 becomes the most recent
+    assert_exact(model, cache, 3, sequences[3])  # evicts 2, not 1
+    assert cache.stats.hits == 1 and cache.stats.evictions == 2
+    for user in (1, 3):  # growing entries also respect the budget
+        sequences[user] = append(sequences[user], 4, seed=40 + user)
+        assert_exact(model, cache, user, sequences[user])
+        assert cache.nbytes <= budget
+    assert_exact(model, cache, 0, sequences[0])  # evicted earlier: rebuilt, still exact
+    assert cache.nbytes <= budget
+
+
+def test_an_entry_larger_than_the_budget_is_scored_but_not_kept():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=1000)
+    assert_exact(model, cache, 9, random_sequence(MAX_LEN, seed=14))
+    assert len(cache) == 0 and cache.nbytes == 0 and cache.stats.oversized == 1
+
+
+def test_a_model_reload_drops_old_entries_and_scores_with_the_new_weights():
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    cache = UserKVCache(old, "v1", budget_bytes=10**7)
+    seq = random_sequence(10, seed=15)
+    assert_exact(old, cache, 6, seq)
+    cache.set_model(new, "v2")
+    assert len(cache) == 0 and cache.nbytes == 0
+    seq = append(seq, 1, seed=16)  # would be an append under v1; v2 must rebuild
+    assert_exact(new, cache, 6, seq)
+    assert (cache.stats.rebuilds, cache.stats.incremental) == (2, 0)
+
+
+def test_cold_users_get_an_empty_history_that_scores_like_the_model():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    candidates = torch.arange(1, 6)
+    empty = UserSequence.empty()
+    history = cache.histories([8], [empty])[0]
+    assert int(history.history_lengths[0]) == 0 and len(cache) == 0 and cache.stats.cold == 1
+    batch = replace(history_batch([empty], N_TRACKS), candidate_tracks=candidates[None],
+                    candidate_mask=torch.ones(1, 5, dtype=torch.bool), scenario=torch.tensor([2]),
+                    request_ts=torch.tensor([1_700_000_000_000]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_candidates(history, batch), model(batch), rtol=0, atol=EXACT)
+
+
+def test_stacked_histories_of_several_users_score_as_one_batched_forward():
+    model = tiny_model()
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    windows = [random_sequence(n, seed=30 + n) for n in (3, 17, 0, 9)]
+    histories = cache.histories([10, 11, 12, 13], windows)
+    batch = history_batch(windows, N_TRACKS)
+    batch = replace(batch, candidate_tracks=torch.randint(1, N_TRACKS + 1, (4, 6)),
+                    candidate_mask=torch.ones(4, 6, dtype=torch.bool), scenario=torch.tensor([0, 1, 2, 3]),
+                    request_ts=batch.history_ts.max(1).values + 5_000)
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_candidates(stack_histories(histories), batch), model(batch),
+                                   rtol=0, atol=EXACT)
+
+
+def test_bad_calls_are_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="budget_bytes"):
+        UserKVCache(model, "v1", budget_bytes=-1)
+    cache = UserKVCache(model, "v1")
+    with pytest.raises(ValueError, match="distinct"):
+        cache.histories([1, 1], [random_sequence(2, 0), random_sequence(2, 0)])
+    with pytest.raises(ValueError, match="2 user ids but 1 sequences"):
+        cache.histories([1, 2], [random_sequence(2, 0)])
+
+
+def test_split_candidate_softmax_scores_as_the_masked_sdpa_does():
+    model = tiny_model()
+    windows = [random_sequence(n, seed=50 + n) for n in (0, 2, 20)]
+    batch = history_batch(windows, N_TRACKS)
+    batch = replace(batch, candidate_tracks=torch.randint(1, N_TRACKS + 1, (3, 30)),
+                    candidate_mask=torch.ones(3, 30, dtype=torch.bool), scenario=torch.tensor([0, 3, 4]),
+                    request_ts=batch.history_ts.max(1).values + 5_000)
+    with torch.no_grad():
+        reference = model(batch)
+        model.set_candidate_attention("split")
+        torch.testing.assert_close(model(batch), reference, rtol=0, atol=EXACT)
+    with pytest.raises(ValueError, match="candidate attention"):
+        model.set_candidate_attention("flash")
+
+
+BF16 = 2e-2  # ranking score, bf16 weights and cache (the CUDA serving dtype): ~2 bf16 ulps at |score| ~ 2
+
+
+def test_bf16_cache_stays_within_the_documented_tolerance_of_a_bf16_recompute():
+    model = tiny_model().to(torch.bfloat16)
+    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    seq = random_sequence(10, seed=60)
+    cache.histories([1], [seq])
+    seq = append(seq, 9, seed=61)
+    candidates = torch.arange(1, 21)
+    cached, full = (model.score(s[None]).float() for s in (cached_scores(model, cache, 1, seq, candidates),
+                                                           full_recompute_scores(model, seq, candidates)))
+    assert cache.stats.incremental == 1
+    assert (cached - full).abs().max() <= BF16

@@ -1,0 +1,152 @@
+"""The neural ranker and the micro-batching service over a real Feast store (SQLite, tmp dir)."""
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from features.sequence import UserSequence
+from features.store import FeatureStoreClient
+from ranker.interface import RANKING_SCORE, RankRequest, order_by_score
+from ranker.kv_cache import history_batch
+from ranker.model_common import build_model
+from ranker.neural import NeuralRanker
+from ranker.serving import ScoringService, ServingSettings
+from streaming.events import SCENARIO_CODE
+
+torch.set_num_threads(1)
+N_TRACKS = 60
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("astro", "xs", N_TRACKS, **TINY)
+
+
+def sequence(length: int, seed: int) -> UserSequence:
+    rng = np.random.default_rng(seed)
+    return UserSequence(rng.integers(0, N_TRACKS, length), rng.integers(1, 8, length).astype(np.int8),
+                        rng.integers(0, 5, length).astype(np.int8),
+                        1_700_000_000_000 + np.cumsum(rng.integers(1, 600_000, length)), length - 1)
+
+
+def grown(seq: UserSequence, k: int, seed: int) -> UserSequence:
+    more = sequence(k, seed)
+    return UserSequence(
+        *(np.concatenate([getattr(seq, f), getattr(more, f) + (seq.timestamps[-1] if f == "timestamps" else 0)])
+          for f in ("track_ids", "behaviours", "scenarios", "timestamps")),
+        last_event_id=seq.last_event_id + k)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> FeatureStoreClient:
+    client = FeatureStoreClient(tmp_path_factory.mktemp("feast"))
+    client.apply()
+    client.write_sequences({user: sequence(5 + 4 * user, seed=user) for user in range(1, 6)})
+    return client
+
+
+def request(request_id: int, user: int, candidates, scenario: str = "home_feed", ts: int = 1_800_000_000_000):
+    return RankRequest(request_id=request_id, user_id=user, scenario=scenario,
+                       candidates=np.asarray(candidates, np.int64), ts=ts)
+
+
+def reference_scores(model, seq: UserSequence, req: RankRequest) -> np.ndarray:
+    """The model's full forward over the same history and candidates (no cache)."""
+    batch = history_batch([seq], N_TRACKS)
+    batch = replace(batch, candidate_tracks=torch.as_tensor(req.candidates + 1)[None],
+                    candidate_mask=torch.ones(1, len(req.candidates), dtype=torch.bool),
+                    scenario=torch.tensor([SCENARIO_CODE[req.scenario]]), request_ts=torch.tensor([req.ts]))
+    with torch.no_grad():
+        return model.score(model(batch))[0].numpy()
+
+
+def test_neural_ranker_scores_a_batch_of_users_like_the_model_and_follows_new_events(store):
+    model = tiny_model()
+    ranker = NeuralRanker(model, "v1", store, device="cpu")
+    requests = [request(1, 2, [3, 1, 4, 1, 5]), request(2, 4, [9, 2, 6]), request(3, 2, [5, 3], "radio"),
+                request(4, 999, [7, 8, 0])]  # user 999 has no sequence: a cold start, still ranked
+    responses = ranker.rank(requests)
+    stored = store.get_sequences([2, 4, 999])
+    for req, resp in zip(requests, responses):
+        assert resp.request_id == req.request_id and resp.model_version == "v1"
+        np.testing.assert_allclose(resp.scores[RANKING_SCORE], reference_scores(model, stored[req.user_id], req), atol=1e-5)
+        np.testing.assert_array_equal(resp.order, order_by_score(resp.scores[RANKING_SCORE]))
+        assert set(resp.scores) == {RANKING_SCORE, "full_play", "like", "skip", "share"}
+    assert ranker.cache.stats.rebuilds == 2 and ranker.cache.stats.cold == 1
+    # User 2 plays two more tracks; the Feast row changes, the cache extends.
+    store.write_sequences({2: grown(stored[2], 2, seed=77)})
+    again = ranker.rank([requests[0]])[0]
+    np.testing.assert_allclose(again.scores[RANKING_SCORE],
+                               reference_scores(model, store.get_sequences([2])[2], requests[0]), atol=1e-5)
+    assert ranker.cache.stats.incremental == 1
+
+
+def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(store):
+    model = tiny_model()
+    service = ScoringService(NeuralRanker(model, "v1", store, device="cpu"), ServingSettings(max_batch=8, max_wait_ms=20.0))
+    requests = [request(100 + i, 1 + i % 5, [i % N_TRACKS, (i * 7) % N_TRACKS, 11]) for i in range(12)]
+
+    async def clients():
+        async with service:
+            return await asyncio.gather(*(service.rank_one(r) for r in requests))
+
+    results = asyncio.run(clients())
+    stored = store.get_sequences(range(1, 6))
+    for req, scored in zip(requests, results):
+        assert scored.response.request_id == req.request_id
+        np.testing.assert_allclose(scored.response.scores[RANKING_SCORE],
+                                   reference_scores(model, stored[req.user_id], req), atol=1e-5)
+        assert scored.timing_ms["total_ms"] >= scored.timing_ms["queue_ms"] >= 0
+    assert sorted(scored.timing_ms["batch_size"] for scored in results) == [4] * 4 + [8] * 8  # max_batch=8
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(service.metrics_text().decode()) for s in family.samples}
+    assert samples[("climber_rank_batch_size_sum", ())] == 12
+    assert samples[("climber_rank_batch_size_count", ())] == 2
+    assert samples[("climber_rank_latency_seconds_count", ())] == 12
+    assert samples[("climber_rank_requests_total", (("outcome", "ok"),))] == 12
+    lookups = {outcome: samples[("climber_kv_cache_lookups_total", (("outcome", outcome),))]
+               for outcome in ("hits", "incremental", "rebuilds", "cold")}
+    # Batch 1 meets all 5 users (rebuilds); batch 2 (requests 8-11) users 4, 5, 1, 2 again (hits).
+    assert lookups == {"hits": 4, "incremental": 0, "rebuilds": 5, "cold": 0}
+    assert samples[("climber_kv_cache_hit_rate", ())] == pytest.approx(4 / 9)
+    assert samples[("climber_kv_cache_bytes", ())] == service.ranker.cache.nbytes > 0
+
+
+def test_bad_requests_are_refused_before_they_reach_a_batch(store):
+    service = ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"), ServingSettings(max_candidates=4))
+    bad_requests = [
+        (request(1, 1, []), "1 to 4 candidates"),
+        (request(2, 1, [1, 2, 3, 4, 5]), "1 to 4 candidates"),
+        (request(3, 1, [1, 2], scenario="podcast"), "unknown scenario 'podcast'"),
+        (request(4, 1, [1, N_TRACKS]), f"candidate track id {N_TRACKS} is outside"),
+        (RankRequest(5, 1, "radio", np.array([1.5, 2.0])), "integer track ids"),
+    ]
+
+    async def clients():
+        async with service:
+            for bad, message in bad_requests:
+                with pytest.raises(ValueError, match=message):
+                    await service.rank_one(bad)
+            return await service.rank_one(request(6, 1, [1, 2]))
+
+    assert asyncio.run(clients()).response.request_id == 6
+
+
+def test_in_process_rank_and_model_reload(store):
+    ranker = NeuralRanker(tiny_model(seed=0), "v1", store, device="cpu")
+    service = ScoringService(ranker)
+    req = request(1, 3, [4, 5, 6])
+    assert service.rank([req])[0].model_version == "v1"
+    new_model = tiny_model(seed=1)
+    ranker.reload(new_model, "v2")
+    response = service.rank([req])[0]
+    assert response.model_version == "v2" and ranker.cache.stats.rebuilds == 2
+    np.testing.assert_allclose(response.scores[RANKING_SCORE],
+                               reference_scores(new_model, store.get_sequences([3])[3], req), atol=1e-5)
+    with pytest.raises(RuntimeError, match="not running"):
+        asyncio.run(service.rank_one(req))
