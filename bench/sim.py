@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
-from sandbox.embedded import run_sandbox
+from sandbox.loop import run_sandbox
 from sandbox.settings import SandboxSettings
 from simulator.config import SimConfig
 

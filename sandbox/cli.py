@@ -45,16 +45,34 @@ def sandbox(
     out: Optional[Path] = typer.Option(None, help="folder for runs (default runs/)"),
     run_id: Optional[str] = typer.Option(None, help="run folder name (default derived from seed and time)"),
     transport: Optional[str] = typer.Option(None, help="embedded (default) or kafka"),
+    workers: Optional[int] = typer.Option(None, help="Faust worker subprocesses with --transport kafka"),
 ) -> None:
     """Run the closed loop: simulator -> events -> features -> ranker -> simulator."""
-    settings = _settings(users, tracks, days, seed, out, run_id=run_id, transport=transport)
-    from sandbox.embedded import run_sandbox
+    settings = _settings(users, tracks, days, seed, out, run_id=run_id, transport=transport, workers=workers)
+    from sandbox.loop import run_sandbox
     from sandbox.report import print_summary, write_report
 
     result = run_sandbox(settings, show_progress=True)
     print_summary(result)
     report = write_report(result)
     typer.echo(f"\nresults: {result.run_dir}\n  DuckDB: {result.db_path}\n  report: {report}")
+
+
+@app.command()
+def simulate(
+    users: Optional[int] = typer.Option(None), tracks: Optional[int] = typer.Option(None),
+    days: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None), run_id: Optional[str] = typer.Option(None),
+    policy: str = typer.Option("random", help="random, popularity or oracle"),
+) -> None:
+    """Simulator only, under a reference policy, into DuckDB: training data for `climber train`."""
+    settings = _settings(users, tracks, days, seed, out, run_id=run_id)
+    from sandbox.policy_log import POLICIES, simulate_policy_log
+
+    if policy not in POLICIES:
+        typer.secho(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"event log: {simulate_policy_log(settings, policy)}")
 
 
 @bench_app.command("sim")
@@ -88,6 +106,17 @@ def train(ctx: typer.Context) -> None:
 def scaling(ctx: typer.Context) -> None:
     """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""
     _forward("ranker.scaling", ctx)
+
+
+@bench_app.command("feast")
+def bench_feast(store: str = typer.Option("sqlite", help="online store: sqlite or redis (a local Valkey)")) -> None:
+    """Feast online-store writes and reads: our batched client beside Feast's public API."""
+    if store not in ("sqlite", "redis"):
+        typer.secho(f"--store must be sqlite or redis, not {store!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    from bench.feast import run_bench_feast
+
+    run_bench_feast(store)
 
 
 @bench_app.command("stream", context_settings=PASS_THROUGH)
@@ -134,6 +163,12 @@ def broker(port: int = typer.Option(9092, help="port on 127.0.0.1"),
         pass
     finally:
         running.stop()
+
+
+@app.command(context_settings=PASS_THROUGH)
+def serve(ctx: typer.Context) -> None:
+    """The ranking service over HTTP: POST /rank, GET /health, GET /metrics (see --help)."""
+    _forward("ranker.http", ctx)
 
 
 @app.command(context_settings=PASS_THROUGH)

@@ -1,4 +1,4 @@
-"""The embedded closed loop: simulator -> in-process bus -> features in Feast -> ranker -> simulator.
+"""The closed loop: simulator -> bus -> features in Feast -> ranker -> simulator.
 
 Everything runs in one process on one seeded generator with synchronous delivery, so a
 seed fixes the event log bit for bit. Time spent in each component is kept (`timings`)
@@ -31,6 +31,19 @@ from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC, InProcessBus
 from streaming.events import EventBatch, decode_events, validate_batch
 
 BASELINE_RANKERS = {"popularity": PopularityRanker, "cooccurrence": CooccurrenceRanker}
+
+
+def build_ranker(spec: str, metadata, sequences):
+    """A ranker from its settings name: a baseline, or `checkpoint:<dir>` for a trained model."""
+    if spec in BASELINE_RANKERS:
+        return BASELINE_RANKERS[spec](metadata, sequences)
+    from ranker.neural import NeuralRanker
+
+    ranker = NeuralRanker.from_checkpoint(spec.removeprefix("checkpoint:"), sequences)
+    if ranker.model.config.n_tracks < metadata.n_tracks:
+        raise ValueError(f"{spec}: the model knows {ranker.model.config.n_tracks} tracks but the catalog has "
+                         f"{metadata.n_tracks}; train it on a run with the same --tracks and --seed")
+    return ranker
 
 
 class Stopwatch:
@@ -77,9 +90,9 @@ class EventPipeline:
     rejected events go to the dead-letter topic (and table) with the reason, the rest goes on.
     """
 
-    def __init__(self, bus: InProcessBus, recorder: RunRecorder, updater: FeatureUpdater,
+    def __init__(self, bus: InProcessBus, recorder: RunRecorder, features: "FeatureUpdater | KafkaFeaturePath",
                  learners: list, watch: Stopwatch) -> None:
-        self.bus, self.recorder, self.updater, self.learners, self.watch = bus, recorder, updater, learners, watch
+        self.bus, self.recorder, self.features, self.learners, self.watch = bus, recorder, features, learners, watch
         bus.subscribe(EVENTS_TOPIC, self.on_events)
         bus.subscribe(DEAD_LETTER_TOPIC, recorder.log_dead_letters)
 
@@ -90,7 +103,7 @@ class EventPipeline:
         with self.watch.time("duckdb"):
             self.recorder.log_events(good)
         with self.watch.time("features"):
-            self.updater.on_events(good)
+            self.features.on_events(good)
         with self.watch.time("learners"):
             for learner in self.learners:
                 learner.observe(good)
@@ -105,13 +118,17 @@ class EventPipeline:
 
     def finish(self) -> None:
         with self.watch.time("features"):
-            self.updater.flush()
+            self.features.flush()
         with self.watch.time("duckdb"):
             self.recorder.flush()
 
 
-class EmbeddedSandbox:
-    """All parts of one run, built from settings; `run()` simulates, `result()` summarises."""
+class Sandbox:
+    """All parts of one run, built from settings; `run()` simulates, `result()` summarises.
+
+    The transport decides only how events become features in Feast: the in-process
+    FeatureUpdater (embedded) or Kafka + Faust workers (kafka). Everything else is shared.
+    """
 
     def __init__(self, settings: SandboxSettings) -> None:
         self.settings = settings
@@ -122,9 +139,20 @@ class EmbeddedSandbox:
 
         self.recorder = RunRecorder(self.run_dir / "sandbox.duckdb")
         self.recorder.log_run(settings.resolved_run_id(), settings.sim.seed, json.loads(settings.model_dump_json()))
-        self.store = FeatureStoreClient(self.run_dir / "feast", online_store=settings.online_store,
-                                        redis_url=settings.redis_url)
-        self.store.apply()
+        if settings.transport == "kafka":
+            from sandbox.kafka_transport import KafkaFeaturePath
+
+            self.features = KafkaFeaturePath(self.run_dir, settings.kafka_bootstrap, settings.kafka_partitions,
+                                             settings.redis_url, settings.workers, settings.max_seq_len)
+            self.store = FeatureStoreClient(self.run_dir / "feast", online_store="redis",
+                                            redis_url=self.features.redis_url)
+        else:
+            self.store = FeatureStoreClient(self.run_dir / "feast", online_store=settings.online_store,
+                                            redis_url=settings.redis_url)
+            self.store.apply()
+            self.features = FeatureUpdater(self.store, settings.max_seq_len, settings.feature_flush_ms,
+                                           settings.track_stats_flush_ms,
+                                           background=settings.background_feature_writes)
         self.bus = InProcessBus()
 
         experiment = settings.experiment
@@ -138,14 +166,11 @@ class EmbeddedSandbox:
         self.recorder.log_tracks(self.metadata)
         sequences = BatchSequences(self.store)
         self.candidates = CandidateGenerator(self.metadata, seed=settings.sim.seed, sequences=sequences)
-        self.rankers = {arm: BASELINE_RANKERS[name](self.metadata, sequences)
-                        for arm, name in experiment.rankers.items()}
+        self.rankers = {arm: build_ranker(spec, self.metadata, sequences) for arm, spec in experiment.rankers.items()}
         self.recommender = ArmRecommender(self.candidates, self.rankers, self.arms, on_response=self._log_response)
-        self.updater = FeatureUpdater(self.store, settings.max_seq_len, settings.feature_flush_ms,
-                                      settings.track_stats_flush_ms, background=settings.background_feature_writes)
-        self.platform.recommender = ServingPath(self.recommender, self.updater, sequences, self.watch)
-        learners = [self.candidates, *{id(r): r for r in self.rankers.values()}.values()]
-        self.pipeline = EventPipeline(self.bus, self.recorder, self.updater, learners, self.watch)
+        self.platform.recommender = ServingPath(self.recommender, self.features, sequences, self.watch)
+        learners = [self.candidates, *{id(r): r for r in self.rankers.values() if hasattr(r, "observe")}.values()]
+        self.pipeline = EventPipeline(self.bus, self.recorder, self.features, learners, self.watch)
         self.summary = None
 
     def _log_response(self, *args) -> None:
@@ -158,6 +183,9 @@ class EmbeddedSandbox:
 
     def result(self) -> SandboxResult:
         self.pipeline.finish()
+        if self.settings.transport == "kafka":  # the workers' rejects, kept with the run
+            self.recorder.log_dead_letters(self.features.dead_letters())
+            self.recorder.flush()
         wall = time.perf_counter() - self.started
         timings = {**self.watch.seconds, "simulator": max(0.0, wall - sum(self.watch.seconds.values()))}
         events = self.recorder.read_events()
@@ -165,19 +193,19 @@ class EmbeddedSandbox:
             settings=self.settings, run_dir=self.run_dir, db_path=self.recorder.path, wall_seconds=wall,
             events=len(events), requests=self.summary.requests if self.summary else 0,
             sessions=self.summary.sessions if self.summary else 0,
-            dead_letters=self.recorder.count("dead_letters"), feature_rows_written=self.updater.rows_written,
+            dead_letters=self.recorder.count("dead_letters"), feature_rows_written=self.features.rows_written,
             event_log_hash=self.recorder.event_log_hash(), facts=stylised_facts(events, self.metadata),
             arm_metrics=engagement_by_arm(self.recorder.connection),
             behaviour_counts=self.recorder.behaviour_counts(), timings=timings,
         )
 
     def close(self) -> None:
-        self.updater.close()
+        self.features.close()
         self.recorder.close()
 
 
 def run_sandbox(settings: SandboxSettings, show_progress: bool = False) -> SandboxResult:
-    sandbox = EmbeddedSandbox(settings)
+    sandbox = Sandbox(settings)
     try:
         sandbox.run(show_progress)
         return sandbox.result()
@@ -209,14 +237,14 @@ class BatchSequences:
 class ServingPath:
     """What the simulator calls: push the batch's pending features, read them once, rank."""
 
-    def __init__(self, recommender: ArmRecommender, updater: FeatureUpdater, sequences: BatchSequences,
-                 watch: Stopwatch) -> None:
-        self.recommender, self.updater, self.sequences, self.watch = recommender, updater, sequences, watch
+    def __init__(self, recommender: ArmRecommender, features: "FeatureUpdater | KafkaFeaturePath",
+                 sequences: BatchSequences, watch: Stopwatch) -> None:
+        self.recommender, self.features, self.sequences, self.watch = recommender, features, sequences, watch
 
     def recommend(self, requests):
         users = [r.user_id for r in requests]
         with self.watch.time("features"):
-            self.updater.flush_users(users)
+            self.features.flush_users(users)
         with self.watch.time("feature reads"):
             self.sequences.load(users)
         with self.watch.time("ranking"):

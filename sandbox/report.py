@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -17,7 +18,7 @@ import pandas as pd  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from sandbox.embedded import SandboxResult  # noqa: E402
+from sandbox.loop import SandboxResult  # noqa: E402
 
 
 def _table(title: str, frame: pd.DataFrame, float_format: str = "{:.4g}") -> Table:
@@ -30,8 +31,14 @@ def _table(title: str, frame: pd.DataFrame, float_format: str = "{:.4g}") -> Tab
 
 
 def facts_frame(facts) -> pd.DataFrame:
+    """A fact without enough data (e.g. a daily cycle in a half-day run) is n/a, not a failure."""
+    def verdict(fact) -> str:
+        if np.isnan(float(fact.value)):
+            return "n/a"
+        return "yes" if fact.ok else "NO"
+
     return pd.DataFrame([{"fact": f.name, "value": round(float(f.value), 4), "low": f.low, "high": f.high,
-                          "ok": "yes" if f.ok else "NO"} for f in facts])
+                          "ok": verdict(f)} for f in facts])
 
 
 def run_frame(result: SandboxResult) -> pd.DataFrame:

@@ -18,11 +18,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from simulator.config import SimConfig
 
 
+BASELINE_RANKER_NAMES = frozenset({"popularity", "cooccurrence"})
+
+
 class ExperimentSettings(BaseSettings):
     name: str = "ranker-ab"
     salt: str = "climber-2026"
-    # arm -> traffic share; the embedded default compares the popularity ranker (control)
-    # with popularity + co-occurrence (treatment).
+    # arm -> traffic share; the default compares the popularity ranker (control) with
+    # popularity + co-occurrence (treatment). A ranker is "popularity", "cooccurrence", or
+    # "checkpoint:<dir>" for a model trained by `climber train` on a run with the same
+    # catalog (same --tracks and --seed): an A/B test of model sizes names two checkpoints.
     arms: dict[str, float] = Field(default_factory=lambda: {"control": 0.5, "treatment": 0.5})
     rankers: dict[str, str] = Field(default_factory=lambda: {"control": "popularity", "treatment": "cooccurrence"})
 
@@ -33,6 +38,17 @@ class ExperimentSettings(BaseSettings):
         missing = set(self.arms) - set(self.rankers)
         if missing:
             raise ValueError(f"experiment.rankers: no ranker named for arm(s) {sorted(missing)}")
+        for arm, spec in self.rankers.items():
+            if spec in BASELINE_RANKER_NAMES:
+                continue
+            if not spec.startswith("checkpoint:"):
+                raise ValueError(f"experiment.rankers[{arm!r}]: unknown ranker {spec!r}; expected one of "
+                                 f"{sorted(BASELINE_RANKER_NAMES)} or checkpoint:<dir>")
+            from ranker.train import META_FILE  # only when a checkpoint is named: torch is heavy
+
+            if not (Path(spec.removeprefix("checkpoint:")) / META_FILE).exists():
+                raise ValueError(f"experiment.rankers[{arm!r}]: {spec!r} is not a checkpoint folder "
+                                 f"(no {META_FILE} in it)")
         return self
 
 
@@ -46,7 +62,7 @@ class SandboxSettings(BaseSettings):
     transport: Literal["embedded", "kafka"] = "embedded"
     kafka_bootstrap: str = ""  # empty with transport=kafka: start a local Tansu broker
     kafka_partitions: int = Field(4, ge=1)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=0)  # Faust worker subprocesses with --transport kafka; 0: started elsewhere
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = ""  # empty with online_store=redis: start a local Valkey server
     max_seq_len: int = Field(256, ge=1, le=4096)

@@ -30,3 +30,20 @@ def test_train_forwards_its_own_help():
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0
     assert "--model" in result.output and "--size" in result.output
+
+
+def test_simulate_writes_a_policy_log_that_training_reads(tmp_path):
+    import duckdb
+
+    from ranker.data import load_request_log
+
+    result = runner.invoke(app, ["simulate", "--users", "30", "--tracks", "300", "--days", "0.5",
+                                 "--policy", "random", "--out", str(tmp_path), "--run-id", "log"])
+    assert result.exit_code == 0, result.output
+    db = tmp_path / "log" / "sandbox.duckdb"
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM tracks").fetchone()[0] == 300
+    con.close()
+    assert len(load_request_log(db)) > 10
+    bad = runner.invoke(app, ["simulate", "--policy", "clairvoyant", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--policy" in bad.output
