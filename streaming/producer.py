@@ -1,0 +1,115 @@
+"""The simulator's Kafka sink: EventBatch in, messages on `events`, nothing lost quietly.
+
+kafka-python does the batching (linger, batch size), compression and idempotence (so its
+own retries neither duplicate nor reorder a partition's messages). What it does not do in
+version 3 is bound its buffer, so the sink does: past `max_pending_events` unacknowledged
+events a call blocks until the broker catches up, which slows the simulator instead of
+growing memory or dropping events. A message that still fails after the client's retries
+(`delivery_timeout_ms`) is not dropped silently: the next call, `flush()` or `close()`
+raises `DeliveryError` naming how many events failed and the first error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kafka import KafkaProducer
+
+from streaming.bus import EVENTS_TOPIC
+from streaming.events import EventBatch
+from streaming.framing import encode_user_messages
+from streaming.settings import StreamSettings
+
+
+class DeliveryError(RuntimeError):
+    """Events the broker did not acknowledge within the delivery timeout."""
+
+
+class KafkaEventSink:
+    """`Callable[[EventBatch], None]` for `MusicPlatform(sink=...)`."""
+
+    def __init__(self, settings: StreamSettings, topic: str = EVENTS_TOPIC) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=settings.linger_ms,
+            batch_size=settings.producer_batch_bytes,
+            compression_type=None if settings.compression == "none" else settings.compression,
+            delivery_timeout_ms=settings.delivery_timeout_ms,
+            max_request_size=4 * 1024 * 1024,
+        )
+        self._progress = threading.Condition()
+        self.sent_events = 0
+        self.sent_messages = 0
+        self.acked_events = 0
+        self.failed_events = 0
+        self._first_error: BaseException | None = None
+
+    def __call__(self, batch: EventBatch) -> None:
+        self._raise_failures()
+        messages = encode_user_messages(batch, self.settings.partitions, self.settings.events_per_message)
+        for partition, key, value in messages:
+            n_events = value.count(b"\n") + 1
+            future = self._producer.send(self.topic, value=value, key=key, partition=partition)
+            future.add_callback(self._on_delivered, n_events)
+            future.add_errback(self._on_failed, n_events)
+            self.sent_events += n_events
+        self.sent_messages += len(messages)
+        self._wait_until_pending_at_most(self.settings.max_pending_events)
+
+    @property
+    def pending_events(self) -> int:
+        return self.sent_events - self.acked_events - self.failed_events
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every event sent so far is acknowledged; raise if any failed."""
+        self._producer.flush(timeout=timeout_s)
+        self._wait_until_pending_at_most(0, timeout_s)
+        self._raise_failures()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> "KafkaEventSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Callbacks run on the producer's I/O thread.
+    def _on_delivered(self, n_events: int, _metadata) -> None:
+        with self._progress:
+            self.acked_events += n_events
+            self._progress.notify_all()
+
+    def _on_failed(self, n_events: int, error: BaseException) -> None:
+        with self._progress:
+            self.failed_events += n_events
+            self._first_error = self._first_error or error
+            self._progress.notify_all()
+
+    def _wait_until_pending_at_most(self, limit: int, timeout_s: float | None = None) -> None:
+        # Acknowledgements also stop when delivery fails for good; the client's delivery
+        # timeout bounds that, so waiting a little longer than it cannot hang forever.
+        timeout_s = timeout_s if timeout_s is not None else self.settings.delivery_timeout_ms / 1000 + 30
+        deadline = time.monotonic() + timeout_s
+        with self._progress:
+            while self.pending_events > limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeliveryError(f"{self.pending_events} events still unacknowledged after {timeout_s:.0f} s")
+                self._progress.wait(min(left, 1.0))
+
+    def _raise_failures(self) -> None:
+        if self.failed_events:
+            raise DeliveryError(
+                f"{self.failed_events} of {self.sent_events} events were not delivered to "
+                f"{self.topic!r}: {self._first_error!r}"
+            )

