@@ -26,6 +26,7 @@ Feast is compared with `sequences_from_log`; a mismatch is reported, never hidde
 from __future__ import annotations
 
 import argparse
+import sys
 import shutil
 import tempfile
 import threading
@@ -319,7 +320,11 @@ def main(argv: list[str] | None = None) -> None:
         for workers in args.workers:
             rows.append(bench_stream(args.events, workers, split, paced_rate=args.paced_rate, batches=batches))
             print(rows[-1], flush=True)
-    print(format_results(rows))
+    table = format_results(rows)
+    print(table)
+    from bench.common import save
+
+    print(f"written {save('stream', {'command_args': argv if argv is not None else sys.argv[1:], 'rows': rows, 'markdown': table})}")
 
 
 if __name__ == "__main__":
