@@ -183,3 +183,10 @@ class CooccurrenceRanker(PopularityRanker):
         # Diversity: the k-th best track of an artist in the list loses k * w_artist_repeat.
         repeats = rank_within_group(meta.artist_id[candidates.safe], score, candidates.tracks)
         return _responses(requests, score - self.w_artist_repeat * repeats, self.name, self.version)
+
+
+# The non-neural rankers by the name settings use for them (e.g. experiment arms).
+BASELINE_RANKERS: dict[str, type[PopularityRanker]] = {
+    PopularityRanker.name: PopularityRanker,
+    CooccurrenceRanker.name: CooccurrenceRanker,
+}

@@ -23,7 +23,7 @@ from experiments.metrics import engagement_by_arm
 from experiments.recorder import RunRecorder
 from features.store import FeatureStoreClient
 from features.updater import FeatureUpdater
-from ranker.baseline import CooccurrenceRanker, PopularityRanker
+from ranker.baseline import BASELINE_RANKERS
 from ranker.candidates import CandidateGenerator
 from ranker.recommender import ArmRecommender
 from sandbox.settings import SandboxSettings
@@ -33,7 +33,6 @@ from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC, InProcessBus
 from streaming.events import EventBatch, decode_events, validate_batch
 
 log = logging.getLogger(__name__)
-BASELINE_RANKERS = {"popularity": PopularityRanker, "cooccurrence": CooccurrenceRanker}
 
 
 def build_ranker(spec: str, metadata, sequences):

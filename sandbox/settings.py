@@ -15,10 +15,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ranker.baseline import BASELINE_RANKERS
 from simulator.config import SimConfig
-
-
-BASELINE_RANKER_NAMES = frozenset({"popularity", "cooccurrence"})
 
 
 class ExperimentSettings(BaseSettings):
@@ -39,11 +37,11 @@ class ExperimentSettings(BaseSettings):
         if missing:
             raise ValueError(f"experiment.rankers: no ranker named for arm(s) {sorted(missing)}")
         for arm, spec in self.rankers.items():
-            if spec in BASELINE_RANKER_NAMES:
+            if spec in BASELINE_RANKERS:
                 continue
             if not spec.startswith("checkpoint:"):
                 raise ValueError(f"experiment.rankers[{arm!r}]: unknown ranker {spec!r}; expected one of "
-                                 f"{sorted(BASELINE_RANKER_NAMES)} or checkpoint:<dir>")
+                                 f"{sorted(BASELINE_RANKERS)} or checkpoint:<dir>")
             from ranker.train import META_FILE  # only when a checkpoint is named: torch is heavy
 
             if not (Path(spec.removeprefix("checkpoint:")) / META_FILE).exists():
