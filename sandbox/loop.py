@@ -135,6 +135,13 @@ class Sandbox:
     """
 
     def __init__(self, settings: SandboxSettings) -> None:
+        try:
+            self._build(settings)
+        except BaseException:  # a half-built run must not leave a broker or workers behind
+            self.close()
+            raise
+
+    def _build(self, settings: SandboxSettings) -> None:
         self.settings = settings
         self.run_dir = settings.run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,8 +224,10 @@ class Sandbox:
         return {"lift": lift, "sample_ratio": sample_ratio}
 
     def close(self) -> None:
-        self.features.close()
-        self.recorder.close()
+        """Stops what this run started (Kafka transport: workers, broker, Valkey) and closes the record."""
+        for part in (getattr(self, "features", None), getattr(self, "recorder", None)):
+            if part is not None:
+                part.close()
 
 
 def run_sandbox(settings: SandboxSettings, show_progress: bool = False) -> SandboxResult:
