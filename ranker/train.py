@@ -17,6 +17,7 @@ so `resume=True` continues exactly where the last checkpoint stopped.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from safetensors.torch import load_model, save_model
 from ranker.batch import TASKS, RankBatch
 from ranker.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
 from ranker.metrics import ranking_report
-from ranker.model_common import SIZE_NAMES, SequenceRanker, build_model, model_class, model_from_config
+from ranker.model_common import SIZE_NAMES, SequenceRanker, _tuples, build_model, model_class, model_from_config
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -298,7 +299,7 @@ def train(
     n_hist, n_cand = typical_shape(train_log, max_len)
     flops = int(model.flops_per_request(n_hist, n_cand))
     n_params = model.n_params()
-    say(f"{family}-{size}: {n_params:,} params, {flops:,} FLOPs/request (n={n_hist}, M={n_cand}), "
+    say(f"{family}-{size}{' ' + json.dumps(model_overrides) if model_overrides else ''}: {n_params:,} params, {flops:,} FLOPs/request (n={n_hist}, M={n_cand}), "
         f"{len(train_log):,} train / {len(data.eval):,} eval requests, {total_steps} steps of {batch_size}, "
         f"{runtime.device}{' bf16' if runtime.autocast_dtype else ''} x{runtime.world}")
 
@@ -307,7 +308,8 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     extra: dict[str, Any] = {"n_tracks": train_log.n_tracks, "max_len": max_len, "seed": seed, "batch_size": batch_size,
-             "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts}
+             "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
+             "model_overrides": dict(model_overrides or {})}
 
     def checkpoint() -> str:
         version = ""
@@ -365,11 +367,29 @@ def train(
     )
     if runtime.is_main and metrics:
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
-            + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS) + f", NDCG@10 {metrics['ndcg@10']:.3f}")
+            + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
+            + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
     return result
 
 
 # ----------------------------------------------------------------------------- command line
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from `--set`; VALUE is read as JSON (or a Python literal: `True` must not
+    become the always-truthy string "True") when it parses, else kept as a string, so
+    `partition=none` needs no shell quoting."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+    return key.strip(), _tuples(value)  # JSON has no tuples; sequence config fields are tuples
+
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser = argparse.ArgumentParser(prog="python -m ranker.train", description=__doc__.split("\n")[0])
@@ -387,11 +407,13 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--eval-window-h", type=float, default=24.0, help="hours at the end of the log held out")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                        metavar="KEY=VALUE", help="model config override, repeatable (e.g. --set share_block_layers=true)")
     args = parser.parse_args(argv)
     result = train(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                    resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides))
     if dist.is_initialized():
         dist.destroy_process_group()
     return result

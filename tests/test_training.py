@@ -291,6 +291,26 @@ def test_checkpoint_round_trip_and_resume(split, tmp_path):
         train("hstu", "xs", None, tmp_path / "resumed", steps=7, resume=True, **kwargs)
 
 
+def test_command_line_set_overrides_the_model_config(db_path, tmp_path):
+    from ranker.train import load_checkpoint, main
+
+    out = tmp_path / "astro"
+    result = main(["--model", "astro", "--size", "xs", "--db", str(db_path), "--out", str(out), "--steps", "2",
+                   "--batch-size", "8", "--max-len", "16", "--device", "cpu", "--checkpoint-every", "0",
+                   "--set", "share_block_layers=True", "--set", "partition=none", "--set", "d_model=16",
+                   "--set", "recency_scales=[4, 8]"])
+    model, meta = load_checkpoint(out)
+    expected = {"share_block_layers": True, "partition": "none", "d_model": 16, "recency_scales": [4, 8]}
+    assert meta["model_overrides"] == expected
+    assert {k: meta["config"][k] for k in expected} == expected
+    assert model.config.recency_scales == (4, 8) and result.n_params == model.n_params()
+    with pytest.raises(SystemExit):
+        main(["--model", "astro", "--size", "xs", "--db", str(db_path), "--out", str(out), "--set", "d_model"])
+    with pytest.raises(ValueError, match="unknown AstroConfig overrides"):
+        main(["--model", "astro", "--size", "xs", "--db", str(db_path), "--out", str(out), "--steps", "1",
+              "--batch-size", "8", "--device", "cpu", "--set", "no_such_field=1"])
+
+
 # ----------------------------------------------------------------------------- simulator data and the ladder
 
 @pytest.fixture(scope="module")
