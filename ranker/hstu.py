@@ -24,6 +24,7 @@ from ranker.model_common import (
     BlockLayout,
     ModelConfig,
     SingleStackRanker,
+    layer_keys_values,
     log_bucket,
     merge_heads,
     seconds_bucket,
@@ -122,16 +123,12 @@ class HSTUStack(nn.Module):
 
     def encode(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor, tau: torch.Tensor | None = None):
         buckets = relative_buckets(layout.index, timestamps, layout.index, timestamps, self.n_buckets)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            if i == len(self.layers) - 1:
-                k, v = layer.project_kv(x)
-            else:
-                u, q, k, v = layer.project(x)
-                x = layer.finish(x, layer.attention(q, k, v, buckets), u)
-            keys.append(k)
-            values.append(v)
-        return keys, values
+
+        def step(layer: HSTULayer, x: torch.Tensor):
+            u, q, k, v = layer.project(x)
+            return layer.finish(x, layer.attention(q, k, v, buckets), u), k, v
+
+        return layer_keys_values(self.layers, x, step)
 
     def attend_candidates(
         self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,

@@ -349,6 +349,21 @@ def scale_queries(q: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
     return q if tau is None else q / tau.transpose(1, 2).unsqueeze(-1)
 
 
+def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[list, list]:
+    """Per-layer K and V of a history, through `step(layer, x) -> (x_next, k, v)`.
+
+    The last layer stops at its K/V projection: candidates attend to its keys and values,
+    and nothing ever reads the history's output from it.
+    """
+    keys, values = [], []
+    for layer in layers[:-1]:
+        x, k, v = step(layer, x)
+        keys.append(k)
+        values.append(v)
+    k, v = layers[-1].project_kv(x)
+    return keys + [k], values + [v]
+
+
 class SoftmaxLayer(nn.Module):
     """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True)."""
 
@@ -433,16 +448,11 @@ class SoftmaxStack(nn.Module):
 
         Padding sits after the valid prefix, so a causal mask alone keeps real tokens off it.
         """
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            if i == len(self.layers) - 1:
-                k, v = layer.project_kv(x)
-            else:
-                q, k, v = layer.project(x)
-                x = layer.finish(x, layer.attend(scale_queries(q, tau), k, v))
-            keys.append(k)
-            values.append(v)
-        return keys, values
+        def step(layer: SoftmaxLayer, x: torch.Tensor):
+            q, k, v = layer.project(x)
+            return layer.finish(x, layer.attend(scale_queries(q, tau), k, v)), k, v
+
+        return layer_keys_values(self.layers, x, step)
 
     def attend_candidates(
         self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
