@@ -38,7 +38,7 @@ def run_bench_sim(users: int, tracks: int, days: float, seed: int, repeats: int 
     table.add_row("events/s (best of %d)" % repeats, f"{best['events_per_second']:,.0f}")
     table.add_row("goal events/s", "50,000")
     for name, seconds in sorted(best["timings"].items()):
-        table.add_row(f"  share of time: {name}", f"{seconds / best['wall_seconds']:.0%}")
+        table.add_row(f"  share of time: {name}", f"{seconds / best['wall_seconds']:.0%} ({seconds:.1f} s)")
     console.print(table)
     figures = {"config": {"users": users, "tracks": tracks, "days": days, "seed": seed}, "runs": runs,
                "best_events_per_second": best["events_per_second"], "goal_events_per_second": 50_000}

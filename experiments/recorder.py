@@ -47,6 +47,15 @@ def _names(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8)), pa.array(names))
 
 
+def _repeated_names(values: Sequence[str], sizes: Sequence[int]) -> pa.DictionaryArray:
+    """values[i] repeated sizes[i] times, as an Arrow dictionary: a run has a few arm and
+    model names but hundreds of thousands of impressions, and a Python string per row
+    would cost more than the append itself."""
+    codes, names = pd.factorize(np.asarray(values, dtype=object))
+    return pa.DictionaryArray.from_arrays(pa.array(np.repeat(codes.astype(np.int32), sizes)),
+                                          pa.array([str(name) for name in names], pa.string()))
+
+
 def _code_sql(column: str, names: tuple[str, ...]) -> str:
     """SQL giving the contract code of a name column (NULL for an unknown name)."""
     listed = ", ".join(f"'{name}'" for name in names)
@@ -168,8 +177,8 @@ class RunRecorder:
                 "position": np.concatenate([np.arange(n, dtype=np.int16) for n in sizes]),
                 "track_id": np.concatenate([i[1] for i in self._impressions]).astype(np.int64),
                 "score": np.concatenate([i[2] for i in self._impressions]).astype(np.float32),
-                "arm": pa.array(np.repeat([i[3] for i in self._impressions], sizes).tolist(), pa.string()),
-                "model_name": pa.array(np.repeat([i[4] for i in self._impressions], sizes).tolist(), pa.string()),
+                "arm": _repeated_names([i[3] for i in self._impressions], sizes),
+                "model_name": _repeated_names([i[4] for i in self._impressions], sizes),
             }))
             self._impressions = []
         self._buffered = 0

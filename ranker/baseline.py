@@ -30,7 +30,9 @@ import numpy as np
 from ranker.candidates import (
     DAY_MS, IS_POSITIVE, DecayClock, TrackPopularity, check_track_ids, history_profiles,
 )
-from ranker.interface import RANKING_SCORE, RankRequest, RankResponse, SequenceSource, TrackMetadata, order_by_score
+from ranker.interface import (
+    RANKING_SCORE, RankRequest, RankResponse, SequenceSource, TrackMetadata, order_rows_by_score,
+)
 from streaming.events import EventBatch
 
 MAX_ARTISTS = 8192  # a dense float32 matrix of this side is 256 MiB
@@ -40,39 +42,47 @@ class _PaddedCandidates:
     """Candidates of a batch of requests as one [B, M] matrix (-1 pad), checked against the catalog."""
 
     def __init__(self, requests: Sequence[RankRequest], n_tracks: int) -> None:
-        lengths = np.array([len(r.candidates) for r in requests], np.int64)
-        self.tracks = np.full((len(requests), int(lengths.max(initial=0))), -1, np.int64)
-        self.mask = np.arange(self.tracks.shape[1])[None, :] < lengths[:, None]
-        for request in requests:
-            check_track_ids(np.asarray(request.candidates), n_tracks, f"request {request.request_id} candidates")
+        lengths = [len(r.candidates) for r in requests]
+        self.tracks = np.full((len(requests), max(lengths, default=0)), -1, np.int64)
+        self.mask = np.arange(self.tracks.shape[1])[None, :] < np.array(lengths, np.int64)[:, None]
         if len(requests):
-            self.tracks[self.mask] = np.concatenate([np.asarray(r.candidates, np.int64) for r in requests])
+            flat = np.concatenate([np.asarray(r.candidates) for r in requests])
+            try:  # one check for the batch; the slow loop only finds the culprit for the message
+                check_track_ids(flat, n_tracks, "candidates")
+            except ValueError:
+                for request in requests:
+                    check_track_ids(np.asarray(request.candidates), n_tracks,
+                                    f"request {request.request_id} candidates")
+                raise
+            self.tracks[self.mask] = flat.astype(np.int64, copy=False)
         self.safe = np.maximum(self.tracks, 0)  # for gathers; padded slots are masked anyway
 
 
 def _responses(requests: Sequence[RankRequest], scores: np.ndarray, name: str, version: str) -> list[RankResponse]:
-    """One response per request from a [B, M] score matrix (padding ignored)."""
-    out = []
-    for row, request in enumerate(requests):
-        score = scores[row, : len(request.candidates)].astype(np.float32)
-        out.append(RankResponse(request_id=request.request_id, user_id=request.user_id,
-                                candidates=np.asarray(request.candidates, np.int64),
-                                scores={RANKING_SCORE: score}, order=order_by_score(score),
-                                model_name=name, model_version=version))
-    return out
+    """One response per request from a [B, M] score matrix (padding ignored); the orders of
+    all rows come from one sort (`order_rows_by_score`, the batched `order_by_score`)."""
+    lengths = [len(request.candidates) for request in requests]
+    scores = scores.astype(np.float32)  # responses carry float32 scores and are ordered by them
+    orders = order_rows_by_score(scores, lengths)
+    return [RankResponse(request_id=request.request_id, user_id=request.user_id,
+                         candidates=np.asarray(request.candidates, np.int64),
+                         scores={RANKING_SCORE: scores[row, :n].copy()}, order=orders[row, :n].copy(),
+                         model_name=name, model_version=version)
+            for row, (request, n) in enumerate(zip(requests, lengths))]
 
 
 def rank_within_group(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """int [B, M]: 0 for the best-scored item of its group in its row, 1 for the next, ...
     Ties go by `tie` (track id), so the result depends on the candidate set, not its order."""
     order = np.lexsort((tie, -score, group), axis=-1)
-    sorted_group = np.take_along_axis(group, order, axis=1)
-    index = np.broadcast_to(np.arange(group.shape[1]), group.shape)
+    rows = np.arange(len(group))[:, None]  # plain fancy indexing: take_along_axis costs more per call
+    sorted_group = group[rows, order]
+    index = np.arange(group.shape[1])
     new_run = np.ones(group.shape, bool)
     new_run[:, 1:] = sorted_group[:, 1:] != sorted_group[:, :-1]
     run_start = np.maximum.accumulate(np.where(new_run, index, 0), axis=1)
     ranks = np.empty(group.shape, np.int64)
-    np.put_along_axis(ranks, order, index - run_start, axis=1)
+    ranks[rows, order] = index - run_start
     return ranks
 
 
@@ -92,8 +102,12 @@ class PopularityRanker:
         self.popularity.observe(events)
 
     def popularity_feature(self, candidates: _PaddedCandidates, now_ts: int) -> np.ndarray:
-        counts = np.log1p(self.popularity.at(now_ts))
-        return counts[candidates.safe] / max(counts.max(initial=0.0), 1e-12)
+        """log1p(decayed count) of each candidate over the catalog's largest. Decay and log1p
+        are monotone, so the largest is log1p of the decayed largest count: only the
+        candidates' counts are transformed, not the whole catalog's."""
+        counts = self.popularity.at_tracks(candidates.safe, now_ts)
+        top = np.log1p(np.array([self.popularity.max_at(now_ts)]))[0]
+        return np.log1p(counts) / max(top, 1e-12)
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         if not requests:
@@ -130,13 +144,13 @@ class CooccurrenceRanker(PopularityRanker):
 
     def observe(self, events: EventBatch) -> None:
         super().observe(events)
-        positive = events.select(IS_POSITIVE[events.behaviour])
+        positive = np.flatnonzero(IS_POSITIVE[events.behaviour])  # only the columns used, not events.select
         if len(positive) == 0:
             return
-        check_track_ids(positive.track_id, self.metadata.n_tracks, "events")
-        order = np.lexsort((positive.event_id, positive.user_id))
-        users, ts = positive.user_id[order], positive.ts[order]
-        artists = self.metadata.artist_id[positive.track_id[order]]
+        check_track_ids(events.track_id[positive], self.metadata.n_tracks, "events")
+        order = positive[np.lexsort((events.event_id[positive], events.user_id[positive]))]
+        users, ts = events.user_id[order], events.ts[order]
+        artists = self.metadata.artist_id[events.track_id[order]]
         new_user = np.ones(len(users), bool)
         new_user[1:] = users[1:] != users[:-1]
         previous = np.empty_like(artists)
@@ -151,8 +165,10 @@ class CooccurrenceRanker(PopularityRanker):
             return
         a, b = previous[paired], artists[paired]
         weight = self._clock.weights(ts[paired], [self.cooccurrence, self.degree])
-        np.add.at(self.cooccurrence, (a, b), weight.astype(np.float32))
-        np.add.at(self.cooccurrence, (b, a), weight.astype(np.float32))
+        # Both directions in one unbuffered add: each cell gets the same additions in the same order.
+        weight32 = weight.astype(np.float32)
+        np.add.at(self.cooccurrence, (np.concatenate([a, b]), np.concatenate([b, a])),
+                  np.concatenate([weight32, weight32]))
         n = len(self.degree)
         self.degree += np.bincount(a, weights=weight, minlength=n) + np.bincount(b, weights=weight, minlength=n)
 
@@ -161,13 +177,18 @@ class CooccurrenceRanker(PopularityRanker):
         ([B, R], -1 pad) and each candidate's artist ([B, M])."""
         weight = np.where(recent_artists >= 0, self.recency_weight[None, : recent_artists.shape[1]], 0.0)
         weight /= np.maximum(weight.sum(axis=1, keepdims=True), 1e-12)
-        inv_sqrt_degree = np.divide(1.0, np.sqrt(self.degree), out=np.zeros_like(self.degree),
-                                    where=self.degree > 0).astype(np.float32)
         mine = np.maximum(recent_artists, 0)
         n = self.cooccurrence.shape[1]
         counts = self.cooccurrence.ravel()[(mine * n)[:, :, None] + candidate_artists[:, None, :]]
-        cosine = counts * inv_sqrt_degree[mine][:, :, None] * inv_sqrt_degree[candidate_artists][:, None, :]
+        cosine = (counts * self._inv_sqrt_degree(mine)[:, :, None]
+                  * self._inv_sqrt_degree(candidate_artists)[:, None, :])
         return (weight.astype(np.float32)[:, None, :] @ cosine)[:, 0, :]
+
+    def _inv_sqrt_degree(self, artists: np.ndarray) -> np.ndarray:
+        """float32 1/sqrt(degree) of `artists` (0 for an artist never co-listened); only the
+        artists asked for, not the whole catalog, since a batch needs a few hundred."""
+        degree = self.degree[artists]
+        return np.divide(1.0, np.sqrt(degree), out=np.zeros_like(degree), where=degree > 0).astype(np.float32)
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         if not requests:
@@ -177,11 +198,12 @@ class CooccurrenceRanker(PopularityRanker):
         users = [r.user_id for r in requests]
         profile = history_profiles(self.sequences.get_sequences(sorted(set(users))), users, meta, self.recent)
         popularity = self.popularity_feature(candidates, max(r.ts for r in requests))
-        cooccurrence = self.cooccurrence_feature(profile.recent_artists, meta.artist_id[candidates.safe])
-        genre = np.take_along_axis(profile.genre_share, meta.genre_id[candidates.safe], axis=1)
+        artists = meta.artist_id[candidates.safe]
+        cooccurrence = self.cooccurrence_feature(profile.recent_artists, artists)
+        genre = profile.genre_share[np.arange(len(requests))[:, None], meta.genre_id[candidates.safe]]
         score = self.w_pop * popularity + self.w_cooc * cooccurrence + self.w_genre * genre
         # Diversity: the k-th best track of an artist in the list loses k * w_artist_repeat.
-        repeats = rank_within_group(meta.artist_id[candidates.safe], score, candidates.tracks)
+        repeats = rank_within_group(artists, score, candidates.tracks)
         return _responses(requests, score - self.w_artist_repeat * repeats, self.name, self.version)
 
 

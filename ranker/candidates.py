@@ -17,8 +17,12 @@ tracks) is backfilled from global popularity, then at random; search backfills f
 query genre only and radio from the seed genre first.
 
 Everything is vectorised over the batch of requests: each source yields a [B, k] matrix of
-track ids (-1 = none), and one masked pass per source applies the release filter,
-de-duplication and the quota. Popularity is learned online from the event stream
+track ids (-1 = none), and a masked pass applies the release filter, de-duplication and the
+quota. Batches hold only tens of requests, so numpy calls, not array sizes, are the cost:
+one pass takes, for all rows at once, each row's next source in its priority order (rows of
+different scenarios in one pass), and sources reading the same group index share a gather.
+`generate_with_sources_reference`, one source at a time, is the plain version the batched
+one must match (the tests check it). Popularity is learned online from the event stream
 (`observe`); the per-group popularity orders are rebuilt at most every `refresh_ms` of
 simulated time, since re-sorting the catalog per batch would cost more than the rest.
 
@@ -51,6 +55,7 @@ SOURCES: tuple[str, ...] = (
     "recent_artist", "user_genre", "popular", "random",
 )
 RANDOM_SOURCES = frozenset({"query_genre_random", "random"})  # may propose a track twice
+IS_RANDOM_SOURCE = np.array([source in RANDOM_SOURCES for source in SOURCES])
 BACKFILL = "backfill"  # label of tracks that filled leftover quota
 SOURCE_LABELS: tuple[str, ...] = SOURCES + (BACKFILL,)
 SOURCE_CODE = {name: i for i, name in enumerate(SOURCE_LABELS)}
@@ -127,6 +132,14 @@ class TrackPopularity:
         """float64 [n_tracks]: decayed counts as of `now_ts`."""
         return self._counts * self._clock.decay_to(now_ts)
 
+    def at_tracks(self, track_ids: np.ndarray, now_ts: int) -> np.ndarray:
+        """`at(now_ts)[track_ids]` without decaying the whole catalog."""
+        return self._counts[track_ids] * self._clock.decay_to(now_ts)
+
+    def max_at(self, now_ts: int) -> float:
+        """`at(now_ts).max(initial=0)`: decay is one positive factor, so it commutes with max."""
+        return self._counts.max(initial=0.0) * self._clock.decay_to(now_ts)
+
 
 def check_track_ids(track_ids: np.ndarray, n_tracks: int, where: str) -> None:
     if len(track_ids) and (track_ids.min() < 0 or track_ids.max() >= n_tracks):
@@ -134,22 +147,36 @@ def check_track_ids(track_ids: np.ndarray, n_tracks: int, where: str) -> None:
         raise ValueError(f"{where}: track_id {bad} is not in the catalog (0..{n_tracks - 1})")
 
 
+def popularity_order(tracks: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """`tracks` most popular first, ties in their given order: `tracks[argsort(-popularity[tracks],
+    stable)]`. Most of a catalog is never played within a few days (popularity 0, tied) and
+    keeps its order at the end, so only the played tracks need sorting."""
+    values = popularity[tracks]
+    if not (values >= 0).all():  # a negative or NaN value: no shortcut
+        return tracks[np.argsort(-values, kind="stable")]
+    played = values > 0
+    top = tracks[played]
+    return np.concatenate([top[np.argsort(-values[played], kind="stable")], tracks[~played]])
+
+
 def first_occurrence(matrix: np.ndarray) -> np.ndarray:
     """bool mask, True where a value appears for the first time in its row (left to right)."""
     order = np.argsort(matrix, axis=1, kind="stable")
-    ordered = np.take_along_axis(matrix, order, axis=1)
+    rows = np.arange(len(matrix))[:, None]  # plain fancy indexing: take_along_axis costs more per call
+    ordered = matrix[rows, order]
     first_sorted = np.ones(matrix.shape, bool)
     first_sorted[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     first = np.empty(matrix.shape, bool)
-    np.put_along_axis(first, order, first_sorted, axis=1)
+    first[rows, order] = first_sorted
     return first
 
 
 def compact_left(matrix: np.ndarray, keep: np.ndarray, width: int, fill: int = -1) -> np.ndarray:
     """Per row, the kept values moved to the left in order, padded with `fill`, cut to `width`."""
     order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
-    out = np.take_along_axis(matrix, order, axis=1)
-    out[~np.take_along_axis(keep, order, axis=1)] = fill
+    rows = np.arange(len(matrix))[:, None]
+    out = matrix[rows, order]
+    out[~keep[rows, order]] = fill
     return out
 
 
@@ -170,12 +197,41 @@ class HistoryProfile:
         """int64 [B, width]: genres with the largest share first (ties by id), -1 pad."""
         width = min(width, self.genre_share.shape[1])
         order = np.argsort(-self.genre_share, axis=1, kind="stable")[:, :width]
-        return np.where(np.take_along_axis(self.genre_share, order, axis=1) > 0, order, -1)
+        return np.where(self.genre_share[np.arange(len(order))[:, None], order] > 0, order, -1)
 
 
 def history_profiles(sequences: Mapping[int, UserSequence], user_ids: Sequence[int],
                      metadata: TrackMetadata, recent: int = 32) -> HistoryProfile:
-    """Profiles of `user_ids` (users missing from `sequences` count as empty)."""
+    """Profiles of `user_ids` (users missing from `sequences` count as empty).
+
+    All users' tokens are concatenated and handled in one pass: a batch has only tens of
+    users, so per-user numpy calls would cost more than the work itself.
+    `history_profiles_reference` is the per-user version it must agree with."""
+    n_users, n_genres = len(user_ids), max(metadata.n_genres, 1)
+    found = [(row, sequence) for row, user in enumerate(user_ids)
+             if (sequence := sequences.get(int(user))) is not None and len(sequence)]
+    recent_tracks = np.full((n_users, recent), -1, np.int64)
+    if not found:
+        return HistoryProfile(recent_tracks, recent_tracks.copy(), np.zeros((n_users, n_genres)))
+    positive = IS_POSITIVE[np.concatenate([sequence.behaviours for _, sequence in found])]
+    flat = np.concatenate([sequence.track_ids for _, sequence in found])[positive]
+    check_track_ids(flat, metadata.n_tracks, "user sequences")
+    rows = np.repeat([row for row, _ in found], [len(sequence) for _, sequence in found])[positive]
+    # Position of each positive token counted from its user's latest one (0 = most recent).
+    row_end = np.cumsum(np.bincount(rows, minlength=n_users))
+    from_latest = row_end[rows] - 1 - np.arange(len(flat))
+    latest = from_latest < recent
+    recent_tracks[rows[latest], from_latest[latest]] = flat[latest]
+    counts = np.bincount(rows * n_genres + metadata.genre_id[flat], minlength=n_users * n_genres)
+    counts = counts.reshape(n_users, n_genres).astype(np.float64)
+    genre_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    recent_artists = np.where(recent_tracks >= 0, metadata.artist_id[np.maximum(recent_tracks, 0)], -1)
+    return HistoryProfile(recent_tracks, recent_artists, genre_share)
+
+
+def history_profiles_reference(sequences: Mapping[int, UserSequence], user_ids: Sequence[int],
+                               metadata: TrackMetadata, recent: int = 32) -> HistoryProfile:
+    """`history_profiles` one user at a time: the plain statement of what it computes."""
     n_users, n_genres = len(user_ids), max(metadata.n_genres, 1)
     recent_tracks = np.full((n_users, recent), -1, np.int64)
     positives = []
@@ -222,19 +278,20 @@ class _GroupIndex:
         groups = np.where((groups >= 0) & (groups < self.n_groups), groups, -1)
         slot = np.arange(k)[None, :]
         if groups.shape[1] == 1:  # one group per row (search, radio): nothing to interleave
-            n_valid, group = 1, np.broadcast_to(groups, (len(groups), k))
+            n_valid, group = 1, groups  # [B, 1]: group bounds are looked up once per row, not per slot
         else:
             groups = compact_left(groups, groups >= 0, groups.shape[1])
             n_valid = np.maximum((groups >= 0).sum(axis=1, keepdims=True), 1)
-            group = np.take_along_axis(groups, slot % n_valid, axis=1)
+            group = groups[np.arange(len(groups))[:, None], slot % n_valid]
         safe = np.maximum(group, 0)
-        size = self.start[safe + 1] - self.start[safe]
+        start = self.start[safe]
+        size = self.start[safe + 1] - start
         if rng is None:
             rank = slot // n_valid
         else:
-            rank = np.floor(rng.random(group.shape) * size).astype(np.int64)
+            rank = np.floor(rng.random((len(groups), k)) * size).astype(np.int64)
         ok = (group >= 0) & (rank < size)
-        return np.where(ok, self.tracks[np.minimum(self.start[safe] + rank, len(self.tracks) - 1)], -1)
+        return np.where(ok, self.tracks[np.minimum(start + rank, len(self.tracks) - 1)], -1)
 
 
 class CandidateGenerator:
@@ -260,6 +317,10 @@ class CandidateGenerator:
         self.popularity = TrackPopularity(metadata.n_tracks, half_life_ms)
         self.quota = self._quota_table({**DEFAULT_QUOTAS, **(quotas or {})})
         self.backfill = [BACKFILL_ORDER.get(scenario, DEFAULT_BACKFILL) for scenario in SCENARIOS]
+        # Per scenario, its sources with a quota in priority order, then its backfill sources:
+        # source codes [n_scenarios, n_stages], -1 past the end.
+        self._stages = _code_table([[SOURCES[c] for c in np.flatnonzero(row)] for row in self.quota])
+        self._backfill_stages = _code_table(self.backfill)
         self._rng = np.random.default_rng(seed)
         self._built_ts: int | None = None
 
@@ -289,7 +350,7 @@ class CandidateGenerator:
         popularity = self.popularity.at(now_ts)
         released = np.flatnonzero(meta.release_ts <= now_ts)
         self._released = released
-        self._popular = released[np.argsort(-popularity[released], kind="stable")]
+        self._popular = popularity_order(released, popularity)
         self._by_genre = _GroupIndex(meta.genre_id, self._popular)
         self._by_artist = _GroupIndex(meta.artist_id, self._popular)
         self._built_ts = now_ts
@@ -299,7 +360,61 @@ class CandidateGenerator:
         return [tracks for tracks, _ in self.generate_with_sources(requests)]
 
     def generate_with_sources(self, requests: Sequence[SlateRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per request (track ids, source codes into `SOURCE_LABELS`)."""
+        """Per request (track ids, source codes into `SOURCE_LABELS`).
+
+        Same result as `generate_with_sources_reference` (which takes one source at a time),
+        in fewer numpy calls: a batch has only tens of requests, so the number of calls, not
+        their size, is the cost. Sources only depend on each other through what a row has
+        already taken, so every source's proposals are made first (in source order, which
+        keeps the random draws in order), and then stage j takes, for all rows at once, from
+        each row's j-th source; a row's sources in stage order are its sources in priority
+        order, and different rows never share a taken set.
+        """
+        if not requests:
+            return []
+        batch = _RequestBatch.of(requests, self.metadata)
+        self._refresh(int(batch.ts.max()))
+        # Every proposal comes from the tracks released when the indexes were built; if that
+        # is no later than the earliest request, the release check cannot drop anything.
+        release_ts = None if self._built_ts <= int(batch.ts.min()) else self.metadata.release_ts
+        picks = _Picks(len(requests), self.n_candidates, self.metadata.n_tracks, batch.seed_track, release_ts)
+        quota = self.quota[batch.scenario]
+        wanted = []
+        for code in range(len(SOURCES)):
+            rows = np.flatnonzero(quota[:, code])  # only requests whose scenario uses the source
+            if len(rows):
+                wanted.append((code, rows, int(quota[rows, code].max()) * OVERSAMPLE))
+        proposals = self._propose_many(wanted, batch)
+        for codes in self._stages[batch.scenario].T:
+            rows = np.flatnonzero(codes >= 0)
+            if len(rows):
+                codes = codes[rows]
+                picks.add(rows, _stage_matrix(rows, codes, proposals), quota[rows, codes], batch.ts[rows],
+                          codes.astype(np.int8), IS_RANDOM_SOURCE[codes])
+        self._backfill_picks(picks, batch)
+        return [(picks.tracks[row, :n], picks.codes[row, :n]) for row, n in enumerate(picks.count.tolist())]
+
+    def _backfill_picks(self, picks: "_Picks", batch: "_RequestBatch") -> None:
+        """Fill what the quotas left empty, from each scenario's backfill sources in turn.
+        Top lists restart at the top, so a row's proposals are n_candidates + what it misses."""
+        for stage_codes in self._backfill_stages[batch.scenario].T:
+            missing = self.n_candidates - picks.count
+            codes = np.where(missing > 0, stage_codes, -1)
+            wanted = []
+            # Sources in order of their first request, full or not: the order of the random draws.
+            for code in dict.fromkeys(stage_codes.tolist()):
+                rows = np.flatnonzero(codes == code)
+                if code >= 0 and len(rows):
+                    wanted.append((code, rows, self.n_candidates + int(missing[rows].max()) * OVERSAMPLE))
+            proposals = self._propose_many(wanted, batch)
+            rows = np.flatnonzero(codes >= 0)
+            if len(rows):
+                codes = codes[rows]
+                picks.add(rows, _stage_matrix(rows, codes, proposals), missing[rows], batch.ts[rows],
+                          np.full(len(rows), SOURCE_CODE[BACKFILL], np.int8), IS_RANDOM_SOURCE[codes])
+
+    def generate_with_sources_reference(self, requests: Sequence[SlateRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`generate_with_sources` one source at a time: the plain statement of what it does."""
         if not requests:
             return []
         batch = _RequestBatch.of(requests, self.metadata)
@@ -311,7 +426,7 @@ class CandidateGenerator:
         picked, codes = [], []
 
         def take(rows: np.ndarray, proposed: np.ndarray, limit: np.ndarray, code: int, may_repeat: bool) -> np.ndarray:
-            kept = self._take(rows, proposed, limit, batch.ts[rows], taken, may_repeat)
+            kept = self._take_reference(rows, proposed, limit, batch.ts[rows], taken, may_repeat)
             column = np.full((n_rows, proposed.shape[1]), -1, np.int64)
             column[rows] = np.where(kept, proposed, -1)
             picked.append(column)
@@ -340,29 +455,58 @@ class CandidateGenerator:
 
     def _propose(self, source: str, rows: np.ndarray, k: int, batch: "_RequestBatch") -> np.ndarray:
         """int64 [len(rows), k]: what `source` suggests for those requests, best first, -1 = none."""
-        meta = self.metadata
         if source == "popular":
             return self._popular_rows(len(rows), k)
         if source == "random":
             return self._random_rows(len(rows), k)
-        if source in ("recent_artist", "user_genre"):
+        index, groups = self._source_groups(source, rows, batch)
+        return index.gather(groups, k, self._rng if source in RANDOM_SOURCES else None)
+
+    def _source_groups(self, source: str, rows: np.ndarray, batch: "_RequestBatch") -> tuple[_GroupIndex, np.ndarray]:
+        """The group index a source reads and each request's groups in it ([len(rows), G], -1 = none)."""
+        meta = self.metadata
+        if source == "recent_artist":
             profile = batch.profile(self.sequences, meta)
-            if source == "recent_artist":
-                return self._by_artist.gather(profile.distinct_recent_artists(self.history_artists)[rows], k)
-            return self._by_genre.gather(profile.top_genres(self.history_genres)[rows], k)
+            return self._by_artist, profile.distinct_recent_artists(self.history_artists)[rows]
+        if source == "user_genre":
+            return self._by_genre, batch.profile(self.sequences, meta).top_genres(self.history_genres)[rows]
         seed = batch.seed_track[rows]
-        seed_safe = np.maximum(seed, 0)
         if source == "seed_artist":
-            return self._by_artist.gather(np.where(seed >= 0, meta.artist_id[seed_safe], -1)[:, None], k)
+            return self._by_artist, np.where(seed >= 0, meta.artist_id[np.maximum(seed, 0)], -1)[:, None]
         if source == "seed_genre":
-            return self._by_genre.gather(np.where(seed >= 0, meta.genre_id[seed_safe], -1)[:, None], k)
+            return self._by_genre, np.where(seed >= 0, meta.genre_id[np.maximum(seed, 0)], -1)[:, None]
         if source == "query_artist":
-            return self._by_artist.gather(batch.query_artist[rows, None], k)
-        if source == "query_genre":
-            return self._by_genre.gather(batch.query_genre[rows, None], k)
-        if source == "query_genre_random":
-            return self._by_genre.gather(batch.query_genre[rows, None], k, self._rng)
+            return self._by_artist, batch.query_artist[rows, None]
+        if source in ("query_genre", "query_genre_random"):
+            return self._by_genre, batch.query_genre[rows, None]
         raise ValueError(f"unknown candidate source {source!r}")
+
+    def _propose_many(self, wanted: Sequence[tuple[int, np.ndarray, int]], batch: "_RequestBatch"
+                      ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """`{code: (rows, _propose(SOURCES[code], rows, k, batch))}` for `wanted` (code, rows, k).
+
+        Deterministic sources that read the same group index share one gather: a row's
+        first k proposals do not depend on k, and one group padded with -1 gathers as it does
+        alone. Random sources draw in `wanted` order, so the random stream is unchanged."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        shared: dict[int, list] = {}  # id(index) -> [(code, rows, k, groups)]
+        for code, rows, k in wanted:
+            source = SOURCES[code]
+            if source in RANDOM_SOURCES or source == "popular":
+                out[code] = (rows, self._propose(source, rows, k, batch))
+            else:
+                index, groups = self._source_groups(source, rows, batch)
+                shared.setdefault(id(index), [index]).append((code, rows, k, groups))
+        for index, *parts in shared.values():
+            width = max(groups.shape[1] for *_, groups in parts)
+            groups = np.full((sum(len(rows) for _, rows, _, _ in parts), width), -1, np.int64)
+            offsets = np.cumsum([0] + [len(rows) for _, rows, _, _ in parts])
+            for (_, _, _, part), offset in zip(parts, offsets.tolist()):
+                groups[offset: offset + len(part), : part.shape[1]] = part
+            proposed = index.gather(groups, max(k for _, _, k, _ in parts))
+            for (code, rows, k, _), offset in zip(parts, offsets.tolist()):
+                out[code] = (rows, proposed[offset: offset + len(rows), :k])
+        return out
 
     def _popular_rows(self, n_rows: int, k: int) -> np.ndarray:
         top = np.full(k, -1, np.int64)
@@ -374,8 +518,8 @@ class CandidateGenerator:
             return np.full((n_rows, k), -1, np.int64)
         return self._released[self._rng.integers(0, len(self._released), size=(n_rows, k))]
 
-    def _take(self, rows: np.ndarray, proposed: np.ndarray, quota: np.ndarray, ts: np.ndarray,
-              taken: np.ndarray, may_repeat: bool) -> np.ndarray:
+    def _take_reference(self, rows: np.ndarray, proposed: np.ndarray, quota: np.ndarray, ts: np.ndarray,
+                        taken: np.ndarray, may_repeat: bool) -> np.ndarray:
         """Mask of the proposals kept for `rows`: released, not yet taken by the row, the first
         `quota` per row. `may_repeat`: the proposals can hold a track twice (random draws)."""
         flat = rows[:, None] * taken.shape[1] + np.maximum(proposed, 0)  # index into taken.ravel()
@@ -386,6 +530,73 @@ class CandidateGenerator:
         keep = ok & (np.cumsum(ok, axis=1) <= quota[:, None])
         taken.ravel()[flat[keep]] = True
         return keep
+
+
+def _code_table(names: Sequence[Sequence[str]]) -> np.ndarray:
+    """int64 [len(names), longest]: source codes of each row's names, -1 padded."""
+    table = np.full((len(names), max((len(row) for row in names), default=0)), -1, np.int64)
+    for i, row in enumerate(names):
+        table[i, : len(row)] = [SOURCES.index(name) for name in row]
+    return table
+
+
+def _stage_matrix(rows: np.ndarray, codes: np.ndarray, proposals: Mapping[int, tuple[np.ndarray, np.ndarray]]
+                  ) -> np.ndarray:
+    """int64 [len(rows), K]: row i's proposals from source codes[i] (made for that source's
+    rows, `proposals[code] = (source rows, [n, k])`), -1 padded to the widest source."""
+    used = dict.fromkeys(codes.tolist())
+    if len(used) == 1:
+        source_rows, proposed = proposals[codes[0]]
+        if len(source_rows) == len(rows):  # the stage is exactly this source's rows
+            return proposed
+    matrix = np.full((len(rows), max(proposals[code][1].shape[1] for code in used)), -1, np.int64)
+    for code in used:
+        source_rows, proposed = proposals[code]
+        here = np.flatnonzero(codes == code)
+        matrix[here, : proposed.shape[1]] = proposed[np.searchsorted(source_rows, rows[here])]
+    return matrix
+
+
+class _Picks:
+    """The candidates a batch has so far: per row its tracks and their source codes, in order,
+    and `taken`, which tracks the row already has (a radio row starts with its seed).
+    `release_ts` is None when every proposal is known to be released (no check needed)."""
+
+    def __init__(self, n_rows: int, width: int, n_tracks: int, seed_track: np.ndarray,
+                 release_ts: np.ndarray | None) -> None:
+        self.release_ts = release_ts
+        self.tracks = np.full((n_rows, width), -1, np.int64)
+        self.codes = np.zeros((n_rows, width), np.int8)
+        self.count = np.zeros(n_rows, np.int64)
+        self.taken = np.zeros((n_rows, n_tracks), bool)
+        radio = np.flatnonzero(seed_track >= 0)
+        self.taken[radio, seed_track[radio]] = True  # radio never proposes its own seed
+
+    def add(self, rows: np.ndarray, proposed: np.ndarray, quota: np.ndarray, ts: np.ndarray, codes: np.ndarray,
+            may_repeat: np.ndarray) -> np.ndarray:
+        """Append to each of `rows` its first `quota` proposals ([len(rows), k], -1 = none) that
+        are released at the row's `ts` and not taken yet; `may_repeat` marks rows whose
+        proposals can hold a track twice (random draws). Returns how many each row kept."""
+        n_tracks = self.taken.shape[1]
+        taken = self.taken.reshape(-1)
+        safe = np.maximum(proposed, 0)
+        flat = safe + (rows * n_tracks)[:, None]  # index into taken.ravel()
+        ok = (proposed >= 0) & ~taken[flat]
+        if self.release_ts is not None:
+            ok &= self.release_ts[safe] <= ts[:, None]
+        if may_repeat.any():
+            repeat = np.flatnonzero(may_repeat)
+            ok[repeat] &= first_occurrence(proposed[repeat])
+        rank = np.cumsum(ok, axis=1)
+        r, c = np.nonzero(ok & (rank <= quota[:, None]))
+        taken[flat[r, c]] = True
+        row = rows[r]
+        slot = self.count[row] + rank[r, c] - 1
+        self.tracks[row, slot] = proposed[r, c]
+        self.codes[row, slot] = codes[r]
+        kept = np.bincount(r, minlength=len(rows))
+        self.count[rows] += kept
+        return kept
 
 
 @dataclass

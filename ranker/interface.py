@@ -61,6 +61,16 @@ def order_by_score(score: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(score)), -np.asarray(score, dtype=np.float64))).astype(np.int64)
 
 
+def order_rows_by_score(scores: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """int64 [B, M]: row i's first lengths[i] entries are `order_by_score(scores[i, :lengths[i]])`.
+
+    One sort for a batch of padded score rows instead of one per request: padding sorts
+    last, and lexsort is stable, so ties still go by candidate position."""
+    scores = np.asarray(scores, dtype=np.float64)
+    padding = np.arange(scores.shape[1]) >= np.asarray(lengths, np.int64)[:, None]
+    return np.lexsort((-scores, padding), axis=-1).astype(np.int64, copy=False)
+
+
 @dataclass(frozen=True)
 class SlateRequest:
     """What a client screen asks for: a ranked slate for one user in one scenario.

@@ -266,7 +266,7 @@ class MusicPlatform:
         organic = request_id < 0
         ranked_rows = np.flatnonzero(~organic).tolist()
         for row, response, size in zip(ranked_rows, responses, sizes[ranked_rows].tolist()):
-            shown = response.ranked_tracks[:size]
+            shown = response.candidates[response.order[:size]]  # = ranked_tracks[:size], gathering only those
             tracks[row, :len(shown)] = shown
             lengths[row] = len(shown)
         if organic.any():

@@ -13,8 +13,11 @@ from features.sequence import UserSequence, sequences_from_log
 from ranker.baseline import CooccurrenceRanker, PopularityRanker
 from ranker.candidates import (
     DAY_MS, SOURCE_CODE, SOURCE_LABELS, CandidateGenerator, TrackPopularity, history_profiles,
+    history_profiles_reference, popularity_order,
 )
-from ranker.interface import RANKING_SCORE, RankRequest, SlateRequest, TrackMetadata
+from ranker.interface import (
+    RANKING_SCORE, RankRequest, SlateRequest, TrackMetadata, order_by_score, order_rows_by_score,
+)
 from ranker.recommender import ArmRecommender
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE, EventBatch
 
@@ -252,3 +255,93 @@ def test_recommender_routes_each_arm_in_one_batch_and_keeps_request_order(histor
         recommender.recommend([slate(9, user_id=6)])
     with pytest.raises(ValueError, match="no ranker for arm"):
         ArmRecommender(recommender.candidates, {"control": control}, arms)
+
+
+def random_slates(rng: np.random.Generator, n: int, ts: int, first_id: int = 0) -> list[SlateRequest]:
+    """A mixed batch: every scenario, search with and without an artist, users repeated."""
+    out = []
+    for i in range(n):
+        scenario = ["home_feed", "daily_mix", "radio", "search", "library"][int(rng.integers(5))]
+        context = {}
+        if scenario == "radio":
+            context = {"seed_track": int(rng.integers(N_TRACKS))}
+        elif scenario == "search":
+            context = {"query_genre": int(rng.integers(N_GENRES))}
+            if rng.random() < 0.5:
+                context["query_artist"] = int(rng.integers(N_ARTISTS))
+        out.append(slate(first_id + i, int(rng.integers(8)), scenario, context,
+                         ts=ts + int(rng.integers(0, 60_000))))
+    return out
+
+
+@pytest.mark.parametrize("quotas", [None, {"home_feed": {"random": 0.1, "popular": 0.3, "seed_genre": 0.2},
+                                           "search": {"query_genre_random": 0.6}}])
+def test_batched_candidate_generation_matches_the_one_source_at_a_time_reference(quotas):
+    """The stage-merged generator is an optimisation: same tracks, sources and random draws."""
+    plain = catalog()  # releases spread over the requests' times, so some batches need the release check
+    release = np.where(np.arange(N_TRACKS) % 7 == 3, NOW + (np.arange(N_TRACKS) % 11) * 20_000, 0)
+    meta = TrackMetadata(plain.artist_id, plain.genre_id, plain.duration_ms, release.astype(np.int64))
+    rng = np.random.default_rng(11)
+    log = events(rng.integers(0, 8, 300), rng.integers(0, N_TRACKS, 300),
+                 behaviour="full_play", start_id=0, ts=NOW - DAY_MS)
+    source = DictSequenceSource(sequences_from_log(log))
+    fast, reference = (CandidateGenerator(meta, seed=3, n_candidates=80, sequences=source, quotas=quotas,
+                                          refresh_ms=50_000) for _ in range(2))
+    for generator in (fast, reference):
+        generator.observe(log)
+    for step in range(12):  # crosses index rebuilds and the releases of every 7th track
+        requests = random_slates(rng, int(rng.integers(1, 12)), NOW - 40_000 + step * 25_000, first_id=step * 100)
+        for (tracks, sources), (expected_tracks, expected_sources) in zip(
+                fast.generate_with_sources(requests), reference.generate_with_sources_reference(requests)):
+            np.testing.assert_array_equal(tracks, expected_tracks)
+            np.testing.assert_array_equal(sources, expected_sources)
+
+
+def test_batched_history_profiles_match_the_per_user_reference():
+    meta = catalog()
+    rng = np.random.default_rng(5)
+    behaviours = list(BEHAVIOUR_CODE)
+    log = EventBatch.concat([events(rng.integers(0, 6, 40), rng.integers(0, N_TRACKS, 40),
+                                    behaviour=behaviours[i % len(behaviours)], start_id=40 * i) for i in range(8)])
+    sequences = sequences_from_log(log)
+    sequences[6] = UserSequence.empty()
+    users = [3, 0, 6, 9, 3, 1, 2, 4, 5]  # 9 has no sequence; 3 appears twice
+    for recent in (1, 4, 32):
+        fast = history_profiles(sequences, users, meta, recent)
+        reference = history_profiles_reference(sequences, users, meta, recent)
+        for name in ("recent_tracks", "recent_artists", "genre_share"):
+            np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name))
+    empty = history_profiles({}, [1, 2], meta)
+    assert (empty.recent_tracks == -1).all() and (empty.genre_share == 0).all()
+
+
+def test_batched_orders_match_order_by_score_with_ties_and_padding():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 4, (7, 12)).astype(np.float32)  # many ties
+    scores[3, 2] = -np.inf
+    lengths = [12, 0, 5, 9, 1, 12, 3]
+    orders = order_rows_by_score(scores, lengths)
+    for row, n in enumerate(lengths):
+        np.testing.assert_array_equal(orders[row, :n], order_by_score(scores[row, :n]))
+
+
+def test_popularity_scores_are_log_counts_over_the_catalog_maximum():
+    meta = catalog()
+    ranker = PopularityRanker(meta)
+    ranker.observe(events(np.arange(9), [60, 60, 60, 61, 61, 70, 5, 5, 5], ts=NOW - DAY_MS))
+    response, = ranker.rank([rank_request([70, 61, 60, 3])])
+    logged = np.log1p(ranker.popularity.at(NOW))
+    np.testing.assert_array_equal(response.scores[RANKING_SCORE],
+                                  (logged[[70, 61, 60, 3]] / logged.max()).astype(np.float32))
+
+
+def test_popularity_order_is_a_stable_sort_by_decreasing_popularity():
+    rng = np.random.default_rng(4)
+    for zeros in (0.0, 0.5, 0.95, 1.0):
+        popularity = rng.integers(0, 5, 300).astype(np.float64) * (rng.random(300) >= zeros)
+        tracks = np.sort(rng.choice(300, 200, replace=False))
+        expected = tracks[np.argsort(-popularity[tracks], kind="stable")]
+        np.testing.assert_array_equal(popularity_order(tracks, popularity), expected)
+    popularity[7] = -1.0  # outside what counts can be: still a correct (slow) sort
+    np.testing.assert_array_equal(popularity_order(np.arange(300), popularity),
+                                  np.argsort(-popularity, kind="stable"))

@@ -174,6 +174,20 @@ def test_responses_log_requests_and_the_shown_slate(tmp_path):
     recorder.close()
 
 
+def test_impressions_keep_each_requests_arm_and_model(tmp_path):
+    recorder = RunRecorder(tmp_path / "run.duckdb")
+    served = [("treatment", "cooccurrence", 3), ("control", "popularity", 1), ("treatment", "cooccurrence", 2),
+              ("other", "popularity", 2)]
+    for request_id, (arm, model, size) in enumerate(served):
+        request = SlateRequest(request_id, request_id, "home_feed", 1_000, slate_size=size)
+        recorder.log_response(request, response(request, [7, 8, 9], [0.3, 0.2, 0.1], model), arm)
+    recorder.flush()
+    rows = recorder.connection.execute(
+        "SELECT request_id, arm, model_name FROM impressions ORDER BY request_id, position").fetchall()
+    assert rows == [(i, arm, model) for i, (arm, model, size) in enumerate(served) for _ in range(size)]
+    recorder.close()
+
+
 # -- metrics on a small log with known answers ------------------------------------------
 
 def synthetic_run(path: Path) -> RunRecorder:
