@@ -10,6 +10,15 @@
 Bad requests get a 422 whose `message` names the field and the problem: an empty or
 oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
 value, a track outside the model's catalogue. Binds 127.0.0.1 unless told otherwise.
+
+Why /rank reads raw bytes instead of declaring a body parameter: FastAPI would decode the
+JSON into Python objects and then validate them, and validate the reply model again
+before encoding it. Here pydantic validates the raw bytes in one pass (the same model, so
+the same 422 messages), and the reply is encoded straight from the numpy arrays with
+orjson (float32 scores at float32 precision, about half the bytes). Measured in-process
+at M = 200, the /rank path outside the scoring service went from 0.46-0.49 ms to
+0.27-0.32 ms per request (best of 300). `RankReply` still documents the reply in the
+OpenAPI schema, and the tests check replies against it.
 """
 # No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
 
@@ -20,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from ranker.interface import RankRequest
-from ranker.serving import ScoringService, ServingSettings
+from ranker.serving import ScoredResponse, ScoringService, ServingSettings
 from streaming.events import SCENARIOS
 
 Id = Annotated[StrictInt, Field(ge=0)]  # user and track ids: JSON integers, never "7" or 7.5
@@ -69,7 +79,26 @@ def rank_body_model(max_candidates: int) -> type[BaseModel]:
 
 
 def _problem(error: dict) -> str:
-    return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def unprocessable(errors: Sequence[dict], prefix: tuple = ()) -> Response:
+    """The 422 reply: `message` names each field and problem, `detail` is the structured list.
+    `prefix` ("body",) gives body errors the locations FastAPI's own validation uses."""
+    detail = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+    content = {"message": "; ".join(map(_problem, detail)), "detail": detail}
+    return Response(orjson.dumps(content), status_code=422, media_type="application/json")
+
+
+def encode_reply(scored: ScoredResponse) -> bytes:
+    """The /rank reply (the RankReply shape) as JSON bytes, straight from the numpy arrays."""
+    response = scored.response
+    return orjson.dumps({
+        "request_id": response.request_id, "user_id": response.user_id, "model_name": response.model_name,
+        "model_version": response.model_version, "candidates": response.candidates, "order": response.order,
+        "scores": dict(response.scores), "timing_ms": scored.timing_ms,
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def create_app(service: ScoringService) -> FastAPI:
@@ -82,16 +111,23 @@ def create_app(service: ScoringService) -> FastAPI:
         await service.stop()
 
     app = FastAPI(title="Climber ranking service", lifespan=lifespan)
+    app.state.service = service
     RankBody = rank_body_model(service.settings.max_candidates)
     counter = iter(range(1, 2**62))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"message": "; ".join(map(_problem, errors)), "detail": errors})
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return unprocessable(exc.errors())
 
-    @app.post("/rank")
-    async def rank(body: RankBody) -> RankReply:  # type: ignore[valid-type]
+    body_schema = {"content": {"application/json": {"schema": RankBody.model_json_schema()}}, "required": True}
+
+    @app.post("/rank", response_model=None, responses={200: {"model": RankReply}},
+              openapi_extra={"requestBody": body_schema})
+    async def rank(http_request: Request) -> Response:
+        try:  # raw bytes -> validated body in one pass (see the module docstring)
+            body = RankBody.model_validate_json(await http_request.body())
+        except ValidationError as error:
+            return unprocessable(error.errors(include_url=False), prefix=("body",))
         request = RankRequest(
             request_id=body.request_id if body.request_id is not None else next(counter),
             user_id=body.user_id, scenario=body.scenario, candidates=body.candidates,
@@ -100,14 +136,8 @@ def create_app(service: ScoringService) -> FastAPI:
         try:
             scored = await service.rank_one(request)
         except ValueError as error:  # beyond what the body schema can say, e.g. unknown track
-            return JSONResponse(status_code=422, content={"message": str(error), "detail": []})
-        response = scored.response
-        return RankReply(
-            request_id=response.request_id, user_id=response.user_id, model_name=response.model_name,
-            model_version=response.model_version, candidates=response.candidates.tolist(),
-            order=response.order.tolist(), scores={name: s.tolist() for name, s in response.scores.items()},
-            timing_ms=scored.timing_ms,
-        )
+            return unprocessable([{"loc": [], "msg": str(error), "type": "value_error"}])
+        return Response(encode_reply(scored), media_type="application/json")
 
     @app.get("/health")
     async def health() -> dict:
@@ -137,6 +167,10 @@ def build_service(settings: ServingSettings) -> ScoringService:
 
 
 def serve(settings: ServingSettings) -> None:
+    if settings.torch_threads:  # a process-wide setting, so here and not in the service
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     uvicorn.run(create_app(build_service(settings)), host=settings.host, port=settings.port,
                 log_level="warning", access_log=False)
 
@@ -150,13 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device")
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--max-wait-ms", type=float)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, dest="torch_threads",
+                        help="torch intra-op threads (default 1; 0: torch's default, one per core)")
     args = vars(parser.parse_args(argv))
-    threads = args.pop("threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     serve(ServingSettings(**{k: v for k, v in args.items() if v is not None}))
 
 

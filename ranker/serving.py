@@ -56,9 +56,18 @@ class ServingSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"  # auto: CUDA when present
     max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, ge=1)
-    max_batch: int = Field(32, ge=1)
+    # 16: measured in-process (astro-s, M = 200, n = 256, 1 CPU thread, warm cache), a
+    # request costs least in batches of 8 to 16 (3.4-3.6 ms) and about 25% more at 32
+    # (4.5 ms), likely because the activations outgrow the core's cache; at 1, 5.5 ms.
+    max_batch: int = Field(16, ge=1)
     max_wait_ms: float = Field(1.0, ge=0)
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
+    # torch intra-op threads of the serving process (0: torch's default, one per core). 1 by
+    # default: a batch is hundreds of small ops, each a parallel region whose barrier waits
+    # for every thread, and when another process holds a core (the load generator, other
+    # jobs) each barrier waits for the scheduler. Measured on 2 cores shared with other jobs
+    # (load average 3.5): a batch of one took 637 ms with 2 threads, 5.5 ms with 1.
+    torch_threads: int = Field(1, ge=0)
 
 
 @dataclass

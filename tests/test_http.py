@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from features.sequence import UserSequence
 from features.store import FeatureStoreClient
-from ranker.http import build_service, create_app
+from ranker.http import RankReply, build_service, create_app
+from ranker.interface import RankRequest
 from ranker.model_common import build_model
 from ranker.serving import ServingSettings
 from ranker.train import save_checkpoint
@@ -95,3 +96,35 @@ def test_settings_default_to_loopback():
     assert ServingSettings().host == "127.0.0.1"
     with pytest.raises(ValueError, match="checkpoint"):
         build_service(ServingSettings())
+
+
+def test_reply_is_a_rank_reply_with_the_rankers_float32_scores(client):
+    body = {"user_id": 7, "scenario": "radio", "candidates": [4, 8, 15], "ts": 1_800_000_000_000, "request_id": 5}
+    reply = client.post("/rank", json=body)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    parsed = RankReply.model_validate_json(reply.content)  # the documented reply shape
+    assert parsed.candidates == [4, 8, 15] and parsed.timing_ms["batch_size"] >= 1
+    # The same request ranked in-process (a cache hit now): the reply carries exactly its float32 scores.
+    request = RankRequest(request_id=5, user_id=7, scenario="radio", candidates=np.array([4, 8, 15]), ts=body["ts"])
+    expected = client.app.state.service.ranker.rank([request])[0]
+    assert set(parsed.scores) == set(expected.scores) and parsed.order == expected.order.tolist()
+    for task, values in parsed.scores.items():
+        np.testing.assert_array_equal(np.asarray(values, np.float32), expected.scores[task])
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"user_id": 7, "scenario": "home_feed", "candidates": [1, 2', "body: Invalid JSON"),
+    (b"", "body: Invalid JSON"),
+    (b"[7]", "body: Input should be an object"),
+])
+def test_malformed_bodies_get_a_422(client, raw, problem):
+    reply = client.post("/rank", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422
+    assert reply.json()["message"].startswith(problem) and reply.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_openapi_documents_the_rank_body_and_reply(client):
+    operation = client.get("/openapi.json").json()["paths"]["/rank"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["candidates"]["maxItems"] == 5 and body["additionalProperties"] is False
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankReply")

@@ -150,3 +150,15 @@ def test_in_process_rank_and_model_reload(store):
                                reference_scores(new_model, store.get_sequences([3])[3], req), atol=1e-5)
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(service.rank_one(req))
+
+
+def test_settings_read_batching_and_threads_from_the_environment(monkeypatch):
+    defaults = ServingSettings()
+    assert defaults.max_batch == 16 and defaults.torch_threads == 1  # see ServingSettings for the measurements
+    monkeypatch.setenv("CLIMBER_SERVE_MAX_BATCH", "8")
+    monkeypatch.setenv("CLIMBER_SERVE_TORCH_THREADS", "0")
+    settings = ServingSettings()
+    assert settings.max_batch == 8 and settings.torch_threads == 0
+    monkeypatch.setenv("CLIMBER_SERVE_TORCH_THREADS", "-1")
+    with pytest.raises(ValueError, match="torch_threads"):
+        ServingSettings()

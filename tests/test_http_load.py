@@ -1,0 +1,92 @@
+"""The benchmark's lean load generator (bench.service_load) against the real app over a socket:
+uvicorn in a thread, a tiny checkpoint, a real Feast store."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import orjson
+import pytest
+import torch
+import uvicorn
+
+from bench.service_load import (HttpConnection, closed_loop, open_loop, process_cpu_seconds, request_bodies,
+                                run_async, summary)
+from features.sequence import UserSequence
+from features.store import FeatureStoreClient
+from ranker.http import RankReply, build_service, create_app
+from ranker.model_common import build_model
+from ranker.serving import ServingSettings
+from ranker.train import save_checkpoint
+
+torch.set_num_threads(1)
+N_TRACKS = 40
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory):
+    root = tmp_path_factory.mktemp("load")
+    store = FeatureStoreClient(root / "feast")
+    store.apply()
+    rng = np.random.default_rng(1)
+    store.write_sequences({user: UserSequence(rng.integers(0, N_TRACKS, 10), rng.integers(1, 8, 10).astype(np.int8),
+                                              rng.integers(0, 5, 10).astype(np.int8),
+                                              1_700_000_000_000 + np.arange(10) * 60_000, 9) for user in range(3)})
+    torch.manual_seed(0)
+    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8)
+    save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
+    settings = ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", device="cpu", max_candidates=50)
+    server = uvicorn.Server(uvicorn.Config(create_app(build_service(settings)), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.05)
+    yield server.servers[0].sockets[0].getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_one_keep_alive_connection_answers_several_requests(port):
+    bodies = request_bodies(users=4, n_candidates=7, seed=0, n_tracks=N_TRACKS, count=3)  # user 3 has no history
+
+    async def send_all():
+        connection = await HttpConnection.open("127.0.0.1", port)
+        try:
+            return [await connection.post(body) for body in bodies]
+        finally:
+            connection.close()
+
+    for body, reply in zip(bodies, run_async(send_all())):
+        parsed = RankReply.model_validate_json(reply)
+        assert parsed.candidates == orjson.loads(body)["candidates"] and sorted(parsed.order) == list(range(7))
+
+
+def test_a_refused_request_is_an_error_naming_the_status(port):
+    async def send_bad():
+        connection = await HttpConnection.open("127.0.0.1", port)
+        try:
+            await connection.post(b'{"user_id": 1, "scenario": "home_feed", "candidates": []}')
+        finally:
+            connection.close()
+
+    with pytest.raises(RuntimeError, match="answered 422.*at least 1 item"):
+        run_async(send_bad())
+
+
+def test_closed_and_open_loop_runs_measure_every_request(port):
+    bodies = request_bodies(users=3, n_candidates=20, seed=1, n_tracks=N_TRACKS, count=16)
+    closed = run_async(closed_loop("127.0.0.1", port, clients=4, seconds=0.5, bodies=bodies))
+    figures = summary(closed)
+    assert figures["requests"] == len(closed.server_ms) > 4
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    # The client-side latency contains the server's own queued-to-answered time.
+    assert all(client * 1e3 >= server for client, server in zip(closed.latencies, closed.server_ms))
+    opened = run_async(open_loop("127.0.0.1", port, rate=40.0, connections=4, seconds=0.5, bodies=bodies, seed=2))
+    figures = summary(opened)
+    assert figures["offered_per_s"] == 40.0 and figures["requests"] == len(opened.latencies) > 0
+    assert 0 <= figures["waited_for_connection"] <= figures["requests"]
+    assert process_cpu_seconds(os.getpid()) > 0
