@@ -59,9 +59,17 @@ class UserSequence:
 
 def sequence_tokens(events: EventBatch) -> EventBatch:
     """The events that become sequence tokens, ordered by (user_id, event_id)."""
-    tokens = events.select(np.isin(events.behaviour, SEQUENCE_BEHAVIOUR_CODES))
-    order = np.lexsort((tokens.event_id, tokens.user_id))
-    return tokens.select(order)
+    return events.select(_token_order(events))
+
+
+_IS_TOKEN = np.zeros(256, bool)  # by behaviour code (as uint8: a negative code is not a token)
+_IS_TOKEN[SEQUENCE_BEHAVIOUR_CODES.astype(np.uint8)] = True
+
+
+def _token_order(events: EventBatch) -> np.ndarray:
+    """Positions of the token events, ordered by (user_id, event_id)."""
+    positions = np.flatnonzero(_IS_TOKEN[events.behaviour.astype(np.uint8)])
+    return positions[np.lexsort((events.event_id[positions], events.user_id[positions]))]
 
 
 def apply_events(
@@ -70,41 +78,108 @@ def apply_events(
     """Apply a batch of events to sequence state; return the new sequences of touched users.
 
     Pure: `current` is not modified. Users whose every token was a duplicate are not returned.
+
+    Every touched user's new arrays (the surviving tail of the stored sequence, then the new
+    tokens) are gathered for the whole batch at once, with one index shared by the four
+    columns; per user only two copies remain (an int64 block for track ids and timestamps,
+    an int8 block for behaviours and scenarios, whose rows become the sequence's arrays).
+    Copies, not views of the batch's arrays: a view would keep the whole batch alive for as
+    long as its least active user goes without events. `apply_events_reference` is the
+    plain per-user version the tests hold this to.
     """
-    tokens = sequence_tokens(events)
-    if len(tokens) == 0:
+    plan = _plan(current, events, max_len)
+    if plan is None:
         return {}
-    # Everything that does not depend on one user's stored sequence is done for the whole
-    # batch at once; per user only the final two-piece concatenations remain (a batch holds
-    # tens of users, and per-user numpy calls were most of the features stage's time).
-    user, ids = tokens.user_id, tokens.event_id
-    users, starts, counts = np.unique(user, return_index=True, return_counts=True)
+    touched_users, stored, survivors, new_starts, n_new, last_ids = plan
+    old_lengths = np.fromiter((len(s.track_ids) for s in stored), np.int64, len(stored))
+    held = [s for s, n in zip(stored, old_lengths.tolist()) if n]
+    n_old = np.minimum(old_lengths, max_len - n_new)
+    # Segments, user by user: the kept tail of the stored arrays, then the new tokens; as
+    # positions in (all stored arrays back to back) followed by (the survivors).
+    old_base = np.cumsum(old_lengths) - old_lengths
+    total_old = int(old_lengths.sum())
+    segment_starts = np.stack((old_base + old_lengths - n_old, total_old + new_starts), axis=1).ravel()
+    segment_lengths = np.stack((n_old, n_new), axis=1).ravel()
+    sizes = n_old + n_new
+    ends = np.cumsum(sizes)
+    index = np.repeat(segment_starts - (np.cumsum(segment_lengths) - segment_lengths), segment_lengths)
+    index += np.arange(len(index))
+
+    def gathered(name: str, new: np.ndarray) -> np.ndarray:
+        if not held:
+            return new[index]
+        return np.concatenate([getattr(s, name) for s in held] + [new])[index]
+
+    wide = np.empty((2, len(index)), np.int64)  # track ids, timestamps
+    wide[0], wide[1] = gathered("track_ids", survivors.track_id), gathered("timestamps", survivors.ts)
+    narrow = np.empty((2, len(index)), np.int8)  # behaviours, scenarios
+    narrow[0], narrow[1] = gathered("behaviours", survivors.behaviour), gathered("scenarios", survivors.scenario)
+
+    updated: dict[int, UserSequence] = {}
+    track_ids, timestamps, behaviours, scenarios = wide[0], wide[1], narrow[0], narrow[1]
+    for user_id, start, end, last_id in zip(touched_users, (ends - sizes).tolist(), ends.tolist(), last_ids):
+        updated[user_id] = UserSequence(track_ids[start:end].copy(), behaviours[start:end].copy(),
+                                        scenarios[start:end].copy(), timestamps[start:end].copy(),
+                                        last_event_id=last_id)
+    return updated
+
+
+def _plan(current: Mapping[int, UserSequence], events: EventBatch, max_len: int):
+    """What `apply_events` does for the batch as a whole: which users change, their stored
+    sequences, the tokens that survive dedup and truncation (grouped by user, in order),
+    where each touched user's new tokens start among them and how many there are, and
+    each touched user's new high-water mark. None when nothing changes."""
+    order = _token_order(events)
+    if len(order) == 0:
+        return None
+    user, ids = events.user_id[order], events.event_id[order]
+    first = np.ones(len(order), bool)  # the first token of each user (tokens are grouped by user)
+    np.not_equal(user[1:], user[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    counts = np.diff(starts, append=len(order))
+    users = user[starts]
     previous = [current.get(u) for u in users.tolist()]
     marks = np.array([-1 if p is None else p.last_event_id for p in previous], np.int64)
     # Skip redeliveries (at or below the user's high-water mark) and duplicates inside the batch.
     keep = ids > np.repeat(marks, counts)
-    keep[1:] &= (ids[1:] != ids[:-1]) | (user[1:] != user[:-1])
+    keep[1:] &= (ids[1:] != ids[:-1]) | first[1:]
     kept = np.add.reduceat(keep.astype(np.int64), starts)
     # Of each user's kept tokens only the last `max_len` can survive truncation.
     from_end = np.repeat(np.cumsum(kept), counts) - np.cumsum(keep)  # kept tokens after this one
-    survivors = tokens.select(keep & (from_end < max_len))
+    survivors = _Tokens(events, order[keep & (from_end < max_len)])
     n_new = np.minimum(kept, max_len)
     ends = np.cumsum(n_new)
-    columns = (survivors.track_id, survivors.behaviour, survivors.scenario, survivors.ts)
     touched = np.flatnonzero(kept)
-    last_ids = survivors.event_id[ends[touched] - 1]
+    if len(touched) == 0:
+        return None
+    empty = UserSequence.empty()
+    stored = [empty if previous[i] is None else previous[i] for i in touched.tolist()]
+    return (users[touched].tolist(), stored, survivors, (ends - n_new)[touched], n_new[touched],
+            survivors.event_id[ends[touched] - 1].tolist())
 
+
+class _Tokens:
+    """The surviving tokens' columns that sequences need (not a whole EventBatch select)."""
+
+    def __init__(self, events: EventBatch, rows: np.ndarray) -> None:
+        self.track_id, self.behaviour = events.track_id[rows], events.behaviour[rows]
+        self.scenario, self.ts, self.event_id = events.scenario[rows], events.ts[rows], events.event_id[rows]
+
+
+def apply_events_reference(
+    current: Mapping[int, UserSequence], events: EventBatch, max_len: int = DEFAULT_MAX_LEN
+) -> dict[int, UserSequence]:
+    """`apply_events` one user at a time: the plain version the tests compare it with."""
+    plan = _plan(current, events, max_len)
+    if plan is None:
+        return {}
+    touched_users, stored, survivors, new_starts, n_new, last_ids = plan
+    columns = (survivors.track_id, survivors.behaviour, survivors.scenario, survivors.ts)
     updated: dict[int, UserSequence] = {}
-    for i, user_id, end, n, last_id in zip(touched.tolist(), users[touched].tolist(), ends[touched].tolist(),
-                                           n_new[touched].tolist(), last_ids.tolist()):
-        stored = previous[i] or UserSequence.empty()
-        start = end - n
-        n_old = min(len(stored), max_len - n)
-        if n_old:
-            old = (stored.track_ids, stored.behaviours, stored.scenarios, stored.timestamps)
-            arrays = [np.concatenate((o[len(o) - n_old:], c[start:end])) for o, c in zip(old, columns)]
-        else:  # a copy, so the sequence does not keep the whole batch's arrays alive
-            arrays = [c[start:end].copy() for c in columns]
+    for user_id, seq, start, n, last_id in zip(touched_users, stored, new_starts.tolist(), n_new.tolist(), last_ids):
+        n_old = min(len(seq), max_len - n)
+        old = (seq.track_ids, seq.behaviours, seq.scenarios, seq.timestamps)
+        arrays = [np.concatenate((o[len(o) - n_old:], c[start:start + n])) for o, c in zip(old, columns)]
         updated[user_id] = UserSequence(*arrays, last_event_id=last_id)
     return updated
 

@@ -9,16 +9,21 @@ Fast path, writes: Feast's SQLite store issues one `execute` per entity per feat
 building a protobuf per value in Python costs as much again; at the sandbox's write rates
 (tens of thousands of 256-long sequences per simulated day) that was most of the loop's
 time. So on SQLite the client encodes the `ValueProto` bytes of a whole batch at once with
-numpy (`features.feast_codec`, byte-identical to `ValueProto.SerializeToString`) and upserts them with one `executemany` in one transaction
-into the table Feast created, in the row format Feast's `online_write_batch` writes
-(entity key serialised by Feast, `value_text` for scalars, `event_ts` through Feast's
-adapter). The tests check that Feast's public `get_online_features` reads back exactly
-what was written, and that the stored rows equal those of Feast's own write. Measured in
-the 1-day sandbox loop on 2 shared cores: Feast writes went from ~8-14 s to ~2-3 s of CPU.
-Redis gets the same bytes as protos through the provider's `online_write_batch`.
+numpy (`features.feast_codec`, byte-identical to `ValueProto.SerializeToString`, one column
+at a time) and upserts them with a few multi-row statements in one transaction (see
+`_SqliteWriter` for why not `executemany`) into the table Feast created, in the row format
+Feast's `online_write_batch` writes (entity key serialised by Feast, `value_text` for
+scalars, `event_ts` as Feast's adapter stores it). The tests check that Feast's public
+`get_online_features` reads back exactly what was written, and that the stored rows equal
+those of Feast's own write. Redis gets the same bytes as protos through the provider's
+`online_write_batch`.
 
-Fast path, reads: through the provider's `online_read` (what `get_online_features` starts
-from), minus `get_online_features`' per-value response assembly.
+Fast path, reads: on SQLite, the query Feast's `online_read` runs, on Feast's connection,
+with the values decoded a column at a time by `features.feast_codec` instead of one
+protobuf per value (and one numpy array per list) in Python. `get_sequences_via_feast` /
+`read_track_stats_via_feast` go through the provider's `online_read` (what
+`get_online_features` starts from); they serve Redis and are the reference the tests hold
+the fast path to.
 
 Writes may come from another thread (the embedded updater's background writer): the
 client writes SQLite through a connection of its own, so Feast's connection (reads) never
@@ -32,13 +37,16 @@ previous write. We turn it off (`skip_dedup`). Row timestamps are still meaningf
 newest event time of the row (or the caller's `event_ts`).
 
 SQLite: Feast opens the database in rollback-journal mode, where every commit waits for an
-fsync (~1,000 single-row writes/s here). We switch it to WAL with synchronous=NORMAL: ~5x
-the single-row writes/s, readers in other processes (a ranker service) no longer block on
-the writer, and a process crash still loses nothing committed.
+fsync (~1,000 single-row writes/s here). Feast's connection (reads) is switched to WAL, so
+readers in other processes (a ranker service) no longer block on the writer. The writer's
+own connection also skips fsyncs (synchronous=OFF): a process crash loses nothing
+committed, an operating-system crash may lose or corrupt the per-run store, which is
+rebuilt from the event log (see `_SqliteWriter`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 import threading
@@ -58,7 +66,8 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from features.feast_codec import encode_float64_lists, encode_float64s, encode_int64_lists, encode_int64s
+from features.feast_codec import (decode_float64_lists, decode_int64_lists, decode_int64s, encode_float64_lists,
+                                  encode_float64s, encode_int64_lists, encode_int64s)
 from features.repo import definitions
 from features.sequence import UserSequence
 from features.track_stats import N_BEHAVIOURS, RECENT_FEATURES, TOTAL_FEATURES, TrackStats
@@ -68,6 +77,7 @@ OnlineStoreKind = Literal["sqlite", "redis"]
 SEQUENCE_ARRAYS = ("track_ids", "behaviours", "scenarios", "timestamps")  # UserSequence fields
 SEQUENCE_FEATURES = SEQUENCE_ARRAYS + ("length", "last_event_id")
 TRACK_STAT_FEATURES = ("totals", "recent", "as_of_ts")  # arrays indexed by behaviour code
+_KEYS_PER_QUERY = 30_000  # under SQLite's default limit of bound variables (32,766 since 3.32)
 
 
 def redis_connection_string(url: str) -> str:
@@ -120,8 +130,17 @@ def feast_objects() -> list:
 
 
 def _naive_utc(ms: int) -> datetime:
-    """A row timestamp as Feast's SQLite store stores it (naive UTC, through Feast's adapter)."""
+    """A row timestamp as Feast's SQLite store receives it (naive UTC)."""
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).replace(tzinfo=None)
+
+
+def _sqlite_ts(ms: int) -> object:
+    """What Feast's SQLite store puts in `event_ts` for a row stamped `ms`: its registered
+    datetime adapter applied to the naive UTC time. Applied once per distinct stamp, so
+    `executemany` binds a plain value instead of calling the adapter per row."""
+    stamp = _naive_utc(ms)
+    adapter = sqlite3.adapters.get((datetime, sqlite3.PrepareProtocol))
+    return adapter(stamp) if adapter is not None else stamp
 
 
 class _FeatureColumns:
@@ -148,9 +167,11 @@ class _FeatureColumns:
         self._add(names, encode_float64s(values), [str(v) for v in values.tolist()])
 
     def int64_lists(self, names: Sequence[str], flats: Sequence[np.ndarray], lengths: np.ndarray) -> None:
-        """`flats[i]`: feature i's lists back to back, `lengths[j]` values for entity j."""
-        blobs = encode_int64_lists(np.concatenate(flats), np.tile(lengths, len(names)))
-        self._add(names, blobs, [None] * len(blobs))
+        """`flats[i]`: feature i's lists back to back, `lengths[j]` values for entity j.
+        One feature at a time: each then has one varint width (timestamps 6 bytes, codes
+        1), which the encoder handles without per-value lengths."""
+        for name, flat in zip(names, flats):
+            self._add((name,), encode_int64_lists(flat, lengths), [None] * self.n)
 
     def float64_lists(self, names: Sequence[str], flats: Sequence[np.ndarray], lengths: np.ndarray) -> None:
         blobs = encode_float64_lists(np.concatenate(flats), np.tile(lengths, len(names)))
@@ -158,28 +179,75 @@ class _FeatureColumns:
 
 
 class _SqliteWriter:
-    """Upserts into the tables Feast's SQLite online store created, one `executemany` and
-    one transaction per batch, in the rows `SqliteOnlineStore.online_write_batch` writes."""
+    """Upserts into the tables Feast's SQLite online store created, in the rows
+    `SqliteOnlineStore.online_write_batch` writes, one transaction per batch.
+
+    Rows go in multi-row statements (`INSERT ... VALUES (...), (...), ...`), not
+    `executemany`: Python's sqlite3 releases the GIL around each `sqlite3_step` and must
+    win it back afterwards, once per row with `executemany`. On a background thread beside
+    a busy main thread each win-back can wait a whole switch interval (5 ms), which made
+    the sandbox's writes slow and its main thread stall. A statement per chunk of rows has
+    a handful of steps per batch. Chunks are powers of two (at most `MAX_CHUNK_ROWS`
+    rows, within SQLite's bound-variable limit) so a few statement texts cover every batch
+    size and stay in the connection's statement cache.
+
+    Connection settings, each measured on the sandbox's write batches (SQLite time of a
+    3-day run's sequence writes, 2 shared cores): WAL so Feast's connection reads while
+    this one writes; `synchronous=OFF`, `secure_delete=OFF` (this SQLite build zeroes
+    every freed byte by default) and a 64 MiB page cache together cut the time ~2.4x.
+    Durability: with synchronous=OFF a committed write survives a crash of this process
+    but not necessarily of the operating system or a power cut, which may lose the last
+    transactions or corrupt the file. The online store is a per-run copy derived from the
+    event log (DuckDB / Kafka), rebuilt by replaying it, so that trade is taken here."""
+
+    PRAGMAS = ("journal_mode=WAL", "synchronous=OFF", "secure_delete=OFF", "cache_size=-65536")
+    COLUMNS = 5  # bound per row: entity_key, feature_name, value, value_text, event_ts
+    MAX_CHUNK_ROWS = 1024
 
     def __init__(self, db_path: str) -> None:
-        # Same type detection as Feast's connection; check_same_thread=False: the writer
-        # may live on a background thread (one at a time; the updater serialises writes).
-        self.connection = sqlite3.connect(db_path, detect_types=sqlite3.PARSE_DECLTYPES | sqlite3.PARSE_COLNAMES,
-                                          check_same_thread=False)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA synchronous=NORMAL")
+        # check_same_thread=False: the writer may live on a background thread (one at a
+        # time; the updater serialises writes). No type detection: this connection only writes.
+        self.connection = sqlite3.connect(db_path, check_same_thread=False)
+        for pragma in self.PRAGMAS:
+            self.connection.execute(f"PRAGMA {pragma}")
+        limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // self.COLUMNS
+        self.max_chunk = 1 << (min(limit, self.MAX_CHUNK_ROWS).bit_length() - 1)
 
-    def upsert(self, table: str, keys: list[bytes], columns: _FeatureColumns, event_ts: list[datetime]) -> None:
-        sql = (f'INSERT INTO "{table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-               "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-               "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-               "created_ts = excluded.created_ts")
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def _sql(table: str, n_rows: int) -> str:
+        values = ", ".join(["(?, ?, ?, ?, ?, NULL)"] * n_rows)
+        return (f'INSERT INTO "{table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
+                f"VALUES {values} ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+                "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+                "created_ts = excluded.created_ts")
+
+    def _chunks(self, n_rows: int) -> list[int]:
+        """Row counts of the statements for `n_rows`: full chunks, then powers of two."""
+        sizes = [self.max_chunk] * (n_rows // self.max_chunk)
+        rest = n_rows % self.max_chunk
+        return sizes + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
+
+    def upsert(self, table: str, keys: list[bytes], columns: _FeatureColumns, event_ts: list) -> None:
+        params = list(itertools.chain.from_iterable(itertools.chain.from_iterable(
+            zip(keys, itertools.repeat(name), values, columns.texts[name], event_ts)
+            for name, values in columns.values.items()
+        )))
+        start = 0
+        with self.connection:
+            for rows in self._chunks(len(params) // self.COLUMNS):
+                end = start + rows * self.COLUMNS
+                self.connection.execute(self._sql(table, rows), params[start:end])
+                start = end
+
+    def upsert_reference(self, table: str, keys: list[bytes], columns: _FeatureColumns, event_ts: list) -> None:
+        """`upsert` with one `executemany`: the plain version the tests compare it with."""
         rows = itertools.chain.from_iterable(
             zip(keys, itertools.repeat(name), values, columns.texts[name], event_ts)
             for name, values in columns.values.items()
         )
         with self.connection:
-            self.connection.executemany(sql, rows)
+            self.connection.executemany(self._sql(table, 1), rows)
 
 
 class FeatureStoreClient:
@@ -233,37 +301,66 @@ class FeatureStoreClient:
             out.append(key)
         return out
 
+    def _table(self, view_name: str) -> str:
+        config = self.store.config
+        return compute_table_id(config.project, self._view(view_name),
+                                config.registry.enable_online_feature_view_versioning)
+
     def _write(self, view_name: str, join_key: str, ids: list[int], columns: _FeatureColumns,
                timestamps_ms: list[int]) -> int:
         if not ids:
             return 0
         view = self._view(view_name)
-        stamps = {ms: _naive_utc(ms) for ms in set(timestamps_ms)}
-        event_ts = [stamps[ms] for ms in timestamps_ms]
         if self._sqlite is not None:
-            config = self.store.config
-            table = compute_table_id(config.project, view, config.registry.enable_online_feature_view_versioning)
-            self._sqlite.upsert(table, self._keys(join_key, ids), columns, event_ts)
+            stamps = {ms: _sqlite_ts(ms) for ms in set(timestamps_ms)}
+            event_ts = [stamps[ms] for ms in timestamps_ms]
+            self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
         else:
             names = list(columns.values)
+            stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
             rows = [
                 (EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]),
                  {name: ValueProto.FromString(columns.values[name][row]) for name in names},
-                 ts.replace(tzinfo=timezone.utc), None)
-                for row, (i, ts) in enumerate(zip(ids, event_ts))
+                 stamps[ms], None)
+                for row, (i, ms) in enumerate(zip(ids, timestamps_ms))
             ]
             self.store.provider.online_write_batch(self.store.config, view, rows, progress=None)
         return len(ids)
 
     def _read(self, view_name: str, join_key: str, ids: Sequence[int],
               features: Sequence[str]) -> list[dict[str, ValueProto] | None]:
-        """One dict of feature protos per id, None where the entity has no row (SQLite
-        says so with None, Redis with a dict of unset values)."""
+        """Reference read, through the provider's `online_read` (what `get_online_features`
+        starts from): one dict of feature protos per id, None where the entity has no row
+        (SQLite says so with None, Redis with a dict of unset values)."""
         if len(ids) == 0:
             return []
         keys = [EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]) for i in ids]
         found = self.store.provider.online_read(self.store.config, self._view(view_name), keys, list(features))
         return [row if row and any(v.WhichOneof("val") for v in row.values()) else None for _, row in found]
+
+    def _read_values(self, view_name: str, join_key: str, ids: Sequence[int],
+                     features: Sequence[str]) -> tuple[list[int], dict[str, list[bytes]]] | None:
+        """Fast read (SQLite): the stored ValueProto bytes, decoded later a column at a time
+        by `features.feast_codec` instead of one protobuf per value. The query is the one
+        `online_read` runs, on Feast's own connection. Returns the positions in `ids` that
+        have a row and, per feature, their bytes in that order; None when this store or a
+        row is not what the fast path handles (the caller then takes the reference read)."""
+        if self._sqlite is None:
+            return None
+        keys = self._keys(join_key, ids)
+        connection = self.store.provider.online_store._get_conn(self.store.config)
+        table, found = self._table(view_name), {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            part = keys[start:start + _KEYS_PER_QUERY]
+            sql = f'SELECT entity_key, feature_name, value FROM "{table}" WHERE entity_key IN ({",".join("?" * len(part))})'
+            for key, name, value in connection.execute(sql, part):
+                found.setdefault(key, {})[name] = value
+        rows = [found.get(key) for key in keys]
+        present = [i for i, row in enumerate(rows) if row and any(row.values())]  # b"": an unset value
+        try:
+            return present, {name: [rows[i][name] for i in present] for name in features}
+        except KeyError:  # a row missing a feature: leave the odd case to the reference read
+            return None
 
     # -- user sequences ---------------------------------------------------------------
 
@@ -285,7 +382,36 @@ class FeatureStoreClient:
 
     def get_sequences(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
         """Sequences of `user_ids`. Every requested user is a key: one with no row yet gets
-        `UserSequence.empty()`, so rankers treat new and unknown users alike."""
+        `UserSequence.empty()`, so rankers treat new and unknown users alike.
+
+        On SQLite the values are decoded a column at a time (`_read_values`); elsewhere,
+        and as the reference the tests compare with, `get_sequences_via_feast`. A user's
+        arrays are views of the read's columns, so they live as long as one of the read's
+        sequences does (memory stays the size of what was read)."""
+        ids = [int(u) for u in user_ids]
+        fast = self._read_values("user_sequence", "user_id", ids, SEQUENCE_ARRAYS + ("last_event_id",))
+        if fast is None:
+            return self.get_sequences_via_feast(ids)
+        present, values = fast
+        columns, lengths = {}, None
+        for name in SEQUENCE_ARRAYS:
+            columns[name], counts = decode_int64_lists(values[name])
+            if lengths is not None and not np.array_equal(counts, lengths):
+                raise ValueError("stored sequence arrays of one user differ in length")
+            lengths = counts
+        found = {}
+        if present:
+            track_ids, timestamps = columns["track_ids"], columns["timestamps"]
+            behaviours, scenarios = columns["behaviours"].astype(np.int8), columns["scenarios"].astype(np.int8)
+            ends = np.cumsum(lengths)
+            for i, start, end, last_id in zip(present, (ends - lengths).tolist(), ends.tolist(),
+                                              decode_int64s(values["last_event_id"]).tolist()):
+                found[ids[i]] = UserSequence(track_ids[start:end], behaviours[start:end], scenarios[start:end],
+                                             timestamps[start:end], last_event_id=last_id)
+        return {user: found[user] if user in found else UserSequence.empty() for user in ids}
+
+    def get_sequences_via_feast(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
+        """`get_sequences` through the provider's `online_read`, one protobuf per value."""
         ids = [int(u) for u in user_ids]
         result = {}
         for user, row in zip(ids, self._read("user_sequence", "user_id", ids, SEQUENCE_FEATURES)):
@@ -317,7 +443,24 @@ class FeatureStoreClient:
     def read_track_stats(self, track_ids: Sequence[int]) -> TrackStats:
         """Stored rows of the distinct `track_ids`, sorted by id, so the result can be the
         `current` of `apply_track_events` (a Faust agent restoring state); tracks with no
-        row are zeros."""
+        row are zeros. Decoded a column at a time on SQLite, like `get_sequences`."""
+        ids = np.unique(np.asarray(track_ids, np.int64))
+        fast = self._read_values("track_stats", "track_id", ids.tolist(), TRACK_STAT_FEATURES)
+        if fast is None:
+            return self.read_track_stats_via_feast(ids)
+        present, values = fast
+        stats = TrackStats.zeros(ids)
+        totals, total_counts = decode_int64_lists(values["totals"])
+        recent, recent_counts = decode_float64_lists(values["recent"])
+        if np.any(total_counts != N_BEHAVIOURS) or np.any(recent_counts != N_BEHAVIOURS):
+            raise ValueError(f"stored track statistics do not have {N_BEHAVIOURS} behaviours")
+        stats.totals[present] = totals.reshape(-1, N_BEHAVIOURS)
+        stats.recent[present] = recent.reshape(-1, N_BEHAVIOURS)
+        stats.as_of_ts[present] = decode_int64s(values["as_of_ts"])
+        return stats
+
+    def read_track_stats_via_feast(self, track_ids: Sequence[int]) -> TrackStats:
+        """`read_track_stats` through the provider's `online_read`, one protobuf per value."""
         ids = np.unique(np.asarray(track_ids, np.int64))
         stats = TrackStats.zeros(ids)
         for i, row in enumerate(self._read("track_stats", "track_id", ids.tolist(), TRACK_STAT_FEATURES)):

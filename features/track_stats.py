@@ -84,6 +84,14 @@ class TrackStats:
         result.as_of_ts[found] = held.as_of_ts
         return result
 
+    def holds(self, track_ids: np.ndarray) -> np.ndarray:
+        """Whether each of `track_ids` has a row here (a binary search, no sort)."""
+        track_ids = np.asarray(track_ids, np.int64)
+        index = np.searchsorted(self.track_ids, track_ids)
+        found = index < len(self)
+        found[found] = self.track_ids[index[found]] == track_ids[found]
+        return found
+
     def upsert(self, updates: "TrackStats") -> "TrackStats":
         """A new TrackStats with `updates`' rows replacing or adding to these.
 
@@ -109,6 +117,19 @@ class TrackStats:
             out[~from_updates] = ours[kept]
             merged.append(_overwrite(out, rows, theirs))
         return TrackStats(*merged)
+
+    def upsert_in_place(self, updates: "TrackStats") -> "TrackStats":
+        """`upsert` for state only its owner holds: when every update's track is already
+        here (the steady state), its rows are overwritten in these arrays and `self` is
+        returned, instead of copying the whole catalog's statistics on every event batch;
+        otherwise the merged copy `upsert` makes. Callers must not share `self` (the
+        embedded updater hands the writer `lookup` copies, never its state)."""
+        index = np.searchsorted(self.track_ids, updates.track_ids)
+        if len(updates) and int(index.max()) < len(self) and np.array_equal(self.track_ids[index], updates.track_ids):
+            for ours, theirs in zip(self._columns()[1:], updates._columns()[1:]):
+                ours[index] = theirs
+            return self
+        return self.upsert(updates)
 
     def _columns(self) -> tuple[np.ndarray, ...]:
         return self.track_ids, self.totals, self.recent, self.as_of_ts
@@ -141,12 +162,37 @@ def apply_track_events(current: TrackStats | None, events: EventBatch) -> TrackS
     """
     if len(events) == 0:
         return TrackStats.empty()
-    tracks, event_row = np.unique(events.track_id, return_inverse=True)
+    # Group events by track with one stable sort (what np.unique does, minus its overhead);
+    # the newest event per track is a reduceat over the groups, not a slower ufunc.at.
+    order = np.argsort(events.track_id, kind="stable")
+    sorted_tracks = events.track_id[order]
+    first = np.ones(len(order), bool)
+    np.not_equal(sorted_tracks[1:], sorted_tracks[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    tracks = sorted_tracks[starts]
+    event_row = np.empty(len(order), np.int64)
+    event_row[order] = np.cumsum(first) - 1
     previous = (current if current is not None else TrackStats.empty()).lookup(tracks)
 
+    as_of = np.maximum(previous.as_of_ts, np.maximum.reduceat(events.ts[order], starts))
+    # Bring old decayed counts to the new as-of time, then add each event at its own age.
+    recent = previous.recent * np.exp(-(as_of - previous.as_of_ts) / RECENT_TAU_MS)[:, None]
+    cell = event_row * N_BEHAVIOURS + events.behaviour.astype(np.int64)
+    size = len(tracks) * N_BEHAVIOURS
+    weight = np.exp(-(as_of[event_row] - events.ts) / RECENT_TAU_MS)
+    recent += np.bincount(cell, weights=weight, minlength=size).reshape(-1, N_BEHAVIOURS)
+    totals = previous.totals + np.bincount(cell, minlength=size).reshape(-1, N_BEHAVIOURS)
+    return TrackStats(tracks, totals, recent, as_of)
+
+
+def apply_track_events_reference(current: TrackStats | None, events: EventBatch) -> TrackStats:
+    """`apply_track_events` with np.unique and ufunc.at: the plain version the tests compare with."""
+    if len(events) == 0:
+        return TrackStats.empty()
+    tracks, event_row = np.unique(events.track_id, return_inverse=True)
+    previous = (current if current is not None else TrackStats.empty()).lookup(tracks)
     as_of = previous.as_of_ts.copy()
     np.maximum.at(as_of, event_row, events.ts)
-    # Bring old decayed counts to the new as-of time, then add each event at its own age.
     recent = previous.recent * np.exp(-(as_of - previous.as_of_ts) / RECENT_TAU_MS)[:, None]
     cell = event_row * N_BEHAVIOURS + events.behaviour.astype(np.int64)
     size = len(tracks) * N_BEHAVIOURS

@@ -18,6 +18,10 @@ The periodic pushes that fall due while events arrive are handed to the writer r
 after that wait, so they run alongside the ranking and simulation of the next tick
 instead of delaying the next ranking call; if no ranking call comes, they go with the
 next event batch.
+
+Track statistics are kept as one row per track id from 0 up (zeros until a track's first
+event) and updated in place, so an event batch costs work in its own tracks, not a copy of
+the catalog's statistics; a push hands the writer a copy of the touched rows only.
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Protocol
 
+import numpy as np
+
 from features.sequence import UserSequence, apply_events
 from features.track_stats import TrackStats, apply_track_events
 from streaming.events import EventBatch
+
+
+_DENSE_TRACK_LIMIT = 1 << 18  # rows of zeros held ahead for track ids below this (~40 MB at most)
 
 
 class FeatureWriter(Protocol):
@@ -45,7 +54,7 @@ class FeatureUpdater:
         self.sequences: dict[int, UserSequence] = {}
         self.track_stats = TrackStats.empty()
         self._pending_sequences: dict[int, UserSequence] = {}
-        self._pending_tracks = TrackStats.empty()
+        self._dirty_tracks: list[np.ndarray] = []  # ids touched since the last track push
         self._last_flush_ts: int | None = None
         self._last_track_flush_ts: int | None = None
         self._latest_ts = 0
@@ -67,9 +76,10 @@ class FeatureUpdater:
         updated = apply_events(self.sequences, events, self.max_len)
         self.sequences.update(updated)
         self._pending_sequences.update(updated)
+        self._hold_rows_for(events.track_id)
         touched = apply_track_events(self.track_stats, events)
-        self.track_stats = self.track_stats.upsert(touched)
-        self._pending_tracks = self._pending_tracks.upsert(touched)
+        self.track_stats = self.track_stats.upsert_in_place(touched)  # only the writer's copies leave
+        self._dirty_tracks.append(touched.track_ids)
         self._latest_ts = max(self._latest_ts, int(events.ts.max()))
         if self._last_flush_ts is None:
             self._last_flush_ts = self._last_track_flush_ts = self._latest_ts
@@ -79,6 +89,19 @@ class FeatureUpdater:
             self._tracks_due, self._last_track_flush_ts = True, self._latest_ts
         if self._writer is None:
             self._write_due()
+
+    def _hold_rows_for(self, track_ids: np.ndarray) -> None:
+        """Keep a row for every track id from 0 up to the largest seen (zeros, as of 0, for
+        tracks without events, exactly what `lookup` gives a track it does not hold), so
+        a batch's tracks are nearly always held and `upsert_in_place` writes into the
+        arrays instead of merging a copy of the catalog's statistics. Growth doubles;
+        ids past `_DENSE_TRACK_LIMIT` are merged in as they come."""
+        if len(track_ids) == 0:
+            return
+        top, held = int(track_ids.max()), len(self.track_stats)
+        if held <= top < _DENSE_TRACK_LIMIT and int(track_ids.min()) >= 0:
+            rows = np.arange(min(max(top + 1, 2 * held, 1024), _DENSE_TRACK_LIMIT), dtype=np.int64)
+            self.track_stats = TrackStats.zeros(rows).upsert_in_place(self.track_stats)
 
     def flush_users(self, user_ids: Iterable[int]) -> None:
         """Make these users' pending sequences readable in Feast (they are about to be
@@ -126,7 +149,8 @@ class FeatureUpdater:
         self.sequence_rows_written += len(batch)
 
     def _write_tracks(self) -> None:
-        if len(self._pending_tracks):
-            self._submit(self.store.write_track_stats, self._pending_tracks, self._latest_ts)
-            self.track_rows_written += len(self._pending_tracks)
-            self._pending_tracks = TrackStats.empty()
+        if self._dirty_tracks:
+            rows = self.track_stats.lookup(np.unique(np.concatenate(self._dirty_tracks)))  # a copy
+            self._dirty_tracks = []
+            self._submit(self.store.write_track_stats, rows, self._latest_ts)
+            self.track_rows_written += len(rows)

@@ -307,14 +307,38 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_embedded_only(batches: list[EventBatch], coalesce_events: int, repeats: int) -> dict:
+    """The embedded figures of `bench_stream` without Kafka (best of `repeats`), for
+    measuring the feature path alone: per simulator batch, coalesced to `coalesce_events`
+    (what a loaded worker takes; `bench_stream` derives it from its messages, ~2,300), and
+    coalesced with sequences only."""
+    coalesced = coalesce(batches, coalesce_events)
+    runs = {"embedded_events_per_s": (batches, True), "embedded_coalesced_events_per_s": (coalesced, True),
+            "embedded_sequences_only_events_per_s": (coalesced, False)}
+    result = {"events": sum(len(b) for b in batches), "embedded_worker_batch_events": coalesce_events}
+    for _ in range(repeats):
+        for name, (part, track_stats) in runs.items():
+            result[name] = max(result.get(name, 0.0), bench_embedded(part, track_stats=track_stats))
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Kafka -> Faust -> Feast stream benchmark")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--paced-rate", type=float, default=5_000)
     parser.add_argument("--split-tracks", action="store_true", help="also run each worker count with track_stats in its own process")
+    parser.add_argument("--embedded-only", action="store_true",
+                        help="only the embedded path (no broker, no workers); figures are printed, not saved")
+    parser.add_argument("--coalesce-events", type=int, default=2_300,
+                        help="with --embedded-only: events per coalesced batch")
+    parser.add_argument("--repeats", type=int, default=3, help="with --embedded-only: best of this many runs")
     args = parser.parse_args(argv)
     batches = simulated_log(args.events)
+    if args.embedded_only:
+        result = bench_embedded_only(batches, args.coalesce_events, args.repeats)
+        print({k: round(v) if isinstance(v, float) else v for k, v in result.items()})
+        return
     rows = []
     for split in ([False, True] if args.split_tracks else [False]):
         for workers in args.workers:

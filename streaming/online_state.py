@@ -59,29 +59,33 @@ class TrackStatsState:
     def __init__(self, store: FeatureStoreClient) -> None:
         self.store = store
         self._cache = TrackStats.empty()
-        self._dirty = np.zeros(0, np.int64)  # track ids changed since the last flush
+        self._dirty: list[np.ndarray] = []  # ids of the tracks changed since the last flush, per batch
 
     def add(self, events: EventBatch) -> None:
-        """Apply events in memory; they reach Feast at the next `flush()`."""
+        """Apply events in memory; they reach Feast at the next `flush()`.
+
+        Cheap per batch: the cache is updated in place (it is this worker's own state; a
+        flush writes a `lookup` copy), and changed ids are only collected here and made
+        unique at the flush, instead of copying the cache and merging sets every batch."""
         if len(events) == 0:
             return
         tracks = np.unique(events.track_id)
-        known = np.isin(tracks, self._cache.track_ids)
-        if not known.all():
-            self._cache = self._cache.upsert(self.store.read_track_stats(tracks[~known]))
-        self._cache = self._cache.upsert(apply_track_events(self._cache, events))
-        self._dirty = np.union1d(self._dirty, tracks)
+        unknown = tracks[~self._cache.holds(tracks)]
+        if len(unknown):
+            self._cache = self._cache.upsert(self.store.read_track_stats(unknown))
+        self._cache = self._cache.upsert_in_place(apply_track_events(self._cache, events))
+        self._dirty.append(tracks)
 
     def flush(self) -> int:
         """Write the rows changed since the last flush; return how many."""
-        if len(self._dirty) == 0:
+        if not self._dirty:
             return 0
-        written = self.store.write_track_stats(self._cache.lookup(self._dirty))
-        self._dirty = np.zeros(0, np.int64)
+        written = self.store.write_track_stats(self._cache.lookup(np.unique(np.concatenate(self._dirty))))
+        self._dirty = []
         return written
 
     def forget(self) -> None:
         """Drop the cache, unflushed changes included: their events were not acked, so
         whoever owns the partitions next gets them again."""
         self._cache = TrackStats.empty()
-        self._dirty = np.zeros(0, np.int64)
+        self._dirty = []
