@@ -2,7 +2,9 @@
 
     tokens -> split into Nb blocks (by behaviour group, scenario or recency scale)
            -> per block: its own transformer stack, causal over the block's history,
-              attention logits / (tau * sqrt(d_head)) with tau from scenario and behaviour
+              attention logits / (tau * sqrt(d_head)) with tau from scenario and behaviour;
+              block_attention picks the stack: "softmax" (pre-norm transformer) or
+              "pointwise" (HSTU layers: SiLU(alpha (q / tau) k + rab) / N, U gating, no FFN)
            -> each candidate attends each block's history and itself (target-aware, SUMI)
            -> a per-dimension gate fuses the Nb block outputs -> one logit per task
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
+from ranker.hstu import HSTUStack
 from ranker.model_common import (
     DEFAULT_SIZES,
     BlockCache,
@@ -29,6 +32,7 @@ from ranker.model_common import (
     SoftmaxStack,
     TaskHeads,
     TARGET_BEHAVIOUR,
+    WeightDerivedTables,
     check_batch,
     gather_tokens,
     last_timestamps,
@@ -38,11 +42,14 @@ from ranker.model_common import (
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
 
 PARTITIONS = ("behaviour", "scenario", "recency", "none")
+BLOCK_ATTENTIONS = ("softmax", "pointwise")
 
 
 @dataclass(frozen=True)
 class AstroConfig(SoftmaxConfig):
-    partition: str = "behaviour"  # one of PARTITIONS
+    # Defaults: the issue-3 ablation winner (docs/astro.md): one block per scenario, HSTU
+    # (pointwise) layers inside each block, one layer per block stack (see SIZES).
+    partition: str = "scenario"  # one of PARTITIONS
     behaviour_groups: tuple[tuple[str, ...], ...] = (
         ("full_play", "like", "share", "add_to_playlist"),  # positive
         ("play",),  # neutral
@@ -56,6 +63,10 @@ class AstroConfig(SoftmaxConfig):
     tau_min: float = 0.1
     tau_hidden: int = 32
     fusion: str = "softmax"  # gate over blocks per dimension: "softmax" (sums to 1) or "sigmoid"
+    # The stack inside each block: "softmax" (SoftmaxStack) or "pointwise" (HSTUStack, with tau).
+    block_attention: str = "pointwise"
+    n_rab_buckets: int = 48  # pointwise only: buckets of the relative position / time bias
+    attention_norm: int = 0  # pointwise only: N in SiLU(.) / N; 0 means max_len
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,12 +76,23 @@ class AstroConfig(SoftmaxConfig):
             raise ValueError(f"temperature must be 'dynamic' or 'fixed', got {self.temperature!r}")
         if self.fusion not in ("softmax", "sigmoid"):
             raise ValueError(f"fusion must be 'softmax' or 'sigmoid', got {self.fusion!r}")
+        if self.block_attention not in BLOCK_ATTENTIONS:
+            raise ValueError(f"block_attention must be one of {BLOCK_ATTENTIONS}, got {self.block_attention!r}")
+        if self.n_rab_buckets < 1 or self.attention_norm < 0:
+            raise ValueError(
+                f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
+            )
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")
         _group_codes(self.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
         _group_codes(self.scenario_groups, SCENARIO_CODE, "scenario_groups")
         if not self.recency_scales or any(s < 1 for s in self.recency_scales):
             raise ValueError(f"recency_scales must be positive, got {self.recency_scales}")
+
+    @property
+    def stack_class(self) -> type[SoftmaxStack] | type[HSTUStack]:
+        """The stack each block runs; both share encode / attend_candidates / extend / flops."""
+        return HSTUStack if self.block_attention == "pointwise" else SoftmaxStack
 
     @property
     def n_blocks(self) -> int:
@@ -97,7 +119,9 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
     return block_of
 
 
-SIZES = DEFAULT_SIZES
+# The shared d_model / n_heads ladder with one layer per block stack: in the issue-3 ablation
+# a second layer cost ~2x the FLOPs per request and gained no full-play GAUC (docs/astro.md).
+SIZES: dict[str, dict[str, int]] = {name: {**size, "n_layers": 1} for name, size in DEFAULT_SIZES.items()}
 
 
 class DynamicTemperature(nn.Module):
@@ -150,12 +174,12 @@ class AstroModel(SequenceRanker):
 
     def __init__(self, cfg: AstroConfig):
         super().__init__(cfg)
-        n_blocks = cfg.n_blocks
+        n_blocks, stack_class = cfg.n_blocks, cfg.stack_class
         if cfg.share_block_layers:
-            shared = SoftmaxStack(cfg)
+            shared = stack_class(cfg)
             self.stacks = nn.ModuleList([shared] * n_blocks)
         else:
-            self.stacks = nn.ModuleList(SoftmaxStack(cfg) for _ in range(n_blocks))
+            self.stacks = nn.ModuleList(stack_class(cfg) for _ in range(n_blocks))
         self.block_position = None
         if cfg.block_positions:
             self.block_position = nn.ModuleList(nn.Embedding(cfg.max_len + 1, cfg.d_model) for _ in range(n_blocks))
@@ -239,6 +263,10 @@ class AstroModel(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
+        if end - start == 1 and all(isinstance(stack, SoftmaxStack) for stack in self.stacks):
+            self._extend_one(history, batch, start)  # the serving hot path; below is its reference
+            return
+        self._check_new_values(batch, start, end)
         x = self.embed.history(batch, start)[:, : end - start]  # [1, k, d]
         behaviours, scenarios = batch.history_behaviours[:, start:end], batch.history_scenarios[:, start:end]
         tau = self.temperatures(scenarios, behaviours)  # [1, k, Nb, h]
@@ -264,6 +292,61 @@ class AstroModel(SequenceRanker):
         history.length = end
         history.last_ts = int(batch.history_ts[0, end - 1])
 
+    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
+        """`extend_history` of one new event, in ~25 ATen calls: host-side ids and time gap,
+        tau, block membership and the behaviour + scenario embedding from per-code tables
+        (`_one_event_tables`), and `SoftmaxStack.extend_one` in the block(s) it joins."""
+        event = self._one_event(batch, at)
+        tables = self.__dict__.get("_one_event_cache")
+        if tables is None or tables.key != tables.version():
+            tables = self._one_event_tables()
+        per_code = tables.rows[event.scenario][event.behaviour]  # (embedding row, blocks, scales)
+        e = self.embed
+        x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
+        for b, scale in zip(per_code[1], per_code[2]):
+            block = history.blocks[b]
+            length = block.length
+            block.reserve(length + 1)
+            block.positions.select(1, length).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
+            block.timestamps.select(1, length).fill_(event.timestamp)
+            xb = x if self.block_position is None else x + self.block_position[b].weight[length]
+            self.stacks[b].extend_one(xb, block, length, scale)
+            block.length = length + 1
+        history.length = at + 1
+        history.last_ts = event.timestamp
+
+    def _one_event_tables(self) -> WeightDerivedTables:
+        """Per (scenario, behaviour) code pair: the summed behaviour + scenario embedding
+        row, the blocks an event with those codes joins, and each such block's query scale
+        1 / (tau sqrt(d_head)) [h, 1, 1] (a float for fixed temperature).
+
+        They depend on a token only through its two codes (5 x 8 pairs), so they are computed
+        once with the model's own `temperatures` and `token_blocks` and recomputed when a
+        weight they read moves (data pointer or in-place version: load_state_dict, .to(), an
+        optimiser step). UserKVCache.set_model drops them, for reloads that replace Parameters.
+        """
+        params = [self.embed.scenario.weight, self.embed.behaviour.weight, self.block_of_behaviour,
+                  self.block_of_scenario, *(self.temperature.parameters() if self.temperature is not None else ())]
+        with torch.inference_mode(False), torch.no_grad():
+            device = self.embed.scenario.weight.device
+            scenarios = torch.arange(self.embed.scenario.num_embeddings, device=device)[:, None]
+            behaviours = torch.arange(self.embed.behaviour.num_embeddings - 1, device=device)[None, :]
+            scenarios, behaviours = torch.broadcast_tensors(scenarios, behaviours)  # [S, B] each
+            rows = self.embed.behaviour(behaviours) + self.embed.scenario(scenarios)  # [S, B, d]
+            tau = self.temperatures(scenarios, behaviours)  # [S, B, Nb, h] or None
+            scale = SoftmaxStack.query_scales(tau, self.config.d_head)
+            member = self.token_blocks(behaviours, scenarios)  # [S, B, Nb]
+        table = []
+        for s, per_scenario in enumerate(member):
+            table.append([])
+            for b, joined in enumerate(per_scenario):
+                blocks = joined.nonzero()[:, 0].tolist()
+                scales = [scale if tau is None else scale[s, b, blk] for blk in blocks]
+                table[-1].append((rows[s, b], blocks, scales))
+        tables = WeightDerivedTables(params, table)
+        self.__dict__["_one_event_cache"] = tables  # a plain attribute: not a buffer, not in state_dict
+        return tables
+
     # -- cost
 
     def even_block_lengths(self, n: int) -> list[int]:
@@ -276,14 +359,15 @@ class AstroModel(SequenceRanker):
     def flops_breakdown(self, n: int, M: int, block_lengths: list[int] | None = None) -> dict[str, int]:
         """Forward FLOPs (2 per multiply-add) for one request; pass real block_lengths for one user.
 
-        Sum over blocks of SoftmaxStack.flops(L_b, M) (attention ~ sum_b L_b^2 d, ~ n^2 d / Nb),
-        plus tau for n + 1 query tokens, the fusion gate (2 d Nb d per candidate) and heads.
+        Sum over blocks of the block stack's flops(L_b, M) (SoftmaxStack or HSTUStack, as
+        `block_attention` says; attention ~ sum_b L_b^2 d, ~ n^2 d / Nb), plus tau for n + 1
+        query tokens, the fusion gate (2 d Nb d per candidate) and heads.
         """
         cfg = self.config
         lengths = self.even_block_lengths(n) if block_lengths is None else block_lengths
         total = {"linear": 0, "history_attention": 0, "candidate_attention": 0}
         for length in lengths:
-            for key, value in SoftmaxStack.flops(cfg, length, M).items():
+            for key, value in cfg.stack_class.flops(cfg, length, M).items():
                 total[key] += value
         total["temperature"] = DynamicTemperature.flops(cfg, n + 1) if self.temperature is not None else 0
         total["fusion"] = M * 2 * cfg.d_model * cfg.n_blocks * cfg.d_model

@@ -7,6 +7,12 @@ Without softmax the weights do not sum to 1, so the output keeps "how much" rela
 there is, not just a weighted average; N is a constant (max_len), which also keeps a
 token's output independent of padding and of later events (a cacheable prefix).
 Candidates attend the cached history and themselves, as in every family here.
+
+The stack takes an optional temperature tau [B, L, heads] per query token (ASTRO's
+`block_attention="pointwise"` passes its dynamic temperature): the query is divided by
+tau, so the logit becomes SiLU(alpha * (Q / tau) K^T + rab). rab is not divided: it is a
+learned bias per bucket and needs no rescaling, and dividing it per query would cost a
+pass over B x h x L x L. The HSTU baseline passes no tau (tau = 1).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ranker.model_common import (
     layer_keys_values,
     log_bucket,
     merge_heads,
+    scale_queries,
     seconds_bucket,
     split_heads,
 )
@@ -49,6 +56,8 @@ class HSTUConfig(ModelConfig):
 
 class HSTULayer(nn.Module):
     def __init__(self, cfg: HSTUConfig):
+        """cfg: an HSTUConfig, or any config with its fields (ASTRO's pointwise blocks pass an
+        AstroConfig, which carries n_rab_buckets and attention_norm too)."""
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
@@ -126,7 +135,7 @@ class HSTUStack(nn.Module):
 
         def step(layer: HSTULayer, x: torch.Tensor):
             u, q, k, v = layer.project(x)
-            return layer.finish(x, layer.attention(q, k, v, buckets), u), k, v
+            return layer.finish(x, layer.attention(scale_queries(q, tau), k, v, buckets), u), k, v
 
         return layer_keys_values(self.layers, x, step)
 
@@ -138,6 +147,7 @@ class HSTUStack(nn.Module):
         buckets = relative_buckets(positions[:, None], request_ts[:, None], block.positions, block.timestamps, self.n_buckets)
         for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
             u, q, k, v = layer.project(c)
+            q = scale_queries(q, tau)
             c = layer.finish(c, layer.attention(q, k_hist, v_hist, buckets, block.valid) + layer.self_attention(q, k, v), u)
         return c
 
@@ -154,7 +164,8 @@ class HSTUStack(nn.Module):
             block.keys[i][:, :, start:end] = k
             block.values[i][:, :, start:end] = v
             if not last:
-                attended = layer.attention(q, block.keys[i][:, :, :end], block.values[i][:, :, :end], buckets, causal[None])
+                keys, values = block.keys[i][:, :, :end], block.values[i][:, :, :end]
+                attended = layer.attention(scale_queries(q, tau), keys, values, buckets, causal[None])
                 x = layer.finish(x, attended, u)
 
     @staticmethod

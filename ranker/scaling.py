@@ -1,7 +1,11 @@
 """The scaling ladder: every family at several sizes, same data, same budget rule.
 
     python -m ranker.scaling --db runs/<id>/sandbox.duckdb --out runs/<id>/scaling \\
-        --families astro sasrec hstu --sizes xs s m l --epochs 1
+        --families astro sasrec hstu --sizes xs s m l --epochs 1 [--set astro:n_layers=1 ...]
+
+`--set FAMILY:KEY=VALUE` overrides a model-config field of one family at every rung (as
+`climber train --set` does for one model); the overrides are part of a rung's key in
+`ladder.jsonl`, so a rung trained under other overrides is never reused.
 
 Training compute of a rung is C = 3 x (forward FLOPs per request) x (requests seen): the
 forward pass plus a backward pass costing about two forwards. Per family we fit the
@@ -25,7 +29,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +40,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from ranker.batch import TASKS
 from ranker.data import DAY_MS, load_request_log, split_by_time
 from ranker.model_common import build_model
-from ranker.train import train
+from ranker.train import parse_override, train
 
 console = Console()
 LADDER_FILE = "ladder.jsonl"
@@ -97,8 +101,29 @@ def fit_power_law(family: str, compute: np.ndarray, loss: np.ndarray) -> PowerLa
 
 # ----------------------------------------------------------------------------- running the ladder
 
-def _rung_key(family: str, size: str, budget: Budget) -> str:
-    return json.dumps({"family": family, "size": size, **asdict(budget)}, sort_keys=True)
+def _rung_key(family: str, size: str, budget: Budget, overrides: dict[str, Any] | None = None) -> str:
+    """Identity of a trained rung; overrides enter only when given, so keys written before
+    `--set` existed still match the default configs."""
+    key = {"family": family, "size": size, **asdict(budget)}
+    if overrides:
+        key["overrides"] = overrides
+    return json.dumps(key, sort_keys=True)
+
+
+def parse_family_override(text: str) -> tuple[str, str, Any]:
+    """`FAMILY:KEY=VALUE` -> (family, key, value); VALUE is read as `climber train --set` reads it."""
+    family, sep, rest = text.partition(":")
+    if not sep or not family.strip():
+        raise argparse.ArgumentTypeError(f"--set expects FAMILY:KEY=VALUE (e.g. astro:n_layers=1), got {text!r}")
+    key, value = parse_override(rest)
+    return family.strip(), key, value
+
+
+def family_overrides(items: Sequence[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for family, key, value in items:
+        overrides.setdefault(family, {})[key] = value
+    return overrides
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -110,9 +135,14 @@ def _read_done(path: Path) -> dict[str, dict]:
 
 def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = ("astro", "sasrec", "hstu"),
                sizes: Sequence[str] = ("xs", "s", "m", "l"), budget: Budget = Budget(),
-               eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True) -> pd.DataFrame:
-    """Train every (family, size) on one loaded split under `budget`; write the reports;
-    return the table (one row per rung)."""
+               eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
+               overrides: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+    """Train every (family, size) on one loaded split under `budget`, with `overrides[family]`
+    applied to that family's config at every rung; write the reports; return the table."""
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(families))
+    if unknown:
+        raise ValueError(f"--set names families {unknown} that are not on the ladder {list(families)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = split_by_time(load_request_log(db_path), eval_window_ms)
@@ -122,20 +152,21 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
     done = _read_done(ladder_path)
     for family in families:
         for size in sizes:
-            key = _rung_key(family, size, budget)
+            key = _rung_key(family, size, budget, overrides.get(family))
             if key in done:
                 console.print(f"{family}-{size}: reusing the result in {ladder_path}")
                 continue
             result = train(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs, steps=budget.steps,
                            batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, max_len=budget.max_len,
-                           device=device, progress=progress, data=data, checkpoint_every=0)
+                           device=device, progress=progress, data=data, checkpoint_every=0,
+                           model_overrides=overrides.get(family))
             row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
             with ladder_path.open("a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
             done[key] = row
-    rows = [done[_rung_key(f, s, budget)] for f in families for s in sizes]
+    rows = [done[_rung_key(f, s, budget, overrides.get(f))] for f in families for s in sizes]
     table = ladder_table(rows)
-    write_reports(table, out_dir, budget)
+    write_reports(table, out_dir, budget, overrides)
     return table
 
 
@@ -216,12 +247,14 @@ def plot_ladder(table: pd.DataFrame, fits: Sequence[PowerLawFit], path: Path) ->
     plt.close(fig)
 
 
-def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget) -> list[PowerLawFit]:
+def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> list[PowerLawFit]:
     """CSV, markdown, PNG and HTML of the ladder, and the rich table on the terminal."""
     fits = fit_families(table)
     table.to_csv(out_dir / "scaling.csv", index=False)
     fits_frame = _fits_frame(fits)
-    markdown = (f"# Scaling ladder\n\nBudget: {json.dumps(asdict(budget))}\n\n"
+    setup = json.dumps(asdict(budget)) + (f"; overrides {json.dumps(overrides)}" if overrides else "")
+    markdown = (f"# Scaling ladder\n\nBudget: {setup}\n\n"
                 f"{_markdown(_display_frame(table))}\n\n## Fits: val_loss = a (C/C0)^-b + c\n\n"
                 f"{_markdown(_display_frame(fits_frame))}\n")
     (out_dir / "scaling.md").write_text(markdown)
@@ -231,7 +264,7 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget) -> list[Po
         "<!doctype html><html><head><meta charset='utf-8'><title>Scaling ladder</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
-        f"<h1>Scaling ladder</h1><p>Budget: {html.escape(json.dumps(asdict(budget)))}. "
+        f"<h1>Scaling ladder</h1><p>Budget: {html.escape(setup)}. "
         "Compute C = 3 x forward FLOPs per request x requests seen.</p>"
         f"<img src='data:image/png;base64,{image}' alt='compute vs held-out loss'>"
         f"<h2>Rungs</h2>{_display_frame(table).to_html(index=False)}"
@@ -258,13 +291,14 @@ def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
                   f"R² = {fit.r2:.4f} over {fit.n_points} sizes")
 
 
-def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], history_len: int, n_candidates: int
-               ) -> pd.DataFrame:
+def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], history_len: int, n_candidates: int,
+               overrides: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """Parameters and forward FLOPs per request of every rung, without training."""
     rows = []
     for family in families:
         for size in sizes:
-            model = build_model(family, size, n_tracks, max_len=max(history_len, 1))
+            extra = (overrides or {}).get(family, {})
+            model = build_model(family, size, n_tracks, **{"max_len": max(history_len, 1), **extra})
             rows.append({"family": family, "size": size, "params": model.n_params(),
                          "params_no_embeddings": model.n_params(include_embeddings=False),
                          "flops_per_request": model.flops_per_request(history_len, n_candidates)})
@@ -286,17 +320,21 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--eval-window-h", type=float, default=24.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sizes-only", action="store_true", help="print params and FLOPs per request, train nothing")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_family_override, default=[],
+                        metavar="FAMILY:KEY=VALUE",
+                        help="model config override for one family, repeatable (e.g. --set astro:n_layers=1)")
     args = parser.parse_args(argv)
+    overrides = family_overrides(args.overrides)
     if args.sizes_only:
         log = load_request_log(args.db)
         m = max(1, round(float(np.mean(log.candidate_count))))
-        table = size_table(log.n_tracks, args.families, args.sizes, args.max_len, m)
+        table = size_table(log.n_tracks, args.families, args.sizes, args.max_len, m, overrides)
         console.print(table.to_string(index=False))
         return table
     budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     max_len=args.max_len, seed=args.seed)
     return run_ladder(args.db, args.out, args.families, args.sizes, budget,
-                      eval_window_ms=int(args.eval_window_h * 3_600_000), device=args.device)
+                      eval_window_ms=int(args.eval_window_h * 3_600_000), device=args.device, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
 """ASTRO against slow, obviously-correct reference paths (in the style of Meta's HSTU tests).
 
 The references score one candidate at a time: the candidate is appended to its block's
-unpadded history and a plain causal softmax attention (written out here, not the model's
-SDPA/cache code) runs over [history..., candidate]. The batched model must match it.
+unpadded history and a plain causal attention (written out here, not the model's
+SDPA/cache code) runs over [history..., candidate]: softmax, or HSTU's pointwise SiLU with
+rab for `block_attention="pointwise"`. The batched model must match it.
 """
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ranker.astro import AstroConfig, AstroModel
 from ranker.batch import TASKS, RankBatch
+from ranker.hstu import HSTULayer
 from ranker.model_common import (
     TARGET_BEHAVIOUR,
+    HistoryBuffer,
     build_model,
+    log_bucket,
     seconds_bucket,
     model_from_config,
     random_batch,
@@ -27,9 +33,27 @@ N_TRACKS = 40
 TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8)
 
 
+BLOCK_ATTENTIONS = ("softmax", "pointwise")
+
+
 def tiny_astro(**overrides) -> AstroModel:
     torch.manual_seed(0)
-    return build_model("astro", "xs", N_TRACKS, **{**TINY, **overrides}).eval()
+    model = build_model("astro", "xs", N_TRACKS, **{**TINY, **overrides}).eval()
+    if model.temperature is not None:  # tau starts near 1; spread it so a path that drops tau fails
+        with torch.no_grad():
+            model.temperature.mlp[2].weight.normal_(std=0.5)
+    return randomise_relative_bias(model)
+
+
+def randomise_relative_bias(model):
+    """rab starts at zero; give every HSTU layer's rab values so the pointwise references
+    exercise it (a model without HSTU layers is returned unchanged)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, HSTULayer):
+                module.rab_position.weight.normal_(std=0.5)
+                module.rab_time.weight.normal_(std=0.5)
+    return model
 
 
 def batch_with_edge_cases(seed: int = 0, B: int = 4, n: int = 20, M: int = 5) -> RankBatch:
@@ -92,6 +116,29 @@ def softmax_reference(layers, x: torch.Tensor, tau: torch.Tensor | None) -> torc
     return x
 
 
+def pointwise_reference(layers, x: torch.Tensor, positions: torch.Tensor, ts: torch.Tensor,
+                        tau: torch.Tensor | None, norm: float) -> torch.Tensor:
+    """Meta's HSTU layer written out for one unpadded sequence x [L, d], causal.
+
+    positions/ts [L]: each token's index in the full history and time (ms); tau [L, heads]
+    divides the q.k term of each query (rab is not divided), None means tau = 1.
+    """
+    L, d = x.shape
+    for layer in layers:
+        h = layer.n_heads
+        u, q, k, v = F.silu(layer.f1(layer.norm_in(x))).chunk(4, -1)
+        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in (q, k, v))
+        bias = layer.rab_position(log_bucket(positions[:, None] - positions[None, :], layer.n_buckets))
+        bias = bias + layer.rab_time(seconds_bucket(ts[:, None] - ts[None, :], layer.n_buckets))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        if tau is not None:
+            logits = logits / tau.T[:, :, None]
+        weights = F.silu(logits + bias.permute(2, 0, 1)) * torch.ones(L, L).tril() / norm
+        attended = (weights @ v).transpose(0, 1).reshape(L, d)
+        x = x + layer.f2(layer.norm_attn(attended) * u)
+    return x
+
+
 def in_block(cfg: AstroConfig, batch: RankBatch, row: int, i: int, block: int) -> bool:
     length = int(batch.history_lengths[row])
     if cfg.partition == "behaviour":
@@ -126,7 +173,13 @@ def astro_reference(model: AstroModel, batch: RankBatch) -> torch.Tensor:
                     scen = torch.cat([batch.history_scenarios[row, idx], batch.scenario[row : row + 1]])
                     beh = torch.cat([batch.history_behaviours[row, idx], target[None]])
                     tau = model.temperatures(scen, beh)[:, b]
-                outputs.append(softmax_reference(model.stacks[b].layers, seq, tau)[-1])
+                if cfg.block_attention == "pointwise":
+                    positions = torch.tensor([*idx, length])
+                    ts = torch.cat([batch.history_ts[row, idx], batch.request_ts[row : row + 1]])
+                    norm = float(cfg.attention_norm or cfg.max_len)
+                    outputs.append(pointwise_reference(model.stacks[b].layers, seq, positions, ts, tau, norm)[-1])
+                else:
+                    outputs.append(softmax_reference(model.stacks[b].layers, seq, tau)[-1])
             fused = model.fusion(candidate[None, None], torch.stack(outputs)[None, None])[0, 0]
             logits[row, m] = model.heads(fused)
     return logits
@@ -149,8 +202,9 @@ def assert_real_candidates_close(actual: torch.Tensor, expected: torch.Tensor, b
     ],
     ids=["behaviour", "scenario-sigmoid", "recency", "fixed-shared"],
 )
-def test_batched_sumi_matches_one_candidate_at_a_time(overrides):
-    model = tiny_astro(**overrides)
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+def test_batched_sumi_matches_one_candidate_at_a_time(overrides, block_attention):
+    model = tiny_astro(**overrides, block_attention=block_attention)
     batch = batch_with_edge_cases()
     with torch.no_grad():
         assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)
@@ -158,9 +212,27 @@ def test_batched_sumi_matches_one_candidate_at_a_time(overrides):
 
 def test_one_block_with_fixed_temperature_is_a_standard_target_aware_transformer():
     """Nb = 1, tau = 1 against torch's own nn.TransformerEncoderLayer with the SUMI mask."""
-    model = tiny_astro(partition="none", temperature="fixed", block_positions=False)
+    model = tiny_astro(partition="none", temperature="fixed", block_positions=False, block_attention="softmax")
     batch = batch_with_edge_cases(seed=2)
     assert_real_candidates_close(*torch_transformer_logits(model, model.stacks[0].layers, batch), batch)
+
+
+def test_one_pointwise_block_with_fixed_temperature_is_the_hstu_baseline():
+    """Nb = 1, tau = 1, pointwise: ASTRO holding the HSTU baseline's weights scores as it does
+    (a softmax gate over one block is 1), and its FLOPs count the same stack."""
+    astro = tiny_astro(partition="none", temperature="fixed", block_positions=False, block_attention="pointwise")
+    hstu_config = {k: v for k, v in TINY.items() if k != "tau_hidden"}
+    hstu = randomise_relative_bias(build_model("hstu", "xs", N_TRACKS, **hstu_config))
+    astro.embed.load_state_dict(hstu.embed.state_dict())
+    astro.heads.load_state_dict(hstu.heads.state_dict())
+    astro.stacks[0].load_state_dict(hstu.stack.state_dict())
+    batch = batch_with_edge_cases(seed=12)
+    with torch.no_grad():
+        assert_real_candidates_close(astro(batch), hstu.eval()(batch), batch)
+    astro_flops, hstu_flops = astro.flops_breakdown(100, 16), hstu.flops_breakdown(100, 16)
+    for part in ("linear", "history_attention", "candidate_attention", "heads"):
+        assert astro_flops[part] == hstu_flops[part]
+    assert astro_flops["temperature"] == 0
 
 
 def torch_transformer_logits(model, layers, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,21 +329,42 @@ def check_gradients_reach_every_parameter(model) -> None:
     assert missing == []
 
 
-def test_shuffling_candidates_only_shuffles_scores():
-    check_shuffling_candidates_only_shuffles_scores(tiny_astro())
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+def test_shuffling_candidates_only_shuffles_scores(block_attention):
+    check_shuffling_candidates_only_shuffles_scores(tiny_astro(block_attention=block_attention))
 
 
-def test_padding_candidates_and_history_changes_no_real_score():
-    check_padding_changes_no_real_score(tiny_astro())
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+def test_padding_candidates_and_history_changes_no_real_score(block_attention):
+    check_padding_changes_no_real_score(tiny_astro(block_attention=block_attention))
 
 
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
 @pytest.mark.parametrize("partition", ["behaviour", "scenario"])
-def test_history_prefix_keys_and_values_never_change_when_events_are_appended(partition):
-    check_prefix_keys_and_values_never_change(tiny_astro(partition=partition))
+def test_history_prefix_keys_and_values_never_change_when_events_are_appended(partition, block_attention):
+    check_prefix_keys_and_values_never_change(tiny_astro(partition=partition, block_attention=block_attention))
 
 
-def test_one_cached_history_scores_many_requests():
-    check_one_cached_history_scores_many_requests(tiny_astro())
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+def test_one_cached_history_scores_many_requests(block_attention):
+    check_one_cached_history_scores_many_requests(tiny_astro(block_attention=block_attention))
+
+
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+@pytest.mark.parametrize("partition", ["behaviour", "scenario", "none"])
+def test_extending_a_history_buffer_equals_a_full_recompute(partition, block_attention):
+    """TURBO's incremental path (`extend_history`, the stacks' `extend` with tau): one event,
+    then several at once across blocks, must score as encoding the whole history does."""
+    model = tiny_astro(partition=partition, block_attention=block_attention)
+    batch = random_batch(1, 20, 6, N_TRACKS, seed=11, min_length=20)
+    lengths = (4, 5, 12, 20)
+    prefix = lambda n: replace(batch, history_lengths=torch.tensor([n]))  # noqa: E731
+    with torch.no_grad():
+        buffer = HistoryBuffer(model.encode_history(prefix(lengths[0])), 0, headroom=0.0)
+        for n in lengths[1:]:
+            model.extend_history(buffer, prefix(n))
+            torch.testing.assert_close(model.score_candidates(buffer.view(), prefix(n)), model(prefix(n)),
+                                       rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- cost, temperature, gradients
@@ -303,7 +396,10 @@ def test_dynamic_temperatures_stay_above_tau_min_and_depend_on_scenario():
     assert tiny_astro(temperature="fixed").temperatures(scenarios, scenarios) is None
 
 
-@pytest.mark.parametrize("overrides", [dict(partition="recency", recency_scales=(4, 32)), dict(fusion="sigmoid")])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(partition="recency", recency_scales=(4, 32)), dict(fusion="sigmoid"), dict(block_attention="pointwise")],
+)
 def test_gradients_reach_every_parameter(overrides):
     check_gradients_reach_every_parameter(tiny_astro(**overrides))
 
@@ -341,6 +437,8 @@ def test_score_combines_tasks_with_the_configured_weights_and_masks_padding():
         (dict(temperature="hot"), "temperature must be"),
         (dict(n_heads=3), "not divisible"),
         (dict(tau_min=0.0), "tau_min"),
+        (dict(block_attention="linear"), "block_attention must be one of"),
+        (dict(block_attention="pointwise", n_rab_buckets=0), "n_rab_buckets"),
         (dict(colour="red"), "unknown AstroConfig overrides"),
     ],
 )

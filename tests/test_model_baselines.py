@@ -1,15 +1,13 @@
 """SASRec- and HSTU-style baselines against one-candidate-at-a-time references; the ladder."""
 
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ranker.batch import TASKS, RankBatch
 from ranker.hstu import HSTUModel
-from ranker.model_common import SIZE_NAMES, build_model, log_bucket, model_from_config, seconds_bucket, random_batch
+from ranker.model_common import SIZE_NAMES, build_model, model_from_config, random_batch
 from tests.test_astro import (
     N_TRACKS,
     assert_real_candidates_close,
@@ -19,6 +17,8 @@ from tests.test_astro import (
     check_padding_changes_no_real_score,
     check_prefix_keys_and_values_never_change,
     check_shuffling_candidates_only_shuffles_scores,
+    pointwise_reference,
+    randomise_relative_bias,
     reference_candidate_token,
     reference_history_tokens,
     softmax_reference,
@@ -52,31 +52,11 @@ def sasrec_sequence(model, batch, row, seq):
 
 
 def hstu_sequence(model: HSTUModel, batch: RankBatch, row: int, x: torch.Tensor) -> torch.Tensor:
-    """Meta's HSTU layer written out for one sequence, causal over [history..., candidate]."""
-    L, d = x.shape
-    length = L - 1
-    positions = torch.arange(L)
+    """Meta's HSTU layer written out (the reference ASTRO's pointwise blocks also use),
+    causal over [history..., candidate], tau = 1."""
+    length = len(x) - 1
     ts = torch.cat([batch.history_ts[row, :length], batch.request_ts[row : row + 1]])
-    for layer in model.stack.layers:
-        h = layer.n_heads
-        u, q, k, v = F.silu(layer.f1(layer.norm_in(x))).chunk(4, -1)
-        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in (q, k, v))
-        bias = layer.rab_position(log_bucket(positions[:, None] - positions[None, :], layer.n_buckets))
-        bias = bias + layer.rab_time(seconds_bucket(ts[:, None] - ts[None, :], layer.n_buckets))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h) + bias.permute(2, 0, 1)
-        weights = F.silu(scores) * torch.ones(L, L).tril() / model.config.max_len
-        attended = (weights @ v).transpose(0, 1).reshape(L, d)
-        x = x + layer.f2(layer.norm_attn(attended) * u)
-    return x
-
-
-def randomise_relative_bias(model: HSTUModel) -> HSTUModel:
-    """rab starts at zero; give it values so the reference test exercises it."""
-    with torch.no_grad():
-        for layer in model.stack.layers:
-            layer.rab_position.weight.normal_(std=0.5)
-            layer.rab_time.weight.normal_(std=0.5)
-    return model
+    return pointwise_reference(model.stack.layers, x, torch.arange(len(x)), ts, None, float(model.config.max_len))
 
 
 @pytest.mark.parametrize("family, sequence_output", [("sasrec", sasrec_sequence), ("hstu", hstu_sequence)])
@@ -147,3 +127,22 @@ def test_flops_grow_quadratically_in_history_only_through_attention():
     short, long = model.flops_breakdown(64, 8), model.flops_breakdown(128, 8)
     assert long["history_attention"] == 4 * short["history_attention"]
     assert long["linear"] < 2 * short["linear"]
+
+
+def test_the_ladder_takes_per_family_overrides_and_keys_rungs_by_them(tmp_path):
+    """`climber scaling --set astro:KEY=VALUE`: parsed like `train --set`, kept in the rung key."""
+    import argparse
+
+    from ranker.scaling import Budget, _rung_key, family_overrides, parse_family_override, run_ladder
+
+    items = [parse_family_override("astro:block_attention=pointwise"), parse_family_override("astro:n_layers=1")]
+    assert items == [("astro", "block_attention", "pointwise"), ("astro", "n_layers", 1)]
+    overrides = family_overrides(items)
+    assert overrides == {"astro": {"block_attention": "pointwise", "n_layers": 1}}
+    budget = Budget()
+    assert _rung_key("astro", "s", budget, overrides["astro"]) != _rung_key("astro", "s", budget)
+    assert _rung_key("hstu", "s", budget, None) == _rung_key("hstu", "s", budget, {})  # old keys still match
+    with pytest.raises(argparse.ArgumentTypeError, match="FAMILY:KEY=VALUE"):
+        parse_family_override("n_layers=1")
+    with pytest.raises(ValueError, match="not on the ladder"):
+        run_ladder(tmp_path / "none.duckdb", tmp_path, families=["hstu"], overrides={"astro": {"n_layers": 1}})
