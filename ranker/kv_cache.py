@@ -157,6 +157,7 @@ class UserKVCache:
         """Serve a (re)loaded model: entries of any other version can never be used again, so
         they are dropped now rather than left to age out of the budget."""
         self.model, self.model_version = model.eval(), str(model_version)
+        model.drop_derived_tables()
         self.device = next(model.parameters()).device
         for key in [k for k in self._entries if k[1] != self.model_version]:
             self._drop(key, count=False)

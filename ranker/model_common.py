@@ -21,8 +21,9 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +122,17 @@ def history_time_gaps(history_ts: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return F.pad(buckets, (1, 0), value=0)
 
 
+def gap_bucket(gap_ms: int, n_buckets: int) -> int:
+    """`history_time_gaps` of one event whose previous event is `gap_ms` earlier, on the host.
+
+    The same float32 steps as `seconds_bucket` (ms -> f32, * 1e-3, +1, log2, * 2, floor), in
+    numpy float32 scalars: ~1 us where the tensor version is ~10 ops. Tests check it equals
+    the tensor path around every bucket boundary.
+    """
+    seconds = max(np.float32(gap_ms) * np.float32(1e-3), np.float32(0))
+    return 1 + min(int(np.floor(np.log2(seconds + np.float32(1)) * np.float32(2))), n_buckets - 2)
+
+
 class TokenEmbedding(nn.Module):
     """Token = track + behaviour + scenario + position + time gap (summed).
 
@@ -156,6 +168,13 @@ class TokenEmbedding(nn.Module):
             + self.time_gap(gaps[:, 1:] if start else gaps)
         )
         return self.dropout(x)
+
+    def one_token(self, event: "OneEvent", position: int) -> torch.Tensor:  # [1, d]
+        """`history(batch, start)` for a single new event in eval mode: five table rows summed
+        (row views and adds, no index tensors or lookup ops)."""
+        x = (self.track.weight[event.track] + self.behaviour.weight[event.behaviour]
+             + self.scenario.weight[event.scenario] + self.position.weight[position] + self.time_gap.weight[event.gap])
+        return x[None]
 
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
         """[B, M, d]; needs only the history's length and last timestamp (kept in the cache)."""
@@ -244,29 +263,40 @@ class HistoryCache:
 class BlockBuffer:
     """One user's block K/V in preallocated storage, so appending k tokens copies k tokens.
 
-    Tensors have a capacity >= length along the token axis; `view()` is the BlockCache of
-    the filled part (no copy). Capacity grows by `growth` when an append needs more, so a
-    user whose history grows one event at a time reallocates O(log n) times, not n times.
+    Each layer's K and V share one tensor `kv[i]` [2, heads, capacity, d_head] (keys at 0,
+    values at 1), so a one-token append writes both with one copy; `keys[i]` and
+    `values[i]` are views of it [1, heads, capacity, d_head]. Capacity >= length along the
+    token axis; `view()` is the BlockCache of the filled part (no copy). Capacity grows by
+    `growth` when an append needs more, so a user whose history grows one event at a time
+    reallocates O(log n) times, not n times.
     """
 
     def __init__(self, block: BlockCache, row: int, capacity: int, growth: float = 1.5):
         length = int(block.valid[row].sum())
         self.length = length
         self.growth = growth
-        self.keys = [self._alloc(k[row : row + 1, :, :length], capacity) for k in block.keys]
-        self.values = [self._alloc(v[row : row + 1, :, :length], capacity) for v in block.values]
+        self.kv = [self._alloc(torch.stack([k[row, :, :length], v[row, :, :length]]), capacity)
+                   for k, v in zip(block.keys, block.values)]
         self.positions = self._alloc(block.positions[row : row + 1, :length], capacity)
         self.timestamps = self._alloc(block.timestamps[row : row + 1, :length], capacity)
+        self._refresh_views()
 
     @staticmethod
     def _alloc(filled: torch.Tensor, capacity: int) -> torch.Tensor:
-        """A buffer of `capacity` tokens along dim 2 (K/V) or dim 1 (positions), prefix = filled."""
+        """A buffer of `capacity` tokens along the token axis (dim 2 of K/V [2, h, L, dh],
+        dim 1 of positions [1, L]), its prefix = filled."""
         axis = 2 if filled.dim() == 4 else 1
         shape = list(filled.shape)
         shape[axis] = max(capacity, filled.shape[axis])
         buffer = filled.new_zeros(shape)
         buffer.narrow(axis, 0, filled.shape[axis]).copy_(filled)
         return buffer
+
+    def _refresh_views(self) -> None:
+        """Per-layer K and V views of the fused storage; rebuilt only when storage is reallocated."""
+        self.keys = [kv[0:1] for kv in self.kv]  # [1, h, capacity, dh] each
+        self.values = [kv[1:2] for kv in self.kv]
+        self._view: tuple[int, BlockCache] | None = None
 
     @property
     def capacity(self) -> int:
@@ -277,20 +307,25 @@ class BlockBuffer:
         if length <= self.capacity:
             return
         capacity = max(length, int(self.capacity * self.growth) + 1)
-        grow = lambda t, axis: self._alloc(t.narrow(axis, 0, self.length), capacity)  # noqa: E731
-        self.keys = [grow(k, 2) for k in self.keys]
-        self.values = [grow(v, 2) for v in self.values]
-        self.positions, self.timestamps = grow(self.positions, 1), grow(self.timestamps, 1)
+        self.kv = [self._alloc(kv.narrow(2, 0, self.length), capacity) for kv in self.kv]
+        self.positions = self._alloc(self.positions.narrow(1, 0, self.length), capacity)
+        self.timestamps = self._alloc(self.timestamps.narrow(1, 0, self.length), capacity)
+        self._refresh_views()
 
     def view(self) -> BlockCache:
+        """The filled part as a BlockCache of views, memoised per length: a cache hit scores
+        straight from it, and rebuilding ~10 views per block per hit costs more than scoring
+        a few candidates."""
         n = self.length
-        valid = torch.ones(1, n, dtype=torch.bool, device=self.positions.device)
-        return BlockCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values],
-                          valid, self.positions[:, :n], self.timestamps[:, :n])
+        if self._view is None or self._view[0] != n:
+            valid = torch.ones(1, n, dtype=torch.bool, device=self.positions.device)
+            self._view = (n, BlockCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values],
+                                        valid, self.positions[:, :n], self.timestamps[:, :n]))
+        return self._view[1]
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, self.positions, self.timestamps]
+        tensors = [*self.kv, self.positions, self.timestamps]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -307,11 +342,17 @@ class HistoryBuffer:
         self.blocks = [BlockBuffer(block, row, capacity(block)) for block in cache.blocks]
         self.length = int(cache.history_lengths[row])
         self.last_ts = int(cache.last_ts[row])
+        self._view: tuple[tuple, HistoryCache] | None = None
 
     def view(self) -> HistoryCache:
-        device = self.blocks[0].positions.device
-        return HistoryCache([b.view() for b in self.blocks],
-                            torch.tensor([self.length], device=device), torch.tensor([self.last_ts], device=device))
+        """The whole cache as views, memoised until the history or a block's storage changes."""
+        blocks = [b.view() for b in self.blocks]
+        key = (self.length, self.last_ts, *map(id, blocks))
+        if self._view is None or self._view[0] != key:
+            device = self.blocks[0].positions.device
+            self._view = (key, HistoryCache(blocks, torch.tensor([self.length], device=device),
+                                            torch.tensor([self.last_ts], device=device)))
+        return self._view[1]
 
     @property
     def nbytes(self) -> int:
@@ -499,6 +540,57 @@ class SoftmaxStack(nn.Module):
                     scale_queries(q, tau), block.keys[i][:, :, :end], block.values[i][:, :, :end], attn_mask=causal)
                 x = layer.finish(x, attended)
 
+    def extend_one(self, x: torch.Tensor, block: BlockBuffer, at: int, query_scale: torch.Tensor | float) -> None:
+        """`extend` for one new token x [1, d] at index `at` of the block: the serving hot path.
+
+        The same math as `extend` (tests compare them) in 15 ATen calls for two layers:
+        functional layer norms and linears on the cached weights (`_one_token_plan`), K and
+        V written with one copy into the fused storage, and the single query's attention as
+        bmm-softmax-bmm over views of the cache (no mask, no SDPA dispatch, no module calls).
+        query_scale is 1 / (tau sqrt(d_head)), [h, 1, 1] (`query_scales`) or a float.
+        Capacity must already be reserved.
+        """
+        end = at + 1
+        plan = self.__dict__.get("_one_token_plan") or self._one_token_plan()
+        last = len(plan) - 1
+        d = x.shape[-1]
+        for i, (norm1, qkv_w, qkv_b, out_w, out_b, norm2, up_w, up_b, down_w, down_b) in enumerate(plan):
+            kv = block.kv[i]  # [2, h, capacity, dh]
+            h, dh = kv.shape[1], kv.shape[3]
+            qkv = F.linear(F.layer_norm(x, (d,), *norm1), qkv_w, qkv_b).view(3, h, dh)
+            kv.select(2, at).copy_(qkv[1:])  # K and V of the new token
+            if i == last:  # nothing reads the last layer's history output
+                return
+            weights = torch.bmm(qkv[0].unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)).softmax(-1)  # [h, 1, end]
+            x = x + F.linear(torch.bmm(weights, kv[1, :, :end]).view(1, d), out_w, out_b)  # heads merged
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
+
+    def _one_token_plan(self) -> list[tuple]:
+        """Each layer's parameters in `extend_one`'s order, gathered once: ~30 module
+        attribute lookups cost about as much as the step's arithmetic. It holds the Parameter
+        objects themselves, so in-place loads, optimiser steps and .to() (which swaps
+        param.data) keep it current; `_apply` and `_load_from_state_dict` drop it for the
+        cases that replace Parameters."""
+        plan = [((layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), layer.qkv.weight, layer.qkv.bias,
+                 layer.out.weight, layer.out.bias, (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
+                 layer.ffn[0].weight, layer.ffn[0].bias, layer.ffn[3].weight, layer.ffn[3].bias)
+                for layer in self.layers]
+        self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
+        return plan
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_one_token_plan", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_one_token_plan", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @staticmethod
+    def query_scales(tau: torch.Tensor | None, d_head: int) -> torch.Tensor | float:
+        """What `extend_one` multiplies queries by: 1 / (tau sqrt(d_head)), tau [..., h] -> [..., h, 1, 1]."""
+        return d_head**-0.5 if tau is None else (tau * d_head**0.5).reciprocal()[..., None, None]
+
     @staticmethod
     def flops(cfg: SoftmaxConfig, history_len: int, n_candidates: int) -> dict[str, int]:
         """Forward matmul FLOPs (2 per multiply-add) of one block for one request.
@@ -564,6 +656,29 @@ def check_batch(batch: RankBatch, cfg: ModelConfig) -> None:
             raise ValueError(f"RankBatch.{name} must be in [0, {high}], got [{int(t.min())}, {int(t.max())}]")
 
 
+class OneEvent(NamedTuple):
+    """One appended event as host integers: what the one-token serving path needs to embed it."""
+
+    track: int
+    behaviour: int
+    scenario: int
+    timestamp: int  # epoch ms
+    gap: int  # time-gap bucket (history_time_gaps), 0 for the first event
+
+
+class WeightDerivedTables:
+    """Tables computed from weights (AstroModel's per-code rows for one-event updates), with
+    the (data pointer, in-place version) of every tensor they read: stale once either moves."""
+
+    def __init__(self, params: list[torch.Tensor], rows: Any):
+        self.params = params
+        self.rows = rows
+        self.key = self.version()
+
+    def version(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self.params)
+
+
 class SequenceRanker(nn.Module):
     """Base of every family: forward is `score_candidates(encode_history(batch), batch)`."""
 
@@ -610,9 +725,10 @@ class SequenceRanker(nn.Module):
         raise NotImplementedError
 
     def _extension_range(self, history: HistoryBuffer, batch: RankBatch) -> tuple[int, int]:
-        """[start, end) of the new events, checked. Only the new tokens' values are checked:
-        the prefix was checked when it was encoded, and checking it again would cost more
-        than the update itself."""
+        """[start, end) of the new events, the batch's shape checked; their values are checked
+        by `_check_new_values` (k events) or `_one_event` (one). Only the new tokens are
+        checked: the prefix was checked when it was encoded, and checking it again would
+        cost more than the update itself."""
         if self.training:
             raise RuntimeError("extend_history is for inference; call model.eval() first")
         if len(batch.history_lengths) != 1:
@@ -623,15 +739,39 @@ class SequenceRanker(nn.Module):
         if end > self.config.max_len or end > batch.history_tracks.shape[1]:
             raise ValueError(f"history length {end} exceeds the model's max_len={self.config.max_len} "
                              f"or the batch width {batch.history_tracks.shape[1]}")
-        limits = {"history_tracks": self.config.n_tracks, "history_behaviours": len(BEHAVIOURS) - 1,
-                  "history_scenarios": len(SCENARIOS) - 1}
-        new = torch.stack([getattr(batch, name)[0, start:end] for name in limits])  # one check, one sync
+        return start, end
+
+    def _value_limits(self) -> dict[str, int]:
+        return {"history_tracks": self.config.n_tracks, "history_behaviours": len(BEHAVIOURS) - 1,
+                "history_scenarios": len(SCENARIOS) - 1}
+
+    def _check_new_values(self, batch: RankBatch, start: int, end: int) -> None:
+        """The ids of events [start, end) are inside their tables (one stacked check, one sync)."""
+        limits = self._value_limits()
+        new = torch.stack([getattr(batch, name)[0, start:end] for name in limits])
         high = torch.tensor(list(limits.values()), device=new.device)[:, None]
         if bool(((new < 0) | (new > high)).any()):
             for (name, top), row in zip(limits.items(), new):
                 if int(row.min()) < 0 or int(row.max()) > top:
                     raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{int(row.min())}, {int(row.max())}]")
-        return start, end
+
+    def _one_event(self, batch: RankBatch, at: int) -> OneEvent:
+        """Event `at` of the batch's single row as host integers, checked like `_check_new_values`."""
+        codes = [getattr(batch, name)[0, at].item() for name in ("history_tracks", "history_behaviours", "history_scenarios")]
+        for (name, top), value in zip(self._value_limits().items(), codes):
+            if not 0 <= value <= top:
+                raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{value}, {value}]")
+        stamps = batch.history_ts[0, max(at - 1, 0) : at + 1].tolist()
+        gap = gap_bucket(stamps[-1] - stamps[0], self.config.n_time_buckets) if at else 0
+        return OneEvent(*codes, stamps[-1], gap)
+
+    def drop_derived_tables(self) -> None:
+        """Forget what the one-event path computed from weights (AstroModel's per-code tables,
+        SoftmaxStack's parameter plan); rebuilt on next use. In-place weight changes are
+        detected anyway; this covers reloads that replace Parameter objects."""
+        for module in self.modules():
+            for name in ("_one_event_cache", "_one_token_plan"):
+                module.__dict__.pop(name, None)
 
     def set_candidate_attention(self, kind: str) -> None:
         """Pick the candidate attention kernel of every softmax stack (see SoftmaxStack)."""
@@ -685,6 +825,10 @@ class SingleStackRanker(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
+        if end - start == 1 and isinstance(self.stack, SoftmaxStack):
+            self._extend_one(history, batch, start)
+            return
+        self._check_new_values(batch, start, end)
         x = self.embed.history(batch, start)[:, : end - start]
         block = history.blocks[0]
         block.reserve(end)
@@ -693,6 +837,17 @@ class SingleStackRanker(SequenceRanker):
         self.stack.extend(x, block, start)
         block.length = history.length = end
         history.last_ts = int(batch.history_ts[0, end - 1])
+
+    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
+        """One new event through `SoftmaxStack.extend_one` (the serving hot path)."""
+        event = self._one_event(batch, at)
+        block = history.blocks[0]
+        block.reserve(at + 1)
+        block.positions.select(1, at).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
+        block.timestamps.select(1, at).fill_(event.timestamp)
+        self.stack.extend_one(self.embed.one_token(event, at), block, at, self.config.d_head**-0.5)
+        block.length = history.length = at + 1
+        history.last_ts = event.timestamp
 
     def flops_breakdown(self, n: int, M: int) -> dict[str, int]:
         flops = type(self.stack).flops(self.config, n, M)

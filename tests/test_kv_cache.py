@@ -248,3 +248,67 @@ def test_bf16_cache_stays_within_the_documented_tolerance_of_a_bf16_recompute():
                                                            full_recompute_scores(model, seq, candidates)))
     assert cache.stats.incremental == 1
     assert (cached - full).abs().max() <= BF16
+
+
+# ----------------------------------------------------------------------------- one-event fast path
+
+def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
+    from ranker.model_common import gap_bucket, history_time_gaps
+
+    n_buckets = 48
+    near = [int(1000 * (2 ** (k / 2) - 1)) + off for k in range(1, n_buckets) for off in range(-40, 41)]
+    gaps = torch.tensor(sorted({max(g, 0) for g in near}) + [0, 1, 10**10, -5])
+    stamps = torch.stack([torch.zeros_like(gaps), gaps], dim=1)  # [N, 2]: gap ms after the first event
+    expected = history_time_gaps(stamps, n_buckets)[:, 1]
+    assert [gap_bucket(int(g), n_buckets) for g in gaps] == expected.tolist()
+
+
+@pytest.mark.parametrize("overrides", [dict(block_attention="softmax"),
+                                       dict(block_attention="softmax", temperature="fixed", block_positions=False)])
+def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
+    """SoftmaxStack.extend_one (the serving path) against SoftmaxStack.extend (the reference)."""
+    from ranker.model_common import HistoryBuffer, SoftmaxStack
+
+    model = tiny_model(**overrides)
+    window = random_sequence(12, seed=3)
+    with torch.no_grad():
+        encoded = model.encode_history(history_batch([window], N_TRACKS))
+        fast, slow = HistoryBuffer(encoded, 0), HistoryBuffer(encoded, 0)
+        g = torch.Generator().manual_seed(0)
+        for b, stack in enumerate(model.stacks):
+            for _ in range(3):
+                x, tau = torch.randn(1, 1, 16, generator=g), 0.5 + torch.rand(1, 1, 2, generator=g)
+                length = fast.blocks[b].length
+                stack.extend_one(x[0], fast.blocks[b], length, SoftmaxStack.query_scales(tau[0, 0], 8))
+                stack.extend(x, slow.blocks[b], length, tau)
+                fast.blocks[b].length = slow.blocks[b].length = length + 1
+        for got, want in zip(fast.view().blocks, slow.view().blocks):
+            for a, e in zip(got.keys + got.values, want.keys + want.values):
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax")),
+                                               ("astro", dict(block_attention="softmax", partition="scenario")),
+                                               ("sasrec", {})])
+def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
+    """The fast path event by event, past the buffers' capacity (reallocation), and after
+    weights change in place (its cached tau / embedding tables must follow them)."""
+    from ranker.model_common import HistoryBuffer
+
+    model = tiny_model(family, **overrides)
+    window = random_sequence(MAX_LEN, seed=4)
+    candidates = torch.arange(1, 9)
+    prefix = lambda n: UserSequence(window.track_ids[:n], window.behaviours[:n], window.scenarios[:n],  # noqa: E731
+                                    window.timestamps[:n], n - 1)
+    with torch.no_grad():
+        history = HistoryBuffer(model.encode_history(history_batch([prefix(4)], N_TRACKS)), 0, headroom=0.0)
+        for n in range(5, MAX_LEN + 1):
+            if n == 14:  # weights updated in place (an optimiser step, load_state_dict): re-encode the prefix
+                for p in model.parameters():
+                    p.mul_(1.1)
+                history = HistoryBuffer(model.encode_history(history_batch([prefix(n - 1)], N_TRACKS)), 0, headroom=0.0)
+            model.extend_history(history, history_batch([prefix(n)], N_TRACKS))
+            reference = history_batch([prefix(n)], N_TRACKS)
+            batch = replace(reference, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, 8, dtype=torch.bool),
+                            scenario=torch.tensor([2]), request_ts=reference.history_ts.max(1).values + 60_000)
+            torch.testing.assert_close(model.score_candidates(history.view(), batch), model(batch), atol=EXACT, rtol=0)
