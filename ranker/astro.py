@@ -263,7 +263,7 @@ class AstroModel(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
-        if end - start == 1 and all(isinstance(stack, SoftmaxStack) for stack in self.stacks):
+        if end - start == 1:  # every stack kind has extend_one
             self._extend_one(history, batch, start)  # the serving hot path; below is its reference
             return
         self._check_new_values(batch, start, end)
@@ -295,7 +295,7 @@ class AstroModel(SequenceRanker):
     def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
         """`extend_history` of one new event, in ~25 ATen calls: host-side ids and time gap,
         tau, block membership and the behaviour + scenario embedding from per-code tables
-        (`_one_event_tables`), and `SoftmaxStack.extend_one` in the block(s) it joins."""
+        (`_one_event_tables`), and the block stack's `extend_one` in the block(s) it joins."""
         event = self._one_event(batch, at)
         tables = self.__dict__.get("_one_event_cache")
         if tables is None or tables.key != tables.version():

@@ -757,11 +757,14 @@ class SequenceRanker(nn.Module):
 
     def _one_event(self, batch: RankBatch, at: int) -> OneEvent:
         """Event `at` of the batch's single row as host integers, checked like `_check_new_values`."""
-        codes = [getattr(batch, name)[0, at].item() for name in ("history_tracks", "history_behaviours", "history_scenarios")]
+        columns = (batch.history_tracks, batch.history_behaviours, batch.history_scenarios, batch.history_ts)
+        if batch.history_ts.device.type == "cpu":  # numpy views read a scalar in ~0.1 us, .item() in ~3 us
+            columns = tuple(column.numpy() for column in columns)
+        codes = [int(column[0, at]) for column in columns[:3]]
         for (name, top), value in zip(self._value_limits().items(), codes):
             if not 0 <= value <= top:
                 raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{value}, {value}]")
-        stamps = batch.history_ts[0, max(at - 1, 0) : at + 1].tolist()
+        stamps = [int(t) for t in columns[3][0, max(at - 1, 0) : at + 1]]
         gap = gap_bucket(stamps[-1] - stamps[0], self.config.n_time_buckets) if at else 0
         return OneEvent(*codes, stamps[-1], gap)
 
@@ -825,7 +828,7 @@ class SingleStackRanker(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
-        if end - start == 1 and isinstance(self.stack, SoftmaxStack):
+        if end - start == 1:  # every stack has extend_one, the one-token fast path
             self._extend_one(history, batch, start)
             return
         self._check_new_values(batch, start, end)
@@ -839,7 +842,7 @@ class SingleStackRanker(SequenceRanker):
         history.last_ts = int(batch.history_ts[0, end - 1])
 
     def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
-        """One new event through `SoftmaxStack.extend_one` (the serving hot path)."""
+        """One new event through the stack's `extend_one` (the serving hot path)."""
         event = self._one_event(batch, at)
         block = history.blocks[0]
         block.reserve(at + 1)

@@ -19,9 +19,16 @@ EXACT = 1e-4  # fp32: cache vs full recompute
 
 
 def tiny_model(family: str = "astro", seed: int = 0, **overrides):
+    """A small model in eval mode; HSTU-style relative biases (rab, initialised at 0) are
+    spread so that a wrong bias row in a fast path shows up."""
     torch.manual_seed(seed)
     extra = dict(tau_hidden=8) if family == "astro" else {}
-    return build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
+    model = build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".rab_" in name:
+                param.normal_(0.0, 0.5)
+    return model
 
 
 def random_sequence(length: int, seed: int, start_ts: int = 1_700_000_000_000, first_id: int = 0) -> UserSequence:
@@ -264,9 +271,10 @@ def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
 
 
 @pytest.mark.parametrize("overrides", [dict(block_attention="softmax"),
-                                       dict(block_attention="softmax", temperature="fixed", block_positions=False)])
+                                       dict(block_attention="softmax", temperature="fixed", block_positions=False),
+                                       dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1)])
 def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
-    """SoftmaxStack.extend_one (the serving path) against SoftmaxStack.extend (the reference)."""
+    """extend_one (the serving path) against extend (the reference), for both stack kinds."""
     from ranker.model_common import HistoryBuffer, SoftmaxStack
 
     model = tiny_model(**overrides)
@@ -289,7 +297,9 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
 
 @pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax")),
                                                ("astro", dict(block_attention="softmax", partition="scenario")),
-                                               ("sasrec", {})])
+                                               ("astro", dict(block_attention="pointwise", partition="behaviour")),
+                                               ("astro", {}), ("astro", dict(n_layers=1)),
+                                               ("sasrec", {}), ("hstu", {})])
 def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
     weights change in place (its cached tau / embedding tables must follow them)."""
