@@ -29,6 +29,7 @@ from ranker.model_common import (
     BlockCache,
     BlockLayout,
     ModelConfig,
+    OneTokenPlanStack,
     SingleStackRanker,
     layer_keys_values,
     log_bucket,
@@ -124,7 +125,7 @@ def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):
     return position.mul_(n_buckets).add_(time)  # one index into HSTULayer.bias_table
 
 
-class HSTUStack(nn.Module):
+class HSTUStack(OneTokenPlanStack):
     def __init__(self, cfg: HSTUConfig):
         super().__init__()
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
@@ -205,21 +206,12 @@ class HSTUStack(nn.Module):
     def _one_token_plan(self) -> tuple:
         """The last layer's norm and the K/V rows of its f1, gathered once: module attribute
         lookups and the two slices cost as much as the one-layer step's arithmetic. Views of
-        the Parameters, so in-place updates show through; `_apply` and
-        `_load_from_state_dict` drop the plan for changes that replace Parameters."""
+        the Parameters, so in-place updates show through (see OneTokenPlanStack)."""
         layer = self.layers[-1]
         d = layer.f2.weight.shape[0]
         plan = ((layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps), layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
         self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
         return plan
-
-    def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_one_token_plan", None)
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.__dict__.pop("_one_token_plan", None)
-        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def flops(cfg: HSTUConfig, history_len: int, n_candidates: int) -> dict[str, int]:

@@ -470,7 +470,20 @@ def history_key_bias(history_valid: torch.Tensor, dtype: torch.dtype) -> torch.T
 CANDIDATE_ATTENTION = ("sdpa", "split")
 
 
-class SoftmaxStack(nn.Module):
+class OneTokenPlanStack(nn.Module):
+    """A block stack whose `extend_one` keeps a `_one_token_plan` of its parameters in a plain
+    attribute; it is dropped whenever Parameters may be replaced (`.to()`, `load_state_dict`)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_one_token_plan", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_one_token_plan", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class SoftmaxStack(OneTokenPlanStack):
     """A stack of SoftmaxLayers run in the two serving steps: encode history, attend candidates.
 
     `candidate_attention` is a serving choice, not a hyperparameter (the math is the same):
@@ -577,14 +590,6 @@ class SoftmaxStack(nn.Module):
                 for layer in self.layers]
         self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
         return plan
-
-    def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_one_token_plan", None)
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.__dict__.pop("_one_token_plan", None)
-        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def query_scales(tau: torch.Tensor | None, d_head: int) -> torch.Tensor | float:
