@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.hstu import HSTUStack
+from ranker.hstu import HSTULayer, HSTUStack, relative_buckets
 from ranker.model_common import (
     DEFAULT_SIZES,
     BlockCache,
@@ -37,12 +37,14 @@ from ranker.model_common import (
     gather_tokens,
     last_timestamps,
     layout_blocks,
+    scale_queries,
     softplus_inverse,
 )
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
 
 PARTITIONS = ("behaviour", "scenario", "recency", "none")
 BLOCK_ATTENTIONS = ("softmax", "pointwise")
+CANDIDATE_PATHS = ("per_block", "shared")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class AstroConfig(SoftmaxConfig):
     fusion: str = "softmax"  # gate over blocks per dimension: "softmax" (sums to 1) or "sigmoid"
     # The stack inside each block: "softmax" (SoftmaxStack) or "pointwise" (HSTUStack, with tau).
     block_attention: str = "pointwise"
+    # How candidates meet the blocks: "per_block" runs every candidate through each block's
+    # stack and fuses the Nb outputs; "shared" gives candidates one stack of their own whose
+    # queries attend every block's cached K/V, fused per layer (pointwise blocks only).
+    candidate_path: str = "per_block"
     n_rab_buckets: int = 48  # pointwise only: buckets of the relative position / time bias
     attention_norm: int = 0  # pointwise only: N in SiLU(.) / N; 0 means max_len
 
@@ -78,6 +84,10 @@ class AstroConfig(SoftmaxConfig):
             raise ValueError(f"fusion must be 'softmax' or 'sigmoid', got {self.fusion!r}")
         if self.block_attention not in BLOCK_ATTENTIONS:
             raise ValueError(f"block_attention must be one of {BLOCK_ATTENTIONS}, got {self.block_attention!r}")
+        if self.candidate_path not in CANDIDATE_PATHS:
+            raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
+        if self.candidate_path == "shared" and self.block_attention != "pointwise":
+            raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
         if self.n_rab_buckets < 1 or self.attention_norm < 0:
             raise ValueError(
                 f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
@@ -186,7 +196,14 @@ class AstroModel(SequenceRanker):
             for table in self.block_position:
                 nn.init.normal_(table.weight, std=0.02)
         self.temperature = DynamicTemperature(cfg) if cfg.temperature == "dynamic" else None
-        self.fusion = BlockFusion(cfg)
+        if cfg.candidate_path == "shared":
+            for stack in self.stacks:  # nothing reads a block's last-layer output: only its K/V
+                stack.layers[-1].norm_attn = stack.layers[-1].f2 = None
+            self.fusion = None
+            self.candidate_layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
+            self.block_gate = nn.Linear(cfg.d_model, n_blocks * cfg.n_heads)  # per block and head
+        else:
+            self.fusion = BlockFusion(cfg)
         block_of_behaviour = _group_codes(cfg.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
         block_of_scenario = _group_codes(cfg.scenario_groups, SCENARIO_CODE, "scenario_groups")
         self.register_buffer("block_of_behaviour", torch.tensor(block_of_behaviour), persistent=False)
@@ -229,8 +246,9 @@ class AstroModel(SequenceRanker):
     def encode_history(self, batch: RankBatch) -> HistoryCache:
         check_batch(batch, self.config)
         x = self.embed.history(batch)
-        tau = self.temperatures(batch.history_scenarios, batch.history_behaviours)  # [B, n, Nb, h]
-        blocks = []
+        # tau scales history queries, and a one-layer stack's history has none (K/V only).
+        tau = None if self.config.n_layers == 1 else self.temperatures(batch.history_scenarios, batch.history_behaviours)
+        blocks = []  # tau above: [B, n, Nb, h]
         for b, layout in enumerate(layout_blocks(self.block_membership(batch))):
             width = layout.index.shape[1]
             xb = self._with_block_position(gather_tokens(x, layout.index), b, torch.arange(width, device=x.device))
@@ -245,12 +263,38 @@ class AstroModel(SequenceRanker):
         M = c.shape[1]
         target = torch.full_like(batch.scenario, TARGET_BEHAVIOUR)
         tau = self.temperatures(batch.scenario, target)  # [B, Nb, h]
+        if self.fusion is None:
+            return self.heads(self._shared_candidates(c, cache, batch, tau))
         outputs = []
         for b, block in enumerate(cache.blocks):
             cb = self._with_block_position(c, b, block.lengths[:, None])
             tau_b = None if tau is None else tau[:, None, b].expand(-1, M, -1)
             outputs.append(self.stacks[b].attend_candidates(cb, block, cache.history_lengths, batch.request_ts, tau_b))
         return self.heads(self.fusion(c, torch.stack(outputs, dim=2)))
+
+    def _shared_candidates(self, c: torch.Tensor, cache: HistoryCache, batch: RankBatch,
+                           tau: torch.Tensor | None) -> torch.Tensor:
+        """candidate_path="shared": c [B, M, d] -> [B, M, d]. Per layer, one projection of the
+        candidates; their queries (scaled by each block's tau) attend each block's cached K/V
+        with that block layer's relative bias; a softmax gate per block and head, from the
+        candidate token, mixes the Nb results, the candidate's weight on itself is added once,
+        and one output projection follows.
+        A candidate costs one token's linear work, not Nb, whatever the number of blocks."""
+        B, M, _ = c.shape
+        h = self.config.n_heads
+        gates = self.block_gate(c).view(B, M, -1, h).softmax(2).permute(0, 3, 1, 2)  # [B, h, M, Nb]
+        buckets = [relative_buckets(cache.history_lengths[:, None], batch.request_ts[:, None], block.positions,
+                                    block.timestamps, self.config.n_rab_buckets) for block in cache.blocks]
+        for i, layer in enumerate(self.candidate_layers):
+            u, q, k, v = layer.project(c)  # q, k, v [B, h, M, dh]
+            attended = layer.self_attention(q, k, v)  # itself, once
+            for b, block in enumerate(cache.blocks):
+                q_b = scale_queries(q, None if tau is None else tau[:, None, b].expand(-1, M, -1))
+                block_layer = self.stacks[b].layers[i]
+                a_b = block_layer.attention(q_b, block.keys[i], block.values[i], buckets[b], block.valid)
+                attended = attended + gates[..., b, None] * a_b
+            c = layer.finish(c, attended, u)
+        return c
 
     # -- incremental history
 
@@ -365,11 +409,18 @@ class AstroModel(SequenceRanker):
         """
         cfg = self.config
         lengths = self.even_block_lengths(n) if block_lengths is None else block_lengths
+        shared = cfg.candidate_path == "shared"
         total = {"linear": 0, "history_attention": 0, "candidate_attention": 0}
-        for length in lengths:
-            for key, value in cfg.stack_class.flops(cfg, length, M).items():
+        for length in lengths:  # shared: the blocks encode history only (M = 0)
+            for key, value in cfg.stack_class.flops(cfg, length, 0 if shared else M).items():
                 total[key] += value
-        total["temperature"] = DynamicTemperature.flops(cfg, n + 1) if self.temperature is not None else 0
-        total["fusion"] = M * 2 * cfg.d_model * cfg.n_blocks * cfg.d_model
+        if shared:  # one stack of candidate layers; each query attends every block, and itself once
+            for key, value in HSTUStack.flops(cfg, 0, M).items():
+                total[key] += value
+            total["candidate_attention"] += cfg.n_layers * 4 * M * sum(lengths) * cfg.d_model
+        tau_tokens = (n if cfg.n_layers > 1 else 0) + 1  # one-layer history has no queries to scale
+        total["temperature"] = DynamicTemperature.flops(cfg, tau_tokens) if self.temperature is not None else 0
+        d = cfg.d_model
+        total["fusion"] = M * 2 * d * cfg.n_blocks * (cfg.n_heads if shared else d)
         total["heads"] = TaskHeads.flops(cfg, M)
         return total

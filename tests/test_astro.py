@@ -439,6 +439,8 @@ def test_score_combines_tasks_with_the_configured_weights_and_masks_padding():
         (dict(tau_min=0.0), "tau_min"),
         (dict(block_attention="linear"), "block_attention must be one of"),
         (dict(block_attention="pointwise", n_rab_buckets=0), "n_rab_buckets"),
+        (dict(candidate_path="joint"), "candidate_path must be one of"),
+        (dict(block_attention="softmax", candidate_path="shared"), "needs block_attention"),
         (dict(colour="red"), "unknown AstroConfig overrides"),
     ],
 )
@@ -459,3 +461,96 @@ def test_bad_inputs_are_named():
         build_model("bert", "xs", N_TRACKS)
     with pytest.raises(ValueError, match="unknown size"):
         build_model("astro", "xxl", N_TRACKS)
+
+
+# ----------------------------------------------------------------------------- the shared candidate path
+
+def shared_candidate_reference(model: AstroModel, batch: RankBatch) -> torch.Tensor:
+    """candidate_path="shared", one candidate at a time, written out: each block's history
+    through its own layers (pointwise_reference, layer by layer for every layer's K/V), then
+    the candidate's own layers, its query attending each block (that block layer's rab, its
+    tau) and itself, mixed by the per-block, per-head softmax gate."""
+    cfg = model.config
+    h, dh = cfg.n_heads, cfg.d_model // cfg.n_heads
+    norm = float(cfg.attention_norm or cfg.max_len)
+    logits = torch.zeros(*batch.candidate_tracks.shape, len(TASKS))
+    target = torch.tensor(TARGET_BEHAVIOUR)
+    for row in range(len(batch.history_lengths)):
+        history, length = reference_history_tokens(model, batch, row), int(batch.history_lengths[row])
+        blocks = []  # per block: (index, per-layer inputs [L_b, d])
+        for b in range(cfg.n_blocks):
+            idx = [i for i in range(length) if in_block(cfg, batch, row, i, b)]
+            seq = history[idx] + (model.block_position[b].weight[: len(idx)] if cfg.block_positions else 0)
+            ts = batch.history_ts[row, idx]
+            tau = None
+            if cfg.temperature == "dynamic" and idx:
+                tau = model.temperatures(batch.history_scenarios[row, idx], batch.history_behaviours[row, idx])[:, b]
+            inputs = [pointwise_reference(model.stacks[b].layers[:i], seq, torch.tensor(idx), ts, tau, norm)
+                      for i in range(cfg.n_layers)]
+            blocks.append((idx, inputs))
+        tau_c = model.temperatures(batch.scenario[row], target) if cfg.temperature == "dynamic" else None  # [Nb, h]
+        for m in range(batch.candidate_tracks.shape[1]):
+            if not batch.candidate_mask[row, m]:
+                continue
+            c = reference_candidate_token(model, batch, row, m)
+            gates = model.block_gate(c).view(cfg.n_blocks, h).softmax(0)
+            for i, layer in enumerate(model.candidate_layers):
+                u, q, k, v = F.silu(layer.f1(layer.norm_in(c))).chunk(4, -1)
+                q, k, v = (t.view(h, dh) for t in (q, k, v))
+                own = layer.rab_position.weight[0] + layer.rab_time.weight[0]  # distance 0, 0 s
+                attended = F.silu((q * k).sum(-1) / math.sqrt(dh) + own)[:, None] / norm * v
+                for b, (idx, inputs) in enumerate(blocks):
+                    if not idx:
+                        continue
+                    block_layer = model.stacks[b].layers[i]
+                    _, _, kh, vh = F.silu(block_layer.f1(block_layer.norm_in(inputs[i]))).chunk(4, -1)
+                    kh, vh = (t.view(len(idx), h, dh).transpose(0, 1) for t in (kh, vh))  # [h, L_b, dh]
+                    scores = (kh @ q[:, :, None])[..., 0] / math.sqrt(dh)  # [h, L_b]
+                    if tau_c is not None:
+                        scores = scores / tau_c[b][:, None]
+                    distance = length - torch.tensor(idx)
+                    seconds_ago = batch.request_ts[row] - batch.history_ts[row, idx]
+                    bias = (block_layer.rab_position(log_bucket(distance, cfg.n_rab_buckets))
+                            + block_layer.rab_time(seconds_bucket(seconds_ago, cfg.n_rab_buckets))).T  # [h, L_b]
+                    weights = F.silu(scores + bias) / norm
+                    attended = attended + gates[b][:, None] * (weights[:, None, :] @ vh)[:, 0]
+                c = c + layer.f2(layer.norm_attn(attended.reshape(-1)) * u)
+            logits[row, m] = model.heads(c)
+    return logits
+
+
+SHARED = dict(block_attention="pointwise", candidate_path="shared")
+
+
+@pytest.mark.parametrize("overrides", [dict(partition="behaviour"), dict(partition="scenario", n_layers=1),
+                                       dict(partition="recency", recency_scales=(3, 8, 32)),
+                                       dict(partition="behaviour", temperature="fixed", block_positions=False)],
+                         ids=["behaviour", "scenario-1-layer", "recency", "fixed"])
+def test_shared_candidate_path_matches_its_written_out_reference(overrides):
+    model = tiny_astro(**SHARED, **overrides)
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        assert_real_candidates_close(model(batch), shared_candidate_reference(model, batch), batch)
+
+
+def test_shared_candidate_path_keeps_the_serving_properties():
+    """Shuffle invariance, padding, prefix K/V, one cache for many requests, gradients, and
+    incremental extension equal to a full recompute: the per-block path's checks."""
+    check_shuffling_candidates_only_shuffles_scores(tiny_astro(**SHARED))
+    check_padding_changes_no_real_score(tiny_astro(**SHARED))
+    check_one_cached_history_scores_many_requests(tiny_astro(**SHARED))
+    check_gradients_reach_every_parameter(tiny_astro(**SHARED, partition="behaviour"))
+    model = tiny_astro(**SHARED, partition="scenario")
+    batch = random_batch(1, 20, 6, N_TRACKS, seed=11, min_length=20)
+    with torch.no_grad():
+        buffer = HistoryBuffer(model.encode_history(replace(batch, history_lengths=torch.tensor([5]))), 0, headroom=0.0)
+        model.extend_history(buffer, batch)
+        torch.testing.assert_close(model.score_candidates(buffer.view(), batch), model(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_candidate_path_costs_one_token_per_candidate_whatever_the_blocks():
+    """Its candidate linear work does not grow with Nb (the per-block path's does)."""
+    one = tiny_astro(**SHARED, partition="none").flops_breakdown(60, 50)
+    five = tiny_astro(**SHARED, partition="scenario").flops_breakdown(60, 50)
+    per_block = tiny_astro(block_attention="pointwise", partition="scenario").flops_breakdown(60, 50)
+    assert five["linear"] == one["linear"] < per_block["linear"]
