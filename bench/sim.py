@@ -28,7 +28,8 @@ def run_bench_sim(users: int, tracks: int, days: float, seed: int, repeats: int 
                                        out=Path(tmp), run_id=f"bench-{repeat}")
             result = run_sandbox(settings)
             runs.append({"events": result.events, "wall_seconds": result.wall_seconds,
-                         "events_per_second": result.events_per_second, "timings": result.timings})
+                         "events_per_second": result.events_per_second, "timings": result.timings,
+                         "event_log_hash": result.event_log_hash})
     best = max(runs, key=lambda r: r["events_per_second"])
     table = Table(title=f"bench sim: {users} users, {tracks} tracks, {days} days, seed {seed}")
     table.add_column("figure")
@@ -37,6 +38,7 @@ def run_bench_sim(users: int, tracks: int, days: float, seed: int, repeats: int 
     table.add_row("wall seconds", f"{best['wall_seconds']:.1f}")
     table.add_row("events/s (best of %d)" % repeats, f"{best['events_per_second']:,.0f}")
     table.add_row("goal events/s", "50,000")
+    table.add_row("event log hash", best["event_log_hash"][:16])
     for name, seconds in sorted(best["timings"].items()):
         table.add_row(f"  share of time: {name}", f"{seconds / best['wall_seconds']:.0%} ({seconds:.1f} s)")
     console.print(table)
