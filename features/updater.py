@@ -19,11 +19,6 @@ after that wait, so they run alongside the ranking and simulation of the next ti
 instead of delaying the next ranking call; if no ranking call comes, they go with the
 next event batch.
 
-Sequences are kept in a column table (`SequenceTable`: a row of slots per user), so an
-event batch is applied with whole-array operations instead of a new `UserSequence` per
-touched user; the table gives what `apply_events` gives (tested). A push hands the writer
-copies of the dirty rows, turned into `UserSequence`s on the writer thread.
-
 Track statistics are kept as one row per track id from 0 up (zeros until a track's first
 event) and updated in place, so an event batch costs work in its own tracks, not a copy of
 the catalog's statistics; a push hands the writer a copy of the touched rows only.
@@ -36,7 +31,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from features.sequence import SequenceRows, SequenceTable, UserSequence
+from features.sequence import UserSequence, apply_events
 from features.track_stats import TrackStats, apply_track_events
 from streaming.events import EventBatch
 
@@ -56,9 +51,9 @@ class FeatureUpdater:
         self.max_len = max_len
         self.flush_ms = flush_ms
         self.track_flush_ms = track_flush_ms
-        self.table = SequenceTable(max_len)
+        self.sequences: dict[int, UserSequence] = {}
         self.track_stats = TrackStats.empty()
-        self._dirty = np.zeros(0, bool)  # by table row: changed since its last push
+        self._pending_sequences: dict[int, UserSequence] = {}
         self._dirty_tracks: list[np.ndarray] = []  # ids touched since the last track push
         self._last_flush_ts: int | None = None
         self._last_track_flush_ts: int | None = None
@@ -70,11 +65,6 @@ class FeatureUpdater:
         self.track_rows_written = 0
 
     @property
-    def sequences(self) -> dict[int, UserSequence]:
-        """Every user's current sequence (copies): for checks and tests, not the hot path."""
-        return self.table.to_dict()
-
-    @property
     def rows_written(self) -> int:
         return self.sequence_rows_written + self.track_rows_written
 
@@ -83,10 +73,9 @@ class FeatureUpdater:
             return
         if self._sequences_due or self._tracks_due:  # no ranking call came since they fell due
             self._write_due()
-        changed = self.table.apply(events)
-        if len(self._dirty) < len(self.table.lengths):
-            self._dirty = np.concatenate([self._dirty, np.zeros(len(self.table.lengths) - len(self._dirty), bool)])
-        self._dirty[changed] = True
+        updated = apply_events(self.sequences, events, self.max_len)
+        self.sequences.update(updated)
+        self._pending_sequences.update(updated)
         self._hold_rows_for(events.track_id)
         touched = apply_track_events(self.track_stats, events)
         self.track_stats = self.track_stats.upsert_in_place(touched)  # only the writer's copies leave
@@ -117,14 +106,13 @@ class FeatureUpdater:
     def flush_users(self, user_ids: Iterable[int]) -> None:
         """Make these users' pending sequences readable in Feast (they are about to be
         ranked), then start the periodic pushes that are due."""
-        rows = self.table.rows(np.fromiter(user_ids, np.int64))
-        self._write_sequences(rows[rows >= 0])
+        self._write_sequences([u for u in user_ids if u in self._pending_sequences])
         self.wait()
         self._write_due()
 
     def flush(self) -> None:
         """Push everything pending and wait for it (at the end of a run)."""
-        self._write_sequences(np.arange(len(self.table)))
+        self._write_sequences(list(self._pending_sequences))
         self._write_tracks()
         self._sequences_due = self._tracks_due = False
         self.wait()
@@ -142,7 +130,7 @@ class FeatureUpdater:
 
     def _write_due(self) -> None:
         if self._sequences_due:
-            self._write_sequences(np.arange(len(self.table)))
+            self._write_sequences(list(self._pending_sequences))
         if self._tracks_due:
             self._write_tracks()
         self._sequences_due = self._tracks_due = False
@@ -153,18 +141,12 @@ class FeatureUpdater:
         else:
             self._last_write = self._writer.submit(write, *args)
 
-    def _write_sequences(self, rows: np.ndarray) -> None:
-        """Push those of these table rows that changed since their last push."""
-        rows = np.unique(rows[self._dirty[rows]]) if len(rows) else rows
-        if len(rows) == 0:
+    def _write_sequences(self, user_ids: list[int]) -> None:
+        if not user_ids:
             return
-        self._dirty[rows] = False
-        self._submit(self._write_rows, self.table.snapshot(rows), self._latest_ts)
-        self.sequence_rows_written += len(rows)
-
-    def _write_rows(self, rows: SequenceRows, event_ts: int) -> int:
-        """On the writer thread: the copied rows as sequences, into the store."""
-        return self.store.write_sequences(rows.sequences(), event_ts)
+        batch = {u: self._pending_sequences.pop(u) for u in dict.fromkeys(user_ids)}
+        self._submit(self.store.write_sequences, batch, self._latest_ts)
+        self.sequence_rows_written += len(batch)
 
     def _write_tracks(self) -> None:
         if self._dirty_tracks:

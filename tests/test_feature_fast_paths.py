@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from features.feast_codec import (decode_float64_lists, decode_int64_lists, decode_int64s, encode_float64_lists,
                                   encode_int64_lists, encode_int64s)
-from features.sequence import SequenceTable, UserSequence, apply_events, apply_events_reference, sequences_from_log
+from features.sequence import UserSequence, apply_events, apply_events_reference, sequences_from_log
 from features.store import FeatureStoreClient, _FeatureColumns, _sqlite_ts
 from features.track_stats import TrackStats, apply_track_events, apply_track_events_reference
 from features.updater import FeatureUpdater
@@ -177,31 +177,6 @@ def test_apply_events_equals_the_per_user_reference(cuts, max_len, redeliver):
         fast.update(got)
         reference.update(expected)
     assert_same(dict(sorted(fast.items())), dict(sorted(sequences_from_log(log, max_len).items())))
-
-
-@settings(max_examples=40, deadline=None)
-@given(cuts=st.lists(st.integers(0, 600), max_size=6), max_len=st.sampled_from([1, 5, 32, 256]),
-       redeliver=st.booleans(), sparse_ids=st.booleans())
-def test_sequence_table_equals_apply_events(cuts, max_len, redeliver, sparse_ids):
-    """The updater's column table against the reference `apply_events`, batch by batch:
-    duplicates, redeliveries, truncation, users appearing late and ids past the first
-    allocation (growth of the id map and of the rows)."""
-    log = event_log(600, n_users=40)
-    if sparse_ids:
-        log = EventBatch.from_columns(**{**{c: getattr(log, c) for c in ("event_id", "ts", "track_id", "scenario",
-                                                                         "behaviour")}, "user_id": log.user_id * 97})
-    bounds = sorted({0, 600, *cuts})
-    table, reference = SequenceTable(max_len, capacity=4), {}
-    for start, end in zip(bounds, bounds[1:]):
-        batch = log.select(np.arange(start, end))
-        if redeliver and start:
-            batch = EventBatch.concat([log.select(np.arange(max(0, start - 50), start)), batch])
-        expected = apply_events(reference, batch, max_len)
-        changed = table.apply(batch)
-        assert sorted(table.user_of[changed].tolist()) == sorted(expected)
-        reference.update(expected)
-        assert_same(dict(sorted(table.to_dict().items())), dict(sorted(reference.items())))
-    assert_same(dict(sorted(table.to_dict().items())), dict(sorted(sequences_from_log(log, max_len).items())))
 
 
 # -- track statistics: sort-based grouping and in-place updates ----------------------------
