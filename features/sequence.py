@@ -81,8 +81,7 @@ def apply_events(
 
     Every touched user's new arrays (the surviving tail of the stored sequence, then the new
     tokens) are gathered for the whole batch at once, with one index shared by the four
-    columns; per user only two copies remain (an int64 block for track ids and timestamps,
-    an int8 block for behaviours and scenarios, whose rows become the sequence's arrays).
+    columns; per user only its four slices are copied.
     Copies, not views of the batch's arrays: a view would keep the whole batch alive for as
     long as its least active user goes without events. `apply_events_reference` is the
     plain per-user version the tests hold this to.
