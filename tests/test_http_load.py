@@ -81,7 +81,8 @@ def test_closed_and_open_loop_runs_measure_every_request(port):
     bodies = request_bodies(users=3, n_candidates=20, seed=1, n_tracks=N_TRACKS, count=16)
     closed = run_async(closed_loop("127.0.0.1", port, clients=4, seconds=0.5, bodies=bodies))
     figures = summary(closed)
-    assert figures["requests"] == len(closed.server_ms) > 4
+    # Every client sends at least once; how many more fit in 0.5 s depends on the machine.
+    assert figures["requests"] == len(closed.server_ms) >= 4
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
     # The client-side latency contains the server's own queued-to-answered time.
     assert all(client * 1e3 >= server for client, server in zip(closed.latencies, closed.server_ms))
