@@ -175,14 +175,7 @@ def apply_track_events(current: TrackStats | None, events: EventBatch) -> TrackS
     previous = (current if current is not None else TrackStats.empty()).lookup(tracks)
 
     as_of = np.maximum(previous.as_of_ts, np.maximum.reduceat(events.ts[order], starts))
-    # Bring old decayed counts to the new as-of time, then add each event at its own age.
-    recent = previous.recent * np.exp(-(as_of - previous.as_of_ts) / RECENT_TAU_MS)[:, None]
-    cell = event_row * N_BEHAVIOURS + events.behaviour.astype(np.int64)
-    size = len(tracks) * N_BEHAVIOURS
-    weight = np.exp(-(as_of[event_row] - events.ts) / RECENT_TAU_MS)
-    recent += np.bincount(cell, weights=weight, minlength=size).reshape(-1, N_BEHAVIOURS)
-    totals = previous.totals + np.bincount(cell, minlength=size).reshape(-1, N_BEHAVIOURS)
-    return TrackStats(tracks, totals, recent, as_of)
+    return _add_events(previous, tracks, event_row, as_of, events)
 
 
 def apply_track_events_reference(current: TrackStats | None, events: EventBatch) -> TrackStats:
@@ -193,6 +186,15 @@ def apply_track_events_reference(current: TrackStats | None, events: EventBatch)
     previous = (current if current is not None else TrackStats.empty()).lookup(tracks)
     as_of = previous.as_of_ts.copy()
     np.maximum.at(as_of, event_row, events.ts)
+    return _add_events(previous, tracks, event_row, as_of, events)
+
+
+def _add_events(previous: TrackStats, tracks: np.ndarray, event_row: np.ndarray, as_of: np.ndarray,
+                events: EventBatch) -> TrackStats:
+    """The new rows of `tracks` (distinct, sorted): `previous` rows with every event added,
+    event i to row `event_row[i]`; `as_of` is each row's new as-of time. Both versions of
+    `apply_track_events` group events their own way and end here."""
+    # Bring old decayed counts to the new as-of time, then add each event at its own age.
     recent = previous.recent * np.exp(-(as_of - previous.as_of_ts) / RECENT_TAU_MS)[:, None]
     cell = event_row * N_BEHAVIOURS + events.behaviour.astype(np.int64)
     size = len(tracks) * N_BEHAVIOURS
