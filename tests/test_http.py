@@ -20,19 +20,27 @@ torch.set_num_threads(1)
 N_TRACKS = 40
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+def tiny_service_settings(root, users: list[int], length: int, seed: int, max_candidates: int) -> ServingSettings:
+    """A real Feast store under `root` holding a random `length`-token history for each of
+    `users`, and a tiny astro checkpoint beside it: what the HTTP tests serve."""
     store = FeatureStoreClient(root / "feast")
     store.apply()
-    rng = np.random.default_rng(0)
-    store.write_sequences({7: UserSequence(rng.integers(0, N_TRACKS, 12), rng.integers(1, 8, 12).astype(np.int8),
-                                           rng.integers(0, 5, 12).astype(np.int8),
-                                           1_700_000_000_000 + np.arange(12) * 60_000, 11)})
+    rng = np.random.default_rng(seed)
+    store.write_sequences({user: UserSequence(rng.integers(0, N_TRACKS, length),
+                                              rng.integers(1, 8, length).astype(np.int8),
+                                              rng.integers(0, 5, length).astype(np.int8),
+                                              1_700_000_000_000 + np.arange(length) * 60_000, length - 1)
+                           for user in users})
     torch.manual_seed(0)
     model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8)
     save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
-    settings = ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", max_candidates=5, device="cpu")
+    return ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", max_candidates=max_candidates,
+                           device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = tiny_service_settings(tmp_path_factory.mktemp("serve"), users=[7], length=12, seed=0, max_candidates=5)
     with TestClient(create_app(build_service(settings))) as test_client:
         yield test_client
 

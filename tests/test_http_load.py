@@ -5,7 +5,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import orjson
 import pytest
 import torch
@@ -13,30 +12,16 @@ import uvicorn
 
 from bench.service_load import (HttpConnection, closed_loop, open_loop, process_cpu_seconds, request_bodies,
                                 run_async, summary)
-from features.sequence import UserSequence
-from features.store import FeatureStoreClient
 from ranker.http import RankReply, build_service, create_app
-from ranker.model_common import build_model
-from ranker.serving import ServingSettings
-from ranker.train import save_checkpoint
+from tests.test_http import N_TRACKS, tiny_service_settings
 
 torch.set_num_threads(1)
-N_TRACKS = 40
 
 
 @pytest.fixture(scope="module")
 def port(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load")
-    store = FeatureStoreClient(root / "feast")
-    store.apply()
-    rng = np.random.default_rng(1)
-    store.write_sequences({user: UserSequence(rng.integers(0, N_TRACKS, 10), rng.integers(1, 8, 10).astype(np.int8),
-                                              rng.integers(0, 5, 10).astype(np.int8),
-                                              1_700_000_000_000 + np.arange(10) * 60_000, 9) for user in range(3)})
-    torch.manual_seed(0)
-    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8)
-    save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
-    settings = ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", device="cpu", max_candidates=50)
+    settings = tiny_service_settings(tmp_path_factory.mktemp("load"), users=[0, 1, 2], length=10, seed=1,
+                                     max_candidates=50)
     server = uvicorn.Server(uvicorn.Config(create_app(build_service(settings)), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
