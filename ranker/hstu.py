@@ -132,7 +132,10 @@ class HSTUStack(OneTokenPlanStack):
         self.n_buckets = cfg.n_rab_buckets
 
     def encode(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor, tau: torch.Tensor | None = None):
-        buckets = relative_buckets(layout.index, timestamps, layout.index, timestamps, self.n_buckets)
+        # Only layers before the last attend the history (`layer_keys_values`): a one-layer
+        # stack, the default, needs no [B, L, L] bias buckets at all.
+        if len(self.layers) > 1:
+            buckets = relative_buckets(layout.index, timestamps, layout.index, timestamps, self.n_buckets)
 
         def step(layer: HSTULayer, x: torch.Tensor):
             u, q, k, v = layer.project(x)
