@@ -106,7 +106,7 @@ class PopularityRanker:
         are monotone, so the largest is log1p of the decayed largest count: only the
         candidates' counts are transformed, not the whole catalog's."""
         counts = self.popularity.at_tracks(candidates.safe, now_ts)
-        top = np.log1p(np.array([self.popularity.max_at(now_ts)]))[0]
+        top = np.log1p(self.popularity.max_at(now_ts))
         return np.log1p(counts) / max(top, 1e-12)
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:

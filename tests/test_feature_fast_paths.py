@@ -21,29 +21,16 @@ from features.updater import FeatureUpdater
 from streaming.events import EventBatch
 from streaming.online_state import TrackStatsState
 
-HOUR_MS = 3600 * 1000
+from tests.test_features import client  # noqa: F401  (the pytest fixture: a fresh SQLite Feast store)
+from tests.test_features import HOUR_MS, assert_same_sequences, random_sequence
+from tests.test_features import event_log as features_event_log
+
+EPOCH_2026_MS = 1_767_225_600_000
 
 
 def event_log(n: int, n_users: int = 20, n_tracks: int = 30, seed: int = 0) -> EventBatch:
-    rng = np.random.default_rng(seed)
-    return EventBatch.from_columns(
-        event_id=np.arange(n), ts=1_767_225_600_000 + np.sort(rng.integers(0, 72 * HOUR_MS, n)),
-        user_id=rng.integers(0, n_users, n), track_id=rng.integers(0, n_tracks, n),
-        scenario=rng.integers(0, 5, n), behaviour=rng.integers(0, 8, n),
-    )
-
-
-def random_sequence(length: int, rng: np.random.Generator, last_event_id: int) -> UserSequence:
-    return UserSequence(rng.integers(0, 2**40, length), rng.integers(1, 8, length).astype(np.int8),
-                        rng.integers(0, 5, length).astype(np.int8), np.sort(rng.integers(0, 2**41, length)),
-                        last_event_id)
-
-
-@pytest.fixture
-def client(tmp_path) -> FeatureStoreClient:
-    store = FeatureStoreClient(tmp_path / "feast")
-    store.apply()
-    return store
+    """`tests.test_features.event_log` over 72 hours from 2026-01-01 (real epoch times)."""
+    return features_event_log(n, n_users, n_tracks, seed=seed, start_ms=EPOCH_2026_MS)
 
 
 # -- decoding: what protobuf parses -------------------------------------------------------
@@ -53,16 +40,21 @@ WIDE_OR_UNIFORM = st.one_of(INT64S, st.lists(st.integers(2**35, 2**42 - 1), max_
                             st.lists(st.integers(0, 127), max_size=30))
 
 
-@settings(max_examples=60, deadline=None)
-@given(lists=st.lists(WIDE_OR_UNIFORM, max_size=6))
-def test_int64_decoders_read_what_protobuf_wrote(lists):
+def protobuf_lists(field: str, lists: list[list]) -> list[bytes]:
+    """Each list as protobuf serialises `ValueProto(<field>=...)`, empty lists included."""
     blobs = []
     for values in lists:
         proto = ValueProto()
-        proto.int64_list_val.SetInParent()
-        proto.int64_list_val.val.extend(values)
+        getattr(proto, field).SetInParent()
+        getattr(proto, field).val.extend(values)
         blobs.append(proto.SerializeToString())
-    flat, lengths = decode_int64_lists(blobs)
+    return blobs
+
+
+@settings(max_examples=60, deadline=None)
+@given(lists=st.lists(WIDE_OR_UNIFORM, max_size=6))
+def test_int64_decoders_read_what_protobuf_wrote(lists):
+    flat, lengths = decode_int64_lists(protobuf_lists("int64_list_val", lists))
     assert flat.tolist() == [v for values in lists for v in values]
     assert lengths.tolist() == [len(values) for values in lists]
     scalars = [v for values in lists for v in values]
@@ -72,13 +64,7 @@ def test_int64_decoders_read_what_protobuf_wrote(lists):
 @settings(max_examples=30, deadline=None)
 @given(lists=st.lists(st.lists(st.floats(allow_nan=False), max_size=10), max_size=5))
 def test_float64_list_decoder_reads_what_protobuf_wrote(lists):
-    blobs = []
-    for values in lists:
-        proto = ValueProto()
-        proto.double_list_val.SetInParent()
-        proto.double_list_val.val.extend(values)
-        blobs.append(proto.SerializeToString())
-    flat, lengths = decode_float64_lists(blobs)
+    flat, lengths = decode_float64_lists(protobuf_lists("double_list_val", lists))
     assert flat.tolist() == [v for values in lists for v in values]
     assert lengths.tolist() == [len(values) for values in lists]
 
@@ -108,10 +94,9 @@ def test_round_trip_of_mixed_widths():
 
 
 def assert_same(got: dict[int, UserSequence], expected: dict[int, UserSequence]) -> None:
+    """`assert_same_sequences`, and the users in the same order."""
     assert list(got) == list(expected)
-    for user, seq in expected.items():
-        assert got[user].equals(seq), f"user {user}"
-        assert got[user].behaviours.dtype == np.int8 and got[user].track_ids.dtype == np.int64
+    assert_same_sequences(got, expected)
 
 
 def test_fast_sequence_reads_equal_feasts_online_read(client):

@@ -24,12 +24,12 @@ from streaming.events import BEHAVIOUR_CODE, EventBatch
 HOUR_MS = 3600 * 1000
 
 
-def event_log(n: int, n_users: int = 20, n_tracks: int = 30, span_ms: int = 72 * HOUR_MS, seed: int = 0
-              ) -> EventBatch:
-    """Events in emission order (ids and times ascending) spread over `span_ms`."""
+def event_log(n: int, n_users: int = 20, n_tracks: int = 30, span_ms: int = 72 * HOUR_MS, seed: int = 0,
+              start_ms: int = 0) -> EventBatch:
+    """Events in emission order (ids and times ascending) spread over `span_ms` from `start_ms`."""
     rng = np.random.default_rng(seed)
     return EventBatch.from_columns(
-        event_id=np.arange(n), ts=np.sort(rng.integers(0, span_ms, n)), user_id=rng.integers(0, n_users, n),
+        event_id=np.arange(n), ts=start_ms + np.sort(rng.integers(0, span_ms, n)), user_id=rng.integers(0, n_users, n),
         track_id=rng.integers(0, n_tracks, n), scenario=rng.integers(0, 5, n), behaviour=rng.integers(0, 8, n),
     )
 
