@@ -27,17 +27,14 @@ from ranker.model_common import (
     BlockCache,
     HistoryBuffer,
     HistoryCache,
-    OneEvent,
     SequenceRanker,
     SoftmaxConfig,
     SoftmaxStack,
     TaskHeads,
     TARGET_BEHAVIOUR,
     WeightDerivedTables,
-    append_on_host,
     check_batch,
     gather_tokens,
-    host_view,
     last_timestamps,
     layout_blocks,
     scale_queries,
@@ -310,8 +307,8 @@ class AstroModel(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
-        if end - start == 1:  # the serving hot path; below is its reference
-            self.append_event(history, self._one_event(batch, start))
+        if end - start == 1:  # every stack kind has extend_one
+            self._extend_one(history, batch, start)  # the serving hot path; below is its reference
             return
         self._check_new_values(batch, start, end)
         x = self.embed.history(batch, start)[:, : end - start]  # [1, k, d]
@@ -339,44 +336,28 @@ class AstroModel(SequenceRanker):
         history.length = end
         history.last_ts = int(batch.history_ts[0, end - 1])
 
-    def append_event(self, history: HistoryBuffer, event: OneEvent) -> None:
-        """`extend_history` of one new event: its blocks, and each block's query scale
-        1 / (tau sqrt(d_head)), from per-code tables (`_one_event_tables`); then, for CPU
-        float32 weights, the token and its writes on the host (`append_on_host`, ~10 numpy
-        calls per one-layer block), else the torch token and each block stack's `extend_one`."""
-        at = self._append_position(history)
+    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
+        """`extend_history` of one new event, in ~25 ATen calls: host-side ids and time gap,
+        tau, block membership and the behaviour + scenario embedding from per-code tables
+        (`_one_event_tables`), and the block stack's `extend_one` in the block(s) it joins."""
+        event = self._one_event(batch, at)
         tables = self.__dict__.get("_one_event_cache")
         if tables is None or tables.key != tables.version():
             tables = self._one_event_tables()
         per_code = tables.rows[event.scenario][event.behaviour]  # (embedding row, blocks, scales)
-        host = self.embed.host_tokens()
-        if host is not None:
-            token, block_positions = host.token(event, at), self._host_block_positions()
-        else:
-            e = self.embed
-            x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
+        e = self.embed
+        x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
         for b, scale in zip(per_code[1], per_code[2]):
             block = history.blocks[b]
             length = block.length
             block.reserve(length + 1)
-            if host is not None:
-                xb = token if block_positions is None else token + block_positions[b][length]
-                append_on_host(self.stacks[b], block, xb, at, event.timestamp, scale)
-            else:
-                block.positions.select(1, length).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
-                block.timestamps.select(1, length).fill_(event.timestamp)
-                xb = x if self.block_position is None else x + self.block_position[b].weight[length]
-                self.stacks[b].extend_one(xb, block, length, scale)
+            block.positions.select(1, length).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
+            block.timestamps.select(1, length).fill_(event.timestamp)
+            xb = x if self.block_position is None else x + self.block_position[b].weight[length]
+            self.stacks[b].extend_one(xb, block, length, scale)
             block.length = length + 1
         history.length = at + 1
         history.last_ts = event.timestamp
-
-    def _host_block_positions(self) -> list | None:
-        """Numpy views of the blocks' position tables (None without block positions)."""
-        if "_host_plan" not in self.__dict__:
-            tables = self.block_position
-            self.__dict__["_host_plan"] = None if tables is None else [host_view(t.weight) for t in tables]
-        return self.__dict__["_host_plan"]
 
     def _one_event_tables(self) -> WeightDerivedTables:
         """Per (scenario, behaviour) code pair: the summed behaviour + scenario embedding

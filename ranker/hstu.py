@@ -206,17 +206,13 @@ class HSTUStack(OneTokenPlanStack):
             x = x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
                                           layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
 
-    def last_kv_parts(self) -> tuple[nn.LayerNorm, torch.Tensor, torch.Tensor, bool]:
-        layer = self.layers[-1]
-        d = layer.f1.weight.shape[1]  # f1: d -> 4d (U, Q, K, V)
-        return layer.norm_in, layer.f1.weight[2 * d:], layer.f1.bias[2 * d:], True
-
     def _one_token_plan(self) -> tuple:
         """The last layer's norm and the K/V rows of its f1, gathered once: module attribute
         lookups and the two slices cost as much as the one-layer step's arithmetic. Views of
         the Parameters, so in-place updates show through (see OneTokenPlanStack)."""
-        norm, kv_weight, kv_bias, _ = self.last_kv_parts()
-        plan = ((norm.weight, norm.bias, norm.eps), kv_weight, kv_bias)
+        layer = self.layers[-1]
+        d = layer.f2.weight.shape[0]
+        plan = ((layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps), layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
         self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
         return plan
 

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from features.sequence import UserSequence
 from ranker.batch import RankBatch
-from ranker.model_common import BlockCache, HistoryBuffer, HistoryCache, OneEvent, SequenceRanker
+from ranker.model_common import BlockCache, HistoryBuffer, HistoryCache, SequenceRanker
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -44,21 +44,11 @@ def model_window(sequence: UserSequence, max_len: int) -> UserSequence:
                         sequence.scenarios[-max_len:], sequence.timestamps[-max_len:], sequence.last_event_id)
 
 
-def model_track_ids(track_ids: np.ndarray | int, n_tracks: int) -> np.ndarray | int:
-    """Catalogue ids (an array, or one id) -> the model's embedding rows: +1 (0 = padding),
-    and 0 for an id the model has no embedding for (a track newer than its catalogue)."""
-    ids = track_ids + 1
-    if isinstance(ids, np.ndarray):
-        ids[(ids > n_tracks) | (ids < 0)] = 0
-        return ids
-    return ids if 0 <= ids <= n_tracks else 0
-
-
 def history_batch(windows: Sequence[UserSequence], n_tracks: int, device: torch.device | str = "cpu") -> RankBatch:
     """Left-aligned padded history tensors of `windows` (no candidates yet).
 
-    Track ids become the model's rows (`model_track_ids`), so an id the model has no
-    embedding for becomes the padding row rather than failing the request.
+    Track ids shift by +1 (0 = padding); an id the model has no embedding for (a track
+    newer than its catalogue) becomes 0, the padding row, rather than failing the request.
     """
     lengths = np.array([len(w) for w in windows], np.int64)
     width = max(int(lengths.max(initial=0)), 1)
@@ -67,7 +57,8 @@ def history_batch(windows: Sequence[UserSequence], n_tracks: int, device: torch.
     for row, window in enumerate(windows):
         for name, array in arrays.items():
             array[row, : len(window)] = getattr(window, name)
-    tracks = model_track_ids(arrays["track_ids"], n_tracks)
+    tracks = arrays["track_ids"] + 1
+    tracks[(tracks > n_tracks) | (tracks < 0)] = 0
     tracks[np.arange(width)[None, :] >= lengths[:, None]] = 0
     as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     empty = torch.zeros(len(windows), 0, dtype=torch.int64, device=device)
@@ -144,13 +135,9 @@ def _token_bytes(window: UserSequence) -> int:
 
 
 def _same_tokens(a: UserSequence, b: UserSequence, length: int) -> bool:
-    """Whether the first `length` tokens of a and b are the same events. Arrays of one dtype
-    compare as bytes (~0.7 us at n = 512, a quarter of np.array_equal's cost)."""
-    for name in ("timestamps", "track_ids", "behaviours", "scenarios"):
-        x, y = getattr(a, name)[:length], getattr(b, name)[:length]
-        if not (x.tobytes() == y.tobytes() if x.dtype == y.dtype else np.array_equal(x, y)):
-            return False
-    return True
+    """Whether the first `length` tokens of a and b are the same events."""
+    return all(np.array_equal(getattr(a, name)[:length], getattr(b, name)[:length])
+               for name in ("timestamps", "track_ids", "behaviours", "scenarios"))
 
 
 class UserKVCache:
@@ -231,22 +218,12 @@ class UserKVCache:
             return entry.history.view()
         if cached < len(window) and self.model.can_extend(cached, len(window)) \
                 and _same_tokens(entry.window, window, cached):
-            if len(window) == cached + 1:  # the common case: straight from the window, no RankBatch
-                self.model.append_event(entry.history, self._event(window, cached))
-            else:
-                self.model.extend_history(entry.history, history_batch([window], self.model.config.n_tracks, self.device))
+            self.model.extend_history(entry.history, history_batch([window], self.model.config.n_tracks, self.device))
             self.stats.incremental += 1
             self._drop(key, count=False)
             return self._store(user, window, entry.history, counted=False)
         self._drop(key, count=False)
         return None
-
-    def _event(self, window: UserSequence, at: int) -> OneEvent:
-        """Event `at` of the window as `append_event` takes it (ids as history_batch maps them)."""
-        track = model_track_ids(int(window.track_ids[at]), self.model.config.n_tracks)
-        previous = int(window.timestamps[at - 1]) if at else None
-        return self.model.one_event(track, int(window.behaviours[at]), int(window.scenarios[at]),
-                                    int(window.timestamps[at]), previous)
 
     def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True) -> HistoryCache:
         """Insert as most recent, evicting least recent entries to fit the budget."""

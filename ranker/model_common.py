@@ -133,52 +133,7 @@ def gap_bucket(gap_ms: int, n_buckets: int) -> int:
     return 1 + min(int(np.floor(np.log2(seconds + np.float32(1)) * np.float32(2))), n_buckets - 2)
 
 
-# Plain attributes (not buffers, not in state_dict) that the one-token serving path derives
-# from Parameters; dropped whenever Parameters may be replaced.
-PARAMETER_PLANS = ("_one_token_plan", "_host_plan")
-
-
-class OneTokenPlans(nn.Module):
-    """A module that keeps plans of its parameters for the one-token serving path in plain
-    attributes (PARAMETER_PLANS); they are dropped whenever Parameters may be replaced
-    (`.to()`, `load_state_dict`). Each module drops only its own: `_apply` recurses."""
-
-    def drop_plans(self) -> None:
-        for name in PARAMETER_PLANS:
-            self.__dict__.pop(name, None)
-
-    def _apply(self, fn, recurse: bool = True):
-        self.drop_plans()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.drop_plans()
-        super()._load_from_state_dict(*args, **kwargs)
-
-
-def host_view(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy array sharing t's memory (in-place updates show through both ways), for CPU
-    float32 tensors; None elsewhere (CUDA, bf16), where the one-token path stays in torch."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        return None
-    return t.detach().numpy()
-
-
-class HostTokens(NamedTuple):
-    """TokenEmbedding's tables as numpy views: one event's token in five row reads and four adds."""
-
-    track: np.ndarray
-    behaviour: np.ndarray
-    scenario: np.ndarray
-    position: np.ndarray
-    time_gap: np.ndarray
-
-    def token(self, event: "OneEvent", position: int) -> np.ndarray:  # [d], the same sum as `one_token`
-        return (self.track[event.track] + self.behaviour[event.behaviour] + self.scenario[event.scenario]
-                + self.position[position] + self.time_gap[event.gap])
-
-
-class TokenEmbedding(OneTokenPlans):
+class TokenEmbedding(nn.Module):
     """Token = track + behaviour + scenario + position + time gap (summed).
 
     A candidate token has behaviour TARGET, the request's scenario, position = history length
@@ -220,14 +175,6 @@ class TokenEmbedding(OneTokenPlans):
         x = (self.track.weight[event.track] + self.behaviour.weight[event.behaviour]
              + self.scenario.weight[event.scenario] + self.position.weight[position] + self.time_gap.weight[event.gap])
         return x[None]
-
-    def host_tokens(self) -> "HostTokens | None":
-        """`one_token` on numpy views of the five tables (None unless CPU float32)."""
-        if "_host_plan" not in self.__dict__:
-            views = [host_view(table.weight) for table in (self.track, self.behaviour, self.scenario, self.position,
-                                                            self.time_gap)]
-            self.__dict__["_host_plan"] = None if any(v is None for v in views) else HostTokens(*views)
-        return self.__dict__["_host_plan"]
 
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
         """[B, M, d]; needs only the history's length and last timestamp (kept in the cache)."""
@@ -350,14 +297,6 @@ class BlockBuffer:
         self.keys = [kv[0:1] for kv in self.kv]  # [1, h, capacity, dh] each
         self.values = [kv[1:2] for kv in self.kv]
         self._view: tuple[int, BlockCache] | None = None
-        self._host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def host_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Numpy views of the one-layer K/V storage [2, h, capacity, dh] and of positions and
-        timestamps [1, capacity], for the host one-token path (CPU, float32); renewed with the storage."""
-        if self._host is None:
-            self._host = (self.kv[0].numpy(), self.positions.numpy(), self.timestamps.numpy())
-        return self._host
 
     @property
     def capacity(self) -> int:
@@ -531,61 +470,17 @@ def history_key_bias(history_valid: torch.Tensor, dtype: torch.dtype) -> torch.T
 CANDIDATE_ATTENTION = ("sdpa", "split")
 
 
-class HostKV(NamedTuple):
-    """A block stack's last layer for one token on the host: layer norm, the K/V rows of the
-    input projection, SiLU for HSTU layers. That is the whole one-event update of a one-layer
-    stack (the default ASTRO); about ten numpy calls, where the same math in torch pays
-    several microseconds of dispatch per op, which is most of the step's cost on CPU."""
+class OneTokenPlanStack(nn.Module):
+    """A block stack whose `extend_one` keeps a `_one_token_plan` of its parameters in a plain
+    attribute; it is dropped whenever Parameters may be replaced (`.to()`, `load_state_dict`)."""
 
-    norm_weight: np.ndarray  # [d]
-    norm_bias: np.ndarray  # [d]
-    eps: float
-    weight: np.ndarray  # [2d, d]: K rows, then V rows (heads contiguous)
-    bias: np.ndarray  # [2d]
-    silu: bool
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_one_token_plan", None)
+        return super()._apply(fn, recurse)
 
-    @classmethod
-    def of(cls, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor, silu: bool) -> "HostKV | None":
-        views = [host_view(t) for t in (norm.weight, norm.bias, weight, bias)]
-        return None if any(v is None for v in views) else cls(views[0], views[1], float(norm.eps), views[2], views[3], silu)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # [d] -> [2d], float32
-        inv_d = np.float32(1.0 / x.shape[0])
-        centred = x - np.add.reduce(x) * inv_d  # x.mean() costs ~10x this in Python wrappers
-        scale = self.norm_weight / np.sqrt(np.dot(centred, centred) * inv_d + np.float32(self.eps))
-        y = self.weight @ (centred * scale + self.norm_bias) + self.bias
-        return y * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * y)) if self.silu else y  # SiLU, no exp overflow
-
-
-class OneTokenPlanStack(OneTokenPlans):
-    """A block stack with a one-token serving path: `extend_one` in torch, and `host_kv` for
-    one-layer stacks on CPU float32 weights."""
-
-    def host_kv(self) -> HostKV | None:
-        """The one-layer stack's update on the host, or None (more layers, or not CPU float32)."""
-        if "_host_plan" not in self.__dict__:
-            self.__dict__["_host_plan"] = HostKV.of(*self.last_kv_parts()) if len(self.layers) == 1 else None
-        return self.__dict__["_host_plan"]
-
-    def last_kv_parts(self) -> tuple[nn.LayerNorm, torch.Tensor, torch.Tensor, bool]:
-        """The last layer's input norm, the K/V rows of its projection and whether SiLU follows."""
-        raise NotImplementedError
-
-
-def append_on_host(stack: OneTokenPlanStack, block: "BlockBuffer", x: np.ndarray, position: int, timestamp: int,
-                   query_scale: torch.Tensor | float) -> None:
-    """Write token x [d] at the block's end (capacity reserved; the caller advances
-    block.length): position and timestamp through numpy views, K/V from `stack.host_kv()`,
-    or the stack's torch `extend_one` when it has more than one layer."""
-    at = block.length
-    kv, positions, timestamps = block.host_views()
-    positions[0, at] = position
-    timestamps[0, at] = timestamp
-    step = stack.host_kv()
-    if step is None:
-        stack.extend_one(torch.from_numpy(x)[None], block, at, query_scale)
-    else:
-        kv[:, :, at] = step(x).reshape(2, kv.shape[1], kv.shape[3])
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_one_token_plan", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 class SoftmaxStack(OneTokenPlanStack):
@@ -682,11 +577,6 @@ class SoftmaxStack(OneTokenPlanStack):
             weights = torch.bmm(qkv[0].unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)).softmax(-1)  # [h, 1, end]
             x = x + F.linear(torch.bmm(weights, kv[1, :, :end]).view(1, d), out_w, out_b)  # heads merged
             x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
-
-    def last_kv_parts(self) -> tuple[nn.LayerNorm, torch.Tensor, torch.Tensor, bool]:
-        layer = self.layers[-1]
-        d = layer.out.weight.shape[0]
-        return layer.norm1, layer.qkv.weight[d:], layer.qkv.bias[d:], False
 
     def _one_token_plan(self) -> list[tuple]:
         """Each layer's parameters in `extend_one`'s order, gathered once: ~30 module
@@ -794,7 +684,7 @@ class WeightDerivedTables:
         return tuple((t.data_ptr(), t._version) for t in self.params)
 
 
-class SequenceRanker(OneTokenPlans):
+class SequenceRanker(nn.Module):
     """Base of every family: forward is `score_candidates(encode_history(batch), batch)`."""
 
     family: ClassVar[str]
@@ -871,45 +761,24 @@ class SequenceRanker(OneTokenPlans):
                     raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{int(row.min())}, {int(row.max())}]")
 
     def _one_event(self, batch: RankBatch, at: int) -> OneEvent:
-        """Event `at` of the batch's single row as host integers (see `one_event`)."""
+        """Event `at` of the batch's single row as host integers, checked like `_check_new_values`."""
         columns = (batch.history_tracks, batch.history_behaviours, batch.history_scenarios, batch.history_ts)
         if batch.history_ts.device.type == "cpu":  # numpy views read a scalar in ~0.1 us, .item() in ~3 us
             columns = tuple(column.numpy() for column in columns)
-        track, behaviour, scenario, timestamp = (int(column[0, at]) for column in columns)
-        return self.one_event(track, behaviour, scenario, timestamp, int(columns[3][0, at - 1]) if at else None)
-
-    def one_event(self, track: int, behaviour: int, scenario: int, timestamp: int, previous_ts: int | None) -> OneEvent:
-        """One event as `append_event` takes it, its ids checked like `_check_new_values`.
-        `track` is the model's id (catalogue id + 1, 0 = padding); previous_ts is the time of
-        the event before it, None for a user's first event."""
-        for (name, top), value in zip(self._value_limits().items(), (track, behaviour, scenario)):
+        codes = [int(column[0, at]) for column in columns[:3]]
+        for (name, top), value in zip(self._value_limits().items(), codes):
             if not 0 <= value <= top:
                 raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{value}, {value}]")
-        gap = 0 if previous_ts is None else gap_bucket(timestamp - previous_ts, self.config.n_time_buckets)
-        return OneEvent(track, behaviour, scenario, timestamp, gap)
-
-    def append_event(self, history: HistoryBuffer, event: OneEvent) -> None:
-        """`extend_history` of exactly one new event, given as host integers: the serving hot
-        path. The KV cache calls it straight from the user's window, with no RankBatch."""
-        raise NotImplementedError
-
-    def _append_position(self, history: HistoryBuffer) -> int:
-        """Where `append_event` writes (the history's length), after `_extension_range`'s checks."""
-        if self.training:
-            raise RuntimeError("append_event is for inference; call model.eval() first")
-        at = history.length
-        if not self.can_extend(at, at + 1):
-            raise ValueError(f"cannot extend a cached history of {at} events to {at + 1} events; re-encode it")
-        if at >= self.config.max_len:
-            raise ValueError(f"history length {at + 1} exceeds the model's max_len={self.config.max_len}")
-        return at
+        stamps = [int(t) for t in columns[3][0, max(at - 1, 0) : at + 1]]
+        gap = gap_bucket(stamps[-1] - stamps[0], self.config.n_time_buckets) if at else 0
+        return OneEvent(*codes, stamps[-1], gap)
 
     def drop_derived_tables(self) -> None:
         """Forget what the one-event path computed from weights (AstroModel's per-code tables,
-        the stacks' parameter plans, the host views); rebuilt on next use. In-place weight changes are
+        SoftmaxStack's parameter plan); rebuilt on next use. In-place weight changes are
         detected anyway; this covers reloads that replace Parameter objects."""
         for module in self.modules():
-            for name in ("_one_event_cache", *PARAMETER_PLANS):
+            for name in ("_one_event_cache", "_one_token_plan"):
                 module.__dict__.pop(name, None)
 
     def set_candidate_attention(self, kind: str) -> None:
@@ -964,8 +833,8 @@ class SingleStackRanker(SequenceRanker):
 
     def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
         start, end = self._extension_range(history, batch)
-        if end - start == 1:  # the one-token fast path
-            self.append_event(history, self._one_event(batch, start))
+        if end - start == 1:  # every stack has extend_one, the one-token fast path
+            self._extend_one(history, batch, start)
             return
         self._check_new_values(batch, start, end)
         x = self.embed.history(batch, start)[:, : end - start]
@@ -977,19 +846,14 @@ class SingleStackRanker(SequenceRanker):
         block.length = history.length = end
         history.last_ts = int(batch.history_ts[0, end - 1])
 
-    def append_event(self, history: HistoryBuffer, event: OneEvent) -> None:
-        """One new event through the stack: on the host (`append_on_host`) for CPU float32
-        weights, else the stack's torch `extend_one`."""
-        at = self._append_position(history)
+    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
+        """One new event through the stack's `extend_one` (the serving hot path)."""
+        event = self._one_event(batch, at)
         block = history.blocks[0]
         block.reserve(at + 1)
-        host = self.embed.host_tokens()
-        if host is None:
-            block.positions.select(1, at).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
-            block.timestamps.select(1, at).fill_(event.timestamp)
-            self.stack.extend_one(self.embed.one_token(event, at), block, at, self.config.d_head**-0.5)
-        else:
-            append_on_host(self.stack, block, host.token(event, at), at, event.timestamp, self.config.d_head**-0.5)
+        block.positions.select(1, at).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
+        block.timestamps.select(1, at).fill_(event.timestamp)
+        self.stack.extend_one(self.embed.one_token(event, at), block, at, self.config.d_head**-0.5)
         block.length = history.length = at + 1
         history.last_ts = event.timestamp
 
