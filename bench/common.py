@@ -11,11 +11,48 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def calibration() -> dict:
+    """Two fixed workloads timed here (best of 5), so figures from different boxes can be put
+    side by side: the interpreter (a pure-Python loop; the simulator and the loop's glue are
+    Python) and one core's float32 matmul (what the models spend their time in). The 2-core
+    boxes these benchmarks ran on differ by up to 4.7x in `climber bench sim`."""
+    import torch
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    loop_n = 1_000_000
+    loop_s = best(lambda: sum(i * i for i in range(loop_n)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(3200, 64), torch.randn(64, 256)
+        matmul_s = best(lambda: [a @ b for _ in range(20)]) / 20
+    finally:
+        torch.set_num_threads(threads)
+    return {"python_loop_ns_per_item": loop_s / loop_n * 1e9, "matmul_fp32_1thread_gflops": 2 * 3200 * 64 * 256 / matmul_s / 1e9}
+
+
 def machine() -> dict:
     import torch
 
-    info = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__}
+    info = {"cpu_cores": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "calibration": calibration()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -28,3 +65,7 @@ def save(name: str, figures: dict) -> Path:
                "machine": machine(), **figures}
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+if __name__ == "__main__":  # python -m bench.common: this machine, as the benchmarks record it
+    print(json.dumps(machine(), indent=2))
