@@ -15,15 +15,17 @@ at a time) and upserts them with a few multi-row statements in one transaction (
 Feast's `online_write_batch` writes (entity key serialised by Feast, `value_text` for
 scalars, `event_ts` as Feast's adapter stores it). The tests check that Feast's public
 `get_online_features` reads back exactly what was written, and that the stored rows equal
-those of Feast's own write. Redis gets the same bytes as protos through the provider's
-`online_write_batch`.
+those of Feast's own write. On Redis the same bytes go into the hashes Feast's Redis store
+keeps, in one pipeline per write (`features.redis_rows`); the tests compare those hashes
+with Feast's own write too.
 
 Fast path, reads: on SQLite, the query Feast's `online_read` runs, on Feast's connection,
 with the values decoded a column at a time by `features.feast_codec` instead of one
-protobuf per value (and one numpy array per list) in Python. `get_sequences_via_feast` /
+protobuf per value (and one numpy array per list) in Python; on Redis, the fields Feast's
+`online_read` asks for, decoded the same way. `get_sequences_via_feast` /
 `read_track_stats_via_feast` go through the provider's `online_read` (what
-`get_online_features` starts from); they serve Redis and are the reference the tests hold
-the fast path to.
+`get_online_features` starts from); they serve any other online store and are the
+reference the tests hold the fast path to.
 
 Writes may come from another thread (the embedded updater's background writer): the
 client writes SQLite through a connection of its own, so Feast's connection (reads) never
@@ -49,6 +51,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sqlite3
+import struct
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,11 +71,13 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from features.feast_codec import (decode_float64_lists, decode_int64_lists, decode_int64s, encode_float64_lists,
                                   encode_float64s, encode_int64_lists, encode_int64s)
+from features.redis_rows import RedisRows
 from features.repo import definitions
 from features.sequence import UserSequence
 from features.track_stats import N_BEHAVIOURS, RECENT_FEATURES, TOTAL_FEATURES, TrackStats
 
 REPO_DIR = Path(__file__).parent / "repo"
+_INT64 = struct.Struct("<q")
 OnlineStoreKind = Literal["sqlite", "redis"]
 SEQUENCE_ARRAYS = ("track_ids", "behaviours", "scenarios", "timestamps")  # UserSequence fields
 SEQUENCE_FEATURES = SEQUENCE_ARRAYS + ("length", "last_event_id")
@@ -259,9 +264,11 @@ class FeatureStoreClient:
         self.store = FeatureStore(repo_path=str(self.data_dir),
                                   config=repo_config(self.data_dir, online_store, redis_url))
         self._views: dict[str, FeatureView] = {}
-        self._entity_keys: dict[tuple[str, int], bytes] = {}
+        self._entity_keys: dict[str, dict[int, bytes]] = {}  # join key -> id -> serialised key
+        self._key_prefixes: dict[str, bytes] = {}
         self._lock = threading.Lock()  # views and key cache may be filled from a writer thread
         self._sqlite: _SqliteWriter | None = None
+        self._redis = RedisRows(self.store) if RedisRows.handles(self.store) else None
         online = self.store.provider.online_store
         if isinstance(online, SqliteOnlineStore):
             connection = online._get_conn(self.store.config)  # Feast offers no pragma setting
@@ -290,16 +297,38 @@ class FeatureStoreClient:
             return self._views[name]
 
     def _keys(self, join_key: str, ids: Sequence[int]) -> list[bytes]:
-        """Feast's serialised entity keys, cached: the same few thousand entities recur."""
-        version = self.store.config.entity_key_serialization_version
-        cache, out = self._entity_keys, []
+        """Feast's serialised entity keys, cached: the same few thousand entities recur.
+
+        A key of one int64 join key is a fixed prefix (count, name, value type, length)
+        and the value's 8 little-endian bytes, so keys not cached yet are built from the
+        prefix Feast's `serialize_entity_key` gives, checked once per join key against
+        Feast's own key of a second value; if the layout were ever different, each key
+        comes from Feast."""
+        with self._lock:
+            cache = self._entity_keys.setdefault(join_key, {})
+            prefix = self._key_prefixes.get(join_key, b"")
+            if join_key not in self._key_prefixes:
+                prefix = self._key_prefixes[join_key] = self._key_prefix(join_key)
+        try:
+            return [cache[i] for i in ids]
+        except KeyError:
+            pass
         for i in ids:
-            key = cache.get((join_key, i))
-            if key is None:
-                proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)])
-                key = cache[(join_key, i)] = serialize_entity_key(proto, entity_key_serialization_version=version)
-            out.append(key)
-        return out
+            if i not in cache:
+                cache[i] = prefix + _INT64.pack(i) if prefix else self._feast_key(join_key, i)
+        return [cache[i] for i in ids]
+
+    def _feast_key(self, join_key: str, value: int) -> bytes:
+        proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=value)])
+        return serialize_entity_key(proto, entity_key_serialization_version=self.store.config.entity_key_serialization_version)
+
+    def _key_prefix(self, join_key: str) -> bytes:
+        """What precedes the value in Feast's key for `join_key`, or b"" when a key is not
+        that prefix plus the value's 8 bytes."""
+        zero, probe = self._feast_key(join_key, 0), -0x0123456789ABCDEF
+        prefix = zero[:-_INT64.size]
+        exact = zero.endswith(bytes(_INT64.size)) and self._feast_key(join_key, probe) == prefix + _INT64.pack(probe)
+        return prefix if exact else b""
 
     def _table(self, view_name: str) -> str:
         config = self.store.config
@@ -315,6 +344,9 @@ class FeatureStoreClient:
             stamps = {ms: _sqlite_ts(ms) for ms in set(timestamps_ms)}
             event_ts = [stamps[ms] for ms in timestamps_ms]
             self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
+        elif self._redis is not None:
+            self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
+                              timestamps_ms)
         else:
             names = list(columns.values)
             stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
@@ -340,11 +372,16 @@ class FeatureStoreClient:
 
     def _read_values(self, view_name: str, join_key: str, ids: Sequence[int],
                      features: Sequence[str]) -> tuple[list[int], dict[str, list[bytes]]] | None:
-        """Fast read (SQLite): the stored ValueProto bytes, decoded later a column at a time
-        by `features.feast_codec` instead of one protobuf per value. The query is the one
-        `online_read` runs, on Feast's own connection. Returns the positions in `ids` that
+        """Fast read (SQLite, Redis): the stored ValueProto bytes, decoded later a column at
+        a time by `features.feast_codec` instead of one protobuf per value. On SQLite the
+        query is the one `online_read` runs, on Feast's own connection. Returns the positions in `ids` that
         have a row and, per feature, their bytes in that order; None when this store or a
         row is not what the fast path handles (the caller then takes the reference read)."""
+        if self._redis is not None:
+            rows = self._redis.read(self._view(view_name), [self._redis.key(k) for k in self._keys(join_key, ids)],
+                                    features)
+            present = [i for i, row in enumerate(rows) if row]
+            return present, {name: [rows[i][name] for i in present] for name in features}
         if self._sqlite is None:
             return None
         keys = self._keys(join_key, ids)

@@ -150,16 +150,8 @@ def test_rows_match_what_feasts_own_write_stores(client, tmp_path):
     reference = FeatureStoreClient(tmp_path / "reference")
     reference.apply()
     view = reference.store.get_feature_view("user_sequence")
-    rows = []
-    for user, seq in seqs.items():
-        values = {name: ValueProto() for name in SEQUENCE_FEATURES}
-        for name in ("track_ids", "behaviours", "scenarios", "timestamps"):
-            values[name].int64_list_val.val.extend(getattr(seq, name).tolist())
-        values["length"].int64_val = len(seq)
-        values["last_event_id"].int64_val = seq.last_event_id
-        key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
-        rows.append((key, values, datetime.fromtimestamp(1_767_225_600.123, tz=timezone.utc), None))
-    reference.store.provider.online_write_batch(reference.store.config, view, rows, progress=None)
+    reference.store.provider.online_write_batch(reference.store.config, view, _feast_rows(seqs, 1_767_225_600_123),
+                                                progress=None)
 
     def stored(store):
         connection = store.store.provider.online_store._get_conn(store.store.config)
@@ -341,6 +333,54 @@ def valkey_server_url():
     server.stop()
 
 
+def test_entity_keys_are_feasts(client):
+    """Keys built from the cached prefix are the bytes Feast's `serialize_entity_key` gives."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    ids = [0, 1, 7, 255, 256, 2**31, 2**40 + 3, 2**63 - 1, -1, -(2**63)]
+    for join_key in ("user_id", "track_id"):
+        expected = [serialize_entity_key(EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]),
+                                         entity_key_serialization_version=3) for i in ids]
+        assert client._keys(join_key, ids) == expected
+        assert client._keys(join_key, ids[::-1]) == expected[::-1]  # from the cache now
+
+
+def _feast_rows(seqs: dict[int, UserSequence], event_ts_ms: int) -> list:
+    """The rows Feast's own `online_write_batch` takes for `seqs`, one protobuf per value."""
+    rows = []
+    for user, seq in seqs.items():
+        values = {name: ValueProto() for name in SEQUENCE_FEATURES}
+        for name in ("track_ids", "behaviours", "scenarios", "timestamps"):
+            values[name].int64_list_val.val.extend(getattr(seq, name).tolist())
+        values["length"].int64_val = len(seq)
+        values["last_event_id"].int64_val = seq.last_event_id
+        key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
+        rows.append((key, values, datetime.fromtimestamp(event_ts_ms / 1000, tz=timezone.utc), None))
+    return rows
+
+
+@pytest.mark.slow
+def test_redis_hashes_match_what_feasts_own_write_stores(tmp_path, valkey_server_url):
+    """The client's Redis hashes are byte for byte those Feast's `online_write_batch` writes
+    (keys, field names, values, row timestamps), and Feast's reads agree with the fast read."""
+    client = FeatureStoreClient(tmp_path / "feast", online_store="redis", redis_url=valkey_server_url)
+    client.apply()
+    redis = client.store.provider.online_store._get_client(client.store.config.online_store)
+    redis.flushall()
+    rng = np.random.default_rng(9)
+    seqs = {u: random_sequence(int(rng.integers(1, 300)), rng, u) for u in range(40)} | {40: UserSequence.empty()}
+    stamp = 1_767_225_600_123
+    client.write_sequences(seqs, event_ts=stamp)
+    ours = {key: redis.hgetall(key) for key in redis.keys("*")}
+    redis.flushall()
+    view = client.store.get_feature_view("user_sequence")
+    client.store.provider.online_write_batch(client.store.config, view, _feast_rows(seqs, stamp), progress=None)
+    assert ours == {key: redis.hgetall(key) for key in redis.keys("*")}
+    assert len(ours) == len(seqs)
+
+    asked = [*seqs, 41]
+    assert_same_sequences(client.get_sequences(asked), client.get_sequences_via_feast(asked))
+
+
 @pytest.mark.slow
 def test_redis_round_trip(tmp_path, valkey_server_url):
     client = FeatureStoreClient(tmp_path / "feast", online_store="redis", redis_url=valkey_server_url)
@@ -358,3 +398,4 @@ def test_redis_round_trip(tmp_path, valkey_server_url):
     stats = apply_track_events(None, event_log(1_000))
     client.write_track_stats(stats)
     assert client.read_track_stats(stats.track_ids).equals(stats, rtol=0)
+    assert client.read_track_stats_via_feast(stats.track_ids).equals(stats, rtol=0)  # Feast's own read
