@@ -56,36 +56,61 @@ class TrackStatsState:
     redelivered after a crash between a flush and the offset commit are counted again.
     """
 
+    # The first-seen tier is merged into the settled one when it outgrows this share of it
+    # (or `FRESH_MIN_ROWS`): each merge copies the settled rows, so merging rarely keeps
+    # that copy at O(1) per row instead of O(catalogue) per batch.
+    FRESH_SHARE = 0.25
+    FRESH_MIN_ROWS = 4096
+
     def __init__(self, store: FeatureStoreClient) -> None:
         self.store = store
-        self._cache = TrackStats.empty()
+        # Two sorted tiers, so that a batch with tracks never seen before copies only the
+        # small one (a track worker's catalogue keeps growing for a long time: popularity
+        # has a long tail): settled rows, updated in place, and first-seen rows.
+        self._settled = TrackStats.empty()
+        self._fresh = TrackStats.empty()
         self._dirty: list[np.ndarray] = []  # ids of the tracks changed since the last flush, per batch
 
     def add(self, events: EventBatch) -> None:
         """Apply events in memory; they reach Feast at the next `flush()`.
 
-        Cheap per batch: the cache is updated in place (it is this worker's own state; a
-        flush writes a `lookup` copy), and changed ids are only collected here and made
-        unique at the flush, instead of copying the cache and merging sets every batch."""
+        Cheap per batch: rows are updated in place (this worker's own state; a flush
+        writes a copy), and changed ids are only collected here and made unique at the
+        flush, instead of copying the cache and merging sets every batch."""
         if len(events) == 0:
             return
         tracks = np.unique(events.track_id)
-        unknown = tracks[~self._cache.holds(tracks)]
+        settled = self._settled.holds(tracks)
+        unknown = tracks[~settled & ~self._fresh.holds(tracks)]
         if len(unknown):
-            self._cache = self._cache.upsert(self.store.read_track_stats(unknown))
-        self._cache = self._cache.upsert_in_place(apply_track_events(self._cache, events))
+            self._fresh = self._fresh.upsert(self.store.read_track_stats(unknown))
+        updated = apply_track_events(self._rows(tracks, settled), events)
+        self._settled = self._settled.upsert_in_place(updated.lookup(tracks[settled]))
+        self._fresh = self._fresh.upsert_in_place(updated.lookup(tracks[~settled]))
+        if len(self._fresh) > max(self.FRESH_MIN_ROWS, self.FRESH_SHARE * len(self._settled)):
+            self._settled, self._fresh = self._settled.upsert(self._fresh), TrackStats.empty()
         self._dirty.append(tracks)
+
+    def _rows(self, tracks: np.ndarray, settled: np.ndarray) -> TrackStats:
+        """Copies of the rows of `tracks` (sorted, distinct, all held), `settled[i]` saying
+        which tier holds track i."""
+        rows = self._settled.lookup(tracks)
+        if not settled.all():
+            fresh = self._fresh.lookup(tracks[~settled])
+            rows.totals[~settled], rows.recent[~settled], rows.as_of_ts[~settled] = fresh.totals, fresh.recent, fresh.as_of_ts
+        return rows
 
     def flush(self) -> int:
         """Write the rows changed since the last flush; return how many."""
         if not self._dirty:
             return 0
-        written = self.store.write_track_stats(self._cache.lookup(np.unique(np.concatenate(self._dirty))))
+        tracks = np.unique(np.concatenate(self._dirty))
+        written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)))
         self._dirty = []
         return written
 
     def forget(self) -> None:
         """Drop the cache, unflushed changes included: their events were not acked, so
         whoever owns the partitions next gets them again."""
-        self._cache = TrackStats.empty()
+        self._settled = self._fresh = TrackStats.empty()
         self._dirty = []

@@ -45,7 +45,7 @@ class StreamSettings(BaseSettings):
     events_per_message: int = Field(64, ge=1)
     linger_ms: int = Field(5, ge=0)
     producer_batch_bytes: int = Field(256 * 1024, ge=1024)
-    compression: Compression = "gzip"
+    compression: Compression = "lz4"
     max_pending_events: int = Field(200_000, ge=1)  # unacknowledged events before the sink blocks
     delivery_timeout_ms: int = Field(120_000, ge=1000)
 

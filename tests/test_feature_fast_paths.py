@@ -206,9 +206,13 @@ def test_updater_writes_the_same_track_rows_as_a_recompute(client):
     assert client.read_track_stats(np.arange(600)).equals(expected.lookup(np.arange(600)), rtol=1e-12)
 
 
-def test_track_stats_state_flushes_what_a_recompute_gives(client):
+@pytest.mark.parametrize("fresh_min_rows", [TrackStatsState.FRESH_MIN_ROWS, 8])
+def test_track_stats_state_flushes_what_a_recompute_gives(client, fresh_min_rows):
+    """Whether first-seen tracks stay in their own tier (the default, at this size) or are
+    merged into the settled rows every few batches (8), a flush writes the recompute."""
     log = event_log(2_000, n_tracks=200, seed=5)
     state = TrackStatsState(client)
+    state.FRESH_MIN_ROWS = fresh_min_rows
     for chunk in np.array_split(np.arange(len(log)), 9):
         state.add(log.select(chunk))
         if chunk[0] % 2:
