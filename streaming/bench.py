@@ -97,8 +97,8 @@ def wait_until_visible(store: FeatureStoreClient, last_event_ids: dict[int, int]
     users = list(last_event_ids)
     deadline = time.monotonic() + timeout_s
     while True:
-        seen = store.get_sequences(users)
-        behind = [u for u in users if seen[u].last_event_id < last_event_ids[u]]
+        seen = store.get_last_event_ids(users)
+        behind = [u for u in users if seen[u] < last_event_ids[u]]
         if not behind:
             return time.monotonic()
         if time.monotonic() > deadline:
@@ -135,12 +135,12 @@ class FreshnessProbe:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
-            seen = self.store.get_sequences(self.users)
+            seen = self.store.get_last_event_ids(self.users)
             now = time.monotonic()
             with self._lock:
                 for user in self.users:
                     pending = self._pending[user]
-                    done = [at for event_id, at in pending if event_id <= seen[user].last_event_id]
+                    done = [at for event_id, at in pending if event_id <= seen[user]]
                     if done:
                         self.latencies_ms.extend((now - at) * 1000 for at in done)
                         self._pending[user] = pending[len(done):]

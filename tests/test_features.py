@@ -66,6 +66,7 @@ def test_sequences_round_trip_and_unknown_users_read_as_empty(client):
     got = client.get_sequences([7, 8, 9, 12345])
     assert_same_sequences(got, {**written, 12345: UserSequence.empty()})
     assert client.get_sequences([]) == {}
+    assert client.get_last_event_ids([7, 8, 9, 12345]) == {7: 900, 8: 3, 9: -1, 12345: -1}
 
 
 def test_another_client_on_the_same_directory_reads_without_applying(client):
@@ -389,6 +390,7 @@ def test_redis_round_trip(tmp_path, valkey_server_url):
     seqs = {u: random_sequence(256, rng, u) for u in range(300)} | {300: UserSequence.empty()}
     client.write_sequences(seqs, event_ts=1_000)
     assert_same_sequences(client.get_sequences([*seqs, 301]), {**seqs, 301: UserSequence.empty()})
+    assert client.get_last_event_ids([0, 299, 300, 301]) == {0: 0, 299: 299, 300: -1, 301: -1}
 
     # An update stamped with the same event time must not be dropped (Redis dedup gotcha).
     newer = {0: random_sequence(10, rng, 10_000)}
