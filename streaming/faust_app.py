@@ -101,16 +101,11 @@ def _source(event) -> str:
     return f"{event.message.tp.topic}[{event.message.tp.partition}]@{event.message.offset}"
 
 
-def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
-    """A Faust app running both agents ("all") or one of them.
-
-    Track flushes are CPU-heavy Python (Feast builds a protobuf per feature) and hold the GIL
-    for a good part of each second at 10,000+ events/s, delaying the sequence writes that
-    share the process. A "sequences" worker plus a separate "tracks" worker keep them
-    apart. Each role is its own consumer group; do not mix "all" with the others.
-    """
+def new_app(settings: StreamSettings, name: str) -> faust.App:
+    """A Faust app (consumer group `name`) configured from `settings`, with no agents yet:
+    what every worker role, and the drain benchmark's ack-only worker, is built on."""
     app = faust.App(
-        settings.app_id if role == "all" else f"{settings.app_id}-{role}",
+        name,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
         store="memory://",  # no tables: the state lives in Feast
         datadir=str(settings.faust_dir),
@@ -128,6 +123,18 @@ def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
         key_serializer="raw",
     )
     app.transport = short_fetch_transport(app, settings.fetch_max_wait_ms)
+    return app
+
+
+def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
+    """A Faust app running both agents ("all") or one of them.
+
+    Track flushes are CPU-heavy Python (Feast builds a protobuf per feature) and hold the GIL
+    for a good part of each second at 10,000+ events/s, delaying the sequence writes that
+    share the process. A "sequences" worker plus a separate "tracks" worker keep them
+    apart. Each role is its own consumer group; do not mix "all" with the others.
+    """
+    app = new_app(settings, settings.app_id if role == "all" else f"{settings.app_id}-{role}")
     dlq_topic = app.topic(DEAD_LETTER_TOPIC, partitions=1)
 
     async def send_dead_letters(letters: list[DeadLetter]) -> list:
