@@ -4,10 +4,11 @@
 `streaming.events.encode_event` writes it, in event order. A single-event message is just
 one line, so a producer that sends one JSON event per message is understood too.
 Why several events per message: Faust handles each message through several event-loop
-steps (~100-150 us here), so one event per message caps a worker near 7,000 events/s on
-this machine, and the kafka-python producer near 25,000 messages/s. A simulator session
-emits its events in bursts per user (impressions and reactions to one slate), which group
-into one message without waiting for anything, so batching costs no freshness.
+steps (about 200 µs of CPU to consume and ack one, `streaming.bench_drain`), so one event
+per message caps a worker near 5,000 events/s, and the kafka-python producer near 25,000
+messages/s. A simulator step emits a few events per user (impressions and reactions to
+one slate); the sink (`streaming.producer`) also holds consecutive steps for up to
+`coalesce_ms` so that a user's events from several steps share a message.
 Each line is validated on its own: a bad line becomes a dead letter, its neighbours go on.
 
 `events.by_track` messages: many events packed as a numpy record array (the columns that

@@ -43,6 +43,11 @@ class StreamSettings(BaseSettings):
     # Producer. One Kafka message carries up to `events_per_message` events of one user
     # (JSON lines); see streaming.framing for why.
     events_per_message: int = Field(64, ge=1)
+    # The sink frames the batches it got within `coalesce_ms` (up to `coalesce_events`)
+    # together, so a user's events from consecutive simulator steps share a message; 0
+    # frames each batch on its own. See streaming.producer.
+    coalesce_ms: int = Field(25, ge=0)
+    coalesce_events: int = Field(4096, ge=1)
     linger_ms: int = Field(5, ge=0)
     producer_batch_bytes: int = Field(256 * 1024, ge=1024)
     compression: Compression = "lz4"
@@ -54,6 +59,19 @@ class StreamSettings(BaseSettings):
         if self.online_store == "redis" and not self.redis_url:
             raise ValueError("online_store='redis' needs redis_url, e.g. redis://127.0.0.1:6379")
         return self
+
+    @model_validator(mode="after")
+    def _delivery_outlasts_linger(self) -> "StreamSettings":
+        if self.delivery_timeout_ms <= 2 * self.linger_ms:
+            raise ValueError(f"delivery_timeout_ms ({self.delivery_timeout_ms}) must be more than twice "
+                             f"linger_ms ({self.linger_ms})")
+        return self
+
+    @property
+    def request_timeout_ms(self) -> int:
+        """The producer's per-request timeout: kafka-python's 30 s, or less so that a
+        shorter `delivery_timeout_ms` is allowed (the client wants delivery > linger + request)."""
+        return min(30_000, (self.delivery_timeout_ms - self.linger_ms) // 2)
 
     @property
     def bootstrap_servers(self) -> list[str]:

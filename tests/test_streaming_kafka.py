@@ -28,7 +28,7 @@ from streaming.events import EventBatch, encode_event
 from streaming.framing import (decode_dead_letter, decode_user_messages, encode_user_messages,
                                pack_track_events, unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
-from streaming.producer import KafkaEventSink
+from streaming.producer import DeliveryError, KafkaEventSink
 from streaming.settings import StreamSettings
 from streaming.worker import prepare_stream, spawn_worker, stop_worker
 
@@ -162,6 +162,77 @@ def test_settings_read_kafka_bootstrap_and_reject_redis_without_url(monkeypatch)
 
 
 # -- slow: real broker, real workers --------------------------------------------------------
+
+
+def _messages_on_events(bootstrap: str, partitions: int, expected_events: int, timeout_s: float = 30
+                        ) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every message on `events`, read by manual assignment until
+    `expected_events` events have arrived."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=500)
+    consumer.assign([TopicPartition(EVENTS_TOPIC, p) for p in range(partitions)])
+    messages, events, deadline = [], 0, time.monotonic() + timeout_s
+    while events < expected_events and time.monotonic() < deadline:
+        for record in consumer:
+            messages.append((record.key, record.value))
+            events += record.value.count(b"\n") + 1
+    consumer.close()
+    return messages
+
+
+@pytest.mark.slow
+def test_sink_frames_a_users_events_from_several_batches_into_one_message_in_order(broker, sim_batches, tmp_path):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", coalesce_ms=60_000)
+    prepare_stream(settings)
+    batches = sim_batches[:6]
+    log = EventBatch.concat(batches)
+    with KafkaEventSink(settings) as sink:
+        for batch in batches:
+            sink(batch)
+        assert sink.sent_messages == 0 and sink.pending_events == len(log)  # held, within the window
+        sink.flush()
+        assert sink.pending_events == 0
+    messages = _messages_on_events(broker.bootstrap, settings.partitions, len(log))
+    per_batch = sum(len(encode_user_messages(b, settings.partitions, settings.events_per_message)) for b in batches)
+    assert len(messages) == len(encode_user_messages(log, settings.partitions, settings.events_per_message)) < per_batch
+    got, dead = decode_user_messages([value for _, value in messages], ["events"] * len(messages))
+    assert not dead and sorted(got.event_id.tolist()) == sorted(log.event_id.tolist())
+    for key, value in messages:  # one user per message, keyed by that user
+        users, _ = decode_user_messages([value], ["events"])
+        assert set(users.user_id.tolist()) == {int(key)}
+    for user in np.unique(log.user_id)[:50]:  # each user's events keep the order they were produced in
+        assert got.event_id[got.user_id == user].tolist() == log.event_id[log.user_id == user].tolist()
+
+
+@pytest.mark.slow
+def test_sink_sends_held_events_when_their_wait_is_over_without_a_flush(broker, sim_batches, tmp_path):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", coalesce_ms=50)
+    prepare_stream(settings)
+    sink = KafkaEventSink(settings)
+    try:
+        sink(sim_batches[0])
+        messages = _messages_on_events(broker.bootstrap, settings.partitions, len(sim_batches[0]))
+        assert sum(value.count(b"\n") + 1 for _, value in messages) == len(sim_batches[0])
+    finally:
+        sink.close()
+
+
+@pytest.mark.slow
+def test_sink_raises_naming_the_undelivered_events_when_the_broker_is_gone(broker, sim_batches, tmp_path):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", delivery_timeout_ms=2000)
+    prepare_stream(settings)
+    sink = KafkaEventSink(settings)
+    sink(sim_batches[0])
+    sink.flush()  # delivered, and the partitions' leaders are known
+    broker.stop()
+    sink(sim_batches[1])
+    with pytest.raises(DeliveryError, match=f"{len(sim_batches[1])} of {len(sim_batches[0]) + len(sim_batches[1])} "
+                                            "events were not delivered"):
+        sink.flush(timeout_s=30)
+    with pytest.raises(DeliveryError):  # and so does every later call
+        sink(sim_batches[2])
+    with pytest.raises(DeliveryError):  # closing too, and it still releases the client
+        sink.close(timeout_s=5)
 
 
 @pytest.mark.slow
