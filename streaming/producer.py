@@ -100,13 +100,11 @@ class KafkaEventSink:
                 future = self._producer.send(self.topic, value=value, key=key, partition=partition)
                 future.add_callback(self._on_delivered, n_events)
                 future.add_errback(self._on_failed, n_events)
-                with self._progress:
-                    self.sent_events += n_events
+                self.sent_events += n_events  # written only under `_send_lock`
                 sent += n_events
                 self.sent_messages += 1
         except Exception as exc:
-            with self._progress:  # the rest were handed over and failed: say so, never drop them
-                self.sent_events += len(batch) - sent
+            self.sent_events += len(batch) - sent  # the rest were handed over and failed: say so
             self._on_failed(len(batch) - sent, exc)
             raise
 
