@@ -21,6 +21,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc); None where that is not readable."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def calibration() -> dict:
     """Two fixed workloads timed here (best of 5), so figures from different boxes can be put
     side by side: the interpreter (a pure-Python loop; the simulator and the loop's glue are

@@ -28,6 +28,8 @@ from typing import Awaitable, TypeVar
 import numpy as np
 import orjson
 
+from bench.common import process_cpu_seconds  # noqa: F401 - part of this module's interface
+
 T = TypeVar("T")
 
 
@@ -161,15 +163,6 @@ def summary(run: LoadRun) -> dict:
     if run.offered_rate is not None:
         out.update(offered_per_s=run.offered_rate, waited_for_connection=run.waited_for_connection)
     return out
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc); None where that is not readable."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

