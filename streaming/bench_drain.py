@@ -9,8 +9,9 @@ on a fresh broker and Valkey each time:
     agent acks every message and does nothing else: the floor that Faust and aiokafka set;
   - sequences: the real `sequences` worker (decode, `SequenceState` on Feast over Valkey,
     forward to `events.by_track`).
-Both with the topic filled one simulator step per message (`coalesce_ms=0`) and with the
-sink's default coalescing. A worker is drained when its group's committed offsets reach
+Each with the topic filled three ways: framed per user one simulator step at a time
+(`framing="user", coalesce_ms=0`), per user with the sink's default coalescing, and the
+sink's default (per partition, coalescing). A worker is drained when its group's committed offsets reach
 the end of every partition. Its CPU seconds over the drain, less its idle rate (fetch polling and heartbeats, measured
 over 5 s after the drain) times the drain's length, are what the messages cost.
 """
@@ -32,6 +33,7 @@ from streaming.broker import start_broker
 from streaming.bus import EVENTS_TOPIC
 from streaming.events import EventBatch
 from streaming.faust_app import new_app
+from streaming.framing import Framing
 from streaming.producer import KafkaEventSink
 from streaming.settings import StreamSettings
 from streaming.worker import REPO_ROOT, prepare_stream, spawn_worker, stop_worker
@@ -84,9 +86,9 @@ def _wait_drained(bootstrap: str, group: str, partitions: int, timeout_s: float 
         admin.close()
 
 
-def drain_once(batches: list[EventBatch], kind: str, coalesce_ms: int) -> dict:
-    """Fill `events` (the sink coalescing `coalesce_ms`), start one `kind` worker
-    ("ack-only" or "sequences"), time its drain."""
+def drain_once(batches: list[EventBatch], kind: str, framing: Framing, coalesce_ms: int) -> dict:
+    """Fill `events` (the sink framing as `framing` says and coalescing `coalesce_ms`),
+    start one `kind` worker ("ack-only" or "sequences"), time its drain."""
     n_events = sum(len(b) for b in batches)
     with tempfile.TemporaryDirectory(prefix="climber-drain-") as tmp:
         work = Path(tmp)
@@ -97,7 +99,7 @@ def drain_once(batches: list[EventBatch], kind: str, coalesce_ms: int) -> dict:
             valkey.start()
             settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=work / "feast",
                                       online_store="redis", redis_url=valkey.connection_url,
-                                      coalesce_ms=coalesce_ms)
+                                      framing=framing, coalesce_ms=coalesce_ms)
             prepare_stream(settings)
             with KafkaEventSink(settings) as sink:
                 for batch in batches:
@@ -125,7 +127,7 @@ def drain_once(batches: list[EventBatch], kind: str, coalesce_ms: int) -> dict:
             valkey.stop()
             broker.stop()
     busy = max(0.0, cpu - idle_rate * (done - start))
-    return {"worker": kind, "coalesce_ms": coalesce_ms, "events": n_events, "messages": messages, "drain_s": round(done - start, 2),
+    return {"worker": kind, "framing": framing, "coalesce_ms": coalesce_ms, "events": n_events, "messages": messages, "drain_s": round(done - start, 2),
             "events_per_s": round(n_events / (done - start)), "cpu_s": round(cpu, 2),
             "idle_cpu_share": round(idle_rate, 3), "busy_cpu_s": round(busy, 2),
             "busy_us_per_message": round(1e6 * busy / messages, 1),
@@ -133,10 +135,11 @@ def drain_once(batches: list[EventBatch], kind: str, coalesce_ms: int) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| worker | sink `coalesce_ms` | events | messages | drain events/s | CPU s (idle share of a core) "
-             "| busy µs per message | busy µs per event |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| worker | sink `framing` | sink `coalesce_ms` | events | messages | drain events/s "
+             "| CPU s (idle share of a core) | busy µs per message | busy µs per event |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['worker']} | {r['coalesce_ms']} | {r['events']:,} | {r['messages']:,} | {r['events_per_s']:,} "
+        lines.append(f"| {r['worker']} | {r['framing']} | {r['coalesce_ms']} | {r['events']:,} | {r['messages']:,} | {r['events_per_s']:,} "
                      f"| {r['cpu_s']:.2f} ({100 * r['idle_cpu_share']:.0f}%) "
                      f"| {r['busy_us_per_message']:.0f} | {r['busy_us_per_event']:.1f} |")
     return "\n".join(lines)
@@ -151,10 +154,11 @@ def main() -> None:
         ack_only_worker(StreamSettings.model_validate_json(args.ack_only_worker))
         return
     batches = simulated_log(args.events)
-    # Each message framed on its own (coalesce_ms=0: a simulator step's events per user)
-    # and with the sink's default coalescing, which fills the topic in bigger messages.
-    rows = [drain_once(batches, kind, coalesce_ms)
-            for coalesce_ms in (0, StreamSettings.model_fields["coalesce_ms"].default)
+    # A simulator step's events per user in a message; several steps' per user; the
+    # default, many users' per partition.
+    coalesce_ms = StreamSettings.model_fields["coalesce_ms"].default
+    rows = [drain_once(batches, kind, framing, window)
+            for framing, window in (("user", 0), ("user", coalesce_ms), ("partition", coalesce_ms))
             for kind in ("ack-only", "sequences")]
     table = format_rows(rows)
     print(table)

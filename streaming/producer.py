@@ -8,11 +8,11 @@ growing memory or dropping events. A message that still fails after the client's
 (`delivery_timeout_ms`) is not dropped silently: the next call, `flush()` or `close()`
 raises `DeliveryError` naming how many events failed and the first error.
 
-Coalescing: the simulator hands over one step's events at a time, a few per user, and
-each message costs the producer and every Faust worker a fixed amount of CPU (measured
-by `streaming.bench_drain`: Faust alone takes about 200 µs to consume and ack a message).
-So the sink holds batches for up to `coalesce_ms` (or `coalesce_events`) and frames them
-together: a user's events from consecutive steps then share one message. A timer thread
+Framing and coalescing: each message costs the producer and every Faust worker a fixed
+amount of CPU (measured by `streaming.bench_drain`: Faust alone takes about 200 µs to
+consume and ack a message), so the sink frames a partition's events together by default
+(`framing`, see `streaming.framing`), and holds batches for up to `coalesce_ms` (or
+`coalesce_events`) so that consecutive simulator steps share messages. A timer thread
 sends what has waited `coalesce_ms` when no new batch comes; the wait counts in the
 stream benchmark's freshness, which is timed from the call. `coalesce_ms=0` sends each
 batch at once. One lock covers framing and sending, so a user's events keep their order.
@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 
 from streaming.bus import EVENTS_TOPIC
 from streaming.events import EventBatch
-from streaming.framing import encode_user_messages
+from streaming.framing import encode_event_messages
 from streaming.settings import StreamSettings
 
 
@@ -94,7 +94,8 @@ class KafkaEventSink:
         self._held, self._held_events = [], 0
         sent = 0
         try:
-            messages = encode_user_messages(batch, self.settings.partitions, self.settings.events_per_message)
+            messages = encode_event_messages(batch, self.settings.partitions, self.settings.events_per_message,
+                                             self.settings.framing)
             for partition, key, value in messages:
                 n_events = value.count(b"\n") + 1
                 future = self._producer.send(self.topic, value=value, key=key, partition=partition)

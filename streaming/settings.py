@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streaming.framing import Framing
+
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 
 
@@ -40,9 +42,11 @@ class StreamSettings(BaseSettings):
     # A worker that dies without leaving the group hands its partitions over after this.
     session_timeout_ms: int = Field(6000, ge=1000)
 
-    # Producer. One Kafka message carries up to `events_per_message` events of one user
-    # (JSON lines); see streaming.framing for why.
-    events_per_message: int = Field(64, ge=1)
+    # Producer. One Kafka message carries up to `events_per_message` events (JSON lines)
+    # of one partition ("partition") or of one user, keyed by it ("user"); see
+    # streaming.framing for why.
+    framing: Framing = "partition"
+    events_per_message: int = Field(512, ge=1)
     # The sink frames the batches it got within `coalesce_ms` (up to `coalesce_events`)
     # together, so a user's events from consecutive simulator steps share a message; 0
     # frames each batch on its own. See streaming.producer.

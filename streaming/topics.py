@@ -8,7 +8,8 @@
 
 Partition of a user (or track) = id mod partitions. All producers must agree on it, so it is
 computed here and passed to Kafka explicitly instead of leaving it to a client's key hash.
-The message key is still the user id, for tools that read the topic.
+So the key is free: a message framed per user is keyed by the user id, for tools that read
+the topic; one framed per partition holds many users and has none (`streaming.framing`).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from streaming.bench import simulated_log, wait_until_visible
 from streaming.broker import start_broker
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import EventBatch, encode_event
-from streaming.framing import (decode_dead_letter, decode_user_messages, encode_user_messages,
-                               pack_track_events, unpack_track_events)
+from streaming.framing import (decode_dead_letter, decode_user_messages, encode_event_messages,
+                               encode_partition_messages, encode_user_messages, pack_track_events,
+                               unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
 from streaming.producer import DeliveryError, KafkaEventSink
 from streaming.settings import StreamSettings
@@ -109,6 +110,37 @@ def test_user_messages_round_trip_and_group_one_user_per_message(sim_batches):
         assert np.array_equal(getattr(decoded, name)[order], column[expected]), name
 
 
+def _users(value: bytes) -> list[int]:
+    return [int(line.split(b'"user_id":')[1].split(b",")[0]) for line in value.split(b"\n")]
+
+
+def test_partition_messages_hold_one_partitions_users_and_keep_each_users_order(sim_batches):
+    batch = EventBatch.concat(sim_batches[:20])
+    messages = encode_partition_messages(batch, partitions=4, events_per_message=50)
+    assert len(messages) == sum(-(-int((batch.user_id % 4 == p).sum()) // 50) for p in range(4))
+    for partition, key, value in messages:
+        assert key is None and value.count(b"\n") < 50
+        assert {user % 4 for user in _users(value)} == {partition}
+    # Read back partition by partition, in message order: every user's events in batch order.
+    for partition in range(4):
+        values = [value for p, _, value in messages if p == partition]
+        decoded, dead = decode_user_messages(values, ["test"] * len(values))
+        assert dead == []
+        mine = batch.user_id % 4 == partition
+        for name, column in batch.columns().items():
+            assert np.array_equal(getattr(decoded, name), column[mine]), name
+
+
+def test_framing_is_chosen_by_name_and_an_unknown_one_is_refused(sim_batches):
+    batch = sim_batches[0]
+    assert encode_event_messages(batch, 4, 64, "user") == encode_user_messages(batch, 4, 64)
+    assert encode_event_messages(batch, 4, 64) == encode_partition_messages(batch, 4, 64)
+    with pytest.raises(ValueError, match="unknown framing 'per-event'"):
+        encode_event_messages(batch, 4, 64, "per-event")
+    with pytest.raises(ValueError, match="framing"):
+        StreamSettings(framing="per-event")
+
+
 def first_token_event(batches: list[EventBatch]):
     return next(e for b in batches for e in b.to_events() if e.behaviour.value != "impression")
 
@@ -165,24 +197,26 @@ def test_settings_read_kafka_bootstrap_and_reject_redis_without_url(monkeypatch)
 
 
 def _messages_on_events(bootstrap: str, partitions: int, expected_events: int, timeout_s: float = 30
-                        ) -> list[tuple[bytes, bytes]]:
-    """(key, value) of every message on `events`, read by manual assignment until
-    `expected_events` events have arrived."""
+                        ) -> list[tuple[int, bytes | None, bytes]]:
+    """(partition, key, value) of every message on `events`, in each partition's order,
+    read by manual assignment until `expected_events` events have arrived."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=500)
     consumer.assign([TopicPartition(EVENTS_TOPIC, p) for p in range(partitions)])
     messages, events, deadline = [], 0, time.monotonic() + timeout_s
     while events < expected_events and time.monotonic() < deadline:
         for record in consumer:
-            messages.append((record.key, record.value))
+            messages.append((record.partition, record.key, record.value))
             events += record.value.count(b"\n") + 1
     consumer.close()
     return messages
 
 
 @pytest.mark.slow
-def test_sink_frames_a_users_events_from_several_batches_into_one_message_in_order(broker, sim_batches, tmp_path):
-    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", coalesce_ms=60_000)
+@pytest.mark.parametrize("framing", ["partition", "user"])
+def test_sink_frames_events_from_several_batches_together_in_each_users_order(broker, sim_batches, tmp_path, framing):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", coalesce_ms=60_000,
+                              framing=framing)
     prepare_stream(settings)
     batches = sim_batches[:6]
     log = EventBatch.concat(batches)
@@ -193,13 +227,20 @@ def test_sink_frames_a_users_events_from_several_batches_into_one_message_in_ord
         sink.flush()
         assert sink.pending_events == 0
     messages = _messages_on_events(broker.bootstrap, settings.partitions, len(log))
-    per_batch = sum(len(encode_user_messages(b, settings.partitions, settings.events_per_message)) for b in batches)
-    assert len(messages) == len(encode_user_messages(log, settings.partitions, settings.events_per_message)) < per_batch
-    got, dead = decode_user_messages([value for _, value in messages], ["events"] * len(messages))
+
+    def framed(batch: EventBatch) -> int:
+        return len(encode_event_messages(batch, settings.partitions, settings.events_per_message, framing))
+
+    assert len(messages) == framed(log) < sum(framed(b) for b in batches)
+    got, dead = decode_user_messages([value for _, _, value in messages], ["events"] * len(messages))
     assert not dead and sorted(got.event_id.tolist()) == sorted(log.event_id.tolist())
-    for key, value in messages:  # one user per message, keyed by that user
-        users, _ = decode_user_messages([value], ["events"])
-        assert set(users.user_id.tolist()) == {int(key)}
+    for partition, key, value in messages:  # every event in its user's partition
+        users = set(_users(value))
+        assert {user % settings.partitions for user in users} == {partition}
+        if framing == "user":  # one user per message, keyed by that user
+            assert users == {int(key)}
+        else:
+            assert key is None
     for user in np.unique(log.user_id)[:50]:  # each user's events keep the order they were produced in
         assert got.event_id[got.user_id == user].tolist() == log.event_id[log.user_id == user].tolist()
 
@@ -212,7 +253,7 @@ def test_sink_sends_held_events_when_their_wait_is_over_without_a_flush(broker, 
     try:
         sink(sim_batches[0])
         messages = _messages_on_events(broker.bootstrap, settings.partitions, len(sim_batches[0]))
-        assert sum(value.count(b"\n") + 1 for _, value in messages) == len(sim_batches[0])
+        assert sum(value.count(b"\n") + 1 for _, _, value in messages) == len(sim_batches[0])
     finally:
         sink.close()
 
