@@ -11,6 +11,11 @@ SQLite speed). This module writes the same hashes from the bytes `features.feast
 already made, with the keys and field names computed once, and reads the bytes back for
 the column decoders. The tests hold it to Feast's own write and read.
 
+Rows go in server-side Lua scripts, a thousand rows per call, rather than one pipelined
+command per row: redis-py spends about 20 µs of client CPU building, sending and parsing each
+pipelined HSET, the script about 4 µs per row (writing 8,000 track-statistics rows to a local
+Valkey), and the track worker writes every touched track each second.
+
 Only the single-round-trip layout is handled: `skip_dedup` (what `features.store` configures,
 see there why) and no key TTL. Anything else goes through Feast's own code.
 """
@@ -33,9 +38,36 @@ def _timestamp_bytes(ms: int) -> bytes:
     return Timestamp(seconds=seconds, nanos=millis * 1_000_000).SerializeToString()
 
 
+# KEYS: hash keys. ARGV: n, then n field names, then n values per key, row after row.
+_WRITE_ROWS = """
+local n = tonumber(ARGV[1])
+local row = {}
+for i, key in ipairs(KEYS) do
+  local base = 1 + n + (i - 1) * n
+  for j = 1, n do
+    row[2 * j - 1] = ARGV[1 + j]
+    row[2 * j] = ARGV[base + j]
+  end
+  redis.call('HSET', key, unpack(row))
+end
+return #KEYS
+"""
+
+# KEYS: hash keys. ARGV: field names. One HMGET reply per key.
+_READ_ROWS = """
+local rows = {}
+for i, key in ipairs(KEYS) do
+  rows[i] = redis.call('HMGET', key, unpack(ARGV))
+end
+return rows
+"""
+
+
 class RedisRows:
-    """The hashes of one Feast project on a Redis-protocol server, written in one pipeline
-    per batch of rows (one HSET per entity, no reads first)."""
+    """The hashes of one Feast project on a Redis-protocol server: one HSET per entity, no
+    reads first, run by a server-side script per `ROWS_PER_CALL` rows."""
+
+    ROWS_PER_CALL = 1000  # bounds one call's arguments and how long it holds the server
 
     def __init__(self, store: FeatureStore) -> None:
         config = store.config
@@ -43,6 +75,8 @@ class RedisRows:
         self.client = online._get_client(config.online_store)
         self.config = config
         self.project = config.project.encode("utf-8")
+        self._write_rows = self.client.register_script(_WRITE_ROWS)
+        self._read_rows = self.client.register_script(_READ_ROWS)
 
     @staticmethod
     def handles(store: FeatureStore) -> bool:
@@ -65,21 +99,20 @@ class RedisRows:
         """Row i: `values[feature][i]` for every feature, stamped `timestamps_ms[i]`;
         `keys` are hash keys (`key`)."""
         names, view_name = tuple(values), _versioned_fv_name(view, self.config)
-        fields, columns, ts_field = self._fields(view_name, names), [values[n] for n in names], f"_ts:{view_name}"
-        with self.client.pipeline(transaction=False) as pipe:
-            for i, (key, ms) in enumerate(zip(keys, timestamps_ms)):
-                command = ["HSET", key, ts_field, _timestamp_bytes(int(ms))]
-                for field, column in zip(fields, columns):
-                    command += (field, column[i])
-                pipe.execute_command(*command)
-            pipe.execute()
+        fields = (f"_ts:{view_name}".encode(), *self._fields(view_name, names))
+        columns = [[_timestamp_bytes(int(ms)) for ms in timestamps_ms], *(values[n] for n in names)]
+        for start in range(0, len(keys), self.ROWS_PER_CALL):
+            end = min(start + self.ROWS_PER_CALL, len(keys))
+            args: list = [len(fields), *fields]
+            for i in range(start, end):
+                args += [column[i] for column in columns]
+            self._write_rows(keys=keys[start:end], args=args)
 
     def read(self, view: FeatureView, keys: Sequence[bytes], features: Sequence[str]) -> list[dict[str, bytes] | None]:
         """The stored bytes of `features` per key; None where no feature is set (a
         missing hash or field reads as unset, as in Feast's `online_read`)."""
         fields = self._fields(_versioned_fv_name(view, self.config), tuple(features))
-        with self.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.execute_command("HMGET", key, *fields)
-            replies = pipe.execute()
+        replies = []
+        for start in range(0, len(keys), self.ROWS_PER_CALL):
+            replies += self._read_rows(keys=keys[start:start + self.ROWS_PER_CALL], args=fields)
         return [dict(zip(features, (v or b"" for v in reply))) if any(reply) else None for reply in replies]

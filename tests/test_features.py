@@ -14,6 +14,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from features.feast_codec import encode_float64_lists, encode_float64s, encode_int64_lists, encode_int64s
+from features.redis_rows import RedisRows
 from features.store import SEQUENCE_FEATURES, FeatureStoreClient, redis_connection_string
 from features.updater import FeatureUpdater
 from features.track_stats import (
@@ -360,9 +361,12 @@ def _feast_rows(seqs: dict[int, UserSequence], event_ts_ms: int) -> list:
 
 
 @pytest.mark.slow
-def test_redis_hashes_match_what_feasts_own_write_stores(tmp_path, valkey_server_url):
+@pytest.mark.parametrize("rows_per_call", [1000, 7])
+def test_redis_hashes_match_what_feasts_own_write_stores(tmp_path, valkey_server_url, monkeypatch, rows_per_call):
     """The client's Redis hashes are byte for byte those Feast's `online_write_batch` writes
-    (keys, field names, values, row timestamps), and Feast's reads agree with the fast read."""
+    (keys, field names, values, row timestamps), and Feast's reads agree with the fast read,
+    in one script call or in several."""
+    monkeypatch.setattr(RedisRows, "ROWS_PER_CALL", rows_per_call)
     client = FeatureStoreClient(tmp_path / "feast", online_store="redis", redis_url=valkey_server_url)
     client.apply()
     redis = client.store.provider.online_store._get_client(client.store.config.online_store)
