@@ -259,6 +259,28 @@ def test_sink_sends_held_events_when_their_wait_is_over_without_a_flush(broker, 
 
 
 @pytest.mark.slow
+def test_sink_sends_a_batch_that_follows_a_pause_at_once_and_holds_those_that_come_quickly(broker, sim_batches, tmp_path):
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", coalesce_ms=300)
+    prepare_stream(settings)
+
+    def framed(batches: list[EventBatch]) -> int:
+        return sum(len(encode_event_messages(b, settings.partitions, settings.events_per_message)) for b in batches)
+
+    with KafkaEventSink(settings) as sink:
+        sink(sim_batches[0])  # within the window of the sink's start: held, then sent by the timer
+        assert sink.sent_messages == 0
+        time.sleep(0.4)
+        assert sink.sent_messages == framed(sim_batches[:1])
+        sink(sim_batches[1])  # after a pause: sent at once
+        assert sink.sent_messages == framed(sim_batches[:2])
+        sink(sim_batches[2])  # right behind it: held
+        assert sink.sent_messages == framed(sim_batches[:2]) and sink.pending_events >= len(sim_batches[2])
+    total = sum(len(b) for b in sim_batches[:3])
+    messages = _messages_on_events(broker.bootstrap, settings.partitions, total)
+    assert sum(value.count(b"\n") + 1 for _, _, value in messages) == total
+
+
+@pytest.mark.slow
 def test_sink_raises_naming_the_undelivered_events_when_the_broker_is_gone(broker, sim_batches, tmp_path):
     settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", delivery_timeout_ms=2000)
     prepare_stream(settings)
