@@ -23,6 +23,7 @@ see there why) and no key TTL. Anything else goes through Feast's own code.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Sequence
 
 from feast import FeatureStore, FeatureView
@@ -102,11 +103,9 @@ class RedisRows:
         fields = (f"_ts:{view_name}".encode(), *self._fields(view_name, names))
         columns = [[_timestamp_bytes(int(ms)) for ms in timestamps_ms], *(values[n] for n in names)]
         for start in range(0, len(keys), self.ROWS_PER_CALL):
-            end = min(start + self.ROWS_PER_CALL, len(keys))
-            args: list = [len(fields), *fields]
-            for i in range(start, end):
-                args += [column[i] for column in columns]
-            self._write_rows(keys=keys[start:end], args=args)
+            end = start + self.ROWS_PER_CALL
+            rows = zip(*(column[start:end] for column in columns))
+            self._write_rows(keys=keys[start:end], args=[len(fields), *fields, *itertools.chain.from_iterable(rows)])
 
     def read(self, view: FeatureView, keys: Sequence[bytes], features: Sequence[str]) -> list[dict[str, bytes] | None]:
         """The stored bytes of `features` per key; None where no feature is set (a

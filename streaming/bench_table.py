@@ -30,7 +30,7 @@ from features.sequence import UserSequence, apply_events
 from streaming.bench import simulated_log
 from streaming.broker import start_broker
 from streaming.bus import EVENTS_TOPIC
-from streaming.framing import decode_user_messages
+from streaming.framing import decode_event_messages
 from streaming.producer import KafkaEventSink
 from streaming.settings import StreamSettings
 from streaming.topics import create_topics
@@ -64,7 +64,7 @@ def table_worker(bootstrap: str, expected_events: int, data_dir: str) -> None:
     @app.agent(app.topic(EVENTS_TOPIC, partitions=4))
     async def sequence_table(stream):
         async for event in stream.events():
-            batch, _ = decode_user_messages([event.value], ["probe"])
+            batch, _ = decode_event_messages([event.value], ["probe"])
             if not progress["start"]:
                 progress["start"] = time.perf_counter()
             user = int(event.key)

@@ -34,7 +34,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from features.store import FeatureStoreClient
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import DeadLetter, EventBatch
-from streaming.framing import (decode_user_messages, encode_dead_letter, pack_track_events,
+from streaming.framing import (decode_event_messages, encode_dead_letter, pack_track_events,
                                unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
 from streaming.settings import StreamSettings
@@ -172,7 +172,7 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
     async def sequence_builder(stream):
         async for events in stream.noack_take(settings.batch_messages, within=settings.batch_ms / 1000):
             received = int(time.time() * 1000)
-            batch, dead = decode_user_messages([e.value for e in events], map(_source, events), received)
+            batch, dead = decode_event_messages([e.value for e in events], map(_source, events), received)
             pending = await send_dead_letters(dead)
             if len(batch):
                 await lane.call(sequences.apply, batch)

@@ -92,7 +92,7 @@ def encode_user_messages(batch: EventBatch, partitions: int, events_per_message:
     return messages
 
 
-def decode_user_messages(values: Iterable[bytes], sources: Iterable[str], received_ts: int = 0
+def decode_event_messages(values: Iterable[bytes], sources: Iterable[str], received_ts: int = 0
                          ) -> tuple[EventBatch, list[DeadLetter]]:
     """Valid events of many messages as one batch (in message order), and the dead letters.
     `sources` names each message (e.g. "events[2]@1234") for the dead letters."""

@@ -88,7 +88,8 @@ class KafkaEventSink:
                 self._send_lock.notify()  # the timer now has a deadline to keep
             self._held.append(batch)
             self._held_events += len(batch)
-            if (window_s == 0 or after_a_pause or self._held_events >= self.settings.coalesce_events
+            # With no window every call comes "after a pause", so it sends at once.
+            if (after_a_pause or self._held_events >= self.settings.coalesce_events
                     or now - self._held_since >= window_s):
                 self._send_held()
         self._wait_until_pending_at_most(self.settings.max_pending_events)

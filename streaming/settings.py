@@ -47,9 +47,9 @@ class StreamSettings(BaseSettings):
     # streaming.framing for why.
     framing: Framing = "partition"
     events_per_message: int = Field(512, ge=1)
-    # The sink frames the batches it got within `coalesce_ms` (up to `coalesce_events`)
-    # together, so a user's events from consecutive simulator steps share a message; 0
-    # frames each batch on its own. See streaming.producer.
+    # While batches come faster than `coalesce_ms`, the sink frames those it got within
+    # `coalesce_ms` (up to `coalesce_events`) together, so consecutive simulator steps
+    # share messages; 0 frames each batch on its own. See streaming.producer.
     coalesce_ms: int = Field(25, ge=0)
     coalesce_events: int = Field(4096, ge=1)
     linger_ms: int = Field(5, ge=0)

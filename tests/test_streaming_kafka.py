@@ -25,7 +25,7 @@ from streaming.bench import simulated_log, wait_until_visible
 from streaming.broker import start_broker
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import EventBatch, encode_event
-from streaming.framing import (decode_dead_letter, decode_user_messages, encode_event_messages,
+from streaming.framing import (decode_dead_letter, decode_event_messages, encode_event_messages,
                                encode_partition_messages, encode_user_messages, pack_track_events,
                                unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
@@ -102,7 +102,7 @@ def test_user_messages_round_trip_and_group_one_user_per_message(sim_batches):
         users = {int(line.split(b'"user_id":')[1].split(b",")[0]) for line in value.split(b"\n")}
         assert users == {int(key)} and partition == int(key) % 4
         assert value.count(b"\n") < 3
-    decoded, dead = decode_user_messages([v for _, _, v in messages], ["test"] * len(messages))
+    decoded, dead = decode_event_messages([v for _, _, v in messages], ["test"] * len(messages))
     assert dead == []
     order = np.lexsort((decoded.event_id, decoded.user_id))
     expected = np.lexsort((batch.event_id, batch.user_id))
@@ -124,7 +124,7 @@ def test_partition_messages_hold_one_partitions_users_and_keep_each_users_order(
     # Read back partition by partition, in message order: every user's events in batch order.
     for partition in range(4):
         values = [value for p, _, value in messages if p == partition]
-        decoded, dead = decode_user_messages(values, ["test"] * len(values))
+        decoded, dead = decode_event_messages(values, ["test"] * len(values))
         assert dead == []
         mine = batch.user_id % 4 == partition
         for name, column in batch.columns().items():
@@ -149,7 +149,7 @@ def test_bad_lines_become_dead_letters_and_their_neighbours_survive(sim_batches)
     good = first_token_event(sim_batches)
     unknown_behaviour = encode_event(good).replace(f'"{good.behaviour.value}"'.encode(), b'"moonwalk"')
     value = b"\n".join([encode_event(good), b'{"event_id": 1', unknown_behaviour])
-    decoded, dead = decode_user_messages([value], ["events[0]@7"])
+    decoded, dead = decode_event_messages([value], ["events[0]@7"])
     assert len(decoded) == 1 and decoded.event_id[0] == good.event_id
     assert [d.source for d in dead] == ["events[0]@7", "events[0]@7"]
     assert "malformed JSON" in dead[0].reason and "behaviour" in dead[1].reason
@@ -232,7 +232,7 @@ def test_sink_frames_events_from_several_batches_together_in_each_users_order(br
         return len(encode_event_messages(batch, settings.partitions, settings.events_per_message, framing))
 
     assert len(messages) == framed(log) < sum(framed(b) for b in batches)
-    got, dead = decode_user_messages([value for _, _, value in messages], ["events"] * len(messages))
+    got, dead = decode_event_messages([value for _, _, value in messages], ["events"] * len(messages))
     assert not dead and sorted(got.event_id.tolist()) == sorted(log.event_id.tolist())
     for partition, key, value in messages:  # every event in its user's partition
         users = set(_users(value))
