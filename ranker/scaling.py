@@ -22,8 +22,6 @@ reused, so an interrupted ladder picks up where it stopped), `scaling.csv`, `sca
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import math
 import warnings
@@ -40,6 +38,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from ranker.batch import TASKS
 from ranker.data import DAY_MS, load_request_log, split_by_time
 from ranker.model_common import build_model
+from ranker.reports import display_frame, markdown_table, write_html_report
 from ranker.train import parse_override, train
 
 console = Console()
@@ -126,7 +125,7 @@ def family_overrides(items: Sequence[tuple[str, str, Any]]) -> dict[str, dict[st
     return overrides
 
 
-def _read_done(path: Path) -> dict[str, dict]:
+def read_done(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -149,7 +148,7 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
     console.print(f"ladder on {db_path}: {len(data.train):,} train requests ({data.train.n_impressions:,} impressions), "
                   f"{len(data.eval):,} eval requests; budget {asdict(budget)}")
     ladder_path = out_dir / LADDER_FILE
-    done = _read_done(ladder_path)
+    done = read_done(ladder_path)
     for family in families:
         for size in sizes:
             key = _rung_key(family, size, budget, overrides.get(family))
@@ -191,27 +190,6 @@ def fit_families(table: pd.DataFrame) -> list[PowerLawFit]:
 
 
 # ----------------------------------------------------------------------------- reports
-
-def _fmt(value) -> str:
-    if isinstance(value, (int, np.integer)):
-        return f"{value:,}"
-    if isinstance(value, (float, np.floating)):
-        if not np.isfinite(value):
-            return "n/a"
-        return f"{value:.3e}" if abs(value) >= 1e5 else f"{value:.4f}"
-    return str(value)
-
-
-def _display_frame(table: pd.DataFrame) -> pd.DataFrame:
-    return table.apply(lambda col: col.map(_fmt))
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
 
 def _fits_frame(fits: Sequence[PowerLawFit]) -> pd.DataFrame:
     return pd.DataFrame([{"family": f.family, "a": f.a, "b": f.b, "c": f.c, "C0": f.c0, "R2": f.r2, "points": f.n_points}
@@ -255,21 +233,14 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget,
     fits_frame = _fits_frame(fits)
     setup = json.dumps(asdict(budget)) + (f"; overrides {json.dumps(overrides)}" if overrides else "")
     markdown = (f"# Scaling ladder\n\nBudget: {setup}\n\n"
-                f"{_markdown(_display_frame(table))}\n\n## Fits: val_loss = a (C/C0)^-b + c\n\n"
-                f"{_markdown(_display_frame(fits_frame))}\n")
+                f"{markdown_table(display_frame(table))}\n\n## Fits: val_loss = a (C/C0)^-b + c\n\n"
+                f"{markdown_table(display_frame(fits_frame))}\n")
     (out_dir / "scaling.md").write_text(markdown)
     plot_ladder(table, fits, out_dir / "scaling.png")
-    image = base64.b64encode((out_dir / "scaling.png").read_bytes()).decode()
-    (out_dir / "scaling.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>Scaling ladder</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
-        f"<h1>Scaling ladder</h1><p>Budget: {html.escape(setup)}. "
-        "Compute C = 3 x forward FLOPs per request x requests seen.</p>"
-        f"<img src='data:image/png;base64,{image}' alt='compute vs held-out loss'>"
-        f"<h2>Rungs</h2>{_display_frame(table).to_html(index=False)}"
-        f"<h2>Fits: val_loss = a (C/C0)<sup>-b</sup> + c</h2>{_display_frame(fits_frame).to_html(index=False)}"
-        "</body></html>")
+    write_html_report(out_dir / "scaling.html", "Scaling ladder",
+                      f"Budget: {setup}. Compute C = 3 x forward FLOPs per request x requests seen.",
+                      out_dir / "scaling.png", "compute vs held-out loss",
+                      [("Rungs", table), ("Fits: val_loss = a (C/C0)<sup>-b</sup> + c", fits_frame)])
     print_table(table, fits)
     return fits
 
@@ -281,7 +252,7 @@ def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
     rich_table = Table(title="Scaling ladder")
     for column in columns:
         rich_table.add_column(column, justify="left" if column in ("family", "size") else "right", no_wrap=True)
-    for _, row in _display_frame(table[columns]).iterrows():
+    for _, row in display_frame(table[columns]).iterrows():
         rich_table.add_row(*row.tolist())
     # Redirected output has no terminal width; don't squeeze the table into 80 columns.
     out = console if console.is_terminal else Console(width=200)

@@ -34,15 +34,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ranker.batch import TASKS, RankBatch
 from ranker.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
+from ranker.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.metrics import ranking_report
 from ranker.model_common import SIZE_NAMES, SequenceRanker, _tuples, build_model, model_class, model_from_config
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+GROWTH_FILE = "growth.safetensors"  # the pruning masks, only while a grow-and-prune run is sparse
 META_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
 console = Console()
@@ -63,6 +65,11 @@ class TrainResult:
     family: str
     size: str
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    # Grow-and-prune runs: the schedule, the final density and the rows swapped.
+    growth: dict[str, Any] | None = None
+    # Linear-layer FLOPs of this invocation's training forwards, done and as a dense run
+    # would do them (ranker.growth.LinearFlopCounter); counted with growth or when asked.
+    linear_flops: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -141,9 +148,17 @@ def weights_version(family: str, size: str, weights_path: Path) -> str:
 
 
 def save_checkpoint(out_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
-                    family: str, size: str, step: int, extra: dict[str, Any]) -> str:
-    """Write weights, optimizer and metadata (JSON last, each via a temporary file)."""
+                    family: str, size: str, step: int, extra: dict[str, Any],
+                    growth: GrowPrune | None = None) -> str:
+    """Write weights, optimizer, growth masks while sparse, and metadata (JSON last, each via
+    a temporary file). A dense model leaves no masks behind: the checkpoint is a plain one."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if growth is not None and not growth.is_dense:
+        tmp_growth = out_dir / (GROWTH_FILE + ".tmp")
+        save_file(growth.state_dict(), str(tmp_growth))
+        tmp_growth.replace(out_dir / GROWTH_FILE)
+    else:
+        (out_dir / GROWTH_FILE).unlink(missing_ok=True)
     tmp_weights = out_dir / (WEIGHTS_FILE + ".tmp")
     save_model(model, str(tmp_weights))
     tmp_weights.replace(out_dir / WEIGHTS_FILE)
@@ -179,14 +194,22 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
 
 
 def restore_checkpoint(checkpoint_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
-                       family: str, size: str, device: torch.device) -> int:
-    """Load weights and optimizer state into a freshly built model; return the step reached."""
+                       family: str, size: str, device: torch.device, growth: GrowPrune | None = None) -> int:
+    """Load weights, optimizer state and any growth masks into a freshly built model; return
+    the step reached."""
     meta = read_checkpoint_meta(checkpoint_dir)
     if (meta["family"], meta["size"]) != (family, size):
         raise ValueError(f"{checkpoint_dir} holds a {meta['family']}/{meta['size']} checkpoint, not {family}/{size}")
     load_model(model, str(checkpoint_dir / WEIGHTS_FILE), strict=True, device=str(device))
     state = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    if (meta.get("growth") is not None) != (growth is not None):
+        raise ValueError(f"{checkpoint_dir} was trained {'with' if meta.get('growth') else 'without'} grow-and-prune; "
+                         "resume it the same way")
+    if growth is not None and (checkpoint_dir / GROWTH_FILE).exists():
+        growth.load_state_dict(load_file(str(checkpoint_dir / GROWTH_FILE), device=str(device)))
+    elif growth is not None:  # saved once dense: every row is back
+        growth.after_step(growth.dense_step)
     return int(meta["step"])
 
 
@@ -252,6 +275,8 @@ def train(
     model_overrides: dict[str, Any] | None = None,
     data: TimeSplit | None = None,
     stop_after: int | None = None,
+    growth: GrowthConfig | None = None,
+    count_linear_flops: bool = False,
 ) -> TrainResult:
     """Train `family`/`size` on the requests before the last `eval_window_ms` of the log at
     `db_path` (or on `data`, an already loaded split) and evaluate on that last window.
@@ -260,6 +285,7 @@ def train(
     `batch_size` is the global batch in requests (split across DDP ranks). `stop_after`
     ends this invocation after that many steps (checkpointed) while keeping the full
     budget's LR schedule, as a preempted job would; `resume=True` later continues it.
+    `growth` trains with alternate growth and pruning (ranker.growth), ending full-size.
     """
     if size not in model_class(family).SIZES:  # model_class names the known families
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(model_class(family).SIZES)}")
@@ -289,12 +315,18 @@ def train(
     overrides = {"max_len": max_len, **(model_overrides or {})}
     model = build_model(family, size, train_log.n_tracks, **overrides).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    grow = GrowPrune(model, growth, total_steps, optimizer, seed) if growth is not None else None
     step = 0
     if resume and (out_dir / META_FILE).exists():
-        step = restore_checkpoint(out_dir, model, optimizer, family, size, runtime.device)
+        step = restore_checkpoint(out_dir, model, optimizer, family, size, runtime.device, grow)
         say(f"resumed {family}-{size} from {out_dir} at step {step}")
     elif resume:
         say(f"no checkpoint in {out_dir}: starting from step 0")
+    if grow is not None:
+        grow.start(step)
+        say(f"grow-and-prune: density {growth.density} until step {grow.dense_step} of {total_steps}, "
+            f"updates every {growth.update_every} steps; {len(grow.layers)} prunable layers")
+    flop_counter = LinearFlopCounter(model, grow) if grow is not None or count_linear_flops else None
 
     n_hist, n_cand = typical_shape(train_log, max_len)
     flops = int(model.flops_per_request(n_hist, n_cand))
@@ -309,12 +341,13 @@ def train(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     extra: dict[str, Any] = {"n_tracks": train_log.n_tracks, "max_len": max_len, "seed": seed, "batch_size": batch_size,
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
-             "model_overrides": dict(model_overrides or {})}
+             "model_overrides": dict(model_overrides or {}),
+             "growth": growth.to_dict() if growth is not None else None}
 
     def checkpoint() -> str:
         version = ""
         if runtime.is_main:
-            version = save_checkpoint(out_dir, model, optimizer, family, size, step, extra)
+            version = save_checkpoint(out_dir, model, optimizer, family, size, step, extra, grow)
         if runtime.world > 1:
             dist.barrier()
         return version
@@ -338,15 +371,19 @@ def train(
                     group["lr"] = learning_rate(step, total_steps, lr, warmup)
                 global_count = int(train_log.candidate_count[global_rows].sum())
                 batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
-                with runtime.autocast():
+                with runtime.autocast(), flop_counter or nullcontext():
                     logits = net(batch)
                 loss = masked_bce_sum(logits, batch) * (runtime.world / global_count)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if grow is not None:
+                    grow.before_step(step)
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
                 step += 1
+                if grow is not None:
+                    grow.after_step(step)
                 loss_value = loss.item() / runtime.world  # this rank's share of the global mean
                 loss_history.append((step, loss_value))
                 bar.update(task, completed=step, loss=loss_value)
@@ -364,8 +401,16 @@ def train(
         steps=step, requests_seen=requests_seen, train_compute=3.0 * flops * requests_seen,
         final_train_loss=float(np.mean(recent)) if recent else float("nan"), checkpoint=out_dir,
         model_version=version, family=family, size=size, loss_history=loss_history,
+        growth=None if grow is None else {**growth.to_dict(), "dense_step": grow.dense_step, "density_now": grow.density(),
+                                          "rows_swapped": grow.swapped},
+        linear_flops=flop_counter.summary() if flop_counter is not None else None,
     )
     if runtime.is_main and metrics:
+        if grow is not None:
+            counted = flop_counter.summary()
+            say(f"grow-and-prune: {counted['linear_flops_share_done']:.3f} of the dense run's Linear FLOPs "
+                f"(prunable layers {counted['prunable_flops_done'] / max(1.0, counted['prunable_flops_dense']):.3f}), "
+                f"{grow.swapped} rows swapped, density now {grow.density():.2f}")
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
             + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
             + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
@@ -409,11 +454,18 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                         metavar="KEY=VALUE", help="model config override, repeatable (e.g. --set share_block_layers=true)")
+    parser.add_argument("--grow-prune", action="store_true",
+                        help="alternate growth and pruning (arXiv 2105.01064): sparse, then full-size at the end")
+    parser.add_argument("--growth", dest="growth", action="append", type=parse_override, default=[],
+                        metavar="KEY=VALUE", help="grow-and-prune setting, repeatable (density, update_every, "
+                        "swap_fraction, dense_from); implies --grow-prune")
     args = parser.parse_args(argv)
+    growth = GrowthConfig.from_dict(dict(args.growth)) if args.grow_prune or args.growth else None
     result = train(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                    resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
-                   checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides))
+                   checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides),
+                   growth=growth)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result

@@ -102,6 +102,12 @@ def train(ctx: typer.Context) -> None:
     _forward("ranker.train", ctx)
 
 
+@app.command("growth-study", context_settings=PASS_THROUGH)
+def growth_study(ctx: typer.Context) -> None:
+    """Alternate growth and pruning against dense training, paired by seed: table, plot, HTML (see --help)."""
+    _forward("ranker.growth_study", ctx)
+
+
 @app.command(context_settings=PASS_THROUGH)
 def scaling(ctx: typer.Context) -> None:
     """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""

@@ -1,0 +1,194 @@
+"""Does alternate growth and pruning pay? The same model and data trained three ways, per seed:
+
+- `dense`: the full model for the whole budget;
+- `grow-prune`: sparse for most of the budget, full-size at the end (ranker.growth);
+- `dense-short`: the full model for as many steps as give the grow-prune run's Linear FLOPs
+  (its measured share of the dense run's, times the budget), so grow-and-prune is compared
+  with simply training less for the same work as well as with training dense.
+
+    python -m ranker.growth_study --db runs/<id>/sandbox.duckdb --out runs/<id>/growth \\
+        --family astro --size s --seeds 0 1 2 3 4 --epochs 1 [--growth density=0.5 ...]
+
+Differences are paired by seed (same initialisation and data order) and tested with scipy's
+paired t-test. Outputs in `out_dir`: `study.jsonl` (one line per run; runs already there are
+reused), `growth.csv`, `growth.md`, `growth.png`, `growth.html`, and a table on the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from ranker.batch import TASKS
+from ranker.data import DAY_MS, load_request_log, split_by_time
+from ranker.growth import GrowthConfig
+from ranker.model_common import SIZE_NAMES
+from ranker.reports import display_frame, markdown_table, write_html_report
+from ranker.scaling import Budget, read_done
+from ranker.train import parse_override, train
+
+console = Console()
+STUDY_FILE = "study.jsonl"
+VARIANTS = ("dense", "grow-prune", "dense-short")
+COMPARED = ("val_loss", "gauc_full_play", "auc_full_play", "ndcg@10")
+
+
+def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth: GrowthConfig) -> str:
+    return json.dumps({"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
+                       "growth": growth.to_dict() if variant != "dense" else None}, sort_keys=True)
+
+
+def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", size: str = "s",
+              seeds: Sequence[int] = (0, 1, 2), budget: Budget = Budget(), growth: GrowthConfig = GrowthConfig(),
+              eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Train the three variants at every seed (reusing finished runs); write the reports."""
+    if budget.steps is None and budget.epochs <= 0:
+        raise ValueError("the budget needs steps or epochs > 0")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = split_by_time(load_request_log(db_path), eval_window_ms)
+    total_steps = budget.steps or max(1, int(np.ceil(budget.epochs * (len(data.train) // budget.batch_size))))
+    console.print(f"growth study on {db_path}: {family}-{size}, seeds {list(seeds)}, {total_steps} steps of "
+                  f"{budget.batch_size}; grow-and-prune {growth.to_dict()}")
+    path = out_dir / STUDY_FILE
+    done = read_done(path)
+
+    def run(variant: str, seed: int, steps: int, with_growth: bool) -> dict:
+        key = _key(variant, family, size, seed, budget, growth)
+        if key in done:
+            return done[key]
+        result = train(family, size, None, out_dir / f"{variant}-seed{seed}", steps=steps,
+                       batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
+                       progress=progress, data=data, checkpoint_every=0, count_linear_flops=True,
+                       growth=growth if with_growth else None)
+        row = {"key": key, "variant": variant, "seed": seed,
+               **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
+        with path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        done[key] = row
+        return row
+
+    rows = []
+    for seed in seeds:
+        dense = run("dense", seed, total_steps, with_growth=False)
+        sparse = run("grow-prune", seed, total_steps, with_growth=True)
+        share = sparse["linear_flops"]["linear_flops_done"] / dense["linear_flops"]["linear_flops_done"]
+        short = run("dense-short", seed, max(1, round(share * total_steps)), with_growth=False)
+        rows += [dense, sparse, short]
+    table = study_table(rows)
+    write_reports(table, out_dir, budget, growth, f"{family}-{size}")
+    return table
+
+
+def study_table(rows: Sequence[dict]) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        m, counted = row["metrics"], row["linear_flops"]
+        record = {"variant": row["variant"], "seed": row["seed"], "steps": row["steps"],
+                  "linear_flops": counted["linear_flops_done"], "train_s": row["train_seconds"],
+                  "val_loss": m["loss"], "ndcg@10": m["ndcg@10"]}
+        for task in TASKS:
+            record[f"auc_{task}"] = m[f"auc/{task}"]
+            record[f"gauc_{task}"] = m[f"gauc/{task}"]
+        records.append(record)
+    table = pd.DataFrame.from_records(records)
+    dense_flops = table[table.variant == "dense"].set_index("seed")["linear_flops"]
+    table["flops_vs_dense"] = table["linear_flops"] / table["seed"].map(dense_flops)
+    return table
+
+
+def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """grow-prune minus each other variant, per metric, paired by seed: mean, sd, t-test p."""
+    wide = table.pivot(index="seed", columns="variant")
+    records = []
+    for other in ("dense", "dense-short"):
+        for metric in COMPARED:
+            diff = (wide[metric]["grow-prune"] - wide[metric][other]).to_numpy()
+            p = float(stats.ttest_rel(wide[metric]["grow-prune"], wide[metric][other]).pvalue) if len(diff) > 1 else float("nan")
+            records.append({"against": other, "metric": metric, "mean_diff": float(diff.mean()),
+                            "sd_diff": float(diff.std(ddof=1)) if len(diff) > 1 else float("nan"),
+                            "grow_prune_ahead": f"{int((diff < 0).sum() if metric == 'val_loss' else (diff > 0).sum())} of {len(diff)}",
+                            "p_paired_t": p})
+    return pd.DataFrame.from_records(records)
+
+
+def plot_study(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("gauc_full_play", "val_loss")):
+        for i, variant in enumerate(VARIANTS):
+            group = table[table.variant == variant]
+            ax.scatter(group["flops_vs_dense"], group[metric], color=f"C{i}", label=variant, alpha=0.8)
+            ax.errorbar(group["flops_vs_dense"].mean(), group[metric].mean(), yerr=group[metric].std(ddof=1) if len(group) > 1 else None,
+                        color=f"C{i}", marker="D", markersize=8, capsize=4)
+        ax.set_xlabel("training Linear FLOPs, share of the dense run's")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Alternate growth and pruning: {title} (points: seeds; diamonds: mean ± sd)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget, growth: GrowthConfig, title: str) -> None:
+    table.to_csv(out_dir / "growth.csv", index=False)
+    diffs = paired_differences(table)
+    means = table.groupby("variant", sort=False)[["steps", "flops_vs_dense", *COMPARED, "train_s"]].mean().reset_index()
+    setup = f"{title}; budget {json.dumps(asdict(budget))}; grow-and-prune {json.dumps(growth.to_dict())}"
+    (out_dir / "growth.md").write_text(
+        f"# Alternate growth and pruning\n\n{setup}\n\n## Means over seeds\n\n{markdown_table(display_frame(means))}\n\n"
+        f"## grow-prune minus the others, paired by seed\n\n{markdown_table(display_frame(diffs))}\n\n"
+        f"## Runs\n\n{markdown_table(display_frame(table))}\n")
+    plot_study(table, out_dir / "growth.png", title)
+    write_html_report(out_dir / "growth.html", "Alternate growth and pruning", setup, out_dir / "growth.png",
+                      "Linear FLOPs against GAUC and loss",
+                      [("Means over seeds", means), ("grow-prune minus the others, paired by seed", diffs), ("Runs", table)])
+    out = console if console.is_terminal else Console(width=200)
+    for frame, name in ((means, f"Growth study {title}: means over seeds"), (diffs, "grow-prune minus the others")):
+        rich_table = Table(title=name)
+        for column in frame.columns:
+            rich_table.add_column(str(column), justify="right", no_wrap=True)
+        for _, row in display_frame(frame).iterrows():
+            rich_table.add_row(*row.tolist())
+        out.print(rich_table)
+    out.print(f"reports in {out_dir}: growth.md, growth.csv, growth.png, growth.html")
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m ranker.growth_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--db", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--family", default="astro", choices=["astro", "sasrec", "hstu"])
+    parser.add_argument("--size", default="s", choices=list(SIZE_NAMES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--eval-window-h", type=float, default=24.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--growth", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, dense_from, grow_init)")
+    args = parser.parse_args(argv)
+    budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len)
+    return run_study(args.db, args.out, args.family, args.size, args.seeds, budget, GrowthConfig.from_dict(dict(args.growth)),
+                     int(args.eval_window_h * 3_600_000), args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Alternate growth and pruning: a masked row is a removed unit, the schedule keeps its
+density and ends full-size, resume continues exactly, and the FLOP counter counts the
+rows a structured implementation would compute."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ranker.data import DAY_MS, load_request_log, split_by_time
+from ranker.growth import GrowPrune, GrowthConfig, LinearFlopCounter, prunable_layers
+from ranker.model_common import SoftmaxConfig, SoftmaxLayer, build_model
+from ranker.train import GROWTH_FILE, WEIGHTS_FILE, load_checkpoint, main, masked_bce_sum, train
+from tests.test_training import synthetic_log, write_log
+
+torch.set_num_threads(1)
+KW = dict(batch_size=16, lr=3e-3, max_len=32, progress=False, model_overrides={"dropout": 0.0}, device="cpu",
+          checkpoint_every=0)
+SCHEDULE = GrowthConfig(density=0.5, update_every=2, swap_fraction=0.5, dense_from=0.6)
+
+
+@pytest.fixture(scope="module")
+def db_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("growth") / "sandbox.duckdb"
+    write_log(path, synthetic_log(n_requests=200))
+    return path
+
+
+@pytest.fixture(scope="module")
+def split(db_path):
+    return split_by_time(load_request_log(db_path), eval_window_ms=DAY_MS)
+
+
+def _layer(density: float = 0.5) -> tuple[SoftmaxLayer, GrowPrune]:
+    torch.manual_seed(0)
+    layer = SoftmaxLayer(SoftmaxConfig(n_tracks=10, d_model=8, n_heads=2, dropout=0.0))
+    growth = GrowPrune(layer, GrowthConfig(density=density), total_steps=10,
+                       optimizer=torch.optim.AdamW(layer.parameters()))
+    growth.start(0)
+    return layer, growth
+
+
+def test_a_masked_feed_forward_row_is_a_removed_unit():
+    layer, growth = _layer()
+    hidden, out = growth.masks["ffn.0"], growth.masks["ffn.3"]
+    assert int(hidden.sum()) == 16 and int(out.sum()) == 4  # half of 32 hidden units, half of 8 outputs
+    x = torch.randn(3, 5, 8)
+    w1, b1, w2, b2 = layer.ffn[0].weight, layer.ffn[0].bias, layer.ffn[3].weight, layer.ffn[3].bias
+    # The structured reference: a feed-forward built from the kept rows and columns only.
+    small = F.linear(F.gelu(F.linear(x, w1[hidden], b1[hidden])), w2[out][:, hidden], b2[out])
+    expected = torch.zeros(3, 5, 8).index_copy_(2, out.nonzero().squeeze(1), small)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.ffn(x), expected)
+
+
+def test_a_prune_and_grow_update_moves_rows_and_keeps_the_density():
+    torch.manual_seed(0)
+    layer = SoftmaxLayer(SoftmaxConfig(n_tracks=10, d_model=8, n_heads=2, dropout=0.0))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    growth = GrowPrune(layer, GrowthConfig(density=0.5, update_every=1, swap_fraction=0.5), 10, optimizer)
+    growth.start(0)
+    x = torch.randn(4, 6, 8)
+    for step in range(3):
+        before = {name: mask.clone() for name, mask in growth.masks.items()}
+        optimizer.zero_grad()
+        layer.finish(x, layer.attend(*layer.project(x))).pow(2).sum().backward()
+        growth.before_step(step)
+        optimizer.step()
+        growth.after_step(step + 1)
+        for name, linear in growth.layers.items():
+            mask = growth.masks[name]
+            assert int(mask.sum()) == int(before[name].sum())  # density kept
+            assert linear.weight[~mask].abs().max() == 0 and linear.bias[~mask].abs().max() == 0
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert optimizer.state[linear.weight][moment][~mask].abs().max() == 0
+        if step > 0:
+            assert any(not torch.equal(before[n], growth.masks[n]) for n in before), "no rows swapped"
+    assert growth.swapped > 0
+
+
+def test_density_one_trains_exactly_like_plain_training(split, tmp_path):
+    plain = train("sasrec", "xs", None, tmp_path / "plain", steps=5, data=split, **KW)
+    full = train("sasrec", "xs", None, tmp_path / "full", steps=5, data=split, growth=GrowthConfig(density=1.0), **KW)
+    assert full.model_version.removeprefix("sasrec-xs-") == plain.model_version.removeprefix("sasrec-xs-")
+    assert full.linear_flops["linear_flops_share_done"] == 1.0 and full.growth["rows_swapped"] == 0
+
+
+@pytest.mark.parametrize("family", ["astro", "hstu"])
+def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(split, tmp_path, family):
+    straight = train(family, "xs", None, tmp_path / "straight", steps=10, data=split, growth=SCHEDULE, **KW)
+    assert straight.growth["density_now"] == 1.0 and straight.growth["rows_swapped"] > 0
+    assert not (tmp_path / "straight" / GROWTH_FILE).exists()  # a full-size model: a plain checkpoint
+    load_checkpoint(tmp_path / "straight")
+    # Dense for 4 of 10 steps, half the rows before that, so between 0.5 and 1 of the work.
+    counted = straight.linear_flops
+    assert 0.55 < counted["prunable_flops_done"] / counted["prunable_flops_dense"] < 0.85
+
+    part = train(family, "xs", None, tmp_path / "resumed", steps=10, stop_after=5, data=split, growth=SCHEDULE, **KW)
+    assert part.growth["density_now"] == pytest.approx(0.5, abs=0.05)
+    masks = load_file(tmp_path / "resumed" / GROWTH_FILE)
+    weights = load_file(tmp_path / "resumed" / WEIGHTS_FILE)
+    model = build_model(family, "xs", split.train.n_tracks, max_len=32, dropout=0.0)
+    assert set(masks) == {f"growth_mask.{name}" for name in prunable_layers(model)}
+    for key, mask in masks.items():
+        name = key.removeprefix("growth_mask.")
+        assert weights[f"{name}.weight"][~mask.bool()].abs().max() == 0
+    resumed = train(family, "xs", None, tmp_path / "resumed", steps=10, resume=True, data=split, growth=SCHEDULE, **KW)
+    assert resumed.model_version == straight.model_version  # the masks came back with the weights
+
+    with pytest.raises(ValueError, match="grow-and-prune"):
+        train(family, "xs", None, tmp_path / "resumed", steps=12, resume=True, data=split, **KW)
+
+
+def test_the_counter_counts_kept_rows_of_whole_weights_and_of_row_slices():
+    layer, growth = _layer()
+    x = torch.randn(2, 5, 8)
+    counter = LinearFlopCounter(layer, growth)
+    with torch.no_grad(), counter:
+        layer.qkv(x)  # all 24 rows of q, k, v
+        layer.project_kv(x)  # rows 8..23 only, through a slice of the weight
+    kept = growth.masks["qkv"]
+    tokens, width = 10, 8
+    assert counter.dense == 2 * width * tokens * (24 + 16)
+    assert counter.done == 2 * width * tokens * (int(kept.sum()) + int(kept[8:].sum()))
+    assert counter.prunable_done == counter.done and counter.summary()["linear_flops_share_done"] < 1
+    dense = LinearFlopCounter(layer)  # no growth: every row counts, as in a dense run
+    with torch.no_grad(), dense:
+        layer.project_kv(x)
+    assert dense.done == dense.dense == dense.prunable_done == 2 * width * tokens * 16
+
+
+def test_bad_growth_settings_are_named(db_path, tmp_path):
+    with pytest.raises(ValueError, match="density"):
+        GrowthConfig(density=0.0)
+    with pytest.raises(ValueError, match="dense_from"):
+        GrowthConfig(dense_from=1.5)
+    with pytest.raises(ValueError, match=r"unknown growth settings \['densty'\]"):
+        GrowthConfig.from_dict({"densty": 0.5})
+    out = tmp_path / "cli"
+    result = main(["--model", "astro", "--size", "xs", "--db", str(db_path), "--out", str(out), "--steps", "4",
+                   "--batch-size", "8", "--max-len", "16", "--device", "cpu", "--checkpoint-every", "0",
+                   "--growth", "density=0.25", "--growth", "dense_from=0.5"])
+    assert result.growth["density"] == 0.25 and result.growth["dense_step"] == 2
+    assert json.loads((out / "checkpoint.json").read_text())["growth"]["density"] == 0.25
+
+
+def test_grown_rows_learn_again(split, tmp_path):
+    """Rows that come back at zero are trained: after the dense phase no prunable row is all zero."""
+    result = train("astro", "xs", None, tmp_path / "grown", steps=10, data=split, growth=SCHEDULE, **KW)
+    model, _ = load_checkpoint(result.checkpoint)
+    for name, linear in prunable_layers(model).items():
+        assert (linear.weight.abs().sum(1) > 0).all(), name
+    batch = split.eval.batch(np.arange(4), 32)
+    assert torch.isfinite(masked_bce_sum(model(batch), batch))
+
+
+def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_path, tmp_path):
+    from ranker.growth_study import STUDY_FILE, run_study
+    from ranker.scaling import Budget
+
+    budget = Budget(steps=6, batch_size=16, max_len=32)
+    table = run_study(db_path, tmp_path, family="hstu", size="xs", seeds=[0, 1], budget=budget, growth=SCHEDULE,
+                      device="cpu", progress=False)
+    assert sorted(table.variant.value_counts().items()) == [("dense", 2), ("dense-short", 2), ("grow-prune", 2)]
+    for seed in (0, 1):
+        runs = table[table.seed == seed].set_index("variant")
+        share = runs.loc["grow-prune", "flops_vs_dense"]
+        assert 0.5 < share < 1 and runs.loc["dense", "flops_vs_dense"] == 1.0
+        assert runs.loc["dense-short", "steps"] == round(share * 6)
+    for name in ("growth.md", "growth.csv", "growth.png", "growth.html"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "paired by seed" in (tmp_path / "growth.md").read_text()
+    lines = (tmp_path / STUDY_FILE).read_text().splitlines()
+    again = run_study(db_path, tmp_path, family="hstu", size="xs", seeds=[0, 1], budget=budget, growth=SCHEDULE,
+                      device="cpu", progress=False)
+    assert (tmp_path / STUDY_FILE).read_text().splitlines() == lines  # nothing retrained
+    assert again[["variant", "seed", "val_loss"]].equals(table[["variant", "seed", "val_loss"]])
