@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
 import numpy as np
@@ -60,6 +60,46 @@ def _code_sql(column: str, names: tuple[str, ...]) -> str:
     """SQL giving the contract code of a name column (NULL for an unknown name)."""
     listed = ", ".join(f"'{name}'" for name in names)
     return f"(list_position([{listed}], {column}) - 1)"
+
+
+# The events table in the contract's codes, in the order the live loop applied them.
+EVENTS_IN_ORDER = f"""
+    SELECT event_id, ts, user_id, track_id,
+           {_code_sql('scenario', SCENARIOS)} AS scenario, {_code_sql('behaviour', BEHAVIOURS)} AS behaviour,
+           request_id, position, arm, play_ms, schema_version
+    FROM events ORDER BY event_id, rowid"""
+
+
+def _event_batch(columns: dict[str, np.ndarray], source: Path) -> EventBatch:
+    for name, names in (("scenario", SCENARIOS), ("behaviour", BEHAVIOURS)):
+        if np.ma.is_masked(columns[name]):
+            raise ValueError(f"{source}: events.{name} holds a value outside {names}")
+    columns = {name: np.asarray(values) for name, values in columns.items()}
+    columns["arm"] = columns["arm"].astype(object)
+    return EventBatch.from_columns(**columns)
+
+
+def iter_event_log(path: str | Path, chunk_rows: int = 100_000) -> Iterator[EventBatch]:
+    """A run's events in `chunk_rows` batches, in the order `read_events` gives, read-only
+    and without holding the whole log in memory (replay of large logs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no event log at {path}")
+    connection = duckdb.connect(str(path), read_only=True)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "events" not in tables:
+            raise ValueError(f"{path} has no events table (tables: {sorted(tables)})")
+        reader = connection.sql(EVENTS_IN_ORDER).to_arrow_reader(chunk_rows)
+        for chunk in reader:
+            columns = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.schema.names}
+            for name in ("scenario", "behaviour"):  # NULL (a name outside the contract) must not pass as 0
+                if chunk.column(name).null_count:
+                    raise ValueError(f"{path}: events.{name} holds a value outside "
+                                     f"{SCENARIOS if name == 'scenario' else BEHAVIOURS}")
+            yield _event_batch(columns, path)
+    finally:
+        connection.close()
 
 
 def event_batch_hash(events: EventBatch) -> str:
@@ -194,17 +234,7 @@ class RunRecorder:
     def read_events(self) -> EventBatch:
         """The whole events table as a batch, ordered by event_id (then insertion order)."""
         self.flush()
-        columns = self.connection.execute(f"""
-            SELECT event_id, ts, user_id, track_id,
-                   {_code_sql('scenario', SCENARIOS)} AS scenario, {_code_sql('behaviour', BEHAVIOURS)} AS behaviour,
-                   request_id, position, arm, play_ms, schema_version
-            FROM events ORDER BY event_id, rowid""").fetchnumpy()
-        for name, names in (("scenario", SCENARIOS), ("behaviour", BEHAVIOURS)):
-            if np.ma.is_masked(columns[name]):
-                raise ValueError(f"{self.path}: events.{name} holds a value outside {names}")
-        columns = {name: np.asarray(values) for name, values in columns.items()}
-        columns["arm"] = columns["arm"].astype(object)
-        return EventBatch.from_columns(**columns)
+        return _event_batch(self.connection.execute(EVENTS_IN_ORDER).fetchnumpy(), self.path)
 
     def event_log_hash(self) -> str:
         """Content hash of the events table ordered by event_id (see `event_batch_hash`)."""

@@ -127,6 +127,24 @@ class EventPipeline:
             self.recorder.flush()
 
 
+def build_feature_path(settings: SandboxSettings, run_dir: Path
+                       ) -> tuple["FeatureUpdater | KafkaFeaturePath", FeatureStoreClient]:
+    """How events become features in Feast under `settings.transport`, and the store to read
+    them from: the in-process updater on the configured online store (embedded), or Kafka +
+    Faust workers writing Redis (kafka). The live loop and replay build it alike."""
+    if settings.transport == "kafka":
+        from sandbox.kafka_transport import KafkaFeaturePath
+
+        features = KafkaFeaturePath(run_dir, settings.kafka_bootstrap, settings.kafka_partitions,
+                                    settings.redis_url, settings.workers, settings.max_seq_len)
+        return features, FeatureStoreClient(run_dir / "feast", online_store="redis", redis_url=features.redis_url)
+    store = FeatureStoreClient(run_dir / "feast", online_store=settings.online_store, redis_url=settings.redis_url)
+    store.apply()
+    features = FeatureUpdater(store, settings.max_seq_len, settings.feature_flush_ms, settings.track_stats_flush_ms,
+                              background=settings.background_feature_writes)
+    return features, store
+
+
 class Sandbox:
     """All parts of one run, built from settings; `run()` simulates, `result()` summarises.
 
@@ -150,20 +168,7 @@ class Sandbox:
 
         self.recorder = RunRecorder(self.run_dir / "sandbox.duckdb")
         self.recorder.log_run(settings.resolved_run_id(), settings.sim.seed, json.loads(settings.model_dump_json()))
-        if settings.transport == "kafka":
-            from sandbox.kafka_transport import KafkaFeaturePath
-
-            self.features = KafkaFeaturePath(self.run_dir, settings.kafka_bootstrap, settings.kafka_partitions,
-                                             settings.redis_url, settings.workers, settings.max_seq_len)
-            self.store = FeatureStoreClient(self.run_dir / "feast", online_store="redis",
-                                            redis_url=self.features.redis_url)
-        else:
-            self.store = FeatureStoreClient(self.run_dir / "feast", online_store=settings.online_store,
-                                            redis_url=settings.redis_url)
-            self.store.apply()
-            self.features = FeatureUpdater(self.store, settings.max_seq_len, settings.feature_flush_ms,
-                                           settings.track_stats_flush_ms,
-                                           background=settings.background_feature_writes)
+        self.features, self.store = build_feature_path(settings, self.run_dir)
         self.bus = InProcessBus()
 
         experiment = settings.experiment

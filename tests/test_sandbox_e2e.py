@@ -75,6 +75,16 @@ def test_same_seed_same_event_log(tiny_run, tmp_path):
     assert other.event_log_hash != tiny_run.event_log_hash
 
 
+# Words each bad line's dead-letter reason must contain, in the order of `bad_json_lines`.
+BAD_LINE_REASONS = ("malformed JSON", "user_id", "behaviour", "missing required field", "over the")
+
+
+def bad_json_lines(good: list[bytes]) -> list[bytes]:
+    """One line per way raw input goes wrong, two of them made from good events."""
+    return [b"{broken json", good[0].replace(b'"user_id":', b'"user_id":-'),
+            good[1].replace(b'"behaviour":"', b'"behaviour":"moonwalk'), b"{}", b"x" * 10_000]
+
+
 def test_bad_events_are_dead_lettered_and_good_ones_all_processed(tmp_path):
     sandbox = Sandbox(tiny_settings(tmp_path, run_id="bad"))
     try:
@@ -88,8 +98,7 @@ def test_bad_events_are_dead_lettered_and_good_ones_all_processed(tmp_path):
         from streaming.events import EventBatch
 
         good = EventBatch(**shifted).encode_json()
-        bad = [b"{broken json", good[0].replace(b'"user_id":', b'"user_id":-'),
-               good[1].replace(b'"behaviour":"', b'"behaviour":"moonwalk'), b"{}", b"x" * 10_000]
+        bad = bad_json_lines(good)
         sandbox.pipeline.on_json(good[:100] + bad + good[100:], source="replay")
         result = sandbox.result()
     finally:
@@ -102,7 +111,7 @@ def test_bad_events_are_dead_lettered_and_good_ones_all_processed(tmp_path):
     assert n_replayed == 200
     assert len(dead) == len(bad)
     reasons = " | ".join(r for _, r, _ in dead)
-    for needle in ("malformed JSON", "user_id", "behaviour", "missing required field", "over the"):
+    for needle in BAD_LINE_REASONS:
         assert needle in reasons
     assert {s for _, _, s in dead} == {"replay"}
 

@@ -1,0 +1,177 @@
+"""`climber replay`: drive a recorded event log through the feature path again.
+
+Operators do this to rebuild an online store that was lost or wiped, to rebuild features
+under new settings (a longer `max_seq_len`), or to re-drive the streaming path (Kafka and
+Faust workers) with a known log. The replay is a run of its own: `runs/<run_id>/` gets
+its own DuckDB record and Feast repo, and the source is only read.
+- The DuckDB record holds the replayed events, the dead letters with their reasons, and a
+  `runs` row that names the source.
+
+Sources:
+- **A run's DuckDB file** (its `events` table). It is read in chunks, in event-id order:
+  the order the live loop applied the events.
+- **A JSON-lines file** (`.jsonl`, `.ndjson`, or either with `.gz`): one raw event per line,
+  as produced to Kafka. A malformed or invalid line becomes a dead letter with the reason,
+  and the replay goes on.
+
+Events take the path a live run's events take (`EventPipeline`): validation, the DuckDB
+record, and then the features, through the embedded updater or Kafka. With `verify` (the
+default), each replayed user's sequence is read back from Feast and compared with the one
+recomputed from the replayed events. Any mismatch is reported, and the command fails.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from experiments.recorder import RunRecorder, iter_event_log
+from features.sequence import sequences_from_log
+from sandbox.loop import EventPipeline, Stopwatch, build_feature_path
+from sandbox.settings import SandboxSettings
+from streaming.bus import InProcessBus
+
+SOURCE = "replay"  # the dead letters' and the bus's source label
+JSON_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass
+class ReplayResult:
+    source: Path
+    run_dir: Path
+    db_path: Path
+    events_read: int  # events (DuckDB rows or JSON lines) taken from the source
+    events_applied: int  # passed validation: recorded and sent to the feature path
+    dead_letters: int
+    dead_letter_reasons: dict[str, int]  # reason (first clause) -> count
+    users: int
+    feature_rows_written: int  # embedded path only; Kafka workers count their own
+    wall_seconds: float
+    verified_users: int = 0  # 0 when verification was off
+    mismatched_users: list[int] = field(default_factory=list)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events_read / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched_users
+
+    def to_dict(self) -> dict:
+        return {**{k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()},
+                "events_per_second": self.events_per_second, "ok": self.ok}
+
+
+def source_kind(path: Path) -> str:
+    """'duckdb' or 'json', from the file name; anything else is refused with the reason."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".duckdb"):
+        if path.name.lower().endswith(".gz"):
+            raise ValueError(f"{path}: a DuckDB file must be uncompressed to be read")
+        return "duckdb"
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    raise ValueError(f"{path}: cannot tell the format; replay reads a run's .duckdb or JSON lines "
+                     f"({', '.join(JSON_SUFFIXES)}, optionally .gz)")
+
+
+def json_line_chunks(path: Path, chunk_lines: int) -> Iterator[list[bytes]]:
+    """Non-empty lines of a JSON-lines file (gzip if named .gz), `chunk_lines` at a time."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        chunk: list[bytes] = []
+        for line in f:
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                chunk.append(line)
+                if len(chunk) >= chunk_lines:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+
+def replay(source: str | Path, settings: SandboxSettings, chunk_events: int = 50_000, verify: bool | None = None,
+           progress: bool = False) -> ReplayResult:
+    """Replay `source` into a new run under `settings` (transport, online store, max_seq_len).
+
+    `verify=None` verifies unless the features are built by workers this command does not
+    run (`--transport kafka` with `workers=0`): it could not tell when they are done.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"no event log at {source}")
+    kind = source_kind(source)
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    if verify is None:
+        verify = settings.transport == "embedded" or settings.workers > 0
+    elif verify and settings.transport == "kafka" and settings.workers == 0:
+        raise ValueError("cannot verify a replay whose features are built by workers started elsewhere "
+                         "(--transport kafka --workers 0); replay with --no-verify")
+    run_dir = settings.run_dir()
+    if (run_dir / "sandbox.duckdb").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; replay into a new --run-id")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    recorder = RunRecorder(run_dir / "sandbox.duckdb")
+    features = None
+    try:
+        recorder.log_run(settings.resolved_run_id(), settings.sim.seed,
+                         {"replay_of": str(source.resolve()), **json.loads(settings.model_dump_json())})
+        features, store = build_feature_path(settings, run_dir)
+        bus = InProcessBus()
+        pipeline = EventPipeline(bus, recorder, features, learners=[], watch=Stopwatch())
+        read = _feed(pipeline, bus, source, kind, chunk_events, progress)
+        pipeline.finish()
+        if settings.transport == "kafka":  # the workers' rejects, kept with the run
+            recorder.log_dead_letters(features.dead_letters())
+        recorder.flush()
+        applied = recorder.count("events")
+        reasons = dict(recorder.connection.execute(
+            "SELECT split_part(reason, ':', 1) AS why, count(*) FROM dead_letters GROUP BY why ORDER BY 2 DESC").fetchall())
+        users = recorder.connection.execute("SELECT count(DISTINCT user_id) FROM events").fetchone()[0]
+        result = ReplayResult(source=source, run_dir=run_dir, db_path=recorder.path, events_read=read,
+                              events_applied=applied, dead_letters=recorder.count("dead_letters"),
+                              dead_letter_reasons=reasons, users=int(users), feature_rows_written=features.rows_written,
+                              wall_seconds=time.perf_counter() - started)
+        if verify:
+            reference = sequences_from_log(recorder.read_events(), settings.max_seq_len)
+            served = store.get_sequences(sorted(reference))
+            result.verified_users = len(reference)
+            result.mismatched_users = [u for u in sorted(reference) if not served[u].equals(reference[u])]
+        (run_dir / "replay.json").write_text(json.dumps(result.to_dict(), indent=2))
+        return result
+    finally:
+        if features is not None:
+            features.close()
+        recorder.close()
+
+
+def _feed(pipeline: EventPipeline, bus: InProcessBus, source: Path, kind: str, chunk_events: int,
+          progress: bool) -> int:
+    """Push the source through the pipeline chunk by chunk; returns the events read."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("replaying"), BarColumn(), TextColumn("{task.fields[events]:,} events"), TimeElapsedColumn())
+    total = source.stat().st_size if kind == "json" and not source.name.lower().endswith(".gz") else None
+    read = 0
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("replay", total=total, events=0)
+        if kind == "duckdb":
+            for batch in iter_event_log(source, chunk_events):
+                pipeline.on_events(batch, source=SOURCE)
+                read += len(batch)
+                bar.update(task, events=read)
+        else:
+            for lines in json_line_chunks(source, chunk_events):
+                pipeline.on_json(lines, source=SOURCE)
+                read += len(lines)
+                bar.update(task, advance=sum(len(line) + 1 for line in lines), events=read)
+    return read
+
