@@ -148,7 +148,8 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget, growth: Gr
     table.to_csv(out_dir / "growth.csv", index=False)
     diffs = paired_differences(table)
     means = table.groupby("variant", sort=False)[["steps", "flops_vs_dense", *COMPARED, "train_s"]].mean().reset_index()
-    setup = f"{title}; budget {json.dumps(asdict(budget))}; grow-and-prune {json.dumps(growth.to_dict())}"
+    shared = {k: v for k, v in asdict(budget).items() if k != "seed"}  # each run has its own seed
+    setup = f"{title}; budget {json.dumps(shared)}; grow-and-prune {json.dumps(growth.to_dict())}"
     (out_dir / "growth.md").write_text(
         f"# Alternate growth and pruning\n\n{setup}\n\n## Means over seeds\n\n{markdown_table(display_frame(means))}\n\n"
         f"## grow-prune minus the others, paired by seed\n\n{markdown_table(display_frame(diffs))}\n\n"

@@ -179,6 +179,12 @@ def bench_stream(ctx: typer.Context) -> None:
     _forward("streaming.bench", ctx)
 
 
+@bench_app.command("growth", context_settings=PASS_THROUGH)
+def bench_growth(ctx: typer.Context) -> None:
+    """Training ms/step: dense, dense with the FLOP counter, grow-and-prune, side by side (see --help)."""
+    _forward("bench.growth", ctx)
+
+
 @bench_app.command("serve", context_settings=PASS_THROUGH)
 def bench_serve(ctx: typer.Context) -> None:
     """TURBO serving: batched vs per-pair scoring, KV cache, partitioning, service latency (see --help)."""
