@@ -15,9 +15,29 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(topics_app, name="topics")
 
 
+def _parse_rankers(items: Optional[list[str]]) -> Optional[dict[str, str]]:
+    """`--ranker ARM=RANKER` flags as {arm: ranker}; a malformed one stops with the reason."""
+    if not items:
+        return None
+    rankers: dict[str, str] = {}
+    for item in items:
+        arm, sep, spec = item.partition("=")
+        if not sep or not arm.strip() or not spec.strip():
+            typer.secho(f"--ranker expects ARM=RANKER (e.g. treatment=checkpoint:models/astro-m), got {item!r}",
+                        fg="red", err=True)
+            raise typer.Exit(2)
+        if arm.strip() in rankers:
+            typer.secho(f"--ranker names arm {arm.strip()!r} twice", fg="red", err=True)
+            raise typer.Exit(2)
+        rankers[arm.strip()] = spec.strip()
+    return rankers
+
+
 def _settings(users: Optional[int], tracks: Optional[int], days: Optional[float], seed: Optional[int],
-              out: Optional[Path], **extra):
-    """Flags override environment variables, which override defaults."""
+              out: Optional[Path], rankers: Optional[dict[str, str]] = None, **extra):
+    """Flags override environment variables, which override defaults. `rankers` replaces the
+    experiment's arms: the configured traffic shares when it names the same arms, else an
+    equal split."""
     from pydantic import ValidationError
 
     from sandbox.settings import SandboxSettings
@@ -30,6 +50,10 @@ def _settings(users: Optional[int], tracks: Optional[int], days: Optional[float]
         data = base.model_dump()
         data["sim"].update(sim_overrides)
         data.update(top)
+        if rankers:
+            arms = data["experiment"]["arms"]
+            data["experiment"]["arms"] = arms if set(arms) == set(rankers) else {arm: 1.0 for arm in rankers}
+            data["experiment"]["rankers"] = rankers
         return SandboxSettings.model_validate(data)
     except ValidationError as exc:
         typer.secho(f"invalid settings:\n{exc}", fg="red", err=True)
@@ -46,9 +70,12 @@ def sandbox(
     run_id: Optional[str] = typer.Option(None, help="run folder name (default derived from seed and time)"),
     transport: Optional[str] = typer.Option(None, help="embedded (default) or kafka"),
     workers: Optional[int] = typer.Option(None, help="Faust worker subprocesses with --transport kafka"),
+    ranker: Optional[list[str]] = typer.Option(
+        None, "--ranker", help="ARM=RANKER, repeatable: the A/B arms (popularity, cooccurrence or checkpoint:DIR)"),
 ) -> None:
     """Run the closed loop: simulator -> events -> features -> ranker -> simulator."""
-    settings = _settings(users, tracks, days, seed, out, run_id=run_id, transport=transport, workers=workers)
+    settings = _settings(users, tracks, days, seed, out, rankers=_parse_rankers(ranker), run_id=run_id,
+                         transport=transport, workers=workers)
     from sandbox.loop import run_sandbox
     from sandbox.report import print_summary, write_report
 

@@ -47,3 +47,22 @@ def test_simulate_writes_a_policy_log_that_training_reads(tmp_path):
     assert len(load_request_log(db)) > 10
     bad = runner.invoke(app, ["simulate", "--policy", "clairvoyant", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--policy" in bad.output
+
+
+def test_ranker_flags_set_the_arms_of_the_experiment(tmp_path):
+    import duckdb
+
+    result = runner.invoke(app, ["sandbox", "--users", "30", "--tracks", "400", "--days", "0.3", "--seed", "5",
+                                 "--out", str(tmp_path), "--run-id", "arms", "--ranker", "a=popularity",
+                                 "--ranker", "b=cooccurrence", "--ranker", "c=popularity"])
+    assert result.exit_code == 0, result.output
+    con = duckdb.connect(str(tmp_path / "arms" / "sandbox.duckdb"), read_only=True)
+    arms = dict(con.execute("SELECT arm, count(*) FROM assignments GROUP BY arm").fetchall())
+    models = dict(con.execute("SELECT DISTINCT arm, model_name FROM requests").fetchall())
+    con.close()
+    assert set(arms) == {"a", "b", "c"} and min(arms.values()) >= 5  # an equal three-way split of 30 users
+    assert models["b"] != models["a"] == models["c"]
+    for bad, needle in ((["--ranker", "treatment"], "ARM=RANKER"), (["--ranker", "a=x", "--ranker", "a=y"], "twice"),
+                        (["--ranker", "control=lasso"], "unknown ranker")):
+        failed = runner.invoke(app, ["sandbox", "--out", str(tmp_path), *bad])
+        assert failed.exit_code == 2 and needle in failed.output, failed.output
