@@ -16,6 +16,7 @@ p < 0.001 (a mismatch means the assignment or logging is broken and no lift can 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -165,6 +166,8 @@ def ab_report(source: duckdb.DuckDBPyConnection | str | Path, expected_share: Ma
     """Lifts of every other arm against `control` (full plays per user, full-play rate per
     impression), and the SRM check on exposed users."""
     users = user_metrics(source)
+    if users.empty:
+        raise ValueError("the run has no ranked requests, so no user was exposed to any arm")
     srm = sample_ratio_check(users.groupby("arm").size().to_dict(), expected_share)
     if control not in set(users["arm"]):
         raise ValueError(f"no exposed users in the control arm {control!r}")
@@ -177,3 +180,22 @@ def ab_report(source: duckdb.DuckDBPyConnection | str | Path, expected_share: Ma
                                 other["impressions"], "full_play_rate", confidence)):
             rows.append({"arm": arm, **asdict(lift)})
     return pd.DataFrame(rows), srm
+
+
+def configured_shares(source: duckdb.DuckDBPyConnection | str | Path) -> dict[str, float]:
+    """The traffic share of every arm as the run configured it (its `runs` row), normalised:
+    the SRM check must test against what was asked for, not what was observed."""
+    con, owned = connect(source)
+    try:
+        row = con.execute("SELECT settings FROM runs ORDER BY started_at LIMIT 1").fetchone()
+    finally:
+        if owned:
+            con.close()
+    if row is None:
+        raise ValueError("the run record has no runs row, so its arms' shares are unknown")
+    arms = json.loads(row[0]).get("experiment", {}).get("arms")
+    if not arms:
+        raise ValueError("the run's settings name no experiment arms (a simulator-only log has none)")
+    total = sum(arms.values())
+    return {arm: share / total for arm, share in arms.items()}
+

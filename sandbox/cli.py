@@ -134,6 +134,33 @@ def replay(
 
 
 @app.command()
+def ab(
+    db: Path = typer.Argument(..., help="a sandbox run's sandbox.duckdb"),
+    control: str = typer.Option("control", help="the arm every other arm is compared with"),
+    confidence: float = typer.Option(0.95, min=0.5, max=0.999, help="confidence level of the intervals"),
+) -> None:
+    """A/B lift of every arm against one of them (e.g. a larger model against a smaller one)."""
+    from rich.console import Console
+
+    from experiments.analysis import ab_report, configured_shares
+    from sandbox.report import lift_table
+
+    if not db.exists():
+        typer.secho(f"ab: no run record at {db}", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        lift, srm = ab_report(db, configured_shares(db), control, confidence)
+    except ValueError as exc:
+        typer.secho(f"ab: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
+    Console().print(lift_table(lift, srm, f"A/B lift against {control} (delta method, {confidence:.0%} CI; "
+                                          "SRM: sample-ratio chi-square)"))
+    if srm.mismatch:
+        typer.secho(f"sample-ratio mismatch (p = {srm.p_value:.2g}): users per arm {srm.observed} do not match "
+                    f"the configured shares; do not trust these lifts", fg="red", err=True)
+
+
+@app.command()
 def simulate(
     users: Optional[int] = typer.Option(None), tracks: Optional[int] = typer.Option(None),
     days: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),

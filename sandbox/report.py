@@ -56,11 +56,18 @@ def run_frame(result: SandboxResult) -> pd.DataFrame:
 def lift_frame(result: SandboxResult) -> pd.DataFrame:
     if result.lift is None or len(result.lift) == 0:
         return pd.DataFrame({"": ["no A/B analysis for this run (an arm had no exposed users)"]})
-    frame = result.lift[["arm", "metric", "control", "treatment", "lift", "ci_low", "ci_high",
-                         "p_value"]].copy()
-    srm = result.sample_ratio
+    return _lift_columns(result.lift, result.sample_ratio)
+
+
+def _lift_columns(lift: pd.DataFrame, srm) -> pd.DataFrame:
+    frame = lift[["arm", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value"]].copy()
     frame["SRM p"] = srm.p_value if srm is not None else float("nan")
     return frame
+
+
+def lift_table(lift: pd.DataFrame, srm, title: str) -> Table:
+    """The lift rows of `experiments.analysis.ab_report` as a terminal table (`climber ab`)."""
+    return _table(title, _lift_columns(lift, srm))
 
 
 def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame]]:

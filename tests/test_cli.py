@@ -62,6 +62,13 @@ def test_ranker_flags_set_the_arms_of_the_experiment(tmp_path):
     con.close()
     assert set(arms) == {"a", "b", "c"} and min(arms.values()) >= 5  # an equal three-way split of 30 users
     assert models["b"] != models["a"] == models["c"]
+    lifts = runner.invoke(app, ["ab", str(tmp_path / "arms" / "sandbox.duckdb"), "--control", "b"], env={"COLUMNS": "200"})
+    assert lifts.exit_code == 0, lifts.output
+    assert "against b" in lifts.output and "full_play_rate" in lifts.output
+    assert {"a", "c"} <= set(lifts.output.split())
+    for args, needle in ((["--control", "z"], "no exposed users in the control arm 'z'"), ([], "'control'")):
+        failed = runner.invoke(app, ["ab", str(tmp_path / "arms" / "sandbox.duckdb"), *args])
+        assert failed.exit_code == 2 and needle in failed.output, failed.output
     for bad, needle in ((["--ranker", "treatment"], "ARM=RANKER"), (["--ranker", "a=x", "--ranker", "a=y"], "twice"),
                         (["--ranker", "control=lasso"], "unknown ranker")):
         failed = runner.invoke(app, ["sandbox", "--out", str(tmp_path), *bad])
