@@ -206,10 +206,9 @@ def restore_checkpoint(checkpoint_dir: Path, model: SequenceRanker, optimizer: t
     if (meta.get("growth") is not None) != (growth is not None):
         raise ValueError(f"{checkpoint_dir} was trained {'with' if meta.get('growth') else 'without'} grow-and-prune; "
                          "resume it the same way")
+    # No mask file: the checkpoint was saved once dense, and a fresh GrowPrune's masks are all on.
     if growth is not None and (checkpoint_dir / GROWTH_FILE).exists():
         growth.load_state_dict(load_file(str(checkpoint_dir / GROWTH_FILE), device=str(device)))
-    elif growth is not None:  # saved once dense: every row is back
-        growth.after_step(growth.dense_step)
     return int(meta["step"])
 
 
