@@ -180,3 +180,11 @@ def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_pat
                       device="cpu", progress=False)
     assert (tmp_path / STUDY_FILE).read_text().splitlines() == lines  # nothing retrained
     assert again[["variant", "seed", "val_loss"]].equals(table[["variant", "seed", "val_loss"]])
+
+
+def test_a_run_stopped_in_its_dense_phase_resumes_exactly(split, tmp_path):
+    straight = train("astro", "xs", None, tmp_path / "straight", steps=10, data=split, growth=SCHEDULE, **KW)
+    train("astro", "xs", None, tmp_path / "late", steps=10, stop_after=8, data=split, growth=SCHEDULE, **KW)
+    assert not (tmp_path / "late" / GROWTH_FILE).exists()  # dense from step 6: no masks saved
+    resumed = train("astro", "xs", None, tmp_path / "late", steps=10, resume=True, data=split, growth=SCHEDULE, **KW)
+    assert resumed.model_version == straight.model_version and resumed.growth["density_now"] == 1.0
