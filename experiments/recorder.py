@@ -86,6 +86,7 @@ def iter_event_log(path: str | Path, chunk_rows: int = 100_000) -> Iterator[Even
     if not path.exists():
         raise FileNotFoundError(f"no event log at {path}")
     connection = duckdb.connect(str(path), read_only=True)
+    connection.execute("SET enable_progress_bar = false")  # callers show their own progress
     try:
         tables = {row[0] for row in connection.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         if "events" not in tables:

@@ -134,8 +134,12 @@ class GrowPrune:
 
     def before_step(self, step: int) -> None:
         """At an update step, swap rows by the batch's gradients; then keep masked rows'
-        gradients out of the clip norm and the optimizer."""
-        if 0 < step < self.dense_step and step % self.cfg.update_every == 0:
+        gradients out of the clip norm and the optimizer. With zero gradients and zero
+        moments, AdamW leaves a zeroed row at exactly zero, so masked rows need no
+        re-zeroing after each step: only rows pruned now are zeroed, here."""
+        if step >= self.dense_step:  # every row is on from dense_step: nothing to mask
+            return
+        if step > 0 and step % self.cfg.update_every == 0:
             self._prune_and_grow(self.swap_share(step), step)
         for name, layer in self.layers.items():
             gone = ~self.masks[name]
@@ -149,7 +153,6 @@ class GrowPrune:
             for index, (name, layer) in enumerate(self.layers.items()):
                 self._grow_rows(index, layer, (~self.masks[name]).nonzero().squeeze(1), step_done)
                 self.masks[name] = torch.ones_like(self.masks[name])
-        self._apply_masks()
 
     # -- schedule and state
 
@@ -196,6 +199,7 @@ class GrowPrune:
             strongest = inactive[_row_norms(layer, of_grad=True)[inactive].topk(k).indices]
             mask[weakest] = False
             mask[strongest] = True
+            self._reset_rows(layer, weakest)  # zero weights and moments: they stay zero from now on
             self._grow_rows(index, layer, strongest, step)
             self.swapped += k
 
@@ -221,7 +225,8 @@ class GrowPrune:
                         value[rows] = 0.0
 
     def _apply_masks(self) -> None:
-        """Zero masked rows and their optimizer moments, so they stay exactly zero."""
+        """Zero every masked row and its optimizer moments (a new or restored mask set);
+        from then on the optimizer keeps them at zero (see `before_step`)."""
         for name, layer in self.layers.items():
             gone = (~self.masks[name]).nonzero().squeeze(1)
             if len(gone):

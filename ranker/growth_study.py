@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -56,18 +55,19 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = split_by_time(load_request_log(db_path), eval_window_ms)
-    total_steps = budget.steps or max(1, int(np.ceil(budget.epochs * (len(data.train) // budget.batch_size))))
-    console.print(f"growth study on {db_path}: {family}-{size}, seeds {list(seeds)}, {total_steps} steps of "
-                  f"{budget.batch_size}; grow-and-prune {growth.to_dict()}")
+    console.print(f"growth study on {db_path}: {family}-{size}, seeds {list(seeds)}, budget "
+                  f"{budget.steps or budget.epochs} {'steps' if budget.steps else 'epochs'} of {budget.batch_size}; "
+                  f"grow-and-prune {growth.to_dict()}")
     path = out_dir / STUDY_FILE
     done = read_done(path)
 
-    def run(variant: str, seed: int, steps: int, with_growth: bool) -> dict:
+    def run(variant: str, seed: int, steps: int | None, with_growth: bool) -> dict:
+        """One run; `steps=None` is the budget itself (the trainer's rule for epochs)."""
         key = _key(variant, family, size, seed, budget, growth)
         if key in done:
             return done[key]
-        result = train(family, size, None, out_dir / f"{variant}-seed{seed}", steps=steps,
-                       batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
+        result = train(family, size, None, out_dir / f"{variant}-seed{seed}", epochs=budget.epochs,
+                       steps=budget.steps if steps is None else steps, batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
                        progress=progress, data=data, checkpoint_every=0, count_linear_flops=True,
                        growth=growth if with_growth else None)
         row = {"key": key, "variant": variant, "seed": seed,
@@ -79,10 +79,10 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
 
     rows = []
     for seed in seeds:
-        dense = run("dense", seed, total_steps, with_growth=False)
-        sparse = run("grow-prune", seed, total_steps, with_growth=True)
+        dense = run("dense", seed, None, with_growth=False)
+        sparse = run("grow-prune", seed, None, with_growth=True)
         share = sparse["linear_flops"]["linear_flops_done"] / dense["linear_flops"]["linear_flops_done"]
-        short = run("dense-short", seed, max(1, round(share * total_steps)), with_growth=False)
+        short = run("dense-short", seed, max(1, round(share * dense["steps"])), with_growth=False)
         rows += [dense, sparse, short]
     table = study_table(rows)
     write_reports(table, out_dir, budget, growth, f"{family}-{size}")
