@@ -9,7 +9,8 @@ and impressions to DuckDB there).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -17,6 +18,17 @@ from ranker.candidates import CandidateGenerator
 from ranker.interface import Ranker, RankRequest, RankResponse, SlateRequest
 
 ResponseHook = Callable[[SlateRequest, RankResponse, str], None]
+
+
+class Watch(Protocol):
+    """Where the sandbox's stopwatch learns how a batch splits between candidates and scoring."""
+
+    def time(self, component: str) -> AbstractContextManager: ...
+
+
+class _NoWatch:
+    def time(self, component: str) -> AbstractContextManager:
+        return nullcontext()
 
 
 class ArmRecommender:
@@ -27,7 +39,8 @@ class ArmRecommender:
     """
 
     def __init__(self, candidates: CandidateGenerator, rankers: Mapping[str, Ranker],
-                 arms: Mapping[int, str] | np.ndarray, on_response: ResponseHook | None = None) -> None:
+                 arms: Mapping[int, str] | np.ndarray, on_response: ResponseHook | None = None,
+                 watch: Watch | None = None) -> None:
         labels = set(arms.values()) if isinstance(arms, Mapping) else set(np.unique(np.asarray(arms)).tolist())
         missing = labels - set(rankers)
         if missing:
@@ -36,6 +49,7 @@ class ArmRecommender:
         self.rankers = dict(rankers)
         self.arms = arms
         self.on_response = on_response
+        self.watch = watch or _NoWatch()
 
     def arm_of(self, user_id: int) -> str:
         try:
@@ -53,15 +67,18 @@ class ArmRecommender:
             raise ValueError(f"request(s) {too_long[:5]} ask for a slate longer than the "
                              f"{self.candidates.n_candidates} candidates generated")
         arms = [self.arm_of(r.user_id) for r in requests]
+        with self.watch.time("candidate generation"):
+            generated = self.candidates.generate(requests)
         rank_requests = [
             RankRequest(request_id=r.request_id, user_id=r.user_id, scenario=r.scenario,
                         candidates=tracks, context=r.context, ts=r.ts)
-            for r, tracks in zip(requests, self.candidates.generate(requests))
+            for r, tracks in zip(requests, generated)
         ]
         responses: list[RankResponse | None] = [None] * len(requests)
         for arm in sorted(set(arms)):  # sorted: the same call order on every run
             rows = [i for i, a in enumerate(arms) if a == arm]
-            ranked = self.rankers[arm].rank([rank_requests[i] for i in rows])
+            with self.watch.time("scoring"):
+                ranked = self.rankers[arm].rank([rank_requests[i] for i in rows])
             if len(ranked) != len(rows):
                 raise RuntimeError(f"ranker {self.rankers[arm].name!r} returned {len(ranked)} responses "
                                    f"for {len(rows)} requests")

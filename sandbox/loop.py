@@ -49,18 +49,28 @@ def build_ranker(spec: str, metadata, sequences):
 
 
 class Stopwatch:
-    """Wall seconds per component, accumulated across calls."""
+    """Wall seconds per component, accumulated across calls, each counted once.
+
+    Components nest (the serving path logs responses to DuckDB from inside ranking), and a
+    nested component's time is taken out of the one around it, so the figures add up to
+    no more than the wall time and what is left over is the simulator's.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []  # per open component: seconds spent in the ones nested in it
 
     @contextmanager
     def time(self, component: str):
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[component] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[component] += elapsed - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 @dataclass
@@ -183,7 +193,8 @@ class Sandbox:
         sequences = BatchSequences(self.store)
         self.candidates = CandidateGenerator(self.metadata, seed=settings.sim.seed, sequences=sequences)
         self.rankers = {arm: build_ranker(spec, self.metadata, sequences) for arm, spec in experiment.rankers.items()}
-        self.recommender = ArmRecommender(self.candidates, self.rankers, self.arms, on_response=self._log_response)
+        self.recommender = ArmRecommender(self.candidates, self.rankers, self.arms, on_response=self._log_response,
+                                          watch=self.watch)
         self.platform.recommender = ServingPath(self.recommender, self.features, sequences, self.watch)
         learners = [self.candidates, *{id(r): r for r in self.rankers.values() if hasattr(r, "observe")}.values()]
         self.pipeline = EventPipeline(self.bus, self.recorder, self.features, learners, self.watch)
@@ -278,7 +289,7 @@ class ServingPath:
             self.features.flush_users(users)
         with self.watch.time("feature reads"):
             self.sequences.load(users)
-        with self.watch.time("ranking"):
+        with self.watch.time("routing"):  # what is left of ranking: arms, requests, checks
             return self.recommender.recommend(requests)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import duckdb
@@ -10,7 +11,7 @@ import pytest
 
 from features.sequence import sequences_from_log
 from features.store import FeatureStoreClient
-from sandbox.loop import Sandbox, run_sandbox
+from sandbox.loop import Sandbox, Stopwatch, run_sandbox
 from sandbox.report import write_report
 from sandbox.settings import SandboxSettings
 from simulator.config import SimConfig
@@ -129,6 +130,23 @@ def test_report_and_summary_are_written(tiny_run):
     assert report.exists() and (tiny_run.run_dir / "overview.png").stat().st_size > 10_000
     text = report.read_text()
     assert "Stylised facts" in text and "Engagement per arm" in text and "A/B lift" in text
+
+
+def test_timings_split_the_wall_time_once(tiny_run):
+    """Response logging runs inside ranking; counted in both, the simulator's share would shrink."""
+    timings = tiny_run.timings
+    assert {"candidate generation", "scoring", "routing", "features", "duckdb", "simulator"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert sum(timings.values()) == pytest.approx(tiny_run.wall_seconds, rel=1e-6)
+
+
+def test_stopwatch_takes_nested_time_out_of_the_outer_component():
+    watch = Stopwatch()
+    with watch.time("outer"):
+        time.sleep(0.02)
+        with watch.time("inner"):
+            time.sleep(0.05)
+    assert 0.05 <= watch.seconds["inner"] < 0.07 and 0.02 <= watch.seconds["outer"] < 0.045
 
 
 @pytest.mark.slow
