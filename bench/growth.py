@@ -61,7 +61,8 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
     return figures
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m bench.growth", description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--family", default="astro", choices=["astro", "sasrec", "hstu"])
@@ -70,7 +71,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=64)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     return run_bench_growth(args.db, args.family, args.size, args.steps, args.repeats, args.batch_size, args.max_len)
 
 

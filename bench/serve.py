@@ -495,13 +495,18 @@ def run_bench_serve(quick: bool = False, size: str = "s", threads: int | None = 
     return figures
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="climber bench serve", description="TURBO serving benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not for reporting")
     parser.add_argument("--size", default="s")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--service-seconds", type=float, default=15.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     return run_bench_serve(args.quick, args.size, args.threads, args.service_seconds)
 
 

@@ -169,7 +169,8 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget, growth: Gr
     out.print(f"reports in {out_dir}: growth.md, growth.csv, growth.png, growth.html")
 
 
-def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m ranker.growth_study", description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -185,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--growth", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, dense_from, grow_init)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    args = build_parser().parse_args(argv)
     budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len)
     return run_study(args.db, args.out, args.family, args.size, args.seeds, budget, GrowthConfig.from_dict(dict(args.growth)),
                      int(args.eval_window_h * 3_600_000), args.device)

@@ -175,7 +175,8 @@ def serve(settings: ServingSettings) -> None:
                 log_level="warning", access_log=False)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--feast-dir", type=Path, required=True)
@@ -186,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-wait-ms", type=float)
     parser.add_argument("--threads", type=int, dest="torch_threads",
                         help="torch intra-op threads (default 1; 0: torch's default, one per core)")
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
     serve(ServingSettings(**{k: v for k, v in args.items() if v is not None}))
 
 

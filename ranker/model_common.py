@@ -886,8 +886,9 @@ def model_class(family: str) -> type[SequenceRanker]:
     return families[family]
 
 
-def build_model(family: str, size: str, n_tracks: int, **overrides: Any) -> SequenceRanker:
-    """A model of `family` at ladder rung `size`, any config field overridable."""
+def resolve_config(family: str, size: str, n_tracks: int, **overrides: Any) -> ModelConfig:
+    """The config of `family` at ladder rung `size`, any field overridable: what a frozen
+    config records, and what `build_model` builds."""
     cls = model_class(family)
     if size not in cls.SIZES:
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(cls.SIZES)}")
@@ -895,7 +896,12 @@ def build_model(family: str, size: str, n_tracks: int, **overrides: Any) -> Sequ
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown {cls.config_class.__name__} overrides {unknown}; known: {sorted(known)}")
-    return cls(cls.config_class(n_tracks=n_tracks, **{**cls.SIZES[size], **overrides}))
+    return cls.config_class(n_tracks=n_tracks, **{**cls.SIZES[size], **overrides})
+
+
+def build_model(family: str, size: str, n_tracks: int, **overrides: Any) -> SequenceRanker:
+    """A model of `family` at ladder rung `size`, any config field overridable."""
+    return model_class(family)(resolve_config(family, size, n_tracks, **overrides))
 
 
 def model_from_config(family: str, config: dict[str, Any]) -> SequenceRanker:

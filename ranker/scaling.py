@@ -276,7 +276,8 @@ def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], his
     return pd.DataFrame(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m ranker.scaling", description="Train a scaling ladder and fit L(C).")
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -294,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--set", dest="overrides", action="append", type=parse_family_override, default=[],
                         metavar="FAMILY:KEY=VALUE",
                         help="model config override for one family, repeatable (e.g. --set astro:n_layers=1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    args = build_parser().parse_args(argv)
     overrides = family_overrides(args.overrides)
     if args.sizes_only:
         log = load_request_log(args.db)

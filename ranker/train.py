@@ -435,7 +435,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _tuples(value)  # JSON has no tuples; sequence config fields are tuples
 
 
-def main(argv: Sequence[str] | None = None) -> TrainResult:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m ranker.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=["astro", "sasrec", "hstu"])
     parser.add_argument("--size", required=True, choices=list(SIZE_NAMES))
@@ -458,7 +459,11 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--growth", dest="growth", action="append", type=parse_override, default=[],
                         metavar="KEY=VALUE", help="grow-and-prune setting, repeatable (density, update_every, "
                         "swap_fraction, dense_from); implies --grow-prune")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    args = build_parser().parse_args(argv)
     growth = GrowthConfig.from_dict(dict(args.growth)) if args.grow_prune or args.growth else None
     result = train(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,

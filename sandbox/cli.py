@@ -134,6 +134,22 @@ def replay(
 
 
 @app.command()
+def export(
+    db: Path = typer.Argument(..., help="a run's sandbox.duckdb"),
+    out: Path = typer.Option(..., help="JSON-lines file to write (.jsonl/.ndjson, .gz to compress)"),
+) -> None:
+    """A run's event log as JSON lines, one raw event per line, for `climber replay` and other tools."""
+    from sandbox.replay import export_event_log
+
+    try:
+        written = export_event_log(db, out, progress=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        typer.secho(f"export: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{written:,} events -> {out}")
+
+
+@app.command()
 def ab(
     db: Path = typer.Argument(..., help="a sandbox run's sandbox.duckdb"),
     control: str = typer.Option("control", help="the arm every other arm is compared with"),
@@ -191,29 +207,41 @@ def bench_sim(
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def _forward(module: str, ctx: typer.Context) -> None:
-    """Hand the remaining arguments to a module's own argparse `main` (its --help included)."""
+# Commands that hand their arguments to a module's own argparse parser (`build_parser`, `main`).
+FORWARDED = {
+    "train": "ranker.train", "growth-study": "ranker.growth_study", "scaling": "ranker.scaling",
+    "bench stream": "streaming.bench", "bench growth": "bench.growth", "bench serve": "bench.serve",
+    "serve": "ranker.http", "worker": "streaming.worker",
+}
+
+
+def _forward(ctx: typer.Context) -> None:
+    """Hand the remaining arguments to the command's module's `main` (its --help included)."""
     import importlib
 
-    importlib.import_module(module).main(list(ctx.args))
+    names, at = [], ctx
+    while at.parent is not None:
+        names.append(at.info_name)
+        at = at.parent
+    importlib.import_module(FORWARDED[" ".join(reversed(names))]).main(list(ctx.args))
 
 
 @app.command(context_settings=PASS_THROUGH)
 def train(ctx: typer.Context) -> None:
     """Train a ranker: --model astro|sasrec|hstu --size xs|s|m|l|xl --db RUN.duckdb (see --help)."""
-    _forward("ranker.train", ctx)
+    _forward(ctx)
 
 
 @app.command("growth-study", context_settings=PASS_THROUGH)
 def growth_study(ctx: typer.Context) -> None:
     """Alternate growth and pruning against dense training, paired by seed: table, plot, HTML (see --help)."""
-    _forward("ranker.growth_study", ctx)
+    _forward(ctx)
 
 
 @app.command(context_settings=PASS_THROUGH)
 def scaling(ctx: typer.Context) -> None:
     """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""
-    _forward("ranker.scaling", ctx)
+    _forward(ctx)
 
 
 @bench_app.command("feast")
@@ -230,19 +258,19 @@ def bench_feast(store: str = typer.Option("sqlite", help="online store: sqlite o
 @bench_app.command("stream", context_settings=PASS_THROUGH)
 def bench_stream(ctx: typer.Context) -> None:
     """Events/s and freshness from producer to Feast, through Kafka and Faust (see --help)."""
-    _forward("streaming.bench", ctx)
+    _forward(ctx)
 
 
 @bench_app.command("growth", context_settings=PASS_THROUGH)
 def bench_growth(ctx: typer.Context) -> None:
     """Training ms/step: dense, dense with the FLOP counter, grow-and-prune, side by side (see --help)."""
-    _forward("bench.growth", ctx)
+    _forward(ctx)
 
 
 @bench_app.command("serve", context_settings=PASS_THROUGH)
 def bench_serve(ctx: typer.Context) -> None:
     """TURBO serving: batched vs per-pair scoring, KV cache, partitioning, service latency (see --help)."""
-    _forward("bench.serve", ctx)
+    _forward(ctx)
 
 
 @topics_app.command("create")
@@ -282,13 +310,55 @@ def broker(port: int = typer.Option(9092, help="port on 127.0.0.1"),
 @app.command(context_settings=PASS_THROUGH)
 def serve(ctx: typer.Context) -> None:
     """The ranking service over HTTP: POST /rank, GET /health, GET /metrics (see --help)."""
-    _forward("ranker.http", ctx)
+    _forward(ctx)
 
 
 @app.command(context_settings=PASS_THROUGH)
 def worker(ctx: typer.Context) -> None:
     """A Faust worker (sequence_builder + track_stats) until SIGINT/SIGTERM (see --help)."""
-    _forward("streaming.worker", ctx)
+    _forward(ctx)
+
+
+@app.command()
+def reproduce(
+    configs: Optional[list[Path]] = typer.Argument(None, help="frozen configs (default: every file in configs/)"),
+    check: bool = typer.Option(False, "--check", help="only check that the steps still parse and the models "
+                               "still resolve to the recorded configs; run nothing"),
+    freeze_models: Optional[int] = typer.Option(
+        None, "--freeze-models", metavar="N_TRACKS",
+        help="write the resolved config of every model the steps train (catalog of N_TRACKS) into the file"),
+) -> None:
+    """Rerun the commands behind reported figures from their frozen, dated configs (configs/)."""
+    from sandbox.frozen import check_frozen, freeze_models as freeze, frozen_paths, load_frozen, reproduce as run
+    from sandbox.frozen import write_frozen
+
+    paths = configs or frozen_paths()
+    if not paths:
+        typer.secho("no frozen configs given and none in configs/", fg="red", err=True)
+        raise typer.Exit(2)
+    failed = False
+    for path in paths:
+        try:
+            config = load_frozen(path)
+            if freeze_models is not None:
+                write_frozen(freeze(config, freeze_models), path)
+                config = load_frozen(path)
+            problems = check_frozen(config, path)
+        except ValueError as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            typer.secho(f"{path}: {problem}", fg="red", err=True)
+        failed |= bool(problems)
+        if not problems and not check:
+            try:
+                run(config, say=typer.echo)
+            except RuntimeError as exc:
+                typer.secho(f"{path}: {exc}", fg="red", err=True)
+                raise typer.Exit(1)
+        elif not problems:
+            typer.echo(f"{path}: {len(config.steps)} steps parse, {len(config.models)} recorded model configs match")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -153,6 +153,34 @@ def replay(source: str | Path, settings: SandboxSettings, chunk_events: int = 50
         recorder.close()
 
 
+def export_event_log(db_path: str | Path, out: str | Path, chunk_events: int = 100_000, progress: bool = False) -> int:
+    """A run's events as JSON lines (gzip if `out` ends in .gz), in the order replay applies
+    them: what `replay` reads back, what Kafka carries, what other tools take. Returns the
+    number of events written; refuses to overwrite a file."""
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    out = Path(out)
+    if source_kind(out) != "json":
+        raise ValueError(f"{out}: export writes JSON lines; name the file {' or '.join(JSON_SUFFIXES)} (optionally .gz)")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export does not overwrite")
+    opener = gzip.open if out.name.lower().endswith(".gz") else open
+    written = 0
+    partial = out.with_name(out.name + ".partial")
+    columns = (TextColumn("exporting"), TextColumn("{task.fields[events]:,} events"), TimeElapsedColumn())
+    try:
+        with opener(partial, "wb") as f, Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task("export", events=0)
+            for batch in iter_event_log(db_path, chunk_events):
+                f.write(b"".join(raw + b"\n" for raw in batch.encode_json()))
+                written += len(batch)
+                bar.update(task, events=written)
+        partial.rename(out)  # a file named .jsonl is always a whole log
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
+
+
 def _feed(pipeline: EventPipeline, bus: InProcessBus, source: Path, kind: str, chunk_events: int,
           progress: bool) -> int:
     """Push the source through the pipeline chunk by chunk; returns the events read."""

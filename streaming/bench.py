@@ -347,7 +347,8 @@ def bench_embedded_only(batches: list[EventBatch], coalesce_events: int, repeats
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(description="Kafka -> Faust -> Feast stream benchmark")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -358,7 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coalesce-events", type=int, default=2_300,
                         help="with --embedded-only: events per coalesced batch")
     parser.add_argument("--repeats", type=int, default=3, help="with --embedded-only: best of this many runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     batches = simulated_log(args.events)
     if args.embedded_only:
         result = bench_embedded_only(batches, args.coalesce_events, args.repeats)

@@ -80,6 +80,24 @@ def test_json_lines_with_bad_lines_dead_letter_those_and_apply_the_rest(source_l
     np.testing.assert_array_equal(replayed.event_id, events.event_id)
 
 
+@pytest.mark.parametrize("name", ["events.jsonl", "events.ndjson.gz"])
+def test_an_exported_log_replays_to_the_same_event_log(source_log, tmp_path, name):
+    path, events = source_log
+    out = tmp_path / name
+    cli = CliRunner().invoke(app, ["export", str(path), "--out", str(out)])
+    assert cli.exit_code == 0, cli.output
+    assert f"{len(events):,} events" in cli.output and not (tmp_path / f"{name}.partial").exists()
+    result = replay(out, tiny_settings(tmp_path, run_id=f"export-{name.replace('.', '-')}"), chunk_events=999)
+    assert result.ok and result.dead_letters == 0 and result.events_applied == len(events)
+    source = RunRecorder(path)
+    assert _replayed(result.run_dir)[1] == source.event_log_hash()
+    source.close()
+    again = CliRunner().invoke(app, ["export", str(path), "--out", str(out)])
+    assert again.exit_code == 2 and "does not overwrite" in again.output
+    wrong = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "events.csv")])
+    assert wrong.exit_code == 2 and "JSON lines" in wrong.output
+
+
 def test_a_replay_rebuilds_features_at_another_sequence_length(source_log, tmp_path):
     path, events = source_log
     settings = tiny_settings(tmp_path, run_id="short").model_copy(update={"max_seq_len": 8})

@@ -1,0 +1,84 @@
+"""Frozen, dated configs (configs/): every file still parses with today's CLI and resolves
+its models to the configs recorded with the figures, drift is named, and reproduce runs."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sandbox.cli import app
+from sandbox.frozen import check_frozen, freeze_models, frozen_paths, load_frozen, write_frozen
+
+TINY_SIM = "climber simulate --users 20 --tracks 200 --days 0.2 --seed 3 --out {out} --run-id tiny"
+
+
+@pytest.mark.parametrize("path", frozen_paths(), ids=lambda p: p.stem)
+def test_every_frozen_config_still_reproduces_with_todays_code(path):
+    config = load_frozen(path)
+    assert check_frozen(config, path) == []
+    assert config.commit and config.steps
+
+
+def _config(tmp_path, steps, **fields):
+    path = tmp_path / "2026-12-03-probe.yaml"
+    data = {**dict(id="2026-12-03-probe", date="2026-12-03", reports="a test", machine="here", commit="abc1234",
+                   steps=steps), **fields}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_step_that_no_longer_parses_is_named_with_its_problem(tmp_path):
+    path = _config(tmp_path, ["climber bench sim --users 10", "climber bench sim --users ten",
+                              "climber train --model astro --size s --db x.duckdb --out y --no-such-flag",
+                              "climber nonsense", "climber bench", "python -c pass"])
+    problems = check_frozen(load_frozen(path), path)
+    assert len(problems) == 5
+    assert problems[0].startswith("step 2") and "ten" in problems[0]
+    assert problems[1].startswith("step 3") and "--no-such-flag" in problems[1]
+    assert problems[2].startswith("step 4") and "nonsense" in problems[2]
+    assert problems[3].startswith("step 5") and "subcommand" in problems[3]
+    assert problems[4].startswith("step 6") and "not a climber command" in problems[4]
+
+
+def test_a_changed_default_fails_the_check_and_names_the_field(tmp_path):
+    step = "climber train --model hstu --size xs --db x.duckdb --out y --max-len 32 --set dropout=0.2"
+    path = _config(tmp_path, [step])
+    assert "no recorded config" in check_frozen(load_frozen(path), path)[0]
+    frozen = freeze_models(load_frozen(path), n_tracks=500)
+    write_frozen(frozen, path)
+    assert check_frozen(load_frozen(path), path) == []
+    recorded = frozen.models[0]
+    assert recorded.overrides == {"max_len": 32, "dropout": 0.2} and recorded.config["n_tracks"] == 500
+    # As if the size table had changed since the figures were measured:
+    recorded.config["d_model"] += 8
+    write_frozen(frozen, path)
+    problems = check_frozen(load_frozen(path), path)
+    assert len(problems) == 1 and "d_model: recorded" in problems[0] and "hstu xs" in problems[0]
+
+
+def test_a_recorded_model_no_step_trains_and_a_misnamed_file_are_reported(tmp_path):
+    path = _config(tmp_path, ["climber bench sim"], id="2026-12-04-other",
+                   models=[dict(family="astro", size="s", config={"n_tracks": 5})])
+    problems = check_frozen(load_frozen(path), path)
+    assert any("is not the file name" in p for p in problems)
+    assert any("does not start with its date" in p for p in problems)
+    assert any("trained by no step" in p for p in problems)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: x\nsteps: []\n")
+    with pytest.raises(ValueError, match="date"):
+        load_frozen(bad)
+
+
+def test_reproduce_runs_the_steps_and_stops_at_a_failing_one(tmp_path):
+    path = _config(tmp_path, [TINY_SIM.format(out=tmp_path / "runs")])
+    result = CliRunner().invoke(app, ["reproduce", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "[1/1]" in result.output
+    con = duckdb.connect(str(tmp_path / "runs" / "tiny" / "sandbox.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM events").fetchone()[0] > 0
+    con.close()
+    failing = _config(tmp_path, [f"climber ab {tmp_path / 'missing.duckdb'} --control a", "climber bench sim"])
+    result = CliRunner().invoke(app, ["reproduce", str(failing)])
+    assert result.exit_code == 1 and "step 1 exited" in result.output and "[2/2]" not in result.output
