@@ -3,6 +3,9 @@ its models to the configs recorded with the figures, drift is named, and reprodu
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import duckdb
 import pytest
 import yaml
@@ -11,6 +14,7 @@ from typer.testing import CliRunner
 from sandbox.cli import app
 from sandbox.frozen import check_frozen, freeze_models, frozen_paths, load_frozen, write_frozen
 
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 TINY_SIM = "climber simulate --users 20 --tracks 200 --days 0.2 --seed 3 --out {out} --run-id tiny"
 
 
@@ -19,6 +23,10 @@ def test_every_frozen_config_still_reproduces_with_todays_code(path):
     config = load_frozen(path)
     assert check_frozen(config, path) == []
     assert config.commit and config.steps
+    # The section it reports to is a heading of docs/results.md (by its start), so a reader can go both ways.
+    headings = [line.lstrip("#").strip() for line in RESULTS.read_text().splitlines() if line.startswith("#")]
+    for section in re.findall(r'"([^"]+)"', config.reports):
+        assert any(h.startswith(section) for h in headings), f"{path.name}: no heading {section!r} in {RESULTS}"
 
 
 def _config(tmp_path, steps, **fields):
