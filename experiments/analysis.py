@@ -10,6 +10,11 @@ impressions are correlated). Two kinds of metric:
   a ratio per arm, Var(R) ≈ (1/n)[s_Y²/μ_N² − 2 μ_Y s_YN/μ_N³ + μ_Y² s_N²/μ_N⁴], then the
   same lift formula with a normal approximation.
 
+Each lift also carries its minimum detectable effect (MDE): the relative lift this test,
+with these users and this variance, would find significant with probability `POWER`
+(80%), (z_{1-α/2} + z_{power})·SE. A lift that is not significant is only evidence of no
+effect larger than the MDE; comparing model sizes, that is often the honest reading.
+
 SRM: a chi-square test of users per arm against the configured shares, flagged at
 p < 0.001 (a mismatch means the assignment or logging is broken and no lift can be trusted).
 """
@@ -29,6 +34,7 @@ from scipy import stats
 from experiments.metrics import connect
 
 SRM_ALPHA = 0.001
+POWER = 0.8  # for the minimum detectable effect of each lift
 USER_METRICS_SQL = """
 WITH served AS (
     SELECT DISTINCT ON (e.event_id) r.arm, r.user_id, e.request_id, e.track_id, e.behaviour
@@ -62,6 +68,7 @@ class Lift:
     p_value: float
     n_control: int
     n_treatment: int
+    mde: float  # smallest |lift| detected with probability POWER at this SE (two-sided, same confidence)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,8 @@ def _lift(metric: str, mean_c: float, var_mean_c: float, mean_t: float, var_mean
         p_value = float(2 * dist.sf(abs(lift) / se))
     else:  # no variance at all: the difference is either exactly nothing or certain
         p_value = 1.0 if lift == 0 else 0.0
-    return Lift(metric, mean_c, mean_t, lift, lift - half, lift + half, p_value, n_c, n_t)
+    mde = float((dist.ppf(0.5 + confidence / 2) + dist.ppf(POWER)) * se)
+    return Lift(metric, mean_c, mean_t, lift, lift - half, lift + half, p_value, n_c, n_t, mde)
 
 
 def mean_lift(control: np.ndarray, treatment: np.ndarray, metric: str = "mean",

@@ -60,7 +60,8 @@ def lift_frame(result: SandboxResult) -> pd.DataFrame:
 
 
 def _lift_columns(lift: pd.DataFrame, srm) -> pd.DataFrame:
-    frame = lift[["arm", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value"]].copy()
+    frame = lift[["arm", "metric", "control", "treatment", "lift", "ci_low", "ci_high", "p_value", "mde"]].copy()
+    frame = frame.rename(columns={"mde": "MDE (80% power)"})
     frame["SRM p"] = srm.p_value if srm is not None else float("nan")
     return frame
 

@@ -270,6 +270,18 @@ def test_mean_lift_known_values_and_coverage():
     assert false_positives / 300 <= 0.09
 
 
+def test_a_true_lift_of_one_mde_is_found_about_80_percent_of_the_time():
+    # Normal data with a small MDE, so the lift barely changes the standard error.
+    rng = np.random.default_rng(4)
+    mde = mean_lift(rng.normal(10, 3, 500), rng.normal(10, 3, 500)).mde
+    assert mde == pytest.approx((1.96 + 0.8416) * np.sqrt(2 * 9 / 500) / 10, rel=0.1)
+    found = sum(mean_lift(rng.normal(10, 3, 500), rng.normal(10 * (1 + mde), 3, 500)).p_value < 0.05
+                for _ in range(400))
+    assert 0.70 <= found / 400 <= 0.88
+    quarter = mean_lift(rng.normal(10, 3, 2000), rng.normal(10, 3, 2000)).mde
+    assert quarter == pytest.approx(mde / 2, rel=0.1)  # four times the users, half the MDE
+
+
 def test_ratio_delta_method_matches_monte_carlo():
     rng = np.random.default_rng(1)
 
