@@ -33,7 +33,7 @@ saves here; the FLOPs a structured implementation would do are counted per Linea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ranker.hstu import HSTULayer
-from ranker.model_common import SoftmaxLayer, TaskHeads
+from ranker.model_common import SoftmaxLayer, TaskHeads, refuse_unknown_fields
 
 STATE_PREFIX = "growth_mask."
 
@@ -69,10 +69,7 @@ class GrowthConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GrowthConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown growth settings {unknown}; known: {sorted(known)}")
+        refuse_unknown_fields(cls, data, "growth settings")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,6 +50,15 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def refuse_unknown_fields(cls: type, keys, what: str) -> None:
+    """A config dataclass built from user input (flags, JSON, frozen files) names a wrong key
+    by name, with the ones it knows, instead of a TypeError from the constructor."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_tracks: int  # catalogue size; embedding rows are n_tracks + 1 (row 0 is padding)
@@ -83,10 +92,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        refuse_unknown_fields(cls, data, f"{cls.__name__} fields")
         return cls(**{k: _tuples(v) for k, v in data.items()})
 
 
@@ -892,10 +898,7 @@ def resolve_config(family: str, size: str, n_tracks: int, **overrides: Any) -> M
     cls = model_class(family)
     if size not in cls.SIZES:
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(cls.SIZES)}")
-    known = {f.name for f in fields(cls.config_class)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.config_class.__name__} overrides {unknown}; known: {sorted(known)}")
+    refuse_unknown_fields(cls.config_class, overrides, f"{cls.config_class.__name__} overrides")
     return cls.config_class(n_tracks=n_tracks, **{**cls.SIZES[size], **overrides})
 
 
