@@ -210,6 +210,7 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 # Commands that hand their arguments to a module's own argparse parser (`build_parser`, `main`).
 FORWARDED = {
     "train": "ranker.train", "growth-study": "ranker.growth_study", "scaling": "ranker.scaling",
+    "scaling-seeds": "ranker.scaling_seeds",
     "bench stream": "streaming.bench", "bench growth": "bench.growth", "bench serve": "bench.serve",
     "serve": "ranker.http", "worker": "streaming.worker",
 }
@@ -241,6 +242,12 @@ def growth_study(ctx: typer.Context) -> None:
 @app.command(context_settings=PASS_THROUGH)
 def scaling(ctx: typer.Context) -> None:
     """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""
+    _forward(ctx)
+
+
+@app.command("scaling-seeds", context_settings=PASS_THROUGH)
+def scaling_seeds(ctx: typer.Context) -> None:
+    """Ladders that differ only in --seed, side by side: means, paired ASTRO-vs-baseline tests, fits (see --help)."""
     _forward(ctx)
 
 
