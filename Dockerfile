@@ -10,6 +10,7 @@ COPY ranker ranker
 COPY experiments experiments
 COPY sandbox sandbox
 COPY bench bench
+COPY configs configs
 # CPU torch first and pinned (an unpinned torch pulls multi-GB CUDA builds), then the project.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir -e .
