@@ -311,8 +311,8 @@ def train(
     last_step = total_steps if stop_after is None else min(total_steps, stop_after)
 
     torch.manual_seed(seed)
-    overrides = {"max_len": max_len, **(model_overrides or {})}
-    model = build_model(family, size, train_log.n_tracks, **overrides).to(runtime.device)
+    model = build_model(family, size, train_log.n_tracks,
+                        **config_overrides(max_len, model_overrides)).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     grow = GrowPrune(model, growth, total_steps, optimizer, seed) if growth is not None else None
     step = 0
@@ -417,6 +417,12 @@ def train(
 
 
 # ----------------------------------------------------------------------------- command line
+
+def config_overrides(max_len: int, model_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """What a trained model's config is built with beyond its rung: the history length the
+    run trains at, then the `--set` overrides (frozen configs record exactly this)."""
+    return {"max_len": max_len, **(model_overrides or {})}
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` from `--set`; VALUE is read as JSON (or a Python literal: `True` must not

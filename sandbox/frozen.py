@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import importlib
 import io
 import json
@@ -111,12 +112,20 @@ def _quiet_argparse(parser: argparse.ArgumentParser, args: list[str]) -> argpars
         raise ValueError(message[-1] if message else "bad arguments") from None
 
 
+@functools.cache
+def _climber_command():
+    """The `climber` command tree, built once (typer builds it anew on every call)."""
+    from sandbox.cli import app
+
+    return typer.main.get_command(app)  # a click command (typer's own copy of click since 0.2x)
+
+
 def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
     """Parse a step as `climber` would, without running it: the command's name (e.g.
     "bench growth") and, for commands that hand their arguments on, the parsed flags."""
-    from sandbox.cli import FORWARDED, app
+    from sandbox.cli import FORWARDED
 
-    command = typer.main.get_command(app)  # a click command (typer's own copy of click since 0.2x)
+    command = _climber_command()
     ctx = typer.Context(command, info_name="climber")
     names: list[str] = []
     while hasattr(command, "get_command"):  # a group: the next word names a subcommand
@@ -141,21 +150,26 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
 
 
 def _trained_by_train(args: argparse.Namespace) -> list[TrainedModel]:
-    return [TrainedModel(args.model, args.size, {"max_len": args.max_len, **dict(args.overrides)})]
+    from ranker.train import config_overrides
+
+    return [TrainedModel(args.model, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
 def _trained_by_scaling(args: argparse.Namespace) -> list[TrainedModel]:
     from ranker.scaling import family_overrides
+    from ranker.train import config_overrides
 
     if args.sizes_only:
         return []
     extra = family_overrides(args.overrides)
-    return [TrainedModel(family, size, {"max_len": args.max_len, **extra.get(family, {})})
+    return [TrainedModel(family, size, config_overrides(args.max_len, extra.get(family)))
             for family in args.families for size in args.sizes]
 
 
 def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
-    return [TrainedModel(args.family, args.size, {"max_len": args.max_len})]
+    from ranker.train import config_overrides
+
+    return [TrainedModel(args.family, args.size, config_overrides(args.max_len, None))]
 
 
 TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
@@ -164,11 +178,10 @@ TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
 }
 
 
-def trained_models(config: FrozenConfig) -> Iterator[tuple[int, TrainedModel]]:
-    """(step number, model) for every model the steps train, each once."""
+def trained_models(parsed: list[tuple[str, argparse.Namespace | None]]) -> Iterator[tuple[int, TrainedModel]]:
+    """(step number, model) for every model the parsed steps train, each once."""
     seen: set[tuple] = set()
-    for number, step in enumerate(config.steps, 1):
-        name, args = parse_step(climber_argv(step))
+    for number, (name, args) in enumerate(parsed, 1):
         for model in TRAINS[name](args) if name in TRAINS else []:
             if model.key() not in seen:
                 seen.add(model.key())
@@ -195,16 +208,16 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
         problems.append(f"id {config.id!r} is not the file name {path.stem!r}")
     if not config.id.startswith(config.date.isoformat()):
         problems.append(f"id {config.id!r} does not start with its date {config.date.isoformat()}")
-    unparsed = []
+    parsed, unparsed = [], []
     for number, step in enumerate(config.steps, 1):
         try:
-            parse_step(climber_argv(step))
+            parsed.append(parse_step(climber_argv(step)))
         except ValueError as exc:
             unparsed.append(f"step {number} ({step}): {exc}")
     if unparsed:  # which models the steps train is unknown until they parse
         return problems + unparsed
     recorded = {TrainedModel(m.family, m.size, m.overrides).key(): m for m in config.models}
-    for number, model in trained_models(config):
+    for number, model in trained_models(parsed):
         frozen = recorded.pop(model.key(), None)
         label = f"step {number}: {model.family} {model.size} {model.overrides}"
         if frozen is None:
@@ -226,7 +239,7 @@ def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
 
     models = [FrozenModel(family=m.family, size=m.size, overrides=m.overrides,
                           config=resolve_config(m.family, m.size, n_tracks, **m.overrides).to_dict())
-              for _, m in trained_models(config)]
+              for _, m in trained_models([parse_step(climber_argv(step)) for step in config.steps])]
     return config.model_copy(update={"models": models})
 
 
