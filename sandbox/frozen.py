@@ -69,7 +69,9 @@ class TrainedModel:
     overrides: dict[str, Any]
 
     def key(self) -> tuple:
-        return self.family, self.size, tuple(sorted((k, repr(v)) for k, v in self.overrides.items()))
+        """Identity of the model; values as JSON, so a tuple override parsed from a step and
+        the list YAML gives back for it (e.g. `behaviour_groups`) are the same model."""
+        return self.family, self.size, tuple(sorted((k, json.dumps(v)) for k, v in self.overrides.items()))
 
 
 def load_frozen(path: str | Path) -> FrozenConfig:

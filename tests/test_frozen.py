@@ -66,6 +66,16 @@ def test_a_changed_default_fails_the_check_and_names_the_field(tmp_path):
     assert len(problems) == 1 and "d_model: recorded" in problems[0] and "hstu xs" in problems[0]
 
 
+def test_a_sequence_override_matches_its_recorded_model_after_the_yaml_round_trip(tmp_path):
+    """`--set` parses a list into a tuple (config fields are tuples); YAML gives the recorded
+    override back as a list. Both name the same model, so the file checks clean."""
+    groups = '[["full_play","like","share","add_to_playlist"],["play","skip","dislike"]]'
+    step = f"climber train --model astro --size xs --db x.duckdb --out y --set partition=behaviour --set 'behaviour_groups={groups}'"
+    path = _config(tmp_path, [step])
+    write_frozen(freeze_models(load_frozen(path), n_tracks=500), path)
+    assert check_frozen(load_frozen(path), path) == []
+
+
 def test_a_recorded_model_no_step_trains_and_a_misnamed_file_are_reported(tmp_path):
     path = _config(tmp_path, ["climber bench sim"], id="2026-12-04-other",
                    models=[dict(family="astro", size="s", config={"n_tracks": 5})])
