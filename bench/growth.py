@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -22,13 +22,13 @@ from rich.table import Table
 from bench.common import save
 from ranker.data import DAY_MS, load_request_log, split_by_time
 from ranker.growth import GrowthConfig
-from ranker.train import train
+from ranker.train import parse_override, train
 
 VARIANTS = {"dense": dict(), "dense+counter": dict(count_linear_flops=True), "grow-prune": dict(growth=GrowthConfig())}
 
 
 def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats: int, batch_size: int,
-                     max_len: int) -> dict:
+                     max_len: int, overrides: dict[str, Any] | None = None) -> dict:
     data = split_by_time(load_request_log(db_path), DAY_MS)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     shares: list[float] = []
@@ -37,13 +37,14 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
             for name, extra in VARIANTS.items():
                 result = train(family, size, None, Path(tmp) / f"{name}-{repeat}", steps=steps, batch_size=batch_size,
                                max_len=max_len, device="cpu", progress=False, data=data, checkpoint_every=0,
-                               eval_batch_size=256, **extra)
+                               eval_batch_size=256, model_overrides=overrides, **extra)
                 seconds[name].append(result.train_seconds / steps)
                 if result.growth is not None:
                     shares.append(result.linear_flops["linear_flops_share_done"])
     best = {name: min(times) for name, times in seconds.items()}
     figures = {"config": {"db": str(db_path), "family": family, "size": size, "steps": steps, "repeats": repeats,
-                          "batch_size": batch_size, "max_len": max_len, "growth": GrowthConfig().to_dict()},
+                          "batch_size": batch_size, "max_len": max_len, "growth": GrowthConfig().to_dict(),
+                          "overrides": overrides or {}},
                "seconds_per_step": seconds, "best_seconds_per_step": best,
                "grow_prune_vs_dense": best["grow-prune"] / best["dense"],
                "counter_vs_dense": best["dense+counter"] / best["dense"],
@@ -71,12 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="model config override, repeatable, as climber train --set")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return run_bench_growth(args.db, args.family, args.size, args.steps, args.repeats, args.batch_size, args.max_len)
+    return run_bench_growth(args.db, args.family, args.size, args.steps, args.repeats, args.batch_size, args.max_len,
+                            dict(args.overrides))
 
 
 if __name__ == "__main__":

@@ -41,15 +41,23 @@ VARIANTS = ("dense", "grow-prune", "dense-short")
 COMPARED = ("val_loss", "gauc_full_play", "auc_full_play", "ndcg@10")
 
 
-def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth: GrowthConfig) -> str:
-    return json.dumps({"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
-                       "growth": growth.to_dict() if variant != "dense" else None}, sort_keys=True)
+def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth: GrowthConfig,
+         overrides: dict[str, Any] | None = None) -> str:
+    """Identity of a finished run; overrides enter only when given, so keys written before
+    `--set` existed still match the default configs."""
+    key = {"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
+           "growth": growth.to_dict() if variant != "dense" else None}
+    if overrides:
+        key["overrides"] = overrides
+    return json.dumps(key, sort_keys=True)
 
 
 def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", size: str = "s",
               seeds: Sequence[int] = (0, 1, 2), budget: Budget = Budget(), growth: GrowthConfig = GrowthConfig(),
-              eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True) -> pd.DataFrame:
-    """Train the three variants at every seed (reusing finished runs); write the reports."""
+              eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
+              overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Train the three variants at every seed (reusing finished runs), each with the model
+    config `overrides` (as `climber train --set`); write the reports."""
     if budget.steps is None and budget.epochs <= 0:
         raise ValueError("the budget needs steps or epochs > 0")
     out_dir = Path(out_dir)
@@ -63,13 +71,13 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
 
     def run(variant: str, seed: int, steps: int | None, with_growth: bool) -> dict:
         """One run; `steps=None` is the budget itself (the trainer's rule for epochs)."""
-        key = _key(variant, family, size, seed, budget, growth)
+        key = _key(variant, family, size, seed, budget, growth, overrides)
         if key in done:
             return done[key]
         result = train(family, size, None, out_dir / f"{variant}-seed{seed}", epochs=budget.epochs,
                        steps=budget.steps if steps is None else steps, batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
                        progress=progress, data=data, checkpoint_every=0, count_linear_flops=True,
-                       growth=growth if with_growth else None)
+                       growth=growth if with_growth else None, model_overrides=overrides)
         row = {"key": key, "variant": variant, "seed": seed,
                **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
         with path.open("a") as f:
@@ -186,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--growth", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, dense_from, grow_init)")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="model config override, repeatable, as climber train --set (e.g. --set n_layers=2)")
     return parser
 
 
@@ -193,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = build_parser().parse_args(argv)
     budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len)
     return run_study(args.db, args.out, args.family, args.size, args.seeds, budget, GrowthConfig.from_dict(dict(args.growth)),
-                     int(args.eval_window_h * 3_600_000), args.device)
+                     int(args.eval_window_h * 3_600_000), args.device, overrides=dict(args.overrides))
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def _trained_by_scaling(args: argparse.Namespace) -> list[TrainedModel]:
 def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
     from ranker.train import config_overrides
 
-    return [TrainedModel(args.family, args.size, config_overrides(args.max_len, None))]
+    return [TrainedModel(args.family, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
 TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
