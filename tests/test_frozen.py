@@ -76,6 +76,17 @@ def test_a_sequence_override_matches_its_recorded_model_after_the_yaml_round_tri
     assert check_frozen(load_frozen(path), path) == []
 
 
+def test_growth_steps_pin_model_overrides_with_set(tmp_path):
+    """growth-study and bench growth take --set, so their frozen steps can pin a default."""
+    steps = ["climber growth-study --db x.duckdb --out y --family astro --size s --set partition=scenario",
+             "climber bench growth --db x.duckdb --family hstu --size xs --set dropout=0.2"]
+    path = _config(tmp_path, steps)
+    frozen = freeze_models(load_frozen(path), n_tracks=500)
+    assert [m.overrides for m in frozen.models] == [{"max_len": 64, "partition": "scenario"},
+                                                   {"max_len": 64, "dropout": 0.2}]
+    assert frozen.models[0].config["partition"] == "scenario"
+
+
 def test_a_recorded_model_no_step_trains_and_a_misnamed_file_are_reported(tmp_path):
     path = _config(tmp_path, ["climber bench sim"], id="2026-12-04-other",
                    models=[dict(family="astro", size="s", config={"n_tracks": 5})])
