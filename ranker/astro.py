@@ -49,13 +49,13 @@ CANDIDATE_PATHS = ("per_block", "shared")
 
 @dataclass(frozen=True)
 class AstroConfig(SoftmaxConfig):
-    # Defaults: the issue-3 ablation winner (docs/astro.md): one block per scenario, HSTU
-    # (pointwise) layers inside each block, one layer per block stack (see SIZES).
-    partition: str = "scenario"  # one of PARTITIONS
+    # Defaults: the issue-3 ablation winner on the default-size log (docs/astro.md): two
+    # behaviour blocks, what the user engaged with and everything else; HSTU (pointwise)
+    # layers inside each block; one layer per block stack below l (see SIZES).
+    partition: str = "behaviour"  # one of PARTITIONS
     behaviour_groups: tuple[tuple[str, ...], ...] = (
-        ("full_play", "like", "share", "add_to_playlist"),  # positive
-        ("play",),  # neutral
-        ("skip", "dislike"),  # negative
+        ("full_play", "like", "share", "add_to_playlist"),  # engaged
+        ("play", "skip", "dislike"),  # listened without engaging, or turned away
     )
     scenario_groups: tuple[tuple[str, ...], ...] = (("home_feed",), ("daily_mix",), ("radio",), ("search",), ("library",))
     recency_scales: tuple[int, ...] = (32, 128, 512)  # block b = the last recency_scales[b] events
@@ -129,9 +129,12 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
     return block_of
 
 
-# The shared d_model / n_heads ladder with one layer per block stack: in the issue-3 ablation
-# a second layer cost ~2x the FLOPs per request and gained no full-play GAUC (docs/astro.md).
-SIZES: dict[str, dict[str, int]] = {name: {**size, "n_layers": 1} for name, size in DEFAULT_SIZES.items()}
+# The shared d_model / n_heads ladder with one layer per block stack up to m: in the issue-3
+# ablation at s a second layer cost ~2x the FLOPs per request and gained no full-play GAUC.
+# At l a second layer fits under HSTU l's FLOPs (two behaviour blocks: 0.74x) and gains on
+# the default-size log, so l has two (docs/astro.md, "The l rung's depth").
+SIZES: dict[str, dict[str, int]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
+                                    for name, size in DEFAULT_SIZES.items()}
 
 
 class DynamicTemperature(nn.Module):
