@@ -46,8 +46,13 @@ def read_ladder(folder: Path) -> tuple[int, dict, pd.DataFrame]:
     if not table_path.exists() or not ladder_path.exists():
         raise FileNotFoundError(f"{folder}: not a finished ladder (needs scaling.csv and {LADDER_FILE})")
     keys = [json.loads(json.loads(line)["key"]) for line in ladder_path.read_text().splitlines() if line.strip()]
-    setups = {json.dumps({k: v for k, v in key.items() if k not in ("family", "size", "seed")}, sort_keys=True)
-              for key in keys}
+    # A family's --set overrides are part of the setup, kept per family: a ladder with
+    # `--set astro:...` has them on astro's rungs only and is still one setup.
+    overrides = {key["family"]: key.get("overrides") for key in keys if key.get("overrides")}
+    setups = {json.dumps({**{k: v for k, v in key.items() if k not in ("family", "size", "seed", "overrides")},
+                          **({"overrides": overrides} if overrides else {})}, sort_keys=True)
+              for key in keys if key.get("overrides") in (None, overrides.get(key["family"]))}
+    setups |= {"mixed"} if any(key.get("overrides") != overrides.get(key["family"]) for key in keys) else set()
     seeds = {key["seed"] for key in keys}
     if len(seeds) != 1 or len(setups) != 1:
         raise ValueError(f"{folder}: its rungs were trained under {len(seeds)} seeds and {len(setups)} budgets")

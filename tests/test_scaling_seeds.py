@@ -14,7 +14,7 @@ from sandbox.cli import app
 FLOPS = {("astro", "xs"): 10, ("astro", "s"): 40, ("hstu", "xs"): 5, ("hstu", "s"): 50}
 
 
-def _ladder(folder, seed: int, gauc: dict, loss: dict, epochs: float = 1.0):
+def _ladder(folder, seed: int, gauc: dict, loss: dict, epochs: float = 1.0, overrides: dict | None = None):
     """A finished ladder folder as `climber scaling` leaves it (scaling.csv, ladder.jsonl)."""
     folder.mkdir(parents=True)
     rows, lines = [], []
@@ -24,6 +24,8 @@ def _ladder(folder, seed: int, gauc: dict, loss: dict, epochs: float = 1.0):
                      "ndcg@10": 0.5, "auc_full_play": 0.7, "gauc_full_play": gauc[family, size]})
         key = {"family": family, "size": size, "seed": seed, "epochs": epochs, "steps": None, "batch_size": 64,
                "lr": 0.001, "max_len": 64}
+        if overrides and family in overrides:  # `climber scaling --set FAMILY:KEY=VALUE`
+            key["overrides"] = overrides[family]
         lines.append(json.dumps({"key": json.dumps(key, sort_keys=True), "metrics": {}}))
     pd.DataFrame(rows).to_csv(folder / "scaling.csv", index=False)
     (folder / "ladder.jsonl").write_text("\n".join(lines) + "\n")
@@ -67,6 +69,17 @@ def test_ladders_that_differ_in_more_than_the_seed_are_refused(tmp_path, ladders
         combine([ladders[0], ladders[0]])
     with pytest.raises(FileNotFoundError, match="not a finished ladder"):
         combine([ladders[0], tmp_path / "nothing"])
+
+
+def test_ladders_with_one_familys_overrides_combine_and_other_overrides_are_refused(tmp_path):
+    gauc = {k: 0.7 for k in FLOPS}
+    blocks = {"astro": {"partition": "behaviour"}}
+    runs = combine([_ladder(tmp_path / "a", 0, gauc, LOSS, overrides=blocks),
+                    _ladder(tmp_path / "b", 1, gauc, LOSS, overrides=blocks)])
+    assert set(runs["seed"]) == {0, 1}
+    with pytest.raises(ValueError, match="overrides"):
+        combine([_ladder(tmp_path / "c", 0, gauc, LOSS, overrides=blocks),
+                 _ladder(tmp_path / "d", 1, gauc, LOSS, overrides={"astro": {"partition": "scenario"}})])
 
 
 def test_the_command_writes_its_reports(ladders, tmp_path):
