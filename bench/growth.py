@@ -22,7 +22,7 @@ from rich.table import Table
 from bench.common import save
 from ranker.data import DAY_MS, load_request_log, split_by_time
 from ranker.growth import GrowthConfig
-from ranker.train import parse_override, train
+from ranker.train import add_model_override_argument, train
 
 VARIANTS = {"dense": dict(), "dense+counter": dict(count_linear_flops=True), "grow-prune": dict(growth=GrowthConfig())}
 
@@ -72,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
-                        help="model config override, repeatable, as climber train --set")
+    add_model_override_argument(parser)
     return parser
 
 

@@ -132,7 +132,7 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
 # The shared d_model / n_heads ladder with one layer per block stack up to m: in the issue-3
 # ablation at s a second layer cost ~2x the FLOPs per request and gained no full-play GAUC.
 # At l a second layer fits under HSTU l's FLOPs (two behaviour blocks: 0.74x) and gains on
-# the default-size log, so l has two (docs/astro.md, "The l rung's depth").
+# the default-size log, so l has two (docs/astro.md, "Ablation on the default-size log").
 SIZES: dict[str, dict[str, int]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
                                     for name, size in DEFAULT_SIZES.items()}
 

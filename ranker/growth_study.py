@@ -33,7 +33,7 @@ from ranker.growth import GrowthConfig
 from ranker.model_common import SIZE_NAMES
 from ranker.reports import display_frame, markdown_table, write_html_report
 from ranker.scaling import Budget, read_done
-from ranker.train import parse_override, train
+from ranker.train import add_model_override_argument, parse_override, train
 
 console = Console()
 STUDY_FILE = "study.jsonl"
@@ -194,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--growth", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, dense_from, grow_init)")
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
-                        help="model config override, repeatable, as climber train --set (e.g. --set n_layers=2)")
+    add_model_override_argument(parser)
     return parser
 
 

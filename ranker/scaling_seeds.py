@@ -46,17 +46,21 @@ def read_ladder(folder: Path) -> tuple[int, dict, pd.DataFrame]:
     if not table_path.exists() or not ladder_path.exists():
         raise FileNotFoundError(f"{folder}: not a finished ladder (needs scaling.csv and {LADDER_FILE})")
     keys = [json.loads(json.loads(line)["key"]) for line in ladder_path.read_text().splitlines() if line.strip()]
-    # A family's --set overrides are part of the setup, kept per family: a ladder with
-    # `--set astro:...` has them on astro's rungs only and is still one setup.
-    overrides = {key["family"]: key.get("overrides") for key in keys if key.get("overrides")}
-    setups = {json.dumps({**{k: v for k, v in key.items() if k not in ("family", "size", "seed", "overrides")},
-                          **({"overrides": overrides} if overrides else {})}, sort_keys=True)
-              for key in keys if key.get("overrides") in (None, overrides.get(key["family"]))}
-    setups |= {"mixed"} if any(key.get("overrides") != overrides.get(key["family"]) for key in keys) else set()
+    budgets = {json.dumps({k: v for k, v in key.items() if k not in ("family", "size", "seed", "overrides")},
+                          sort_keys=True) for key in keys}
+    # `--set FAMILY:KEY=VALUE` gives one family's rungs overrides: one value per family.
+    overrides: dict[str, set[str]] = {}
+    for key in keys:
+        overrides.setdefault(key["family"], set()).add(json.dumps(key.get("overrides"), sort_keys=True))
     seeds = {key["seed"] for key in keys}
-    if len(seeds) != 1 or len(setups) != 1:
-        raise ValueError(f"{folder}: its rungs were trained under {len(seeds)} seeds and {len(setups)} budgets")
-    return seeds.pop(), json.loads(setups.pop()), pd.read_csv(table_path)
+    if len(seeds) != 1 or len(budgets) != 1 or any(len(v) != 1 for v in overrides.values()):
+        raise ValueError(f"{folder}: its rungs were trained under {len(seeds)} seeds and {len(budgets)} budgets, "
+                         f"with --set overrides {sorted(set.union(*overrides.values()))}")
+    setup = json.loads(budgets.pop())
+    family_overrides = {family: json.loads(v.pop()) for family, v in overrides.items()}
+    if any(family_overrides.values()):
+        setup["overrides"] = {family: v for family, v in family_overrides.items() if v}
+    return seeds.pop(), setup, pd.read_csv(table_path)
 
 
 def combine(folders: Sequence[Path]) -> pd.DataFrame:

@@ -441,6 +441,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _tuples(value)  # JSON has no tuples; sequence config fields are tuples
 
 
+def add_model_override_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (into `args.overrides`): the one model-config override flag of every
+    command that trains one family, so frozen configs can pin a default in any of them."""
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                        metavar="KEY=VALUE", help="model config override, repeatable (e.g. --set share_block_layers=true)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m ranker.train", description=__doc__.split("\n")[0])
@@ -458,8 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-window-h", type=float, default=24.0, help="hours at the end of the log held out")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
-                        metavar="KEY=VALUE", help="model config override, repeatable (e.g. --set share_block_layers=true)")
+    add_model_override_argument(parser)
     parser.add_argument("--grow-prune", action="store_true",
                         help="alternate growth and pruning (arXiv 2105.01064): sparse, then full-size at the end")
     parser.add_argument("--growth", dest="growth", action="append", type=parse_override, default=[],
