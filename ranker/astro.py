@@ -15,6 +15,7 @@ tokens are gathered into their own tensor (no n x n mask).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +134,13 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
 # ablation at s a second layer cost ~2x the FLOPs per request and gained no full-play GAUC.
 # At l a second layer fits under HSTU l's FLOPs (two behaviour blocks: 0.74x) and gains on
 # the default-size log, so l has two (docs/astro.md, "Ablation on the default-size log").
-SIZES: dict[str, dict[str, int]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
-                                    for name, size in DEFAULT_SIZES.items()}
+# At xs every extra block is a second candidate pass that the width cannot pay for (no
+# split fits under HSTU xs's FLOPs and stays ahead of it), so xs is one block: the same
+# FLOPs as HSTU xs, ahead of it on 10 of 10 seeds (docs/astro.md, "The xs rung").
+SIZES: dict[str, dict[str, Any]] = {
+    name: {**size, "n_layers": 2 if name in ("l", "xl") else 1, **({"partition": "none"} if name == "xs" else {})}
+    for name, size in DEFAULT_SIZES.items()
+}
 
 
 class DynamicTemperature(nn.Module):
@@ -159,21 +165,32 @@ class DynamicTemperature(nn.Module):
         return F.softplus(raw).view(*raw.shape[:-1], *self.shape) + self.tau_min
 
     @staticmethod
-    def flops(cfg: AstroConfig, n_tokens: int) -> int:
-        return n_tokens * (2 * 2 * cfg.d_model * cfg.tau_hidden + 2 * cfg.tau_hidden * cfg.n_blocks * cfg.n_heads)
+    def flops(cfg: AstroConfig, n_rows: int) -> int:
+        """MLP FLOPs for n_rows (scenario, behaviour) pairs: AstroModel.tau_table's cost."""
+        return n_rows * (2 * 2 * cfg.d_model * cfg.tau_hidden + 2 * cfg.tau_hidden * cfg.n_blocks * cfg.n_heads)
 
 
 class BlockFusion(nn.Module):
-    """Candidate-dependent gate per block and dimension: which time scale / behaviour matters."""
+    """Candidate-dependent gate per block and dimension: which time scale / behaviour matters.
+
+    A softmax gate over a single block is identically 1, so with Nb = 1 there is no gate
+    (no parameters, no FLOPs): the block's output passes through unchanged.
+    """
 
     def __init__(self, cfg: AstroConfig):
         super().__init__()
         self.n_blocks = cfg.n_blocks
         self.kind = cfg.fusion
-        self.gate = nn.Linear(cfg.d_model, cfg.n_blocks * cfg.d_model)
+        self.gate = None if self.is_identity(cfg) else nn.Linear(cfg.d_model, cfg.n_blocks * cfg.d_model)
+
+    @staticmethod
+    def is_identity(cfg: AstroConfig) -> bool:
+        return cfg.n_blocks == 1 and cfg.fusion == "softmax"
 
     def forward(self, candidates: torch.Tensor, block_outputs: torch.Tensor) -> torch.Tensor:
         """candidates [B, M, d] (the token embeddings), block_outputs [B, M, Nb, d] -> [B, M, d]."""
+        if self.gate is None:
+            return block_outputs[:, :, 0]
         gates = self.gate(candidates).view(block_outputs.shape)
         gates = gates.softmax(dim=2) if self.kind == "softmax" else torch.sigmoid(gates)
         return (gates * block_outputs).sum(2)
@@ -236,10 +253,33 @@ class AstroModel(SequenceRanker):
         return torch.ones(*behaviours.shape, self.config.n_blocks, dtype=torch.bool, device=behaviours.device)
 
     def temperatures(self, scenarios: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor | None:
-        """tau [..., Nb, heads] for query tokens with these scenario and behaviour codes (None if fixed)."""
+        """tau [..., Nb, heads] for query tokens with these scenario and behaviour codes (None if fixed).
+
+        tau depends on a token only through its two codes, so it is a row of `tau_table`,
+        not an MLP per token: per request, serving gathers rows and computes none."""
+        table = self.tau_table()
+        return None if table is None else table[scenarios, behaviours]
+
+    def tau_table(self) -> torch.Tensor | None:
+        """tau for every (scenario, behaviour) code pair, [S, B, Nb, h]: one MLP row per pair.
+
+        With gradients on (training) it is computed at each call, so gradients reach the
+        MLP and the embeddings; without, it is kept until a weight it reads moves (the same
+        staleness rule as `_one_event_tables`).
+        """
         if self.temperature is None:
             return None
-        return self.temperature(self.embed.scenario(scenarios), self.embed.behaviour(behaviours))
+        params = [self.embed.scenario.weight, self.embed.behaviour.weight, *self.temperature.parameters()]
+        cached = self.__dict__.get("_tau_cache")
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if not grad and cached is not None and cached.key == cached.version():
+            return cached.rows
+        scenario = self.embed.scenario.weight[:, None].expand(-1, self.embed.behaviour.num_embeddings, -1)
+        behaviour = self.embed.behaviour.weight[None].expand(self.embed.scenario.num_embeddings, -1, -1)
+        table = self.temperature(scenario, behaviour)  # [S, B, Nb, h]
+        if not grad:
+            self.__dict__["_tau_cache"] = WeightDerivedTables(params, table)  # plain attribute, not state
+        return table
 
     def _with_block_position(self, x: torch.Tensor, block: int, positions: torch.Tensor) -> torch.Tensor:
         return x if self.block_position is None else x + self.block_position[block](positions)
@@ -407,8 +447,8 @@ class AstroModel(SequenceRanker):
         """Forward FLOPs (2 per multiply-add) for one request; pass real block_lengths for one user.
 
         Sum over blocks of the block stack's flops(L_b, M) (SoftmaxStack or HSTUStack, as
-        `block_attention` says; attention ~ sum_b L_b^2 d, ~ n^2 d / Nb), plus tau for n + 1
-        query tokens, the fusion gate (2 d Nb d per candidate) and heads.
+        `block_attention` says; attention ~ sum_b L_b^2 d, ~ n^2 d / Nb), plus the fusion gate
+        (2 d Nb d per candidate; none for one block) and heads. tau is a table lookup (0).
         """
         cfg = self.config
         lengths = self.even_block_lengths(n) if block_lengths is None else block_lengths
@@ -421,9 +461,11 @@ class AstroModel(SequenceRanker):
             for key, value in HSTUStack.flops(cfg, 0, M).items():
                 total[key] += value
             total["candidate_attention"] += cfg.n_layers * 4 * M * sum(lengths) * cfg.d_model
-        tau_tokens = (n if cfg.n_layers > 1 else 0) + 1  # one-layer history has no queries to scale
-        total["temperature"] = DynamicTemperature.flops(cfg, tau_tokens) if self.temperature is not None else 0
+        # tau is a gather from tau_table, computed once per weight version, not per request
+        # (DynamicTemperature.flops(cfg, S * B) when the weights change: at each optimiser step).
+        total["temperature"] = 0
         d = cfg.d_model
-        total["fusion"] = M * 2 * d * cfg.n_blocks * (cfg.n_heads if shared else d)
+        total["fusion"] = 0 if not shared and BlockFusion.is_identity(cfg) else \
+            M * 2 * d * cfg.n_blocks * (cfg.n_heads if shared else d)
         total["heads"] = TaskHeads.flops(cfg, M)
         return total

@@ -19,6 +19,7 @@ cache in a `HistoryBuffer` and appends new events to it in place:
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, NamedTuple
@@ -780,11 +781,11 @@ class SequenceRanker(nn.Module):
         return OneEvent(*codes, stamps[-1], gap)
 
     def drop_derived_tables(self) -> None:
-        """Forget what the one-event path computed from weights (AstroModel's per-code tables,
+        """Forget what was computed from weights (AstroModel's per-code tables and tau table,
         SoftmaxStack's parameter plan); rebuilt on next use. In-place weight changes are
         detected anyway; this covers reloads that replace Parameter objects."""
         for module in self.modules():
-            for name in ("_one_event_cache", "_one_token_plan"):
+            for name in ("_one_event_cache", "_one_token_plan", "_tau_cache"):
                 module.__dict__.pop(name, None)
 
     def set_candidate_attention(self, kind: str) -> None:
@@ -900,6 +901,17 @@ def resolve_config(family: str, size: str, n_tracks: int, **overrides: Any) -> M
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(cls.SIZES)}")
     refuse_unknown_fields(cls.config_class, overrides, f"{cls.config_class.__name__} overrides")
     return cls.config_class(n_tracks=n_tracks, **{**cls.SIZES[size], **overrides})
+
+
+def config_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: recorded X, now Y' for each field that differs, compared as JSON and YAML hold
+    values (tuples, nested too, are lists), so a config read back from a file can match."""
+    def norm(value: Any) -> Any:
+        return json.loads(json.dumps(value))
+
+    keys = sorted(set(recorded) | set(now))
+    return [f"{k}: recorded {recorded.get(k, '(absent)')!r}, now {norm(now.get(k, '(absent)'))!r}"
+            for k in keys if norm(recorded.get(k)) != norm(now.get(k))]
 
 
 def build_model(family: str, size: str, n_tracks: int, **overrides: Any) -> SequenceRanker:

@@ -37,9 +37,9 @@ from scipy.optimize import OptimizeWarning, curve_fit
 
 from ranker.batch import TASKS
 from ranker.data import DAY_MS, load_request_log, split_by_time
-from ranker.model_common import build_model
+from ranker.model_common import build_model, config_differences, resolve_config
 from ranker.reports import display_frame, markdown_table, write_html_report
-from ranker.train import parse_override, train
+from ranker.train import config_overrides, parse_override, train
 
 console = Console()
 LADDER_FILE = "ladder.jsonl"
@@ -152,14 +152,17 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
     for family in families:
         for size in sizes:
             key = _rung_key(family, size, budget, overrides.get(family))
+            config = resolve_config(family, size, data.train.n_tracks,
+                                    **config_overrides(budget.max_len, overrides.get(family))).to_dict()
             if key in done:
+                check_reusable(done[key], config, ladder_path)
                 console.print(f"{family}-{size}: reusing the result in {ladder_path}")
                 continue
             result = train(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs, steps=budget.steps,
                            batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, max_len=budget.max_len,
                            device=device, progress=progress, data=data, checkpoint_every=0,
                            model_overrides=overrides.get(family))
-            row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
+            row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}, "config": config}
             with ladder_path.open("a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
             done[key] = row
@@ -167,6 +170,20 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
     table = ladder_table(rows)
     write_reports(table, out_dir, budget, overrides)
     return table
+
+
+def check_reusable(row: dict, config: dict[str, Any], ladder_path: Path) -> None:
+    """A rung's key names its family, size, budget and overrides, not the defaults, so a
+    result trained before a default changed would be reused silently; rows keep the model
+    config they trained, and one that differs from today's is refused. (Rows written before
+    configs were kept cannot be checked.)"""
+    recorded = row.get("config")
+    if recorded is None:
+        return
+    changed = config_differences(recorded, config)
+    if changed:
+        raise ValueError(f"{row['family']}-{row['size']} in {ladder_path} was trained with another config "
+                         f"({'; '.join(changed)}): the defaults changed since; train the ladder into a new --out")
 
 
 def ladder_table(rows: Sequence[dict]) -> pd.DataFrame:

@@ -192,18 +192,9 @@ def trained_models(parsed: list[tuple[str, argparse.Namespace | None]]) -> Itera
 
 # ----------------------------------------------------------------------------- checks
 
-def _config_diff(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    def norm(value: Any) -> Any:  # as YAML holds it: tuples, nested too, are lists
-        return json.loads(json.dumps(value))
-
-    keys = sorted(set(recorded) | set(now))
-    return [f"{k}: recorded {recorded.get(k, '(absent)')!r}, now {norm(now.get(k, '(absent)'))!r}"
-            for k in keys if norm(recorded.get(k)) != norm(now.get(k))]
-
-
 def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
     """Everything that keeps this file from reproducing its figures with today's code."""
-    from ranker.model_common import resolve_config
+    from ranker.model_common import config_differences, resolve_config
 
     problems: list[str] = []
     if path is not None and path.stem != config.id:
@@ -230,14 +221,14 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"{label}: does not resolve today: {exc}")
             continue
-        problems += [f"{label}: {line}" for line in _config_diff(frozen.config, now.to_dict())]
+        problems += [f"{label}: {line}" for line in config_differences(frozen.config, now.to_dict())]
     problems += [f"recorded model {m.family} {m.size} {m.overrides} is trained by no step" for m in recorded.values()]
     return problems
 
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
     """The config with `models` resolved from today's code, for a new frozen file."""
-    from ranker.model_common import resolve_config
+    from ranker.model_common import config_differences, resolve_config
 
     models = [FrozenModel(family=m.family, size=m.size, overrides=m.overrides,
                           config=resolve_config(m.family, m.size, n_tracks, **m.overrides).to_dict())

@@ -30,7 +30,8 @@ from streaming.events import BEHAVIOURS, SCENARIOS
 
 torch.set_num_threads(1)
 N_TRACKS = 40
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8)
+# size xs is one block by default; the tests want ASTRO's blocks, so they ask for the default partition of s and up
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8, partition="behaviour")
 
 
 BLOCK_ATTENTIONS = ("softmax", "pointwise")
@@ -221,7 +222,7 @@ def test_one_pointwise_block_with_fixed_temperature_is_the_hstu_baseline():
     """Nb = 1, tau = 1, pointwise: ASTRO holding the HSTU baseline's weights scores as it does
     (a softmax gate over one block is 1), and its FLOPs count the same stack."""
     astro = tiny_astro(partition="none", temperature="fixed", block_positions=False, block_attention="pointwise")
-    hstu_config = {k: v for k, v in TINY.items() if k != "tau_hidden"}
+    hstu_config = {k: v for k, v in TINY.items() if k not in ("tau_hidden", "partition")}
     hstu = randomise_relative_bias(build_model("hstu", "xs", N_TRACKS, **hstu_config))
     astro.embed.load_state_dict(hstu.embed.state_dict())
     astro.heads.load_state_dict(hstu.heads.state_dict())
@@ -232,7 +233,7 @@ def test_one_pointwise_block_with_fixed_temperature_is_the_hstu_baseline():
     astro_flops, hstu_flops = astro.flops_breakdown(100, 16), hstu.flops_breakdown(100, 16)
     for part in ("linear", "history_attention", "candidate_attention", "heads"):
         assert astro_flops[part] == hstu_flops[part]
-    assert astro_flops["temperature"] == 0
+    assert astro_flops["temperature"] == astro_flops["fusion"] == 0
 
 
 def torch_transformer_logits(model, layers, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,6 +384,38 @@ def test_four_blocks_cost_a_quarter_of_the_attention_of_one():
     with torch.no_grad():
         widths = [block.keys[0].shape[2] for block in four.encode_history(batch).blocks]
     assert widths == [6, 6, 6, 6]
+
+
+def test_tau_table_rows_are_the_mlp_of_each_token_and_follow_the_weights():
+    """Fast path (a gather from tau_table, cached without gradients) against the slow one
+    (the MLP on each token's own embeddings), before and after an in-place weight change."""
+    model = tiny_astro()
+    generator = torch.Generator().manual_seed(5)
+    scenarios = torch.randint(0, len(SCENARIOS), (3, 7), generator=generator)
+    behaviours = torch.randint(0, len(BEHAVIOURS) + 1, (3, 7), generator=generator)
+
+    def per_token():
+        return model.temperature(model.embed.scenario(scenarios), model.embed.behaviour(behaviours))
+
+    with torch.no_grad():
+        torch.testing.assert_close(model.temperatures(scenarios, behaviours), per_token())
+        model.temperature.mlp[0].weight.add_(0.3)  # an optimiser step moves weights in place
+        model.embed.scenario.weight.mul_(1.5)
+        torch.testing.assert_close(model.temperatures(scenarios, behaviours), per_token())
+    model.train()
+    model.temperatures(scenarios, behaviours).sum().backward()
+    assert model.temperature.mlp[0].weight.grad.abs().sum() > 0
+    assert model.embed.scenario.weight.grad.abs().sum() > 0
+
+
+def test_size_xs_is_one_block_at_exactly_hstu_xs_flops():
+    """At xs ASTRO is one block: no fusion gate (a softmax over one block is 1), tau a table
+    lookup, so it costs what HSTU xs costs; from s up it has the two behaviour blocks."""
+    astro, hstu = build_model("astro", "xs", N_TRACKS, max_len=64), build_model("hstu", "xs", N_TRACKS, max_len=64)
+    assert astro.config.n_blocks == 1 and astro.fusion.gate is None
+    for n, M in ((56, 11), (64, 32), (10, 1)):
+        assert astro.flops_per_request(n, M) == hstu.flops_per_request(n, M)
+    assert build_model("astro", "s", N_TRACKS).config.n_blocks == 2
 
 
 def test_dynamic_temperatures_stay_above_tau_min_and_depend_on_scenario():

@@ -32,7 +32,8 @@ def tiny_service_settings(root, users: list[int], length: int, seed: int, max_ca
                                               1_700_000_000_000 + np.arange(length) * 60_000, length - 1)
                            for user in users})
     torch.manual_seed(0)
-    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8)
+    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8,
+                        partition="behaviour")
     save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
     return ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", max_candidates=max_candidates,
                            device="cpu")

@@ -22,7 +22,7 @@ def tiny_model(family: str = "astro", seed: int = 0, **overrides):
     """A small model in eval mode; HSTU-style relative biases (rab, initialised at 0) are
     spread so that a wrong bias row in a fast path shows up."""
     torch.manual_seed(seed)
-    extra = dict(tau_hidden=8) if family == "astro" else {}
+    extra = dict(tau_hidden=8, partition="behaviour") if family == "astro" else {}  # xs alone is one block
     model = build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -19,7 +19,7 @@ from streaming.events import SCENARIO_CODE
 
 torch.set_num_threads(1)
 N_TRACKS = 60
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8)
+TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8, partition="behaviour")  # blocks
 
 
 def tiny_model(seed: int = 0):

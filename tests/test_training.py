@@ -369,3 +369,10 @@ def test_ladder_writes_its_reports_and_reuses_done_rungs(simulated_db, tmp_path)
                        eval_window_ms=12 * 3_600_000, device="cpu", progress=False)
     pd.testing.assert_frame_equal(again, table)  # every rung reused, nothing retrained
     assert len((tmp_path / "ladder.jsonl").read_text().splitlines()) == 3
+    # A row trained under other defaults is refused, not reused: its recorded config differs.
+    rows = [json.loads(line) for line in (tmp_path / "ladder.jsonl").read_text().splitlines()]
+    rows[1]["config"]["d_model"] = 48
+    (tmp_path / "ladder.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"sasrec-s in .* another config \(d_model: recorded 48, now 64\)"):
+        run_ladder(simulated_db, tmp_path, families=["sasrec"], sizes=["xs", "s", "m"], budget=budget,
+                   eval_window_ms=12 * 3_600_000, device="cpu", progress=False)
