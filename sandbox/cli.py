@@ -333,7 +333,8 @@ def reproduce(
                                "still resolve to the recorded configs; run nothing"),
     freeze_models: Optional[int] = typer.Option(
         None, "--freeze-models", metavar="N_TRACKS",
-        help="write the resolved config of every model the steps train (catalog of N_TRACKS) into the file"),
+        help="write the resolved config of every model the steps train (catalog of N_TRACKS) into the file, "
+             "then check it as --check does; runs nothing"),
 ) -> None:
     """Rerun the commands behind reported figures from their frozen, dated configs (configs/)."""
     from sandbox.frozen import check_frozen, freeze_models as freeze, frozen_paths, load_frozen, reproduce as run
@@ -356,7 +357,7 @@ def reproduce(
         for problem in problems:
             typer.secho(f"{path}: {problem}", fg="red", err=True)
         failed |= bool(problems)
-        if not problems and not check:
+        if not problems and not check and freeze_models is None:  # freezing records results already run
             try:
                 run(config, say=typer.echo)
             except RuntimeError as exc:

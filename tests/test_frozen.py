@@ -111,3 +111,14 @@ def test_reproduce_runs_the_steps_and_stops_at_a_failing_one(tmp_path):
     failing = _config(tmp_path, [f"climber ab {tmp_path / 'missing.duckdb'} --control a", "climber bench sim"])
     result = CliRunner().invoke(app, ["reproduce", str(failing)])
     assert result.exit_code == 1 and "step 1 exited" in result.output and "[2/2]" not in result.output
+
+
+def test_freezing_models_writes_and_checks_but_runs_no_step(tmp_path):
+    """Recording the configs of a study that has run must not run it again."""
+    path = _config(tmp_path, [TINY_SIM.format(out=tmp_path / "runs"),
+                              f"climber train --model hstu --size xs --db {tmp_path / 'runs'}/tiny/sandbox.duckdb "
+                              f"--out {tmp_path / 'm'} --steps 1"])
+    result = CliRunner().invoke(app, ["reproduce", "--freeze-models", "200", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "2 steps parse, 1 recorded model configs match" in result.output
+    assert not (tmp_path / "runs").exists() and len(load_frozen(path).models) == 1
