@@ -21,6 +21,7 @@ the model is an untrained ASTRO (weights do not change cost), CPU serving config
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -46,6 +47,7 @@ from ranker.astro import BLOCK_ATTENTIONS, AstroConfig
 from ranker.hstu import relative_buckets
 from ranker.model_common import HistoryBuffer, build_model, random_batch
 from ranker.neural import prepare_for_serving
+from ranker.train import add_model_override_argument
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRACKS = 50_000
@@ -76,9 +78,9 @@ def best_seconds(fns: dict[str, Callable[[], object]], min_seconds: float = 0.5,
     return best
 
 
-def serving_model(size: str, max_len: int, **overrides) -> torch.nn.Module:
+def serving_model(size: str, max_len: int, /, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return prepare_for_serving(build_model("astro", size, N_TRACKS, dropout=0.0, max_len=max_len, **overrides),
+    return prepare_for_serving(build_model("astro", size, N_TRACKS, **{"dropout": 0.0, **overrides, "max_len": max_len}),
                                torch.device("cpu"))
 
 
@@ -95,8 +97,9 @@ def repeat_rows(batch: RankBatch, rows: int) -> RankBatch:
 
 # ----------------------------------------------------------------------------- 1. SUMI vs per pair
 
-def bench_sumi(size: str, ns: tuple[int, ...], ms: tuple[int, ...], pair_chunk: int = 64) -> list[dict]:
-    model = serving_model(size, max(ns))
+def bench_sumi(size: str, ns: tuple[int, ...], ms: tuple[int, ...], pair_chunk: int = 64,
+               overrides: dict | None = None) -> list[dict]:
+    model = serving_model(size, max(ns), **(overrides or {}))
     rows = []
     with torch.inference_mode():
         for n in ns:
@@ -150,8 +153,8 @@ def prefix(seq: UserSequence, n: int) -> UserSequence:
     return UserSequence(seq.track_ids[:n], seq.behaviours[:n], seq.scenarios[:n], seq.timestamps[:n], n - 1)
 
 
-def bench_incremental(size: str, n: int, reps: int = 500) -> dict:
-    model = serving_model(size, n)
+def bench_incremental(size: str, n: int, reps: int = 500, overrides: dict | None = None) -> dict:
+    model = serving_model(size, n, **(overrides or {}))
     seq = random_sequence(n, seed=1)
     before, after = prefix(seq, n - 1), seq
     with torch.inference_mode():
@@ -214,15 +217,16 @@ def history_attention(model, batch: RankBatch) -> tuple[Callable[[], None], list
     return attend, [block.keys[0].shape[2] for block in blocks]
 
 
-def bench_partition(size: str, n: int) -> dict:
+def bench_partition(size: str, n: int, overrides: dict | None = None) -> dict:
     """Nb = 4 (behaviour groups) vs Nb = 1 for each block attention kind, two layers per
-    stack; the headline figure is the default kind's."""
+    stack; the headline figure is the default kind's. `overrides` apply to both models
+    except the fields this comparison sets (partition, groups, layers, block attention)."""
     batch = random_batch(1, n, 1, N_TRACKS, seed=3, min_length=n)
     result: dict = {"n": n, "n_layers": PARTITION_LAYERS, "kinds": {}}
     for kind in BLOCK_ATTENTIONS:
-        common = dict(n_layers=PARTITION_LAYERS, block_attention=kind)
-        four = serving_model(size, n, partition="behaviour", behaviour_groups=FOUR_GROUPS, **common)
-        one = serving_model(size, n, partition="none", **common)
+        common = {**(overrides or {}), "n_layers": PARTITION_LAYERS, "block_attention": kind}
+        four = serving_model(size, n, **{**common, "partition": "behaviour", "behaviour_groups": FOUR_GROUPS})
+        one = serving_model(size, n, **{**common, "partition": "none"})
         with torch.inference_mode():
             attend_four, widths = history_attention(four, batch)
             attend_one, _ = history_attention(one, batch)
@@ -320,7 +324,7 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
                   max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
-                  open_seconds: float = 10.0) -> dict:
+                  open_seconds: float = 10.0, overrides: dict | None = None) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -339,7 +343,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         store.apply()
         store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
         torch.manual_seed(0)
-        model = build_model("astro", size, N_TRACKS, max_len=n)
+        model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
         save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
         ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads)
         port = free_port()
@@ -454,29 +458,33 @@ def markdown(figures: dict) -> str:
 
 
 def run_bench_serve(quick: bool = False, size: str = "s", threads: int | None = None,
-                    service_seconds: float = 15.0, service_users: int = 200) -> dict:
-    """All four benchmarks; `quick` shrinks sizes for a smoke run (not for reported figures)."""
+                    service_seconds: float = 15.0, service_users: int = 200, overrides: dict | None = None) -> dict:
+    """All four benchmarks; `quick` shrinks sizes for a smoke run (not for reported figures).
+    `overrides` (`--set`) change the ASTRO config of every model, so a frozen config can pin
+    the defaults its figures were measured on."""
+    overrides = dict(overrides or {})
     if threads:
         torch.set_num_threads(threads)
     ns, ms = ((64, 128), (16, 64)) if quick else ((128, 512), (16, 128, 512))
     started = time.time()
     console.print("bench serve: 1/4 SUMI vs per-pair")
-    sumi = bench_sumi(size, ns, ms)
+    sumi = bench_sumi(size, ns, ms, overrides=overrides)
     console.print("bench serve: 2/4 incremental update")
-    incremental = bench_incremental(size, 128 if quick else 512)
+    incremental = bench_incremental(size, 128 if quick else 512, overrides=overrides)
     console.print("bench serve: 3/4 partitioning")
-    partition = bench_partition(size, 256 if quick else 2048)
+    partition = bench_partition(size, 256 if quick else 2048, overrides)
     console.print("bench serve: 4/4 HTTP service")
     service = bench_service(size, 64 if quick else 256, 50 if quick else 200, 32,
                             3.0 if quick else service_seconds, 50 if quick else service_users, threads,
-                            open_seconds=2.0 if quick else 10.0)
+                            open_seconds=2.0 if quick else 10.0, overrides=overrides)
     load = os.getloadavg()
     figures = {
-        "quick": quick, "size": size, "torch_threads": torch.get_num_threads(),
+        "quick": quick, "size": size, "overrides": overrides, "torch_threads": torch.get_num_threads(),
         "load_average_at_end": load, "wall_seconds": time.time() - started,
         "machine_note": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
                         f"load average {load[0]:.1f} at the end (other jobs shared the cores)",
-        "command": "python -m bench.serve" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else ""),
+        "command": "python -m bench.serve" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
+                   + "".join(f" --set '{k}={json.dumps(v)}'" for k, v in overrides.items()),
         "goals": GOALS, "sumi": sumi, "incremental": incremental, "partition": partition, "service": service,
     }
     figures["markdown"] = markdown(figures)
@@ -502,12 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default="s")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--service-seconds", type=float, default=15.0)
+    add_model_override_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return run_bench_serve(args.quick, args.size, args.threads, args.service_seconds)
+    return run_bench_serve(args.quick, args.size, args.threads, args.service_seconds, overrides=dict(args.overrides))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,13 @@ def test_settings_read_batching_and_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv("CLIMBER_SERVE_TORCH_THREADS", "-1")
     with pytest.raises(ValueError, match="torch_threads"):
         ServingSettings()
+
+
+def test_bench_serve_pins_model_defaults_with_set():
+    """`climber bench serve --set` reaches the models it builds, so its frozen config can pin
+    the defaults its figures were measured on."""
+    from bench.serve import build_parser, serving_model
+
+    args = build_parser().parse_args(["--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
+    model = serving_model("xs", 32, **dict(args.overrides))
+    assert (model.config.partition, model.config.n_layers, model.config.max_len) == ("scenario", 1, 32)
