@@ -30,10 +30,10 @@ from scipy import stats
 from ranker.batch import TASKS
 from ranker.data import DAY_MS, load_request_log, split_by_time
 from ranker.growth import GrowthConfig
-from ranker.model_common import SIZE_NAMES
+from ranker.model_common import SIZE_NAMES, resolve_config
 from ranker.reports import display_frame, markdown_table, write_html_report
-from ranker.scaling import Budget, read_done
-from ranker.train import add_model_override_argument, parse_override, train
+from ranker.scaling import Budget, check_reusable, read_done, run_key
+from ranker.train import add_model_override_argument, config_overrides, parse_override, train
 
 console = Console()
 STUDY_FILE = "study.jsonl"
@@ -43,13 +43,8 @@ COMPARED = ("val_loss", "gauc_full_play", "auc_full_play", "ndcg@10")
 
 def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth: GrowthConfig,
          overrides: dict[str, Any] | None = None) -> str:
-    """Identity of a finished run; overrides enter only when given, so keys written before
-    `--set` existed still match the default configs."""
-    key = {"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
-           "growth": growth.to_dict() if variant != "dense" else None}
-    if overrides:
-        key["overrides"] = overrides
-    return json.dumps(key, sort_keys=True)
+    return run_key({"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
+                    "growth": growth.to_dict() if variant != "dense" else None}, overrides)
 
 
 def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", size: str = "s",
@@ -68,18 +63,20 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
                   f"grow-and-prune {growth.to_dict()}")
     path = out_dir / STUDY_FILE
     done = read_done(path)
+    config = resolve_config(family, size, data.train.n_tracks, **config_overrides(budget.max_len, overrides)).to_dict()
 
     def run(variant: str, seed: int, steps: int | None, with_growth: bool) -> dict:
         """One run; `steps=None` is the budget itself (the trainer's rule for epochs)."""
         key = _key(variant, family, size, seed, budget, growth, overrides)
         if key in done:
+            check_reusable(done[key], config, path)
             return done[key]
         result = train(family, size, None, out_dir / f"{variant}-seed{seed}", epochs=budget.epochs,
                        steps=budget.steps if steps is None else steps, batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
                        progress=progress, data=data, checkpoint_every=0, count_linear_flops=True,
                        growth=growth if with_growth else None, model_overrides=overrides)
         row = {"key": key, "variant": variant, "seed": seed,
-               **{k: v for k, v in result.to_dict().items() if k != "loss_history"}}
+               **{k: v for k, v in result.to_dict().items() if k != "loss_history"}, "config": config}
         with path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
         done[key] = row

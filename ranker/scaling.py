@@ -100,13 +100,14 @@ def fit_power_law(family: str, compute: np.ndarray, loss: np.ndarray) -> PowerLa
 
 # ----------------------------------------------------------------------------- running the ladder
 
+def run_key(fields: dict[str, Any], overrides: dict[str, Any] | None = None) -> str:
+    """Identity of a finished run (a ladder rung, a growth-study run) in its results file;
+    overrides enter only when given, so keys written before `--set` existed still match."""
+    return json.dumps({**fields, **({"overrides": overrides} if overrides else {})}, sort_keys=True)
+
+
 def _rung_key(family: str, size: str, budget: Budget, overrides: dict[str, Any] | None = None) -> str:
-    """Identity of a trained rung; overrides enter only when given, so keys written before
-    `--set` existed still match the default configs."""
-    key = {"family": family, "size": size, **asdict(budget)}
-    if overrides:
-        key["overrides"] = overrides
-    return json.dumps(key, sort_keys=True)
+    return run_key({"family": family, "size": size, **asdict(budget)}, overrides)
 
 
 def parse_family_override(text: str) -> tuple[str, str, Any]:
@@ -173,10 +174,10 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
 
 
 def check_reusable(row: dict, config: dict[str, Any], ladder_path: Path) -> None:
-    """A rung's key names its family, size, budget and overrides, not the defaults, so a
-    result trained before a default changed would be reused silently; rows keep the model
-    config they trained, and one that differs from today's is refused. (Rows written before
-    configs were kept cannot be checked.)"""
+    """A finished run's key (a ladder rung, a growth-study run) names its family, size,
+    budget and overrides, not the defaults, so a result trained before a default changed
+    would be reused silently; rows keep the model config they trained, and one that differs
+    from today's is refused. (Rows written before configs were kept cannot be checked.)"""
     recorded = row.get("config")
     if recorded is None:
         return

@@ -180,6 +180,13 @@ def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_pat
                       device="cpu", progress=False)
     assert (tmp_path / STUDY_FILE).read_text().splitlines() == lines  # nothing retrained
     assert again[["variant", "seed", "val_loss"]].equals(table[["variant", "seed", "val_loss"]])
+    # A run recorded under another config (a default changed since) is refused, not reused.
+    rows = [json.loads(line) for line in lines]
+    rows[0]["config"]["n_rab_buckets"] = 32
+    (tmp_path / STUDY_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"hstu-xs in .* another config \(n_rab_buckets: recorded 32, now 48\)"):
+        run_study(db_path, tmp_path, family="hstu", size="xs", seeds=[0, 1], budget=budget, growth=SCHEDULE,
+                  device="cpu", progress=False)
 
 
 def test_a_run_stopped_in_its_dense_phase_resumes_exactly(split, tmp_path):
