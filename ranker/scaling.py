@@ -173,7 +173,7 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
     return table
 
 
-def check_reusable(row: dict, config: dict[str, Any], ladder_path: Path) -> None:
+def check_reusable(row: dict, config: dict[str, Any], results_path: Path) -> None:
     """A finished run's key (a ladder rung, a growth-study run) names its family, size,
     budget and overrides, not the defaults, so a result trained before a default changed
     would be reused silently; rows keep the model config they trained, and one that differs
@@ -183,8 +183,8 @@ def check_reusable(row: dict, config: dict[str, Any], ladder_path: Path) -> None
         return
     changed = config_differences(recorded, config)
     if changed:
-        raise ValueError(f"{row['family']}-{row['size']} in {ladder_path} was trained with another config "
-                         f"({'; '.join(changed)}): the defaults changed since; train the ladder into a new --out")
+        raise ValueError(f"{row['family']}-{row['size']} in {results_path} was trained with another config "
+                         f"({'; '.join(changed)}): the defaults changed since; write the results into a new --out")
 
 
 def ladder_table(rows: Sequence[dict]) -> pd.DataFrame:

@@ -228,7 +228,7 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
     """The config with `models` resolved from today's code, for a new frozen file."""
-    from ranker.model_common import config_differences, resolve_config
+    from ranker.model_common import resolve_config
 
     models = [FrozenModel(family=m.family, size=m.size, overrides=m.overrides,
                           config=resolve_config(m.family, m.size, n_tracks, **m.overrides).to_dict())
