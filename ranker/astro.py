@@ -137,10 +137,9 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
 # At xs every extra block is a second candidate pass that the width cannot pay for (no
 # split fits under HSTU xs's FLOPs and stays ahead of it), so xs is one block: the same
 # FLOPs as HSTU xs, ahead of it over 10 seeds (8 of 10, p 0.01; docs/astro.md, "The xs rung").
-SIZES: dict[str, dict[str, Any]] = {
-    name: {**size, "n_layers": 2 if name in ("l", "xl") else 1, **({"partition": "none"} if name == "xs" else {})}
-    for name, size in DEFAULT_SIZES.items()
-}
+SIZES: dict[str, dict[str, Any]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
+                                    for name, size in DEFAULT_SIZES.items()}
+SIZES["xs"]["partition"] = "none"
 
 
 class DynamicTemperature(nn.Module):
