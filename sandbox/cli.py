@@ -159,7 +159,7 @@ def ab(
     from rich.console import Console
 
     from experiments.analysis import ab_report, configured_shares
-    from sandbox.report import lift_table
+    from sandbox.report import lift_tables
 
     if not db.exists():
         typer.secho(f"ab: no run record at {db}", fg="red", err=True)
@@ -169,8 +169,9 @@ def ab(
     except ValueError as exc:
         typer.secho(f"ab: {exc}", fg="red", err=True)
         raise typer.Exit(2)
-    Console().print(lift_table(lift, srm, f"A/B lift against {control} (delta method, {confidence:.0%} CI; "
-                                          "SRM: sample-ratio chi-square)"))
+    console = Console()
+    for table in lift_tables(lift, srm, control, confidence):
+        console.print(table)
     if srm.mismatch:
         typer.secho(f"sample-ratio mismatch (p = {srm.p_value:.2g}): users per arm {srm.observed} do not match "
                     f"the configured shares; do not trust these lifts", fg="red", err=True)

@@ -21,13 +21,28 @@ from rich.table import Table  # noqa: E402
 from sandbox.loop import SandboxResult  # noqa: E402
 
 
-def _table(title: str, frame: pd.DataFrame, float_format: str = "{:.4g}") -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in frame.columns:
-        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "iuf" else "left")
+def _table(title: str, frame: pd.DataFrame, float_format: str = "{:.4g}", caption: str | None = None,
+           figures_across: bool = False) -> Table:
+    """A frame as a terminal table. Cells wrap instead of ending in "…" when the terminal is
+    narrow, so no figure is ever cut short. `figures_across`: every column after the first
+    holds figures already formatted as text (right-aligned like numbers)."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for i, column in enumerate(frame.columns):
+        right = frame[column].dtype.kind in "iuf" or (figures_across and i > 0)
+        table.add_column(str(column), justify="right" if right else "left", overflow="fold")
     for row in frame.itertuples(index=False):
         table.add_row(*[float_format.format(v) if isinstance(v, float) else str(v) for v in row])
     return table
+
+
+def _by_column(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """`frame` turned on its side (its columns become rows), each value formatted by its
+    original column's type: a few row labels across would not fit 80 columns, many down do."""
+    def text(value, kind: str) -> str:
+        return f"{int(value):,}" if kind in "iu" else f"{value:.4g}" if kind == "f" else str(value)
+
+    rows = [[str(column)] + [text(v, frame[column].dtype.kind) for v in frame[column]] for column in frame.columns]
+    return pd.DataFrame(rows, columns=[label] + [str(i) for i in frame.index])
 
 
 def facts_frame(facts) -> pd.DataFrame:
@@ -55,8 +70,11 @@ def run_frame(result: SandboxResult) -> pd.DataFrame:
 
 def lift_frame(result: SandboxResult) -> pd.DataFrame:
     if result.lift is None or len(result.lift) == 0:
-        return pd.DataFrame({"": ["no A/B analysis for this run (an arm had no exposed users)"]})
+        return pd.DataFrame({"": [_NO_LIFT]})
     return _lift_columns(result.lift, result.sample_ratio)
+
+
+_NO_LIFT = "no A/B analysis for this run (an arm had no exposed users)"
 
 
 def _lift_columns(lift: pd.DataFrame, srm) -> pd.DataFrame:
@@ -66,9 +84,29 @@ def _lift_columns(lift: pd.DataFrame, srm) -> pd.DataFrame:
     return frame
 
 
-def lift_table(lift: pd.DataFrame, srm, title: str) -> Table:
-    """The lift rows of `experiments.analysis.ab_report` as a terminal table (`climber ab`)."""
-    return _table(title, _lift_columns(lift, srm))
+def lift_tables(lift: pd.DataFrame, srm, control: str = "control", confidence: float = 0.95) -> list[Table]:
+    """The lift rows of `experiments.analysis.ab_report` as terminal tables, one per arm with
+    the metrics across and the figures down, so they fit an 80-column terminal for any
+    number of arms. Lifts, intervals and MDEs are relative (treatment / control - 1)."""
+    tables = []
+    for arm, rows in lift.groupby("arm", sort=False):
+        figures = {
+            control: [f"{v:.4g}" for v in rows["control"]],
+            arm: [f"{v:.4g}" for v in rows["treatment"]],
+            "lift": [f"{v:+.2%}" for v in rows["lift"]],
+            f"{confidence:.0%} CI": [f"[{lo:+.2%}, {hi:+.2%}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+            "p-value": [f"{v:.3g}" for v in rows["p_value"]],
+            "MDE (80% power)": [f"±{v:.2%}" for v in rows["mde"]],
+            "users": [f"{c:,} / {t:,}" for c, t in zip(rows["n_control"], rows["n_treatment"])],
+        }
+        frame = pd.DataFrame([[name, *values] for name, values in figures.items()],
+                             columns=["", *rows["metric"]])
+        caption = None if srm is None else (
+            f"sample-ratio check over all arms (chi-square): p = {srm.p_value:.3g}"
+            + (" MISMATCH: do not trust these lifts" if srm.mismatch else ""))
+        tables.append(_table(f"A/B lift of {arm} against {control} (delta method)", frame, caption=caption,
+                             figures_across=True))
+    return tables
 
 
 def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame]]:
@@ -82,9 +120,19 @@ def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame]]:
 
 
 def print_summary(result: SandboxResult, console: Console | None = None) -> None:
+    """The run in the terminal: the report's sections, with the wide ones turned on their
+    side so that an 80-column terminal shows every figure (report.html keeps them as rows)."""
     console = console or Console()
-    for title, frame in sections(result):
-        console.print(_table(title, frame))
+    console.print(_table("Run", run_frame(result)))
+    console.print(_table("Events by behaviour and scenario", _by_column(result.behaviour_counts, "behaviour"),
+                         figures_across=True))
+    console.print(_table("Engagement per arm", _by_column(result.arm_metrics, ""), figures_across=True))
+    if result.lift is None or len(result.lift) == 0:
+        console.print(_NO_LIFT)
+    else:
+        for table in lift_tables(result.lift, result.sample_ratio):
+            console.print(table)
+    console.print(_table("Stylised facts", facts_frame(result.facts)))
 
 
 def _plots(db_path: Path, out_dir: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import pytest
 from features.sequence import sequences_from_log
 from features.store import FeatureStoreClient
 from sandbox.loop import Sandbox, Stopwatch, run_sandbox
-from sandbox.report import write_report
+from sandbox.report import print_summary, write_report
 from sandbox.settings import SandboxSettings
 from simulator.config import SimConfig
 from streaming.events import encode_event
@@ -130,6 +130,28 @@ def test_report_and_summary_are_written(tiny_run):
     assert report.exists() and (tiny_run.run_dir / "overview.png").stat().st_size > 10_000
     text = report.read_text()
     assert "Stylised facts" in text and "Engagement per arm" in text and "A/B lift" in text
+
+
+def test_terminal_summary_shows_every_figure_in_80_columns(tiny_run):
+    """An 80-column terminal (or a pipe) must not cut figures short with "…"."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=StringIO())
+    print_summary(tiny_run, console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    cells = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    assert all(scenario in text for scenario in tiny_run.behaviour_counts.index)
+    impressions = next(row for row in cells if row[0].strip() == "impression")
+    assert [int(cell.replace(",", "")) for cell in impressions[1:]] == \
+        tiny_run.behaviour_counts["impression"].tolist()
+    assert len(tiny_run.lift) > 0
+    for lift in tiny_run.lift.itertuples():
+        assert f"A/B lift of {lift.arm} against control" in text
+        assert f"{lift.lift:+.2%}" in text and f"[{lift.ci_low:+.2%}, {lift.ci_high:+.2%}]" in text
+    assert f"p = {tiny_run.sample_ratio.p_value:.3g}" in text
 
 
 def test_timings_split_the_wall_time_once(tiny_run):
