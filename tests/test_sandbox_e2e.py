@@ -188,3 +188,18 @@ def test_kafka_transport_builds_the_same_sequences_through_faust(tmp_path):
     assert result.events == len(events) > 1000
     assert [u for u in reference if not served[u].equals(reference[u])] == []
     assert result.dead_letters == 0
+
+
+def test_bench_sim_repeats_report_best_and_median_of_one_log(tmp_path, monkeypatch):
+    import json
+
+    import bench.common
+    from bench.sim import run_bench_sim
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)  # keep the repository's figures
+    figures = run_bench_sim(users=30, tracks=300, days=0.3, seed=1, repeats=2)
+    rates = [run["events_per_second"] for run in figures["runs"]]
+    assert len(rates) == 2 and figures["best_events_per_second"] == max(rates)
+    assert min(rates) <= figures["median_events_per_second"] <= max(rates)
+    assert len({run["event_log_hash"] for run in figures["runs"]}) == 1
+    assert json.loads((tmp_path / "sim.json").read_text())["config"]["users"] == 30
