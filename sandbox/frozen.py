@@ -127,6 +127,8 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
     "bench growth") and, for commands that hand their arguments on, the parsed flags."""
     from sandbox.cli import FORWARDED
 
+    if "--help" in argv or "-h" in argv:  # click and argparse would print help and exit mid-check
+        raise ValueError("asks for --help, which prints usage instead of running")
     command = _climber_command()
     ctx = typer.Context(command, info_name="climber")
     names: list[str] = []

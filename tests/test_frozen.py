@@ -40,9 +40,11 @@ def _config(tmp_path, steps, **fields):
 def test_a_step_that_no_longer_parses_is_named_with_its_problem(tmp_path):
     path = _config(tmp_path, ["climber bench sim --users 10", "climber bench sim --users ten",
                               "climber train --model astro --size s --db x.duckdb --out y --no-such-flag",
-                              "climber nonsense", "climber bench", "python -c pass"])
-    problems = check_frozen(load_frozen(path), path)
-    assert len(problems) == 5
+                              "climber nonsense", "climber bench", "python -c pass", "climber bench sim --help",
+                              "climber train -h"])
+    problems = check_frozen(load_frozen(path), path)  # help would print usage and exit mid-check
+    assert len(problems) == 7
+    assert all(problems[i].startswith(f"step {i + 2}") and "--help" in problems[i] for i in (5, 6))
     assert problems[0].startswith("step 2") and "ten" in problems[0]
     assert problems[1].startswith("step 3") and "--no-such-flag" in problems[1]
     assert problems[2].startswith("step 4") and "nonsense" in problems[2]
