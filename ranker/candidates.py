@@ -21,6 +21,8 @@ track ids (-1 = none), and a masked pass applies the release filter, de-duplicat
 quota. Batches hold only tens of requests, so numpy calls, not array sizes, are the cost:
 one pass takes, for all rows at once, each row's next source in its priority order (rows of
 different scenarios in one pass), and sources reading the same group index share a gather.
+The two steps that still cost most as numpy calls, that pass (`merge_stage`) and the
+best-first gather (`gather_best`), are compiled loops (`ranker/candidate_kernels.py`).
 `generate_with_sources_reference`, one source at a time, is the plain version the batched
 one must match (the tests check it). Popularity is learned online from the event stream
 (`observe`); the per-group popularity orders are rebuilt at most every `refresh_ms` of
@@ -39,6 +41,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from features.sequence import UserSequence
+from ranker.candidate_kernels import gather_best, merge_stage
 from ranker.interface import SequenceSource, SlateRequest, TrackMetadata
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, SCENARIOS, EventBatch
 
@@ -272,9 +275,11 @@ class _GroupIndex:
 
     def gather(self, groups: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """int64 [B, k]: tracks from each row's groups ([B, G], -1 = none), interleaved
-        group by group; best first, or uniformly at random within the group with `rng`."""
+        group by group; best first (`gather_best`), or uniformly at random within the group with `rng`."""
         if len(self.tracks) == 0:
             return np.full((len(groups), k), -1, np.int64)
+        if rng is None:
+            return gather_best(self.tracks, self.start, np.ascontiguousarray(groups, np.int64), int(k))
         groups = np.where((groups >= 0) & (groups < self.n_groups), groups, -1)
         slot = np.arange(k)[None, :]
         if groups.shape[1] == 1:  # one group per row (search, radio): nothing to interleave
@@ -286,10 +291,7 @@ class _GroupIndex:
         safe = np.maximum(group, 0)
         start = self.start[safe]
         size = self.start[safe + 1] - start
-        if rng is None:
-            rank = slot // n_valid
-        else:
-            rank = np.floor(rng.random((len(groups), k)) * size).astype(np.int64)
+        rank = np.floor(rng.random((len(groups), k)) * size).astype(np.int64)
         ok = (group >= 0) & (rank < size)
         return np.where(ok, self.tracks[np.minimum(start + rank, len(self.tracks) - 1)], -1)
 
@@ -564,7 +566,7 @@ class _Picks:
 
     def __init__(self, n_rows: int, width: int, n_tracks: int, seed_track: np.ndarray,
                  release_ts: np.ndarray | None) -> None:
-        self.release_ts = release_ts
+        self.release_ts = None if release_ts is None else np.ascontiguousarray(release_ts, np.int64)
         self.tracks = np.full((n_rows, width), -1, np.int64)
         self.codes = np.zeros((n_rows, width), np.int8)
         self.count = np.zeros(n_rows, np.int64)
@@ -576,27 +578,17 @@ class _Picks:
             may_repeat: np.ndarray) -> np.ndarray:
         """Append to each of `rows` its first `quota` proposals ([len(rows), k], -1 = none) that
         are released at the row's `ts` and not taken yet; `may_repeat` marks rows whose
-        proposals can hold a track twice (random draws). Returns how many each row kept."""
-        n_tracks = self.taken.shape[1]
-        taken = self.taken.reshape(-1)
-        safe = np.maximum(proposed, 0)
-        flat = safe + (rows * n_tracks)[:, None]  # index into taken.ravel()
-        ok = (proposed >= 0) & ~taken[flat]
-        if self.release_ts is not None:
-            ok &= self.release_ts[safe] <= ts[:, None]
-        if may_repeat.any():
-            repeat = np.flatnonzero(may_repeat)
-            ok[repeat] &= first_occurrence(proposed[repeat])
-        rank = np.cumsum(ok, axis=1)
-        r, c = np.nonzero(ok & (rank <= quota[:, None]))
-        taken[flat[r, c]] = True
-        row = rows[r]
-        slot = self.count[row] + rank[r, c] - 1
-        self.tracks[row, slot] = proposed[r, c]
-        self.codes[row, slot] = codes[r]
-        kept = np.bincount(r, minlength=len(rows))
-        self.count[rows] += kept
-        return kept
+        proposals can hold a track twice (random draws). Returns how many each row kept
+        (`merge_stage`, compiled: a stage has only tens of rows)."""
+        check_release = self.release_ts is not None
+        return merge_stage(self.taken, self.tracks, self.codes, self.count, np.ascontiguousarray(rows, np.int64),
+                           np.ascontiguousarray(proposed, np.int64), np.ascontiguousarray(quota, np.int64),
+                           np.ascontiguousarray(ts, np.int64), np.ascontiguousarray(codes, np.int8),
+                           np.ascontiguousarray(may_repeat, np.bool_),
+                           self.release_ts if check_release else _NO_RELEASES, check_release)
+
+
+_NO_RELEASES = np.zeros(0, np.int64)
 
 
 @dataclass

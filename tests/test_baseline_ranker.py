@@ -13,7 +13,7 @@ from features.sequence import UserSequence, sequences_from_log
 from ranker.baseline import CooccurrenceRanker, PopularityRanker
 from ranker.candidates import (
     DAY_MS, SOURCE_CODE, SOURCE_LABELS, CandidateGenerator, TrackPopularity, history_profiles,
-    history_profiles_reference, popularity_order,
+    history_profiles_reference, popularity_order, _Picks,
 )
 from ranker.interface import (
     RANKING_SCORE, RankRequest, SlateRequest, TrackMetadata, order_by_score, order_rows_by_score,
@@ -295,6 +295,33 @@ def test_batched_candidate_generation_matches_the_one_source_at_a_time_reference
                 fast.generate_with_sources(requests), reference.generate_with_sources_reference(requests)):
             np.testing.assert_array_equal(tracks, expected_tracks)
             np.testing.assert_array_equal(sources, expected_sources)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), check_release=st.booleans())
+def test_compiled_stage_merge_keeps_what_the_reference_take_keeps(seed, check_release):
+    """Duplicates, -1 pads, tracks taken before the stage, unreleased tracks and quotas:
+    random-draw rows keep a track's first copy only, other rows keep what the reference keeps."""
+    rng = np.random.default_rng(seed)
+    meta = catalog()
+    n_rows, k, n_tracks = 6, 12, 30  # few tracks, so proposals repeat
+    generator = CandidateGenerator(meta, n_candidates=40)
+    picks = _Picks(n_rows, 40, meta.n_tracks, np.full(n_rows, -1), meta.release_ts if check_release else None)
+    picks.taken[:, :n_tracks] = rng.random((n_rows, n_tracks)) < 0.2
+    taken_before = picks.taken.copy()
+    rows = np.sort(rng.choice(n_rows, 4, replace=False))
+    proposed = np.where(rng.random((4, k)) < 0.15, -1, rng.integers(0, n_tracks, (4, k)))
+    quota, ts = rng.integers(0, 8, 4), np.full(4, NOW if check_release else NOW + 2 * DAY_MS)
+    may_repeat = rng.random(4) < 0.5
+    kept = picks.add(rows, proposed, quota, ts, np.full(4, 3, np.int8), may_repeat)
+    for repeat in (False, True):  # the reference takes one kind of row per call
+        mine = np.flatnonzero(may_repeat == repeat)
+        keep = generator._take_reference(rows[mine], proposed[mine], quota[mine], ts[mine], taken_before, repeat)
+        for i, mask in zip(mine.tolist(), keep):
+            assert kept[i] == mask.sum()
+            np.testing.assert_array_equal(picks.tracks[rows[i], :kept[i]], proposed[i][mask])
+    np.testing.assert_array_equal(picks.taken, taken_before)  # the reference marked the same tracks
+    assert (picks.codes[rows][picks.tracks[rows] >= 0] == 3).all()
 
 
 def test_batched_history_profiles_match_the_per_user_reference():
