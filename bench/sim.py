@@ -31,6 +31,9 @@ def run_bench_sim(users: int, tracks: int, days: float, seed: int, repeats: int 
             runs.append({"events": result.events, "wall_seconds": result.wall_seconds,
                          "events_per_second": result.events_per_second, "timings": result.timings,
                          "event_log_hash": result.event_log_hash})
+        # One line per repeat rather than a live bar: a refreshing bar would share the cores it measures.
+        console.print(f"repeat {repeat + 1}/{repeats}: {result.events_per_second:,.0f} events/s "
+                      f"in {result.wall_seconds:.1f} s")
     best = max(runs, key=lambda r: r["events_per_second"])
     rates = [r["events_per_second"] for r in runs]
     if len({r["event_log_hash"] for r in runs}) != 1:  # same seed, same log: anything else is a bug
