@@ -69,12 +69,13 @@ def run_frame(result: SandboxResult) -> pd.DataFrame:
 
 
 def lift_frame(result: SandboxResult) -> pd.DataFrame:
-    if result.lift is None or len(result.lift) == 0:
-        return pd.DataFrame({"": [_NO_LIFT]})
+    if not _has_lift(result):
+        return pd.DataFrame({"": ["no A/B analysis for this run (an arm had no exposed users)"]})
     return _lift_columns(result.lift, result.sample_ratio)
 
 
-_NO_LIFT = "no A/B analysis for this run (an arm had no exposed users)"
+def _has_lift(result: SandboxResult) -> bool:
+    return result.lift is not None and len(result.lift) > 0
 
 
 def _lift_columns(lift: pd.DataFrame, srm) -> pd.DataFrame:
@@ -109,30 +110,33 @@ def lift_tables(lift: pd.DataFrame, srm, control: str = "control", confidence: f
     return tables
 
 
-def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame]]:
+def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame, list[Table]]]:
+    """Each part of the summary: its title, its frame for report.html, and its terminal
+    tables. In the terminal the wide frames are turned on their side (and each arm's lift
+    gets a table of its own), so that an 80-column terminal shows every figure."""
+    def plain(title: str, frame: pd.DataFrame):
+        return title, frame, [_table(title, frame)]
+
+    def turned(title: str, frame: pd.DataFrame, label: str):
+        return title, frame.reset_index(), [_table(title, _by_column(frame, label), figures_across=True)]
+
+    lift_title = "A/B lift against control (delta method, 95% CI; SRM: sample-ratio chi-square)"
+    lift = lift_frame(result)
     return [
-        ("Run", run_frame(result)),
-        ("Events by scenario and behaviour", result.behaviour_counts.reset_index()),
-        ("Engagement per arm", result.arm_metrics.reset_index()),
-        ("A/B lift against control (delta method, 95% CI; SRM: sample-ratio chi-square)", lift_frame(result)),
-        ("Stylised facts", facts_frame(result.facts)),
+        plain("Run", run_frame(result)),
+        turned("Events by scenario and behaviour", result.behaviour_counts, "behaviour"),
+        turned("Engagement per arm", result.arm_metrics, ""),
+        (lift_title, lift,
+         lift_tables(result.lift, result.sample_ratio) if _has_lift(result) else [_table(lift_title, lift)]),
+        plain("Stylised facts", facts_frame(result.facts)),
     ]
 
 
 def print_summary(result: SandboxResult, console: Console | None = None) -> None:
-    """The run in the terminal: the report's sections, with the wide ones turned on their
-    side so that an 80-column terminal shows every figure (report.html keeps them as rows)."""
     console = console or Console()
-    console.print(_table("Run", run_frame(result)))
-    console.print(_table("Events by behaviour and scenario", _by_column(result.behaviour_counts, "behaviour"),
-                         figures_across=True))
-    console.print(_table("Engagement per arm", _by_column(result.arm_metrics, ""), figures_across=True))
-    if result.lift is None or len(result.lift) == 0:
-        console.print(_NO_LIFT)
-    else:
-        for table in lift_tables(result.lift, result.sample_ratio):
+    for _, _, tables in sections(result):
+        for table in tables:
             console.print(table)
-    console.print(_table("Stylised facts", facts_frame(result.facts)))
 
 
 def _plots(db_path: Path, out_dir: Path) -> list[Path]:
@@ -173,7 +177,7 @@ def _plots(db_path: Path, out_dir: Path) -> list[Path]:
 def write_report(result: SandboxResult) -> Path:
     images = _plots(result.db_path, result.run_dir)
     body = "".join(f"<h2>{html.escape(title)}</h2>{frame.to_html(index=False, border=0)}"
-                   for title, frame in sections(result))
+                   for title, frame, _ in sections(result))
     body += "".join(f'<h2>Plots</h2><img src="{img.name}" style="max-width:100%">' for img in images)
     page = (f"<!doctype html><meta charset='utf-8'><title>Climber sandbox {html.escape(result.run_dir.name)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
