@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.models.hstu import HSTULayer, HSTUStack, relative_buckets
+from ranker.models.hstu import HSTULayer, HSTUStack, PointwiseAttentionConfig, relative_buckets
 from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
 from ranker.models.layers import (
     BlockCache,
@@ -48,7 +48,7 @@ def softplus_inverse(y: float) -> float:
 
 
 @dataclass(frozen=True)
-class AstroConfig(SoftmaxConfig):
+class AstroConfig(PointwiseAttentionConfig, SoftmaxConfig):
     # Defaults: the issue-3 ablation winner on the default-size log (docs/astro.md): two
     # behaviour blocks, what the user engaged with and everything else; HSTU (pointwise)
     # layers inside each block; one layer per block stack below l (see SIZES).
@@ -71,8 +71,7 @@ class AstroConfig(SoftmaxConfig):
     # stack and fuses the Nb outputs; "shared" gives candidates one stack of their own whose
     # queries attend every block's cached K/V, fused per layer (pointwise blocks only).
     candidate_path: str = "per_block"
-    n_rab_buckets: int = 48  # pointwise only: buckets of the relative position / time bias
-    attention_norm: int = 0  # pointwise only: N in SiLU(.) / N; 0 means max_len
+    # n_rab_buckets, attention_norm (PointwiseAttentionConfig): read by pointwise blocks only.
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,10 +87,7 @@ class AstroConfig(SoftmaxConfig):
             raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
         if self.candidate_path == "shared" and self.block_attention != "pointwise":
             raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
-        if self.n_rab_buckets < 1 or self.attention_norm < 0:
-            raise ValueError(
-                f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
-            )
+        self.check_pointwise_attention()
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")
         _group_codes(self.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
