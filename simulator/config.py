@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streaming.events import SCENARIOS
@@ -71,6 +73,11 @@ class SimConfig(BaseModel):
     latent_dim: int = Field(16, ge=2, le=512)
     days: float = Field(7.0, gt=0, le=366)
     seed: int = Field(42, ge=0)
+    # Which user model: 2 (the default since 2026-12-06) returns users by a satisfaction-driven
+    # hazard with weekly cycle, daily profiles and churn; 1 is the model before it (session starts
+    # drawn up front), kept so frozen configs measured on it still give their event logs bit for bit.
+    # Pin it with CLIMBER_SIM__USER_MODEL=1.
+    user_model: Literal[1, 2] = 2
     start_ts: int = Field(DEFAULT_START_TS, ge=0, description="simulated epoch ms at the start")
 
     # Catalog
@@ -97,6 +104,21 @@ class SimConfig(BaseModel):
     genre_fatigue_free: int = Field(4, ge=0, description="same-genre plays in a session before fatigue")
     artist_fatigue: float = Field(0.7, ge=0, description="full-play logit lost per repeat of an artist")
     max_slates_per_session: int = Field(40, ge=1)
+    full_play_shift: float = Field(-0.45, description="added to every full-play logit (user_model 2; skips to Lamere's share)")
+    fast_skip_share: float = Field(0.5, gt=0, lt=1, description="skips within 5 s of the start (user_model 2)")
+    skip_tail_s: float = Field(40.0, gt=0, description="mean play time of the other skips beyond 5 s (user_model 2)")
+
+    # Returning and leaving (user_model 2; see docs/simulator.md "Return and leave")
+    mood_memory_days: float = Field(4.0, gt=0, description="time constant of the satisfaction memory")
+    mood_gain: float = Field(0.3, ge=0, le=1, description="weight of one session in the mood, right after another")
+    mood_sensitivity: float = Field(1.5, ge=0, description="log session rate per unit of mood")
+    satisfaction_reference: float = Field(0.0, description="session satisfaction that leaves mood unchanged")
+    bad_session_below: float = Field(-0.5, description="a session with satisfaction below this is a bad one")
+    dormancy_after: int = Field(3, ge=1, description="bad sessions in a row that make a user go dormant")
+    dormancy_days: float = Field(6.0, gt=0, description="mean break of a dormant user")
+    churn_probability: float = Field(0.25, ge=0, le=1, description="P(a user going dormant never comes back)")
+    profile_shift_sigma_h: float = Field(0.75, ge=0, le=12, description="spread of users' daily-profile shift")
+    weekend_activity: float = Field(0.85, gt=0, description="weekend session rate over weekday rate")
 
     # Platform
     # The ranking tick: requests queue at most this long, and each slate is requested this

@@ -37,7 +37,7 @@ class Oracle:
         self.config, self.catalog, self.users = config, catalog, users
         params = [config.scenario(name) for name in SCENARIOS]
         self.play_bias = np.array([p.play_bias for p in params])
-        self.full_bias = np.array([p.full_bias for p in params])
+        self.full_bias = np.array([p.full_bias for p in params]) + (config.full_play_shift if config.user_model == 2 else 0.0)
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])

@@ -45,6 +45,7 @@ from simulator.catalog import Catalog
 from simulator.config import HOUR_MS, SimConfig
 from simulator.oracle import Oracle
 from simulator.reactions import EVENT_COLUMNS, ReactionModel, Slates
+from simulator.returns import ReturnModel
 from simulator.users import Users
 from streaming.events import SCENARIOS, EventBatch
 
@@ -106,6 +107,8 @@ class MusicPlatform:
         self.users = Users.generate(config, self.catalog, self.rng)
         self.oracle = Oracle(config, self.catalog, self.users)
         self.reactions = ReactionModel(config, self.catalog, self.users, self.oracle)
+        # User model 2 draws each return from satisfaction (returns.py); model 1 draws all starts up front.
+        self.returns = ReturnModel(config, self.users.sessions_per_day, self.rng) if config.user_model == 2 else None
         self.arms = self._check_arms(arms, config.n_users)
         self.slate_size = np.array([config.scenario(s).slate_size for s in SCENARIOS])
 
@@ -143,8 +146,12 @@ class MusicPlatform:
             raise RuntimeError("run: a MusicPlatform simulates once; build a new one for another run")
         self.started = True
         horizon = self.config.horizon_ms
-        starts, users = self.users.session_starts(self.config, self.rng)
-        self.env.process(self._arrivals(starts.tolist(), users.tolist()))
+        if self.returns is None:
+            starts, users = self.users.session_starts(self.config, self.rng)
+            self.env.process(self._arrivals(starts.tolist(), users.tolist()))
+        else:
+            for user in range(self.config.n_users):
+                self.env.process(self._listener(user))
         self.env.process(self._batcher())
         if progress is not None:
             self.env.process(self._progress(progress, horizon))
@@ -170,15 +177,32 @@ class MusicPlatform:
             self.sessions += 1
             env.process(self._session(user, start))
 
+    def _listener(self, user: int):
+        """One user's life (user model 2): sessions, each followed by the draw of the next start."""
+        env, lead, returns = self.env, self.config.batch_window_ms, self.returns
+        start = returns.next_start(user, 0, self.uniform)
+        while start is not None:
+            if start - lead > env.now:
+                yield env.timeout(start - lead - env.now)
+            self.sessions += 1
+            self.busy_until[user] = np.inf
+            end, satisfaction = yield from self._session(user, max(start, int(env.now)))
+            start = returns.end_session(user, end, satisfaction, self.uniform)
+
     def _session(self, user: int, show_at: int):
-        """Slates back to back; the next one is requested a batch window before the current one ends."""
+        """Slates back to back; the next one is requested a batch window before the current one ends.
+
+        Returns (end ms, satisfaction per examined item over the session)."""
         users, config, env = self.users, self.config, self.env
         users.begin_session(user, show_at, config, self.rng)
         scenario = users.draw_scenario(user, self.uniform())
+        satisfied = examined = 0.0
         for slate_index in range(config.max_slates_per_session):
             ask = self._ask(user, scenario, slate_index, show_at)
-            shown_at, duration_ms, keep_going = yield ask.done
+            shown_at, duration_ms, keep_going, slate_satisfied, slate_examined = yield ask.done
             show_at = shown_at + duration_ms
+            satisfied += slate_satisfied
+            examined += slate_examined
             if not keep_going:
                 break
             if self.uniform() < config.scenario_switch:
@@ -187,6 +211,7 @@ class MusicPlatform:
             if wake > env.now:
                 yield env.timeout(wake - env.now)
         self.busy_until[user] = show_at
+        return show_at, satisfied / max(examined, 1.0)
 
     def _batcher(self):
         env, window = self.env, self.config.batch_window_ms
@@ -235,9 +260,10 @@ class MusicPlatform:
         if len(outcome.events):
             self.pending = np.concatenate([self.pending, outcome.events]) if len(self.pending) else outcome.events
             self.pending_first_ts = min(self.pending_first_ts, int(outcome.events[:, 0].min()))
-        for ask, shown, duration_ms, keep_going in zip(asks, shown_at.tolist(), outcome.duration_ms.tolist(),
-                                                       outcome.keep_going.tolist()):
-            ask.done.succeed((shown, duration_ms, keep_going))
+        for ask, shown, duration_ms, keep_going, satisfied, examined in zip(
+                asks, shown_at.tolist(), outcome.duration_ms.tolist(), outcome.keep_going.tolist(),
+                outcome.satisfied.tolist(), outcome.examined.tolist()):
+            ask.done.succeed((shown, duration_ms, keep_going, satisfied, examined))
 
     def _recommend(self, requests: list[SlateRequest]) -> list[RankResponse]:
         responses = self.recommender.recommend(requests)
