@@ -16,6 +16,7 @@ attention temperature is meant to capture, so it must be strong enough to matter
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 from typing import Literal
@@ -27,6 +28,17 @@ from streaming.events import SCENARIOS
 DEFAULT_START_TS = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp() * 1000)  # a Monday
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+
+
+USER_MODEL_ENV = "CLIMBER_SIM__USER_MODEL"
+USER_MODEL_2_DATE = "2026-12-06"  # frozen configs dated before it ran user model 1
+
+
+def _default_user_model() -> int:
+    value = os.environ.get(USER_MODEL_ENV, "2").strip()
+    if value not in ("1", "2"):
+        raise ValueError(f"{USER_MODEL_ENV}: expected 1 or 2, got {value!r}")
+    return int(value)
 
 
 class ScenarioParams(BaseModel):
@@ -76,8 +88,9 @@ class SimConfig(BaseModel):
     # Which user model: 2 (the default since 2026-12-06) returns users by a satisfaction-driven
     # hazard with weekly cycle, daily profiles and churn; 1 is the model before it (session starts
     # drawn up front), kept so frozen configs measured on it still give their event logs bit for bit.
-    # Pin it with CLIMBER_SIM__USER_MODEL=1.
-    user_model: Literal[1, 2] = 2
+    # Pin it with CLIMBER_SIM__USER_MODEL=1 in the environment: it sets the default of every
+    # SimConfig, so `climber simulate|sandbox|bench sim|bench stream` and `python -m simulator` all obey.
+    user_model: Literal[1, 2] = Field(default_factory=lambda: _default_user_model())
     start_ts: int = Field(DEFAULT_START_TS, ge=0, description="simulated epoch ms at the start")
 
     # Catalog

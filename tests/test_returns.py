@@ -130,3 +130,20 @@ def test_churned_users_stop_and_activity_counts_everyone(facts_run):
     assert len(gone) > 0 and (activity["active_days"] <= 8).all()
     last_ts = np.array([events.ts[events.user_id == user].max() for user in gone[:20]])
     assert (last_ts < platform.config.end_ts).all()
+
+
+def test_frozen_configs_before_user_model_2_must_pin_model_1(monkeypatch):
+    from sandbox.frozen import FrozenConfig, check_frozen
+
+    def config(step: str, date: str = "2026-12-03") -> FrozenConfig:
+        return FrozenConfig(id=f"{date}-x", date=date, reports="r", machine="m", commit="c", steps=[step])
+
+    step = "climber simulate --users 10 --out runs --run-id a"
+    assert any("user model 1" in p for p in check_frozen(config(step)))
+    assert check_frozen(config(f"env CLIMBER_SIM__USER_MODEL=1 {step}")) == []
+    assert check_frozen(config(step, "2026-12-07")) == []
+    monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "1")
+    assert SimConfig().user_model == 1 and SimConfig(user_model=2).user_model == 2
+    monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "3")
+    with pytest.raises(ValueError, match="CLIMBER_SIM__USER_MODEL"):
+        SimConfig()
