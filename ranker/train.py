@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ranker.batch import TASKS, RankBatch
+from ranker.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 from ranker.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
 from ranker.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.metrics import ranking_report
@@ -391,6 +392,8 @@ def train(
     train_seconds = time.perf_counter() - started
 
     metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
+    if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
+        metrics.update(ceiling_metrics(db_path, data.train, data.eval))
     extra["metrics"] = metrics
     version = checkpoint()
     requests_seen = step * batch_size
@@ -413,6 +416,11 @@ def train(
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
             + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
             + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
+        if POPULARITY_KEY in metrics:
+            oracle, popular = metrics[ORACLE_KEY], metrics[POPULARITY_KEY]
+            say(f"full-play GAUC on the same impressions: popularity {popular:.3f}, oracle "
+                + (f"{oracle:.3f}; this model closes {gap_closed(metrics['gauc/full_play'], popular, oracle):.0%} "
+                   "of the gap" if np.isfinite(oracle) else "n/a (no oracle_engagement in this log)"))
     return result
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.special import expit as sigmoid
 
 from simulator.catalog import Catalog
-from simulator.config import SimConfig
+from simulator.config import DAY_MS, SimConfig
 from simulator.users import Users
 from streaming.events import SCENARIOS
 
@@ -51,8 +51,23 @@ class Oracle:
         same_genre = users.session_genre_plays[user_ids, self.catalog.genre_id[track_ids]]
         recent = users.recent_artists[user_ids]  # [..., 8]
         same_artist = (recent == self.catalog.artist_id[track_ids][..., None]).sum(axis=-1)
-        return (config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
-                + config.artist_fatigue * same_artist)
+        genre_term = config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
+        if config.user_model == 1:
+            return genre_term + config.artist_fatigue * same_artist
+        # Model 2: one more track by an artist just played is welcome (continuation); more tire.
+        return (genre_term + config.artist_fatigue * np.maximum(0, same_artist - 1)
+                - config.artist_continuation * (same_artist == 1))
+
+    def familiarity(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
+        """exp(-days since the user loved the track / repeat_memory_days); 0 if not in their library.
+
+        Model 2's repeat consumption: recently loved tracks are the likeliest to be played again
+        (Anderson et al. 2014: recency is the strongest signal of re-consumption)."""
+        users = self.users
+        match = np.expand_dims(track_ids, -1) == users.library[user_ids]  # [..., L]
+        age_days = (users.now_ms - users.library_ms[user_ids]) / DAY_MS
+        weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
+        return np.where(match, weight, 0.0).max(axis=-1)
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
                       seed_track: np.ndarray) -> np.ndarray:
@@ -75,6 +90,9 @@ class Oracle:
         play = (self.play_bias[s] + centred + self.popularity_weight[s] * self.catalog.popularity_z[track_ids]
                 + context - 0.5 * fatigue)
         full = self.full_bias[s] + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
+        if self.config.user_model == 2 and self.config.familiarity_weight > 0:
+            bonus = self.config.familiarity_weight * self.familiarity(user_ids, track_ids)
+            play, full = play + bonus, full + bonus
         return play, full
 
     def expected_engagement(self, user_ids, track_ids, scenario_codes, ts: int | np.ndarray | None = None,

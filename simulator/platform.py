@@ -42,10 +42,11 @@ import simpy
 
 from ranker.interface import RankResponse, Recommender, SlateRequest
 from simulator.catalog import Catalog
-from simulator.config import HOUR_MS, SimConfig
+from simulator.config import DAY_MS, HOUR_MS, SimConfig
 from simulator.oracle import Oracle
 from simulator.reactions import EVENT_COLUMNS, ReactionModel, Slates
 from simulator.returns import ReturnModel
+from simulator.tastes import choose_interest, generate_interests
 from simulator.users import Users
 from streaming.events import SCENARIOS, EventBatch
 
@@ -101,6 +102,9 @@ class MusicPlatform:
         self.config = config
         self.recommender = recommender  # may be set after construction, before run()
         self.sink = sink
+        # Optional: gets (request_ids, track_ids, engagement) of every ranked impression, the
+        # oracle's P(full play | examined) when it was shown: the ceiling for offline evaluation.
+        self.oracle_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self.rng = np.random.default_rng(config.seed)
         self.uniform = UniformStream(self.rng)
         self.catalog = Catalog.generate(config, self.rng)
@@ -109,6 +113,8 @@ class MusicPlatform:
         self.reactions = ReactionModel(config, self.catalog, self.users, self.oracle)
         # User model 2 draws each return from satisfaction (returns.py); model 1 draws all starts up front.
         self.returns = ReturnModel(config, self.users.sessions_per_day, self.rng) if config.user_model == 2 else None
+        if self.returns is not None:
+            generate_interests(self.users, config, self.catalog, self.rng)
         self.arms = self._check_arms(arms, config.n_users)
         self.slate_size = np.array([config.scenario(s).slate_size for s in SCENARIOS])
 
@@ -194,8 +200,11 @@ class MusicPlatform:
 
         Returns (end ms, satisfaction per examined item over the session)."""
         users, config, env = self.users, self.config, self.env
+        elapsed_days = (show_at - users.last_walk_ms[user]) / DAY_MS
         users.begin_session(user, show_at, config, self.rng)
         scenario = users.draw_scenario(user, self.uniform())
+        if self.returns is not None:
+            choose_interest(users, user, scenario, show_at, elapsed_days, config, self.catalog, self.rng, self.uniform)
         satisfied = examined = 0.0
         for slate_index in range(config.max_slates_per_session):
             ask = self._ask(user, scenario, slate_index, show_at)
@@ -252,11 +261,16 @@ class MusicPlatform:
 
     def _flush(self) -> None:
         asks, self.queue = self.queue, []
+        self.users.now_ms = int(self.env.now)
         requests = [a.request for a in asks if a.request is not None]
         responses = self._recommend(requests) if requests else []
         slates = self._slates(asks, responses)
         shown_at = slates.shown_at - self.config.start_ts
         outcome = self.reactions.react(slates, self.rng)
+        if self.oracle_sink is not None:
+            shown = slates.mask & (slates.request_id >= 0)[:, None]
+            rows = np.nonzero(shown)[0]
+            self.oracle_sink(slates.request_id[rows], slates.tracks[shown], outcome.engagement[shown])
         if len(outcome.events):
             self.pending = np.concatenate([self.pending, outcome.events]) if len(self.pending) else outcome.events
             self.pending_first_ts = min(self.pending_first_ts, int(outcome.events[:, 0].min()))
@@ -305,7 +319,14 @@ class MusicPlatform:
     def _library_slates(self, rows: np.ndarray, users: np.ndarray, tracks: np.ndarray, lengths: np.ndarray) -> None:
         """Organic plays: the user picks tracks from their own library (repeats allowed)."""
         k = int(self.slate_size[LIBRARY])
-        pick = (self.rng.random((len(rows), k)) * self.users.library_count[users][:, None]).astype(np.int64)
+        count = self.users.library_count[users][:, None]
+        u = self.rng.random((len(rows), k))
+        if self.returns is None:
+            pick = (u * count).astype(np.int64)
+        else:  # model 2: recently added tracks come back most (slot next-1 is the newest)
+            back = np.minimum((u ** 2.5 * count).astype(np.int64), count - 1)
+            newest = (self.users.library_next[users][:, None] - 1) % self.users.library.shape[1]
+            pick = np.where(count < self.users.library.shape[1], count - 1 - back, (newest - back) % self.users.library.shape[1])
         tracks[rows, :k] = self.users.library[users[:, None], pick]
         lengths[rows] = k
         self.library_slates += len(rows)

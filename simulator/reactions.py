@@ -68,6 +68,7 @@ class SlateOutcome:
     keep_going: np.ndarray  # bool [R], whether the session asks for another slate
     satisfied: np.ndarray  # float64 [R], the slate's satisfaction sum (SATISFACTION_WEIGHTS . counts)
     examined: np.ndarray  # int64 [R], items the user looked at
+    engagement: np.ndarray  # float64 [R, S], the oracle's P(full play | examined) of each item when shown
 
 
 class ReactionModel:
@@ -97,6 +98,7 @@ class ReactionModel:
         examined = mask & (draws[0] < self.examine[slates.scenario, :S])
         played = examined & (draws[1] < sigmoid(play_logit))
 
+        engagement = sigmoid(play_logit) * sigmoid(full_logit)  # = oracle.expected_engagement at show time
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
         full_logit = full_logit - self._slate_fatigue(u, genre, artist, played)
         full = played & (draws[2] < sigmoid(full_logit))
@@ -129,7 +131,7 @@ class ReactionModel:
                               (mask & ~organic[:, None], played, played, like, share, playlist, dislike), full)
         self._learn(slates, organic, latent, played, full, like, playlist, genre, artist)
         return SlateOutcome(events=events, duration_ms=duration_ms.astype(np.int64), keep_going=keep_going,
-                            satisfied=satisfied, examined=n_examined)
+                            satisfied=satisfied, examined=n_examined, engagement=engagement)
 
     def _skip_ms(self, duration: np.ndarray, u: np.ndarray) -> np.ndarray:
         """How long a skipped track played. Model 1: 2 s to ~60% of the track. Model 2: Lamere's
@@ -191,5 +193,5 @@ class ReactionModel:
         consumed = (full | like).astype(np.float64) + 0.5 * playlist
         users.drift_toward(slates.users, latent, consumed, self.config.taste_learning_rate)
         keep = (full | like | playlist) & ~organic[:, None]
-        users.add_to_library(slates.users, tracks, keep)
+        users.add_to_library(slates.users, tracks, keep, slates.shown_at - self.config.start_ts)
         users.note_plays(slates.users, artist, genre, played)

@@ -11,8 +11,10 @@ Each user's session starts are a non-homogeneous Poisson process with intensity
   by a small `shift_u`; weekend days use a later, flatter version of each profile and the
   weekly factor `weekend_activity` (Zhang et al. 2013: weekend mornings start later);
 - `mood_u`: a fading average of satisfaction. At the end of each session
-  mood <- k * mood + (1 - k) * (satisfaction - reference), k = (1 - mood_gain) exp(-dt / mood_memory_days),
-  with dt the time since the last update, where satisfaction is the session's (full plays + likes + shares + playlists/2
+  mood <- k * mood + (1 - k) * (satisfaction - expectation), k = (1 - mood_gain) exp(-dt / mood_memory_days),
+  with dt the time since the last update; expectation starts at `satisfaction_reference` and
+  follows the user's own sessions slowly (`expectation_gain` per session: people get used to
+  a service, so a steady policy settles instead of spiralling up or down), where satisfaction is the session's (full plays + likes + shares + playlists/2
   - 0.7 skips - 2 dislikes) per examined item. Between sessions mood decays toward 0, so a
   bad week is forgotten over a few `mood_memory_days`. A ranker that satisfies brings its
   users back sooner; one that does not makes them come back later (KuaiSim's retention
@@ -78,6 +80,7 @@ class ReturnModel:
         self.profile = rng.choice(len(PROFILE_NAMES), U, p=PROFILE_SHARES)
         self.shift_ms = (config.profile_shift_sigma_h * HOUR_MS * rng.standard_normal(U)).astype(np.int64)
         self.mood = np.zeros(U)
+        self.expectation = np.full(U, config.satisfaction_reference)  # what the user has come to expect
         self.mood_ms = np.zeros(U, np.int64)  # when mood was last updated
         self.bad_run = np.zeros(U, np.int64)
         self.churned = np.zeros(U, bool)
@@ -134,7 +137,8 @@ class ReturnModel:
         config = self.config
         decay = np.exp(-(end_ms - self.mood_ms[user]) / (config.mood_memory_days * DAY_MS))
         keep = decay * (1.0 - config.mood_gain)  # what the new session leaves of the old mood
-        self.mood[user] = keep * self.mood[user] + (1.0 - keep) * (satisfaction - config.satisfaction_reference)
+        self.mood[user] = keep * self.mood[user] + (1.0 - keep) * (satisfaction - self.expectation[user])
+        self.expectation[user] += config.expectation_gain * (satisfaction - self.expectation[user])
         self.mood_ms[user] = end_ms
         self.bad_run[user] = self.bad_run[user] + 1 if satisfaction < config.bad_session_below else 0
         after = end_ms
