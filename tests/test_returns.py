@@ -66,7 +66,7 @@ def test_facts_fail_a_uniform_policy_and_a_broken_simulator():
 
 
 def test_a_shuffled_ranking_loses_users_not_only_plays():
-    lifts, _ = run_shuffle_ab(SimConfig(n_users=500, n_tracks=3000, days=5.0, seed=11))
+    lifts, _ = run_shuffle_ab(SimConfig(n_users=1000, n_tracks=3000, days=4.0, seed=11))
     by_metric = {lift.metric: lift for lift in lifts}
     for metric in ("active_days", "sessions", "full_plays"):
         assert by_metric[metric].relative < -0.05 and by_metric[metric].p_value < 0.05, by_metric[metric]
@@ -91,6 +91,7 @@ def test_mood_moves_the_next_start_and_fades_over_days():
             returns.mood[:] = 0
             returns.mood_ms[:] = 0
             returns.bad_run[:] = 0
+            returns.expectation[:] = returns.config.satisfaction_reference
             start = returns.end_session(0, DAY_MS, satisfaction, stream(seed))
             draws.append(start - DAY_MS)
         gaps[label] = np.median(draws)
