@@ -29,7 +29,8 @@ from simulator.config import DAY_MS, SimConfig
 from simulator.users import Users
 from streaming.events import SCENARIOS
 
-AFFINITY_CENTER = 0.25  # affinity of a so-so match; logits are centred there
+AFFINITY_CENTER = 0.25
+FAMILIAR_SLOTS = 32  # model 2's familiarity looks at this many of the user's latest library additions  # affinity of a so-so match; logits are centred there
 
 
 class Oracle:
@@ -59,13 +60,18 @@ class Oracle:
                 - config.artist_continuation * (same_artist == 1))
 
     def familiarity(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
-        """exp(-days since the user loved the track / repeat_memory_days); 0 if not in their library.
+        """exp(-days since the user loved the track / repeat_memory_days) over the user's last
+        FAMILIAR_SLOTS library additions; 0 for other tracks.
 
         Model 2's repeat consumption: recently loved tracks are the likeliest to be played again
-        (Anderson et al. 2014: recency is the strongest signal of re-consumption)."""
+        (Anderson et al. 2014: recency is the strongest signal of re-consumption); a track loved
+        FAMILIAR_SLOTS additions ago is days old for all but the heaviest listeners."""
         users = self.users
-        match = np.expand_dims(track_ids, -1) == users.library[user_ids]  # [..., L]
-        age_days = (users.now_ms - users.library_ms[user_ids]) / DAY_MS
+        capacity = users.library.shape[1]
+        slots = (users.library_next[user_ids][..., None] - 1 - np.arange(min(FAMILIAR_SLOTS, capacity))) % capacity
+        rows = np.expand_dims(user_ids, -1)
+        match = np.expand_dims(track_ids, -1) == users.library[rows, slots]  # [..., F]
+        age_days = (users.now_ms - users.library_ms[rows, slots]) / DAY_MS
         weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
         return np.where(match, weight, 0.0).max(axis=-1)
 

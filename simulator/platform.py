@@ -151,6 +151,7 @@ class MusicPlatform:
         if self.started:
             raise RuntimeError("run: a MusicPlatform simulates once; build a new one for another run")
         self.started = True
+        self.reactions.record_engagement = self.oracle_sink is not None
         horizon = self.config.horizon_ms
         if self.returns is None:
             starts, users = self.users.session_starts(self.config, self.rng)

@@ -68,7 +68,7 @@ class SlateOutcome:
     keep_going: np.ndarray  # bool [R], whether the session asks for another slate
     satisfied: np.ndarray  # float64 [R], the slate's satisfaction sum (SATISFACTION_WEIGHTS . counts)
     examined: np.ndarray  # int64 [R], items the user looked at
-    engagement: np.ndarray  # float64 [R, S], the oracle's P(full play | examined) of each item when shown
+    engagement: np.ndarray | None  # float64 [R, S], the oracle's P(full play | examined) when shown, if recorded
 
 
 class ReactionModel:
@@ -82,6 +82,7 @@ class ReactionModel:
         self.signal_biases = np.stack([users.like_bias, users.share_bias, users.playlist_bias, users.dislike_bias])
         self.signal_slopes = np.array([SIGNAL_SLOPE, SIGNAL_SLOPE, SIGNAL_SLOPE, -SIGNAL_SLOPE])[:, None, None]
         self._earlier_cache: dict[int, np.ndarray] = {}
+        self.record_engagement = False  # set by the platform when an oracle_sink wants it
 
     def react(self, slates: Slates, rng: np.random.Generator) -> SlateOutcome:
         config, catalog, users = self.config, self.catalog, self.users
@@ -96,9 +97,11 @@ class ReactionModel:
         play_logit, full_logit = self.oracle.logits(u, tracks, s, slates.query_genre[:, None],
                                                     slates.seed_track[:, None], session_fatigue, latent)
         examined = mask & (draws[0] < self.examine[slates.scenario, :S])
-        played = examined & (draws[1] < sigmoid(play_logit))
+        p_play = sigmoid(play_logit)
+        played = examined & (draws[1] < p_play)
 
-        engagement = sigmoid(play_logit) * sigmoid(full_logit)  # = oracle.expected_engagement at show time
+        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
+        engagement = p_play * sigmoid(full_logit) if self.record_engagement else None
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
         full_logit = full_logit - self._slate_fatigue(u, genre, artist, played)
         full = played & (draws[2] < sigmoid(full_logit))

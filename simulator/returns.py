@@ -31,6 +31,8 @@ process's lack of memory). All draws come from the platform's scalar uniform str
 
 from __future__ import annotations
 
+import bisect
+import math
 from typing import Callable
 
 import numpy as np
@@ -101,11 +103,14 @@ class ReturnModel:
                             weekday_profiles()[:, hour_of_day])
         self.intensity = profiles * week[None, :] / 24  # [P, H] average days per hour
         self.cumulative = np.concatenate([np.zeros((len(profiles), 1)), np.cumsum(self.intensity, axis=1)], axis=1)
+        # Scalar draws read Python lists (bisect, math): numpy per scalar costs microseconds.
+        self._cumulative_rows = self.cumulative.tolist()
+        self._intensity_rows = self.intensity.tolist()
 
     def rate(self, user: int, at_ms: int) -> float:
         """Sessions per average day for this user at `at_ms`, with the mood decayed to then."""
-        decay = np.exp(-(at_ms - self.mood_ms[user]) / (self.config.mood_memory_days * DAY_MS))
-        return float(self.base_rate[user] * np.exp(self.config.mood_sensitivity * self.mood[user] * decay))
+        decay = math.exp(-(at_ms - int(self.mood_ms[user])) / (self.config.mood_memory_days * DAY_MS))
+        return float(self.base_rate[user]) * math.exp(self.config.mood_sensitivity * float(self.mood[user]) * decay)
 
     def next_start(self, user: int, after_ms: int, uniform: Callable[[], float]) -> int | None:
         """The user's next session start after `after_ms`, or None if it falls past the horizon."""
@@ -113,7 +118,7 @@ class ReturnModel:
             return None
         horizon = self.config.horizon_ms
         profile, shift = int(self.profile[user]), int(self.shift_ms[user])
-        cumulative, intensity = self.cumulative[profile], self.intensity[profile]
+        cumulative, intensity = self._cumulative_rows[profile], self._intensity_rows[profile]
         t = after_ms
         while t < horizon:
             x = (t - shift) / HOUR_MS + MARGIN_HOURS  # position on the grid, hours
@@ -121,8 +126,8 @@ class ReturnModel:
             if hour < 0 or hour >= len(intensity):
                 return None
             here = cumulative[hour] + (x - hour) * intensity[hour]
-            target = here - np.log(1.0 - uniform()) / self.rate(user, t)
-            at = int(np.searchsorted(cumulative, target, side="right")) - 1
+            target = here - math.log(1.0 - uniform()) / self.rate(user, t)
+            at = bisect.bisect_right(cumulative, target) - 1
             if at >= len(intensity):
                 return None
             start = int(((at + (target - cumulative[at]) / intensity[at]) - MARGIN_HOURS) * HOUR_MS) + shift
@@ -135,18 +140,20 @@ class ReturnModel:
     def end_session(self, user: int, end_ms: int, satisfaction: float, uniform: Callable[[], float]) -> int | None:
         """Update mood and the run of bad sessions; the next start (None: gone or past the horizon)."""
         config = self.config
-        decay = np.exp(-(end_ms - self.mood_ms[user]) / (config.mood_memory_days * DAY_MS))
+        decay = math.exp(-(end_ms - int(self.mood_ms[user])) / (config.mood_memory_days * DAY_MS))
         keep = decay * (1.0 - config.mood_gain)  # what the new session leaves of the old mood
-        self.mood[user] = keep * self.mood[user] + (1.0 - keep) * (satisfaction - self.expectation[user])
-        self.expectation[user] += config.expectation_gain * (satisfaction - self.expectation[user])
+        expected = float(self.expectation[user])
+        self.mood[user] = keep * float(self.mood[user]) + (1.0 - keep) * (satisfaction - expected)
+        self.expectation[user] = expected + config.expectation_gain * (satisfaction - expected)
         self.mood_ms[user] = end_ms
-        self.bad_run[user] = self.bad_run[user] + 1 if satisfaction < config.bad_session_below else 0
+        bad_run = int(self.bad_run[user]) + 1 if satisfaction < config.bad_session_below else 0
+        self.bad_run[user] = bad_run
         after = end_ms
-        if self.bad_run[user] >= config.dormancy_after:
+        if bad_run >= config.dormancy_after:
             self.bad_run[user] = 0
             self.dormant_spells += 1
             if uniform() < config.churn_probability:
                 self.churned[user] = True
                 return None
-            after = end_ms + int(-np.log(1.0 - uniform()) * config.dormancy_days * DAY_MS)
+            after = end_ms + int(-math.log(1.0 - uniform()) * config.dormancy_days * DAY_MS)
         return self.next_start(user, after, uniform)

@@ -163,11 +163,9 @@ class Users:
     def add_to_library(self, users: np.ndarray, tracks: np.ndarray, mask: np.ndarray,
                        now_ms: int | np.ndarray = 0) -> None:
         """Append the masked tracks of each row; `now_ms` (scalar or one per row) stamps them."""
-        slots = self.library_next.copy()  # the same slots again for the times
-        _ring_append(self.library, self.library_next, users, tracks, mask)
         times = np.asarray(now_ms, np.int64)
         times = np.broadcast_to(times[:, None] if times.ndim else times, tracks.shape)
-        _ring_append(self.library_ms, slots, users, times, mask)
+        _ring_append(self.library, self.library_next, users, tracks, mask, also=(self.library_ms, times))
         self.library_count[users] = np.minimum(self.library_count[users] + mask.sum(axis=1), self.library.shape[1])
 
     def note_plays(self, users: np.ndarray, artists: np.ndarray, genres: np.ndarray, played: np.ndarray) -> None:
@@ -188,11 +186,11 @@ class Users:
 
 
 def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, values: np.ndarray,
-                 mask: np.ndarray) -> None:
+                 mask: np.ndarray, also: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Append the masked values of each row (in order) to that user's ring buffer.
 
     `users` must be unique. Only each row's last `capacity` values are kept, so no slot is
-    written twice in one call.
+    written twice in one call. `also` = (buffer, values) is written at the same slots.
     """
     capacity = buffer.shape[1]
     rank = np.cumsum(mask, axis=1) - 1  # order of each kept value within its row
@@ -201,4 +199,6 @@ def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, v
     rows, cols = np.nonzero(keep)
     slot = (next_slot[users][rows] + rank[rows, cols]) % capacity
     buffer[users[rows], slot] = values[rows, cols]
+    if also is not None:  # a parallel buffer written at the same slots (library times)
+        also[0][users[rows], slot] = also[1][rows, cols]
     next_slot[users] = (next_slot[users] + count) % capacity
