@@ -7,8 +7,8 @@ import math
 import duckdb
 import numpy as np
 
-from ranker.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
-from ranker.data import load_request_log, split_by_time
+from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
+from ranker.training.data import load_request_log, split_by_time
 from sandbox.policy_log import simulate_policy_log
 from sandbox.settings import SandboxSettings
 from simulator.config import SimConfig

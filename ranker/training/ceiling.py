@@ -18,8 +18,8 @@ import duckdb
 import numpy as np
 
 from ranker.batch import TASKS
-from ranker.data import RequestLog
-from ranker.metrics import gauc
+from ranker.training.data import RequestLog
+from ranker.training.metrics import gauc
 from streaming.events import BEHAVIOURS
 
 ORACLE_KEY, POPULARITY_KEY = "gauc/full_play/oracle", "gauc/full_play/popularity"
