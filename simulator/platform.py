@@ -1,9 +1,12 @@
 """The simulated music platform: SimPy sessions that ask a recommender for slates and react.
 
 Processes (simulated time is in milliseconds since `config.start_ts`):
-- arrivals: walks the session start times drawn up front (users.py) and starts each
-  session one batch window early, unless that user is still in a session (a listener has
-  one session at a time, so a user's events never interleave and their timestamps grow);
+- arrivals (user model 1): walks the session start times drawn up front (users.py) and
+  starts each session one batch window early, unless that user is still in a session (a
+  listener has one session at a time, so a user's events never interleave and their
+  timestamps grow);
+- listener (user model 2), one per user: waits for the user's next start (returns.py), runs
+  the session, and draws the next start from how satisfying it was;
 - session: picks a scenario from the user's mix, then asks for slates until satisfaction
   runs out; with P `scenario_switch` the next slate is from another scenario. Library and
   radio need a library (radio seeds from it), else the session opens the home feed;
@@ -84,7 +87,8 @@ class UniformStream:
 
 @dataclass
 class _Ask:
-    """A slate a session waits for; `done` gets (shown_at ms, duration_ms, keep_going)."""
+    """A slate a session waits for; `done` gets (shown_at ms, duration_ms, keep_going,
+    satisfaction sum, items examined)."""
 
     user: int
     scenario: int
