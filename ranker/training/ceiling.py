@@ -6,7 +6,8 @@ impressions, this reports
 - the oracle: the simulator's true P(full play | examined) of each impression when it was
   shown (table `oracle_engagement`, written by `climber simulate`): no ranker can order a
   user's impressions better on average;
-- popularity: plays of the track before the evaluation window (a ranker that knows no user);
+- popularity: plays of the track before the evaluation window (full plays in a log without
+  `play` events, e.g. one made by `climber import`): a ranker that knows no user;
 - each model's share of the gap closed, (model - popularity) / (oracle - popularity).
 """
 
@@ -57,7 +58,10 @@ def ceiling_metrics(db_path: str | Path, train_log: RequestLog, eval_log: Reques
     users = np.repeat(eval_log.user_id, eval_log.candidate_count)
     requests = np.repeat(eval_log.request_id, eval_log.candidate_count)
     start = eval_log.request_ts.min(initial=np.iinfo(np.int64).max)
-    played = (train_log.token_behaviours == BEHAVIOURS.index("play")) & (train_log.token_ts < start)
+    before = train_log.token_ts < start
+    played = (train_log.token_behaviours == BEHAVIOURS.index("play")) & before
+    if not played.any():  # an imported log may hold full plays only
+        played = (train_log.token_behaviours == BEHAVIOURS.index("full_play")) & before
     plays = np.bincount(train_log.token_tracks[played], minlength=eval_log.n_tracks).astype(np.float64)
     # Ties broken by track id, as a popularity ranker would be (deterministic).
     popularity = plays[tracks] + tracks / (10.0 * (tracks.max(initial=0) + 1))
