@@ -9,7 +9,8 @@ Each user's session starts are a non-homogeneous Poisson process with intensity
   listeners and night owls, in roughly equal shares (Louail & Barthelemy 2017 classify the
   users of a streaming log into these four groups of similar sizes), each shifted per user
   by a small `shift_u`; weekend days use a later, flatter version of each profile and the
-  weekly factor `weekend_activity` (Zhang et al. 2013: weekend mornings start later);
+  weekly factor `weekend_activity` (Zhang et al. 2013 find weekday and weekend shapes differ;
+  the factor and the later start are our choice);
 - `mood_u`: a fading average of satisfaction. At the end of each session
   mood <- k * mood + (1 - k) * (satisfaction - expectation), k = (1 - mood_gain) exp(-dt / mood_memory_days),
   with dt the time since the last update; expectation starts at `satisfaction_reference` and
