@@ -212,6 +212,7 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
             unparsed.append(f"step {number} ({step}): {exc}")
     if unparsed:  # which models the steps train is unknown until they parse
         return problems + unparsed
+    problems += _unpinned_simulator_steps(config, [name for name, _ in parsed])
     recorded = {TrainedModel(m.family, m.size, m.overrides).key(): m for m in config.models}
     for number, model in trained_models(parsed):
         frozen = recorded.pop(model.key(), None)
@@ -227,6 +228,22 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
         problems += [f"{label}: {line}" for line in config_differences(frozen.config, now.to_dict())]
     problems += [f"recorded model {m.family} {m.size} {m.overrides} is trained by no step" for m in recorded.values()]
     return problems
+
+
+# Commands that run the simulator: their figures depend on its user model (simulator/config.py).
+SIMULATING = {"simulate", "sandbox", "bench sim", "bench stream"}
+
+
+def _unpinned_simulator_steps(config: FrozenConfig, names: list[str]) -> list[str]:
+    """A config measured before user model 2 must run the simulator on model 1 (the env pin)."""
+    from simulator.config import USER_MODEL_2_DATE, USER_MODEL_ENV
+
+    if config.date.isoformat() >= USER_MODEL_2_DATE:
+        return []
+    pin = f"{USER_MODEL_ENV}=1"
+    return [f"step {number} ({step}): measured on simulator user model 1; start it with `env {pin}`"
+            for number, (step, name) in enumerate(zip(config.steps, names), 1)
+            if name in SIMULATING and pin not in shlex.split(step)[:shlex.split(step).index("climber")]]
 
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
