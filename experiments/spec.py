@@ -18,10 +18,11 @@ dotted keys (`--set sim.n_users=3000 --set phases.ab.days=3`); values are read a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from simulator.config import SimConfig
 
@@ -101,6 +102,17 @@ class FixedArm(Strict):
         return value
 
 
+def _arm_kind(value: Any) -> str:
+    """A trained arm names a family; anything else names a ranker (errors then name its fields)."""
+    if isinstance(value, dict):
+        return "trained" if "family" in value else "fixed"
+    return "trained" if isinstance(value, TrainedArm) else "fixed"
+
+
+Arm = Annotated[Union[Annotated[TrainedArm, Tag("trained")], Annotated[FixedArm, Tag("fixed")]],
+                Discriminator(_arm_kind)]
+
+
 class Metrics(Strict):
     primary: list[Literal[METRICS]] = Field(default_factory=lambda: ["full_plays", "listening_minutes"])  # type: ignore[valid-type]
     confidence: float = Field(0.95, gt=0.5, lt=1)
@@ -116,7 +128,7 @@ class ExperimentSpec(Strict):
     seed: int = Field(42, ge=0)
     sim: dict[str, Any] = Field(default_factory=dict)
     phases: Phases = Field(default_factory=Phases)
-    arms: dict[str, Union[TrainedArm, FixedArm]]
+    arms: dict[str, Arm]
     control: str = "control"
     metrics: Metrics = Field(default_factory=Metrics)
 
@@ -195,5 +207,6 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
     try:
         return ExperimentSpec.model_validate(document)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()]
+        lines = [f"{'.'.join(str(p) for p in error['loc'] if p not in ('trained', 'fixed'))}: {error['msg']}"
+                 for error in exc.errors()]
         raise ValueError(f"{path}: invalid experiment\n  " + "\n  ".join(lines)) from None
