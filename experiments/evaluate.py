@@ -20,7 +20,7 @@ import pandas as pd
 
 from experiments.analysis import SampleRatio, mean_lift, ratio_lift, sample_ratio_check
 from experiments.spec import PER_USER_METRICS, RATIO_METRICS, ExperimentSpec
-from experiments.stats import cuped_lift, holm, msprt, running
+from experiments.stats import cuped_lift, holm, msprt, running, welch_p
 from experiments.user_table import user_table
 from simulator.config import DAY_MS
 
@@ -66,6 +66,8 @@ def compare(users: pd.DataFrame, base: str, arm: str, metric: str, covariate: pd
         plain = mean_lift(c[metric], t[metric], metric, confidence)
     row.update({k: getattr(plain, k) for k in ("control", "treatment", "lift", "ci_low", "ci_high", "p_value",
                                                 "mde", "n_control", "n_treatment")})
+    if metric not in RATIO_METRICS:
+        row["p_value"] = welch_p(c[metric], t[metric])
     row.update(cuped_lift=np.nan, cuped_ci_low=np.nan, cuped_ci_high=np.nan, cuped_p=np.nan, cuped_mde=np.nan,
                variance_reduction=np.nan)
     if covariate is not None and metric in PER_USER_METRICS:
@@ -73,7 +75,7 @@ def compare(users: pd.DataFrame, base: str, arm: str, metric: str, covariate: pd
         x_c, x_t = x[(users["arm"] == base).to_numpy()], x[(users["arm"] == arm).to_numpy()]
         adjusted = cuped_lift(c[metric], x_c, t[metric], x_t, metric, confidence)
         row.update(cuped_lift=adjusted.lift.lift, cuped_ci_low=adjusted.lift.ci_low,
-                   cuped_ci_high=adjusted.lift.ci_high, cuped_p=adjusted.lift.p_value, cuped_mde=adjusted.lift.mde,
+                   cuped_ci_high=adjusted.lift.ci_high, cuped_p=adjusted.p_value, cuped_mde=adjusted.lift.mde,
                    variance_reduction=adjusted.variance_reduction)
     return row
 

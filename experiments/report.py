@@ -145,6 +145,8 @@ def sections(ev: Evaluation) -> list[tuple[str, pd.DataFrame]]:
 def print_summary(ev: Evaluation, console: Console | None = None) -> None:
     console = console or Console(width=80)
     for title, frame in sections(ev):
+        if frame.empty:
+            continue
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for i, column in enumerate(frame.columns):
             table.add_column(str(column), justify="left" if i == 0 else "right", overflow="fold")

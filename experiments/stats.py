@@ -1,5 +1,8 @@
 """The experiment's statistics beyond a single lift: CUPED, Holm, always-valid intervals.
 
+- The plain test of a per-user metric is Welch's t-test of the difference in means
+  (scipy.stats.ttest_ind): lift = 0 exactly when the difference is 0, and the t-test needs
+  no delta-method approximation. The interval of the relative lift stays the delta method's.
 - CUPED (Deng et al. 2013) as regression adjustment: Y_adj = Y - theta (X - mean X), with X
   the user's warm-up value of the same metric and theta the within-arm OLS slope of Y on X
   (the fit of Y ~ 1 + arm + X). The difference of adjusted means is exactly OLS's arm
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from experiments.analysis import Lift, mean_lift
@@ -31,6 +35,7 @@ class CupedLift:
     theta: float
     variance_reduction: float  # 1 - Var(adjusted) / Var(raw), pooled within arms
     difference: float  # mean_t - mean_c of the adjusted metric (= OLS arm coefficient)
+    p_value: float  # Welch's t-test of that difference
 
 
 def _within_variance(groups: list[np.ndarray]) -> float:
@@ -57,7 +62,16 @@ def cuped_lift(y_c, x_c, y_t, x_t, metric: str = "mean", confidence: float = 0.9
     raw = _within_variance([y_c, y_t])
     reduction = 1 - _within_variance([adj_c, adj_t]) / raw if raw > 0 else 0.0
     return CupedLift(mean_lift(adj_c, adj_t, metric, confidence), theta, float(reduction),
-                     float(adj_t.mean() - adj_c.mean()))
+                     float(adj_t.mean() - adj_c.mean()), welch_p(adj_c, adj_t))
+
+
+def welch_p(control, treatment) -> float:
+    """Two-sided p of Welch's t-test of a difference in means (lift = 0 is difference = 0)."""
+    c, t = np.asarray(control, float), np.asarray(treatment, float)
+    if c.var() == 0 and t.var() == 0:  # e.g. active days in a one-day test: nothing varies
+        return 1.0 if c.mean() == t.mean() else 0.0
+    p = stats.ttest_ind(t, c, equal_var=False).pvalue
+    return float(p) if np.isfinite(p) else 1.0
 
 
 def holm(p_values) -> np.ndarray:
