@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich import box  # noqa: E402
@@ -176,6 +177,11 @@ def plot_lifts(ev: Evaluation, path: Path) -> Path:
         err = np.array([[v[0] - v[1], v[2] - v[0]] for v in values]).T * 100
         ax.errorbar(lift, y, xerr=err, fmt="o", capsize=3, label=arm)
     ax.axvline(0, color="grey", lw=1)
+    low, high = ax.get_xlim()
+    if high > 100 or low < -100:  # one noisy metric (shares, say) would squash all the others
+        ax.set_xlim(max(low, -100), min(high, 100))
+        ax.text(0.99, 0.01, "axis cut at ±100%: wider intervals run off the edge", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color="grey")
     ax.set_yticks(np.arange(len(metrics)), [LABELS[m] for m in metrics])
     ax.invert_yaxis()
     ax.set(xlabel=f"relative lift against {ev.control}, % ({ev.spec.metrics.confidence:.0%} CI; CUPED for "
@@ -226,6 +232,7 @@ def plot_scaling(ev: Evaluation, path: Path) -> Path | None:
                         textcoords="offset points", xytext=(6, 4), fontsize=9)
         ax.axhline(0, color="grey", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel="model FLOPs per request", ylabel=f"lift against {ev.control}, %",
                title=f"{LABELS[metric]} ({'CUPED' if ev.spec.metrics.cuped else 'plain'}, "
                      f"{ev.spec.metrics.confidence:.0%} CI)")
@@ -244,13 +251,13 @@ def plot_sequential(ev: Evaluation, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(primary), figsize=(5.5 * len(primary), 4), squeeze=False)
     for ax, metric in zip(axes.flat, primary):
         for i, arm in enumerate(arms):
-            d = s[(s["arm"] == arm) & (s["metric"] == metric)]
+            d = {k: v.to_numpy() for k, v in s[(s["arm"] == arm) & (s["metric"] == metric)].items()}
             x = d["day"] + (i - (len(arms) - 1) / 2) * 0.12
             line = ax.errorbar(x, d["lift"] * 100, yerr=[(d["lift"] - d["seq_low"]) * 100,
                                                           (d["seq_high"] - d["lift"]) * 100],
                                fmt="o-", capsize=3, label=f"{arm} always-valid")
             ax.errorbar(x, d["lift"] * 100, yerr=[(d["lift"] - d["ci_low"]) * 100, (d["ci_high"] - d["lift"]) * 100],
-                        fmt="none", capsize=6, lw=3, alpha=0.35, color=line[0].get_color())
+                        fmt="none", capsize=6, lw=6, alpha=0.4, color=line[0].get_color())
         ax.axhline(0, color="grey", lw=1)
         ax.set_xticks(sorted(s["day"].unique()))
         ax.set(xlabel="after A/B day", ylabel=f"lift against {ev.control}, %",

@@ -50,6 +50,7 @@ class Train(Strict):
     learning rate and seed), so a lift between sizes is the model's, not its budget's."""
 
     epochs: float = Field(1.0, gt=0, le=100)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; given, it replaces epochs")
     batch_size: int = Field(64, ge=1)
     max_len: int = Field(64, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0)

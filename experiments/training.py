@@ -35,7 +35,7 @@ def train_arm(arm: str, spec: TrainedArm, budget: Train, db_path: Path, out_dir:
     """Train one arm on the warm-up log at `db_path` into `out_dir` (a checkpoint folder)."""
     from ranker.train import train
 
-    result = train(spec.family, spec.size, db_path, out_dir, epochs=budget.epochs, batch_size=budget.batch_size,
+    result = train(spec.family, spec.size, db_path, out_dir, epochs=budget.epochs, steps=budget.steps, batch_size=budget.batch_size,
                    lr=budget.lr, seed=budget.seed, device="auto", max_len=budget.max_len,
                    eval_window_ms=int(budget.eval_days * DAY_MS), checkpoint_every=0, progress=progress,
                    model_overrides=dict(spec.overrides) or None)
