@@ -136,7 +136,9 @@ def sections(ev: Evaluation) -> list[tuple[str, pd.DataFrame]]:
     for (base, arm), rows in between.groupby(["baseline", "arm"], sort=False):
         out.append((f"{arm} against {base} (primary metrics)", lift_frame(rows, conf)))
     out += [("Always-valid (mSPRT) interval after each A/B day, against control", sequential_frame(ev)),
-            ("Oracle regret: expected full plays per slate (position-weighted)", regret_frame(ev)),
+            ("Oracle regret: expected full plays per slate (position-weighted; the oracle leaves out "
+             "fatigue within the slate, so slates that repeat an artist look better than they play)",
+             regret_frame(ev)),
             ("KV cache per neural arm (TURBO serving in the A/B phase)", cache_frame(ev))]
     return out
 
@@ -165,28 +167,26 @@ def print_summary(ev: Evaluation, console: Console | None = None) -> None:
 # -- plots --------------------------------------------------------------------------------------
 
 def plot_lifts(ev: Evaluation, path: Path) -> Path:
+    """One row per metric, each on its own scale: a noisy metric (shares) must not squash the rest."""
     arms = [a for a in ev.spec.arms if a != ev.control]
     metrics = list(dict.fromkeys(ev.lifts["metric"]))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(metrics) * max(1, len(arms)) ** 0.5 + 1.5))
-    height = 0.8 / len(arms)
-    for i, arm in enumerate(arms):
-        rows = ev.lifts[(ev.lifts["baseline"] == ev.control) & (ev.lifts["arm"] == arm)].set_index("metric")
-        values = [best_lift(rows.loc[m]) for m in metrics]
-        y = np.arange(len(metrics)) + (i - (len(arms) - 1) / 2) * height
-        lift = np.array([v[0] for v in values]) * 100
-        err = np.array([[v[0] - v[1], v[2] - v[0]] for v in values]).T * 100
-        ax.errorbar(lift, y, xerr=err, fmt="o", capsize=3, label=arm)
-    ax.axvline(0, color="grey", lw=1)
-    low, high = ax.get_xlim()
-    if high > 100 or low < -100:  # one noisy metric (shares, say) would squash all the others
-        ax.set_xlim(max(low, -100), min(high, 100))
-        ax.text(0.99, 0.01, "axis cut at ±100%: wider intervals run off the edge", transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=8, color="grey")
-    ax.set_yticks(np.arange(len(metrics)), [LABELS[m] for m in metrics])
-    ax.invert_yaxis()
-    ax.set(xlabel=f"relative lift against {ev.control}, % ({ev.spec.metrics.confidence:.0%} CI; CUPED for "
-                  "per-user metrics)", title="Lift per metric per arm")
-    ax.legend(loc="best", fontsize=8)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.32 * len(metrics) * (len(arms) + 1) + 1.2),
+                             squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[:, 0], metrics):
+        rows = ev.lifts[(ev.lifts["baseline"] == ev.control) & (ev.lifts["metric"] == metric)].set_index("arm")
+        for i, arm in enumerate(arms):
+            lift, low, high, kind = best_lift(rows.loc[arm])
+            ax.errorbar([lift * 100], [i], xerr=[[(lift - low) * 100], [(high - lift) * 100]], fmt="o", capsize=3,
+                        color=colours[i % len(colours)], label=arm)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(arms)), arms, fontsize=7)
+        ax.set_ylim(len(arms) - 0.5, -0.5)
+        ax.set_ylabel(LABELS[metric], rotation=0, ha="right", va="center", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[-1, 0].set_xlabel(f"relative lift against {ev.control}, % ({ev.spec.metrics.confidence:.0%} CI; CUPED for "
+                           "per-user metrics)\neach row has its own scale", fontsize=9)
+    axes[0, 0].set_title("Lift per metric per arm")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -275,7 +275,8 @@ def plot_regret(ev: Evaluation, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(r["arm"], r["regret"], yerr=1.96 * r["regret_se"], capsize=4)
-    ax.set(ylabel="expected full plays per slate lost", title="Oracle regret per arm (95% CI)")
+    ax.set(ylabel="expected full plays per slate lost",
+           title="Oracle regret per arm (95% CI; within-slate fatigue not modelled)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

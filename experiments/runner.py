@@ -215,10 +215,24 @@ def response_request(request, response):
                        request.context, request.ts)
 
 
+TORCH_THREADS = 1
+
+
 def run_experiment(spec: ExperimentSpec, out: Path = Path("runs"), progress: bool = True) -> Path:
-    """Run every phase; returns the run folder (its DuckDB file is sandbox.duckdb)."""
+    """Run every phase; returns the run folder (its DuckDB file is sandbox.duckdb).
+
+    Torch runs on one thread throughout. Serving calls are small (one tick's requests of
+    one arm), and with a second intra-op thread they spin against the simulator and the
+    Feast writer thread for the same cores: on a loaded 2-core box a call took ten times
+    the CPU. One thread also keeps float reductions, and so the event log, the same on
+    every machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
     loop = ExperimentLoop(spec, out, progress)
     try:
         return loop.run()
     finally:
         loop.close()
+        torch.set_num_threads(threads)
