@@ -9,7 +9,7 @@ once, at the end of the warm-up, to train the neural arms (simulator.platform `p
 - train: the warm-up log so far is copied to `warm_up.duckdb` and each neural arm is
   trained on it with the same budget (experiments.training), into `checkpoints/<arm>/`.
 - A/B: each arm's users get their arm's ranker. Neural arms serve through the TURBO path
-  (ranker.neural: per-user KV cache, incremental extends); its hits, extends and rebuilds
+  (ranker.serving: per-user KV cache, incremental extends); its hits, extends and rebuilds
   are kept per arm. For every A/B request the simulator's oracle scores the served slate
   and its own best slate of the same candidates (the `regret` table).
 
@@ -82,7 +82,7 @@ class ExperimentLoop:
         self.examine = np.array([[sb.settings.sim.scenario(s).examine_first * sb.settings.sim.scenario(s).examine_decay**k
                                   for k in range(200)] for s in SCENARIOS])
         warm = spec.phases.warm_up
-        from ranker.baseline import BASELINE_RANKERS
+        from ranker.baselines import BASELINE_RANKERS
 
         base = BASELINE_RANKERS[warm.policy](sb.metadata, self.sequences)
         slate_sizes = {s: sb.settings.sim.scenario(s).slate_size for s in SCENARIOS}
@@ -136,7 +136,7 @@ class ExperimentLoop:
                 print(f"training {arm} ({arm_spec.family} {arm_spec.size}) on the warm-up log")
             self.models[arm] = train_arm(arm, arm_spec, self.spec.phases.train, log_path,
                                          self.run_dir / "checkpoints" / arm, progress=self.progress)
-        from ranker.neural import NeuralRanker
+        from ranker.serving.ranker import NeuralRanker
 
         rankers = {}
         for arm, arm_spec in self.spec.arms.items():

@@ -76,7 +76,7 @@ class TrainedArm(Strict):
 
     @model_validator(mode="after")
     def _known_size(self) -> "TrainedArm":
-        from ranker.model_common import model_class
+        from ranker.models import model_class
 
         sizes = model_class(self.family).SIZES
         if self.size not in sizes:
@@ -96,7 +96,7 @@ class FixedArm(Strict):
         if not value.startswith("checkpoint:"):
             raise ValueError(f"unknown ranker {value!r}; expected one of {[*BASELINES, *REFERENCE_ARMS]}, "
                              "checkpoint:DIR or {family, size}")
-        from ranker.train import META_FILE
+        from ranker.training.checkpoint import META_FILE
 
         if not (Path(value.removeprefix("checkpoint:")) / META_FILE).exists():
             raise ValueError(f"{value!r} is not a checkpoint folder (no {META_FILE} in it)")

@@ -33,7 +33,7 @@ class TrainedModel:
 def train_arm(arm: str, spec: TrainedArm, budget: Train, db_path: Path, out_dir: Path,
               progress: bool = True) -> TrainedModel:
     """Train one arm on the warm-up log at `db_path` into `out_dir` (a checkpoint folder)."""
-    from ranker.train import train
+    from ranker.training.train import train
 
     result = train(spec.family, spec.size, db_path, out_dir, epochs=budget.epochs, steps=budget.steps, batch_size=budget.batch_size,
                    lr=budget.lr, seed=budget.seed, device="auto", max_len=budget.max_len,

@@ -180,7 +180,7 @@ def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
 
 def _trained_by_experiment(args: argparse.Namespace) -> list[TrainedModel]:
     from experiments.spec import load_spec
-    from ranker.train import config_overrides
+    from ranker.training.train import config_overrides
 
     path = Path(args.file) if Path(args.file).is_absolute() else CONFIG_DIR.parent / args.file
     try:
