@@ -13,6 +13,9 @@ bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(topics_app, name="topics")
+from experiments.cli import experiment_app  # noqa: E402  (light: imports its machinery lazily)
+
+app.add_typer(experiment_app, name="experiment")
 
 
 def _parse_rankers(items: Optional[list[str]]) -> Optional[dict[str, str]]:
