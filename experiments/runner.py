@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.rankers import ExploringRanker, OracleRanker
+from experiments.rankers import ExploringRanker, Handover, OracleRanker
 from experiments.spec import BASELINES, ExperimentSpec, FixedArm
 from experiments.training import TrainedModel, train_arm
 from simulator.config import DAY_MS
@@ -76,6 +76,7 @@ class ExperimentLoop:
         self.ab_start_ts = spec.sim_config().start_ts + spec.phases.warm_up.days * DAY_MS
         self.end_ts = spec.sim_config().start_ts + spec.days * DAY_MS
         self.models: dict[str, TrainedModel] = {}
+        self.arm_rankers: dict = {}  # each arm's A/B ranker, set at the pause
         self.regret_rows: list[tuple] = []
         self.phase_seconds: dict[str, float] = {}
         self.oracle = OracleRanker(sb.platform.oracle)
@@ -153,7 +154,8 @@ class ExperimentLoop:
         for ranker in rankers.values():
             if hasattr(ranker, "warm_up"):
                 ranker.warm_up()
-        sb.recommender.rankers = rankers
+        self.arm_rankers = rankers
+        sb.recommender.rankers = {arm: Handover(self.logger, ranker, self.ab_start_ts) for arm, ranker in rankers.items()}
         self.phase_seconds["train"] = time.perf_counter() - now
         self._phase_started = time.perf_counter()
         if self.bar is not None:
@@ -177,7 +179,7 @@ class ExperimentLoop:
     def _write_tables(self, wall_seconds: float) -> None:
         sb = self.sandbox
         con = sb.recorder.connection
-        rankers = sb.recommender.rankers
+        rankers = self.arm_rankers
         cache = []
         for arm, ranker in rankers.items():
             stats = getattr(getattr(ranker, "cache", None), "stats", None)
