@@ -50,6 +50,7 @@ def run_frame(ev: Evaluation) -> pd.DataFrame:
     phases = json.loads(ev.meta["phase_seconds"])
     spec = ev.spec
     rows = [("experiment", spec.name), ("seed / salt", f"{spec.seed} / {spec.salt}"),
+            ("simulator", f"user model {spec.sim.get('user_model', '?')}"),
             ("users x tracks", f"{spec.sim_config().n_users:,} x {spec.sim_config().n_tracks:,}"),
             ("days", f"{spec.phases.warm_up.days} warm-up + {spec.phases.ab.days} A/B"),
             ("wall seconds", f"{float(ev.meta['wall_seconds']):.0f} (" + ", ".join(

@@ -230,6 +230,8 @@ def run_experiment(spec: ExperimentSpec, out: Path = Path("runs"), progress: boo
     every machine."""
     import torch
 
+    # The record names the simulator's user model even where the file leaves it to the default.
+    spec = spec.model_copy(update={"sim": {**spec.sim, "user_model": spec.sim_config().user_model}})
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     loop = ExperimentLoop(spec, out, progress)
