@@ -92,6 +92,10 @@ class ExperimentLoop:
         self.ab_rankers = dict(sb.rankers)
         sb.recommender.rankers = {arm: self.logger for arm in spec.arms}
         self._log_response = sb.recommender.on_response
+        # The oracle's P(full play | examined) of every warm-up impression: the ceiling that
+        # training prints beside each arm's offline GAUC (ranker/training/ceiling.py).
+        self.oracle_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        sb.platform.oracle_sink = lambda *part: self.oracle_parts.append(part)
         sb.recommender.on_response = self._on_response
 
     # -- phases -----------------------------------------------------------------------------
@@ -124,10 +128,14 @@ class ExperimentLoop:
         now = time.perf_counter()
         self.phase_seconds["warm_up"] = now - self._phase_started
         sb.pipeline.finish()
+        sb.platform.oracle_sink, sb.platform.reactions.record_engagement = None, False
+        if self.oracle_parts:
+            sb.recorder.log_oracle_engagement(*(np.concatenate(column) for column in zip(*self.oracle_parts)))
+            self.oracle_parts = []
         log_path = self.run_dir / "warm_up.duckdb"
         con = sb.recorder.connection
         con.execute(f"ATTACH '{log_path}' AS warm")
-        for table in ("runs", "tracks", "events", "requests", "impressions"):
+        for table in ("runs", "tracks", "events", "requests", "impressions", "oracle_engagement"):
             con.execute(f"CREATE TABLE warm.{table} AS SELECT * FROM {table}")
         con.execute("DETACH warm")
         if self.bar is not None:
