@@ -201,7 +201,8 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                 try:
                     batches.append(unpack_track_events([event.value]))
                 except ValueError as exc:
-                    dead.append(DeadLetter(repr(event.value[:256]), str(exc), _source(event), int(time.time() * 1000)))
+                    dead.append(DeadLetter(repr((event.value or b"")[:256]), str(exc), _source(event),
+                                           int(time.time() * 1000)))
             pending = await send_dead_letters(dead)
             batch = EventBatch.concat(batches)
             if len(batch):

@@ -155,6 +155,17 @@ def test_bad_lines_become_dead_letters_and_their_neighbours_survive(sim_batches)
     assert "malformed JSON" in dead[0].reason and "behaviour" in dead[1].reason
 
 
+def test_a_tombstone_is_a_dead_letter_and_its_batch_mates_are_decoded(sim_batches):
+    good = first_token_event(sim_batches)
+    decoded, dead = decode_event_messages([None, encode_event(good), None], ["events[0]@1", "events[0]@2", "events[0]@3"])
+    assert len(decoded) == 1 and decoded.event_id[0] == good.event_id
+    assert [(d.source, d.reason.split(":")[0], d.payload) for d in dead] == [
+        ("events[0]@1", "null value", ""), ("events[0]@3", "null value", "")]
+    with pytest.raises(ValueError, match="null value"):
+        unpack_track_events([None])
+    assert decode_dead_letter(None).reason.startswith("null value")
+
+
 def test_track_events_pack_by_partition_and_reject_torn_messages(sim_batches):
     batch = EventBatch.concat(sim_batches[:10])
     packed = pack_track_events(batch, partitions=4)
@@ -424,3 +435,43 @@ def test_bad_events_land_in_the_dlq_with_reasons(broker, sim_batches, tmp_path, 
     store = FeatureStoreClient(settings.feast_dir)
     wait_until_visible(store, last_event_ids(log), timeout_s=90)
     assert_sequences_equal_reference(store, log)
+
+
+@pytest.mark.slow
+def test_tombstones_are_dead_letters_and_lose_none_of_their_batch_mates(broker, sim_batches, tmp_path, workers):
+    """Null-value messages between good ones on every partition: each is a dead letter
+    ("null value"), and every good event is applied (Feast equals the recompute). Before
+    the fix the agent crashed and restarted, and the batch-mates were never applied."""
+    settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", batch_ms=200,
+                              track_flush_ms=200)
+    prepare_stream(settings)
+    workers.append(spawn_worker(settings, tmp_path / "worker.log"))
+    log = EventBatch.concat(sim_batches)
+    raw = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=50)
+    tombstones = 0
+    for i, (partition, key, value) in enumerate(encode_event_messages(log, settings.partitions, 20)):
+        if i % 3 == 1:  # a tombstone among the messages of one micro-batch
+            raw.send(EVENTS_TOPIC, value=None, key=b"0", partition=partition)
+            tombstones += 1
+        raw.send(EVENTS_TOPIC, value=value, key=key, partition=partition)
+    raw.flush()
+    raw.close()
+
+    store = FeatureStoreClient(settings.feast_dir)
+    wait_until_visible(store, last_event_ids(log), timeout_s=90)
+    assert_sequences_equal_reference(store, log)
+    reference = track_stats_from_log(log)
+    deadline = time.monotonic() + 30
+    while not store.read_track_stats(reference.track_ids).equals(reference):
+        assert time.monotonic() < deadline, "track statistics in Feast never matched the recompute"
+        time.sleep(0.2)
+    dlq = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                        auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    dlq.assign([TopicPartition(DEAD_LETTER_TOPIC, 0)])
+    letters, deadline = [], time.monotonic() + 30
+    while len(letters) < tombstones and time.monotonic() < deadline:
+        letters += [decode_dead_letter(record.value) for record in dlq]
+    dlq.close()
+    assert tombstones > 10 and len(letters) == tombstones
+    assert all(letter.reason.startswith("null value") and letter.source.startswith("events[") for letter in letters)
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
