@@ -76,6 +76,26 @@ def assert_sequences_equal_reference(store: FeatureStoreClient, log: EventBatch)
     assert not wrong, f"{len(wrong)} of {len(reference)} users differ from the reference, e.g. {wrong[:5]}"
 
 
+def wait_for_track_stats_of(store: FeatureStoreClient, log: EventBatch, timeout_s: float = 30) -> None:
+    reference = track_stats_from_log(log)
+    deadline = time.monotonic() + timeout_s
+    while not store.read_track_stats(reference.track_ids).equals(reference):
+        assert time.monotonic() < deadline, "track statistics in Feast never matched the recompute"
+        time.sleep(0.2)
+
+
+def read_dead_letters(bootstrap: str, expected: int, timeout_s: float = 60) -> list:
+    """Dead letters on events.dlq until `expected` have come (or the time is up)."""
+    dlq = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                        auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    dlq.assign([TopicPartition(DEAD_LETTER_TOPIC, 0)])
+    letters, deadline = [], time.monotonic() + timeout_s
+    while len(letters) < expected and time.monotonic() < deadline:
+        letters += [decode_dead_letter(record.value) for record in dlq]
+    dlq.close()
+    return letters
+
+
 def wait_for_log_line(path: Path, text: str, timeout_s: float, after: int = 0) -> str:
     """The first log line containing `text` at or after byte `after`."""
     deadline = time.monotonic() + timeout_s
@@ -324,11 +344,7 @@ def test_events_through_kafka_and_faust_equal_the_recompute(broker, sim_batches,
     wait_until_visible(store, last_event_ids(log), timeout_s=90)
     assert_sequences_equal_reference(store, log)
 
-    reference = track_stats_from_log(log)
-    deadline = time.monotonic() + 30
-    while not store.read_track_stats(reference.track_ids).equals(reference):
-        assert time.monotonic() < deadline, "track statistics in Feast never matched the recompute"
-        time.sleep(0.2)
+    wait_for_track_stats_of(store, log)
     assert [stop_worker(workers.pop()) for _ in range(2)] == [0, 0]  # SIGTERM is a clean shutdown
 
 
@@ -416,14 +432,7 @@ def test_bad_events_land_in_the_dlq_with_reasons(broker, sim_batches, tmp_path, 
         for batch in sim_batches:
             sink(batch)
 
-    dlq = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                        auto_offset_reset="earliest", consumer_timeout_ms=1000)
-    dlq.assign([TopicPartition(DEAD_LETTER_TOPIC, 0)])
-    letters = []
-    deadline = time.monotonic() + 60
-    while len(letters) < len(bad) and time.monotonic() < deadline:
-        letters += [decode_dead_letter(record.value) for record in dlq]
-    dlq.close()
+    letters = read_dead_letters(settings.bootstrap_servers, len(bad))
     assert len(letters) == len(bad)
     for payload, reason in bad.items():
         matching = [d for d in letters if d.payload == payload.decode()[:4096]]
@@ -460,18 +469,8 @@ def test_tombstones_are_dead_letters_and_lose_none_of_their_batch_mates(broker, 
     store = FeatureStoreClient(settings.feast_dir)
     wait_until_visible(store, last_event_ids(log), timeout_s=90)
     assert_sequences_equal_reference(store, log)
-    reference = track_stats_from_log(log)
-    deadline = time.monotonic() + 30
-    while not store.read_track_stats(reference.track_ids).equals(reference):
-        assert time.monotonic() < deadline, "track statistics in Feast never matched the recompute"
-        time.sleep(0.2)
-    dlq = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                        auto_offset_reset="earliest", consumer_timeout_ms=1000)
-    dlq.assign([TopicPartition(DEAD_LETTER_TOPIC, 0)])
-    letters, deadline = [], time.monotonic() + 30
-    while len(letters) < tombstones and time.monotonic() < deadline:
-        letters += [decode_dead_letter(record.value) for record in dlq]
-    dlq.close()
+    wait_for_track_stats_of(store, log)
+    letters = read_dead_letters(settings.bootstrap_servers, tombstones)
     assert tombstones > 10 and len(letters) == tombstones
     assert all(letter.reason.startswith("null value") and letter.source.startswith("events[") for letter in letters)
     assert "Traceback" not in (tmp_path / "worker.log").read_text()
