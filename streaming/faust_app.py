@@ -176,7 +176,8 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
         async for events in stream.noack_take(settings.batch_messages, within=settings.batch_ms / 1000):
             received = int(time.time() * 1000)
             batch, dead = decode_event_messages([e.value for e in events], map(_source, events), received)
-            batch, implausible = gate.check(batch, f"{_source(events[0])}..{_source(events[-1])}", received)
+            batch, implausible = gate.check(batch, f"{_source(events[0])}..{_source(events[-1])}", received,
+                                            remember=False)
             dead += implausible
             pending = await send_dead_letters(dead)
             if len(batch):
@@ -184,6 +185,7 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
                 for partition, packed in pack_track_events(batch, settings.partitions):
                     pending.append(await track_topic.send(value=packed, partition=partition))
             await asyncio.gather(*pending)  # delivered (raises if not: nothing gets acked)
+            gate.remember(batch)
             for event in events:
                 await stream.ack(event)
 

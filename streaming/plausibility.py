@@ -12,9 +12,11 @@ dead-letters (with the reason) every event that
   - has an `event_id` more than `max_id_lead` ahead of the stream's id watermark, or a
     `ts` more than `max_ts_lead_ms` ahead of its time watermark (the largest accepted so
     far; before anything is accepted, the batch's median, so one wild event cannot set it);
-  - repeats an accepted `event_id` with different content, or, unless `redelivery` (the
-    Kafka workers, where at-least-once delivery repeats whole batches and the apply is
-    idempotent), with the same content.
+  - repeats an accepted `event_id` with different content, or, unless `redelivery` (for
+    consumers whose at-least-once delivery repeats what they already stored, and whose
+    apply is idempotent), with the same content.
+A Kafka worker clears the remembered ids when its partitions change (a redelivered batch
+then passes, as at-least-once delivery wants) and remembers a batch only once it is stored.
 Repeats are found among the last `window` event ids (a ring of ids and content digests);
 an event further behind the watermark than that is not checked for repeats. Late events
 are not refused: a lagging partition or a slow client is normal, and only a watermark
@@ -83,9 +85,11 @@ class PlausibilityGate:
         """Drop the remembered ids (a worker whose partitions changed: another may have them)."""
         self._ids.fill(-1)
 
-    def check(self, batch: EventBatch, source: str = "", received_ts: int = 0
+    def check(self, batch: EventBatch, source: str = "", received_ts: int = 0, remember: bool = True
               ) -> tuple[EventBatch, list[DeadLetter]]:
-        """The plausible events of `batch` (in order) and dead letters for the rest."""
+        """The plausible events of `batch` (in order) and dead letters for the rest. With
+        `remember=False` the caller calls `remember(good)` once the events are stored: a
+        batch that never got stored must not make its own redelivery look like a repeat."""
         if len(batch) == 0:
             return batch, []
         b = self.bounds
@@ -113,7 +117,8 @@ class PlausibilityGate:
             problems.append((mask, reason))
             bad |= mask
         good = batch.select(~bad)
-        self._remember(good)
+        if remember:
+            self.remember(good)
         dead = dead_letters_for(batch, bad, problems, "implausible", source, received_ts) if bad.any() else []
         return good, dead
 
@@ -140,7 +145,8 @@ class PlausibilityGate:
                             "event_id repeated (same content, already accepted)"))
         return reasons
 
-    def _remember(self, good: EventBatch) -> None:
+    def remember(self, good: EventBatch) -> None:
+        """Count `good` (plausible events, as `check` returned them) as accepted."""
         if len(good) == 0:
             return
         slot = good.event_id % self.bounds.window

@@ -87,11 +87,12 @@ class StreamSettings(BaseSettings):
         return min(30_000, (self.delivery_timeout_ms - self.linger_ms) // 2)
 
     def event_bounds(self) -> "EventBounds":
-        """The workers' plausibility bounds; exact repeats pass (Kafka redelivers batches)."""
+        """The workers' plausibility bounds. Exact repeats are refused too: redelivery only
+        follows a rebalance, which clears the worker's remembered ids."""
         from streaming.plausibility import EventBounds
 
         return EventBounds(n_users=self.n_users, n_tracks=self.n_tracks, max_play_ms=self.max_play_ms,
-                           max_id_lead=self.max_event_id_lead, max_ts_lead_ms=self.max_ts_lead_ms, redelivery=True)
+                           max_id_lead=self.max_event_id_lead, max_ts_lead_ms=self.max_ts_lead_ms)
 
     @property
     def bootstrap_servers(self) -> list[str]:
