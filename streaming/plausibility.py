@@ -65,7 +65,7 @@ def content_digest(batch: EventBatch) -> np.ndarray:
     digest = np.zeros(len(batch), np.uint64)
     with np.errstate(over="ignore"):
         for k, column in enumerate(columns):
-            digest = (digest ^ column.astype(np.int64).view(np.uint64)) * _MIX[k]
+            digest = (digest ^ column.astype(np.int64, copy=False).view(np.uint64)) * _MIX[k]
             digest ^= digest >> np.uint64(29)
         digest = (digest ^ arm_hash) * _MIX[8]
     return digest
@@ -113,19 +113,19 @@ class PlausibilityGate:
         bad = np.zeros(len(batch), bool)
         for mask, _ in problems:
             bad |= mask
-        for mask, reason in self._repeats(batch, bad):  # only among events plausible so far
+        digest = content_digest(batch)
+        for mask, reason in self._repeats(batch, digest, bad):  # only among events plausible so far
             problems.append((mask, reason))
             bad |= mask
         good = batch.select(~bad)
         if remember:
-            self.remember(good)
+            self.remember(good, digest[~bad])
         dead = dead_letters_for(batch, bad, problems, "implausible", source, received_ts) if bad.any() else []
         return good, dead
 
-    def _repeats(self, batch: EventBatch, bad: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    def _repeats(self, batch: EventBatch, digest: np.ndarray, bad: np.ndarray) -> list[tuple[np.ndarray, str]]:
         """Masks of the events (not already `bad`) that repeat an accepted event id, or an
         earlier good event of the batch, with their reasons."""
-        digest = content_digest(batch)
         slot = batch.event_id % self.bounds.window
         seen = (self._ids[slot] == batch.event_id) & ~bad
         same = seen & (self._digests[slot] == digest)
@@ -145,12 +145,13 @@ class PlausibilityGate:
                             "event_id repeated (same content, already accepted)"))
         return reasons
 
-    def remember(self, good: EventBatch) -> None:
+    def remember(self, good: EventBatch, digest: np.ndarray | None = None) -> None:
         """Count `good` (plausible events, as `check` returned them) as accepted."""
         if len(good) == 0:
             return
         slot = good.event_id % self.bounds.window
-        self._ids[slot], self._digests[slot] = good.event_id, content_digest(good)
+        self._ids[slot] = good.event_id
+        self._digests[slot] = content_digest(good) if digest is None else digest
         top_id, top_ts = int(good.event_id.max()), int(good.ts.max())
         self.id_watermark = top_id if self.id_watermark is None else max(self.id_watermark, top_id)
         self.ts_watermark = top_ts if self.ts_watermark is None else max(self.ts_watermark, top_ts)
