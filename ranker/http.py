@@ -9,7 +9,10 @@
 
 Bad requests get a 422 whose `message` names the field and the problem: an empty or
 oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
-value, a track outside the model's catalogue. Binds 127.0.0.1 unless told otherwise.
+value, a track outside the model's catalogue, an id or timestamp outside int64. Each request
+is checked on its own, so a bad one never fails its batch-mates. Bodies that are not JSON,
+too large or too slow get a 415, 413 or 408 before parsing (`ranker.http_limits`). Binds
+127.0.0.1 unless told otherwise.
 
 Why /rank reads raw bytes instead of declaring a body parameter: FastAPI would decode the
 JSON into Python objects and then validate them, and validate the reply model again

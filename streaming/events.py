@@ -8,6 +8,8 @@ and what DuckDB and Feast want anyway.
 
 Validation never raises past the caller: `decode_events` and `validate_batch` split input
 into good events and `DeadLetter`s carrying the reason, so one bad event loses nothing else.
+What an event must be relative to the stream (ids and times near its watermarks, inside
+the catalogue, not a repeat) is `streaming.plausibility`'s.
 """
 
 from __future__ import annotations
