@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.http import build_parser, build_service, create_app
+from ranker.serving.http import build_parser, build_service, create_app
 from ranker.interface import RankRequest
 from tests.test_http import N_TRACKS, tiny_service_settings
 from tests.test_http_load import serving_in_thread
@@ -165,7 +165,7 @@ def test_duplicated_candidates_follow_the_documented_rule(tmp_path, rule):
 
 
 def test_service_settings_carry_the_limits(monkeypatch):
-    from ranker.serving import ServingSettings
+    from ranker.serving.service import ServingSettings
 
     monkeypatch.setenv("CLIMBER_SERVE_MAX_BODY_BYTES", "2048")
     monkeypatch.setenv("CLIMBER_SERVE_BODY_TIMEOUT_S", "0.5")

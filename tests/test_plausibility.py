@@ -15,12 +15,12 @@ from features.store import FeatureStoreClient
 from features.track_stats import track_stats_from_log
 from features.updater import FeatureUpdater
 from sandbox.loop import EventPipeline, Stopwatch
-from streaming.bench import simulated_log
+from bench.stream import simulated_log
 from streaming.bus import InProcessBus
 from streaming.events import BEHAVIOUR_CODE, EventBatch
 from streaming.plausibility import DAY_MS, EventBounds, PlausibilityGate, content_digest
 
-N_USERS, N_TRACKS = 200, 2_000  # streaming.bench.simulated_log: 10 tracks per user
+N_USERS, N_TRACKS = 200, 2_000  # bench.stream.simulated_log: 10 tracks per user
 
 
 @pytest.fixture(scope="module")

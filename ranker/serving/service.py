@@ -36,8 +36,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.interface import RankRequest, RankResponse
-from ranker.kv_cache import DEFAULT_BUDGET_BYTES
-from ranker.neural import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
+from ranker.serving.cache import DEFAULT_BUDGET_BYTES
+from ranker.serving.ranker import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -48,7 +48,7 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLIMBER_SERVE_")
 
-    checkpoint: Path | None = None  # a ranker.train checkpoint folder
+    checkpoint: Path | None = None  # a ranker.training.checkpoint folder
     feast_dir: Path | None = None  # the run's Feast data folder (runs/<id>/feast)
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = ""
@@ -68,7 +68,7 @@ class ServingSettings(BaseSettings):
     # jobs) each barrier waits for the scheduler. Measured on 2 cores shared with other jobs
     # (load average 3.5): a batch of one took 637 ms with 2 threads, 5.5 ms with 1.
     torch_threads: int = Field(1, ge=0)
-    # HTTP limits (ranker.http_limits): a body past max_body_bytes gets a 413 before it is
+    # HTTP limits (ranker.serving.http_limits): a body past max_body_bytes gets a 413 before it is
     # parsed (1 MiB: a full candidate list of 1,000 int64 ids is under 25 KB); a body not
     # received within body_timeout_s gets a 408 and the connection is closed, so slow
     # senders cannot hold connections; "reject" refuses a repeated candidate with a 422,

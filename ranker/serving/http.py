@@ -5,13 +5,13 @@
     GET  /health   model and cache state
     GET  /metrics  Prometheus text
 
-    python -m ranker.http --checkpoint models/astro-s --feast-dir runs/<id>/feast [--port 8000]
+    python -m ranker.serving.http --checkpoint models/astro-s --feast-dir runs/<id>/feast [--port 8000]
 
 Bad requests get a 422 whose `message` names the field and the problem: an empty or
 oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
 value, a track outside the model's catalogue, an id or timestamp outside int64. Each request
 is checked on its own, so a bad one never fails its batch-mates. Bodies that are not JSON,
-too large or too slow get a 415, 413 or 408 before parsing (`ranker.http_limits`). Binds
+too large or too slow get a 415, 413 or 408 before parsing (`ranker.serving.http_limits`). Binds
 127.0.0.1 unless told otherwise.
 
 Why /rank reads raw bytes instead of declaring a body parameter: FastAPI would decode the
@@ -41,9 +41,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from ranker.interface import RankRequest
-from ranker.http_limits import read_json_body
-from ranker.neural import INT64_MAX
-from ranker.serving import ScoredResponse, ScoringService, ServingSettings
+from ranker.serving.http_limits import read_json_body
+from ranker.serving.ranker import INT64_MAX
+from ranker.serving.service import ScoredResponse, ScoringService, ServingSettings
 from streaming.events import SCENARIOS
 
 # Ids and timestamps are int64 everywhere behind the edge (Feast keys, DuckDB, the model), so
@@ -180,7 +180,7 @@ def create_app(service: ScoringService) -> FastAPI:
 def build_service(settings: ServingSettings) -> ScoringService:
     """Checkpoint + the run's Feast store -> a ready (not yet started) service."""
     from features.store import FeatureStoreClient
-    from ranker.neural import NeuralRanker
+    from ranker.serving.ranker import NeuralRanker
 
     if settings.checkpoint is None or settings.feast_dir is None:
         raise ValueError("serving needs a checkpoint folder and a Feast data folder (--checkpoint, --feast-dir)")
