@@ -129,14 +129,16 @@ class PlausibilityGate:
         slot = batch.event_id % self.bounds.window
         seen = (self._ids[slot] == batch.event_id) & ~bad
         same = seen & (self._digests[slot] == digest)
-        # Within the batch: sorted by id with the bad last, each id's first event is the
-        # one kept; the good ones after it repeat it.
-        order = np.lexsort((np.arange(len(batch)), bad, batch.event_id))
+        # An id already accepted is judged against what was accepted (above). Among the
+        # others, within the batch: sorted by id with the rest last, each id's first event
+        # is the one kept; the good ones after it repeat it.
+        fresh = ~bad & ~seen
+        order = np.lexsort((np.arange(len(batch)), ~fresh, batch.event_id))
         ids, sorted_digest = batch.event_id[order], digest[order]
         run_start = np.r_[True, ids[1:] != ids[:-1]]
         first = np.maximum.accumulate(np.where(run_start, np.arange(len(ids)), 0))
         later, later_same = np.zeros(len(batch), bool), np.zeros(len(batch), bool)
-        later[order] = ~run_start & ~bad[order]
+        later[order] = ~run_start & fresh[order]
         later_same[order] = later[order] & (sorted_digest == sorted_digest[first])
         differs = (seen & ~same) | (later & ~later_same)
         reasons = [(differs, "event_id repeated with different content")]

@@ -94,6 +94,18 @@ def test_repeats_within_a_batch_keep_the_first_and_redelivery_passes_exact_repea
     assert len(again) == len(head) and len(dead) == 1 and "different content" in dead[0].reason
 
 
+def test_repeats_of_an_accepted_id_in_one_batch_are_judged_against_the_accepted_event(log):
+    """An other-content copy and an exact copy of an accepted event, arriving together: the
+    exact copy is a plain repeat, not "different content" from its batch-mate."""
+    gate = PlausibilityGate(bounds(), id_watermark=-1)
+    gate.check(log)
+    i = a_play(log)
+    copies = EventBatch.concat([one(log, i, behaviour=BEHAVIOUR_CODE["like"]), one(log, i)])
+    good, dead = gate.check(copies)
+    assert len(good) == 0 and ["different content" in d.reason for d in dead] == [True, False]
+    assert "same content" in dead[1].reason
+
+
 def test_content_digest_sees_every_field_but_the_id(log):
     base = content_digest(one(log, 3))[0]
     assert content_digest(one(log, 3, event_id=99))[0] == base
