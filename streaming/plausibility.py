@@ -25,6 +25,7 @@ that runs ahead can poison state.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,8 @@ class EventBounds:
 def content_digest(batch: EventBatch) -> np.ndarray:
     """uint64 [N]: a digest of everything in each event but its id (equal content, equal digest)."""
     arms, arm_code = np.unique(batch.arm.astype(str), return_inverse=True)
-    arm_hash = np.array([int.from_bytes(a.encode()[:8].ljust(8, b"\0"), "little") ^ len(a) for a in arms],
-                        dtype=np.uint64)[arm_code] if len(arms) else np.zeros(0, np.uint64)
+    arm_hash = np.array([int.from_bytes(hashlib.blake2b(a.encode(), digest_size=8).digest(), "little")
+                         for a in arms], dtype=np.uint64)[arm_code] if len(arms) else np.zeros(0, np.uint64)
     columns = (batch.ts, batch.user_id, batch.track_id, batch.scenario, batch.behaviour, batch.request_id,
                batch.position, batch.play_ms)
     digest = np.zeros(len(batch), np.uint64)
@@ -143,7 +144,7 @@ class PlausibilityGate:
         differs = (seen & ~same) | (later & ~later_same)
         reasons = [(differs, "event_id repeated with different content")]
         if not self.bounds.redelivery:
-            reasons.append((((same & ~later) | later_same) & ~differs,
+            reasons.append(((same | later_same) & ~differs,
                             "event_id repeated (same content, already accepted)"))
         return reasons
 

@@ -112,6 +112,8 @@ def test_content_digest_sees_every_field_but_the_id(log):
     for field, value in [("ts", 1), ("user_id", 1), ("track_id", 1), ("scenario", 4), ("behaviour", 7),
                          ("request_id", 12), ("position", 9), ("arm", "other"), ("play_ms", 3)]:
         assert content_digest(one(log, 3, **{field: value}))[0] != base, field
+    long_arms = [content_digest(one(log, 3, arm=arm))[0] for arm in ("treatment-a", "treatment-b")]
+    assert long_arms[0] != long_arms[1]  # arms that share their first bytes and length
 
 
 def test_the_embedded_pipeline_records_counts_and_stores_none_of_them(log, tmp_path):
