@@ -6,6 +6,7 @@ and non-JSON bodies are refused before parsing."""
 
 import asyncio
 import socket
+import threading
 import time
 
 import httpx
@@ -20,7 +21,7 @@ from tests.test_http_load import serving_in_thread
 
 torch.set_num_threads(1)
 BODY_LIMIT = 4096
-BODY_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,38 @@ def test_slow_bodies_are_cut_off_and_do_not_hold_connections(url):
         assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
         s.close()
     assert time.monotonic() - started < BODY_TIMEOUT_S * 10
+
+
+def test_time_the_loop_spends_scoring_is_not_counted_against_a_clients_body(tmp_path, monkeypatch):
+    """Client B sends its headers, then its body while the loop is blocked for longer than
+    the body timeout scoring client A's batch: B is answered, not refused with a 408."""
+    from ranker.serving.ranker import NeuralRanker
+
+    rank_timed = NeuralRanker.rank_timed
+
+    def slow_for_user_99(self, requests):
+        if any(r.user_id == 99 for r in requests):
+            time.sleep(1.5)  # three body timeouts; blocks the event loop, as a large batch does
+        return rank_timed(self, requests)
+
+    monkeypatch.setattr(NeuralRanker, "rank_timed", slow_for_user_99)
+    settings = tiny_service_settings(tmp_path, users=[1], length=5, seed=2, max_candidates=10)
+    with serving_in_thread(settings.model_copy(update={"body_timeout_s": 0.5})) as port:
+        body = b'{"user_id": 1, "scenario": "radio", "candidates": [1, 2]}'
+        b = socket.create_connection(("127.0.0.1", port))
+        b.sendall(b"POST /rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(body))
+        time.sleep(0.2)  # B's handler is waiting for its body
+        a = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/rank", timeout=30,
+                                                       json={"user_id": 99, "scenario": "radio", "candidates": [1]}))
+        a.start()
+        time.sleep(0.5)  # A's batch is blocking the loop now
+        b.sendall(body)
+        b.settimeout(30)
+        reply = b.recv(4096)
+        a.join()
+        b.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
 
 
 @pytest.mark.parametrize("rule", ["score", "reject"])

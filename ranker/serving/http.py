@@ -145,7 +145,8 @@ def create_app(service: ScoringService) -> FastAPI:
     @app.post("/rank", response_model=None, responses={200: {"model": RankReply}},
               openapi_extra={"requestBody": body_schema})
     async def rank(http_request: Request) -> Response:
-        raw = await read_json_body(http_request, settings.max_body_bytes, settings.body_timeout_s)
+        raw = await read_json_body(http_request, settings.max_body_bytes, settings.body_timeout_s,
+                                   busy_seconds=lambda: service.busy_seconds)
         if isinstance(raw, Response):  # 415, 413 or 408, before any parsing
             return raw
         try:  # raw bytes -> validated body in one pass (see the module docstring)

@@ -174,6 +174,9 @@ class ScoringService:
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)
         self._queue: asyncio.Queue[_Pending | None] | None = None
+        # Seconds the event loop has spent blocked in ranking: a body timeout must not count
+        # them against a client whose bytes arrived while the loop was busy.
+        self.busy_seconds = 0.0
         self._task: asyncio.Task | None = None
 
     # -- lifecycle (on the event loop that will call rank_one)
@@ -256,7 +259,9 @@ class ScoringService:
 
     async def _serve(self) -> None:
         while (batch := await self._next_batch()) is not None:
+            started = time.perf_counter()
             self._rank_batch(batch)
+            self.busy_seconds += time.perf_counter() - started
 
     def _rank_batch(self, batch: list[_Pending]) -> None:
         """Rank a batch and deliver each reply; if the batch fails, rank its requests one by
