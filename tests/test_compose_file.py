@@ -8,11 +8,13 @@ runs in `make compose-test`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,11 +42,10 @@ def _compose_binary_env() -> dict | None:
     for config in ([None] + ([str(plugin)] if plugin else [])):
         trial = dict(env)
         if config:  # the compose test's cached plugin, linked into a throwaway config dir
-            home = Path(os.environ.get("TMPDIR", "/tmp")) / f"climber-compose-unit-{os.getpid()}"
-            (home / "cli-plugins").mkdir(parents=True, exist_ok=True)
-            link = home / "cli-plugins" / "docker-compose"
-            if not link.exists():
-                link.symlink_to(config)
+            home = Path(tempfile.mkdtemp(prefix="climber-compose-unit-"))
+            atexit.register(shutil.rmtree, home, True)
+            (home / "cli-plugins").mkdir()
+            (home / "cli-plugins" / "docker-compose").symlink_to(config)
             trial["DOCKER_CONFIG"] = str(home)
         probe = subprocess.run(["docker", "compose", "version"], env=trial, capture_output=True, text=True)
         if probe.returncode == 0:
