@@ -22,7 +22,7 @@ from typing import Iterable
 from kafka import KafkaConsumer, TopicPartition
 
 from features.sequence import sequence_tokens
-from streaming.bench import wait_until_visible
+from features.store import wait_until_visible
 from streaming.broker import start_broker
 from streaming.bus import DEAD_LETTER_TOPIC
 from streaming.events import DeadLetter, EventBatch

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from ranker.serving import ServingSettings
+from ranker.serving.service import ServingSettings
 from sandbox.settings import SandboxSettings
 from streaming.settings import StreamSettings
 
@@ -224,3 +224,11 @@ def test_standin_override_changes_images_not_the_topology():
 def test_dockerignore_keeps_environments_runs_and_history_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def test_the_image_gets_every_package_the_project_installs():
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\w+) \1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert {pattern.rstrip("*") for pattern in include} <= copied

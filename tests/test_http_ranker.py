@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from ranker.http import build_service, create_app
-from ranker.http_client import HttpRanker, encode_request
+from ranker.serving.http import build_service, create_app
+from ranker.serving.client import HttpRanker, encode_request
 from ranker.interface import RankRequest
 from sandbox.settings import ExperimentSettings
 from tests.test_http import N_TRACKS, tiny_service_settings

@@ -7,7 +7,7 @@ import pytest
 
 from features.sequence import sequences_from_log
 from sandbox.kafka_transport import KafkaFeaturePath
-from streaming.bench import simulated_log
+from bench.stream import simulated_log
 from streaming.events import EventBatch
 from streaming.worker import spawn_worker, stop_worker
 

@@ -14,6 +14,7 @@ tokens are gathered into their own tensor (no n x n mask).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,30 +23,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.hstu import HSTULayer, HSTUStack, relative_buckets
-from ranker.model_common import (
-    DEFAULT_SIZES,
+from ranker.models.hstu import HSTULayer, HSTUStack, relative_buckets
+from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
+from ranker.models.layers import (
     BlockCache,
-    HistoryBuffer,
     HistoryCache,
-    SequenceRanker,
-    SoftmaxConfig,
     SoftmaxStack,
     TaskHeads,
-    TARGET_BEHAVIOUR,
-    WeightDerivedTables,
-    check_batch,
     gather_tokens,
-    last_timestamps,
     layout_blocks,
     scale_queries,
-    softplus_inverse,
 )
+from ranker.models.base import SequenceRanker, WeightDerivedTables, check_batch
+from ranker.models.embedding import TARGET_BEHAVIOUR, last_timestamps
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
 
 PARTITIONS = ("behaviour", "scenario", "recency", "none")
 BLOCK_ATTENTIONS = ("softmax", "pointwise")
 CANDIDATE_PATHS = ("per_block", "shared")
+
+
+def softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class AstroConfig(SoftmaxConfig):
 
     @property
     def stack_class(self) -> type[SoftmaxStack] | type[HSTUStack]:
-        """The stack each block runs; both share encode / attend_candidates / extend / flops."""
+        """The stack each block runs; both share encode / attend_candidates / flops."""
         return HSTUStack if self.block_attention == "pointwise" else SoftmaxStack
 
     @property
@@ -259,7 +258,7 @@ class AstroModel(SequenceRanker):
 
         With gradients on (training) it is computed at each call, so gradients reach the
         MLP and the embeddings; without, it is kept until a weight it reads moves (the same
-        staleness rule as `_one_event_tables`).
+        staleness rule as the serving path's per-code tables, ranker.serving.incremental).
         """
         if self.temperature is None:
             return None
@@ -334,99 +333,6 @@ class AstroModel(SequenceRanker):
         return c
 
     # -- incremental history
-
-    def can_extend(self, cached_length: int, new_length: int) -> bool:
-        """Behaviour and scenario blocks only grow; recency windows slide once the history
-        outgrows the shortest window (before that, every window holds every event)."""
-        if self.config.partition == "recency" and new_length > min(self.config.recency_scales):
-            return False
-        return super().can_extend(cached_length, new_length)
-
-    def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
-        start, end = self._extension_range(history, batch)
-        if end - start == 1:  # every stack kind has extend_one
-            self._extend_one(history, batch, start)  # the serving hot path; below is its reference
-            return
-        self._check_new_values(batch, start, end)
-        x = self.embed.history(batch, start)[:, : end - start]  # [1, k, d]
-        behaviours, scenarios = batch.history_behaviours[:, start:end], batch.history_scenarios[:, start:end]
-        tau = self.temperatures(scenarios, behaviours)  # [1, k, Nb, h]
-        member = self.token_blocks(behaviours[0], scenarios[0])  # [k, Nb]
-        if end - start == 1:  # the common case, one event: no index gathers, one host sync
-            touched = [(b, None) for b in member[0].nonzero()[:, 0].tolist()]
-        else:
-            touched = [(b, new) for b, new in enumerate(member.t().contiguous()) if bool(new.any())]
-        for b, new in touched:
-            block = history.blocks[b]
-            xb = x if new is None else x[:, new]
-            tau_b = None if tau is None else (tau[:, :, b] if new is None else tau[:, new, b])
-            length, grown = block.length, block.length + xb.shape[1]
-            block.reserve(grown)
-            at = torch.arange(start, end, device=x.device)
-            at = at if new is None else at[new]
-            block.positions[0, length:grown] = at
-            block.timestamps[0, length:grown] = batch.history_ts[0, at]
-            if self.block_position is not None:  # rows of the block's position table, no lookup op
-                xb = xb + self.block_position[b].weight[length:grown]
-            self.stacks[b].extend(xb, block, length, tau_b)
-            block.length = grown
-        history.length = end
-        history.last_ts = int(batch.history_ts[0, end - 1])
-
-    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
-        """`extend_history` of one new event, in ~25 ATen calls: host-side ids and time gap,
-        tau, block membership and the behaviour + scenario embedding from per-code tables
-        (`_one_event_tables`), and the block stack's `extend_one` in the block(s) it joins."""
-        event = self._one_event(batch, at)
-        tables = self.__dict__.get("_one_event_cache")
-        if tables is None or tables.key != tables.version():
-            tables = self._one_event_tables()
-        per_code = tables.rows[event.scenario][event.behaviour]  # (embedding row, blocks, scales)
-        e = self.embed
-        x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
-        for b, scale in zip(per_code[1], per_code[2]):
-            block = history.blocks[b]
-            length = block.length
-            block.reserve(length + 1)
-            block.positions.select(1, length).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
-            block.timestamps.select(1, length).fill_(event.timestamp)
-            xb = x if self.block_position is None else x + self.block_position[b].weight[length]
-            self.stacks[b].extend_one(xb, block, length, scale)
-            block.length = length + 1
-        history.length = at + 1
-        history.last_ts = event.timestamp
-
-    def _one_event_tables(self) -> WeightDerivedTables:
-        """Per (scenario, behaviour) code pair: the summed behaviour + scenario embedding
-        row, the blocks an event with those codes joins, and each such block's query scale
-        1 / (tau sqrt(d_head)) [h, 1, 1] (a float for fixed temperature).
-
-        They depend on a token only through its two codes (5 x 8 pairs), so they are computed
-        once with the model's own `temperatures` and `token_blocks` and recomputed when a
-        weight they read moves (data pointer or in-place version: load_state_dict, .to(), an
-        optimiser step). UserKVCache.set_model drops them, for reloads that replace Parameters.
-        """
-        params = [self.embed.scenario.weight, self.embed.behaviour.weight, self.block_of_behaviour,
-                  self.block_of_scenario, *(self.temperature.parameters() if self.temperature is not None else ())]
-        with torch.inference_mode(False), torch.no_grad():
-            device = self.embed.scenario.weight.device
-            scenarios = torch.arange(self.embed.scenario.num_embeddings, device=device)[:, None]
-            behaviours = torch.arange(self.embed.behaviour.num_embeddings - 1, device=device)[None, :]
-            scenarios, behaviours = torch.broadcast_tensors(scenarios, behaviours)  # [S, B] each
-            rows = self.embed.behaviour(behaviours) + self.embed.scenario(scenarios)  # [S, B, d]
-            tau = self.temperatures(scenarios, behaviours)  # [S, B, Nb, h] or None
-            scale = SoftmaxStack.query_scales(tau, self.config.d_head)
-            member = self.token_blocks(behaviours, scenarios)  # [S, B, Nb]
-        table = []
-        for s, per_scenario in enumerate(member):
-            table.append([])
-            for b, joined in enumerate(per_scenario):
-                blocks = joined.nonzero()[:, 0].tolist()
-                scales = [scale if tau is None else scale[s, b, blk] for blk in blocks]
-                table[-1].append((rows[s, b], blocks, scales))
-        tables = WeightDerivedTables(params, table)
-        self.__dict__["_one_event_cache"] = tables  # a plain attribute: not a buffer, not in state_dict
-        return tables
 
     # -- cost
 
