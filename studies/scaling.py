@@ -36,11 +36,12 @@ from rich.table import Table
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from ranker.batch import TASKS
+from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
-from ranker.models import build_model, resolve_config
+from ranker.models import FAMILIES, build_model, resolve_config
 from ranker.models.config import config_differences
 from studies.reports import display_frame, markdown_table, write_html_report
-from ranker.training.train import config_overrides, parse_override, train
+from ranker.training.train import TrainConfig, config_overrides, parse_override, train
 
 console = Console()
 LADDER_FILE = "ladder.jsonl"
@@ -134,7 +135,7 @@ def read_done(path: Path) -> dict[str, dict]:
     return {row["key"]: row for row in rows}
 
 
-def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = ("astro", "sasrec", "hstu"),
+def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = FAMILIES,
                sizes: Sequence[str] = ("xs", "s", "m", "l"), budget: Budget = Budget(),
                eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
                overrides: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
@@ -160,16 +161,20 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
                 check_reusable(done[key], config, ladder_path)
                 console.print(f"{family}-{size}: reusing the result in {ladder_path}")
                 continue
-            result = train(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs, steps=budget.steps,
-                           batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, max_len=budget.max_len,
-                           device=device, progress=progress, data=data, checkpoint_every=0,
-                           model_overrides=overrides.get(family))
+            result = train(TrainConfig(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs,
+                                       steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
+                                       seed=budget.seed, max_len=budget.max_len, device=device, checkpoint_every=0,
+                                       model_overrides=overrides.get(family)), progress=progress, data=data)
             row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}, "config": config}
             with ladder_path.open("a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
             done[key] = row
     rows = [done[_rung_key(f, s, budget, overrides.get(f))] for f in families for s in sizes]
     table = ladder_table(rows)
+    ceiling = ceiling_metrics(db_path, data.train, data.eval)  # the same evaluation impressions for every rung
+    table["gap_closed"] = [gap_closed(g, ceiling[POPULARITY_KEY], ceiling[ORACLE_KEY]) for g in table["gauc_full_play"]]
+    console.print(f"full-play GAUC on the same evaluation: popularity {ceiling[POPULARITY_KEY]:.4f}, oracle "
+                  f"{ceiling[ORACLE_KEY]:.4f}; gap_closed = (model - popularity) / (oracle - popularity)")
     write_reports(table, out_dir, budget, overrides)
     return table
 
@@ -267,7 +272,7 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget,
 def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
     """The headline columns on the terminal (every task's AUC/GAUC is in the CSV/markdown)."""
     columns = ["family", "size", "params", "flops_per_request", "compute", "val_loss", "ndcg@10",
-               "auc_full_play", "gauc_full_play", "auc_like", "auc_skip", "train_s"]
+               "auc_full_play", "gauc_full_play", "gap_closed", "auc_like", "auc_skip", "train_s"]
     rich_table = Table(title="Scaling ladder")
     for column in columns:
         rich_table.add_column(column, justify="left" if column in ("family", "size") else "right", no_wrap=True)
@@ -300,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studies.scaling", description="Train a scaling ladder and fit L(C).")
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--families", nargs="+", default=["astro", "sasrec", "hstu"])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--sizes", nargs="+", default=["xs", "s", "m", "l"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=None)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.models.hstu import HSTULayer, HSTUStack, relative_buckets
+from ranker.models.hstu import HSTULayer, HSTUStack, PointwiseAttentionConfig, relative_buckets
 from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
 from ranker.models.layers import (
     BlockCache,
@@ -48,10 +48,10 @@ def softplus_inverse(y: float) -> float:
 
 
 @dataclass(frozen=True)
-class AstroConfig(SoftmaxConfig):
-    # Defaults: the issue-3 ablation winner on the default-size log (docs/astro.md): two
-    # behaviour blocks, what the user engaged with and everything else; HSTU (pointwise)
-    # layers inside each block; one layer per block stack below l (see SIZES).
+class AstroConfig(PointwiseAttentionConfig, SoftmaxConfig):
+    # Defaults: two behaviour blocks, what the user engaged with and everything else; HSTU
+    # (pointwise) layers inside each block; one layer per block stack below l (see SIZES).
+    # Why these won: docs/astro-ablations.md; the figures: docs/results.md.
     partition: str = "behaviour"  # one of PARTITIONS
     behaviour_groups: tuple[tuple[str, ...], ...] = (
         ("full_play", "like", "share", "add_to_playlist"),  # engaged
@@ -71,8 +71,7 @@ class AstroConfig(SoftmaxConfig):
     # stack and fuses the Nb outputs; "shared" gives candidates one stack of their own whose
     # queries attend every block's cached K/V, fused per layer (pointwise blocks only).
     candidate_path: str = "per_block"
-    n_rab_buckets: int = 48  # pointwise only: buckets of the relative position / time bias
-    attention_norm: int = 0  # pointwise only: N in SiLU(.) / N; 0 means max_len
+    # n_rab_buckets, attention_norm (PointwiseAttentionConfig): read by pointwise blocks only.
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,10 +87,7 @@ class AstroConfig(SoftmaxConfig):
             raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
         if self.candidate_path == "shared" and self.block_attention != "pointwise":
             raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
-        if self.n_rab_buckets < 1 or self.attention_norm < 0:
-            raise ValueError(
-                f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
-            )
+        self.check_pointwise_attention()
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")
         _group_codes(self.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
@@ -129,13 +125,11 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
     return block_of
 
 
-# The shared d_model / n_heads ladder with one layer per block stack up to m: in the issue-3
-# ablation at s a second layer cost ~2x the FLOPs per request and gained no full-play GAUC.
-# At l a second layer fits under HSTU l's FLOPs (two behaviour blocks: 0.74x) and gains on
-# the default-size log, so l has two (docs/astro.md, "Ablation on the default-size log").
-# At xs every extra block is a second candidate pass that the width cannot pay for (no
-# split fits under HSTU xs's FLOPs and stays ahead of it), so xs is one block: the same
-# FLOPs as HSTU xs, ahead of it over 10 seeds (8 of 10, p 0.01; docs/astro.md, "The xs rung").
+# The shared d_model / n_heads ladder. One layer per block stack up to m: a second layer
+# roughly doubles the FLOPs per request there and did not pay for itself; from l on, two
+# layers stay under HSTU's FLOPs at the same rung. xs is one block: every extra block is a
+# second candidate pass the width cannot pay for, so xs costs exactly HSTU xs's FLOPs
+# (a test holds it). The ablations behind these choices: docs/astro-ablations.md.
 SIZES: dict[str, dict[str, Any]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
                                     for name, size in DEFAULT_SIZES.items()}
 SIZES["xs"]["partition"] = "none"

@@ -38,17 +38,27 @@ from ranker.models.embedding import log_bucket, seconds_bucket
 SIZES = DEFAULT_SIZES
 
 
-@dataclass(frozen=True)
-class HSTUConfig(ModelConfig):
+@dataclass(frozen=True, kw_only=True)
+class PointwiseAttentionConfig:
+    """The fields of HSTU's pointwise attention, stated once: HSTUConfig has them, and so does
+    AstroConfig, whose pointwise blocks are HSTU layers. Keyword-only, so a config's
+    positional fields stay ModelConfig's."""
+
     n_rab_buckets: int = 48  # half-octave buckets of position distance and of seconds apart
     attention_norm: int = 0  # N in A = SiLU(.) / N; 0 means max_len
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_pointwise_attention(self) -> None:
         if self.n_rab_buckets < 1 or self.attention_norm < 0:
             raise ValueError(
                 f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
             )
+
+
+@dataclass(frozen=True)
+class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_pointwise_attention()
 
 
 class HSTULayer(nn.Module):

@@ -202,8 +202,8 @@ class SoftmaxStack(nn.Module):
 
     `candidate_attention` is a serving choice, not a hyperparameter (the math is the same):
     "sdpa" runs one fused kernel with the SUMI mask (the CUDA path), "split" skips the
-    masked M x M candidate block: 1.3-2x faster stage two on CPU at n in {256, 512},
-    M in {128, 200, 512}, equal at M = 16 (bench/serve.py measures both).
+    masked M x M candidate block, which pays on CPU once M is large against L (bench/serve.py
+    measures both; the figures are in docs/results.md).
     """
 
     def __init__(self, cfg: SoftmaxConfig):
