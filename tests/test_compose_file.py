@@ -159,6 +159,9 @@ def test_workers_sandbox_and_ranker_share_topics_partitions_and_feast(config):
         assert env["CLIMBER_STREAM_FEAST_DIR"] == run_feast, name
         assert str(env["CLIMBER_STREAM_PARTITIONS"]) == str(sandbox["CLIMBER_KAFKA_PARTITIONS"]), name
         assert env["KAFKA_BOOTSTRAP"] == sandbox["CLIMBER_KAFKA_BOOTSTRAP"], name
+        # the workers' plausibility bounds are the sandbox's catalogue
+        assert str(env["CLIMBER_STREAM_N_USERS"]) == str(sandbox["CLIMBER_SIM__N_USERS"]), name
+        assert str(env["CLIMBER_STREAM_N_TRACKS"]) == str(sandbox["CLIMBER_SIM__N_TRACKS"]), name
     for name in ("ranker", "ranker-gpu"):
         command = services[name]["command"]
         assert command[command.index("--feast-dir") + 1] == run_feast
