@@ -113,7 +113,7 @@ def test_content_digest_sees_every_field_but_the_id(log):
     for field, value in [("ts", 1), ("user_id", 1), ("track_id", 1), ("scenario", 4), ("behaviour", 7),
                          ("request_id", 12), ("position", 9), ("arm", "other"), ("play_ms", 3)]:
         if event[field] == value:  # a change, whatever the simulator put there
-            value = {"scenario": (value + 1) % 5, "arm": value + "-2"}.get(field, value + 1)
+            value = f"{value}-2" if field == "arm" else (value + 1) % 5 if field == "scenario" else value + 1
         assert content_digest(one(log, 3, **{field: value}))[0] != base, field
     long_arms = [content_digest(one(log, 3, arm=arm))[0] for arm in ("treatment-a", "treatment-b")]
     assert long_arms[0] != long_arms[1]  # arms that share their first bytes and length
