@@ -269,6 +269,9 @@ class FeatureStoreClient:
         self._lock = threading.Lock()  # views and key cache may be filled from a writer thread
         self._sqlite: _SqliteWriter | None = None
         self._redis = RedisRows(self.store) if RedisRows.handles(self.store) else None
+        # Streaming workers set this: their Redis writes then fail with StoreLostError once
+        # the store has lost the marker `apply` sets, instead of writing onto an emptied store.
+        self.guard_store_loss = False
         online = self.store.provider.online_store
         if isinstance(online, SqliteOnlineStore):
             connection = online._get_conn(self.store.config)  # Feast offers no pragma setting
@@ -283,6 +286,8 @@ class FeatureStoreClient:
         self.store.apply(feast_objects())
         with self._lock:
             self._views.clear()
+        if self._redis is not None:
+            self._redis.mark()
 
     def _view(self, name: str) -> FeatureView:
         with self._lock:
@@ -336,17 +341,18 @@ class FeatureStoreClient:
                                 config.registry.enable_online_feature_view_versioning)
 
     def _write(self, view_name: str, join_key: str, ids: list[int], columns: _FeatureColumns,
-               timestamps_ms: list[int]) -> int:
+               timestamps_ms: list[int], fence: str | None = None, expected: Sequence[bytes] = ()) -> list[int]:
+        """Write the rows; return the positions a fenced write left alone (Redis only)."""
         if not ids:
-            return 0
+            return []
         view = self._view(view_name)
         if self._sqlite is not None:
             stamps = {ms: _sqlite_ts(ms) for ms in set(timestamps_ms)}
             event_ts = [stamps[ms] for ms in timestamps_ms]
             self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
         elif self._redis is not None:
-            self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
-                              timestamps_ms)
+            return self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
+                                     timestamps_ms, guard=self.guard_store_loss, fence=fence, expected=expected)
         else:
             names = list(columns.values)
             stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
@@ -357,7 +363,7 @@ class FeatureStoreClient:
                 for row, (i, ms) in enumerate(zip(ids, timestamps_ms))
             ]
             self.store.provider.online_write_batch(self.store.config, view, rows, progress=None)
-        return len(ids)
+        return []
 
     def _read(self, view_name: str, join_key: str, ids: Sequence[int],
               features: Sequence[str]) -> list[dict[str, ValueProto] | None]:
@@ -407,6 +413,36 @@ class FeatureStoreClient:
         `event_ts` (simulated epoch ms) stamps every row; None stamps each row with its
         newest token's time.
         """
+        columns, stamps = self._sequence_columns(sequences, event_ts)
+        self._write("user_sequence", "user_id", [int(u) for u in sequences], columns, stamps)
+        return len(sequences)
+
+    def write_sequences_fenced(self, sequences: Mapping[int, UserSequence], based_on: Mapping[int, int]) -> list[int]:
+        """Write each user's sequence only if the stored row's `last_event_id` is still
+        `based_on[user]` (-1: no row), the row the new one was computed from; returns the
+        users left alone because their row changed meanwhile (the caller re-reads them).
+
+        On Redis the check and the write are one server-side script per chunk, so two
+        workers that both believe they own a user (one paused past a rebalance) cannot
+        overwrite each other's newer rows. Elsewhere (SQLite: one writer process) the
+        check is a read before the write."""
+        users = [int(u) for u in sequences]
+        if not users:
+            return []
+        if self._redis is None:
+            current = self.get_last_event_ids(users)
+            stale = [u for u in users if current[u] != based_on[u]]
+            self.write_sequences({u: sequences[u] for u in users if u not in set(stale)})
+            return stale
+        expected = [b"" if based_on[u] < 0 else blob
+                    for u, blob in zip(users, encode_int64s(np.array([based_on[u] for u in users], np.int64)))]
+        columns, stamps = self._sequence_columns(sequences, None)
+        stale = self._write("user_sequence", "user_id", users, columns, stamps, fence="last_event_id", expected=expected)
+        return [users[i] for i in stale]
+
+    @staticmethod
+    def _sequence_columns(sequences: Mapping[int, UserSequence], event_ts: int | None
+                          ) -> tuple[_FeatureColumns, list[int]]:
         seqs = list(sequences.values())
         lengths = np.array([len(s) for s in seqs], np.int64)
         columns = _FeatureColumns(len(seqs))
@@ -415,7 +451,7 @@ class FeatureStoreClient:
                                                   for name in SEQUENCE_ARRAYS], lengths)
             columns.int64s(("length", "last_event_id"), [lengths, [s.last_event_id for s in seqs]])
         stamps = [int(s.timestamps[-1]) if len(s) else 0 for s in seqs] if event_ts is None else [event_ts] * len(seqs)
-        return self._write("user_sequence", "user_id", [int(u) for u in sequences], columns, stamps)
+        return columns, stamps
 
     def get_sequences(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
         """Sequences of `user_ids`. Every requested user is a key: one with no row yet gets
@@ -488,7 +524,8 @@ class FeatureStoreClient:
         columns.float64_lists(("recent",), [stats.recent.ravel()], per_track)
         columns.int64s(("as_of_ts",), [stats.as_of_ts])
         stamps = stats.as_of_ts.tolist() if event_ts is None else [event_ts] * len(stats)
-        return self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps)
+        self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps)
+        return len(stats)
 
     def read_track_stats(self, track_ids: Sequence[int]) -> TrackStats:
         """Stored rows of the distinct `track_ids`, sorted by id, so the result can be the

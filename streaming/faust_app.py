@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, TypeVar
@@ -31,6 +32,7 @@ from typing import Callable, Literal, TypeVar
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from features.redis_rows import StoreLostError
 from features.store import FeatureStoreClient
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import DeadLetter, EventBatch
@@ -43,6 +45,7 @@ from streaming.topics import TRACK_EVENTS_TOPIC
 log = logging.getLogger("streaming.worker")
 T = TypeVar("T")
 Role = Literal["all", "sequences", "tracks"]
+STORE_LOST_EXIT = 3  # a worker's exit code when the online store lost its data
 
 
 class FeatureLane:
@@ -55,21 +58,45 @@ class FeatureLane:
     """
 
     def __init__(self, settings: StreamSettings, name: str) -> None:
+        self.name = name
         self.store = FeatureStoreClient(settings.feast_dir, settings.online_store, settings.redis_url)
+        self.store.guard_store_loss = True  # refuse to write onto a store that lost its data
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feast-{name}")
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` on the lane's thread, retrying failures with backoff (they are store
-        outages: the events were validated) until it succeeds or the task is cancelled."""
+        outages: the events were validated) until it succeeds or the task is cancelled.
+
+        Every outage is logged when it starts and when it ends. A store that lost its data
+        (`StoreLostError`: the marker set when the store was prepared is gone) stops the
+        worker with `STORE_LOST_EXIT`: nothing it has not written is acknowledged, and
+        writing on would leave every user it does not touch again missing."""
         loop = asyncio.get_running_loop()
-        delay = 0.1
+        delay, failures, since = 0.1, 0, 0.0
         while True:
             try:
-                return await loop.run_in_executor(self._thread, fn, *args)
+                result = await loop.run_in_executor(self._thread, fn, *args)
+            except StoreLostError as exc:
+                log.critical("feature store lost its data: %s. Stopping this worker (exit %d); nothing "
+                             "unwritten was acknowledged.", exc, STORE_LOST_EXIT)
+                logging.shutdown()
+                os._exit(STORE_LOST_EXIT)
             except Exception as exc:  # noqa: BLE001 - any store failure is retried
-                log.warning("feature store call %s failed (%r); retrying in %.1f s", fn.__name__, exc, delay)
+                if not failures:
+                    since = time.monotonic()
+                    log.error("feature store outage (%s lane): %s failed with %r; retrying", self.name,
+                              fn.__name__, exc)
+                else:
+                    log.warning("feature store still failing (%s lane, %.1f s): %r; retrying in %.1f s",
+                                self.name, time.monotonic() - since, exc, delay)
+                failures += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            else:
+                if failures:
+                    log.warning("feature store back (%s lane) after %.1f s and %d failed calls", self.name,
+                              time.monotonic() - since, failures)
+                return result
 
 
 def short_fetch_transport(app: faust.App, fetch_max_wait_ms: int) -> faust_aiokafka.Transport:

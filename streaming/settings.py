@@ -41,6 +41,9 @@ class StreamSettings(BaseSettings):
     commit_interval_ms: int = Field(500, ge=10)  # how much a crash may have to redo
     # A worker that dies without leaving the group hands its partitions over after this.
     session_timeout_ms: int = Field(6000, ge=1000)
+    # A worker told to stop (SIGTERM) exits after this long even if its clean shutdown is
+    # stuck (e.g. waiting for acks from a broker that restarted): nothing unacked is committed.
+    shutdown_timeout_s: float = Field(15.0, gt=0)
 
     # Producer. One Kafka message carries up to `events_per_message` events (JSON lines)
     # of one partition ("partition") or of one user, keyed by it ("user"); see
