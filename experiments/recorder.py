@@ -135,7 +135,7 @@ class RunRecorder:
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self._flushed_at = time.monotonic()
-        self._last_event_id = self.connection.execute("SELECT max(last_event_id) FROM flushes").fetchone()[0]
+        self._last_event_id = self.connection.execute("SELECT max(last_event_id) FROM flushes").fetchall()[0][0]
         self._events: list[EventBatch] = []
         self._requests: list[tuple] = []
         self._impressions: list[tuple[int, np.ndarray, np.ndarray, str, str]] = []

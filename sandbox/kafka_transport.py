@@ -56,7 +56,7 @@ class KafkaFeaturePath:
                  max_seq_len: int, drain_timeout_s: float = 300.0) -> None:
         self._stoppers: list = []
         self.drain_timeout_s = drain_timeout_s
-        self.broker = None
+        self.broker = self.valkey = None  # the servers started here, if any
         self.workers: list = []
         self.produced_events = 0
         try:
@@ -65,9 +65,9 @@ class KafkaFeaturePath:
                 self._stoppers.append(self.broker.stop)
                 kafka_bootstrap = self.broker.bootstrap
             if not redis_url:
-                valkey = start_valkey(run_dir / "valkey")
-                self._stoppers.append(valkey.stop)
-                redis_url = valkey.connection_url
+                self.valkey = start_valkey(run_dir / "valkey")
+                self._stoppers.append(self.valkey.stop)
+                redis_url = self.valkey.connection_url
             self.redis_url = redis_url
             self.stream = StreamSettings(bootstrap=kafka_bootstrap, partitions=partitions,
                                          feast_dir=run_dir / "feast", online_store="redis", redis_url=redis_url,

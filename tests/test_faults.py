@@ -204,6 +204,7 @@ PAUSE_S = 20  # the issue's fault: SIGSTOP for 20 s, past the 3 s session timeou
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_worker_paused_past_a_rebalance_does_not_overwrite_newer_rows(broker, tmp_path, sim_batches, workers):
     """SIGSTOP a sequence worker mid-stream for 20 s: the other takes its partitions and
     writes newer rows; SIGCONT: the paused one resumes with a batch in hand and a stale
@@ -248,6 +249,7 @@ def test_a_worker_paused_past_a_rebalance_does_not_overwrite_newer_rows(broker, 
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_valkey_restart_mid_stream_loses_no_user(broker, tmp_path, sim_batches, workers):
     """SIGKILL the Valkey server mid-stream, restart it 3 s later on the same port: the
     append-only file brings back every acknowledged write, the workers log the outage and
@@ -282,3 +284,169 @@ def test_a_valkey_restart_mid_stream_loses_no_user(broker, tmp_path, sim_batches
         assert audit.users_wrong == 0 and audit.track_counts_lost == 0, audit
         assert "feature store outage" in text and "feature store back" in text
         assert all(process.poll() is None for process in workers)  # carried on: nothing was lost
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_worker_stops_within_its_shutdown_timeout_after_a_broker_restart(tmp_path, sim_batches, workers):
+    """The broker is SIGKILLed and restarted empty on the same port; SIGTERM to the worker
+    must end it within `shutdown_timeout_s` (it used to wait in `wait_empty` for minutes)."""
+    from streaming.broker import start_broker
+    from streaming.settings import StreamSettings
+    from streaming.worker import SHUTDOWN_TIMEOUT_EXIT, prepare_stream, spawn_worker
+
+    broker = start_broker(log_path=tmp_path / "tansu.log")
+    try:
+        with start_valkey(tmp_path / "valkey") as valkey:
+            settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", online_store="redis",
+                                      redis_url=valkey.connection_url, session_timeout_ms=3000, shutdown_timeout_s=5)
+            prepare_stream(settings)
+            worker_log = tmp_path / "worker.log"
+            workers.append(spawn_worker(settings, worker_log))
+            wait_for(lambda: latest_assignment(worker_log), 60, "the worker's assignment")
+            produce(settings, sim_batches[:20], seconds=1).join()
+            store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
+            wait_for(lambda: any(v >= 0 for v in store.get_last_event_ids(range(200)).values()), 30, "a first write")
+            broker.process.kill()
+            broker.process.wait()
+            broker = start_broker(port=broker.port, log_path=tmp_path / "tansu-2.log")
+            time.sleep(3)  # the worker meets the empty broker
+            started = time.monotonic()
+            workers[0].send_signal(signal.SIGTERM)
+            code = workers[0].wait(timeout=settings.shutdown_timeout_s + 15)
+            took = time.monotonic() - started
+    finally:
+        broker.stop()
+    assert code in (0, SHUTDOWN_TIMEOUT_EXIT) and took < settings.shutdown_timeout_s + 10, (code, took)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_the_sandbox_stops_naming_what_a_lost_broker_cost_and_replay_into_repairs_it(tmp_path, sim_batches):
+    """The sandbox's own in-memory broker dies mid-run: the feature path raises
+    `FeaturePathLost` naming the users whose newest events never reached Feast, closes
+    within bounded time, and `replay --into` rebuilds the live store from the DuckDB record."""
+    from experiments.recorder import RunRecorder
+    from sandbox.kafka_transport import FeaturePathLost, KafkaFeaturePath
+    from sandbox.replay import replay
+    from sandbox.settings import SandboxSettings
+    from streaming.audit import audit_store
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with start_valkey(tmp_path / "valkey") as valkey:
+        path = KafkaFeaturePath(run_dir, "", 4, valkey.connection_url, workers=1, max_seq_len=256,
+                                drain_timeout_s=120)
+        recorder = RunRecorder(run_dir / "sandbox.duckdb")
+        fed = []
+        try:
+            half = len(sim_batches) // 2
+            for batch in sim_batches[:half]:
+                recorder.log_events(batch)
+                path.on_events(batch)
+                fed.append(batch)
+            path.flush()  # the first half is in Feast
+            path.broker.process.kill()
+            path.broker.process.wait()
+            with pytest.raises(FeaturePathLost, match=r"in-memory.*users' newest events are not in Feast.*replay"):
+                for batch in sim_batches[half:]:
+                    recorder.log_events(batch)  # the record comes first, as in EventPipeline
+                    fed.append(batch)
+                    path.on_events(batch)
+        finally:
+            started = time.monotonic()
+            path.close()
+            closed_in = time.monotonic() - started
+            recorder.close()
+        assert closed_in < 45, f"closing the feature path took {closed_in:.0f} s"
+        assert not any(process.poll() is None for process in path.workers)
+        log = EventBatch.concat(fed)
+        store = FeatureStoreClient(run_dir / "feast", "redis", valkey.connection_url)
+        before = audit_store(store, log)
+        settings = SandboxSettings(out=tmp_path / "runs", run_id="repair", online_store="redis",
+                                   redis_url=valkey.connection_url)
+        result = replay(run_dir / "sandbox.duckdb", settings)
+        after = audit_store(store, log)
+        report_fault("local in-memory broker SIGKILLed mid-run (sandbox stops; replay --into repairs)", before,
+                     False, users_wrong_after_repair=after.users_wrong)
+        assert result.ok and after.users_wrong == 0 and after.track_counts_lost == after.track_counts_doubled == 0, after
+
+
+KILLED_SANDBOX = """
+import json, sys, time
+from pathlib import Path
+from experiments.recorder import RunRecorder
+from sandbox.kafka_transport import KafkaFeaturePath
+from streaming.bench import simulated_log
+run_dir = Path(sys.argv[1])
+path = KafkaFeaturePath(run_dir, "", 4, "", workers=1, max_seq_len=256)  # starts broker, Valkey, workers
+recorder = RunRecorder(run_dir / "sandbox.duckdb", flush_seconds=1.0)
+pids = [path.broker.process.pid, path.valkey.process.pid, *(w.pid for w in path.workers)]
+(run_dir / "children.json").write_text(json.dumps(pids))
+with open(run_dir / "fed.txt", "w") as fed:
+    while True:
+        for batch in simulated_log(20_000, seed=5, n_users=300):
+            recorder.log_events(batch)
+            path.on_events(batch)
+            fed.write(f"{time.time()} {int(batch.event_id.max())}\\n")
+            fed.flush()
+            time.sleep(0.05)
+        break
+time.sleep(3600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_killed_sandbox_leaves_no_children_and_a_bounded_record_tail(tmp_path):
+    """SIGKILL the process that runs the feature path and the recorder: its broker, Valkey and
+    workers die with it, and the DuckDB record ends at most ~flush_seconds before the kill,
+    at the event id its `flushes` table names."""
+    import duckdb
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = tmp_path / "killed_sandbox.py"  # not sandbox.py: that would shadow the package
+    script.write_text(KILLED_SANDBOX)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with open(tmp_path / "sandbox.log", "wb") as out:
+        parent = subprocess.Popen([os.sys.executable, str(script), str(run_dir)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def feeding() -> bool:
+            assert parent.poll() is None, (tmp_path / "sandbox.log").read_text()[-2000:]
+            return (run_dir / "fed.txt").exists() and len((run_dir / "fed.txt").read_text().splitlines()) > 40
+
+        wait_for(feeding, 120, "the sandbox feeding events")
+        children = __import__("json").loads((run_dir / "children.json").read_text())
+        killed_at = time.time()
+        parent.kill()
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        stat = Path(f"/proc/{pid}/stat")  # a zombie (not reaped yet) counts as dead
+        return not (stat.exists() and stat.read_text().split(")")[1].split()[0] == "Z")
+
+    wait_for(lambda: not any(alive(pid) for pid in children), 10, "the children's deaths (broker, Valkey, worker)")
+    fed = [line.split() for line in (run_dir / "fed.txt").read_text().splitlines() if len(line.split()) == 2]
+    with duckdb.connect(str(run_dir / "sandbox.duckdb"), read_only=True) as db:
+        last_flushed = db.execute("SELECT max(last_event_id) FROM flushes").fetchone()[0]
+        recorded = db.execute("SELECT count(*), max(event_id) FROM events").fetchone()
+    assert last_flushed is not None and recorded[1] == last_flushed
+    fed_at = next(float(t) for t, last in fed if int(last) >= last_flushed)
+    tail = sum(1 for t, last in fed if int(last) > last_flushed)
+    report_fault_tail = {"fed_batches": len(fed), "tail_batches": tail, "tail_seconds": round(killed_at - fed_at, 1)}
+    if FAULT_REPORT:
+        import json
+
+        with open(FAULT_REPORT, "a") as f:
+            f.write(json.dumps({"fault": "sandbox SIGKILL (recorder flush_seconds=1)", **report_fault_tail,
+                                "orphans": 0, "recorded_events": recorded[0]}) + "\n")
+    assert killed_at - fed_at < 1.0 + 3.0, report_fault_tail  # flush_seconds, plus one batch and scheduling
