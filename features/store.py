@@ -341,7 +341,8 @@ class FeatureStoreClient:
                                 config.registry.enable_online_feature_view_versioning)
 
     def _write(self, view_name: str, join_key: str, ids: list[int], columns: _FeatureColumns,
-               timestamps_ms: list[int], fence: str | None = None, expected: Sequence[bytes] = ()) -> list[int]:
+               timestamps_ms: list[int], fence: str | None = None, expected: Sequence[bytes] = (),
+               owner: tuple[str, bytes] | None = None) -> list[int]:
         """Write the rows; return the positions a fenced write left alone (Redis only)."""
         if not ids:
             return []
@@ -352,7 +353,8 @@ class FeatureStoreClient:
             self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
         elif self._redis is not None:
             return self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
-                                     timestamps_ms, guard=self.guard_store_loss, fence=fence, expected=expected)
+                                     timestamps_ms, guard=self.guard_store_loss, fence=fence, expected=expected,
+                                     owner=owner)
         else:
             names = list(columns.values)
             stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
@@ -516,15 +518,24 @@ class FeatureStoreClient:
 
     # -- track statistics -------------------------------------------------------------
 
-    def write_track_stats(self, stats: TrackStats, event_ts: int | None = None) -> int:
-        """Upsert the given tracks' rows (typically those `apply_track_events` touched)."""
+    def claim_owner(self, name: str) -> bytes | None:
+        """A generation token for `name` (Redis; None elsewhere): writes naming an older
+        token fail with `NotOwnerError` (see `features.redis_rows`)."""
+        return self._redis.claim(name) if self._redis is not None else None
+
+    def write_track_stats(self, stats: TrackStats, event_ts: int | None = None,
+                          owner: tuple[str, bytes] | None = None) -> int:
+        """Upsert the given tracks' rows (typically those `apply_track_events` touched).
+        `owner` (name, token from `claim_owner`): on Redis, write only while that token is
+        the newest claim, else raise `NotOwnerError` having written nothing."""
         columns = _FeatureColumns(len(stats))
         per_track = np.full(len(stats), N_BEHAVIOURS, np.int64)
         columns.int64_lists(("totals",), [stats.totals.ravel()], per_track)
         columns.float64_lists(("recent",), [stats.recent.ravel()], per_track)
         columns.int64s(("as_of_ts",), [stats.as_of_ts])
         stamps = stats.as_of_ts.tolist() if event_ts is None else [event_ts] * len(stats)
-        self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps)
+        self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps,
+                    owner=owner if owner and owner[1] is not None else None)
         return len(stats)
 
     def read_track_stats(self, track_ids: Sequence[int]) -> TrackStats:

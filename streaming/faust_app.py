@@ -14,7 +14,11 @@ Batches come from `stream.noack_take`, not `stream.take`: `take` acks a batch in
 `finally`, i.e. also when the body fails or the worker is stopping mid-write, which would
 commit offsets whose effects were never stored. Here nothing is acked unless written.
 The agents never crash on input: every bad message ends in `events.dlq`. A failing store
-write is retried with backoff until it succeeds or the worker stops (unacked, so redone).
+write is retried with backoff until it succeeds or the worker stops (unacked, so redone);
+each outage is logged, and a store that lost its data stops the worker (`FeatureLane`).
+Writes are fenced against a worker that lost its partitions without noticing (paused past
+a rebalance): sequence rows by compare-and-set on their high-water mark
+(`SequenceState`), track rows by a generation token per partition claimed on assignment.
 
 Feast calls block; they run on `FeatureLane` threads. A worker runs both agents or, for the
 best sequence freshness, one of them (`role`, see `create_app`).
@@ -236,6 +240,21 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
             await asyncio.gather(*pending)
             unflushed.extend((stream, event) for event in events)
 
+    # Generation tokens of the owned `events.by_track` partitions (Redis): a flush writes a
+    # partition's rows only while its token is the newest claim, so a worker paused past a
+    # rebalance cannot overwrite the counts of the partition's new owner.
+    owners: dict[int, bytes | None] = {}
+
+    @app.on_partitions_revoked.connect
+    async def release(app, revoked, **kwargs) -> None:
+        owners.clear()
+
+    @app.on_partitions_assigned.connect
+    async def claim(app, assigned, **kwargs) -> None:
+        owners.clear()
+        for partition in sorted(tp.partition for tp in assigned if tp.topic == TRACK_EVENTS_TOPIC):
+            owners[partition] = await lane.call(lane.store.claim_owner, f"tracks:{partition}")
+
     @app.timer(interval=settings.track_flush_ms / 1000)
     async def flush_track_stats() -> None:
         async with flush_lock:
@@ -243,8 +262,13 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                 return
             written = list(unflushed)  # everything applied so far is in this flush
             unflushed.clear()
-            await lane.call(tracks.flush)
+            fenced = settings.online_store == "redis"  # SQLite: one writer process, nothing to fence
+            refused = await lane.call(tracks.flush, dict(owners) if fenced else None, settings.partitions)
+            if refused:
+                log.warning("track flush refused for partitions %s: another worker owns them now (this one was "
+                            "paused or cut off past a rebalance); their events are left to it", refused)
             for stream, event in written:
-                await stream.ack(event)
+                if event.message.tp.partition not in refused:  # the new owner counts the others
+                    await stream.ack(event)
 
     return lambda: lane.call(tracks.forget)

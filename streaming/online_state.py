@@ -20,13 +20,16 @@ re-written from this worker's newer state, and both are logged.
 from __future__ import annotations
 
 import logging
+from typing import Mapping
 
 import numpy as np
 
 from features.sequence import SEQUENCE_BEHAVIOUR_CODES, UserSequence, apply_events
+from features.redis_rows import NotOwnerError
 from features.store import FeatureStoreClient
 from features.track_stats import TrackStats, apply_track_events
 from streaming.events import EventBatch
+from streaming.topics import partition_of
 
 log = logging.getLogger("streaming.worker")
 
@@ -138,14 +141,37 @@ class TrackStatsState:
             rows.totals[~settled], rows.recent[~settled], rows.as_of_ts[~settled] = fresh.totals, fresh.recent, fresh.as_of_ts
         return rows
 
-    def flush(self) -> int:
-        """Write the rows changed since the last flush; return how many."""
+    def flush(self, owners: Mapping[int, bytes | None] | None = None, partitions: int = 1) -> list[int]:
+        """Write the rows changed since the last flush; return the partitions whose rows
+        were not written because this worker no longer owns them.
+
+        `owners` (partition of `events.by_track` -> token from `claim_owner`): each
+        partition's rows are written only while its token is the newest claim, so a worker
+        paused past a rebalance cannot overwrite its successor's counts. The events behind
+        a refused partition must not be acked: the new owner counts them. None: no fence
+        (one writer, or SQLite)."""
         if not self._dirty:
-            return 0
+            return []
         tracks = np.unique(np.concatenate(self._dirty))
-        written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)))
-        self._dirty = []
-        return written
+        rows = self._rows(tracks, self._settled.holds(tracks))
+        if owners is None:
+            self.store.write_track_stats(rows)
+            self._dirty = []
+            return []
+        refused = []
+        destination = partition_of(tracks, partitions)
+        for partition in np.unique(destination).tolist():
+            part = rows.lookup(tracks[destination == partition])
+            try:
+                if partition not in owners:
+                    raise NotOwnerError(f"partition {partition} is not assigned to this worker")
+                self.store.write_track_stats(part, owner=(f"tracks:{partition}", owners[partition]))
+            except NotOwnerError:
+                refused.append(partition)
+        self._dirty = []  # only now: a store outage above retries the whole flush
+        if refused:  # rows of partitions another worker owns: the cache no longer holds them right
+            self.forget()
+        return refused
 
     def forget(self) -> None:
         """Drop the cache, unflushed changes included: their events were not acked, so

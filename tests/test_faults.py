@@ -10,6 +10,7 @@ docs/streaming.md the runbook.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,26 @@ def test_rows_the_store_lost_are_rewritten_from_the_workers_state(tmp_path, valk
     assert wrong_users(store, EventBatch.concat([first, second])) == []
 
 
+def test_a_track_flush_by_a_replaced_owner_writes_nothing(tmp_path, valkey, sim_batches):
+    """Two workers count the same partition, as after a rebalance while one was paused:
+    the one whose claim is older writes nothing and reports the partition refused."""
+    from streaming.online_state import TrackStatsState
+
+    store = redis_store(tmp_path, valkey.connection_url)
+    log = EventBatch.concat(sim_batches[:20])
+    stale, successor = TrackStatsState(store), TrackStatsState(store)
+    stale_claim = {0: store.claim_owner("tracks:0")}
+    stale.add(log)
+    successor_claim = {0: store.claim_owner("tracks:0")}  # the rebalance: a newer generation
+    successor.add(log)
+    assert successor.flush(successor_claim, partitions=1) == []
+    written = store.read_track_stats(np.unique(log.track_id))
+    stale.add(EventBatch.concat(sim_batches[20:30]))  # resumes with its old counts and a batch in hand
+    assert stale.flush(stale_claim, partitions=1) == [0]
+    assert store.read_track_stats(written.track_ids).equals(written)  # nothing overwritten
+    assert stale.flush({}, partitions=1) == []  # and its cache was dropped: nothing left to write
+
+
 def test_a_guarded_write_refuses_a_store_that_lost_its_data(tmp_path, valkey, sim_batches):
     store = redis_store(tmp_path, valkey.connection_url)
     store.guard_store_loss = True
@@ -125,13 +146,12 @@ def test_the_local_valkey_keeps_acknowledged_writes_across_a_sigkill(tmp_path, v
 FAULT_REPORT = os.environ.get("CLIMBER_FAULT_REPORT")  # a JSON-lines file the results table is made from
 
 
-def report_fault(fault: str, audit, recovered: bool, **extra) -> None:
+def report_fault(fault: str, audit=None, recovered: bool | None = None, **extra) -> None:
     """Append one row of docs/results.md's fault table when CLIMBER_FAULT_REPORT names a file."""
     if FAULT_REPORT:
-        import json
-
+        row = {"fault": fault, **(audit.to_dict() if audit else {}), "recovered": recovered, **extra}
         with open(FAULT_REPORT, "a") as f:
-            f.write(json.dumps({"fault": fault, **audit.to_dict(), "recovered": recovered, **extra}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture
@@ -206,9 +226,10 @@ PAUSE_S = 20  # the issue's fault: SIGSTOP for 20 s, past the 3 s session timeou
 @pytest.mark.slow
 @pytest.mark.faults
 def test_a_worker_paused_past_a_rebalance_does_not_overwrite_newer_rows(broker, tmp_path, sim_batches, workers):
-    """SIGSTOP a sequence worker mid-stream for 20 s: the other takes its partitions and
-    writes newer rows; SIGCONT: the paused one resumes with a batch in hand and a stale
-    cache. Its writes are fenced, so every sequence ends at the recompute."""
+    """SIGSTOP a worker (both agents) mid-stream for 20 s: the other takes its partitions
+    and writes newer rows; SIGCONT: the paused one resumes with batches in hand and stale
+    caches. Its sequence writes are fenced and its track flushes refused, so every sequence
+    ends at the recompute and no track count is lost (at-least-once: some are doubled)."""
     from streaming.audit import audit_store
     from streaming.settings import StreamSettings
     from streaming.worker import prepare_stream, spawn_worker
@@ -218,10 +239,9 @@ def test_a_worker_paused_past_a_rebalance_does_not_overwrite_newer_rows(broker, 
                                   redis_url=valkey.connection_url, session_timeout_ms=3000, batch_ms=10)
         prepare_stream(settings)
         logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
-        workers.extend(spawn_worker(settings, path, role="sequences") for path in logs)
-        workers.append(spawn_worker(settings, tmp_path / "tracks.log", role="tracks"))
+        workers.extend(spawn_worker(settings, path) for path in logs)
         wait_for(lambda: len(latest_assignment(logs[0])) == 2 and len(latest_assignment(logs[1])) == 2, 60,
-                 "the split of the partitions between the two sequence workers")
+                 "the split of the partitions between the two workers")
         victim_partitions = latest_assignment(logs[0])
         log = EventBatch.concat(sim_batches)
         store = FeatureStoreClient(settings.feast_dir, "redis", settings.redis_url)
@@ -241,9 +261,10 @@ def test_a_worker_paused_past_a_rebalance_does_not_overwrite_newer_rows(broker, 
         producer.join()
         settle(store, log)
         audit = audit_store(store, log)
-        fenced = logs[0].read_text(errors="replace").count("fenced ")
+        victim_log = logs[0].read_text(errors="replace")
         report_fault("worker SIGSTOP 20 s past a rebalance, then SIGCONT", audit, audit.sequences_exact,
-                     fenced_batches=fenced)
+                     fenced_sequence_writes=victim_log.count("fenced "),
+                     refused_track_flushes=victim_log.count("track flush refused"))
         assert audit.users_wrong == 0, audit
         assert audit.track_counts_lost == 0, audit  # at-least-once: may double, never lose
 
@@ -317,6 +338,8 @@ def test_a_worker_stops_within_its_shutdown_timeout_after_a_broker_restart(tmp_p
             took = time.monotonic() - started
     finally:
         broker.stop()
+    report_fault("broker SIGKILL + restart (empty), then SIGTERM to the worker", shutdown_s=round(took, 1),
+                 exit_code=code, shutdown_timeout_s=settings.shutdown_timeout_s)
     assert code in (0, SHUTDOWN_TIMEOUT_EXIT) and took < settings.shutdown_timeout_s + 10, (code, took)
 
 
@@ -418,7 +441,7 @@ def test_a_killed_sandbox_leaves_no_children_and_a_bounded_record_tail(tmp_path)
             return (run_dir / "fed.txt").exists() and len((run_dir / "fed.txt").read_text().splitlines()) > 40
 
         wait_for(feeding, 120, "the sandbox feeding events")
-        children = __import__("json").loads((run_dir / "children.json").read_text())
+        children = json.loads((run_dir / "children.json").read_text())
         killed_at = time.time()
         parent.kill()
         parent.wait()
@@ -442,11 +465,7 @@ def test_a_killed_sandbox_leaves_no_children_and_a_bounded_record_tail(tmp_path)
     assert last_flushed is not None and recorded[1] == last_flushed
     fed_at = next(float(t) for t, last in fed if int(last) >= last_flushed)
     tail = sum(1 for t, last in fed if int(last) > last_flushed)
-    report_fault_tail = {"fed_batches": len(fed), "tail_batches": tail, "tail_seconds": round(killed_at - fed_at, 1)}
-    if FAULT_REPORT:
-        import json
-
-        with open(FAULT_REPORT, "a") as f:
-            f.write(json.dumps({"fault": "sandbox SIGKILL (recorder flush_seconds=1)", **report_fault_tail,
-                                "orphans": 0, "recorded_events": recorded[0]}) + "\n")
-    assert killed_at - fed_at < 1.0 + 3.0, report_fault_tail  # flush_seconds, plus one batch and scheduling
+    figures = {"fed_batches": len(fed), "tail_batches": tail, "tail_seconds": round(killed_at - fed_at, 1),
+               "recorded_events": recorded[0], "orphans": 0}
+    report_fault("sandbox SIGKILL (recorder flush_seconds=1)", **figures)
+    assert killed_at - fed_at < 1.0 + 3.0, figures  # flush_seconds, plus one batch and scheduling
