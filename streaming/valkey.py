@@ -71,6 +71,9 @@ class ValkeyProcess:
         finally:
             client.close()
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(self.host, self.port)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (the server finishes its append-only file), SIGKILL if it does not stop."""
         if self.process is not None:

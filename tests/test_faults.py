@@ -309,6 +309,57 @@ def test_a_valkey_restart_mid_stream_loses_no_user(broker, tmp_path, sim_batches
 
 @pytest.mark.slow
 @pytest.mark.faults
+def test_a_store_that_lost_its_data_stops_the_workers_and_the_sandbox_and_replay_into_repairs_it(tmp_path, sim_batches):
+    """Valkey loses everything mid-run (what a restart without persistence does; here a
+    FLUSHALL): the worker refuses to write on (exit 3), the sandbox's feature path stops
+    naming it, and `replay --into` rebuilds the store from the DuckDB record."""
+    from experiments.recorder import RunRecorder
+    from sandbox.kafka_transport import FeaturePathLost, KafkaFeaturePath
+    from sandbox.replay import replay
+    from sandbox.settings import SandboxSettings
+    from streaming.audit import audit_store
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with start_valkey(tmp_path / "valkey") as valkey:
+        path = KafkaFeaturePath(run_dir, "", 4, valkey.connection_url, workers=1, max_seq_len=256,
+                                drain_timeout_s=120)
+        recorder = RunRecorder(run_dir / "sandbox.duckdb")
+        fed = []
+        try:
+            half = len(sim_batches) // 2
+            for batch in sim_batches[:half]:
+                recorder.log_events(batch)
+                path.on_events(batch)
+                fed.append(batch)
+            path.flush()
+            valkey.client().flushall()
+            with pytest.raises(FeaturePathLost, match=r"exited with code 3 \(the online store lost its data\)"):
+                for batch in sim_batches[half:]:
+                    recorder.log_events(batch)
+                    fed.append(batch)
+                    path.on_events(batch)
+                    time.sleep(0.05)
+                path.flush()
+        finally:
+            path.close()
+            recorder.close()
+        worker_log = (run_dir / "worker-sequences-0.log").read_text(errors="replace")
+        assert "feature store lost its data" in worker_log
+        log = EventBatch.concat(fed)
+        store = FeatureStoreClient(run_dir / "feast", "redis", valkey.connection_url)
+        before = audit_store(store, log)
+        settings = SandboxSettings(out=tmp_path / "runs", run_id="repair", online_store="redis",
+                                   redis_url=valkey.connection_url)
+        result = replay(run_dir / "sandbox.duckdb", settings)
+        after = audit_store(store, log)
+        report_fault("Valkey emptied mid-run (as a restart without persistence; workers refuse, sandbox stops; "
+                     "replay --into repairs)", before, False, users_wrong_after_repair=after.users_wrong)
+        assert result.ok and after.users_wrong == 0 and after.track_counts_lost == after.track_counts_doubled == 0, after
+
+
+@pytest.mark.slow
+@pytest.mark.faults
 def test_a_worker_stops_within_its_shutdown_timeout_after_a_broker_restart(tmp_path, sim_batches, workers):
     """The broker is SIGKILLed and restarted empty on the same port; SIGTERM to the worker
     must end it within `shutdown_timeout_s` (it used to wait in `wait_empty` for minutes)."""
