@@ -141,6 +141,33 @@ def test_the_local_valkey_keeps_acknowledged_writes_across_a_sigkill(tmp_path, v
     assert wrong_users(store, log) == []
 
 
+def test_replay_into_rebuilds_a_live_store_exactly_from_the_command_line(tmp_path, valkey, sim_batches):
+    """`climber replay <run> --into redis://...` overwrites stale and missing rows of a live
+    store with what the log gives, and a wrong URL is refused with the reason."""
+    from typer.testing import CliRunner
+
+    from experiments.recorder import RunRecorder
+    from sandbox.cli import app
+    from streaming.audit import audit_store
+
+    log = EventBatch.concat(sim_batches[:30])
+    recorder = RunRecorder(tmp_path / "source.duckdb")
+    recorder.log_events(log)
+    recorder.close()
+    store = redis_store(tmp_path, valkey.connection_url)
+    SequenceState(store, 256).apply(EventBatch.concat(sim_batches[:10]))  # a stale store ...
+    store._redis.client.delete(store._redis.key(store._keys("user_id", [int(log.user_id[0])])[0]))  # ... with a hole
+    assert audit_store(store, log).users_wrong > 0
+    runner = CliRunner()
+    result = runner.invoke(app, ["replay", str(tmp_path / "source.duckdb"), "--into", valkey.connection_url,
+                                 "--out", str(tmp_path / "runs"), "--run-id", "rebuild"])
+    assert result.exit_code == 0, result.output
+    audit = audit_store(store, log)
+    assert audit.users_wrong == 0 and audit.track_counts_lost == audit.track_counts_doubled == 0, audit
+    refused = runner.invoke(app, ["replay", str(tmp_path / "source.duckdb"), "--into", "localhost:6379"])
+    assert refused.exit_code == 2 and "expected redis://host:port" in refused.output
+
+
 # -- slow: faults injected into the real stack ---------------------------------------------
 
 FAULT_REPORT = os.environ.get("CLIMBER_FAULT_REPORT")  # a JSON-lines file the results table is made from
