@@ -7,6 +7,7 @@ COPY simulator simulator
 COPY streaming streaming
 COPY features features
 COPY ranker ranker
+COPY studies studies
 COPY experiments experiments
 COPY sandbox sandbox
 COPY bench bench

@@ -1,6 +1,6 @@
 """Training time per step: dense against alternate growth and pruning, side by side.
 
-Masked growth and pruning (ranker.growth) runs the full matmuls, so it is not expected to
+Masked growth and pruning (ranker.training.growth) runs the full matmuls, so it is not expected to
 be faster here; this measures what it costs instead: the masks' bookkeeping and the FLOP
 counter's hook. Three variants, interleaved `repeats` times so load drifts hit them alike:
 `dense` (plain training), `dense+counter` (the hook alone) and `grow-prune`.
@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
-from ranker.data import DAY_MS, load_request_log, split_by_time
-from ranker.growth import GrowthConfig
-from ranker.train import add_model_override_argument, train
+from ranker.training.data import DAY_MS, load_request_log, split_by_time
+from ranker.training.growth import GrowthConfig
+from ranker.training.train import add_model_override_argument, train
 
 VARIANTS = {"dense": dict(), "dense+counter": dict(count_linear_flops=True), "grow-prune": dict(growth=GrowthConfig())}
 

@@ -42,12 +42,14 @@ from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds
                                 request_bodies, run_async, summary)
 from features.sequence import UserSequence
 from ranker.batch import RankBatch
-from ranker.kv_cache import UserKVCache, history_batch
-from ranker.astro import BLOCK_ATTENTIONS, AstroConfig
-from ranker.hstu import relative_buckets
-from ranker.model_common import HistoryBuffer, build_model, random_batch
-from ranker.neural import prepare_for_serving
-from ranker.train import add_model_override_argument
+from ranker.serving.cache import UserKVCache, history_batch
+from ranker.models.astro import BLOCK_ATTENTIONS, AstroConfig
+from ranker.models.hstu import relative_buckets
+from ranker.serving.cache import HistoryBuffer
+from ranker.models import build_model
+from ranker.batch import random_batch
+from ranker.serving.ranker import prepare_for_serving
+from ranker.training.train import add_model_override_argument
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRACKS = 50_000
@@ -274,7 +276,7 @@ def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threa
     """
     from features.store import FeatureStoreClient
     from ranker.interface import RankRequest
-    from ranker.neural import NeuralRanker
+    from ranker.serving.ranker import NeuralRanker
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -334,7 +336,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     import httpx
 
     from features.store import FeatureStoreClient
-    from ranker.train import save_checkpoint
+    from ranker.training.checkpoint import save_checkpoint
 
     server_threads = threads or 1
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -349,7 +351,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "ranker.http", "--checkpoint", str(root / "model"), "--feast-dir",
+            [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
              str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
              "--threads", str(server_threads)],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -53,6 +53,7 @@ import itertools
 import sqlite3
 import struct
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -580,3 +581,23 @@ class FeatureStoreClient:
         columns.update({name: stats.totals[:, i] for i, name in enumerate(TOTAL_FEATURES)})
         columns.update({name: recent[:, i] for i, name in enumerate(RECENT_FEATURES)})
         return columns
+
+
+def wait_until_visible(store: FeatureStoreClient, last_event_ids: dict[int, int], timeout_s: float,
+                       poll_s: float = 0.05, check=None) -> float:
+    """Block until every user's sequence in Feast has reached its `last_event_id`; return
+    the monotonic time it did. Raise TimeoutError naming how many users are behind.
+    `check()`, if given, runs every poll and may raise (e.g. a process it watches died)."""
+    users = list(last_event_ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check is not None:
+            check()
+        seen = store.get_last_event_ids(users)
+        behind = [u for u in users if seen[u] < last_event_ids[u]]
+        if not behind:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(behind)} of {len(users)} users not up to date in Feast after {timeout_s} s")
+        users = behind
+        time.sleep(poll_s)

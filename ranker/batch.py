@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from streaming.events import BEHAVIOURS, SCENARIOS
+
 TASKS: tuple[str, ...] = ("full_play", "like", "skip", "share")
 
 
@@ -43,3 +45,22 @@ class RankBatch:
             f.name: (getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None)
             for f in fields(self)
         })
+
+
+def random_batch(B: int, n: int, M: int, n_tracks: int, seed: int = 0, min_length: int = 0) -> RankBatch:
+    """A valid random RankBatch (ragged histories, time-ordered) for tests and FLOP/latency benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_length, n + 1, (B,), generator=g)
+    real = torch.arange(n)[None, :] < lengths[:, None]
+    ts = 1_700_000_000_000 + torch.cumsum(torch.randint(0, 3_600_000, (B, n), generator=g), dim=1)
+    return RankBatch(
+        history_tracks=torch.randint(1, n_tracks + 1, (B, n), generator=g) * real,
+        history_behaviours=torch.randint(1, len(BEHAVIOURS), (B, n), generator=g) * real,  # no impressions
+        history_scenarios=torch.randint(0, len(SCENARIOS), (B, n), generator=g) * real,
+        history_ts=ts * real,
+        history_lengths=lengths,
+        candidate_tracks=torch.randint(1, n_tracks + 1, (B, M), generator=g),
+        candidate_mask=torch.ones(B, M, dtype=torch.bool),
+        scenario=torch.randint(0, len(SCENARIOS), (B,), generator=g),
+        request_ts=ts[:, -1] + 60_000,
+    )

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ranker.candidates import CandidateGenerator
+from ranker.candidates.generator import CandidateGenerator
 from ranker.interface import Ranker, RankRequest, RankResponse, SlateRequest
 
 ResponseHook = Callable[[SlateRequest, RankResponse, str], None]

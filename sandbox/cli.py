@@ -226,10 +226,10 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 # Commands that hand their arguments to a module's own argparse parser (`build_parser`, `main`).
 FORWARDED = {
-    "train": "ranker.train", "growth-study": "ranker.growth_study", "scaling": "ranker.scaling",
-    "scaling-seeds": "ranker.scaling_seeds",
-    "bench stream": "streaming.bench", "bench growth": "bench.growth", "bench serve": "bench.serve",
-    "serve": "ranker.http", "worker": "streaming.worker",
+    "train": "ranker.training.train", "growth-study": "studies.growth_study", "scaling": "studies.scaling",
+    "scaling-seeds": "studies.scaling_seeds",
+    "bench stream": "bench.stream", "bench growth": "bench.growth", "bench serve": "bench.serve",
+    "serve": "ranker.serving.http", "worker": "streaming.worker",
 }
 
 

@@ -154,14 +154,14 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
 
 
 def _trained_by_train(args: argparse.Namespace) -> list[TrainedModel]:
-    from ranker.train import config_overrides
+    from ranker.training.train import config_overrides
 
     return [TrainedModel(args.model, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
 def _trained_by_scaling(args: argparse.Namespace) -> list[TrainedModel]:
-    from ranker.scaling import family_overrides
-    from ranker.train import config_overrides
+    from studies.scaling import family_overrides
+    from ranker.training.train import config_overrides
 
     if args.sizes_only:
         return []
@@ -171,7 +171,7 @@ def _trained_by_scaling(args: argparse.Namespace) -> list[TrainedModel]:
 
 
 def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
-    from ranker.train import config_overrides
+    from ranker.training.train import config_overrides
 
     return [TrainedModel(args.family, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
@@ -196,7 +196,8 @@ def trained_models(parsed: list[tuple[str, argparse.Namespace | None]]) -> Itera
 
 def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
     """Everything that keeps this file from reproducing its figures with today's code."""
-    from ranker.model_common import config_differences, resolve_config
+    from ranker.models.config import config_differences
+    from ranker.models import resolve_config
 
     problems: list[str] = []
     if path is not None and path.stem != config.id:
@@ -230,7 +231,7 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
     """The config with `models` resolved from today's code, for a new frozen file."""
-    from ranker.model_common import resolve_config
+    from ranker.models import resolve_config
 
     models = [FrozenModel(family=m.family, size=m.size, overrides=m.overrides,
                           config=resolve_config(m.family, m.size, n_tracks, **m.overrides).to_dict())

@@ -30,7 +30,7 @@ from typing import Iterable
 from kafka import KafkaConsumer, TopicPartition
 
 from features.sequence import sequence_tokens
-from streaming.audit import wait_for_sequences
+from features.store import wait_until_visible
 from streaming.broker import start_broker
 from streaming.bus import DEAD_LETTER_TOPIC
 from streaming.events import DeadLetter, EventBatch
@@ -139,10 +139,7 @@ class KafkaFeaturePath:
             raise FeaturePathLost(self._loss_report(f"the broker did not take events ({exc})")) from exc
         if self.last_token_ids and self.workers:
             store = FeatureStoreClient(self.stream.feast_dir, online_store="redis", redis_url=self.redis_url)
-            behind = wait_for_sequences(store, self.last_token_ids, self.drain_timeout_s, check=self.check)
-            if behind:
-                raise TimeoutError(f"{len(behind)} of {len(self.last_token_ids)} users not up to date in Feast "
-                                   f"after {self.drain_timeout_s} s")
+            wait_until_visible(store, self.last_token_ids, timeout_s=self.drain_timeout_s, check=self.check)
 
     def dead_letters(self, timeout_ms: int = 1000) -> list[DeadLetter]:
         """Everything on `events.dlq` (all partitions), to be kept in DuckDB."""

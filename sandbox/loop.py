@@ -23,8 +23,8 @@ from experiments.metrics import engagement_by_arm
 from experiments.recorder import RunRecorder
 from features.store import FeatureStoreClient
 from features.updater import FeatureUpdater
-from ranker.baseline import BASELINE_RANKERS
-from ranker.candidates import CandidateGenerator
+from ranker.baselines import BASELINE_RANKERS
+from ranker.candidates.generator import CandidateGenerator
 from ranker.recommender import ArmRecommender
 from sandbox.settings import SandboxSettings
 from simulator.facts import stylised_facts
@@ -39,7 +39,7 @@ def build_ranker(spec: str, metadata, sequences):
     """A ranker from its settings name: a baseline, or `checkpoint:<dir>` for a trained model."""
     if spec in BASELINE_RANKERS:
         return BASELINE_RANKERS[spec](metadata, sequences)
-    from ranker.neural import NeuralRanker
+    from ranker.serving.ranker import NeuralRanker
 
     ranker = NeuralRanker.from_checkpoint(spec.removeprefix("checkpoint:"), sequences)
     if ranker.model.config.n_tracks < metadata.n_tracks:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ranker.baseline import BASELINE_RANKERS
+from ranker.baselines import BASELINE_RANKERS
 from simulator.config import SimConfig
 
 
@@ -42,7 +42,7 @@ class ExperimentSettings(BaseSettings):
             if not spec.startswith("checkpoint:"):
                 raise ValueError(f"experiment.rankers[{arm!r}]: unknown ranker {spec!r}; expected one of "
                                  f"{sorted(BASELINE_RANKERS)} or checkpoint:<dir>")
-            from ranker.train import META_FILE  # only when a checkpoint is named: torch is heavy
+            from ranker.training.checkpoint import META_FILE  # only when a checkpoint is named: torch is heavy
 
             if not (Path(spec.removeprefix("checkpoint:")) / META_FILE).exists():
                 raise ValueError(f"experiment.rankers[{arm!r}]: {spec!r} is not a checkpoint folder "

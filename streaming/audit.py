@@ -65,23 +65,5 @@ def audit_store(store: FeatureStoreClient, log: EventBatch, max_len: int = 256, 
                       track_counts_doubled=counts_doubled, example_users=wrong[:5])
 
 
-def wait_for_sequences(store: FeatureStoreClient, last_event_ids: dict[int, int], timeout_s: float,
-                       check=None, poll_s: float = 0.1) -> list[int]:
-    """Wait until every user's stored high-water mark reaches `last_event_ids`; return the
-    users still behind at `timeout_s` ([] when all arrived). `check()` runs every poll and
-    may raise (a watched process died)."""
-    import time
-
-    behind, deadline = list(last_event_ids), time.monotonic() + timeout_s
-    while behind and time.monotonic() < deadline:
-        if check is not None:
-            check()
-        seen = store.get_last_event_ids(behind)
-        behind = [u for u in behind if seen[u] < last_event_ids[u]]
-        if behind:
-            time.sleep(poll_s)
-    return behind
-
-
 def last_token_ids(log: EventBatch, max_len: int = 256) -> dict[int, int]:
     return {u: s.last_event_id for u, s in sequences_from_log(log, max_len).items()}

@@ -9,7 +9,7 @@
 - "user": one message holds one user's events, keyed by the user id, for tools that want
   a key per user. A producer that sends one JSON event per message is understood too.
 Why several events per message: Faust handles each message through several event-loop
-steps (about 200 µs of CPU to consume and ack one, `streaming.bench_drain`), so one event
+steps (about 200 µs of CPU to consume and ack one, `bench.stream_drain`), so one event
 per message caps a worker near 5,000 events/s, and the kafka-python producer near 25,000
 messages/s. A simulator step emits a few events per user (impressions and reactions to
 one slate), so framing per user leaves about 4.5 events per message when the sink sends

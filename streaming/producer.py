@@ -9,7 +9,7 @@ growing memory or dropping events. A message that still fails after the client's
 raises `DeliveryError` naming how many events failed and the first error.
 
 Framing and coalescing: each message costs the producer and every Faust worker a fixed
-amount of CPU (measured by `streaming.bench_drain`: Faust alone takes about 200 µs to
+amount of CPU (measured by `bench.stream_drain`: Faust alone takes about 200 µs to
 consume and ack a message), so the sink frames a partition's events together by default
 (`framing`, see `streaming.framing`), and holds batches for up to `coalesce_ms` (or
 `coalesce_events`) so that consecutive simulator steps share messages. It holds only

@@ -10,10 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.sequence import UserSequence, sequences_from_log
-from ranker.baseline import CooccurrenceRanker, PopularityRanker
-from ranker.candidates import (
-    DAY_MS, SOURCE_CODE, SOURCE_LABELS, CandidateGenerator, TrackPopularity, history_profiles,
-    history_profiles_reference, popularity_order, _Picks,
+from ranker.baselines import CooccurrenceRanker, PopularityRanker
+from ranker.candidates.generator import (
+    DAY_MS,
+    SOURCE_CODE,
+    SOURCE_LABELS,
+    CandidateGenerator,
+    TrackPopularity,
+    history_profiles,
+    history_profiles_reference,
+    popularity_order,
+    _Picks,
 )
 from ranker.interface import (
     RANKING_SCORE, RankRequest, SlateRequest, TrackMetadata, order_by_score, order_rows_by_score,

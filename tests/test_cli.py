@@ -35,7 +35,7 @@ def test_train_forwards_its_own_help():
 def test_simulate_writes_a_policy_log_that_training_reads(tmp_path):
     import duckdb
 
-    from ranker.data import load_request_log
+    from ranker.training.data import load_request_log
 
     result = runner.invoke(app, ["simulate", "--users", "30", "--tracks", "300", "--days", "0.5",
                                  "--policy", "random", "--out", str(tmp_path), "--run-id", "log"])

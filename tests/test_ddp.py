@@ -15,8 +15,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from ranker.train import WEIGHTS_FILE, train
-from ranker.model_common import build_model
+from ranker.training.checkpoint import WEIGHTS_FILE
+from ranker.training.train import train
+from ranker.models import build_model
 from tests.test_training import N_TRACKS, synthetic_log, write_log
 
 TRAIN_ARGS = dict(steps=5, batch_size=16, lr=3e-3, max_len=32, device="cpu", progress=False,
@@ -69,9 +70,9 @@ def _growth_worker(rank: int, world: int, port: int, db_path: str, out_file: str
 
     import numpy as np
 
-    from ranker.data import load_request_log
-    from ranker.growth import GrowPrune, GrowthConfig
-    from ranker.train import masked_bce_sum
+    from ranker.training.data import load_request_log
+    from ranker.training.growth import GrowPrune, GrowthConfig
+    from ranker.training.train import masked_bce_sum
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -24,7 +24,7 @@ import pytest
 from features.redis_rows import StoreLostError
 from features.sequence import UserSequence, sequences_from_log
 from features.store import FeatureStoreClient
-from streaming.bench import simulated_log
+from bench.stream import simulated_log
 from streaming.events import EventBatch
 from streaming.online_state import SequenceState
 from streaming.valkey import start_valkey
@@ -233,10 +233,10 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> Non
 
 def settle(store, log: EventBatch, timeout_s: float = 90) -> None:
     """Wait until the sequences caught up and the track totals stopped changing."""
-    from streaming.audit import last_token_ids, wait_for_sequences
+    from features.store import wait_until_visible
+    from streaming.audit import last_token_ids
 
-    behind = wait_for_sequences(store, last_token_ids(log), timeout_s)
-    assert not behind, f"{len(behind)} users never caught up, e.g. {behind[:5]}"
+    wait_until_visible(store, last_token_ids(log), timeout_s)
     tracks = np.unique(log.track_id)
     previous, deadline = None, time.monotonic() + 30
     while time.monotonic() < deadline:  # two track flushes apart
@@ -478,7 +478,7 @@ import json, sys, time
 from pathlib import Path
 from experiments.recorder import RunRecorder
 from sandbox.kafka_transport import KafkaFeaturePath
-from streaming.bench import simulated_log
+from bench.stream import simulated_log
 run_dir = Path(sys.argv[1])
 path = KafkaFeaturePath(run_dir, "", 4, "", workers=1, max_seq_len=256)  # starts broker, Valkey, workers
 recorder = RunRecorder(run_dir / "sandbox.duckdb", flush_seconds=1.0)

@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ranker.data import DAY_MS, load_request_log, split_by_time
-from ranker.growth import GrowPrune, GrowthConfig, LinearFlopCounter, prunable_layers
-from ranker.model_common import SoftmaxConfig, SoftmaxLayer, build_model
-from ranker.train import GROWTH_FILE, WEIGHTS_FILE, load_checkpoint, main, masked_bce_sum, train
+from ranker.training.data import DAY_MS, load_request_log, split_by_time
+from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter, prunable_layers
+from ranker.models.config import SoftmaxConfig
+from ranker.models.layers import SoftmaxLayer
+from ranker.models import build_model
+from ranker.training.checkpoint import GROWTH_FILE, WEIGHTS_FILE, load_checkpoint
+from ranker.training.train import main, masked_bce_sum, train
 from tests.test_training import synthetic_log, write_log
 
 torch.set_num_threads(1)
@@ -160,8 +163,8 @@ def test_grown_rows_learn_again(split, tmp_path):
 
 
 def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_path, tmp_path):
-    from ranker.growth_study import STUDY_FILE, run_study
-    from ranker.scaling import Budget
+    from studies.growth_study import STUDY_FILE, run_study
+    from studies.scaling import Budget
 
     budget = Budget(steps=6, batch_size=16, max_len=32)
     table = run_study(db_path, tmp_path, family="hstu", size="xs", seeds=[0, 1], budget=budget, growth=SCHEDULE,

@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 
 from features.sequence import UserSequence
 from features.store import FeatureStoreClient
-from ranker.http import RankReply, build_service, create_app
+from ranker.serving.http import RankReply, build_service, create_app
 from ranker.interface import RankRequest
-from ranker.model_common import build_model
-from ranker.serving import ServingSettings
-from ranker.train import save_checkpoint
+from ranker.models import build_model
+from ranker.serving.service import ServingSettings
+from ranker.training.checkpoint import save_checkpoint
 
 torch.set_num_threads(1)
 N_TRACKS = 40

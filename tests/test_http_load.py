@@ -12,7 +12,7 @@ import uvicorn
 
 from bench.service_load import (HttpConnection, closed_loop, open_loop, process_cpu_seconds, request_bodies,
                                 run_async, summary)
-from ranker.http import RankReply, build_service, create_app
+from ranker.serving.http import RankReply, build_service, create_app
 from tests.test_http import N_TRACKS, tiny_service_settings
 
 torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from features.sequence import UserSequence
-from ranker.kv_cache import UserKVCache, history_batch, model_window, stack_histories
-from ranker.model_common import build_model
+from ranker.serving.cache import UserKVCache, history_batch, model_window, stack_histories
+from ranker.models import build_model
 
 torch.set_num_threads(1)
 N_TRACKS = 50
@@ -260,7 +260,7 @@ def test_bf16_cache_stays_within_the_documented_tolerance_of_a_bf16_recompute():
 # ----------------------------------------------------------------------------- one-event fast path
 
 def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
-    from ranker.model_common import gap_bucket, history_time_gaps
+    from ranker.models.embedding import gap_bucket, history_time_gaps
 
     n_buckets = 48
     near = [int(1000 * (2 ** (k / 2) - 1)) + off for k in range(1, n_buckets) for off in range(-40, 41)]
@@ -275,7 +275,8 @@ def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
                                        dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1)])
 def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
     """extend_one (the serving path) against extend (the reference), for both stack kinds."""
-    from ranker.model_common import HistoryBuffer, SoftmaxStack
+    from ranker.serving.cache import HistoryBuffer
+    from ranker.models.layers import SoftmaxStack
 
     model = tiny_model(**overrides)
     window = random_sequence(12, seed=3)
@@ -303,7 +304,7 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
 def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
     weights change in place (its cached tau / embedding tables must follow them)."""
-    from ranker.model_common import HistoryBuffer
+    from ranker.serving.cache import HistoryBuffer
 
     model = tiny_model(family, **overrides)
     window = random_sequence(MAX_LEN, seed=4)

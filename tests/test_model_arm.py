@@ -6,7 +6,7 @@ import duckdb
 import pytest
 from pydantic import ValidationError
 
-from ranker.train import train
+from ranker.training.train import train
 from sandbox.loop import run_sandbox
 from sandbox.settings import ExperimentSettings, SandboxSettings
 from simulator.config import SimConfig

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from ranker.batch import TASKS, RankBatch
-from ranker.hstu import HSTUModel
-from ranker.model_common import SIZE_NAMES, build_model, model_from_config, random_batch
+from ranker.batch import TASKS
+from ranker.models.config import SIZE_NAMES
+from ranker.models import build_model, model_from_config
+from ranker.batch import random_batch
+from ranker.models.reference import reference_logits
 from tests.test_astro import (
     N_TRACKS,
     assert_real_candidates_close,
@@ -17,11 +19,7 @@ from tests.test_astro import (
     check_padding_changes_no_real_score,
     check_prefix_keys_and_values_never_change,
     check_shuffling_candidates_only_shuffles_scores,
-    pointwise_reference,
     randomise_relative_bias,
-    reference_candidate_token,
-    reference_history_tokens,
-    softmax_reference,
     torch_transformer_logits,
 )
 
@@ -35,38 +33,14 @@ def tiny(family: str, **overrides):
     return build_model(family, "xs", N_TRACKS, **{**TINY, **overrides}).eval()
 
 
-def per_candidate_reference(model, batch: RankBatch, sequence_output) -> torch.Tensor:
-    """Logits from running sequence_output(model, row, [history..., candidate]) per candidate."""
-    logits = torch.zeros(*batch.candidate_tracks.shape, len(TASKS))
-    for row in range(len(batch.history_lengths)):
-        history = reference_history_tokens(model, batch, row)
-        for m in range(batch.candidate_tracks.shape[1]):
-            if batch.candidate_mask[row, m]:
-                seq = torch.cat([history, reference_candidate_token(model, batch, row, m)[None]])
-                logits[row, m] = model.heads(sequence_output(model, batch, row, seq)[-1])
-    return logits
-
-
-def sasrec_sequence(model, batch, row, seq):
-    return softmax_reference(model.stack.layers, seq, tau=None)
-
-
-def hstu_sequence(model: HSTUModel, batch: RankBatch, row: int, x: torch.Tensor) -> torch.Tensor:
-    """Meta's HSTU layer written out (the reference ASTRO's pointwise blocks also use),
-    causal over [history..., candidate], tau = 1."""
-    length = len(x) - 1
-    ts = torch.cat([batch.history_ts[row, :length], batch.request_ts[row : row + 1]])
-    return pointwise_reference(model.stack.layers, x, torch.arange(len(x)), ts, None, float(model.config.max_len))
-
-
-@pytest.mark.parametrize("family, sequence_output", [("sasrec", sasrec_sequence), ("hstu", hstu_sequence)])
-def test_batched_sumi_matches_one_candidate_at_a_time(family, sequence_output):
+@pytest.mark.parametrize("family", BASELINES)
+def test_batched_sumi_matches_one_candidate_at_a_time(family):
     model = tiny(family)
     if family == "hstu":
         randomise_relative_bias(model)
     batch = batch_with_edge_cases()
     with torch.no_grad():
-        assert_real_candidates_close(model(batch), per_candidate_reference(model, batch, sequence_output), batch)
+        assert_real_candidates_close(model(batch), reference_logits(model, batch), batch)
 
 
 def test_sasrec_is_a_standard_target_aware_transformer():
@@ -133,7 +107,7 @@ def test_the_ladder_takes_per_family_overrides_and_keys_rungs_by_them(tmp_path):
     """`climber scaling --set astro:KEY=VALUE`: parsed like `train --set`, kept in the rung key."""
     import argparse
 
-    from ranker.scaling import Budget, _rung_key, family_overrides, parse_family_override, run_ladder
+    from studies.scaling import Budget, _rung_key, family_overrides, parse_family_override, run_ladder
 
     items = [parse_family_override("astro:block_attention=pointwise"), parse_family_override("astro:n_layers=1")]
     assert items == [("astro", "block_attention", "pointwise"), ("astro", "n_layers", 1)]

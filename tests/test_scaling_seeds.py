@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ranker.scaling_seeds import combine, goal_per_rung, loss_trends, per_rung, versus
+from studies.scaling_seeds import combine, goal_per_rung, loss_trends, per_rung, versus
 from sandbox.cli import app
 
 FLOPS = {("astro", "xs"): 10, ("astro", "s"): 40, ("hstu", "xs"): 5, ("hstu", "s"): 50}

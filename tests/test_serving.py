@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from features.sequence import UserSequence
 from features.store import FeatureStoreClient
 from ranker.interface import RANKING_SCORE, RankRequest, order_by_score
-from ranker.kv_cache import history_batch
-from ranker.model_common import build_model
-from ranker.neural import NeuralRanker
-from ranker.serving import ScoringService, ServingSettings
+from ranker.serving.cache import history_batch
+from ranker.models import build_model
+from ranker.serving.ranker import NeuralRanker
+from ranker.serving.service import ScoringService, ServingSettings
 from streaming.events import SCENARIO_CODE
 
 torch.set_num_threads(1)

@@ -21,7 +21,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from features.sequence import sequences_from_log
 from features.store import FeatureStoreClient
 from features.track_stats import track_stats_from_log
-from streaming.bench import simulated_log, wait_until_visible
+from bench.stream import simulated_log
+from features.store import wait_until_visible
 from streaming.broker import start_broker
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import EventBatch, encode_event

@@ -18,9 +18,8 @@ import torch
 
 from features.sequence import sequences_from_log
 from ranker.batch import TASKS
-from ranker.data import (DAY_MS, import_interactions, iterate_batches, load_request_log,
-                         split_by_time)
-from ranker.metrics import auc, gauc, logloss, ndcg_at_k
+from ranker.training.data import DAY_MS, import_interactions, iterate_batches, load_request_log, split_by_time
+from ranker.training.metrics import auc, gauc, logloss, ndcg_at_k
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, EventBatch
 
 torch.set_num_threads(1)
@@ -242,15 +241,15 @@ def split(log):
 
 
 def test_a_few_steps_reduce_the_training_loss(split, tmp_path):
-    from ranker.model_common import build_model
-    from ranker.train import evaluate, train
+    from ranker.models import build_model
+    from ranker.training.train import evaluate, train
 
     torch.manual_seed(0)
     untrained = build_model("astro", "xs", split.train.n_tracks, max_len=32, **TINY_MODEL)
     before = evaluate(untrained, split.train, max_len=32)["loss"]
     result = train("astro", "xs", None, tmp_path / "astro", steps=40, batch_size=16, lr=3e-3, max_len=32,
                    progress=False, model_overrides=TINY_MODEL, data=split, device="cpu")
-    from ranker.train import load_checkpoint
+    from ranker.training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(result.checkpoint)
     after = evaluate(model, split.train, max_len=32)["loss"]
@@ -263,7 +262,8 @@ def test_a_few_steps_reduce_the_training_loss(split, tmp_path):
 def test_checkpoint_round_trip_and_resume(split, tmp_path):
     from safetensors.torch import load_file
 
-    from ranker.train import OPTIMIZER_FILE, WEIGHTS_FILE, load_checkpoint, train
+    from ranker.training.checkpoint import OPTIMIZER_FILE, WEIGHTS_FILE, load_checkpoint
+    from ranker.training.train import train
 
     kwargs = dict(batch_size=16, lr=3e-3, max_len=32, progress=False, model_overrides=TINY_MODEL, data=split,
                   device="cpu", checkpoint_every=0)
@@ -292,7 +292,8 @@ def test_checkpoint_round_trip_and_resume(split, tmp_path):
 
 
 def test_command_line_set_overrides_the_model_config(db_path, tmp_path):
-    from ranker.train import load_checkpoint, main
+    from ranker.training.checkpoint import load_checkpoint
+    from ranker.training.train import main
 
     out = tmp_path / "astro"
     result = main(["--model", "astro", "--size", "xs", "--db", str(db_path), "--out", str(out), "--steps", "2",
@@ -345,7 +346,7 @@ def test_simulator_log_histories_end_before_their_request(simulated_db):
 
 
 def test_power_law_fit_recovers_known_parameters():
-    from ranker.scaling import fit_power_law
+    from studies.scaling import fit_power_law
 
     compute = np.geomspace(1e9, 1e13, 6)
     loss = 2.0 * (compute / 1e9) ** -0.5 + 1.0
@@ -355,7 +356,7 @@ def test_power_law_fit_recovers_known_parameters():
 
 
 def test_ladder_writes_its_reports_and_reuses_done_rungs(simulated_db, tmp_path):
-    from ranker.scaling import Budget, run_ladder
+    from studies.scaling import Budget, run_ladder
 
     budget = Budget(steps=3, batch_size=8, max_len=32)
     table = run_ladder(simulated_db, tmp_path, families=["sasrec"], sizes=["xs", "s", "m"], budget=budget,

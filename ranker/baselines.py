@@ -27,8 +27,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ranker.candidates import (
-    DAY_MS, IS_POSITIVE, DecayClock, TrackPopularity, check_track_ids, history_profiles,
+from ranker.candidates.generator import (
+    DAY_MS,
+    IS_POSITIVE,
+    DecayClock,
+    TrackPopularity,
+    check_track_ids,
+    history_profiles,
 )
 from ranker.interface import (
     RANKING_SCORE, RankRequest, RankResponse, SequenceSource, TrackMetadata, order_rows_by_score,

@@ -14,38 +14,40 @@ tokens are gathered into their own tensor (no n x n mask).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.hstu import HSTULayer, HSTUStack, relative_buckets
-from ranker.model_common import (
-    DEFAULT_SIZES,
+from ranker.models.hstu import HSTULayer, HSTUStack, relative_buckets
+from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
+from ranker.models.layers import (
     BlockCache,
-    HistoryBuffer,
     HistoryCache,
-    SequenceRanker,
-    SoftmaxConfig,
     SoftmaxStack,
     TaskHeads,
-    TARGET_BEHAVIOUR,
-    WeightDerivedTables,
-    check_batch,
     gather_tokens,
-    last_timestamps,
     layout_blocks,
     scale_queries,
-    softplus_inverse,
 )
+from ranker.models.base import SequenceRanker, WeightDerivedTables, check_batch
+from ranker.models.embedding import TARGET_BEHAVIOUR, last_timestamps
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
+
+if TYPE_CHECKING:
+    from ranker.serving.cache import HistoryBuffer
 
 PARTITIONS = ("behaviour", "scenario", "recency", "none")
 BLOCK_ATTENTIONS = ("softmax", "pointwise")
 CANDIDATE_PATHS = ("per_block", "shared")
+
+
+def softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
 
 
 @dataclass(frozen=True)
@@ -352,18 +354,14 @@ class AstroModel(SequenceRanker):
         behaviours, scenarios = batch.history_behaviours[:, start:end], batch.history_scenarios[:, start:end]
         tau = self.temperatures(scenarios, behaviours)  # [1, k, Nb, h]
         member = self.token_blocks(behaviours[0], scenarios[0])  # [k, Nb]
-        if end - start == 1:  # the common case, one event: no index gathers, one host sync
-            touched = [(b, None) for b in member[0].nonzero()[:, 0].tolist()]
-        else:
-            touched = [(b, new) for b, new in enumerate(member.t().contiguous()) if bool(new.any())]
+        touched = [(b, new) for b, new in enumerate(member.t().contiguous()) if bool(new.any())]
         for b, new in touched:
             block = history.blocks[b]
-            xb = x if new is None else x[:, new]
-            tau_b = None if tau is None else (tau[:, :, b] if new is None else tau[:, new, b])
+            xb = x[:, new]
+            tau_b = None if tau is None else tau[:, new, b]
             length, grown = block.length, block.length + xb.shape[1]
             block.reserve(grown)
-            at = torch.arange(start, end, device=x.device)
-            at = at if new is None else at[new]
+            at = torch.arange(start, end, device=x.device)[new]
             block.positions[0, length:grown] = at
             block.timestamps[0, length:grown] = batch.history_ts[0, at]
             if self.block_position is not None:  # rows of the block's position table, no lookup op

@@ -1,6 +1,6 @@
 """Several seeds of one scaling ladder, side by side: what a single seed cannot say.
 
-    python -m ranker.scaling_seeds runs/ladder-seed0 runs/ladder-seed1 runs/ladder-seed2 --out runs/ladder-seeds
+    python -m studies.scaling_seeds runs/ladder-seed0 runs/ladder-seed1 runs/ladder-seed2 --out runs/ladder-seeds
 
 On our simulator logs one seed's standard deviation of full-play GAUC is about 0.002, the
 size of most gaps between families at a rung, so one ladder can put ASTRO ahead or behind
@@ -31,9 +31,9 @@ import pandas as pd
 from rich.console import Console
 from scipy import stats
 
-from ranker.model_common import SIZE_NAMES
-from ranker.reports import display_frame, markdown_table, write_html_report
-from ranker.scaling import LADDER_FILE, PowerLawFit, fit_power_law
+from ranker.models.config import SIZE_NAMES
+from studies.reports import display_frame, markdown_table, write_html_report
+from studies.scaling import LADDER_FILE, PowerLawFit, fit_power_law
 
 console = Console()
 GOAL_METRIC = "gauc_full_play"
@@ -206,7 +206,7 @@ def write_reports(folders: Sequence[Path], out_dir: Path) -> dict[str, pd.DataFr
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m ranker.scaling_seeds", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.scaling_seeds", description=__doc__.split("\n")[0])
     parser.add_argument("ladders", nargs="+", type=Path, help="`climber scaling` output folders, one per seed")
     parser.add_argument("--out", required=True, type=Path)
     return parser

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ranker.hstu import HSTULayer
-from ranker.model_common import SoftmaxLayer, TaskHeads, refuse_unknown_fields
+from ranker.models.hstu import HSTULayer
+from ranker.models.layers import SoftmaxLayer, TaskHeads
+from ranker.models.config import refuse_unknown_fields
 
 STATE_PREFIX = "growth_mask."
 

@@ -15,7 +15,7 @@ Memory: a byte budget over everything entries hold (K/V buffers at their capacit
 token arrays); the least recently used entries are evicted to stay under it, and an
 entry larger than the whole budget is used for its request and never stored.
 
-Not thread-safe by design: one scoring thread owns it (ranker.serving's worker or the
+Not thread-safe by design: one scoring thread owns it (ranker.serving.service's worker or the
 sandbox's loop), so lookups and extensions need no lock.
 """
 
@@ -31,9 +31,109 @@ from torch.nn.utils.rnn import pad_sequence
 
 from features.sequence import UserSequence
 from ranker.batch import RankBatch
-from ranker.model_common import BlockCache, HistoryBuffer, HistoryCache, SequenceRanker
+from ranker.models.layers import BlockCache, HistoryCache
+from ranker.models.base import SequenceRanker
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
+
+
+class BlockBuffer:
+    """One user's block K/V in preallocated storage, so appending k tokens copies k tokens.
+
+    Each layer's K and V share one tensor `kv[i]` [2, heads, capacity, d_head] (keys at 0,
+    values at 1), so a one-token append writes both with one copy; `keys[i]` and
+    `values[i]` are views of it [1, heads, capacity, d_head]. Capacity >= length along the
+    token axis; `view()` is the BlockCache of the filled part (no copy). Capacity grows by
+    `growth` when an append needs more, so a user whose history grows one event at a time
+    reallocates O(log n) times, not n times.
+    """
+
+    def __init__(self, block: BlockCache, row: int, capacity: int, growth: float = 1.5):
+        length = int(block.valid[row].sum())
+        self.length = length
+        self.growth = growth
+        self.kv = [self._alloc(torch.stack([k[row, :, :length], v[row, :, :length]]), capacity)
+                   for k, v in zip(block.keys, block.values)]
+        self.positions = self._alloc(block.positions[row : row + 1, :length], capacity)
+        self.timestamps = self._alloc(block.timestamps[row : row + 1, :length], capacity)
+        self._refresh_views()
+
+    @staticmethod
+    def _alloc(filled: torch.Tensor, capacity: int) -> torch.Tensor:
+        """A buffer of `capacity` tokens along the token axis (dim 2 of K/V [2, h, L, dh],
+        dim 1 of positions [1, L]), its prefix = filled."""
+        axis = 2 if filled.dim() == 4 else 1
+        shape = list(filled.shape)
+        shape[axis] = max(capacity, filled.shape[axis])
+        buffer = filled.new_zeros(shape)
+        buffer.narrow(axis, 0, filled.shape[axis]).copy_(filled)
+        return buffer
+
+    def _refresh_views(self) -> None:
+        """Per-layer K and V views of the fused storage; rebuilt only when storage is reallocated."""
+        self.keys = [kv[0:1] for kv in self.kv]  # [1, h, capacity, dh] each
+        self.values = [kv[1:2] for kv in self.kv]
+        self._view: tuple[int, BlockCache] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[1]
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` tokens (reallocate with headroom if needed)."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, int(self.capacity * self.growth) + 1)
+        self.kv = [self._alloc(kv.narrow(2, 0, self.length), capacity) for kv in self.kv]
+        self.positions = self._alloc(self.positions.narrow(1, 0, self.length), capacity)
+        self.timestamps = self._alloc(self.timestamps.narrow(1, 0, self.length), capacity)
+        self._refresh_views()
+
+    def view(self) -> BlockCache:
+        """The filled part as a BlockCache of views, memoised per length: a cache hit scores
+        straight from it, and rebuilding ~10 views per block per hit costs more than scoring
+        a few candidates."""
+        n = self.length
+        if self._view is None or self._view[0] != n:
+            valid = torch.ones(1, n, dtype=torch.bool, device=self.positions.device)
+            self._view = (n, BlockCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values],
+                                        valid, self.positions[:, :n], self.timestamps[:, :n]))
+        return self._view[1]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.kv, self.positions, self.timestamps]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class HistoryBuffer:
+    """One user's HistoryCache in BlockBuffers: what `extend_history` appends to in place."""
+
+    def __init__(self, cache: HistoryCache, row: int, headroom: float = 0.25, max_len: int | None = None):
+        """Copy row `row` of an encoded batch, each block with `headroom` spare capacity (capped at max_len)."""
+        def capacity(block: BlockCache) -> int:
+            length = int(block.valid[row].sum())
+            room = max(length + 8, int(length * (1 + headroom)))
+            return min(room, max(max_len, length)) if max_len else room
+
+        self.blocks = [BlockBuffer(block, row, capacity(block)) for block in cache.blocks]
+        self.length = int(cache.history_lengths[row])
+        self.last_ts = int(cache.last_ts[row])
+        self._view: tuple[tuple, HistoryCache] | None = None
+
+    def view(self) -> HistoryCache:
+        """The whole cache as views, memoised until the history or a block's storage changes."""
+        blocks = [b.view() for b in self.blocks]
+        key = (self.length, self.last_ts, *map(id, blocks))
+        if self._view is None or self._view[0] != key:
+            device = self.blocks[0].positions.device
+            self._view = (key, HistoryCache(blocks, torch.tensor([self.length], device=device),
+                                            torch.tensor([self.last_ts], device=device)))
+        return self._view[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
 
 
 def model_window(sequence: UserSequence, max_len: int) -> UserSequence:

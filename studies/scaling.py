@@ -1,6 +1,6 @@
 """The scaling ladder: every family at several sizes, same data, same budget rule.
 
-    python -m ranker.scaling --db runs/<id>/sandbox.duckdb --out runs/<id>/scaling \\
+    python -m studies.scaling --db runs/<id>/sandbox.duckdb --out runs/<id>/scaling \\
         --families astro sasrec hstu --sizes xs s m l --epochs 1 [--set astro:n_layers=1 ...]
 
 `--set FAMILY:KEY=VALUE` overrides a model-config field of one family at every rung (as
@@ -36,10 +36,11 @@ from rich.table import Table
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from ranker.batch import TASKS
-from ranker.data import DAY_MS, load_request_log, split_by_time
-from ranker.model_common import build_model, config_differences, resolve_config
-from ranker.reports import display_frame, markdown_table, write_html_report
-from ranker.train import config_overrides, parse_override, train
+from ranker.training.data import DAY_MS, load_request_log, split_by_time
+from ranker.models import build_model, resolve_config
+from ranker.models.config import config_differences
+from studies.reports import display_frame, markdown_table, write_html_report
+from ranker.training.train import config_overrides, parse_override, train
 
 console = Console()
 LADDER_FILE = "ladder.jsonl"
@@ -296,7 +297,7 @@ def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], his
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m ranker.scaling", description="Train a scaling ladder and fit L(C).")
+    parser = argparse.ArgumentParser(prog="python -m studies.scaling", description="Train a scaling ladder and fit L(C).")
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--families", nargs="+", default=["astro", "sasrec", "hstu"])

@@ -5,7 +5,7 @@
     GET  /health   model and cache state
     GET  /metrics  Prometheus text
 
-    python -m ranker.http --checkpoint models/astro-s --feast-dir runs/<id>/feast [--port 8000]
+    python -m ranker.serving.http --checkpoint models/astro-s --feast-dir runs/<id>/feast [--port 8000]
 
 Bad requests get a 422 whose `message` names the field and the problem: an empty or
 oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from ranker.interface import RankRequest
-from ranker.serving import ScoredResponse, ScoringService, ServingSettings
+from ranker.serving.service import ScoredResponse, ScoringService, ServingSettings
 from streaming.events import SCENARIOS
 
 Id = Annotated[StrictInt, Field(ge=0)]  # user and track ids: JSON integers, never "7" or 7.5
@@ -156,7 +156,7 @@ def create_app(service: ScoringService) -> FastAPI:
 def build_service(settings: ServingSettings) -> ScoringService:
     """Checkpoint + the run's Feast store -> a ready (not yet started) service."""
     from features.store import FeatureStoreClient
-    from ranker.neural import NeuralRanker
+    from ranker.serving.ranker import NeuralRanker
 
     if settings.checkpoint is None or settings.feast_dir is None:
         raise ValueError("serving needs a checkpoint folder and a Feast data folder (--checkpoint, --feast-dir)")

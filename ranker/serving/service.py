@@ -36,8 +36,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.interface import RankRequest, RankResponse
-from ranker.kv_cache import DEFAULT_BUDGET_BYTES
-from ranker.neural import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
+from ranker.serving.cache import DEFAULT_BUDGET_BYTES
+from ranker.serving.ranker import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -48,7 +48,7 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLIMBER_SERVE_")
 
-    checkpoint: Path | None = None  # a ranker.train checkpoint folder
+    checkpoint: Path | None = None  # a ranker.training.checkpoint folder
     feast_dir: Path | None = None  # the run's Feast data folder (runs/<id>/feast)
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = ""

@@ -1,12 +1,12 @@
 """Does alternate growth and pruning pay? The same model and data trained three ways, per seed:
 
 - `dense`: the full model for the whole budget;
-- `grow-prune`: sparse for most of the budget, full-size at the end (ranker.growth);
+- `grow-prune`: sparse for most of the budget, full-size at the end (ranker.training.growth);
 - `dense-short`: the full model for as many steps as give the grow-prune run's Linear FLOPs
   (its measured share of the dense run's, times the budget), so grow-and-prune is compared
   with simply training less for the same work as well as with training dense.
 
-    python -m ranker.growth_study --db runs/<id>/sandbox.duckdb --out runs/<id>/growth \\
+    python -m studies.growth_study --db runs/<id>/sandbox.duckdb --out runs/<id>/growth \\
         --family astro --size s --seeds 0 1 2 3 4 --epochs 1 [--growth density=0.5 ...]
 
 Differences are paired by seed (same initialisation and data order) and tested with scipy's
@@ -28,12 +28,13 @@ from rich.table import Table
 from scipy import stats
 
 from ranker.batch import TASKS
-from ranker.data import DAY_MS, load_request_log, split_by_time
-from ranker.growth import GrowthConfig
-from ranker.model_common import SIZE_NAMES, resolve_config
-from ranker.reports import display_frame, markdown_table, write_html_report
-from ranker.scaling import Budget, check_reusable, read_done, run_key
-from ranker.train import add_model_override_argument, config_overrides, parse_override, train
+from ranker.training.data import DAY_MS, load_request_log, split_by_time
+from ranker.training.growth import GrowthConfig
+from ranker.models.config import SIZE_NAMES
+from ranker.models import resolve_config
+from studies.reports import display_frame, markdown_table, write_html_report
+from studies.scaling import Budget, check_reusable, read_done, run_key
+from ranker.training.train import add_model_override_argument, config_overrides, parse_override, train
 
 console = Console()
 STUDY_FILE = "study.jsonl"
@@ -176,7 +177,7 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget, growth: Gr
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m ranker.growth_study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.growth_study", description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--family", default="astro", choices=["astro", "sasrec", "hstu"])

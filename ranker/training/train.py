@@ -1,24 +1,20 @@
-"""Train a ranker on the DuckDB event log: loss, loop, evaluation, checkpoints, DDP.
+"""Train a ranker on the DuckDB event log: loss, loop, evaluation, DDP.
 
-    python -m ranker.train --model astro --size s --db runs/<id>/sandbox.duckdb --out models/astro-s
-    torchrun --nproc-per-node 2 -m ranker.train ...     # the same, data-parallel
+    python -m ranker.training.train --model astro --size s --db runs/<id>/sandbox.duckdb --out models/astro-s
+    torchrun --nproc-per-node 2 -m ranker.training.train ...     # the same, data-parallel
 
 Loss: binary cross-entropy per task on real (unpadded) candidates, summed over tasks and
 averaged over the candidates of the *global* batch. Normalising by the global count (not
 per rank) is what makes DDP's gradient average equal the single-process gradient exactly.
 
-Checkpoints (a folder): `model.safetensors` (weights only), `optimizer.pt` (optimizer state,
-loaded with `weights_only=True`) and `checkpoint.json` (family, size, model config, step,
-model version = "<family>-<size>-<hash of the weights file>"). The JSON is written last, so
-a folder with a JSON holds a complete checkpoint. Data order depends only on (seed, epoch),
-so `resume=True` continues exactly where the last checkpoint stopped.
+Checkpoints: ranker.training.checkpoint. Data order depends only on (seed, epoch), so
+`resume=True` continues exactly where the last checkpoint stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import math
 import os
@@ -34,25 +30,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ranker.batch import TASKS, RankBatch
-from ranker.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
-from ranker.growth import GrowPrune, GrowthConfig, LinearFlopCounter
-from ranker.metrics import ranking_report
-from ranker.model_common import SIZE_NAMES, SequenceRanker, _tuples, build_model, model_class, model_from_config
+from ranker.training.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
+from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
+from ranker.training.metrics import ranking_report
+from ranker.models.config import SIZE_NAMES, _tuples
+from ranker.models.base import SequenceRanker
+from ranker.models import build_model, model_class
+from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
 
-WEIGHTS_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-GROWTH_FILE = "growth.safetensors"  # the pruning masks, only while a grow-and-prune run is sparse
-META_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = 1
 console = Console()
 
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, float]  # evaluation on the held-out last window (see ranker.metrics)
+    metrics: dict[str, float]  # evaluation on the held-out last window (see ranker.training.metrics)
     n_params: int
     flops_per_request: int  # forward, at the train set's mean history length and slate size
     train_seconds: float
@@ -68,7 +61,7 @@ class TrainResult:
     # Grow-and-prune runs: the schedule, the final density and the rows swapped.
     growth: dict[str, Any] | None = None
     # Linear-layer FLOPs of this invocation's training forwards, done and as a dense run
-    # would do them (ranker.growth.LinearFlopCounter); counted with growth or when asked.
+    # would do them (ranker.training.growth.LinearFlopCounter); counted with growth or when asked.
     linear_flops: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,84 +133,12 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> floa
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def weights_version(family: str, size: str, weights_path: Path) -> str:
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()[:12]
-    return f"{family}-{size}-{digest}"
-
-
-def save_checkpoint(out_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
-                    family: str, size: str, step: int, extra: dict[str, Any],
-                    growth: GrowPrune | None = None) -> str:
-    """Write weights, optimizer, growth masks while sparse, and metadata (JSON last, each via
-    a temporary file). A dense model leaves no masks behind: the checkpoint is a plain one."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if growth is not None and not growth.is_dense:
-        tmp_growth = out_dir / (GROWTH_FILE + ".tmp")
-        save_file(growth.state_dict(), str(tmp_growth))
-        tmp_growth.replace(out_dir / GROWTH_FILE)
-    else:
-        (out_dir / GROWTH_FILE).unlink(missing_ok=True)
-    tmp_weights = out_dir / (WEIGHTS_FILE + ".tmp")
-    save_model(model, str(tmp_weights))
-    tmp_weights.replace(out_dir / WEIGHTS_FILE)
-    tmp_opt = out_dir / (OPTIMIZER_FILE + ".tmp")
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp_opt)
-    tmp_opt.replace(out_dir / OPTIMIZER_FILE)
-    version = weights_version(family, size, out_dir / WEIGHTS_FILE)
-    meta = {"format": CHECKPOINT_FORMAT, "family": family, "size": size, "model_version": version,
-            "step": step, "config": model.config.to_dict(), **extra}
-    tmp_meta = out_dir / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2, default=float))
-    tmp_meta.replace(out_dir / META_FILE)
-    return version
-
-
-def read_checkpoint_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} (missing {META_FILE})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
-    return meta
-
-
-def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[SequenceRanker, dict[str, Any]]:
-    """A trained model (in eval mode) and its metadata; reads weights only, never pickles."""
-    meta = read_checkpoint_meta(checkpoint_dir)
-    model = model_from_config(meta["family"], meta["config"])
-    load_model(model, str(Path(checkpoint_dir) / WEIGHTS_FILE), strict=True, device=str(device))
-    return model.to(device).eval(), meta
-
-
-def restore_checkpoint(checkpoint_dir: Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
-                       family: str, size: str, device: torch.device, growth: GrowPrune | None = None) -> int:
-    """Load weights, optimizer state and any growth masks into a freshly built model; return
-    the step reached."""
-    meta = read_checkpoint_meta(checkpoint_dir)
-    if (meta["family"], meta["size"]) != (family, size):
-        raise ValueError(f"{checkpoint_dir} holds a {meta['family']}/{meta['size']} checkpoint, not {family}/{size}")
-    load_model(model, str(checkpoint_dir / WEIGHTS_FILE), strict=True, device=str(device))
-    state = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if (meta.get("growth") is not None) != (growth is not None):
-        raise ValueError(f"{checkpoint_dir} was trained {'with' if meta.get('growth') else 'without'} grow-and-prune; "
-                         "resume it the same way")
-    # No mask file: the checkpoint was saved once dense, and a fresh GrowPrune's masks are all on.
-    if growth is not None and (checkpoint_dir / GROWTH_FILE).exists():
-        growth.load_state_dict(load_file(str(checkpoint_dir / GROWTH_FILE), device=str(device)))
-    return int(meta["step"])
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
              runtime: Runtime | None = None) -> dict[str, float]:
-    """All offline metrics of `model` on every request of `log` (see ranker.metrics)."""
+    """All offline metrics of `model` on every request of `log` (see ranker.training.metrics)."""
     runtime = runtime or Runtime(torch.device("cpu"), 0, 1, None)
     was_training = model.training
     model.eval()
@@ -284,7 +205,7 @@ def train(
     `batch_size` is the global batch in requests (split across DDP ranks). `stop_after`
     ends this invocation after that many steps (checkpointed) while keeping the full
     budget's LR schedule, as a preempted job would; `resume=True` later continues it.
-    `growth` trains with alternate growth and pruning (ranker.growth), ending full-size.
+    `growth` trains with alternate growth and pruning (ranker.training.growth), ending full-size.
     """
     if size not in model_class(family).SIZES:  # model_class names the known families
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(model_class(family).SIZES)}")
@@ -450,7 +371,7 @@ def add_model_override_argument(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m ranker.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ranker.training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=["astro", "sasrec", "hstu"])
     parser.add_argument("--size", required=True, choices=list(SIZE_NAMES))
     parser.add_argument("--db", required=True, type=Path, help="DuckDB event log (runs/<id>/sandbox.duckdb)")

@@ -22,7 +22,7 @@ quota. Batches hold only tens of requests, so numpy calls, not array sizes, are 
 one pass takes, for all rows at once, each row's next source in its priority order (rows of
 different scenarios in one pass), and sources reading the same group index share a gather.
 The two steps that still cost most as numpy calls, that pass (`merge_stage`) and the
-best-first gather (`gather_best`), are compiled loops (`ranker/candidate_kernels.py`).
+best-first gather (`gather_best`), are compiled loops (`ranker/candidates/kernels.py`).
 `generate_with_sources_reference`, one source at a time, is the plain version the batched
 one must match (the tests check it). Popularity is learned online from the event stream
 (`observe`); the per-group popularity orders are rebuilt at most every `refresh_ms` of
@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from features.sequence import UserSequence
-from ranker.candidate_kernels import gather_best, merge_stage
+from ranker.candidates.kernels import gather_best, merge_stage
 from ranker.interface import SequenceSource, SlateRequest, TrackMetadata
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, SCENARIOS, EventBatch
 

@@ -18,26 +18,27 @@ pass over B x h x L x L. The HSTU baseline passes no tau (tau = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ranker.model_common import (
-    DEFAULT_SIZES,
-    BlockBuffer,
+from ranker.models.config import DEFAULT_SIZES, ModelConfig
+from ranker.models.layers import (
     BlockCache,
     BlockLayout,
-    ModelConfig,
     OneTokenPlanStack,
-    SingleStackRanker,
     layer_keys_values,
-    log_bucket,
     merge_heads,
     scale_queries,
-    seconds_bucket,
     split_heads,
 )
+from ranker.models.base import SingleStackRanker
+from ranker.models.embedding import log_bucket, seconds_bucket
+
+if TYPE_CHECKING:
+    from ranker.serving.cache import BlockBuffer
 
 SIZES = DEFAULT_SIZES
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ranker.model_common import DEFAULT_SIZES, SingleStackRanker, SoftmaxConfig, SoftmaxStack
+from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
+from ranker.models.base import SingleStackRanker
+from ranker.models.layers import SoftmaxStack
 
 SIZES = DEFAULT_SIZES
 

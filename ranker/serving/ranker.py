@@ -22,8 +22,8 @@ import torch
 from ranker.batch import TASKS, RankBatch
 from ranker.interface import RANKING_SCORE, RankRequest, RankResponse, SequenceSource, order_by_score
 from features.sequence import UserSequence
-from ranker.kv_cache import DEFAULT_BUDGET_BYTES, UserKVCache, history_batch, stack_histories
-from ranker.model_common import SequenceRanker
+from ranker.serving.cache import DEFAULT_BUDGET_BYTES, UserKVCache, history_batch, stack_histories
+from ranker.models.base import SequenceRanker
 from streaming.events import SCENARIO_CODE, SCENARIOS
 
 DEFAULT_MAX_CANDIDATES = 1000
@@ -98,8 +98,8 @@ class NeuralRanker:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, sequences: SequenceSource, **kwargs) -> "NeuralRanker":
-        """Load a `ranker.train` checkpoint (safetensors weights + JSON config, no pickles)."""
-        from ranker.train import load_checkpoint  # training imports stay off the serving import path
+        """Load a `ranker.training.train` checkpoint (safetensors weights + JSON config, no pickles)."""
+        from ranker.training.checkpoint import load_checkpoint  # training imports stay off the serving import path
 
         model, meta = load_checkpoint(checkpoint_dir)
         kwargs.setdefault("name", f"{meta['family']}-{meta['size']}")

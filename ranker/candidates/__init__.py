@@ -1,0 +1,1 @@
+"""Candidate generation: the few hundred tracks a ranker scores for each request."""

@@ -1,0 +1,361 @@
+"""Layers every family shares: block layouts, the encoded history (`HistoryCache`), the
+softmax transformer stack and the task heads.
+
+A stack runs in the two serving steps: `encode` the history (per-layer K/V, causal) and
+`attend_candidates` (each candidate sees its block's history and itself: SUMI scoring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranker.batch import TASKS, RankBatch
+from ranker.models.config import ModelConfig, SoftmaxConfig
+
+if TYPE_CHECKING:
+    from ranker.serving.cache import BlockBuffer
+
+@dataclass
+class BlockLayout:
+    """Where one block's tokens sit in the history: gathered left-aligned, oldest first."""
+
+    index: torch.Tensor  # int64 [B, L]: position in the history of each block token
+    valid: torch.Tensor  # bool [B, L]: a prefix of True per row
+
+
+def layout_blocks(membership: torch.Tensor) -> list[BlockLayout]:
+    """Gather each block's tokens into its own tensor, width = the block's longest row.
+
+    membership: bool [B, n, Nb]. A stable sort puts members first in history order, so
+    attention inside a block costs L_b^2, not n^2 with a mask: the partition saving is real.
+    """
+    B, n, n_blocks = membership.shape
+    counts = membership.sum(1)  # [B, Nb]
+    widths = counts.amax(0).tolist() if B else [0] * n_blocks  # one host sync for all blocks
+    order = torch.argsort((~membership).to(torch.int8), dim=1, stable=True)
+    layouts = []
+    for b, width in enumerate(widths):
+        valid = torch.arange(width, device=membership.device)[None, :] < counts[:, b : b + 1]
+        layouts.append(BlockLayout(order[:, :width, b], valid))
+    return layouts
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, n, ...] -> [B, L, ...] at index [B, L]."""
+    return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
+
+
+@dataclass
+class BlockCache:
+    """One block's encoded history: what a candidate needs to attend to it, at every layer."""
+
+    keys: list[torch.Tensor]  # per layer [B, heads, L, d_head]
+    values: list[torch.Tensor]  # per layer [B, heads, L, d_head]
+    valid: torch.Tensor  # bool [B, L], a prefix of True per row
+    positions: torch.Tensor  # int64 [B, L], index of each token in the full history
+    timestamps: torch.Tensor  # int64 [B, L], epoch ms
+
+    @property
+    def lengths(self) -> torch.Tensor:  # int64 [B]
+        return self.valid.sum(1)
+
+
+@dataclass
+class HistoryCache:
+    """Everything `score_candidates` needs from a history; the unit TURBO's cache stores."""
+
+    blocks: list[BlockCache]
+    history_lengths: torch.Tensor  # int64 [B]
+    last_ts: torch.Tensor  # int64 [B], timestamp of the newest event (0 if none)
+
+    def select(self, rows: torch.Tensor) -> "HistoryCache":
+        """The cache of a subset (or repetition) of rows, e.g. one user's cache for many requests."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, rows)
+
+        blocks = [
+            BlockCache(
+                [pick(k) for k in blk.keys], [pick(v) for v in blk.values],
+                pick(blk.valid), pick(blk.positions), pick(blk.timestamps),
+            )
+            for blk in self.blocks
+        ]
+        return HistoryCache(blocks, pick(self.history_lengths), pick(self.last_ts))
+
+
+def single_block_layout(batch: RankBatch) -> BlockLayout:
+    """The whole history as one block, trailing batch padding trimmed."""
+    width = int(batch.history_lengths.max()) if len(batch.history_lengths) else 0
+    index = torch.arange(width, device=batch.history_tracks.device).expand(len(batch.history_lengths), width)
+    return BlockLayout(index, batch.history_mask[:, :width])
+
+
+def candidate_key_mask(history_valid: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """bool [B, 1, M, L + M]: candidate m sees the valid history and itself, no other candidate."""
+    own = torch.eye(n_candidates, dtype=torch.bool, device=history_valid.device)
+    history = history_valid[:, None, :].expand(-1, n_candidates, -1)
+    return torch.cat([history, own.expand(len(history_valid), -1, -1)], dim=2)[:, None]
+
+
+# ----------------------------------------------------------------------------- softmax transformer
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # [B, L, d] -> [B, h, L, d_head]
+    B, L, d = x.shape
+    return x.view(B, L, n_heads, d // n_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:  # [B, h, L, d_head] -> [B, L, d]
+    B, h, L, dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, h * dh)
+
+
+def scale_queries(q: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """Attention logits / (tau * sqrt(d_head)) == (q / tau) . k / sqrt(d_head); tau: [B, L, h]."""
+    return q if tau is None else q / tau.transpose(1, 2).unsqueeze(-1)
+
+
+def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[list, list]:
+    """Per-layer K and V of a history, through `step(layer, x) -> (x_next, k, v)`.
+
+    The last layer stops at its K/V projection: candidates attend to its keys and values,
+    and nothing ever reads the history's output from it.
+    """
+    keys, values = [], []
+    for layer in layers[:-1]:
+        x, k, v = step(layer, x)
+        keys.append(k)
+        values.append(v)
+    k, v = layers[-1].project_kv(x)
+    return keys + [k], values + [v]
+
+
+class SoftmaxLayer(nn.Module):
+    """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True)."""
+
+    def __init__(self, cfg: SoftmaxConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        hidden = cfg.ffn_mult * d
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        return split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V only: the last layer's history needs nothing else (no query, no output)."""
+        d = x.shape[-1]
+        k, v = F.linear(self.norm1(x), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.resid_dropout(self.out(merge_heads(attended)))
+        return x + self.resid_dropout(self.ffn(self.norm2(x)))
+
+
+def split_candidate_attention(q, k_hist, v_hist, k_own, v_own, history_bias: torch.Tensor | None) -> torch.Tensor:
+    """SUMI attention without the M x M block: softmax over [history logits, own logit].
+
+    Equal to SDPA over [history, candidates] with `candidate_key_mask`, but computes M x L
+    history logits plus M self-logits instead of M x (L + M), of which M x (M - 1) are masked.
+    q, k_own, v_own [B, h, M, dh]; k_hist, v_hist [B, h, L, dh]; history_bias [B, 1, 1, L + 1]
+    (-inf at invalid history keys, from `history_key_bias`) or None when every key is valid.
+    """
+    q = q * q.shape[-1] ** -0.5
+    logits = torch.cat([q @ k_hist.transpose(-1, -2), (q * k_own).sum(-1, keepdim=True)], dim=-1)
+    if history_bias is not None:
+        logits += history_bias
+    weights = logits.softmax(dim=-1)
+    return weights[..., :-1] @ v_hist + weights[..., -1:] * v_own
+
+
+def history_key_bias(history_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [B, 1, 1, L + 1] for split_candidate_attention (the last slot is the
+    candidate itself), or None when no history key is masked (one user, no padding)."""
+    if bool(history_valid.all()):
+        return None
+    bias = torch.zeros(*history_valid.shape[:1], 1, 1, history_valid.shape[1] + 1, dtype=dtype,
+                       device=history_valid.device)
+    bias[:, 0, 0, :-1].masked_fill_(~history_valid, float("-inf"))
+    return bias
+
+
+CANDIDATE_ATTENTION = ("sdpa", "split")
+
+
+class OneTokenPlanStack(nn.Module):
+    """A block stack whose `extend_one` keeps a `_one_token_plan` of its parameters in a plain
+    attribute; it is dropped whenever Parameters may be replaced (`.to()`, `load_state_dict`)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_one_token_plan", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_one_token_plan", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class SoftmaxStack(OneTokenPlanStack):
+    """A stack of SoftmaxLayers run in the two serving steps: encode history, attend candidates.
+
+    `candidate_attention` is a serving choice, not a hyperparameter (the math is the same):
+    "sdpa" runs one fused kernel with the SUMI mask (the CUDA path), "split" skips the
+    masked M x M candidate block: 1.3-2x faster stage two on CPU at n in {256, 512},
+    M in {128, 200, 512}, equal at M = 16 (bench/serve.py measures both).
+    """
+
+    def __init__(self, cfg: SoftmaxConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SoftmaxLayer(cfg) for _ in range(cfg.n_layers))
+        self.candidate_attention = "sdpa"
+
+    def encode(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor, tau: torch.Tensor | None = None):
+        """Causal self-attention over one block's history; returns per-layer K and V.
+
+        Padding sits after the valid prefix, so a causal mask alone keeps real tokens off it.
+        """
+        def step(layer: SoftmaxLayer, x: torch.Tensor):
+            q, k, v = layer.project(x)
+            return layer.finish(x, layer.attend(scale_queries(q, tau), k, v)), k, v
+
+        return layer_keys_values(self.layers, x, step)
+
+    def attend_candidates(
+        self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
+        tau: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Candidates [B, M, d] through every layer against the block's cached K/V.
+
+        positions and request_ts (the candidates' place in time) are unused by softmax
+        attention; HSTU's relative bias needs them, and both stacks share one signature.
+        """
+        split = self.candidate_attention == "split" and not self.training
+        if split:
+            bias = history_key_bias(block.valid, c.dtype)
+        else:
+            mask = candidate_key_mask(block.valid, c.shape[1])
+        for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
+            q, k, v = layer.project(c)
+            q = scale_queries(q, tau)
+            if split:
+                attended = split_candidate_attention(q, k_hist, v_hist, k, v, bias)
+            else:
+                attended = layer.attend(q, torch.cat([k_hist, k], 2), torch.cat([v_hist, v], 2), mask)
+            c = layer.finish(c, attended)
+        return c
+
+    def extend(self, x: torch.Tensor, block: BlockBuffer, start: int, tau: torch.Tensor | None = None) -> None:
+        """Append k new tokens x [1, k, d] at [start, start + k) of the block's buffers, in place.
+
+        Each new token attends the cached prefix and the new tokens before it (the same
+        causal rule as `encode`), so the buffers end up as a full re-encode would fill them.
+        Capacity must already be reserved.
+        """
+        end = start + x.shape[1]
+        causal = None  # one new token sees every key
+        if x.shape[1] > 1:
+            causal = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            q, k, v = (None, *layer.project_kv(x)) if last else layer.project(x)
+            block.keys[i][:, :, start:end] = k
+            block.values[i][:, :, start:end] = v
+            if not last:
+                attended = F.scaled_dot_product_attention(
+                    scale_queries(q, tau), block.keys[i][:, :, :end], block.values[i][:, :, :end], attn_mask=causal)
+                x = layer.finish(x, attended)
+
+    def extend_one(self, x: torch.Tensor, block: BlockBuffer, at: int, query_scale: torch.Tensor | float) -> None:
+        """`extend` for one new token x [1, d] at index `at` of the block: the serving hot path.
+
+        The same math as `extend` (tests compare them) in 15 ATen calls for two layers:
+        functional layer norms and linears on the cached weights (`_one_token_plan`), K and
+        V written with one copy into the fused storage, and the single query's attention as
+        bmm-softmax-bmm over views of the cache (no mask, no SDPA dispatch, no module calls).
+        query_scale is 1 / (tau sqrt(d_head)), [h, 1, 1] (`query_scales`) or a float.
+        Capacity must already be reserved.
+        """
+        end = at + 1
+        plan = self.__dict__.get("_one_token_plan") or self._one_token_plan()
+        last = len(plan) - 1
+        d = x.shape[-1]
+        for i, (norm1, qkv_w, qkv_b, out_w, out_b, norm2, up_w, up_b, down_w, down_b) in enumerate(plan):
+            kv = block.kv[i]  # [2, h, capacity, dh]
+            h, dh = kv.shape[1], kv.shape[3]
+            qkv = F.linear(F.layer_norm(x, (d,), *norm1), qkv_w, qkv_b).view(3, h, dh)
+            kv.select(2, at).copy_(qkv[1:])  # K and V of the new token
+            if i == last:  # nothing reads the last layer's history output
+                return
+            weights = torch.bmm(qkv[0].unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)).softmax(-1)  # [h, 1, end]
+            x = x + F.linear(torch.bmm(weights, kv[1, :, :end]).view(1, d), out_w, out_b)  # heads merged
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
+
+    def _one_token_plan(self) -> list[tuple]:
+        """Each layer's parameters in `extend_one`'s order, gathered once: ~30 module
+        attribute lookups cost about as much as the step's arithmetic. It holds the Parameter
+        objects themselves, so in-place loads, optimiser steps and .to() (which swaps
+        param.data) keep it current; `_apply` and `_load_from_state_dict` drop it for the
+        cases that replace Parameters."""
+        plan = [((layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), layer.qkv.weight, layer.qkv.bias,
+                 layer.out.weight, layer.out.bias, (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
+                 layer.ffn[0].weight, layer.ffn[0].bias, layer.ffn[3].weight, layer.ffn[3].bias)
+                for layer in self.layers]
+        self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
+        return plan
+
+    @staticmethod
+    def query_scales(tau: torch.Tensor | None, d_head: int) -> torch.Tensor | float:
+        """What `extend_one` multiplies queries by: 1 / (tau sqrt(d_head)), tau [..., h] -> [..., h, 1, 1]."""
+        return d_head**-0.5 if tau is None else (tau * d_head**0.5).reciprocal()[..., None, None]
+
+    @staticmethod
+    def flops(cfg: SoftmaxConfig, history_len: int, n_candidates: int) -> dict[str, int]:
+        """Forward matmul FLOPs (2 per multiply-add) of one block for one request.
+
+        history: (n_layers-1) full layers + the last layer's K/V projection, attention over
+        the full L x L rectangle (as a dense kernel computes it). Candidates: every layer,
+        each candidate attending L history keys + M keys of which it keeps one (the mask).
+        """
+        d, L, M, layers = cfg.d_model, history_len, n_candidates, cfg.n_layers
+        per_token_linear = 2 * d * (3 * d) + 2 * d * d + 2 * 2 * d * cfg.ffn_mult * d
+        return {
+            "linear": (layers - 1) * L * per_token_linear + L * 2 * d * 2 * d + layers * M * per_token_linear,
+            "history_attention": (layers - 1) * 4 * L * L * d,
+            "candidate_attention": layers * 4 * M * (L + M) * d,
+        }
+
+
+class TaskHeads(nn.Module):
+    """Final norm, a shared hidden layer, then one logit per task."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.head_hidden or cfg.d_model
+        self.net = nn.Sequential(
+            nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, len(TASKS))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, n_candidates: int) -> int:
+        hidden = cfg.head_hidden or cfg.d_model
+        return n_candidates * (2 * cfg.d_model * hidden + 2 * hidden * len(TASKS))
