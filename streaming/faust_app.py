@@ -262,8 +262,11 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                 return
             written = list(unflushed)  # everything applied so far is in this flush
             unflushed.clear()
-            fenced = settings.online_store == "redis"  # SQLite: one writer process, nothing to fence
-            refused = await lane.call(tracks.flush, dict(owners) if fenced else None, settings.partitions)
+            refused = []
+            if settings.online_store == "redis":
+                refused = await lane.call(tracks.flush_owned, dict(owners), settings.partitions)
+            else:  # SQLite: one writer process, nothing to fence
+                await lane.call(tracks.flush)
             if refused:
                 log.warning("track flush refused for partitions %s: another worker owns them now (this one was "
                             "paused or cut off past a rebalance); their events are left to it", refused)

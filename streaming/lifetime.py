@@ -17,15 +17,17 @@ import subprocess
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# Looked up here, in the parent: the child (forked from a process with threads) should not
+# load libraries before exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the parent goes (Linux), and exit at once if
     the parent is already gone (the signal is only sent for a death after this call)."""
-    if not sys.platform.startswith("linux"):
+    if _prctl is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() == 1:
         os._exit(1)
 

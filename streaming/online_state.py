@@ -141,23 +141,27 @@ class TrackStatsState:
             rows.totals[~settled], rows.recent[~settled], rows.as_of_ts[~settled] = fresh.totals, fresh.recent, fresh.as_of_ts
         return rows
 
-    def flush(self, owners: Mapping[int, bytes | None] | None = None, partitions: int = 1) -> list[int]:
-        """Write the rows changed since the last flush; return the partitions whose rows
-        were not written because this worker no longer owns them.
+    def flush(self) -> int:
+        """Write the rows changed since the last flush; return how many."""
+        if not self._dirty:
+            return 0
+        tracks = np.unique(np.concatenate(self._dirty))
+        written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)))
+        self._dirty = []
+        return written
+
+    def flush_owned(self, owners: Mapping[int, bytes | None], partitions: int) -> list[int]:
+        """`flush`, fenced by ownership; return the partitions whose rows were not written
+        because this worker no longer owns them.
 
         `owners` (partition of `events.by_track` -> token from `claim_owner`): each
         partition's rows are written only while its token is the newest claim, so a worker
         paused past a rebalance cannot overwrite its successor's counts. The events behind
-        a refused partition must not be acked: the new owner counts them. None: no fence
-        (one writer, or SQLite)."""
+        a refused partition must not be acked: the new owner counts them."""
         if not self._dirty:
             return []
         tracks = np.unique(np.concatenate(self._dirty))
         rows = self._rows(tracks, self._settled.holds(tracks))
-        if owners is None:
-            self.store.write_track_stats(rows)
-            self._dirty = []
-            return []
         refused = []
         destination = partition_of(tracks, partitions)
         for partition in np.unique(destination).tolist():

@@ -113,12 +113,12 @@ def test_a_track_flush_by_a_replaced_owner_writes_nothing(tmp_path, valkey, sim_
     stale.add(log)
     successor_claim = {0: store.claim_owner("tracks:0")}  # the rebalance: a newer generation
     successor.add(log)
-    assert successor.flush(successor_claim, partitions=1) == []
+    assert successor.flush_owned(successor_claim, partitions=1) == []
     written = store.read_track_stats(np.unique(log.track_id))
     stale.add(EventBatch.concat(sim_batches[20:30]))  # resumes with its old counts and a batch in hand
-    assert stale.flush(stale_claim, partitions=1) == [0]
+    assert stale.flush_owned(stale_claim, partitions=1) == [0]
     assert store.read_track_stats(written.track_ids).equals(written)  # nothing overwritten
-    assert stale.flush({}, partitions=1) == []  # and its cache was dropped: nothing left to write
+    assert stale.flush_owned({}, partitions=1) == []  # and its cache was dropped: nothing left to write
 
 
 def test_a_guarded_write_refuses_a_store_that_lost_its_data(tmp_path, valkey, sim_batches):
