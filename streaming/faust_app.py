@@ -270,8 +270,10 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
             if refused:
                 log.warning("track flush refused for partitions %s: another worker owns them now (this one was "
                             "paused or cut off past a rebalance); their events are left to it", refused)
+            # Refused events are acked too: Faust hands partitions over only once every event
+            # in flight is acked. The new owner consumes them from the last commit (this
+            # worker never committed them), and the group refuses this stale member's commits.
             for stream, event in written:
-                if event.message.tp.partition not in refused:  # the new owner counts the others
-                    await stream.ack(event)
+                await stream.ack(event)
 
     return lambda: lane.call(tracks.forget)

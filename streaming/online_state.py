@@ -157,7 +157,8 @@ class TrackStatsState:
         `owners` (partition of `events.by_track` -> token from `claim_owner`): each
         partition's rows are written only while its token is the newest claim, so a worker
         paused past a rebalance cannot overwrite its successor's counts. The events behind
-        a refused partition must not be acked: the new owner counts them."""
+        a refused partition are the new owner's to count: it consumes them from the last
+        commit, which this worker never advanced past them."""
         if not self._dirty:
             return []
         tracks = np.unique(np.concatenate(self._dirty))
