@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
+from ranker.models import FAMILIES
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowthConfig
 from ranker.training.train import add_model_override_argument, train
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m bench.growth", description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True, type=Path)
-    parser.add_argument("--family", default="astro", choices=["astro", "sasrec", "hstu"])
+    parser.add_argument("--family", default="astro", choices=FAMILIES)
     parser.add_argument("--size", default="s")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)

@@ -41,13 +41,12 @@ from bench.common import save
 from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
                                 request_bodies, run_async, summary)
 from features.sequence import UserSequence
-from ranker.batch import RankBatch
-from ranker.serving.cache import UserKVCache, history_batch
+from ranker.batch import RankBatch, random_batch
+from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch
 from ranker.models.astro import BLOCK_ATTENTIONS, AstroConfig
 from ranker.models.hstu import relative_buckets
-from ranker.serving.cache import HistoryBuffer
 from ranker.models import build_model
-from ranker.batch import random_batch
+from ranker.serving.incremental import extend_history
 from ranker.serving.ranker import prepare_for_serving
 from ranker.training.train import add_model_override_argument
 
@@ -165,7 +164,7 @@ def bench_incremental(size: str, n: int, reps: int = 500, overrides: dict | None
         # Fresh buffers (the cached prefix) made up front, so only the update itself is timed.
         buffers = [HistoryBuffer(encoded_before, 0, max_len=n) for _ in range(reps + 1)]
         t = best_seconds({"full": lambda: model.encode_history(full_batch),
-                          "extend": lambda: model.extend_history(buffers.pop(), full_batch)},
+                          "extend": lambda: extend_history(model, buffers.pop(), full_batch)},
                          min_seconds=0.0, min_reps=reps, max_reps=reps)
         # Through the cache (window compare, tensors from numpy, extend or rebuild, view),
         # the two in turns, set-up untimed.

@@ -1,49 +1,15 @@
 """The one client that reads and writes sandbox features in Feast.
 
 Every run gets its own feature store under a data directory (e.g. `runs/<run_id>/feast/`):
-the repo's `feature_store.yaml` is loaded and its paths are pointed into that directory, so
-runs never share a registry or an online database, and `features/repo/definitions.py`
-stays the single source of truth for the schema.
+the repo's `feature_store.yaml` is pointed into that directory, so runs never share a
+registry or an online database, and `features/repo/definitions.py` stays the schema.
 
-Fast path, writes: Feast's SQLite store issues one `execute` per entity per feature, and
-building a protobuf per value in Python costs as much again; at the sandbox's write rates
-(tens of thousands of 256-long sequences per simulated day) that was most of the loop's
-time. So on SQLite the client encodes the `ValueProto` bytes of a whole batch at once with
-numpy (`features.feast_codec`, byte-identical to `ValueProto.SerializeToString`, one column
-at a time) and upserts them with a few multi-row statements in one transaction (see
-`_SqliteWriter` for why not `executemany`) into the table Feast created, in the row format
-Feast's `online_write_batch` writes (entity key serialised by Feast, `value_text` for
-scalars, `event_ts` as Feast's adapter stores it). The tests check that Feast's public
-`get_online_features` reads back exactly what was written, and that the stored rows equal
-those of Feast's own write. On Redis the same bytes go into the hashes Feast's Redis store
-keeps, in one pipeline per write (`features.redis_rows`); the tests compare those hashes
-with Feast's own write too.
-
-Fast path, reads: on SQLite, the query Feast's `online_read` runs, on Feast's connection,
-with the values decoded a column at a time by `features.feast_codec` instead of one
-protobuf per value (and one numpy array per list) in Python; on Redis, the fields Feast's
-`online_read` asks for, decoded the same way. `get_sequences_via_feast` /
-`read_track_stats_via_feast` go through the provider's `online_read` (what
-`get_online_features` starts from); they serve any other online store and are the
-reference the tests hold the fast path to.
-
-Writes may come from another thread (the embedded updater's background writer): the
-client writes SQLite through a connection of its own, so Feast's connection (reads) never
-sees a half-done write transaction, and WAL lets reads run while a write is in progress.
-
-Redis: Feast's Redis store by default drops a row whose event timestamp is not newer than
-the stored one. Each entity has one writer here (a user's partition owner), and sequences
-carry their own high-water mark (`last_event_id`), so that check adds nothing but a round
-trip and would drop a legitimate update whose newest event shares a millisecond with the
-previous write. We turn it off (`skip_dedup`). Row timestamps are still meaningful: the
-newest event time of the row (or the caller's `event_ts`).
-
-SQLite: Feast opens the database in rollback-journal mode, where every commit waits for an
-fsync (~1,000 single-row writes/s here). Feast's connection (reads) is switched to WAL, so
-readers in other processes (a ranker service) no longer block on the writer. The writer's
-own connection also skips fsyncs (synchronous=OFF): a process crash loses nothing
-committed, an operating-system crash may lose or corrupt the per-run store, which is
-rebuilt from the event log (see `_SqliteWriter`).
+Reads and writes on SQLite and Redis take a fast path: a whole batch's `ValueProto` bytes
+encoded and decoded with numpy (`features.feast_codec`), in the rows and hashes Feast's own
+stores use; `get_sequences_via_feast` / `read_track_stats_via_feast` go through Feast's
+`online_read` and are the reference the tests hold the fast path to. Writes may come from
+another thread and use their own SQLite connection. Why each choice (WAL, synchronous=OFF,
+Redis `skip_dedup`) and what it costs on a crash: docs/streaming.md, "The Feast client".
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ class SandboxSettings(BaseSettings):
     max_seq_len: int = Field(256, ge=1, le=4096)
     # How often (simulated ms) pending updates are pushed to Feast. A user's own pending
     # sequence is also pushed just before that user is ranked, so rankers read their writes;
-    # the periodic push only keeps Feast fresh for other readers. Every 15 min rather than
-    # 5 writes ~40% fewer sequence rows (a listener's tracks in 15 min go in one row).
+    # the periodic push only keeps Feast fresh for other readers, so the interval trades
+    # their staleness for rows written (a listener's tracks within one interval go in one row).
     feature_flush_ms: int = Field(900_000, ge=0)
     track_stats_flush_ms: int = Field(3_600_000, ge=0)
     # Feast writes on a background thread (SQLite works without the GIL, so on the second

@@ -31,7 +31,7 @@ from ranker.batch import TASKS
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowthConfig
 from ranker.models.config import SIZE_NAMES
-from ranker.models import resolve_config
+from ranker.models import FAMILIES, resolve_config
 from studies.reports import display_frame, markdown_table, write_html_report
 from studies.scaling import Budget, check_reusable, read_done, run_key
 from ranker.training.train import add_model_override_argument, config_overrides, parse_override, train
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studies.growth_study", description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--family", default="astro", choices=["astro", "sasrec", "hstu"])
+    parser.add_argument("--family", default="astro", choices=FAMILIES)
     parser.add_argument("--size", default="s", choices=list(SIZE_NAMES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=1.0)

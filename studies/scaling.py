@@ -37,7 +37,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 
 from ranker.batch import TASKS
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
-from ranker.models import build_model, resolve_config
+from ranker.models import FAMILIES, build_model, resolve_config
 from ranker.models.config import config_differences
 from studies.reports import display_frame, markdown_table, write_html_report
 from ranker.training.train import config_overrides, parse_override, train
@@ -134,7 +134,7 @@ def read_done(path: Path) -> dict[str, dict]:
     return {row["key"]: row for row in rows}
 
 
-def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = ("astro", "sasrec", "hstu"),
+def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str] = FAMILIES,
                sizes: Sequence[str] = ("xs", "s", "m", "l"), budget: Budget = Budget(),
                eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
                overrides: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studies.scaling", description="Train a scaling ladder and fit L(C).")
     parser.add_argument("--db", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--families", nargs="+", default=["astro", "sasrec", "hstu"])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--sizes", nargs="+", default=["xs", "s", "m", "l"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=None)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from features.sequence import UserSequence, sequences_from_log
 from ranker.baselines import CooccurrenceRanker, PopularityRanker
+from ranker.candidates.reference import generate_with_sources_reference, history_profiles_reference, take_reference
 from ranker.candidates.generator import (
     DAY_MS,
     SOURCE_CODE,
@@ -18,7 +19,6 @@ from ranker.candidates.generator import (
     CandidateGenerator,
     TrackPopularity,
     history_profiles,
-    history_profiles_reference,
     popularity_order,
     _Picks,
 )
@@ -299,7 +299,7 @@ def test_batched_candidate_generation_matches_the_one_source_at_a_time_reference
     for step in range(12):  # crosses index rebuilds and the releases of every 7th track
         requests = random_slates(rng, int(rng.integers(1, 12)), NOW - 40_000 + step * 25_000, first_id=step * 100)
         for (tracks, sources), (expected_tracks, expected_sources) in zip(
-                fast.generate_with_sources(requests), reference.generate_with_sources_reference(requests)):
+                fast.generate_with_sources(requests), generate_with_sources_reference(reference, requests)):
             np.testing.assert_array_equal(tracks, expected_tracks)
             np.testing.assert_array_equal(sources, expected_sources)
 
@@ -323,7 +323,7 @@ def test_compiled_stage_merge_keeps_what_the_reference_take_keeps(seed, check_re
     kept = picks.add(rows, proposed, quota, ts, np.full(4, 3, np.int8), may_repeat)
     for repeat in (False, True):  # the reference takes one kind of row per call
         mine = np.flatnonzero(may_repeat == repeat)
-        keep = generator._take_reference(rows[mine], proposed[mine], quota[mine], ts[mine], taken_before, repeat)
+        keep = take_reference(generator, rows[mine], proposed[mine], quota[mine], ts[mine], taken_before, repeat)
         for i, mask in zip(mine.tolist(), keep):
             assert kept[i] == mask.sum()
             np.testing.assert_array_equal(picks.tracks[rows[i], :kept[i]], proposed[i][mask])

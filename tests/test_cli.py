@@ -73,3 +73,28 @@ def test_ranker_flags_set_the_arms_of_the_experiment(tmp_path):
                         (["--ranker", "control=lasso"], "unknown ranker")):
         failed = runner.invoke(app, ["sandbox", "--out", str(tmp_path), *bad])
         assert failed.exit_code == 2 and needle in failed.output, failed.output
+
+
+def test_import_turns_an_interaction_file_into_a_log_training_reads(tmp_path):
+    import pandas as pd
+
+    from ranker.training.data import load_request_log
+
+    source = tmp_path / "plays.csv"
+    pd.DataFrame({"member": ["a", "b", "a", "c", "b"], "song": [1, 2, 2, 3, 1],
+                  "at": [1_700_000_000, 1_700_000_060, 1_700_000_120, 1_700_003_600, 1_700_007_200]}
+                 ).to_csv(source, index=False)
+    db = tmp_path / "imported.duckdb"
+    args = ["import", str(source), "--db", str(db), "--user", "member", "--item", "song", "--time", "at",
+            "--negatives", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "5 interactions of 3 users on 3 items -> 5 requests" in result.output
+    log = load_request_log(db)
+    assert len(log) == 5 and log.batch([0], max_len=8).candidate_mask.sum() == 2  # the positive and 1 negative
+    again = runner.invoke(app, args)  # the table exists: named, not replaced, unless --overwrite
+    assert again.exit_code == 2 and "already has an `events` table" in again.output
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    missing = runner.invoke(app, ["import", str(source), "--db", str(tmp_path / "x.duckdb"), "--user", "who",
+                                  "--item", "song", "--time", "at"])
+    assert missing.exit_code == 2 and "lacks column(s) ['who']" in missing.output

@@ -75,4 +75,15 @@ def test_closed_and_open_loop_runs_measure_every_request(port):
     figures = summary(opened)
     assert figures["offered_per_s"] == 40.0 and figures["requests"] == len(opened.latencies) > 0
     assert 0 <= figures["waited_for_connection"] <= figures["requests"]
-    assert process_cpu_seconds(os.getpid()) > 0
+
+
+def test_process_cpu_seconds_counts_the_cpu_a_process_spends():
+    """The load bench's CPU figure (from /proc) follows the process's own CPU clock: burn
+    CPU until that clock has advanced 0.2 s, and /proc must show at least most of it (it
+    counts in clock ticks, 10 ms each)."""
+    before, clock = process_cpu_seconds(os.getpid()), time.process_time()
+    while time.process_time() - clock < 0.2:
+        sum(range(10_000))
+    spent = process_cpu_seconds(os.getpid()) - before
+    assert 0.15 <= spent <= time.process_time() - clock + 0.05
+    assert process_cpu_seconds(2**22 + 1) is None  # no such process: no figure, not a crash

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from features.sequence import UserSequence
-from ranker.serving.cache import UserKVCache, history_batch, model_window, stack_histories
+from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch, model_window, stack_histories
+from ranker.serving.incremental import PATHS, extend_history
 from ranker.models import build_model
 
 torch.set_num_threads(1)
@@ -74,10 +75,11 @@ def assert_exact(model, cache, user, window, candidates=torch.arange(1, 9)):
     assert diff <= EXACT, f"cache differs from a full recompute by {diff:.2e}"
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", ["astro", "sasrec", "hstu"])
-def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(family):
+def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(family, path):
     model = tiny_model(family)
-    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    cache = UserKVCache(model, "v1", budget_bytes=10**7, incremental=path)
     seq = random_sequence(10, seed=1)
     assert_exact(model, cache, 7, seq)
     assert (cache.stats.rebuilds, cache.stats.incremental) == (1, 0)
@@ -87,10 +89,11 @@ def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(
     assert (cache.stats.rebuilds, cache.stats.incremental, cache.stats.hits) == (1, 3, 0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("overrides", [dict(partition="behaviour"), dict(partition="scenario"), dict(partition="none")])
-def test_appending_many_events_across_blocks_equals_a_full_recompute(overrides):
+def test_appending_many_events_across_blocks_equals_a_full_recompute(overrides, path):
     model = tiny_model(**overrides)
-    cache = UserKVCache(model, "v1", budget_bytes=10**7)
+    cache = UserKVCache(model, "v1", budget_bytes=10**7, incremental=path)
     seq = random_sequence(3, seed=2)
     assert_exact(model, cache, 1, seq)
     seq = append(seq, 12, seed=3)  # several new tokens in every block, buffers must grow
@@ -260,7 +263,8 @@ def test_bf16_cache_stays_within_the_documented_tolerance_of_a_bf16_recompute():
 # ----------------------------------------------------------------------------- one-event fast path
 
 def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
-    from ranker.models.embedding import gap_bucket, history_time_gaps
+    from ranker.models.embedding import history_time_gaps
+    from ranker.serving.incremental import gap_bucket
 
     n_buckets = 48
     near = [int(1000 * (2 ** (k / 2) - 1)) + off for k in range(1, n_buckets) for off in range(-40, 41)]
@@ -274,9 +278,8 @@ def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
                                        dict(block_attention="softmax", temperature="fixed", block_positions=False),
                                        dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1)])
 def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
-    """extend_one (the serving path) against extend (the reference), for both stack kinds."""
-    from ranker.serving.cache import HistoryBuffer
-    from ranker.models.layers import SoftmaxStack
+    """stack_extend_one (the serving path) against stack_extend (k tokens), for both stack kinds."""
+    from ranker.serving.incremental import query_scales, stack_extend, stack_extend_one
 
     model = tiny_model(**overrides)
     window = random_sequence(12, seed=3)
@@ -288,8 +291,8 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
             for _ in range(3):
                 x, tau = torch.randn(1, 1, 16, generator=g), 0.5 + torch.rand(1, 1, 2, generator=g)
                 length = fast.blocks[b].length
-                stack.extend_one(x[0], fast.blocks[b], length, SoftmaxStack.query_scales(tau[0, 0], 8))
-                stack.extend(x, slow.blocks[b], length, tau)
+                stack_extend_one(stack, x[0], fast.blocks[b], length, query_scales(tau[0, 0], 8))
+                stack_extend(stack, x, slow.blocks[b], length, tau)
                 fast.blocks[b].length = slow.blocks[b].length = length + 1
         for got, want in zip(fast.view().blocks, slow.view().blocks):
             for a, e in zip(got.keys + got.values, want.keys + want.values):
@@ -301,10 +304,10 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
                                                ("astro", dict(block_attention="pointwise", partition="behaviour")),
                                                ("astro", {}), ("astro", dict(n_layers=1)),
                                                ("sasrec", {}), ("hstu", {})])
-def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
+@pytest.mark.parametrize("path", PATHS)
+def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides, path):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
     weights change in place (its cached tau / embedding tables must follow them)."""
-    from ranker.serving.cache import HistoryBuffer
 
     model = tiny_model(family, **overrides)
     window = random_sequence(MAX_LEN, seed=4)
@@ -318,8 +321,36 @@ def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(famil
                 for p in model.parameters():
                     p.mul_(1.1)
                 history = HistoryBuffer(model.encode_history(history_batch([prefix(n - 1)], N_TRACKS)), 0, headroom=0.0)
-            model.extend_history(history, history_batch([prefix(n)], N_TRACKS))
+            extend_history(model, history, history_batch([prefix(n)], N_TRACKS), path)
             reference = history_batch([prefix(n)], N_TRACKS)
             batch = replace(reference, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, 8, dtype=torch.bool),
                             scenario=torch.tensor([2]), request_ts=reference.history_ts.max(1).values + 60_000)
             torch.testing.assert_close(model.score_candidates(history.view(), batch), model(batch), atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax", partition="scenario")),
+                                               ("astro", {}), ("sasrec", {}), ("hstu", {})])
+def test_the_fast_and_reference_incremental_paths_fill_the_same_buffers(family, overrides):
+    """The switch's two sides agree: after one event at a time and then several at once, the
+    fast path's buffers hold the K/V, positions and timestamps the re-encoding reference does."""
+    model = tiny_model(family, **overrides)
+    window = random_sequence(MAX_LEN, seed=6)
+    prefix = lambda n: UserSequence(window.track_ids[:n], window.behaviours[:n], window.scenarios[:n],  # noqa: E731
+                                    window.timestamps[:n], n - 1)
+    with torch.no_grad():
+        encoded = model.encode_history(history_batch([prefix(3)], N_TRACKS))
+        buffers = {path: HistoryBuffer(encoded, 0, headroom=0.0) for path in PATHS}
+        for n in (4, 5, 6, 11, MAX_LEN):
+            for path, history in buffers.items():
+                extend_history(model, history, history_batch([prefix(n)], N_TRACKS), path)
+            fast, reference = buffers["fast"].view(), buffers["reference"].view()
+            assert (buffers["fast"].length, buffers["fast"].last_ts) == (buffers["reference"].length, buffers["reference"].last_ts)
+            for got, want in zip(fast.blocks, reference.blocks):
+                assert torch.equal(got.positions, want.positions) and torch.equal(got.timestamps, want.timestamps)
+                for a, e in zip(got.keys + got.values, want.keys + want.values):
+                    torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_incremental_path_is_refused():
+    with pytest.raises(ValueError, match="incremental path"):
+        UserKVCache(tiny_model(), "v1", incremental="quick")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import duckdb
@@ -155,20 +154,33 @@ def test_terminal_summary_shows_every_figure_in_80_columns(tiny_run):
 
 
 def test_timings_split_the_wall_time_once(tiny_run):
-    """Response logging runs inside ranking; counted in both, the simulator's share would shrink."""
+    """Response logging runs inside ranking; counted in both, the measured components would
+    add up to more than the wall time and leave the simulator (the remainder) nothing."""
     timings = tiny_run.timings
     assert {"candidate generation", "scoring", "routing", "features", "duckdb", "simulator"} <= set(timings)
-    assert all(seconds >= 0 for seconds in timings.values())
-    assert sum(timings.values()) == pytest.approx(tiny_run.wall_seconds, rel=1e-6)
+    measured = {name: seconds for name, seconds in timings.items() if name != "simulator"}
+    assert all(seconds > 0 for seconds in measured.values()), measured
+    assert sum(measured.values()) < tiny_run.wall_seconds
+    assert timings["simulator"] > 0
 
 
-def test_stopwatch_takes_nested_time_out_of_the_outer_component():
+def test_stopwatch_takes_nested_time_out_of_the_outer_component(monkeypatch):
+    """On a clock the test advances itself, so the figures are exact, not sleep-timed."""
+    import sandbox.loop
+
+    now = [100.0]
+    monkeypatch.setattr(sandbox.loop.time, "perf_counter", lambda: now[0])
     watch = Stopwatch()
     with watch.time("outer"):
-        time.sleep(0.02)
+        now[0] += 2.0
         with watch.time("inner"):
-            time.sleep(0.05)
-    assert 0.05 <= watch.seconds["inner"] < 0.07 and 0.02 <= watch.seconds["outer"] < 0.045
+            now[0] += 5.0
+            with watch.time("innermost"):
+                now[0] += 1.0
+        now[0] += 0.5
+    with watch.time("inner"):  # a second call accumulates
+        now[0] += 3.0
+    assert dict(watch.seconds) == {"outer": 2.5, "inner": 8.0, "innermost": 1.0}
 
 
 @pytest.mark.slow

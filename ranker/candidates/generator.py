@@ -1,5 +1,9 @@
 """Candidate generation: a few hundred released tracks per request, from several sources.
 
+(One module past 500 lines on purpose: the sources, the batched passes and their private
+request and pick structures are one mechanism read together; the one-source-at-a-time
+reference is ranker/candidates/reference.py.)
+
 Rankers only reorder what they are given, so this stage decides what can be recommended
 at all. Each request draws from sources in priority order, each up to its quota (a share
 of `n_candidates` that depends on the scenario):
@@ -23,8 +27,8 @@ one pass takes, for all rows at once, each row's next source in its priority ord
 different scenarios in one pass), and sources reading the same group index share a gather.
 The two steps that still cost most as numpy calls, that pass (`merge_stage`) and the
 best-first gather (`gather_best`), are compiled loops (`ranker/candidates/kernels.py`).
-`generate_with_sources_reference`, one source at a time, is the plain version the batched
-one must match (the tests check it). Popularity is learned online from the event stream
+`generate_with_sources_reference` (ranker/candidates/reference.py), one source at a time,
+is the plain version the batched one must match (the tests check it). Popularity is learned online from the event stream
 (`observe`); the per-group popularity orders are rebuilt at most every `refresh_ms` of
 simulated time, since re-sorting the catalog per batch would cost more than the rest.
 
@@ -209,7 +213,7 @@ def history_profiles(sequences: Mapping[int, UserSequence], user_ids: Sequence[i
 
     All users' tokens are concatenated and handled in one pass: a batch has only tens of
     users, so per-user numpy calls would cost more than the work itself.
-    `history_profiles_reference` is the per-user version it must agree with."""
+    `history_profiles_reference` (ranker/candidates/reference.py) is the per-user version it must agree with."""
     n_users, n_genres = len(user_ids), max(metadata.n_genres, 1)
     found = [(row, sequence) for row, user in enumerate(user_ids)
              if (sequence := sequences.get(int(user))) is not None and len(sequence)]
@@ -232,29 +236,6 @@ def history_profiles(sequences: Mapping[int, UserSequence], user_ids: Sequence[i
     return HistoryProfile(recent_tracks, recent_artists, genre_share)
 
 
-def history_profiles_reference(sequences: Mapping[int, UserSequence], user_ids: Sequence[int],
-                               metadata: TrackMetadata, recent: int = 32) -> HistoryProfile:
-    """`history_profiles` one user at a time: the plain statement of what it computes."""
-    n_users, n_genres = len(user_ids), max(metadata.n_genres, 1)
-    recent_tracks = np.full((n_users, recent), -1, np.int64)
-    positives = []
-    for row, user in enumerate(user_ids):
-        sequence = sequences.get(int(user))
-        if sequence is None or len(sequence) == 0:
-            positives.append(np.zeros(0, np.int64))
-            continue
-        tracks = sequence.track_ids[IS_POSITIVE[sequence.behaviours]]
-        positives.append(tracks)
-        latest = tracks[-recent:][::-1]
-        recent_tracks[row, : len(latest)] = latest
-    flat = np.concatenate(positives) if positives else np.zeros(0, np.int64)
-    check_track_ids(flat, metadata.n_tracks, "user sequences")
-    rows = np.repeat(np.arange(n_users), [len(p) for p in positives])
-    counts = np.bincount(rows * n_genres + metadata.genre_id[flat], minlength=n_users * n_genres)
-    counts = counts.reshape(n_users, n_genres).astype(np.float64)
-    genre_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    recent_artists = np.where(recent_tracks >= 0, metadata.artist_id[np.maximum(recent_tracks, 0)], -1)
-    return HistoryProfile(recent_tracks, recent_artists, genre_share)
 
 
 class _GroupIndex:
@@ -415,46 +396,6 @@ class CandidateGenerator:
                 picks.add(rows, _stage_matrix(rows, codes, proposals), missing[rows], batch.ts[rows],
                           np.full(len(rows), SOURCE_CODE[BACKFILL], np.int8), IS_RANDOM_SOURCE[codes])
 
-    def generate_with_sources_reference(self, requests: Sequence[SlateRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`generate_with_sources` one source at a time: the plain statement of what it does."""
-        if not requests:
-            return []
-        batch = _RequestBatch.of(requests, self.metadata)
-        self._refresh(int(batch.ts.max()))
-        n_rows, quota = len(requests), self.quota[batch.scenario]
-        taken = np.zeros((n_rows, self.metadata.n_tracks), bool)  # already a candidate of the row
-        radio = np.flatnonzero(batch.seed_track >= 0)
-        taken[radio, batch.seed_track[radio]] = True  # radio never proposes its own seed
-        picked, codes = [], []
-
-        def take(rows: np.ndarray, proposed: np.ndarray, limit: np.ndarray, code: int, may_repeat: bool) -> np.ndarray:
-            kept = self._take_reference(rows, proposed, limit, batch.ts[rows], taken, may_repeat)
-            column = np.full((n_rows, proposed.shape[1]), -1, np.int64)
-            column[rows] = np.where(kept, proposed, -1)
-            picked.append(column)
-            codes.append(np.full(proposed.shape[1], code, np.int8))
-            return kept.sum(axis=1)
-
-        for code, source in enumerate(SOURCES):
-            rows = np.flatnonzero(quota[:, code])  # only requests whose scenario uses the source
-            if len(rows):
-                k = int(quota[rows, code].max()) * OVERSAMPLE
-                take(rows, self._propose(source, rows, k, batch), quota[rows, code], code, source in RANDOM_SOURCES)
-        # Backfill what the quotas left empty, from each scenario's backfill sources in turn.
-        missing = np.full(n_rows, self.n_candidates) - sum((p >= 0).sum(axis=1) for p in picked)
-        for stage in range(max(len(order) for order in self.backfill)):
-            stage_source = np.array([order[stage] if stage < len(order) else "" for order in self.backfill])
-            for source in dict.fromkeys(stage_source[batch.scenario]):
-                rows = np.flatnonzero((stage_source[batch.scenario] == source) & (missing > 0))
-                if source and len(rows):
-                    k = self.n_candidates + int(missing[rows].max()) * OVERSAMPLE  # top lists restart at the top
-                    proposed = self._propose(source, rows, k, batch)
-                    missing[rows] -= take(rows, proposed, missing[rows], SOURCE_CODE[BACKFILL], source in RANDOM_SOURCES)
-        tracks, labels = np.concatenate(picked, axis=1), np.concatenate(codes)
-        found = tracks >= 0
-        ends = np.cumsum(found.sum(axis=1))[:-1]
-        return list(zip(np.split(tracks[found], ends), np.split(np.broadcast_to(labels, tracks.shape)[found], ends)))
-
     def _propose(self, source: str, rows: np.ndarray, k: int, batch: "_RequestBatch") -> np.ndarray:
         """int64 [len(rows), k]: what `source` suggests for those requests, best first, -1 = none."""
         if source == "popular":
@@ -519,20 +460,6 @@ class CandidateGenerator:
         if len(self._released) == 0 or k == 0:
             return np.full((n_rows, k), -1, np.int64)
         return self._released[self._rng.integers(0, len(self._released), size=(n_rows, k))]
-
-    def _take_reference(self, rows: np.ndarray, proposed: np.ndarray, quota: np.ndarray, ts: np.ndarray,
-                        taken: np.ndarray, may_repeat: bool) -> np.ndarray:
-        """Mask of the proposals kept for `rows`: released, not yet taken by the row, the first
-        `quota` per row. `may_repeat`: the proposals can hold a track twice (random draws)."""
-        flat = rows[:, None] * taken.shape[1] + np.maximum(proposed, 0)  # index into taken.ravel()
-        ok = (proposed >= 0) & (self.metadata.release_ts[np.maximum(proposed, 0)] <= ts[:, None])
-        ok &= ~taken.ravel()[flat]
-        if may_repeat:
-            ok &= first_occurrence(proposed)
-        keep = ok & (np.cumsum(ok, axis=1) <= quota[:, None])
-        taken.ravel()[flat[keep]] = True
-        return keep
-
 
 def _code_table(names: Sequence[Sequence[str]]) -> np.ndarray:
     """int64 [len(names), longest]: source codes of each row's names, -1 padded."""

@@ -4,7 +4,7 @@ A ranking call carries tens of requests, so the numpy versions of these steps sp
 time in the overhead of some twenty small array calls each, not in the work: merging one
 stage's proposals into each row's candidates and gathering the best tracks of a row's
 groups. Written as plain loops over rows they run in a few microseconds. The same steps,
-one source at a time, are `CandidateGenerator.generate_with_sources_reference`; the tests
+one source at a time, are `generate_with_sources_reference` (ranker/candidates/reference.py); the tests
 hold the generator to it.
 
 `nogil`: the loop runs beside the feature writer's thread without holding the GIL.

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
-from ranker.models.hstu import HSTULayer, HSTUStack, relative_buckets
+from ranker.models.hstu import HSTULayer, HSTUStack, PointwiseAttentionConfig, relative_buckets
 from ranker.models.config import DEFAULT_SIZES, SoftmaxConfig
 from ranker.models.layers import (
     BlockCache,
@@ -38,9 +38,6 @@ from ranker.models.base import SequenceRanker, WeightDerivedTables, check_batch
 from ranker.models.embedding import TARGET_BEHAVIOUR, last_timestamps
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE
 
-if TYPE_CHECKING:
-    from ranker.serving.cache import HistoryBuffer
-
 PARTITIONS = ("behaviour", "scenario", "recency", "none")
 BLOCK_ATTENTIONS = ("softmax", "pointwise")
 CANDIDATE_PATHS = ("per_block", "shared")
@@ -51,10 +48,10 @@ def softplus_inverse(y: float) -> float:
 
 
 @dataclass(frozen=True)
-class AstroConfig(SoftmaxConfig):
-    # Defaults: the issue-3 ablation winner on the default-size log (docs/astro.md): two
-    # behaviour blocks, what the user engaged with and everything else; HSTU (pointwise)
-    # layers inside each block; one layer per block stack below l (see SIZES).
+class AstroConfig(PointwiseAttentionConfig, SoftmaxConfig):
+    # Defaults: two behaviour blocks, what the user engaged with and everything else; HSTU
+    # (pointwise) layers inside each block; one layer per block stack below l (see SIZES).
+    # Why these won: docs/astro-ablations.md; the figures: docs/results.md.
     partition: str = "behaviour"  # one of PARTITIONS
     behaviour_groups: tuple[tuple[str, ...], ...] = (
         ("full_play", "like", "share", "add_to_playlist"),  # engaged
@@ -74,8 +71,7 @@ class AstroConfig(SoftmaxConfig):
     # stack and fuses the Nb outputs; "shared" gives candidates one stack of their own whose
     # queries attend every block's cached K/V, fused per layer (pointwise blocks only).
     candidate_path: str = "per_block"
-    n_rab_buckets: int = 48  # pointwise only: buckets of the relative position / time bias
-    attention_norm: int = 0  # pointwise only: N in SiLU(.) / N; 0 means max_len
+    # n_rab_buckets, attention_norm (PointwiseAttentionConfig): read by pointwise blocks only.
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,10 +87,7 @@ class AstroConfig(SoftmaxConfig):
             raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
         if self.candidate_path == "shared" and self.block_attention != "pointwise":
             raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
-        if self.n_rab_buckets < 1 or self.attention_norm < 0:
-            raise ValueError(
-                f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
-            )
+        self.check_pointwise_attention()
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")
         _group_codes(self.behaviour_groups, BEHAVIOUR_CODE, "behaviour_groups")
@@ -104,7 +97,7 @@ class AstroConfig(SoftmaxConfig):
 
     @property
     def stack_class(self) -> type[SoftmaxStack] | type[HSTUStack]:
-        """The stack each block runs; both share encode / attend_candidates / extend / flops."""
+        """The stack each block runs; both share encode / attend_candidates / flops."""
         return HSTUStack if self.block_attention == "pointwise" else SoftmaxStack
 
     @property
@@ -132,13 +125,11 @@ def _group_codes(groups: tuple[tuple[str, ...], ...], codes: dict[str, int], fie
     return block_of
 
 
-# The shared d_model / n_heads ladder with one layer per block stack up to m: in the issue-3
-# ablation at s a second layer cost ~2x the FLOPs per request and gained no full-play GAUC.
-# At l a second layer fits under HSTU l's FLOPs (two behaviour blocks: 0.74x) and gains on
-# the default-size log, so l has two (docs/astro.md, "Ablation on the default-size log").
-# At xs every extra block is a second candidate pass that the width cannot pay for (no
-# split fits under HSTU xs's FLOPs and stays ahead of it), so xs is one block: the same
-# FLOPs as HSTU xs, ahead of it over 10 seeds (8 of 10, p 0.01; docs/astro.md, "The xs rung").
+# The shared d_model / n_heads ladder. One layer per block stack up to m: a second layer
+# roughly doubles the FLOPs per request there and did not pay for itself; from l on, two
+# layers stay under HSTU's FLOPs at the same rung. xs is one block: every extra block is a
+# second candidate pass the width cannot pay for, so xs costs exactly HSTU xs's FLOPs
+# (a test holds it). The ablations behind these choices: docs/astro-ablations.md.
 SIZES: dict[str, dict[str, Any]] = {name: {**size, "n_layers": 2 if name in ("l", "xl") else 1}
                                     for name, size in DEFAULT_SIZES.items()}
 SIZES["xs"]["partition"] = "none"
@@ -261,7 +252,7 @@ class AstroModel(SequenceRanker):
 
         With gradients on (training) it is computed at each call, so gradients reach the
         MLP and the embeddings; without, it is kept until a weight it reads moves (the same
-        staleness rule as `_one_event_tables`).
+        staleness rule as the serving path's per-code tables, ranker.serving.incremental).
         """
         if self.temperature is None:
             return None
@@ -336,95 +327,6 @@ class AstroModel(SequenceRanker):
         return c
 
     # -- incremental history
-
-    def can_extend(self, cached_length: int, new_length: int) -> bool:
-        """Behaviour and scenario blocks only grow; recency windows slide once the history
-        outgrows the shortest window (before that, every window holds every event)."""
-        if self.config.partition == "recency" and new_length > min(self.config.recency_scales):
-            return False
-        return super().can_extend(cached_length, new_length)
-
-    def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
-        start, end = self._extension_range(history, batch)
-        if end - start == 1:  # every stack kind has extend_one
-            self._extend_one(history, batch, start)  # the serving hot path; below is its reference
-            return
-        self._check_new_values(batch, start, end)
-        x = self.embed.history(batch, start)[:, : end - start]  # [1, k, d]
-        behaviours, scenarios = batch.history_behaviours[:, start:end], batch.history_scenarios[:, start:end]
-        tau = self.temperatures(scenarios, behaviours)  # [1, k, Nb, h]
-        member = self.token_blocks(behaviours[0], scenarios[0])  # [k, Nb]
-        touched = [(b, new) for b, new in enumerate(member.t().contiguous()) if bool(new.any())]
-        for b, new in touched:
-            block = history.blocks[b]
-            xb = x[:, new]
-            tau_b = None if tau is None else tau[:, new, b]
-            length, grown = block.length, block.length + xb.shape[1]
-            block.reserve(grown)
-            at = torch.arange(start, end, device=x.device)[new]
-            block.positions[0, length:grown] = at
-            block.timestamps[0, length:grown] = batch.history_ts[0, at]
-            if self.block_position is not None:  # rows of the block's position table, no lookup op
-                xb = xb + self.block_position[b].weight[length:grown]
-            self.stacks[b].extend(xb, block, length, tau_b)
-            block.length = grown
-        history.length = end
-        history.last_ts = int(batch.history_ts[0, end - 1])
-
-    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
-        """`extend_history` of one new event, in ~25 ATen calls: host-side ids and time gap,
-        tau, block membership and the behaviour + scenario embedding from per-code tables
-        (`_one_event_tables`), and the block stack's `extend_one` in the block(s) it joins."""
-        event = self._one_event(batch, at)
-        tables = self.__dict__.get("_one_event_cache")
-        if tables is None or tables.key != tables.version():
-            tables = self._one_event_tables()
-        per_code = tables.rows[event.scenario][event.behaviour]  # (embedding row, blocks, scales)
-        e = self.embed
-        x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
-        for b, scale in zip(per_code[1], per_code[2]):
-            block = history.blocks[b]
-            length = block.length
-            block.reserve(length + 1)
-            block.positions.select(1, length).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
-            block.timestamps.select(1, length).fill_(event.timestamp)
-            xb = x if self.block_position is None else x + self.block_position[b].weight[length]
-            self.stacks[b].extend_one(xb, block, length, scale)
-            block.length = length + 1
-        history.length = at + 1
-        history.last_ts = event.timestamp
-
-    def _one_event_tables(self) -> WeightDerivedTables:
-        """Per (scenario, behaviour) code pair: the summed behaviour + scenario embedding
-        row, the blocks an event with those codes joins, and each such block's query scale
-        1 / (tau sqrt(d_head)) [h, 1, 1] (a float for fixed temperature).
-
-        They depend on a token only through its two codes (5 x 8 pairs), so they are computed
-        once with the model's own `temperatures` and `token_blocks` and recomputed when a
-        weight they read moves (data pointer or in-place version: load_state_dict, .to(), an
-        optimiser step). UserKVCache.set_model drops them, for reloads that replace Parameters.
-        """
-        params = [self.embed.scenario.weight, self.embed.behaviour.weight, self.block_of_behaviour,
-                  self.block_of_scenario, *(self.temperature.parameters() if self.temperature is not None else ())]
-        with torch.inference_mode(False), torch.no_grad():
-            device = self.embed.scenario.weight.device
-            scenarios = torch.arange(self.embed.scenario.num_embeddings, device=device)[:, None]
-            behaviours = torch.arange(self.embed.behaviour.num_embeddings - 1, device=device)[None, :]
-            scenarios, behaviours = torch.broadcast_tensors(scenarios, behaviours)  # [S, B] each
-            rows = self.embed.behaviour(behaviours) + self.embed.scenario(scenarios)  # [S, B, d]
-            tau = self.temperatures(scenarios, behaviours)  # [S, B, Nb, h] or None
-            scale = SoftmaxStack.query_scales(tau, self.config.d_head)
-            member = self.token_blocks(behaviours, scenarios)  # [S, B, Nb]
-        table = []
-        for s, per_scenario in enumerate(member):
-            table.append([])
-            for b, joined in enumerate(per_scenario):
-                blocks = joined.nonzero()[:, 0].tolist()
-                scales = [scale if tau is None else scale[s, b, blk] for blk in blocks]
-                table[-1].append((rows[s, b], blocks, scales))
-        tables = WeightDerivedTables(params, table)
-        self.__dict__["_one_event_cache"] = tables  # a plain attribute: not a buffer, not in state_dict
-        return tables
 
     # -- cost
 

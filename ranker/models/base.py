@@ -10,29 +10,26 @@ steps that serving can call separately (TURBO's KV cache):
 History attention is causal inside each block, so the K/V of a history prefix never change
 when events are appended; a candidate sees its block's history and itself, never another
 candidate (target-aware "SUMI" scoring: one pass scores all M). Serving keeps one user's
-cache in a `HistoryBuffer` and appends new events to it in place:
+cache in a `HistoryBuffer` and appends new events to it in place (ranker.serving.incremental):
 
     buffer = HistoryBuffer(model.encode_history(batch), row)   # preallocated, with headroom
-    model.extend_history(buffer, longer_batch)                   # K/V of the new events only
+    extend_history(model, buffer, longer_batch)                  # K/V of the new events only
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ranker.batch import RankBatch
 from ranker.models.config import ModelConfig
-from ranker.models.embedding import OneEvent, TokenEmbedding, gap_bucket, last_timestamps
+from ranker.models.embedding import TokenEmbedding, last_timestamps
 from ranker.models.layers import (
     CANDIDATE_ATTENTION, BlockCache, HistoryCache, SoftmaxStack, TaskHeads, single_block_layout,
 )
 from streaming.events import BEHAVIOURS, SCENARIOS
-
-if TYPE_CHECKING:
-    from ranker.serving.cache import HistoryBuffer
 
 
 def check_batch(batch: RankBatch, cfg: ModelConfig) -> None:
@@ -100,78 +97,6 @@ class SequenceRanker(nn.Module):
     def flops_breakdown(self, n: int, M: int) -> dict[str, int]:
         raise NotImplementedError
 
-    # -- incremental history (TURBO's per-user cache)
-
-    def can_extend(self, cached_length: int, new_length: int) -> bool:
-        """Whether appending events [cached_length, new_length) leaves every cached K/V valid.
-
-        True when blocks only grow at their end; a partition whose blocks slide (recency
-        windows) says False and the cache re-encodes. A sliding max_len window is the
-        caller's to detect (the cached tokens are no longer a prefix).
-        """
-        return new_length > cached_length
-
-    def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
-        """Append the events past `history.length` of `batch` (one row: the cached history
-        plus k new events, in order) to `history` in place, computing K/V for those k only.
-
-        The caller guarantees the cached tokens are the batch's prefix; afterwards
-        `history.view()` equals `encode_history(batch)` up to float rounding.
-        """
-        raise NotImplementedError
-
-    def _extension_range(self, history: HistoryBuffer, batch: RankBatch) -> tuple[int, int]:
-        """[start, end) of the new events, the batch's shape checked; their values are checked
-        by `_check_new_values` (k events) or `_one_event` (one). Only the new tokens are
-        checked: the prefix was checked when it was encoded, and checking it again would
-        cost more than the update itself."""
-        if self.training:
-            raise RuntimeError("extend_history is for inference; call model.eval() first")
-        if len(batch.history_lengths) != 1:
-            raise ValueError(f"extend_history takes one user's batch, got {len(batch.history_lengths)} rows")
-        start, end = history.length, int(batch.history_lengths[0])
-        if not self.can_extend(start, end):
-            raise ValueError(f"cannot extend a cached history of {start} events to {end} events; re-encode it")
-        if end > self.config.max_len or end > batch.history_tracks.shape[1]:
-            raise ValueError(f"history length {end} exceeds the model's max_len={self.config.max_len} "
-                             f"or the batch width {batch.history_tracks.shape[1]}")
-        return start, end
-
-    def _value_limits(self) -> dict[str, int]:
-        return {"history_tracks": self.config.n_tracks, "history_behaviours": len(BEHAVIOURS) - 1,
-                "history_scenarios": len(SCENARIOS) - 1}
-
-    def _check_new_values(self, batch: RankBatch, start: int, end: int) -> None:
-        """The ids of events [start, end) are inside their tables (one stacked check, one sync)."""
-        limits = self._value_limits()
-        new = torch.stack([getattr(batch, name)[0, start:end] for name in limits])
-        high = torch.tensor(list(limits.values()), device=new.device)[:, None]
-        if bool(((new < 0) | (new > high)).any()):
-            for (name, top), row in zip(limits.items(), new):
-                if int(row.min()) < 0 or int(row.max()) > top:
-                    raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{int(row.min())}, {int(row.max())}]")
-
-    def _one_event(self, batch: RankBatch, at: int) -> OneEvent:
-        """Event `at` of the batch's single row as host integers, checked like `_check_new_values`."""
-        columns = (batch.history_tracks, batch.history_behaviours, batch.history_scenarios, batch.history_ts)
-        if batch.history_ts.device.type == "cpu":  # numpy views read a scalar in ~0.1 us, .item() in ~3 us
-            columns = tuple(column.numpy() for column in columns)
-        codes = [int(column[0, at]) for column in columns[:3]]
-        for (name, top), value in zip(self._value_limits().items(), codes):
-            if not 0 <= value <= top:
-                raise ValueError(f"RankBatch.{name} must be in [0, {top}], got [{value}, {value}]")
-        stamps = [int(t) for t in columns[3][0, max(at - 1, 0) : at + 1]]
-        gap = gap_bucket(stamps[-1] - stamps[0], self.config.n_time_buckets) if at else 0
-        return OneEvent(*codes, stamps[-1], gap)
-
-    def drop_derived_tables(self) -> None:
-        """Forget what was computed from weights (AstroModel's per-code tables and tau table,
-        SoftmaxStack's parameter plan); rebuilt on next use. In-place weight changes are
-        detected anyway; this covers reloads that replace Parameter objects."""
-        for module in self.modules():
-            for name in ("_one_event_cache", "_one_token_plan", "_tau_cache"):
-                module.__dict__.pop(name, None)
-
     def set_candidate_attention(self, kind: str) -> None:
         """Pick the candidate attention kernel of every softmax stack (see SoftmaxStack)."""
         if kind not in CANDIDATE_ATTENTION:
@@ -221,32 +146,6 @@ class SingleStackRanker(SequenceRanker):
         c = self.embed.candidates(batch, cache.history_lengths, cache.last_ts)
         c = self.stack.attend_candidates(c, cache.blocks[0], cache.history_lengths, batch.request_ts)
         return self.heads(c)
-
-    def extend_history(self, history: HistoryBuffer, batch: RankBatch) -> None:
-        start, end = self._extension_range(history, batch)
-        if end - start == 1:  # every stack has extend_one, the one-token fast path
-            self._extend_one(history, batch, start)
-            return
-        self._check_new_values(batch, start, end)
-        x = self.embed.history(batch, start)[:, : end - start]
-        block = history.blocks[0]
-        block.reserve(end)
-        block.positions[:, start:end] = torch.arange(start, end, device=x.device)
-        block.timestamps[:, start:end] = batch.history_ts[:, start:end]
-        self.stack.extend(x, block, start)
-        block.length = history.length = end
-        history.last_ts = int(batch.history_ts[0, end - 1])
-
-    def _extend_one(self, history: HistoryBuffer, batch: RankBatch, at: int) -> None:
-        """One new event through the stack's `extend_one` (the serving hot path)."""
-        event = self._one_event(batch, at)
-        block = history.blocks[0]
-        block.reserve(at + 1)
-        block.positions.select(1, at).fill_(at)  # fill_ on a view: ~4x cheaper than setitem
-        block.timestamps.select(1, at).fill_(event.timestamp)
-        self.stack.extend_one(self.embed.one_token(event, at), block, at, self.config.d_head**-0.5)
-        block.length = history.length = at + 1
-        history.last_ts = event.timestamp
 
     def flops_breakdown(self, n: int, M: int) -> dict[str, int]:
         flops = type(self.stack).flops(self.config, n, M)

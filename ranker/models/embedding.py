@@ -6,9 +6,6 @@ event, never on the request time, so a cached history prefix stays valid as even
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,15 +42,6 @@ def history_time_gaps(history_ts: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return F.pad(buckets, (1, 0), value=0)
 
 
-def gap_bucket(gap_ms: int, n_buckets: int) -> int:
-    """`history_time_gaps` of one event whose previous event is `gap_ms` earlier, on the host.
-
-    The same float32 steps as `seconds_bucket` (ms -> f32, * 1e-3, +1, log2, * 2, floor), in
-    numpy float32 scalars: ~1 us where the tensor version is ~10 ops. Tests check it equals
-    the tensor path around every bucket boundary.
-    """
-    seconds = max(np.float32(gap_ms) * np.float32(1e-3), np.float32(0))
-    return 1 + min(int(np.floor(np.log2(seconds + np.float32(1)) * np.float32(2))), n_buckets - 2)
 
 
 class TokenEmbedding(nn.Module):
@@ -92,13 +80,6 @@ class TokenEmbedding(nn.Module):
         )
         return self.dropout(x)
 
-    def one_token(self, event: "OneEvent", position: int) -> torch.Tensor:  # [1, d]
-        """`history(batch, start)` for a single new event in eval mode: five table rows summed
-        (row views and adds, no index tensors or lookup ops)."""
-        x = (self.track.weight[event.track] + self.behaviour.weight[event.behaviour]
-             + self.scenario.weight[event.scenario] + self.position.weight[position] + self.time_gap.weight[event.gap])
-        return x[None]
-
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
         """[B, M, d]; needs only the history's length and last timestamp (kept in the cache)."""
         gap = torch.where(history_lengths > 0, 1 + seconds_bucket(batch.request_ts - last_ts, self.n_time_buckets - 1), 0)
@@ -113,11 +94,3 @@ def last_timestamps(batch: RankBatch) -> torch.Tensor:  # int64 [B], 0 for an em
     return torch.where(batch.history_lengths > 0, ts, 0)
 
 
-class OneEvent(NamedTuple):
-    """One appended event as host integers: what the one-token serving path needs to embed it."""
-
-    track: int
-    behaviour: int
-    scenario: int
-    timestamp: int  # epoch ms
-    gap: int  # time-gap bucket (history_time_gaps), 0 for the first event

@@ -18,7 +18,6 @@ pass over B x h x L x L. The HSTU baseline passes no tau (tau = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,6 @@ from ranker.models.config import DEFAULT_SIZES, ModelConfig
 from ranker.models.layers import (
     BlockCache,
     BlockLayout,
-    OneTokenPlanStack,
     layer_keys_values,
     merge_heads,
     scale_queries,
@@ -37,23 +35,30 @@ from ranker.models.layers import (
 from ranker.models.base import SingleStackRanker
 from ranker.models.embedding import log_bucket, seconds_bucket
 
-if TYPE_CHECKING:
-    from ranker.serving.cache import BlockBuffer
-
 SIZES = DEFAULT_SIZES
 
 
-@dataclass(frozen=True)
-class HSTUConfig(ModelConfig):
+@dataclass(frozen=True, kw_only=True)
+class PointwiseAttentionConfig:
+    """The fields of HSTU's pointwise attention, stated once: HSTUConfig has them, and so does
+    AstroConfig, whose pointwise blocks are HSTU layers. Keyword-only, so a config's
+    positional fields stay ModelConfig's."""
+
     n_rab_buckets: int = 48  # half-octave buckets of position distance and of seconds apart
     attention_norm: int = 0  # N in A = SiLU(.) / N; 0 means max_len
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_pointwise_attention(self) -> None:
         if self.n_rab_buckets < 1 or self.attention_norm < 0:
             raise ValueError(
                 f"n_rab_buckets must be >= 1 and attention_norm >= 0, got {self.n_rab_buckets}, {self.attention_norm}"
             )
+
+
+@dataclass(frozen=True)
+class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_pointwise_attention()
 
 
 class HSTULayer(nn.Module):
@@ -126,7 +131,7 @@ def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):
     return position.mul_(n_buckets).add_(time)  # one index into HSTULayer.bias_table
 
 
-class HSTUStack(OneTokenPlanStack):
+class HSTUStack(nn.Module):
     def __init__(self, cfg: HSTUConfig):
         super().__init__()
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
@@ -155,67 +160,6 @@ class HSTUStack(OneTokenPlanStack):
             q = scale_queries(q, tau)
             c = layer.finish(c, layer.attention(q, k_hist, v_hist, buckets, block.valid) + layer.self_attention(q, k, v), u)
         return c
-
-    def extend(self, x: torch.Tensor, block: BlockBuffer, start: int, tau: torch.Tensor | None = None) -> None:
-        """Append k new tokens x [1, k, d] at [start, start + k) of the block's buffers (see
-        SoftmaxStack.extend); their positions and timestamps must already be written."""
-        end = start + x.shape[1]
-        positions, timestamps = block.positions[:, :end], block.timestamps[:, :end]
-        buckets = relative_buckets(positions[:, start:], timestamps[:, start:], positions, timestamps, self.n_buckets)
-        causal = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            u, q, k, v = (None, None, *layer.project_kv(x)) if last else layer.project(x)
-            block.keys[i][:, :, start:end] = k
-            block.values[i][:, :, start:end] = v
-            if not last:
-                keys, values = block.keys[i][:, :, :end], block.values[i][:, :, :end]
-                attended = layer.attention(scale_queries(q, tau), keys, values, buckets, causal[None])
-                x = layer.finish(x, attended, u)
-
-    def extend_one(self, x: torch.Tensor, block: BlockBuffer, at: int, query_scale: torch.Tensor | float) -> None:
-        """`extend` for one new token x [1, d] at index `at` of the block: the serving hot path.
-
-        The same math as `extend` (tests compare them) without its per-call set-up: the last
-        layer, the only one a one-layer stack has, is a layer norm, one linear on the K/V rows
-        of f1 and a SiLU, written with one copy into the fused K/V storage. Earlier layers
-        attend the whole cached prefix (one query sees every earlier key, so no mask) with
-        the new token's bias row. query_scale is alpha / tau, [h, 1, 1] or a float
-        (`SoftmaxStack.query_scales`: the same 1 / (tau sqrt(d_head))). Capacity must
-        already be reserved, and the token's position and timestamp written.
-        """
-        end = at + 1
-        d = x.shape[-1]
-        last = len(self.layers) - 1
-        last_norm, last_kv_weight, last_kv_bias = self.__dict__.get("_one_token_plan") or self._one_token_plan()
-        for i, layer in enumerate(self.layers):
-            kv = block.kv[i]  # [2, h, capacity, dh]
-            h, dh = kv.shape[1], kv.shape[3]
-            if i == last:  # nothing reads the last layer's history output: K and V only
-                normed = F.layer_norm(x, (d,), *last_norm)
-                kv.select(2, at).copy_(F.silu(F.linear(normed, last_kv_weight, last_kv_bias)).view(2, h, dh))
-                return
-            normed = F.layer_norm(x, (d,), layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
-            u, q, k, v = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh).unbind(0)
-            kv[0, :, at].copy_(k)
-            kv[1, :, at].copy_(v)
-            buckets = relative_buckets(block.positions[:, at:end], block.timestamps[:, at:end],
-                                       block.positions[:, :end], block.timestamps[:, :end], self.n_buckets)  # [1, 1, end]
-            bias = layer.bias_table()[:, buckets[0]]  # [h, 1, end]
-            weights = F.silu(torch.baddbmm(bias, q.unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)))  # [h, 1, end]
-            attended = (torch.bmm(weights, kv[1, :, :end]) / layer.norm).view(1, d)  # heads merged
-            x = x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
-                                          layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
-
-    def _one_token_plan(self) -> tuple:
-        """The last layer's norm and the K/V rows of its f1, gathered once: module attribute
-        lookups and the two slices cost as much as the one-layer step's arithmetic. Views of
-        the Parameters, so in-place updates show through (see OneTokenPlanStack)."""
-        layer = self.layers[-1]
-        d = layer.f2.weight.shape[0]
-        plan = ((layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps), layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
-        self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
-        return plan
 
     @staticmethod
     def flops(cfg: HSTUConfig, history_len: int, n_candidates: int) -> dict[str, int]:

@@ -8,7 +8,6 @@ A stack runs in the two serving steps: `encode` the history (per-layer K/V, caus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +15,6 @@ from torch import nn
 
 from ranker.batch import TASKS, RankBatch
 from ranker.models.config import ModelConfig, SoftmaxConfig
-
-if TYPE_CHECKING:
-    from ranker.serving.cache import BlockBuffer
 
 @dataclass
 class BlockLayout:
@@ -199,26 +195,15 @@ def history_key_bias(history_valid: torch.Tensor, dtype: torch.dtype) -> torch.T
 CANDIDATE_ATTENTION = ("sdpa", "split")
 
 
-class OneTokenPlanStack(nn.Module):
-    """A block stack whose `extend_one` keeps a `_one_token_plan` of its parameters in a plain
-    attribute; it is dropped whenever Parameters may be replaced (`.to()`, `load_state_dict`)."""
-
-    def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_one_token_plan", None)
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.__dict__.pop("_one_token_plan", None)
-        super()._load_from_state_dict(*args, **kwargs)
 
 
-class SoftmaxStack(OneTokenPlanStack):
+class SoftmaxStack(nn.Module):
     """A stack of SoftmaxLayers run in the two serving steps: encode history, attend candidates.
 
     `candidate_attention` is a serving choice, not a hyperparameter (the math is the same):
     "sdpa" runs one fused kernel with the SUMI mask (the CUDA path), "split" skips the
-    masked M x M candidate block: 1.3-2x faster stage two on CPU at n in {256, 512},
-    M in {128, 200, 512}, equal at M = 16 (bench/serve.py measures both).
+    masked M x M candidate block, which pays on CPU once M is large against L (bench/serve.py
+    measures both; the figures are in docs/results.md).
     """
 
     def __init__(self, cfg: SoftmaxConfig):
@@ -260,70 +245,6 @@ class SoftmaxStack(OneTokenPlanStack):
                 attended = layer.attend(q, torch.cat([k_hist, k], 2), torch.cat([v_hist, v], 2), mask)
             c = layer.finish(c, attended)
         return c
-
-    def extend(self, x: torch.Tensor, block: BlockBuffer, start: int, tau: torch.Tensor | None = None) -> None:
-        """Append k new tokens x [1, k, d] at [start, start + k) of the block's buffers, in place.
-
-        Each new token attends the cached prefix and the new tokens before it (the same
-        causal rule as `encode`), so the buffers end up as a full re-encode would fill them.
-        Capacity must already be reserved.
-        """
-        end = start + x.shape[1]
-        causal = None  # one new token sees every key
-        if x.shape[1] > 1:
-            causal = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            q, k, v = (None, *layer.project_kv(x)) if last else layer.project(x)
-            block.keys[i][:, :, start:end] = k
-            block.values[i][:, :, start:end] = v
-            if not last:
-                attended = F.scaled_dot_product_attention(
-                    scale_queries(q, tau), block.keys[i][:, :, :end], block.values[i][:, :, :end], attn_mask=causal)
-                x = layer.finish(x, attended)
-
-    def extend_one(self, x: torch.Tensor, block: BlockBuffer, at: int, query_scale: torch.Tensor | float) -> None:
-        """`extend` for one new token x [1, d] at index `at` of the block: the serving hot path.
-
-        The same math as `extend` (tests compare them) in 15 ATen calls for two layers:
-        functional layer norms and linears on the cached weights (`_one_token_plan`), K and
-        V written with one copy into the fused storage, and the single query's attention as
-        bmm-softmax-bmm over views of the cache (no mask, no SDPA dispatch, no module calls).
-        query_scale is 1 / (tau sqrt(d_head)), [h, 1, 1] (`query_scales`) or a float.
-        Capacity must already be reserved.
-        """
-        end = at + 1
-        plan = self.__dict__.get("_one_token_plan") or self._one_token_plan()
-        last = len(plan) - 1
-        d = x.shape[-1]
-        for i, (norm1, qkv_w, qkv_b, out_w, out_b, norm2, up_w, up_b, down_w, down_b) in enumerate(plan):
-            kv = block.kv[i]  # [2, h, capacity, dh]
-            h, dh = kv.shape[1], kv.shape[3]
-            qkv = F.linear(F.layer_norm(x, (d,), *norm1), qkv_w, qkv_b).view(3, h, dh)
-            kv.select(2, at).copy_(qkv[1:])  # K and V of the new token
-            if i == last:  # nothing reads the last layer's history output
-                return
-            weights = torch.bmm(qkv[0].unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)).softmax(-1)  # [h, 1, end]
-            x = x + F.linear(torch.bmm(weights, kv[1, :, :end]).view(1, d), out_w, out_b)  # heads merged
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
-
-    def _one_token_plan(self) -> list[tuple]:
-        """Each layer's parameters in `extend_one`'s order, gathered once: ~30 module
-        attribute lookups cost about as much as the step's arithmetic. It holds the Parameter
-        objects themselves, so in-place loads, optimiser steps and .to() (which swaps
-        param.data) keep it current; `_apply` and `_load_from_state_dict` drop it for the
-        cases that replace Parameters."""
-        plan = [((layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), layer.qkv.weight, layer.qkv.bias,
-                 layer.out.weight, layer.out.bias, (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
-                 layer.ffn[0].weight, layer.ffn[0].bias, layer.ffn[3].weight, layer.ffn[3].bias)
-                for layer in self.layers]
-        self.__dict__["_one_token_plan"] = plan  # a plain attribute: not a submodule, not in state_dict
-        return plan
-
-    @staticmethod
-    def query_scales(tau: torch.Tensor | None, d_head: int) -> torch.Tensor | float:
-        """What `extend_one` multiplies queries by: 1 / (tau sqrt(d_head)), tau [..., h] -> [..., h, 1, 1]."""
-        return d_head**-0.5 if tau is None else (tau * d_head**0.5).reciprocal()[..., None, None]
 
     @staticmethod
     def flops(cfg: SoftmaxConfig, history_len: int, n_candidates: int) -> dict[str, int]:

@@ -33,6 +33,7 @@ from features.sequence import UserSequence
 from ranker.batch import RankBatch
 from ranker.models.layers import BlockCache, HistoryCache
 from ranker.models.base import SequenceRanker
+from ranker.serving.incremental import PATHS, can_extend, drop_derived_tables, extend_history
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -244,9 +245,14 @@ class UserKVCache:
     """Per-(user, model version) history K/V with incremental updates and an LRU byte budget."""
 
     def __init__(self, model: SequenceRanker, model_version: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 headroom: float = 0.25) -> None:
+                 headroom: float = 0.25, incremental: str = "fast") -> None:
+        """`incremental` picks how appended events are encoded (ranker.serving.incremental.PATHS):
+        "fast" serves, "reference" re-encodes and exists to check it."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if incremental not in PATHS:
+            raise ValueError(f"incremental path must be one of {PATHS}, got {incremental!r}")
+        self.incremental = incremental
         self.budget_bytes = int(budget_bytes)
         self.headroom = headroom
         self.stats = CacheStats()
@@ -257,7 +263,7 @@ class UserKVCache:
         """Serve a (re)loaded model: entries of any other version can never be used again, so
         they are dropped now rather than left to age out of the budget."""
         self.model, self.model_version = model.eval(), str(model_version)
-        model.drop_derived_tables()
+        drop_derived_tables(model)
         self.device = next(model.parameters()).device
         for key in [k for k in self._entries if k[1] != self.model_version]:
             self._drop(key, count=False)
@@ -316,9 +322,10 @@ class UserKVCache:
             self.stats.hits += 1
             self._entries.move_to_end(key)
             return entry.history.view()
-        if cached < len(window) and self.model.can_extend(cached, len(window)) \
+        if cached < len(window) and can_extend(self.model, cached, len(window)) \
                 and _same_tokens(entry.window, window, cached):
-            self.model.extend_history(entry.history, history_batch([window], self.model.config.n_tracks, self.device))
+            extend_history(self.model, entry.history, history_batch([window], self.model.config.n_tracks, self.device),
+                           self.incremental)
             self.stats.incremental += 1
             self._drop(key, count=False)
             return self._store(user, window, entry.history, counted=False)

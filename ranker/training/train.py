@@ -37,7 +37,7 @@ from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.training.metrics import ranking_report
 from ranker.models.config import SIZE_NAMES, _tuples
 from ranker.models.base import SequenceRanker
-from ranker.models import build_model, model_class
+from ranker.models import FAMILIES, build_model, model_class
 from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
 
 console = Console()
@@ -372,7 +372,7 @@ def add_model_override_argument(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; `climber reproduce --check` parses frozen steps with it."""
     parser = argparse.ArgumentParser(prog="python -m ranker.training.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=["astro", "sasrec", "hstu"])
+    parser.add_argument("--model", required=True, choices=FAMILIES)
     parser.add_argument("--size", required=True, choices=list(SIZE_NAMES))
     parser.add_argument("--db", required=True, type=Path, help="DuckDB event log (runs/<id>/sandbox.duckdb)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder")
