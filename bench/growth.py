@@ -23,7 +23,7 @@ from bench.common import save
 from ranker.models import FAMILIES
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowthConfig
-from ranker.training.train import add_model_override_argument, train
+from ranker.training.train import TrainConfig, add_model_override_argument, train
 
 VARIANTS = {"dense": dict(), "dense+counter": dict(count_linear_flops=True), "grow-prune": dict(growth=GrowthConfig())}
 
@@ -36,9 +36,10 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
             for name, extra in VARIANTS.items():
-                result = train(family, size, None, Path(tmp) / f"{name}-{repeat}", steps=steps, batch_size=batch_size,
-                               max_len=max_len, device="cpu", progress=False, data=data, checkpoint_every=0,
-                               eval_batch_size=256, model_overrides=overrides, **extra)
+                result = train(TrainConfig(family, size, None, Path(tmp) / f"{name}-{repeat}", steps=steps,
+                                           batch_size=batch_size, max_len=max_len, device="cpu",
+                                           checkpoint_every=0, eval_batch_size=256, model_overrides=overrides,
+                                           **extra), progress=False, data=data)
                 seconds[name].append(result.train_seconds / steps)
                 if result.growth is not None:
                     shares.append(result.linear_flops["linear_flops_share_done"])

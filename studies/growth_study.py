@@ -34,7 +34,7 @@ from ranker.models.config import SIZE_NAMES
 from ranker.models import FAMILIES, resolve_config
 from studies.reports import display_frame, markdown_table, write_html_report
 from studies.scaling import Budget, check_reusable, read_done, run_key
-from ranker.training.train import add_model_override_argument, config_overrides, parse_override, train
+from ranker.training.train import TrainConfig, add_model_override_argument, config_overrides, parse_override, train
 
 console = Console()
 STUDY_FILE = "study.jsonl"
@@ -72,10 +72,12 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
         if key in done:
             check_reusable(done[key], config, path)
             return done[key]
-        result = train(family, size, None, out_dir / f"{variant}-seed{seed}", epochs=budget.epochs,
-                       steps=budget.steps if steps is None else steps, batch_size=budget.batch_size, lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
-                       progress=progress, data=data, checkpoint_every=0, count_linear_flops=True,
-                       growth=growth if with_growth else None, model_overrides=overrides)
+        result = train(TrainConfig(family, size, None, out_dir / f"{variant}-seed{seed}", epochs=budget.epochs,
+                                   steps=budget.steps if steps is None else steps, batch_size=budget.batch_size,
+                                   lr=budget.lr, seed=seed, max_len=budget.max_len, device=device,
+                                   checkpoint_every=0, count_linear_flops=True,
+                                   growth=growth if with_growth else None,
+                                   model_overrides=overrides), progress=progress, data=data)
         row = {"key": key, "variant": variant, "seed": seed,
                **{k: v for k, v in result.to_dict().items() if k != "loss_history"}, "config": config}
         with path.open("a") as f:

@@ -40,7 +40,7 @@ from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.models import FAMILIES, build_model, resolve_config
 from ranker.models.config import config_differences
 from studies.reports import display_frame, markdown_table, write_html_report
-from ranker.training.train import config_overrides, parse_override, train
+from ranker.training.train import TrainConfig, config_overrides, parse_override, train
 
 console = Console()
 LADDER_FILE = "ladder.jsonl"
@@ -160,10 +160,10 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
                 check_reusable(done[key], config, ladder_path)
                 console.print(f"{family}-{size}: reusing the result in {ladder_path}")
                 continue
-            result = train(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs, steps=budget.steps,
-                           batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, max_len=budget.max_len,
-                           device=device, progress=progress, data=data, checkpoint_every=0,
-                           model_overrides=overrides.get(family))
+            result = train(TrainConfig(family, size, None, out_dir / f"{family}-{size}", epochs=budget.epochs,
+                                       steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
+                                       seed=budget.seed, max_len=budget.max_len, device=device, checkpoint_every=0,
+                                       model_overrides=overrides.get(family)), progress=progress, data=data)
             row = {"key": key, **{k: v for k, v in result.to_dict().items() if k != "loss_history"}, "config": config}
             with ladder_path.open("a") as f:
                 f.write(json.dumps(row, default=float) + "\n")

@@ -16,12 +16,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from ranker.training.checkpoint import WEIGHTS_FILE
-from ranker.training.train import train
+from ranker.training.train import TrainConfig, train
 from ranker.models import build_model
 from tests.test_training import N_TRACKS, synthetic_log, write_log
 
-TRAIN_ARGS = dict(steps=5, batch_size=16, lr=3e-3, max_len=32, device="cpu", progress=False,
-                  checkpoint_every=0, eval_window_ms=86_400_000, model_overrides={"dropout": 0.0})
+TRAIN_ARGS = dict(steps=5, batch_size=16, lr=3e-3, max_len=32, device="cpu", checkpoint_every=0,
+                  eval_window_ms=86_400_000, model_overrides={"dropout": 0.0})
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, family: str, db_path: str, out_dir
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        train(family, "xs", db_path, out_dir, **TRAIN_ARGS)
+        train(TrainConfig(family, "xs", db_path, out_dir, **TRAIN_ARGS), progress=False)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, family: str, db_path: str, out_dir
 def test_two_gloo_ranks_match_one_process(tmp_path, family):
     db_path = tmp_path / "sandbox.duckdb"
     write_log(db_path, synthetic_log(n_requests=160))
-    single = train(family, "xs", db_path, tmp_path / "single", **TRAIN_ARGS)
+    single = train(TrainConfig(family, "xs", db_path, tmp_path / "single", **TRAIN_ARGS), progress=False)
     mp.spawn(_worker, args=(2, _free_port(), family, str(db_path), str(tmp_path / "ddp")), nprocs=2, join=True)
 
     expected = load_file(tmp_path / "single" / WEIGHTS_FILE)

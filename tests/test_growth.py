@@ -18,11 +18,11 @@ from ranker.models.config import SoftmaxConfig
 from ranker.models.layers import SoftmaxLayer
 from ranker.models import build_model
 from ranker.training.checkpoint import GROWTH_FILE, WEIGHTS_FILE, load_checkpoint
-from ranker.training.train import main, masked_bce_sum, train
+from ranker.training.train import TrainConfig, main, masked_bce_sum, train
 from tests.test_training import synthetic_log, write_log
 
 torch.set_num_threads(1)
-KW = dict(batch_size=16, lr=3e-3, max_len=32, progress=False, model_overrides={"dropout": 0.0}, device="cpu",
+KW = dict(batch_size=16, lr=3e-3, max_len=32, model_overrides={"dropout": 0.0}, device="cpu",
           checkpoint_every=0)
 SCHEDULE = GrowthConfig(density=0.5, update_every=2, swap_fraction=0.5, dense_from=0.6)
 
@@ -87,15 +87,17 @@ def test_a_prune_and_grow_update_moves_rows_and_keeps_the_density():
 
 
 def test_density_one_trains_exactly_like_plain_training(split, tmp_path):
-    plain = train("sasrec", "xs", None, tmp_path / "plain", steps=5, data=split, **KW)
-    full = train("sasrec", "xs", None, tmp_path / "full", steps=5, data=split, growth=GrowthConfig(density=1.0), **KW)
+    plain = train(TrainConfig("sasrec", "xs", None, tmp_path / "plain", steps=5, **KW), data=split, progress=False)
+    full = train(TrainConfig("sasrec", "xs", None, tmp_path / "full", steps=5, growth=GrowthConfig(density=1.0),
+                             **KW), data=split, progress=False)
     assert full.model_version.removeprefix("sasrec-xs-") == plain.model_version.removeprefix("sasrec-xs-")
     assert full.linear_flops["linear_flops_share_done"] == 1.0 and full.growth["rows_swapped"] == 0
 
 
 @pytest.mark.parametrize("family", ["astro", "hstu"])
 def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(split, tmp_path, family):
-    straight = train(family, "xs", None, tmp_path / "straight", steps=10, data=split, growth=SCHEDULE, **KW)
+    straight = train(TrainConfig(family, "xs", None, tmp_path / "straight", steps=10, growth=SCHEDULE,
+                                 **KW), data=split, progress=False)
     assert straight.growth["density_now"] == 1.0 and straight.growth["rows_swapped"] > 0
     assert not (tmp_path / "straight" / GROWTH_FILE).exists()  # a full-size model: a plain checkpoint
     load_checkpoint(tmp_path / "straight")
@@ -103,7 +105,8 @@ def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(s
     counted = straight.linear_flops
     assert 0.55 < counted["prunable_flops_done"] / counted["prunable_flops_dense"] < 0.85
 
-    part = train(family, "xs", None, tmp_path / "resumed", steps=10, stop_after=5, data=split, growth=SCHEDULE, **KW)
+    part = train(TrainConfig(family, "xs", None, tmp_path / "resumed", steps=10, stop_after=5, growth=SCHEDULE,
+                             **KW), data=split, progress=False)
     assert part.growth["density_now"] == pytest.approx(0.5, abs=0.05)
     masks = load_file(tmp_path / "resumed" / GROWTH_FILE)
     weights = load_file(tmp_path / "resumed" / WEIGHTS_FILE)
@@ -112,11 +115,13 @@ def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(s
     for key, mask in masks.items():
         name = key.removeprefix("growth_mask.")
         assert weights[f"{name}.weight"][~mask.bool()].abs().max() == 0
-    resumed = train(family, "xs", None, tmp_path / "resumed", steps=10, resume=True, data=split, growth=SCHEDULE, **KW)
+    resumed = train(TrainConfig(family, "xs", None, tmp_path / "resumed", steps=10, resume=True, growth=SCHEDULE,
+                                **KW), data=split, progress=False)
     assert resumed.model_version == straight.model_version  # the masks came back with the weights
 
     with pytest.raises(ValueError, match="grow-and-prune"):
-        train(family, "xs", None, tmp_path / "resumed", steps=12, resume=True, data=split, **KW)
+        train(TrainConfig(family, "xs", None, tmp_path / "resumed", steps=12, resume=True,
+                          **KW), data=split, progress=False)
 
 
 def test_the_counter_counts_kept_rows_of_whole_weights_and_of_row_slices():
@@ -154,7 +159,8 @@ def test_bad_growth_settings_are_named(db_path, tmp_path):
 
 def test_grown_rows_learn_again(split, tmp_path):
     """Rows that come back at zero are trained: after the dense phase no prunable row is all zero."""
-    result = train("astro", "xs", None, tmp_path / "grown", steps=10, data=split, growth=SCHEDULE, **KW)
+    result = train(TrainConfig("astro", "xs", None, tmp_path / "grown", steps=10, growth=SCHEDULE,
+                               **KW), data=split, progress=False)
     model, _ = load_checkpoint(result.checkpoint)
     for name, linear in prunable_layers(model).items():
         assert (linear.weight.abs().sum(1) > 0).all(), name
@@ -193,8 +199,11 @@ def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_pat
 
 
 def test_a_run_stopped_in_its_dense_phase_resumes_exactly(split, tmp_path):
-    straight = train("astro", "xs", None, tmp_path / "straight", steps=10, data=split, growth=SCHEDULE, **KW)
-    train("astro", "xs", None, tmp_path / "late", steps=10, stop_after=8, data=split, growth=SCHEDULE, **KW)
+    straight = train(TrainConfig("astro", "xs", None, tmp_path / "straight", steps=10, growth=SCHEDULE,
+                                 **KW), data=split, progress=False)
+    train(TrainConfig("astro", "xs", None, tmp_path / "late", steps=10, stop_after=8, growth=SCHEDULE,
+                      **KW), data=split, progress=False)
     assert not (tmp_path / "late" / GROWTH_FILE).exists()  # dense from step 6: no masks saved
-    resumed = train("astro", "xs", None, tmp_path / "late", steps=10, resume=True, data=split, growth=SCHEDULE, **KW)
+    resumed = train(TrainConfig("astro", "xs", None, tmp_path / "late", steps=10, resume=True, growth=SCHEDULE,
+                                **KW), data=split, progress=False)
     assert resumed.model_version == straight.model_version and resumed.growth["density_now"] == 1.0

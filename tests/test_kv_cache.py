@@ -304,10 +304,11 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
                                                ("astro", dict(block_attention="pointwise", partition="behaviour")),
                                                ("astro", {}), ("astro", dict(n_layers=1)),
                                                ("sasrec", {}), ("hstu", {})])
-@pytest.mark.parametrize("path", PATHS)
-def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides, path):
+def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
-    weights change in place (its cached tau / embedding tables must follow them)."""
+    weights change in place (its cached tau / embedding tables must follow them). The
+    reference path is held to the same recompute by the cache tests and to this path by
+    test_the_fast_and_reference_incremental_paths_fill_the_same_buffers."""
 
     model = tiny_model(family, **overrides)
     window = random_sequence(MAX_LEN, seed=4)
@@ -321,7 +322,7 @@ def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(famil
                 for p in model.parameters():
                     p.mul_(1.1)
                 history = HistoryBuffer(model.encode_history(history_batch([prefix(n - 1)], N_TRACKS)), 0, headroom=0.0)
-            extend_history(model, history, history_batch([prefix(n)], N_TRACKS), path)
+            extend_history(model, history, history_batch([prefix(n)], N_TRACKS))
             reference = history_batch([prefix(n)], N_TRACKS)
             batch = replace(reference, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, 8, dtype=torch.bool),
                             scenario=torch.tensor([2]), request_ts=reference.history_ts.max(1).values + 60_000)

@@ -6,7 +6,7 @@ import duckdb
 import pytest
 from pydantic import ValidationError
 
-from ranker.training.train import train
+from ranker.training.train import TrainConfig, train
 from sandbox.loop import run_sandbox
 from sandbox.settings import ExperimentSettings, SandboxSettings
 from simulator.config import SimConfig
@@ -17,8 +17,8 @@ CATALOG = dict(n_users=60, n_tracks=600, days=1.0, seed=3)  # same catalog for b
 @pytest.mark.slow
 def test_checkpoint_arm_ranks_in_the_closed_loop(tmp_path):
     first = run_sandbox(SandboxSettings(sim=SimConfig(**CATALOG), out=tmp_path, run_id="history"))
-    trained = train("astro", "xs", first.db_path, tmp_path / "astro-xs", steps=4, batch_size=16, max_len=64,
-                    eval_window_ms=6 * 3600 * 1000, progress=False)
+    trained = train(TrainConfig("astro", "xs", first.db_path, tmp_path / "astro-xs", steps=4, batch_size=16,
+                                max_len=64, eval_window_ms=6 * 3600 * 1000), progress=False)
 
     experiment = ExperimentSettings(rankers={"control": "popularity",
                                              "treatment": f"checkpoint:{trained.checkpoint}"})

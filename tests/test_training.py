@@ -242,13 +242,13 @@ def split(log):
 
 def test_a_few_steps_reduce_the_training_loss(split, tmp_path):
     from ranker.models import build_model
-    from ranker.training.train import evaluate, train
+    from ranker.training.train import TrainConfig, evaluate, train
 
     torch.manual_seed(0)
     untrained = build_model("astro", "xs", split.train.n_tracks, max_len=32, **TINY_MODEL)
     before = evaluate(untrained, split.train, max_len=32)["loss"]
-    result = train("astro", "xs", None, tmp_path / "astro", steps=40, batch_size=16, lr=3e-3, max_len=32,
-                   progress=False, model_overrides=TINY_MODEL, data=split, device="cpu")
+    result = train(TrainConfig("astro", "xs", None, tmp_path / "astro", steps=40, batch_size=16, lr=3e-3,
+                               max_len=32, model_overrides=TINY_MODEL, device="cpu"), progress=False, data=split)
     from ranker.training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(result.checkpoint)
@@ -263,14 +263,16 @@ def test_checkpoint_round_trip_and_resume(split, tmp_path):
     from safetensors.torch import load_file
 
     from ranker.training.checkpoint import OPTIMIZER_FILE, WEIGHTS_FILE, load_checkpoint
-    from ranker.training.train import train
+    from ranker.training.train import TrainConfig, train
 
-    kwargs = dict(batch_size=16, lr=3e-3, max_len=32, progress=False, model_overrides=TINY_MODEL, data=split,
-                  device="cpu", checkpoint_every=0)
-    straight = train("sasrec", "xs", None, tmp_path / "straight", steps=6, **kwargs)
-    first = train("sasrec", "xs", None, tmp_path / "resumed", steps=6, stop_after=4, **kwargs)
+    kwargs = dict(batch_size=16, lr=3e-3, max_len=32, model_overrides=TINY_MODEL, device="cpu", checkpoint_every=0)
+    straight = train(TrainConfig("sasrec", "xs", None, tmp_path / "straight", steps=6,
+                                 **kwargs), progress=False, data=split)
+    first = train(TrainConfig("sasrec", "xs", None, tmp_path / "resumed", steps=6, stop_after=4,
+                              **kwargs), progress=False, data=split)
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 4
-    resumed = train("sasrec", "xs", None, tmp_path / "resumed", steps=6, resume=True, **kwargs)
+    resumed = train(TrainConfig("sasrec", "xs", None, tmp_path / "resumed", steps=6, resume=True,
+                                **kwargs), progress=False, data=split)
     assert first.steps == 4 and resumed.steps == 6 and len(resumed.loss_history) == 2
     assert resumed.loss_history[0][0] == 5
     # Data order and LR depend on the step alone, so 4 + 2 steps equal 6 straight steps.
@@ -288,7 +290,8 @@ def test_checkpoint_round_trip_and_resume(split, tmp_path):
         torch.testing.assert_close(model.score(model(batch), batch.candidate_mask),
                                    again.score(again(batch), batch.candidate_mask), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not hstu/xs"):
-        train("hstu", "xs", None, tmp_path / "resumed", steps=7, resume=True, **kwargs)
+        train(TrainConfig("hstu", "xs", None, tmp_path / "resumed", steps=7, resume=True,
+                          **kwargs), progress=False, data=split)
 
 
 def test_command_line_set_overrides_the_model_config(db_path, tmp_path):

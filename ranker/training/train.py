@@ -172,41 +172,53 @@ def typical_shape(log: RequestLog, max_len: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- training
 
-def train(
-    family: str,
-    size: str,
-    db_path: str | Path | None,
-    out_dir: str | Path,
-    epochs: float = 1.0,
-    steps: int | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "auto",
-    resume: bool = False,
-    max_len: int = 256,
-    eval_window_ms: int = DAY_MS,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    warmup_steps: int | None = None,
-    checkpoint_every: int = 500,
-    eval_batch_size: int = 256,
-    progress: bool = True,
-    model_overrides: dict[str, Any] | None = None,
-    data: TimeSplit | None = None,
-    stop_after: int | None = None,
-    growth: GrowthConfig | None = None,
-    count_linear_flops: bool = False,
-) -> TrainResult:
-    """Train `family`/`size` on the requests before the last `eval_window_ms` of the log at
-    `db_path` (or on `data`, an already loaded split) and evaluate on that last window.
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run is: the model, the data, the budget and the optimiser.
 
-    Budget: `steps` optimizer steps if given, else `epochs` passes over the train requests.
+    The command line, the studies and the tests build one; `train(config)` runs it. Budget:
+    `steps` optimizer steps if given, else `epochs` passes over the train requests.
     `batch_size` is the global batch in requests (split across DDP ranks). `stop_after`
     ends this invocation after that many steps (checkpointed) while keeping the full
     budget's LR schedule, as a preempted job would; `resume=True` later continues it.
     `growth` trains with alternate growth and pruning (ranker.training.growth), ending full-size.
     """
+
+    family: str
+    size: str
+    db_path: str | Path | None  # the DuckDB log; None when `train` is handed a loaded split
+    out_dir: str | Path  # the checkpoint folder
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    max_len: int = 256
+    eval_window_ms: int = DAY_MS  # the held-out last window of the log
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int | None = None
+    checkpoint_every: int = 500
+    eval_batch_size: int = 256
+    model_overrides: dict[str, Any] | None = None
+    stop_after: int | None = None
+    growth: GrowthConfig | None = None
+    count_linear_flops: bool = False
+
+
+def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
+    """Train `config.family`/`config.size` on the requests before the last `eval_window_ms`
+    of the log at `config.db_path` (or on `data`, an already loaded split) and evaluate on
+    that last window. `progress` shows a bar and a summary line."""
+    c = config
+    family, size, db_path, out_dir = c.family, c.size, c.db_path, c.out_dir
+    epochs, steps, batch_size, lr, seed, device = c.epochs, c.steps, c.batch_size, c.lr, c.seed, c.device
+    resume, max_len, eval_window_ms, weight_decay = c.resume, c.max_len, c.eval_window_ms, c.weight_decay
+    grad_clip, warmup_steps, checkpoint_every = c.grad_clip, c.warmup_steps, c.checkpoint_every
+    eval_batch_size, model_overrides, stop_after = c.eval_batch_size, c.model_overrides, c.stop_after
+    growth, count_linear_flops = c.growth, c.count_linear_flops
     if size not in model_class(family).SIZES:  # model_class names the known families
         raise ValueError(f"unknown size {size!r} for {family}; known: {list(model_class(family).SIZES)}")
     if batch_size < 1 or max_len < 1:
@@ -398,11 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     args = build_parser().parse_args(argv)
     growth = GrowthConfig.from_dict(dict(args.growth)) if args.grow_prune or args.growth else None
-    result = train(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                   resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
-                   checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides),
-                   growth=growth)
+    config = TrainConfig(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                         resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
+                         checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides),
+                         growth=growth)
+    result = train(config)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
