@@ -42,6 +42,8 @@ SCHEMA = {
     "impressions": "request_id BIGINT, position SMALLINT, track_id BIGINT, score FLOAT, arm VARCHAR, model_name VARCHAR",
     "dead_letters": "received_ts BIGINT, source VARCHAR, payload VARCHAR, reason VARCHAR",
     "flushes": "flushed_at TIMESTAMP, events BIGINT, last_event_id BIGINT",
+    # the simulator's true P(full play | examined) per ranked impression (policy logs only)
+    "oracle_engagement": "request_id BIGINT, track_id BIGINT, engagement FLOAT",
 }
 EVENT_COLUMNS = tuple(EventBatch.DTYPES)
 FLUSH_ROWS = 250_000  # buffered rows (events + impressions) that trigger an append
@@ -194,6 +196,11 @@ class RunRecorder:
             raise ValueError(f"{len(requests)} requests, {len(responses)} responses, {len(arms)} arms")
         for request, response, arm in zip(requests, responses, arms):
             self.log_response(request, response, arm)
+
+    def log_oracle_engagement(self, request_ids: np.ndarray, track_ids: np.ndarray, engagement: np.ndarray) -> None:
+        self._append("oracle_engagement", pa.table({"request_id": np.asarray(request_ids, np.int64),
+                                                    "track_id": np.asarray(track_ids, np.int64),
+                                                    "engagement": np.asarray(engagement, np.float32)}))
 
     def log_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         """Written at once: dead letters are rare and each is worth keeping even on a crash."""

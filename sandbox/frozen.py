@@ -148,6 +148,8 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
         if not hasattr(exc, "format_message"):
             raise
         raise ValueError(exc.format_message()) from None
+    if name == "experiment run":  # the models it trains are in the experiment file
+        return name, argparse.Namespace(**leaf.params)
     if name not in FORWARDED:
         return name, None
     return name, _quiet_argparse(importlib.import_module(FORWARDED[name]).build_parser(), list(leaf.args))
@@ -176,9 +178,23 @@ def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
     return [TrainedModel(args.family, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
+def _trained_by_experiment(args: argparse.Namespace) -> list[TrainedModel]:
+    from experiments.spec import load_spec
+    from ranker.training.train import config_overrides
+
+    path = Path(args.file) if Path(args.file).is_absolute() else CONFIG_DIR.parent / args.file
+    try:
+        spec = load_spec(path, list(args.set_ or []))
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    return [TrainedModel(arm.family, arm.size, config_overrides(spec.phases.train.max_len, dict(arm.overrides)))
+            for arm in spec.trained_arms().values()]
+
+
 TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
     "train": _trained_by_train, "scaling": _trained_by_scaling,
     "growth-study": _trained_by_one_family, "bench growth": _trained_by_one_family,
+    "experiment run": _trained_by_experiment,
 }
 
 
@@ -212,6 +228,7 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
             unparsed.append(f"step {number} ({step}): {exc}")
     if unparsed:  # which models the steps train is unknown until they parse
         return problems + unparsed
+    problems += _unpinned_simulator_steps(config, [name for name, _ in parsed])
     recorded = {TrainedModel(m.family, m.size, m.overrides).key(): m for m in config.models}
     for number, model in trained_models(parsed):
         frozen = recorded.pop(model.key(), None)
@@ -227,6 +244,22 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
         problems += [f"{label}: {line}" for line in config_differences(frozen.config, now.to_dict())]
     problems += [f"recorded model {m.family} {m.size} {m.overrides} is trained by no step" for m in recorded.values()]
     return problems
+
+
+# Commands that run the simulator: their figures depend on its user model (simulator/config.py).
+SIMULATING = {"simulate", "sandbox", "bench sim", "bench stream"}
+
+
+def _unpinned_simulator_steps(config: FrozenConfig, names: list[str]) -> list[str]:
+    """A config measured before user model 2 must run the simulator on model 1 (the env pin)."""
+    from simulator.config import USER_MODEL_2_DATE, USER_MODEL_ENV
+
+    if config.date.isoformat() >= USER_MODEL_2_DATE:
+        return []
+    pin = f"{USER_MODEL_ENV}=1"
+    return [f"step {number} ({step}): measured on simulator user model 1; start it with `env {pin}`"
+            for number, (step, name) in enumerate(zip(config.steps, names), 1)
+            if name in SIMULATING and pin not in shlex.split(step)[:shlex.split(step).index("climber")]]
 
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:

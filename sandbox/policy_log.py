@@ -3,13 +3,16 @@
 Training data for the model ladder wants logs that no trained ranker shaped: a uniformly
 random policy gives unbiased exploration data, the oracle an upper bound, popularity the
 usual production-like bias. Same DuckDB schema as a sandbox run, so `climber train` and
-`climber scaling` read either.
+`climber scaling` read either. A policy log also keeps the oracle's true engagement of every
+ranked impression (table `oracle_engagement`), the ceiling `climber train` reports beside a model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from experiments.recorder import RunRecorder
 from sandbox.settings import SandboxSettings
@@ -29,6 +32,8 @@ def simulate_policy_log(settings: SandboxSettings, policy: str) -> Path:
         recorder.log_run(settings.resolved_run_id(), settings.sim.seed,
                          {**json.loads(settings.model_dump_json()), "policy": policy})
         platform = MusicPlatform(settings.sim, recommender=None, sink=recorder.log_events)
+        oracle_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        platform.oracle_sink = lambda *part: oracle_parts.append(part)
         metadata = platform.catalog.metadata()
         recorder.log_tracks(metadata)
         if policy == "random":
@@ -40,6 +45,8 @@ def simulate_policy_log(settings: SandboxSettings, policy: str) -> Path:
         else:
             platform.recommender = OracleRecommender(platform, seed=settings.sim.seed)
         platform.run()
+        if oracle_parts:
+            recorder.log_oracle_engagement(*(np.concatenate(column) for column in zip(*oracle_parts)))
         recorder.flush()
         return recorder.path
     finally:

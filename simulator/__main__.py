@@ -28,10 +28,12 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=SimConfig().days)
     parser.add_argument("--seed", type=int, default=SimConfig().seed)
     parser.add_argument("--window-ms", type=int, default=SimConfig().batch_window_ms)
+    parser.add_argument("--sessions-per-day", type=float, default=SimConfig().sessions_per_day_median,
+                        help="median sessions per user per day (the user mix)")
     args = parser.parse_args()
 
     config = SimConfig(n_users=args.users, n_tracks=args.tracks, days=args.days, seed=args.seed,
-                       batch_window_ms=args.window_ms)
+                       batch_window_ms=args.window_ms, sessions_per_day_median=args.sessions_per_day)
     batches: list[EventBatch] = []
     platform = MusicPlatform(config, None, batches.append)
     metadata = platform.catalog.metadata()
@@ -51,7 +53,7 @@ def main() -> None:
     print(f"wall {wall:.2f} s = {summary.events / wall:,.0f} events/s; cpu {cpu:.2f} s = "
           f"{summary.events / cpu:,.0f} events/s")
     for fact in stylised_facts(EventBatch.concat(batches), metadata):
-        print(f"  {'ok' if fact.ok else 'NO'}  {fact.name:26s} {fact.value:9.3f}  [{fact.low}, {fact.high}]")
+        print(f"  {'ok' if fact.ok else 'NO'}  {fact.name:28s} {fact.value:7.3f}  [{fact.low}, {fact.high}]")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ attention temperature is meant to capture, so it must be strong enough to matter
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +28,17 @@ from streaming.events import SCENARIOS
 DEFAULT_START_TS = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp() * 1000)  # a Monday
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+
+
+USER_MODEL_ENV = "CLIMBER_SIM__USER_MODEL"
+USER_MODEL_2_DATE = "2026-12-06"  # frozen configs dated before it ran user model 1
+
+
+def _default_user_model() -> int:
+    value = os.environ.get(USER_MODEL_ENV, "2").strip()
+    if value not in ("1", "2"):
+        raise ValueError(f"{USER_MODEL_ENV}: expected 1 or 2, got {value!r}")
+    return int(value)
 
 
 class ScenarioParams(BaseModel):
@@ -71,6 +85,12 @@ class SimConfig(BaseModel):
     latent_dim: int = Field(16, ge=2, le=512)
     days: float = Field(7.0, gt=0, le=366)
     seed: int = Field(42, ge=0)
+    # Which user model: 2 (the default since 2026-12-06) returns users by a satisfaction-driven
+    # hazard with weekly cycle, daily profiles and churn; 1 is the model before it (session starts
+    # drawn up front), kept so frozen configs measured on it still give their event logs bit for bit.
+    # Pin it with CLIMBER_SIM__USER_MODEL=1 in the environment: it sets the default of every
+    # SimConfig, so `climber simulate|sandbox|bench sim|bench stream` and `python -m simulator` all obey.
+    user_model: Literal[1, 2] = Field(default_factory=lambda: _default_user_model())
     start_ts: int = Field(DEFAULT_START_TS, ge=0, description="simulated epoch ms at the start")
 
     # Catalog
@@ -97,6 +117,31 @@ class SimConfig(BaseModel):
     genre_fatigue_free: int = Field(4, ge=0, description="same-genre plays in a session before fatigue")
     artist_fatigue: float = Field(0.7, ge=0, description="full-play logit lost per repeat of an artist")
     max_slates_per_session: int = Field(40, ge=1)
+    full_play_shift: float = Field(-0.8, description="added to every full-play logit (user_model 2; skips to Lamere's share)")
+    fast_skip_share: float = Field(0.5, gt=0, lt=1, description="skips within 5 s of the start (user_model 2)")
+    skip_tail_s: float = Field(40.0, gt=0, description="mean play time of the other skips beyond 5 s (user_model 2)")
+
+    # Tastes with structure (user_model 2; see simulator/tastes.py)
+    n_interests: int = Field(3, ge=1, le=16, description="taste vectors per user; the session's context picks one")
+    interest_hour_strength: float = Field(1.0, ge=0, description="how strongly the hour of day picks the interest")
+    interest_scenario_sigma: float = Field(1.0, ge=0, description="spread of interests' log-weights per scenario")
+    taste_shift_days: float = Field(60.0, gt=0, description="mean days between shifts of a user's interest")
+    familiarity_weight: float = Field(0.6, ge=0, description="logit bonus for a track the user recently loved")
+    repeat_memory_days: float = Field(3.0, gt=0, description="time constant of that bonus since the track was loved")
+    artist_continuation: float = Field(0.5, ge=0, description="logit bonus for one more track by the artist just played")
+
+    # Returning and leaving (user_model 2; see docs/simulator.md "Return and leave")
+    mood_memory_days: float = Field(4.0, gt=0, description="time constant of the satisfaction memory")
+    mood_gain: float = Field(0.3, ge=0, le=1, description="weight of one session in the mood, right after another")
+    mood_sensitivity: float = Field(1.5, ge=0, description="log session rate per unit of mood")
+    satisfaction_reference: float = Field(0.3, description="satisfaction users expect at the start (mood is relative to it)")
+    expectation_gain: float = Field(0.05, ge=0, le=1, description="per session, how fast expectation follows satisfaction")
+    bad_session_below: float = Field(-0.5, description="a session with satisfaction below this is a bad one")
+    dormancy_after: int = Field(3, ge=1, description="bad sessions in a row that make a user go dormant")
+    dormancy_days: float = Field(6.0, gt=0, description="mean break of a dormant user")
+    churn_probability: float = Field(0.25, ge=0, le=1, description="P(a user going dormant never comes back)")
+    profile_shift_sigma_h: float = Field(0.75, ge=0, le=12, description="spread of users' daily-profile shift")
+    weekend_activity: float = Field(0.8, gt=0, description="weekend session rate over weekday rate")
 
     # Platform
     # The ranking tick: requests queue at most this long, and each slate is requested this

@@ -25,11 +25,12 @@ import numpy as np
 from scipy.special import expit as sigmoid
 
 from simulator.catalog import Catalog
-from simulator.config import SimConfig
+from simulator.config import DAY_MS, SimConfig
 from simulator.users import Users
 from streaming.events import SCENARIOS
 
-AFFINITY_CENTER = 0.25  # affinity of a so-so match; logits are centred there
+AFFINITY_CENTER = 0.25
+FAMILIAR_SLOTS = 32  # model 2's familiarity looks at this many of the user's latest library additions  # affinity of a so-so match; logits are centred there
 
 
 class Oracle:
@@ -37,7 +38,7 @@ class Oracle:
         self.config, self.catalog, self.users = config, catalog, users
         params = [config.scenario(name) for name in SCENARIOS]
         self.play_bias = np.array([p.play_bias for p in params])
-        self.full_bias = np.array([p.full_bias for p in params])
+        self.full_bias = np.array([p.full_bias for p in params]) + (config.full_play_shift if config.user_model == 2 else 0.0)
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])
@@ -51,8 +52,28 @@ class Oracle:
         same_genre = users.session_genre_plays[user_ids, self.catalog.genre_id[track_ids]]
         recent = users.recent_artists[user_ids]  # [..., 8]
         same_artist = (recent == self.catalog.artist_id[track_ids][..., None]).sum(axis=-1)
-        return (config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
-                + config.artist_fatigue * same_artist)
+        genre_term = config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
+        if config.user_model == 1:
+            return genre_term + config.artist_fatigue * same_artist
+        # Model 2: one more track by an artist just played is welcome (continuation); more tire.
+        return (genre_term + config.artist_fatigue * np.maximum(0, same_artist - 1)
+                - config.artist_continuation * (same_artist == 1))
+
+    def familiarity(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
+        """exp(-days since the user loved the track / repeat_memory_days) over the user's last
+        FAMILIAR_SLOTS library additions; 0 for other tracks.
+
+        Model 2's repeat consumption: recently loved tracks are the likeliest to be played again
+        (Anderson et al. 2014: recency is the strongest signal of re-consumption); a track loved
+        FAMILIAR_SLOTS additions ago is days old for all but the heaviest listeners."""
+        users = self.users
+        capacity = users.library.shape[1]
+        slots = (users.library_next[user_ids][..., None] - 1 - np.arange(min(FAMILIAR_SLOTS, capacity))) % capacity
+        rows = np.expand_dims(user_ids, -1)
+        match = np.expand_dims(track_ids, -1) == users.library[rows, slots]  # [..., F]
+        age_days = (users.now_ms - users.library_ms[rows, slots]) / DAY_MS
+        weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
+        return np.where(match, weight, 0.0).max(axis=-1)
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
                       seed_track: np.ndarray) -> np.ndarray:
@@ -75,6 +96,9 @@ class Oracle:
         play = (self.play_bias[s] + centred + self.popularity_weight[s] * self.catalog.popularity_z[track_ids]
                 + context - 0.5 * fatigue)
         full = self.full_bias[s] + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
+        if self.config.user_model == 2 and self.config.familiarity_weight > 0:
+            bonus = self.config.familiarity_weight * self.familiarity(user_ids, track_ids)
+            play, full = play + bonus, full + bonus
         return play, full
 
     def expected_engagement(self, user_ids, track_ids, scenario_codes, ts: int | np.ndarray | None = None,

@@ -1,9 +1,12 @@
 """The simulated music platform: SimPy sessions that ask a recommender for slates and react.
 
 Processes (simulated time is in milliseconds since `config.start_ts`):
-- arrivals: walks the session start times drawn up front (users.py) and starts each
-  session one batch window early, unless that user is still in a session (a listener has
-  one session at a time, so a user's events never interleave and their timestamps grow);
+- arrivals (user model 1): walks the session start times drawn up front (users.py) and
+  starts each session one batch window early, unless that user is still in a session (a
+  listener has one session at a time, so a user's events never interleave and their
+  timestamps grow);
+- listener (user model 2), one per user: waits for the user's next start (returns.py), runs
+  the session, and draws the next start from how satisfying it was;
 - session: picks a scenario from the user's mix, then asks for slates until satisfaction
   runs out; with P `scenario_switch` the next slate is from another scenario. Library and
   radio need a library (radio seeds from it), else the session opens the home feed;
@@ -35,16 +38,18 @@ same generator, and there is no wall clock or `hash()`: a seed fixes the event l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import simpy
 
 from ranker.interface import RankResponse, Recommender, SlateRequest
 from simulator.catalog import Catalog
-from simulator.config import HOUR_MS, SimConfig
+from simulator.config import DAY_MS, HOUR_MS, SimConfig
 from simulator.oracle import Oracle
 from simulator.reactions import EVENT_COLUMNS, ReactionModel, Slates
+from simulator.returns import ReturnModel
+from simulator.tastes import choose_interest, generate_interests
 from simulator.users import Users
 from streaming.events import SCENARIOS, EventBatch
 
@@ -82,7 +87,8 @@ class UniformStream:
 
 @dataclass
 class _Ask:
-    """A slate a session waits for; `done` gets (shown_at ms, duration_ms, keep_going)."""
+    """A slate a session waits for; `done` gets (shown_at ms, duration_ms, keep_going,
+    satisfaction sum, items examined)."""
 
     user: int
     scenario: int
@@ -100,12 +106,19 @@ class MusicPlatform:
         self.config = config
         self.recommender = recommender  # may be set after construction, before run()
         self.sink = sink
+        # Optional: gets (request_ids, track_ids, engagement) of every ranked impression, the
+        # oracle's P(full play | examined) when it was shown: the ceiling for offline evaluation.
+        self.oracle_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self.rng = np.random.default_rng(config.seed)
         self.uniform = UniformStream(self.rng)
         self.catalog = Catalog.generate(config, self.rng)
         self.users = Users.generate(config, self.catalog, self.rng)
         self.oracle = Oracle(config, self.catalog, self.users)
         self.reactions = ReactionModel(config, self.catalog, self.users, self.oracle)
+        # User model 2 draws each return from satisfaction (returns.py); model 1 draws all starts up front.
+        self.returns = ReturnModel(config, self.users.sessions_per_day, self.rng) if config.user_model == 2 else None
+        if self.returns is not None:
+            generate_interests(self.users, config, self.catalog, self.rng)
         self.arms = self._check_arms(arms, config.n_users)
         self.slate_size = np.array([config.scenario(s).slate_size for s in SCENARIOS])
 
@@ -135,19 +148,35 @@ class MusicPlatform:
         """Current simulated epoch ms."""
         return self.config.start_ts + int(self.env.now)
 
-    def run(self, progress: Callable[[float], None] | None = None) -> SimSummary:
-        """Simulate `config.days`; events go to the sink as they happen. One run per platform."""
+    def run(self, progress: Callable[[float], None] | None = None,
+            pauses: Sequence[tuple[int, Callable[[], None]]] = ()) -> SimSummary:
+        """Simulate `config.days`; events go to the sink as they happen. One run per platform.
+
+        `pauses`: (simulated ms since start, callback) pairs. The clock stops at each and the
+        callback runs before time goes on (an experiment trains its models there, on the log
+        so far, and swaps the recommender's rankers); nothing random is drawn in between, so
+        pausing alone does not change the event log."""
         if self.recommender is None:
             raise ValueError("recommender: set a Recommender before run()")
         if self.started:
             raise RuntimeError("run: a MusicPlatform simulates once; build a new one for another run")
         self.started = True
+        self.reactions.record_engagement = self.oracle_sink is not None
         horizon = self.config.horizon_ms
-        starts, users = self.users.session_starts(self.config, self.rng)
-        self.env.process(self._arrivals(starts.tolist(), users.tolist()))
+        if self.returns is None:
+            starts, users = self.users.session_starts(self.config, self.rng)
+            self.env.process(self._arrivals(starts.tolist(), users.tolist()))
+        else:
+            for user in range(self.config.n_users):
+                self.env.process(self._listener(user))
         self.env.process(self._batcher())
         if progress is not None:
             self.env.process(self._progress(progress, horizon))
+        for at, callback in sorted(pauses, key=lambda pause: pause[0]):
+            if not 0 < at < horizon:
+                raise ValueError(f"pauses: {at} ms is not inside the horizon (0, {horizon})")
+            self.env.run(until=at)
+            callback()
         self.env.run(until=horizon)
         self._emit(np.iinfo(np.int64).max)  # listening that began before the end finishes
         if progress is not None:
@@ -170,15 +199,35 @@ class MusicPlatform:
             self.sessions += 1
             env.process(self._session(user, start))
 
+    def _listener(self, user: int):
+        """One user's life (user model 2): sessions, each followed by the draw of the next start."""
+        env, lead, returns = self.env, self.config.batch_window_ms, self.returns
+        start = returns.next_start(user, 0, self.uniform)
+        while start is not None:
+            if start - lead > env.now:
+                yield env.timeout(start - lead - env.now)
+            self.sessions += 1
+            self.busy_until[user] = np.inf
+            end, satisfaction = yield from self._session(user, max(start, int(env.now)))
+            start = returns.end_session(user, end, satisfaction, self.uniform)
+
     def _session(self, user: int, show_at: int):
-        """Slates back to back; the next one is requested a batch window before the current one ends."""
+        """Slates back to back; the next one is requested a batch window before the current one ends.
+
+        Returns (end ms, satisfaction per examined item over the session)."""
         users, config, env = self.users, self.config, self.env
+        elapsed_days = (show_at - users.last_walk_ms[user]) / DAY_MS
         users.begin_session(user, show_at, config, self.rng)
         scenario = users.draw_scenario(user, self.uniform())
+        if self.returns is not None:
+            choose_interest(users, user, scenario, show_at, elapsed_days, config, self.catalog, self.rng, self.uniform)
+        satisfied = examined = 0.0
         for slate_index in range(config.max_slates_per_session):
             ask = self._ask(user, scenario, slate_index, show_at)
-            shown_at, duration_ms, keep_going = yield ask.done
+            shown_at, duration_ms, keep_going, slate_satisfied, slate_examined = yield ask.done
             show_at = shown_at + duration_ms
+            satisfied += slate_satisfied
+            examined += slate_examined
             if not keep_going:
                 break
             if self.uniform() < config.scenario_switch:
@@ -187,6 +236,7 @@ class MusicPlatform:
             if wake > env.now:
                 yield env.timeout(wake - env.now)
         self.busy_until[user] = show_at
+        return show_at, satisfied / max(examined, 1.0)
 
     def _batcher(self):
         env, window = self.env, self.config.batch_window_ms
@@ -227,17 +277,23 @@ class MusicPlatform:
 
     def _flush(self) -> None:
         asks, self.queue = self.queue, []
+        self.users.now_ms = int(self.env.now)
         requests = [a.request for a in asks if a.request is not None]
         responses = self._recommend(requests) if requests else []
         slates = self._slates(asks, responses)
         shown_at = slates.shown_at - self.config.start_ts
         outcome = self.reactions.react(slates, self.rng)
+        if self.oracle_sink is not None:
+            shown = slates.mask & (slates.request_id >= 0)[:, None]
+            rows = np.nonzero(shown)[0]
+            self.oracle_sink(slates.request_id[rows], slates.tracks[shown], outcome.engagement[shown])
         if len(outcome.events):
             self.pending = np.concatenate([self.pending, outcome.events]) if len(self.pending) else outcome.events
             self.pending_first_ts = min(self.pending_first_ts, int(outcome.events[:, 0].min()))
-        for ask, shown, duration_ms, keep_going in zip(asks, shown_at.tolist(), outcome.duration_ms.tolist(),
-                                                       outcome.keep_going.tolist()):
-            ask.done.succeed((shown, duration_ms, keep_going))
+        for ask, shown, duration_ms, keep_going, satisfied, examined in zip(
+                asks, shown_at.tolist(), outcome.duration_ms.tolist(), outcome.keep_going.tolist(),
+                outcome.satisfied.tolist(), outcome.examined.tolist()):
+            ask.done.succeed((shown, duration_ms, keep_going, satisfied, examined))
 
     def _recommend(self, requests: list[SlateRequest]) -> list[RankResponse]:
         responses = self.recommender.recommend(requests)
@@ -279,7 +335,14 @@ class MusicPlatform:
     def _library_slates(self, rows: np.ndarray, users: np.ndarray, tracks: np.ndarray, lengths: np.ndarray) -> None:
         """Organic plays: the user picks tracks from their own library (repeats allowed)."""
         k = int(self.slate_size[LIBRARY])
-        pick = (self.rng.random((len(rows), k)) * self.users.library_count[users][:, None]).astype(np.int64)
+        count = self.users.library_count[users][:, None]
+        u = self.rng.random((len(rows), k))
+        if self.returns is None:
+            pick = (u * count).astype(np.int64)
+        else:  # model 2: recently added tracks come back most (slot next-1 is the newest)
+            back = np.minimum((u ** 2.5 * count).astype(np.int64), count - 1)
+            newest = (self.users.library_next[users][:, None] - 1) % self.users.library.shape[1]
+            pick = np.where(count < self.users.library.shape[1], count - 1 - back, (newest - back) % self.users.library.shape[1])
         tracks[rows, :k] = self.users.library[users[:, None], pick]
         lengths[rows] = k
         self.library_slates += len(rows)

@@ -137,3 +137,35 @@ class PopularityRecommender:
             responses.append(RankResponse(request.request_id, request.user_id, candidates,
                                           {RANKING_SCORE: score}, order_by_score(score), self.name, self.version))
         return responses
+
+
+class ShuffledRecommender:
+    """Another recommender's candidates in random order: a ranker worse by design.
+
+    For the users where `shuffle[user_id]` is True (all users when None) the inner
+    recommender's candidates are kept and their order is a random permutation; other users
+    get the inner response untouched. One platform can so host both arms of an A/B test
+    whose only difference is the ranking, which is what retention must be able to see.
+    """
+
+    name = "shuffled"
+    version = "1"
+
+    def __init__(self, inner, seed: int = 0, shuffle: np.ndarray | None = None) -> None:
+        self.inner, self.shuffle = inner, shuffle
+        self.rng = np.random.default_rng(seed)
+
+    def recommend(self, requests: Sequence[SlateRequest]) -> list[RankResponse]:
+        responses = self.inner.recommend(requests)
+        out = []
+        for response in responses:
+            if self.shuffle is not None and not self.shuffle[response.user_id]:
+                out.append(response)
+                continue
+            M = len(response.candidates)
+            order = self.rng.permutation(M).astype(np.int64)
+            score = np.empty(M, np.float32)
+            score[order] = np.linspace(1.0, 0.0, M, dtype=np.float32)
+            out.append(RankResponse(response.request_id, response.user_id, response.candidates,
+                                    {RANKING_SCORE: score}, order, self.name, self.version))
+        return out

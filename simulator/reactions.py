@@ -66,6 +66,9 @@ class SlateOutcome:
     events: np.ndarray  # int64 [N, len(EVENT_COLUMNS)], in (row, position, kind) order
     duration_ms: np.ndarray  # int64 [R], time the user spends on the slate
     keep_going: np.ndarray  # bool [R], whether the session asks for another slate
+    satisfied: np.ndarray  # float64 [R], the slate's satisfaction sum (SATISFACTION_WEIGHTS . counts)
+    examined: np.ndarray  # int64 [R], items the user looked at
+    engagement: np.ndarray | None  # float64 [R, S], the oracle's P(full play | examined) when shown, if recorded
 
 
 class ReactionModel:
@@ -79,6 +82,7 @@ class ReactionModel:
         self.signal_biases = np.stack([users.like_bias, users.share_bias, users.playlist_bias, users.dislike_bias])
         self.signal_slopes = np.array([SIGNAL_SLOPE, SIGNAL_SLOPE, SIGNAL_SLOPE, -SIGNAL_SLOPE])[:, None, None]
         self._earlier_cache: dict[int, np.ndarray] = {}
+        self.record_engagement = False  # set by the platform when an oracle_sink wants it
 
     def react(self, slates: Slates, rng: np.random.Generator) -> SlateOutcome:
         config, catalog, users = self.config, self.catalog, self.users
@@ -93,8 +97,11 @@ class ReactionModel:
         play_logit, full_logit = self.oracle.logits(u, tracks, s, slates.query_genre[:, None],
                                                     slates.seed_track[:, None], session_fatigue, latent)
         examined = mask & (draws[0] < self.examine[slates.scenario, :S])
-        played = examined & (draws[1] < sigmoid(play_logit))
+        p_play = sigmoid(play_logit)
+        played = examined & (draws[1] < p_play)
 
+        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
+        engagement = p_play * sigmoid(full_logit) if self.record_engagement else None
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
         full_logit = full_logit - self._slate_fatigue(u, genre, artist, played)
         full = played & (draws[2] < sigmoid(full_logit))
@@ -105,7 +112,7 @@ class ReactionModel:
         dislike = skip & signal[3]
 
         duration = catalog.duration_ms[tracks]
-        skip_ms = np.minimum(duration - 1_000, 2_000 + (draws[7] ** 2 * 0.6 * duration).astype(np.int64))
+        skip_ms = self._skip_ms(duration, draws[7])
         play_ms = np.where(full, duration, np.where(skip, skip_ms, 0))
         step = np.where(played, play_ms + GAP_MS, np.where(examined, BROWSE_MS, 0))
         ends_after = np.cumsum(step, axis=1)
@@ -113,7 +120,9 @@ class ReactionModel:
         duration_ms = FIRST_DELAY_MS + ends_after[:, -1]
 
         counts = np.stack([full, like, share, playlist, skip, dislike]).sum(axis=2)  # [6, R]
-        satisfaction = SATISFACTION_WEIGHTS @ counts / np.maximum(examined.sum(1), 1)
+        n_examined = examined.sum(1)
+        satisfied = SATISFACTION_WEIGHTS @ counts
+        satisfaction = satisfied / np.maximum(n_examined, 1)
         continue_logit = (self.continue_bias[slates.scenario] + users.stickiness[slates.users]
                           + 2.0 * satisfaction - 0.1 * slates.slate_index)
         keep_going = rng.random(R) < sigmoid(continue_logit)
@@ -124,7 +133,20 @@ class ReactionModel:
         events = self._events(slates, organic, start, end, play_ms,
                               (mask & ~organic[:, None], played, played, like, share, playlist, dislike), full)
         self._learn(slates, organic, latent, played, full, like, playlist, genre, artist)
-        return SlateOutcome(events=events, duration_ms=duration_ms.astype(np.int64), keep_going=keep_going)
+        return SlateOutcome(events=events, duration_ms=duration_ms.astype(np.int64), keep_going=keep_going,
+                            satisfied=satisfied, examined=n_examined, engagement=engagement)
+
+    def _skip_ms(self, duration: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """How long a skipped track played. Model 1: 2 s to ~60% of the track. Model 2: Lamere's
+        shape, half of skips within 5 s of the start and the rest spread out with a mean of
+        `skip_tail_s` more, so ~3/4 of skips come within 30 s (24.1% of plays within 5 s,
+        35.1% within 30 s, 48.6% before the end)."""
+        if self.config.user_model == 1:
+            return np.minimum(duration - 1_000, 2_000 + (u ** 2 * 0.6 * duration).astype(np.int64))
+        fast = self.config.fast_skip_share
+        early = 1_000 + (u / fast * 4_000)  # uniform 1-5 s for u < fast
+        tail = 5_000 - np.log(np.maximum(1.0 - (u - fast) / (1.0 - fast), 1e-12)) * (self.config.skip_tail_s * 1000)
+        return np.minimum(duration - 1_000, np.where(u < fast, early, tail).astype(np.int64))
 
     def _slate_fatigue(self, u: np.ndarray, genre: np.ndarray, artist: np.ndarray, played: np.ndarray) -> np.ndarray:
         """Extra full-play fatigue from same-genre / same-artist plays earlier in this slate."""
@@ -174,5 +196,5 @@ class ReactionModel:
         consumed = (full | like).astype(np.float64) + 0.5 * playlist
         users.drift_toward(slates.users, latent, consumed, self.config.taste_learning_rate)
         keep = (full | like | playlist) & ~organic[:, None]
-        users.add_to_library(slates.users, tracks, keep)
+        users.add_to_library(slates.users, tracks, keep, slates.shown_at - self.config.start_ts)
         users.note_plays(slates.users, artist, genre, played)

@@ -53,6 +53,15 @@ class Users:
     recent_artists: np.ndarray  # int64 [U, RECENT_ARTISTS], -1 where empty, reset at session start
     recent_next: np.ndarray  # int64 [U]
     last_walk_ms: np.ndarray  # int64 [U], simulated ms of the last taste random-walk step
+    library_ms: np.ndarray  # int64 [U, L], simulated ms each library slot was (last) filled
+    # User model 2 (tastes.py): several interests; `taste` is the active one.
+    interests: np.ndarray | None = None  # float64 [U, K, d], unit rows
+    interest_hour: np.ndarray | None = None  # float64 [U, K], hour of day each interest is most likely
+    interest_scenario: np.ndarray | None = None  # float64 [U, K, n_scenarios], log-weight per scenario
+    active_interest: np.ndarray | None = None  # int64 [U]
+    interest_weight: np.ndarray | None = None  # float64 [U, K], how much of the time each interest is on
+    taste_shifts: int = 0
+    now_ms: int = 0  # simulated ms of the tick being ranked (the platform sets it)
 
     @property
     def n_users(self) -> int:
@@ -79,7 +88,7 @@ class Users:
             library=np.full((U, L), -1, np.int64), library_count=np.zeros(U, np.int64),
             library_next=np.zeros(U, np.int64), session_genre_plays=np.zeros((U, G), np.int32),
             recent_artists=np.full((U, RECENT_ARTISTS), -1, np.int64), recent_next=np.zeros(U, np.int64),
-            last_walk_ms=np.zeros(U, np.int64),
+            last_walk_ms=np.zeros(U, np.int64), library_ms=np.zeros((U, L), np.int64),
         )
         users._seed_libraries(config, catalog, rng)
         return users
@@ -95,7 +104,7 @@ class Users:
         fit = np.einsum("ud,ukd->uk", self.taste, catalog.latent[pool]) + rng.gumbel(0, 0.3, pool.shape)
         best = np.take_along_axis(pool, np.argsort(-fit, axis=1)[:, :k], axis=1)
         rows = np.arange(self.n_users)
-        self.add_to_library(rows, best, np.ones(best.shape, bool))
+        self.add_to_library(rows, best, np.ones(best.shape, bool), now_ms=-30 * DAY_MS)  # old favourites
 
     # ---- arrivals --------------------------------------------------------------------
 
@@ -151,8 +160,12 @@ class Users:
 
     # ---- learning from what was consumed (vectorised over one row per user) ---------------
 
-    def add_to_library(self, users: np.ndarray, tracks: np.ndarray, mask: np.ndarray) -> None:
-        _ring_append(self.library, self.library_next, users, tracks, mask)
+    def add_to_library(self, users: np.ndarray, tracks: np.ndarray, mask: np.ndarray,
+                       now_ms: int | np.ndarray = 0) -> None:
+        """Append the masked tracks of each row; `now_ms` (scalar or one per row) stamps them."""
+        times = np.asarray(now_ms, np.int64)
+        times = np.broadcast_to(times[:, None] if times.ndim else times, tracks.shape)
+        _ring_append(self.library, self.library_next, users, tracks, mask, also=(self.library_ms, times))
         self.library_count[users] = np.minimum(self.library_count[users] + mask.sum(axis=1), self.library.shape[1])
 
     def note_plays(self, users: np.ndarray, artists: np.ndarray, genres: np.ndarray, played: np.ndarray) -> None:
@@ -173,11 +186,11 @@ class Users:
 
 
 def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, values: np.ndarray,
-                 mask: np.ndarray) -> None:
+                 mask: np.ndarray, also: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Append the masked values of each row (in order) to that user's ring buffer.
 
     `users` must be unique. Only each row's last `capacity` values are kept, so no slot is
-    written twice in one call.
+    written twice in one call. `also` = (buffer, values) is written at the same slots.
     """
     capacity = buffer.shape[1]
     rank = np.cumsum(mask, axis=1) - 1  # order of each kept value within its row
@@ -186,4 +199,6 @@ def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, v
     rows, cols = np.nonzero(keep)
     slot = (next_slot[users][rows] + rank[rows, cols]) % capacity
     buffer[users[rows], slot] = values[rows, cols]
+    if also is not None:  # a parallel buffer written at the same slots (library times)
+        also[0][users[rows], slot] = also[1][rows, cols]
     next_slot[users] = (next_slot[users] + count) % capacity

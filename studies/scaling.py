@@ -36,6 +36,7 @@ from rich.table import Table
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from ranker.batch import TASKS
+from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.models import FAMILIES, build_model, resolve_config
 from ranker.models.config import config_differences
@@ -170,6 +171,10 @@ def run_ladder(db_path: str | Path, out_dir: str | Path, families: Sequence[str]
             done[key] = row
     rows = [done[_rung_key(f, s, budget, overrides.get(f))] for f in families for s in sizes]
     table = ladder_table(rows)
+    ceiling = ceiling_metrics(db_path, data.train, data.eval)  # the same evaluation impressions for every rung
+    table["gap_closed"] = [gap_closed(g, ceiling[POPULARITY_KEY], ceiling[ORACLE_KEY]) for g in table["gauc_full_play"]]
+    console.print(f"full-play GAUC on the same evaluation: popularity {ceiling[POPULARITY_KEY]:.4f}, oracle "
+                  f"{ceiling[ORACLE_KEY]:.4f}; gap_closed = (model - popularity) / (oracle - popularity)")
     write_reports(table, out_dir, budget, overrides)
     return table
 
@@ -267,7 +272,7 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget,
 def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
     """The headline columns on the terminal (every task's AUC/GAUC is in the CSV/markdown)."""
     columns = ["family", "size", "params", "flops_per_request", "compute", "val_loss", "ndcg@10",
-               "auc_full_play", "gauc_full_play", "auc_like", "auc_skip", "train_s"]
+               "auc_full_play", "gauc_full_play", "gap_closed", "auc_like", "auc_skip", "train_s"]
     rich_table = Table(title="Scaling ladder")
     for column in columns:
         rich_table.add_column(column, justify="left" if column in ("family", "size") else "right", no_wrap=True)

@@ -52,7 +52,7 @@ def test_simulate_writes_a_policy_log_that_training_reads(tmp_path):
 def test_ranker_flags_set_the_arms_of_the_experiment(tmp_path):
     import duckdb
 
-    result = runner.invoke(app, ["sandbox", "--users", "30", "--tracks", "400", "--days", "0.3", "--seed", "5",
+    result = runner.invoke(app, ["sandbox", "--users", "30", "--tracks", "400", "--days", "1", "--seed", "5",
                                  "--out", str(tmp_path), "--run-id", "arms", "--ranker", "a=popularity",
                                  "--ranker", "b=cooccurrence", "--ranker", "c=popularity"])
     assert result.exit_code == 0, result.output

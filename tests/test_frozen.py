@@ -30,8 +30,8 @@ def test_every_frozen_config_still_reproduces_with_todays_code(path):
 
 
 def _config(tmp_path, steps, **fields):
-    path = tmp_path / "2026-12-03-probe.yaml"
-    data = {**dict(id="2026-12-03-probe", date="2026-12-03", reports="a test", machine="here", commit="abc1234",
+    path = tmp_path / "2026-12-06-probe.yaml"
+    data = {**dict(id="2026-12-06-probe", date="2026-12-06", reports="a test", machine="here", commit="abc1234",
                    steps=steps), **fields}
     path.write_text(yaml.safe_dump(data))
     return path

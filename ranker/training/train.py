@@ -39,6 +39,7 @@ from ranker.models.config import SIZE_NAMES, _tuples
 from ranker.models.base import SequenceRanker
 from ranker.models import FAMILIES, build_model, model_class
 from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
+from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 
 console = Console()
 
@@ -324,6 +325,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     train_seconds = time.perf_counter() - started
 
     metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
+    if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
+        metrics.update(ceiling_metrics(db_path, data.train, data.eval))
     extra["metrics"] = metrics
     version = checkpoint()
     requests_seen = step * batch_size
@@ -346,6 +349,11 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
             + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
             + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
+        if POPULARITY_KEY in metrics:
+            oracle, popular = metrics[ORACLE_KEY], metrics[POPULARITY_KEY]
+            say(f"full-play GAUC on the same impressions: popularity {popular:.3f}, oracle "
+                + (f"{oracle:.3f}; this model closes {gap_closed(metrics['gauc/full_play'], popular, oracle):.0%} "
+                   "of the gap" if np.isfinite(oracle) else "n/a (no oracle_engagement in this log)"))
     return result
 
 
