@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install sandbox test test-quick bench-sim bench clean
+.PHONY: install sandbox sandbox-baselines test test-quick bench-sim bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job: the simulated A/B test of ASTRO sizes in experiments/examples/model_sizes.yaml.
 sandbox: install
-	$(VENV)/bin/climber sandbox
+	$(VENV)/bin/climber experiment run experiments/examples/model_sizes.yaml
+
+# The baseline-only loop (popularity against co-occurrence, nothing trained).
+sandbox-baselines: install
+	$(VENV)/bin/climber experiment run experiments/examples/baselines.yaml
 
 test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bench.cli import bench_app
+from experiments.cli import experiment_app
 from ranker.serving.cli import serve_app
 from ranker.training.cli import train_app
 from streaming.cli import worker_app
@@ -18,6 +19,7 @@ app = typer.Typer(help="Climber Sandbox: simulator, streaming features, ASTRO ra
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(topics_app, name="topics")
+app.add_typer(experiment_app, name="experiment")
 
 
 def _parse_rankers(items: Optional[list[str]]) -> Optional[dict[str, str]]:
@@ -127,14 +129,21 @@ def replay(
             ("users", f"{result.users:,}"), ("feature rows written", f"{result.feature_rows_written:,}"),
             ("wall seconds", f"{result.wall_seconds:.1f}"), ("events/s", f"{result.events_per_second:,.0f}"),
             ("verified users", f"{result.verified_users:,}" if result.verified_users else "not verified"),
-            ("mismatched users", f"{len(result.mismatched_users):,}")]
+            ("mismatched users", f"{len(result.mismatched_users):,}"),
+            *((("source events not recorded", f"{result.unrecorded_events:,}"),
+               ("recorded events not in the source", f"{result.unexpected_events:,}")) if result.verified_users else ())]
     for row in rows:
         table.add_row(*row)
     Console().print(table)
     typer.echo(f"\nreplay: {result.run_dir}\n  DuckDB: {result.db_path}\n  summary: {result.run_dir / 'replay.json'}")
     if not result.ok:
-        typer.secho(f"{len(result.mismatched_users)} users' sequences in Feast differ from the log, "
-                    f"e.g. {result.mismatched_users[:5]}", fg="red", err=True)
+        if result.mismatched_users:
+            typer.secho(f"{len(result.mismatched_users)} users' sequences in Feast differ from the source, "
+                        f"e.g. {result.mismatched_users[:5]}", fg="red", err=True)
+        if result.unrecorded_events or result.unexpected_events:
+            typer.secho(f"the run's record differs from the source: {result.unrecorded_events:,} events not "
+                        f"recorded, {result.unexpected_events:,} recorded that the source does not hold",
+                        fg="red", err=True)
         raise typer.Exit(1)
 
 

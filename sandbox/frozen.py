@@ -158,9 +158,23 @@ def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
     return [TrainedModel(args.family, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
+def _trained_by_experiment(args: argparse.Namespace) -> list[TrainedModel]:
+    from experiments.spec import load_spec
+    from ranker.training.train import config_overrides
+
+    path = Path(args.file) if Path(args.file).is_absolute() else CONFIG_DIR.parent / args.file
+    try:
+        spec = load_spec(path, list(args.set_ or []))
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    return [TrainedModel(arm.family, arm.size, config_overrides(spec.phases.train.max_len, dict(arm.overrides)))
+            for arm in spec.trained_arms().values()]
+
+
 TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
     "train": _trained_by_train, "scaling": _trained_by_scaling,
     "growth-study": _trained_by_one_family, "bench growth": _trained_by_one_family,
+    "experiment run": _trained_by_experiment,
 }
 
 

@@ -38,7 +38,8 @@ class KafkaFeaturePath:
     """Stands where the embedded FeatureUpdater stands: takes events, makes features appear in Feast."""
 
     def __init__(self, run_dir: Path, kafka_bootstrap: str, partitions: int, redis_url: str, workers: int,
-                 max_seq_len: int, drain_timeout_s: float = 300.0) -> None:
+                 max_seq_len: int, drain_timeout_s: float = 300.0, n_users: int | None = None,
+                 n_tracks: int | None = None) -> None:
         self._stoppers: list = []
         self.drain_timeout_s = drain_timeout_s
         try:
@@ -56,7 +57,7 @@ class KafkaFeaturePath:
             self.redis_url = redis_url
             self.stream = StreamSettings(bootstrap=kafka_bootstrap, partitions=partitions,
                                          feast_dir=run_dir / "feast", online_store="redis", redis_url=redis_url,
-                                         max_seq_len=max_seq_len)
+                                         max_seq_len=max_seq_len, n_users=n_users, n_tracks=n_tracks)
             prepare_stream(self.stream)
             # N sequence workers and one track-statistics worker: track writes are CPU-heavy
             # in Feast and slow sequence writes sharing their process (docs/streaming.md).

@@ -31,6 +31,7 @@ from simulator.facts import stylised_facts
 from simulator.platform import MusicPlatform
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC, InProcessBus
 from streaming.events import EventBatch, decode_events, validate_batch
+from streaming.plausibility import EventBounds, PlausibilityGate
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,17 @@ class EventPipeline:
     """
 
     def __init__(self, bus: InProcessBus, recorder: RunRecorder, features: "FeatureUpdater | KafkaFeaturePath",
-                 learners: list, watch: Stopwatch) -> None:
+                 learners: list, watch: Stopwatch, gate: PlausibilityGate | None = None) -> None:
         self.bus, self.recorder, self.features, self.learners, self.watch = bus, recorder, features, learners, watch
+        self.gate = gate or PlausibilityGate(EventBounds())  # without a catalogue: watermarks and repeats
         bus.subscribe(EVENTS_TOPIC, self.on_events)
         bus.subscribe(DEAD_LETTER_TOPIC, recorder.log_dead_letters)
 
     def on_events(self, batch: EventBatch, source: str = "simulator") -> None:
         good, dead = validate_batch(batch, source=source)
-        if dead:
-            self.bus.publish(DEAD_LETTER_TOPIC, dead)
+        good, implausible = self.gate.check(good, source=source)
+        if dead or implausible:
+            self.bus.publish(DEAD_LETTER_TOPIC, dead + implausible)
         with self.watch.time("duckdb"):
             self.recorder.log_events(good)
         with self.watch.time("features"):
@@ -137,16 +140,18 @@ class EventPipeline:
             self.recorder.flush()
 
 
-def build_feature_path(settings: SandboxSettings, run_dir: Path
-                       ) -> tuple["FeatureUpdater | KafkaFeaturePath", FeatureStoreClient]:
+def build_feature_path(settings: SandboxSettings, run_dir: Path, n_users: int | None = None,
+                       n_tracks: int | None = None) -> tuple["FeatureUpdater | KafkaFeaturePath", FeatureStoreClient]:
     """How events become features in Feast under `settings.transport`, and the store to read
     them from: the in-process updater on the configured online store (embedded), or Kafka +
-    Faust workers writing Redis (kafka). The live loop and replay build it alike."""
+    Faust workers writing Redis (kafka). The live loop and replay build it alike; the live
+    loop names its id spaces, which the workers then enforce (replay's source may differ)."""
     if settings.transport == "kafka":
         from sandbox.kafka_transport import KafkaFeaturePath
 
         features = KafkaFeaturePath(run_dir, settings.kafka_bootstrap, settings.kafka_partitions,
-                                    settings.redis_url, settings.workers, settings.max_seq_len)
+                                    settings.redis_url, settings.workers, settings.max_seq_len,
+                                    n_users=n_users, n_tracks=n_tracks)
         return features, FeatureStoreClient(run_dir / "feast", online_store="redis", redis_url=features.redis_url)
     store = FeatureStoreClient(run_dir / "feast", online_store=settings.online_store, redis_url=settings.redis_url)
     store.apply()
@@ -178,7 +183,8 @@ class Sandbox:
 
         self.recorder = RunRecorder(self.run_dir / "sandbox.duckdb")
         self.recorder.log_run(settings.resolved_run_id(), settings.sim.seed, json.loads(settings.model_dump_json()))
-        self.features, self.store = build_feature_path(settings, self.run_dir)
+        self.features, self.store = build_feature_path(settings, self.run_dir, settings.sim.n_users,
+                                                       settings.sim.n_tracks)
         self.bus = InProcessBus()
 
         experiment = settings.experiment
@@ -197,7 +203,11 @@ class Sandbox:
                                           watch=self.watch)
         self.platform.recommender = ServingPath(self.recommender, self.features, sequences, self.watch)
         learners = [self.candidates, *{id(r): r for r in self.rankers.values() if hasattr(r, "observe")}.values()]
-        self.pipeline = EventPipeline(self.bus, self.recorder, self.features, learners, self.watch)
+        # The run's own stream: ids from 0, time from the simulation's start, this catalogue.
+        bounds = EventBounds(n_users=settings.sim.n_users, n_tracks=self.metadata.n_tracks,
+                             track_duration_ms=self.metadata.duration_ms)
+        gate = PlausibilityGate(bounds, id_watermark=-1, ts_watermark=settings.sim.start_ts)
+        self.pipeline = EventPipeline(self.bus, self.recorder, self.features, learners, self.watch, gate)
         self.summary = None
 
     def _log_response(self, *args) -> None:

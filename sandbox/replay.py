@@ -12,30 +12,49 @@ Sources:
   the order the live loop applied the events.
 - **A JSON-lines file** (`.jsonl`, `.ndjson`, or either with `.gz`): one raw event per line,
   as produced to Kafka. A malformed or invalid line becomes a dead letter with the reason,
-  and the replay goes on.
+  and the replay goes on. The file is read through once before anything is applied, so a
+  file that cannot be read to its end (a truncated or corrupt `.gz`, a `.gz` that is not
+  gzip) stops the replay with one line naming the file, the line and the problem, and no
+  run is created: nothing is applied, so the replay can simply be run again on a whole
+  file. A UTF-8 byte-order mark at the start is ignored (RFC 8259 allows that), with a warning.
 
-Events take the path a live run's events take (`EventPipeline`): validation, the DuckDB
-record, and then the features, through the embedded updater or Kafka. With `verify` (the
-default), each replayed user's sequence is read back from Feast and compared with the one
-recomputed from the replayed events. Any mismatch is reported, and the command fails.
+Events take the path a live run's events take (`EventPipeline`): validation, the
+plausibility bounds, the DuckDB record, and then the features, through the embedded
+updater or Kafka. With `verify` (the default), the source is read again, on its own
+(decoded, validated and bounded afresh, not taken from the run's record), each user's
+sequence is recomputed from it and compared with Feast, and the recorded event ids are
+compared with the source's: a line the pipeline accepted or dropped wrongly shows up as a
+mismatch. Any mismatch is reported, and the command fails.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from experiments.recorder import RunRecorder, iter_event_log
-from features.sequence import sequences_from_log
+from features.sequence import UserSequence, apply_events
 from sandbox.loop import EventPipeline, Stopwatch, build_feature_path
 from sandbox.settings import SandboxSettings
 from streaming.bus import InProcessBus
+from streaming.events import decode_events, validate_batch
+from streaming.plausibility import EventBounds, PlausibilityGate
 
 SOURCE = "replay"  # the dead letters' and the bus's source label
+BOM = b"\xef\xbb\xbf"
+log = logging.getLogger(__name__)
+
+
+class ReplayInputError(ValueError):
+    """The source cannot be read to its end; the message names the file, the line and why."""
 JSON_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -53,6 +72,8 @@ class ReplayResult:
     wall_seconds: float
     verified_users: int = 0  # 0 when verification was off
     mismatched_users: list[int] = field(default_factory=list)
+    unrecorded_events: int = 0  # accepted on the source's own reading, missing from the record
+    unexpected_events: int = 0  # recorded, but not accepted on the source's own reading
 
     @property
     def events_per_second(self) -> float:
@@ -60,7 +81,7 @@ class ReplayResult:
 
     @property
     def ok(self) -> bool:
-        return not self.mismatched_users
+        return not self.mismatched_users and not self.unrecorded_events and not self.unexpected_events
 
     def to_dict(self) -> dict:
         return {**{k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()},
@@ -80,12 +101,41 @@ def source_kind(path: Path) -> str:
                      f"({', '.join(JSON_SUFFIXES)}, optionally .gz)")
 
 
-def json_line_chunks(path: Path, chunk_lines: int) -> Iterator[list[bytes]]:
-    """Non-empty lines of a JSON-lines file (gzip if named .gz), `chunk_lines` at a time."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+def _open_json(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def check_json_source(path: Path) -> int:
+    """Read a JSON-lines source to its end without applying anything; return its lines.
+    Raises `ReplayInputError` ("<file>: line <n>: <problem>") where it cannot be read."""
+    lines = 0
+    try:
+        with _open_json(path) as f:
+            for lines, _ in enumerate(f, start=1):
+                pass
+    except EOFError:
+        problem = "the gzip data ends before its end marker (a truncated file?)"
+    except gzip.BadGzipFile as exc:
+        problem = f"not gzip data, although the name ends in .gz ({exc})"
+    except zlib.error as exc:
+        problem = f"corrupt gzip data ({exc})"
+    except OSError as exc:
+        problem = f"unreadable ({exc})"
+    else:
+        return lines
+    raise ReplayInputError(f"{path}: line {lines + 1}: {problem}; nothing was applied")
+
+
+def json_line_chunks(path: Path, chunk_lines: int, warn: bool = True) -> Iterator[list[bytes]]:
+    """Non-empty lines of a JSON-lines file (gzip if named .gz), `chunk_lines` at a time;
+    a byte-order mark at the start is dropped (with a warning, if `warn`)."""
+    with _open_json(path) as f:
         chunk: list[bytes] = []
-        for line in f:
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(BOM):
+                if warn:
+                    log.warning("%s: line 1 starts with a UTF-8 byte-order mark; ignored", path)
+                line = line[len(BOM):]
             line = line.rstrip(b"\r\n")
             if line.strip():
                 chunk.append(line)
@@ -117,6 +167,8 @@ def replay(source: str | Path, settings: SandboxSettings, chunk_events: int = 50
     run_dir = settings.run_dir()
     if (run_dir / "sandbox.duckdb").exists():
         raise FileExistsError(f"{run_dir} already holds a run; replay into a new --run-id")
+    if kind == "json":
+        check_json_source(source)  # before anything exists: a source that breaks off applies nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     recorder = RunRecorder(run_dir / "sandbox.duckdb")
@@ -141,10 +193,15 @@ def replay(source: str | Path, settings: SandboxSettings, chunk_events: int = 50
                               dead_letter_reasons=reasons, users=int(users), feature_rows_written=features.rows_written,
                               wall_seconds=time.perf_counter() - started)
         if verify:
-            reference = sequences_from_log(recorder.read_events(), settings.max_seq_len)
-            served = store.get_sequences(sorted(reference))
-            result.verified_users = len(reference)
-            result.mismatched_users = [u for u in sorted(reference) if not served[u].equals(reference[u])]
+            reference, source_ids = source_reference(source, kind, chunk_events, settings.max_seq_len)
+            recorded = recorder.read_events()
+            users = sorted(set(reference) | set(np.unique(recorded.user_id).tolist()))
+            served = store.get_sequences(users)
+            result.verified_users = len(users)
+            empty = UserSequence.empty()  # a user with no sequence events (impressions only) has none
+            result.mismatched_users = [u for u in users if not served[u].equals(reference.get(u, empty))]
+            result.unrecorded_events = int(np.setdiff1d(source_ids, recorded.event_id).size)
+            result.unexpected_events = int(np.setdiff1d(recorded.event_id, source_ids).size)
         (run_dir / "replay.json").write_text(json.dumps(result.to_dict(), indent=2))
         return result
     finally:
@@ -179,6 +236,24 @@ def export_event_log(db_path: str | Path, out: str | Path, chunk_events: int = 1
     finally:
         partial.unlink(missing_ok=True)
     return written
+
+
+def source_reference(source: Path, kind: str, chunk_events: int, max_seq_len: int
+                     ) -> tuple[dict[int, UserSequence], np.ndarray]:
+    """What Feast must hold after a replay of `source`, from the source itself: read again,
+    each chunk decoded, validated and bounded by a fresh gate (as the pipeline's rules say,
+    but not through the pipeline or its record), the users' sequences recomputed.
+    Returns them and the accepted event ids."""
+    sequences: dict[int, UserSequence] = {}
+    ids = []
+    gate = PlausibilityGate(EventBounds())
+    chunks = (iter_event_log(source, chunk_events) if kind == "duckdb"
+              else (decode_events(lines)[0] for lines in json_line_chunks(source, chunk_events, warn=False)))
+    for batch in chunks:
+        good, _ = gate.check(validate_batch(batch)[0])
+        sequences.update(apply_events(sequences, good, max_seq_len))
+        ids.append(good.event_id)
+    return sequences, np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
 def _feed(pipeline: EventPipeline, bus: InProcessBus, source: Path, kind: str, chunk_events: int,

@@ -6,6 +6,7 @@ Plots are computed from the run's DuckDB so the report can be rebuilt for any pa
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import duckdb
@@ -14,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -151,11 +153,17 @@ def _plots(db_path: Path, out_dir: Path) -> list[Path]:
         SELECT shown.position, avg(CASE WHEN played.track_id IS NULL THEN 0 ELSE 1 END) AS play_rate
         FROM shown LEFT JOIN played USING (request_id, track_id)
         GROUP BY shown.position ORDER BY shown.position""").df()
+    run = con.execute("SELECT settings FROM runs ORDER BY started_at LIMIT 1").fetchone()
+    sim = json.loads(run[0])["sim"] if run else None
+    # Full days only: listening begun before the horizon ends a little after it, and a
+    # last point made of those few minutes would be a partial day.
+    full_end = sim["start_ts"] + int(sim["days"]) * 86_400_000 if sim else 2**62
     daily = con.execute("""
         SELECT ts // 86400000 AS day, arm,
                sum(CASE WHEN behaviour = 'full_play' THEN 1 ELSE 0 END)
                  / greatest(sum(CASE WHEN behaviour = 'impression' THEN 1 ELSE 0 END), 1) AS full_play_rate
-        FROM events WHERE request_id >= 0 GROUP BY day, arm ORDER BY day, arm""").df()
+        FROM events WHERE request_id >= 0 AND ts < $end GROUP BY day, arm ORDER BY day, arm""",
+                        {"end": full_end}).df()
     con.close()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -165,7 +173,8 @@ def _plots(db_path: Path, out_dir: Path) -> list[Path]:
     axes[1].set(title="Position bias", xlabel="slate position", ylabel="played / shown")
     for arm, rows in daily.groupby("arm"):
         axes[2].plot(rows["day"] - rows["day"].min(), rows["full_play_rate"], marker="o", label=arm)
-    axes[2].set(title="Full plays per impression by arm", xlabel="day", ylabel="rate")
+    axes[2].set(title="Full plays per impression by arm (full days)", xlabel="day", ylabel="rate")
+    axes[2].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[2].legend()
     fig.tight_layout()
     path = out_dir / "overview.png"

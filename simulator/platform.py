@@ -38,7 +38,7 @@ same generator, and there is no wall clock or `hash()`: a seed fixes the event l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import simpy
@@ -148,8 +148,14 @@ class MusicPlatform:
         """Current simulated epoch ms."""
         return self.config.start_ts + int(self.env.now)
 
-    def run(self, progress: Callable[[float], None] | None = None) -> SimSummary:
-        """Simulate `config.days`; events go to the sink as they happen. One run per platform."""
+    def run(self, progress: Callable[[float], None] | None = None,
+            pauses: Sequence[tuple[int, Callable[[], None]]] = ()) -> SimSummary:
+        """Simulate `config.days`; events go to the sink as they happen. One run per platform.
+
+        `pauses`: (simulated ms since start, callback) pairs. The clock stops at each and the
+        callback runs before time goes on (an experiment trains its models there, on the log
+        so far, and swaps the recommender's rankers); nothing random is drawn in between, so
+        pausing alone does not change the event log."""
         if self.recommender is None:
             raise ValueError("recommender: set a Recommender before run()")
         if self.started:
@@ -166,6 +172,11 @@ class MusicPlatform:
         self.env.process(self._batcher())
         if progress is not None:
             self.env.process(self._progress(progress, horizon))
+        for at, callback in sorted(pauses, key=lambda pause: pause[0]):
+            if not 0 < at < horizon:
+                raise ValueError(f"pauses: {at} ms is not inside the horizon (0, {horizon})")
+            self.env.run(until=at)
+            callback()
         self.env.run(until=horizon)
         self._emit(np.iinfo(np.int64).max)  # listening that began before the end finishes
         if progress is not None:

@@ -8,6 +8,8 @@ and what DuckDB and Feast want anyway.
 
 Validation never raises past the caller: `decode_events` and `validate_batch` split input
 into good events and `DeadLetter`s carrying the reason, so one bad event loses nothing else.
+What an event must be relative to the stream (ids and times near its watermarks, inside
+the catalogue, not a repeat) is `streaming.plausibility`'s.
 """
 
 from __future__ import annotations
@@ -262,9 +264,22 @@ def validate_batch(batch: EventBatch, source: str = "", received_ts: int = 0
         bad |= mask
     if not bad.any():
         return batch, []
+    return batch.select(~bad), dead_letters_for(batch, bad, problems, "invalid field", source, received_ts)
+
+
+def dead_letters_for(batch: EventBatch, bad: np.ndarray, problems: Sequence[tuple[np.ndarray, str]],
+                     kind: str, source: str = "", received_ts: int = 0) -> list[DeadLetter]:
+    """A dead letter per `bad` row: the row as wire JSON, and "<kind>: " + every problem
+    whose mask holds the row."""
     dead = []
     for i in np.flatnonzero(bad):
         reasons = "; ".join(reason for mask, reason in problems if mask[i])
         row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.columns().items()}
-        dead.append(DeadLetter(_encoder.encode(row).decode(), f"invalid field: {reasons}", source, received_ts))
-    return batch.select(~bad), dead
+        row["scenario"], row["behaviour"] = _name(SCENARIOS, row["scenario"]), _name(BEHAVIOURS, row["behaviour"])
+        dead.append(DeadLetter(_encoder.encode(row).decode(), f"{kind}: {reasons}", source, received_ts))
+    return dead
+
+
+def _name(names: tuple[str, ...], code: int) -> str | int:
+    """A code's wire name, or the code itself when it names nothing (a bad code)."""
+    return names[code] if 0 <= code < len(names) else code

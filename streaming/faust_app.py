@@ -1,7 +1,8 @@
 """The Faust app: `sequence_builder` and `track_stats` agents between Kafka and Feast.
 
 sequence_builder, on `events` (partitioned by user), per micro-batch:
-  1. decode each message's JSON lines; invalid lines -> `events.dlq` with the reason;
+  1. decode each message's JSON lines; invalid lines, null values (tombstones) and events
+     outside the plausibility bounds (`streaming.plausibility`) -> `events.dlq` with the reason;
   2. apply the valid events to the owned users' sequences and write them to Feast
      (`streaming.online_state.SequenceState`: the online store is the state);
   3. forward the valid events, packed, to `events.by_track` (partitioned by track);
@@ -37,6 +38,7 @@ from streaming.events import DeadLetter, EventBatch
 from streaming.framing import (decode_event_messages, encode_dead_letter, pack_track_events,
                                unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
+from streaming.plausibility import PlausibilityGate
 from streaming.settings import StreamSettings
 from streaming.topics import TRACK_EVENTS_TOPIC
 
@@ -166,6 +168,7 @@ def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
 def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_letters) -> Callable:
     lane = FeatureLane(settings, "sequences")
     sequences = SequenceState(lane.store, settings.max_seq_len)
+    gate = PlausibilityGate(settings.event_bounds())
     track_topic = app.topic(TRACK_EVENTS_TOPIC, partitions=settings.partitions)
 
     @app.agent(app.topic(EVENTS_TOPIC, partitions=settings.partitions), name="sequence_builder")
@@ -173,16 +176,24 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
         async for events in stream.noack_take(settings.batch_messages, within=settings.batch_ms / 1000):
             received = int(time.time() * 1000)
             batch, dead = decode_event_messages([e.value for e in events], map(_source, events), received)
+            batch, implausible = gate.check(batch, f"{_source(events[0])}..{_source(events[-1])}", received,
+                                            remember=False)
+            dead += implausible
             pending = await send_dead_letters(dead)
             if len(batch):
                 await lane.call(sequences.apply, batch)
                 for partition, packed in pack_track_events(batch, settings.partitions):
                     pending.append(await track_topic.send(value=packed, partition=partition))
             await asyncio.gather(*pending)  # delivered (raises if not: nothing gets acked)
+            gate.remember(batch)
             for event in events:
                 await stream.ack(event)
 
-    return lambda: lane.call(sequences.forget)  # queued behind any write in flight
+    async def forget() -> None:
+        gate.forget_repeats()  # the partitions, and so the ids to compare with, may have changed
+        await lane.call(sequences.forget)  # queued behind any write in flight
+
+    return forget
 
 
 def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters) -> Callable:
@@ -201,7 +212,8 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                 try:
                     batches.append(unpack_track_events([event.value]))
                 except ValueError as exc:
-                    dead.append(DeadLetter(repr(event.value[:256]), str(exc), _source(event), int(time.time() * 1000)))
+                    dead.append(DeadLetter(repr((event.value or b"")[:256]), str(exc), _source(event),
+                                           int(time.time() * 1000)))
             pending = await send_dead_letters(dead)
             batch = EventBatch.concat(batches)
             if len(batch):

@@ -92,16 +92,25 @@ def encode_user_messages(batch: EventBatch, partitions: int, events_per_message:
     return messages
 
 
-def decode_event_messages(values: Iterable[bytes], sources: Iterable[str], received_ts: int = 0
+NULL_VALUE = "null value: a message on events must hold JSON event lines (a tombstone holds none)"
+
+
+def decode_event_messages(values: Iterable[bytes | None], sources: Iterable[str], received_ts: int = 0
                          ) -> tuple[EventBatch, list[DeadLetter]]:
     """Valid events of many messages as one batch (in message order), and the dead letters.
-    `sources` names each message (e.g. "events[2]@1234") for the dead letters."""
-    values = list(values)
+    `sources` names each message (e.g. "events[2]@1234") for the dead letters. A message
+    with no value (a tombstone) is a dead letter of its own; the others go on."""
+    values, sources = list(values), list(sources)
+    nulls = [DeadLetter("", NULL_VALUE, source, received_ts) for value, source in zip(values, sources)
+             if value is None]
+    if nulls:
+        kept = [(value, source) for value, source in zip(values, sources) if value is not None]
+        values, sources = [value for value, _ in kept], [source for _, source in kept]
     good, dead = decode_events([line for value in values for line in value.split(b"\n")], received_ts=received_ts)
     if dead:  # rare: decode again per message to say which message each came from
         dead = [letter for value, source in zip(values, sources)
                 for letter in decode_events(value.split(b"\n"), source, received_ts)[1]]
-    return good, dead
+    return good, nulls + dead
 
 
 # -- dead letters -------------------------------------------------------------------------
@@ -113,7 +122,9 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
     return _json.encode(asdict(letter))
 
 
-def decode_dead_letter(value: bytes) -> DeadLetter:
+def decode_dead_letter(value: bytes | None) -> DeadLetter:
+    if value is None:  # a tombstone on the dead-letter topic: kept, and says what it was
+        return DeadLetter("", "null value on events.dlq")
     return DeadLetter(**msgspec.json.decode(value))
 
 
@@ -139,6 +150,8 @@ def unpack_track_events(values: Iterable[bytes]) -> EventBatch:
     if not values:
         return EventBatch.empty()
     for value in values:
+        if value is None:
+            raise ValueError("null value: a message on events.by_track must hold packed events")
         if len(value) % TRACK_EVENT_DTYPE.itemsize:
             raise ValueError(f"events.by_track message of {len(value)} bytes is not a whole number "
                              f"of {TRACK_EVENT_DTYPE.itemsize}-byte records")

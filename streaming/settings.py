@@ -42,6 +42,15 @@ class StreamSettings(BaseSettings):
     # A worker that dies without leaving the group hands its partitions over after this.
     session_timeout_ms: int = Field(6000, ge=1000)
 
+    # Plausibility bounds the sequence workers apply (streaming.plausibility): the catalogue's
+    # id spaces and longest track when known (None: unchecked), and how far ahead of the
+    # stream's watermarks an event id or timestamp may run.
+    n_users: int | None = Field(None, ge=1)
+    n_tracks: int | None = Field(None, ge=1)
+    max_play_ms: int | None = Field(None, ge=0)
+    max_event_id_lead: int = Field(10_000_000, ge=1)
+    max_ts_lead_ms: int = Field(86_400_000, ge=0)
+
     # Producer. One Kafka message carries up to `events_per_message` events (JSON lines)
     # of one partition ("partition") or of one user, keyed by it ("user"); see
     # streaming.framing for why.
@@ -76,6 +85,14 @@ class StreamSettings(BaseSettings):
         """The producer's per-request timeout: kafka-python's 30 s, or less so that a
         shorter `delivery_timeout_ms` is allowed (the client wants delivery > linger + request)."""
         return min(30_000, (self.delivery_timeout_ms - self.linger_ms) // 2)
+
+    def event_bounds(self) -> "EventBounds":
+        """The workers' plausibility bounds. Exact repeats are refused too: redelivery only
+        follows a rebalance, which clears the worker's remembered ids."""
+        from streaming.plausibility import EventBounds
+
+        return EventBounds(n_users=self.n_users, n_tracks=self.n_tracks, max_play_ms=self.max_play_ms,
+                           max_id_lead=self.max_event_id_lead, max_ts_lead_ms=self.max_ts_lead_ms)
 
     @property
     def bootstrap_servers(self) -> list[str]:

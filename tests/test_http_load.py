@@ -1,6 +1,7 @@
 """The benchmark's lean load generator (bench.service_load) against the real app over a socket:
 uvicorn in a thread, a tiny checkpoint, a real Feast store."""
 
+import contextlib
 import os
 import threading
 import time
@@ -22,17 +23,26 @@ torch.set_num_threads(1)
 def port(tmp_path_factory):
     settings = tiny_service_settings(tmp_path_factory.mktemp("load"), users=[0, 1, 2], length=10, seed=1,
                                      max_candidates=50)
+    with serving_in_thread(settings) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def serving_in_thread(settings):
+    """The app over `settings` served by uvicorn in a thread on a free port; yields the port."""
     server = uvicorn.Server(uvicorn.Config(create_app(build_service(settings)), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.05)
-    yield server.servers[0].sockets[0].getsockname()[1]
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.05)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_one_keep_alive_connection_answers_several_requests(port):

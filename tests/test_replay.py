@@ -16,6 +16,7 @@ from features.store import FeatureStoreClient
 from sandbox.cli import app
 from sandbox.policy_log import simulate_policy_log
 from sandbox.replay import replay
+from streaming.events import BEHAVIOUR_CODE
 from tests.test_sandbox_e2e import BAD_LINE_REASONS, bad_json_lines, tiny_settings
 
 
@@ -142,3 +143,62 @@ def test_a_replay_through_kafka_and_faust_builds_the_same_sequences(source_log, 
     result = replay(path, settings, chunk_events=2000)
     assert result.ok and result.verified_users > 30
     assert result.events_applied == len(events) and result.dead_letters == 0
+
+
+def _gz_lines(events, n: int) -> bytes:
+    return gzip.compress(b"".join(line + b"\n" for line in events.encode_json()[:n]))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated", "line 1: the gzip data ends before its end marker (a truncated file?)"),
+    ("not-gzip", "line 1: not gzip data, although the name ends in .gz"),
+    ("corrupt", "line 1: corrupt gzip data"),
+], ids=["truncated", "not-gzip", "corrupt"])
+def test_an_unreadable_source_applies_nothing_and_says_where_in_one_line(source_log, tmp_path, damage, problem):
+    """Before, a truncated .gz printed only "Aborted." after applying part of the file and
+    leaving a half-built run; a .gz that is not gzip printed a traceback."""
+    _, events = source_log
+    whole = _gz_lines(events, 3000)
+    data = {"truncated": whole[: len(whole) * 2 // 3], "not-gzip": b"".join(events.encode_json()[:5]),
+            "corrupt": whole[:10] + bytes(b ^ 0x5A for b in whole[10:400]) + whole[400:]}[damage]
+    source = tmp_path / "events.jsonl.gz"
+    source.write_bytes(data)
+    result = CliRunner().invoke(app, ["replay", str(source), "--out", str(tmp_path), "--run-id", "broken"])
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert "\n" not in message and message.startswith(f"replay: {source}: line ") and problem.split(": ", 1)[1] in message
+    assert message.endswith("nothing was applied") and not (tmp_path / "broken").exists()
+    if damage == "truncated":  # the line where the data breaks off, after the whole lines before it
+        line = int(message.split(": line ")[1].split(":")[0])
+        assert 1 < line <= 3000
+
+
+def test_a_byte_order_mark_is_ignored_and_the_replay_verified_against_the_source(source_log, tmp_path):
+    _, events = source_log
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"".join(line + b"\n" for line in events.encode_json()))
+    result = replay(source, tiny_settings(tmp_path, run_id="bom"), chunk_events=1000)
+    assert result.events_applied == len(events) and result.dead_letters == 0 and result.ok
+
+
+def test_verification_compares_feast_with_the_source_not_with_the_record(source_log, tmp_path, monkeypatch):
+    """A pipeline that wrongly accepted or dropped events would have passed a check against
+    its own record; against the source as read it fails."""
+    import sandbox.loop
+
+    _, events = source_log
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(b"".join(line + b"\n" for line in events.encode_json()))
+    check = sandbox.loop.PlausibilityGate.check
+
+    lost = int(events.user_id[events.behaviour == BEHAVIOUR_CODE["full_play"]][0])
+
+    def loses_a_user(self, batch, *args, **kwargs):  # a pipeline bug: one user's events vanish
+        good, dead = check(self, batch, *args, **kwargs)
+        return good.select(good.user_id != lost), dead
+
+    monkeypatch.setattr(sandbox.loop, "PlausibilityGate", type("Buggy", (sandbox.loop.PlausibilityGate,),
+                                                               {"check": loses_a_user}))
+    result = replay(source, tiny_settings(tmp_path, run_id="buggy"), chunk_events=1000)
+    assert not result.ok and lost in result.mismatched_users
+    assert result.unrecorded_events == int((events.user_id == lost).sum()) > 0

@@ -167,8 +167,9 @@ def test_settings_read_batching_and_threads_from_the_environment(monkeypatch):
 def test_bench_serve_pins_model_defaults_with_set():
     """`climber bench serve --set` reaches the models it builds, so its frozen config can pin
     the defaults its figures were measured on."""
-    from bench.serve import build_parser, serving_model
+    from bench.serve import serving_model
+    from sandbox.frozen import parse_step
 
-    args = build_parser().parse_args(["--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
+    _, args = parse_step(["bench", "serve", "--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
     model = serving_model("xs", 32, **dict(args.overrides))
     assert (model.config.partition, model.config.n_layers, model.config.max_len) == ("scenario", 1, 32)

@@ -9,7 +9,10 @@
 
 Bad requests get a 422 whose `message` names the field and the problem: an empty or
 oversized candidate list, an unknown scenario, a non-integer id, a NaN or infinite context
-value, a track outside the model's catalogue. Binds 127.0.0.1 unless told otherwise.
+value, a track outside the model's catalogue, an id or timestamp outside int64. Each request
+is checked on its own, so a bad one never fails its batch-mates. Bodies that are not JSON,
+too large or too slow get a 415, 413 or 408 before parsing (`ranker.serving.http_limits`). Binds
+127.0.0.1 unless told otherwise.
 
 Why /rank reads raw bytes instead of declaring a body parameter: FastAPI would decode the
 JSON into Python objects and then validate them, and validate the reply model again
@@ -37,10 +40,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from ranker.interface import RankRequest
+from ranker.serving.http_limits import read_json_body
+from ranker.serving.ranker import INT64_MAX
 from ranker.serving.service import ScoredResponse, ScoringService, ServingSettings
 from streaming.events import SCENARIOS
 
-Id = Annotated[StrictInt, Field(ge=0)]  # user and track ids: JSON integers, never "7" or 7.5
+# Ids and timestamps are int64 everywhere behind the edge (Feast keys, DuckDB, the model), so
+# a value outside [0, 2^63) is refused here, per request, and never reaches a batch.
+Id = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]  # JSON integers, never "7" or 7.5
 
 
 class RankReply(BaseModel):
@@ -54,8 +61,9 @@ class RankReply(BaseModel):
     timing_ms: dict[str, float]
 
 
-def rank_body_model(max_candidates: int) -> type[BaseModel]:
-    """The POST /rank body; the candidate limit is a setting, so the model is built per app."""
+def rank_body_model(max_candidates: int, duplicates: str = "score") -> type[BaseModel]:
+    """The POST /rank body; the candidate limit and the duplicate rule are settings, so the
+    model is built per app."""
 
     class RankBody(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -63,8 +71,20 @@ def rank_body_model(max_candidates: int) -> type[BaseModel]:
         scenario: Literal[SCENARIOS]  # type: ignore[valid-type]
         candidates: Annotated[list[Id], Field(min_length=1, max_length=max_candidates)]
         context: dict[str, StrictInt | StrictFloat | StrictStr] = {}
-        ts: StrictInt | None = None  # epoch ms of the request; default: now
-        request_id: StrictInt | None = None
+        ts: Id | None = None  # epoch ms of the request; default: now
+        request_id: Id | None = None
+
+        @field_validator("candidates")
+        @classmethod
+        def _distinct(cls, candidates: list[int]) -> list[int]:
+            if duplicates == "reject" and len(set(candidates)) < len(candidates):
+                first: dict[int, int] = {}
+                for i, track in enumerate(candidates):
+                    if track in first:
+                        raise ValueError(f"track {track} is repeated (positions {first[track]} and {i}); "
+                                         "this service refuses duplicated candidates")
+                    first[track] = i
+            return candidates
 
         @field_validator("context")
         @classmethod
@@ -111,7 +131,8 @@ def create_app(service: ScoringService) -> FastAPI:
 
     app = FastAPI(title="Climber ranking service", lifespan=lifespan)
     app.state.service = service
-    RankBody = rank_body_model(service.settings.max_candidates)
+    settings = service.settings
+    RankBody = rank_body_model(settings.max_candidates, settings.duplicate_candidates)
     counter = iter(range(1, 2**62))
 
     @app.exception_handler(RequestValidationError)
@@ -123,8 +144,12 @@ def create_app(service: ScoringService) -> FastAPI:
     @app.post("/rank", response_model=None, responses={200: {"model": RankReply}},
               openapi_extra={"requestBody": body_schema})
     async def rank(http_request: Request) -> Response:
+        raw = await read_json_body(http_request, settings.max_body_bytes, settings.body_timeout_s,
+                                   busy_seconds=lambda: service.busy_seconds)
+        if isinstance(raw, Response):  # 415, 413 or 408, before any parsing
+            return raw
         try:  # raw bytes -> validated body in one pass (see the module docstring)
-            body = RankBody.model_validate_json(await http_request.body())
+            body = RankBody.model_validate_json(raw)
         except ValidationError as error:
             return unprocessable(error.errors(include_url=False), prefix=("body",))
         request = RankRequest(

@@ -27,6 +27,7 @@ from ranker.models.base import SequenceRanker
 from streaming.events import SCENARIO_CODE, SCENARIOS
 
 DEFAULT_MAX_CANDIDATES = 1000
+INT64_MAX = 2**63 - 1  # ids and timestamps are int64 in Feast, DuckDB and the model
 
 
 def serving_device(device: str = "auto") -> torch.device:
@@ -49,6 +50,8 @@ def prepare_for_serving(model: SequenceRanker, device: torch.device) -> Sequence
 def check_request(request: RankRequest, n_tracks: int, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> np.ndarray:
     """The request's candidates as int64, or a ValueError naming what is wrong with it."""
     where = f"request {request.request_id}"
+    if not 0 <= request.user_id <= INT64_MAX:  # Feast keys users by int64
+        raise ValueError(f"{where}: user_id {request.user_id} is outside [0, 2^63)")
     if request.scenario not in SCENARIO_CODE:
         raise ValueError(f"{where}: unknown scenario {request.scenario!r}; known: {list(SCENARIO_CODE)}")
     candidates = np.asarray(request.candidates)

@@ -68,6 +68,14 @@ class ServingSettings(BaseSettings):
     # jobs) each barrier waits for the scheduler. Measured on 2 cores shared with other jobs
     # (load average 3.5): a batch of one took 637 ms with 2 threads, 5.5 ms with 1.
     torch_threads: int = Field(1, ge=0)
+    # HTTP limits (ranker.serving.http_limits): a body past max_body_bytes gets a 413 before it is
+    # parsed (1 MiB: a full candidate list of 1,000 int64 ids is under 25 KB); a body not
+    # received within body_timeout_s gets a 408 and the connection is closed, so slow
+    # senders cannot hold connections; "reject" refuses a repeated candidate with a 422,
+    # "score" scores every occurrence (equal scores, kept in request order).
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    body_timeout_s: float = Field(5.0, gt=0)
+    duplicate_candidates: Literal["score", "reject"] = "score"
 
 
 @dataclass
@@ -166,6 +174,9 @@ class ScoringService:
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)
         self._queue: asyncio.Queue[_Pending | None] | None = None
+        # Seconds the event loop has spent blocked in ranking: a body timeout must not count
+        # them against a client whose bytes arrived while the loop was busy.
+        self.busy_seconds = 0.0
         self._task: asyncio.Task | None = None
 
     # -- lifecycle (on the event loop that will call rank_one)
@@ -249,23 +260,34 @@ class ScoringService:
     async def _serve(self) -> None:
         while (batch := await self._next_batch()) is not None:
             started = time.perf_counter()
-            try:  # blocking on purpose: see the module docstring
-                responses, stages = self.ranker.rank_timed([p.request for p in batch])
-            except Exception as error:  # noqa: BLE001 - delivered to every waiting caller
-                self.metrics.requests["error"] += len(batch)
+            self._rank_batch(batch)
+            self.busy_seconds += time.perf_counter() - started
+
+    def _rank_batch(self, batch: list[_Pending]) -> None:
+        """Rank a batch and deliver each reply; if the batch fails, rank its requests one by
+        one, so an error reaches only the request that causes it (validation before
+        queueing should leave none: this is the guard for what it cannot foresee)."""
+        started = time.perf_counter()
+        try:  # blocking on purpose: see the module docstring
+            responses, stages = self.ranker.rank_timed([p.request for p in batch])
+        except Exception as error:  # noqa: BLE001 - delivered to the failing caller only
+            if len(batch) > 1:
                 for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
+                    self._rank_batch([pending])
+                return
+            self.metrics.requests["error"] += 1
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return
+        done = time.perf_counter()
+        self._record(len(batch), stages, [p.enqueued for p in batch])
+        batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+        for pending, response in zip(batch, responses):
+            if pending.future.done():  # the caller went away (e.g. a dropped connection)
                 continue
-            done = time.perf_counter()
-            self._record(len(batch), stages, [p.enqueued for p in batch])
-            batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
-            for pending, response in zip(batch, responses):
-                if pending.future.done():  # the caller went away (e.g. a dropped connection)
-                    continue
-                timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
-                          "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
-                pending.future.set_result(ScoredResponse(response, timing))
+            timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
+                      "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
+            pending.future.set_result(ScoredResponse(response, timing))
 
     def _record(self, n: int, stages: dict[str, float], enqueued: Sequence[float]) -> None:
         now = time.perf_counter()
