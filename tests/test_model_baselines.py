@@ -10,6 +10,7 @@ from ranker.models.config import SIZE_NAMES
 from ranker.models import build_model, model_from_config
 from ranker.batch import random_batch
 from ranker.models.reference import reference_logits
+from tests.conftest import TINY_MODEL
 from tests.test_astro import (
     N_TRACKS,
     assert_real_candidates_close,
@@ -24,7 +25,7 @@ from tests.test_astro import (
 )
 
 torch.set_num_threads(1)
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32)
+TINY = TINY_MODEL
 BASELINES = ("sasrec", "hstu")
 
 

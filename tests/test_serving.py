@@ -16,10 +16,11 @@ from ranker.models import build_model
 from ranker.serving.ranker import NeuralRanker
 from ranker.serving.service import ScoringService, ServingSettings
 from streaming.events import SCENARIO_CODE
+from tests.conftest import TINY_ASTRO
 
 torch.set_num_threads(1)
 N_TRACKS = 60
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8, partition="behaviour")  # blocks
+TINY = TINY_ASTRO  # ASTRO's blocks, not xs's one block
 
 
 def tiny_model(seed: int = 0):
