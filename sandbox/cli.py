@@ -78,7 +78,7 @@ def sandbox(
     transport: Optional[str] = typer.Option(None, help="embedded (default) or kafka"),
     workers: Optional[int] = typer.Option(None, help="Faust worker subprocesses with --transport kafka"),
     ranker: Optional[list[str]] = typer.Option(
-        None, "--ranker", help="ARM=RANKER, repeatable: the A/B arms (popularity, cooccurrence or checkpoint:DIR)"),
+        None, "--ranker", help="ARM=RANKER, repeatable: the A/B arms (popularity, cooccurrence, checkpoint:DIR or http://HOST:PORT)"),
 ) -> None:
     """Run the closed loop: simulator -> events -> features -> ranker -> simulator."""
     settings = _settings(users, tracks, days, seed, out, rankers=_parse_rankers(ranker), run_id=run_id,

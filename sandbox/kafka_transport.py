@@ -82,13 +82,23 @@ class KafkaFeaturePath:
         """Nothing to push: the ranker reads whatever the workers have written (real freshness)."""
 
     def flush(self) -> None:
-        """Wait until every produced event is acknowledged and visible in Feast."""
+        """Wait until every produced event is acknowledged and visible in Feast.
+
+        Also with workers started elsewhere (`workers=0`, docker-compose): Feast is where
+        their writes show, so the wait is the same and a missing worker fails it loudly."""
         from features.store import FeatureStoreClient
 
         self.sink.flush()
-        if self.last_token_ids and self.workers:
-            store = FeatureStoreClient(self.stream.feast_dir, online_store="redis", redis_url=self.redis_url)
+        if not self.last_token_ids:
+            return
+        store = FeatureStoreClient(self.stream.feast_dir, online_store="redis", redis_url=self.redis_url)
+        try:
             wait_until_visible(store, self.last_token_ids, timeout_s=self.drain_timeout_s)
+        except TimeoutError as exc:
+            who = (f"{len(self.workers)} worker processes started here" if self.workers else
+                   "no workers started here (workers=0): are the external Faust workers running "
+                   "and consuming the `events` topic?")
+            raise TimeoutError(f"{exc}; {who}") from exc
 
     def dead_letters(self, timeout_ms: int = 1000) -> list[DeadLetter]:
         """Everything on `events.dlq` (all partitions), to be kept in DuckDB."""

@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 
 
 def build_ranker(spec: str, metadata, sequences):
-    """A ranker from its settings name: a baseline, or `checkpoint:<dir>` for a trained model."""
+    """A ranker from its settings name: a baseline, `checkpoint:<dir>` for a trained model,
+    or `http://host:port` for the ranking service (which reads history from Feast itself)."""
     if spec in BASELINE_RANKERS:
         return BASELINE_RANKERS[spec](metadata, sequences)
+    from ranker.serving.client import HttpRanker, is_http_ranker
+
+    if is_http_ranker(spec):
+        return HttpRanker(spec)
     from ranker.serving.ranker import NeuralRanker
 
     ranker = NeuralRanker.from_checkpoint(spec.removeprefix("checkpoint:"), sequences)

@@ -26,6 +26,7 @@ class ExperimentSettings(BaseSettings):
     # popularity + co-occurrence (treatment). A ranker is "popularity", "cooccurrence", or
     # "checkpoint:<dir>" for a model trained by `climber train` on a run with the same
     # catalog (same --tracks and --seed): an A/B test of model sizes names two checkpoints.
+    # "http://host:port" ranks through a ranking service (`climber serve`) over HTTP.
     arms: dict[str, float] = Field(default_factory=lambda: {"control": 0.5, "treatment": 0.5})
     rankers: dict[str, str] = Field(default_factory=lambda: {"control": "popularity", "treatment": "cooccurrence"})
 
@@ -37,11 +38,11 @@ class ExperimentSettings(BaseSettings):
         if missing:
             raise ValueError(f"experiment.rankers: no ranker named for arm(s) {sorted(missing)}")
         for arm, spec in self.rankers.items():
-            if spec in BASELINE_RANKERS:
-                continue
+            if spec in BASELINE_RANKERS or spec.startswith(("http://", "https://")):
+                continue  # a ranking service is checked when the run connects to it
             if not spec.startswith("checkpoint:"):
                 raise ValueError(f"experiment.rankers[{arm!r}]: unknown ranker {spec!r}; expected one of "
-                                 f"{sorted(BASELINE_RANKERS)} or checkpoint:<dir>")
+                                 f"{sorted(BASELINE_RANKERS)}, checkpoint:<dir> or http://host:port")
             from ranker.training.checkpoint import META_FILE  # only when a checkpoint is named: torch is heavy
 
             if not (Path(spec.removeprefix("checkpoint:")) / META_FILE).exists():

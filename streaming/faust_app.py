@@ -161,6 +161,9 @@ def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
             await forget()
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic == input_topic)
         log.info("climber worker (%s) assigned %s", role, ", ".join(mine) or "nothing")
+        if settings.ready_file is not None:
+            settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            settings.ready_file.write_text(f"{role}: {', '.join(mine) or 'nothing'}\n")
 
     return app
 

@@ -41,6 +41,9 @@ class StreamSettings(BaseSettings):
     commit_interval_ms: int = Field(500, ge=10)  # how much a crash may have to redo
     # A worker that dies without leaving the group hands its partitions over after this.
     session_timeout_ms: int = Field(6000, ge=1000)
+    # Written (with the partitions taken) whenever the worker gets an assignment: what a
+    # container healthcheck tests to know the worker joined its group. None: not written.
+    ready_file: Path | None = None
 
     # Plausibility bounds the sequence workers apply (streaming.plausibility): the catalogue's
     # id spaces and longest track when known (None: unchecked), and how far ahead of the
