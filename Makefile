@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install sandbox sandbox-baselines test test-quick bench-sim bench clean compose-test
+.PHONY: install sandbox sandbox-baselines test test-faults test-quick bench-sim bench clean compose-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ sandbox-baselines: install
 	$(VENV)/bin/climber experiment run experiments/examples/baselines.yaml
 
 test: install
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not faults"
+
+# Faults injected into the real stack (tests/test_faults.py): minutes, so a target of its own.
+test-faults: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m faults
 
 test-quick: install
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -7,6 +7,10 @@ batches (DuckDB `register` + `INSERT ... SELECT`): row-by-row inserts run at a f
 rows/s, a 250k-row Arrow append at several hundred thousand.
 
 Readers flush first, so a reader never misses what was logged before it asked.
+Buffering is bounded in time as well as rows (`flush_seconds` of wall time): a crashed
+process loses at most that much of the record's tail, and each flush appends a row to
+`flushes` with the newest event id recorded so far, so after a crash the record says
+where it ends (docs/streaming.md, runbook).
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ SCHEMA = {
                  "model_name VARCHAR, model_version VARCHAR, n_candidates INTEGER, slate_size INTEGER"),
     "impressions": "request_id BIGINT, position SMALLINT, track_id BIGINT, score FLOAT, arm VARCHAR, model_name VARCHAR",
     "dead_letters": "received_ts BIGINT, source VARCHAR, payload VARCHAR, reason VARCHAR",
+    "flushes": "flushed_at TIMESTAMP, events BIGINT, last_event_id BIGINT",
     # the simulator's true P(full play | examined) per ranked impression (policy logs only)
     "oracle_engagement": "request_id BIGINT, track_id BIGINT, engagement FLOAT",
 }
 EVENT_COLUMNS = tuple(EventBatch.DTYPES)
 FLUSH_ROWS = 250_000  # buffered rows (events + impressions) that trigger an append
+FLUSH_SECONDS = 5.0  # wall time after which buffered rows are appended whatever their number
 
 
 def _names(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
@@ -122,13 +128,16 @@ def event_batch_hash(events: EventBatch) -> str:
 class RunRecorder:
     """Owns one run's DuckDB file; see the module docstring. Opening an existing file appends."""
 
-    def __init__(self, path: str | Path, flush_rows: int = FLUSH_ROWS) -> None:
+    def __init__(self, path: str | Path, flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.connection = duckdb.connect(str(self.path))
         for table, columns in SCHEMA.items():
             self.connection.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
         self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._flushed_at = time.monotonic()
+        self._last_event_id = self.connection.execute("SELECT max(last_event_id) FROM flushes").fetchall()[0][0]
         self._events: list[EventBatch] = []
         self._requests: list[tuple] = []
         self._impressions: list[tuple[int, np.ndarray, np.ndarray, str, str]] = []
@@ -201,12 +210,17 @@ class RunRecorder:
         }))
 
     def _maybe_flush(self) -> None:
-        if self._buffered >= self.flush_rows:
+        if self._buffered >= self.flush_rows or time.monotonic() - self._flushed_at >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed_at = time.monotonic()
+        flushed_events = 0
         if self._events:
             events = EventBatch.concat(self._events)
+            flushed_events = len(events)
+            newest = int(events.event_id.max())
+            self._last_event_id = newest if self._last_event_id is None else max(self._last_event_id, newest)
             columns = events.columns()
             columns["scenario"] = _names(events.scenario, SCENARIOS)
             columns["behaviour"] = _names(events.behaviour, BEHAVIOURS)
@@ -230,6 +244,9 @@ class RunRecorder:
             }))
             self._impressions = []
         self._buffered = 0
+        if flushed_events:
+            self._append("flushes", pd.DataFrame({"flushed_at": [pd.Timestamp.now(tz="UTC").tz_localize(None)],
+                                                  "events": [flushed_events], "last_event_id": [self._last_event_id]}))
 
     def close(self) -> None:
         try:
@@ -238,6 +255,10 @@ class RunRecorder:
             self.connection.close()
 
     # -- readers ----------------------------------------------------------------------
+
+    def last_flushed_event_id(self) -> int | None:
+        """The newest event id the file holds as of the last flush (None: no events yet)."""
+        return self._last_event_id
 
     def read_events(self) -> EventBatch:
         """The whole events table as a batch, ordered by event_id (then insertion order)."""

@@ -236,6 +236,9 @@ class FeatureStoreClient:
         self._lock = threading.Lock()  # views and key cache may be filled from a writer thread
         self._sqlite: _SqliteWriter | None = None
         self._redis = RedisRows(self.store) if RedisRows.handles(self.store) else None
+        # Streaming workers set this: their Redis writes then fail with StoreLostError once
+        # the store has lost the marker `apply` sets, instead of writing onto an emptied store.
+        self.guard_store_loss = False
         online = self.store.provider.online_store
         if isinstance(online, SqliteOnlineStore):
             connection = online._get_conn(self.store.config)  # Feast offers no pragma setting
@@ -250,6 +253,8 @@ class FeatureStoreClient:
         self.store.apply(feast_objects())
         with self._lock:
             self._views.clear()
+        if self._redis is not None:
+            self._redis.mark()
 
     def _view(self, name: str) -> FeatureView:
         with self._lock:
@@ -303,17 +308,20 @@ class FeatureStoreClient:
                                 config.registry.enable_online_feature_view_versioning)
 
     def _write(self, view_name: str, join_key: str, ids: list[int], columns: _FeatureColumns,
-               timestamps_ms: list[int]) -> int:
+               timestamps_ms: list[int], fence: str | None = None, expected: Sequence[bytes] = (),
+               owner: tuple[str, bytes] | None = None) -> list[int]:
+        """Write the rows; return the positions a fenced write left alone (Redis only)."""
         if not ids:
-            return 0
+            return []
         view = self._view(view_name)
         if self._sqlite is not None:
             stamps = {ms: _sqlite_ts(ms) for ms in set(timestamps_ms)}
             event_ts = [stamps[ms] for ms in timestamps_ms]
             self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
         elif self._redis is not None:
-            self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
-                              timestamps_ms)
+            return self._redis.write(view, [self._redis.key(k) for k in self._keys(join_key, ids)], columns.values,
+                                     timestamps_ms, guard=self.guard_store_loss, fence=fence, expected=expected,
+                                     owner=owner)
         else:
             names = list(columns.values)
             stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
@@ -324,7 +332,7 @@ class FeatureStoreClient:
                 for row, (i, ms) in enumerate(zip(ids, timestamps_ms))
             ]
             self.store.provider.online_write_batch(self.store.config, view, rows, progress=None)
-        return len(ids)
+        return []
 
     def _read(self, view_name: str, join_key: str, ids: Sequence[int],
               features: Sequence[str]) -> list[dict[str, ValueProto] | None]:
@@ -374,6 +382,34 @@ class FeatureStoreClient:
         `event_ts` (simulated epoch ms) stamps every row; None stamps each row with its
         newest token's time.
         """
+        columns, stamps = self._sequence_columns(sequences, event_ts)
+        self._write("user_sequence", "user_id", [int(u) for u in sequences], columns, stamps)
+        return len(sequences)
+
+    def write_sequences_fenced(self, sequences: Mapping[int, UserSequence], based_on: Mapping[int, int]) -> list[int]:
+        """Write each user's sequence only if the stored row's `last_event_id` is still
+        `based_on[user]` (-1: no row), the row the new one was computed from; returns the
+        users left alone because their row changed meanwhile (the caller re-reads them).
+
+        On Redis the check and the write are one server-side script per chunk, so two
+        workers that both believe they own a user (one paused past a rebalance) cannot
+        overwrite each other's newer rows. Other stores take one writer process (SQLite),
+        so there is no one to fence against: the rows are written as they are."""
+        users = [int(u) for u in sequences]
+        if not users:
+            return []
+        if self._redis is None:
+            self.write_sequences(sequences)
+            return []
+        expected = [b"" if based_on[u] < 0 else blob
+                    for u, blob in zip(users, encode_int64s(np.array([based_on[u] for u in users], np.int64)))]
+        columns, stamps = self._sequence_columns(sequences, None)
+        stale = self._write("user_sequence", "user_id", users, columns, stamps, fence="last_event_id", expected=expected)
+        return [users[i] for i in stale]
+
+    @staticmethod
+    def _sequence_columns(sequences: Mapping[int, UserSequence], event_ts: int | None
+                          ) -> tuple[_FeatureColumns, list[int]]:
         seqs = list(sequences.values())
         lengths = np.array([len(s) for s in seqs], np.int64)
         columns = _FeatureColumns(len(seqs))
@@ -382,7 +418,7 @@ class FeatureStoreClient:
                                                   for name in SEQUENCE_ARRAYS], lengths)
             columns.int64s(("length", "last_event_id"), [lengths, [s.last_event_id for s in seqs]])
         stamps = [int(s.timestamps[-1]) if len(s) else 0 for s in seqs] if event_ts is None else [event_ts] * len(seqs)
-        return self._write("user_sequence", "user_id", [int(u) for u in sequences], columns, stamps)
+        return columns, stamps
 
     def get_sequences(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
         """Sequences of `user_ids`. Every requested user is a key: one with no row yet gets
@@ -447,15 +483,25 @@ class FeatureStoreClient:
 
     # -- track statistics -------------------------------------------------------------
 
-    def write_track_stats(self, stats: TrackStats, event_ts: int | None = None) -> int:
-        """Upsert the given tracks' rows (typically those `apply_track_events` touched)."""
+    def claim_owner(self, name: str) -> bytes | None:
+        """A generation token for `name` (Redis; None elsewhere): writes naming an older
+        token fail with `NotOwnerError` (see `features.redis_rows`)."""
+        return self._redis.claim(name) if self._redis is not None else None
+
+    def write_track_stats(self, stats: TrackStats, event_ts: int | None = None,
+                          owner: tuple[str, bytes] | None = None) -> int:
+        """Upsert the given tracks' rows (typically those `apply_track_events` touched).
+        `owner` (name, token from `claim_owner`): on Redis, write only while that token is
+        the newest claim, else raise `NotOwnerError` having written nothing."""
         columns = _FeatureColumns(len(stats))
         per_track = np.full(len(stats), N_BEHAVIOURS, np.int64)
         columns.int64_lists(("totals",), [stats.totals.ravel()], per_track)
         columns.float64_lists(("recent",), [stats.recent.ravel()], per_track)
         columns.int64s(("as_of_ts",), [stats.as_of_ts])
         stamps = stats.as_of_ts.tolist() if event_ts is None else [event_ts] * len(stats)
-        return self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps)
+        self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps,
+                    owner=owner if owner and owner[1] is not None else None)
+        return len(stats)
 
     def read_track_stats(self, track_ids: Sequence[int]) -> TrackStats:
         """Stored rows of the distinct `track_ids`, sorted by id, so the result can be the
@@ -502,12 +548,15 @@ class FeatureStoreClient:
 
 
 def wait_until_visible(store: FeatureStoreClient, last_event_ids: dict[int, int], timeout_s: float,
-                       poll_s: float = 0.05) -> float:
+                       poll_s: float = 0.05, check=None) -> float:
     """Block until every user's sequence in Feast has reached its `last_event_id`; return
-    the monotonic time it did. Raise TimeoutError naming how many users are behind."""
+    the monotonic time it did. Raise TimeoutError naming how many users are behind.
+    `check()`, if given, runs every poll and may raise (e.g. a process it watches died)."""
     users = list(last_event_ids)
     deadline = time.monotonic() + timeout_s
     while True:
+        if check is not None:
+            check()
         seen = store.get_last_event_ids(users)
         behind = [u for u in users if seen[u] < last_event_ids[u]]
         if not behind:

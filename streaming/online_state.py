@@ -9,17 +9,29 @@ changes nothing already written: at-least-once delivery, exactly-once effect.
 
 Reads are served from a write-through cache of the rows this worker wrote or read. That is
 only valid while this worker is the rows' single writer, i.e. while it owns their
-partitions, so the agent calls `forget()` on every rebalance.
+partitions, so the agent calls `forget()` on every rebalance. A worker can still believe it
+owns a partition it lost (paused past the session timeout, then resumed): so every sequence
+write is fenced (`FeatureStoreClient.write_sequences_fenced`): a row is replaced only if the
+store still holds the row the update was computed from. A row that moved on is re-read and
+the batch redone on it; a row that went back (the store lost acknowledged writes) is
+re-written from this worker's newer state, and both are logged.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Mapping
+
 import numpy as np
 
 from features.sequence import SEQUENCE_BEHAVIOUR_CODES, UserSequence, apply_events
+from features.redis_rows import NotOwnerError
 from features.store import FeatureStoreClient
 from features.track_stats import TrackStats, apply_track_events
 from streaming.events import EventBatch
+from streaming.topics import partition_of
+
+log = logging.getLogger("streaming.worker")
 
 
 class SequenceState:
@@ -29,6 +41,10 @@ class SequenceState:
         self.store = store
         self.max_len = max_len
         self._cache: dict[int, UserSequence] = {}
+        self.fenced_writes = 0  # rows another writer had moved on (this worker was stale)
+        self.rewritten_after_loss = 0  # rows the store had lost, written again from the cache
+
+    MAX_FENCED_ROUNDS = 20  # a row moves on under a write only while another worker writes it
 
     def apply(self, events: EventBatch) -> dict[int, UserSequence]:
         """Apply and write a batch; return the users' new sequences (duplicates change nothing)."""
@@ -36,11 +52,36 @@ class SequenceState:
         missing = [u for u in users if u not in self._cache]
         if missing:
             self._cache.update(self.store.get_sequences(missing))
-        updated = apply_events(self._cache, events, self.max_len)
-        if updated:
-            self.store.write_sequences(updated)
-        self._cache.update(updated)  # only after the write: a failed write is retried from the old state
-        return updated
+        result: dict[int, UserSequence] = {}
+        stored_behind: dict[int, int] = {}  # user -> the older high-water mark the store holds
+        for _ in range(self.MAX_FENCED_ROUNDS):
+            updated = apply_events(self._cache, events, self.max_len)
+            based_on = {u: stored_behind.get(u, self._cache[u].last_event_id) for u in updated}
+            stale = set(self.store.write_sequences_fenced(updated, based_on))
+            written = {u: seq for u, seq in updated.items() if u not in stale}
+            self._cache.update(written)  # only after the write: a failed write is retried from the old state
+            result.update(written)
+            if not stale:
+                return result
+            stored = self.store.get_sequences(sorted(stale))
+            ahead = [u for u in stale if stored[u].last_event_id >= self._cache[u].last_event_id]
+            behind = [u for u in stale if stored[u].last_event_id < self._cache[u].last_event_id]
+            if ahead:  # another worker wrote these users since: redo the batch on its rows
+                self.fenced_writes += len(ahead)
+                log.warning("fenced %d stale sequence writes: another worker wrote those users since (e.g. user "
+                            "%d: stored event %d, this worker's %d); redoing them on the stored rows", len(ahead),
+                            ahead[0], stored[ahead[0]].last_event_id, self._cache[ahead[0]].last_event_id)
+                for u in ahead:
+                    self._cache[u] = stored[u]
+                    stored_behind.pop(u, None)
+            if behind:  # the store lost acknowledged writes: rewrite from this worker's newer state
+                self.rewritten_after_loss += len(behind)
+                log.error("the online store lost acknowledged sequence writes of %d users (e.g. user %d: stored "
+                          "event %d, written %d); re-writing them from this worker's state", len(behind), behind[0],
+                          stored[behind[0]].last_event_id, self._cache[behind[0]].last_event_id)
+                stored_behind.update({u: stored[u].last_event_id for u in behind})
+            events = events.select(np.isin(events.user_id, sorted(stale)))
+        raise RuntimeError(f"sequence writes of {len(stale)} users were fenced {self.MAX_FENCED_ROUNDS} times in a row")
 
     def forget(self) -> None:
         self._cache.clear()
@@ -108,6 +149,34 @@ class TrackStatsState:
         written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)))
         self._dirty = []
         return written
+
+    def flush_owned(self, owners: Mapping[int, bytes | None], partitions: int) -> list[int]:
+        """`flush`, fenced by ownership; return the partitions whose rows were not written
+        because this worker no longer owns them.
+
+        `owners` (partition of `events.by_track` -> token from `claim_owner`): each
+        partition's rows are written only while its token is the newest claim, so a worker
+        paused past a rebalance cannot overwrite its successor's counts. The events behind
+        a refused partition are the new owner's to count: it consumes them from the last
+        commit, which this worker never advanced past them."""
+        if not self._dirty:
+            return []
+        tracks = np.unique(np.concatenate(self._dirty))
+        rows = self._rows(tracks, self._settled.holds(tracks))
+        refused = []
+        destination = partition_of(tracks, partitions)
+        for partition in np.unique(destination).tolist():
+            part = rows.lookup(tracks[destination == partition])
+            try:
+                if partition not in owners:
+                    raise NotOwnerError(f"partition {partition} is not assigned to this worker")
+                self.store.write_track_stats(part, owner=(f"tracks:{partition}", owners[partition]))
+            except NotOwnerError:
+                refused.append(partition)
+        self._dirty = []  # only now: a store outage above retries the whole flush
+        if refused:  # rows of partitions another worker owns: the cache no longer holds them right
+            self.forget()
+        return refused
 
     def forget(self) -> None:
         """Drop the cache, unflushed changes included: their events were not acked, so

