@@ -33,12 +33,13 @@ class TrainedModel:
 def train_arm(arm: str, spec: TrainedArm, budget: Train, db_path: Path, out_dir: Path,
               progress: bool = True) -> TrainedModel:
     """Train one arm on the warm-up log at `db_path` into `out_dir` (a checkpoint folder)."""
-    from ranker.training.train import train
+    from ranker.training.train import TrainConfig, train
 
-    result = train(spec.family, spec.size, db_path, out_dir, epochs=budget.epochs, steps=budget.steps, batch_size=budget.batch_size,
-                   lr=budget.lr, seed=budget.seed, device="auto", max_len=budget.max_len,
-                   eval_window_ms=int(budget.eval_days * DAY_MS), checkpoint_every=0, progress=progress,
-                   model_overrides=dict(spec.overrides) or None)
+    config = TrainConfig(spec.family, spec.size, db_path, out_dir, epochs=budget.epochs, steps=budget.steps,
+                         batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed, device="auto",
+                         max_len=budget.max_len, eval_window_ms=int(budget.eval_days * DAY_MS), checkpoint_every=0,
+                         model_overrides=dict(spec.overrides) or None)
+    result = train(config, progress=progress)
     return TrainedModel(arm, spec.family, spec.size, Path(result.checkpoint), result.model_version, result.n_params,
                         result.flops_per_request, result.train_seconds, result.steps,
                         float(result.metrics.get("loss", float("nan"))),

@@ -42,6 +42,7 @@ class Oracle:
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])
+        self._familiar_back: np.ndarray | None = None  # 1..FAMILIAR_SLOTS, built on first use
 
     def affinity(self, user_ids: np.ndarray, track_latent: np.ndarray) -> np.ndarray:
         return np.einsum("...d,...d->...", self.users.taste[user_ids], track_latent)
@@ -68,11 +69,14 @@ class Oracle:
         FAMILIAR_SLOTS additions ago is days old for all but the heaviest listeners."""
         users = self.users
         capacity = users.library.shape[1]
-        slots = (users.library_next[user_ids][..., None] - 1 - np.arange(min(FAMILIAR_SLOTS, capacity))) % capacity
-        rows = np.expand_dims(user_ids, -1)
-        match = np.expand_dims(track_ids, -1) == users.library[rows, slots]  # [..., F]
+        if self._familiar_back is None or len(self._familiar_back) != min(FAMILIAR_SLOTS, capacity):
+            self._familiar_back = 1 + np.arange(min(FAMILIAR_SLOTS, capacity))  # slot next-1 is the newest
+        # Slots and weights are gathered per user ([..., 1, F] in a slate), then every track is compared.
+        rows = user_ids[..., None]
+        slots = (users.library_next[rows] - self._familiar_back) % capacity
         age_days = (users.now_ms - users.library_ms[rows, slots]) / DAY_MS
         weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
+        match = track_ids[..., None] == users.library[rows, slots]  # [..., F]
         return np.where(match, weight, 0.0).max(axis=-1)
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,

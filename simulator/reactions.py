@@ -44,6 +44,8 @@ SATISFACTION_WEIGHTS = np.array([1.0, 1.0, 1.0, 0.5, -0.7, -2.0])
 # Event columns held while events wait to be emitted (all int64, one row per event).
 EVENT_COLUMNS = ("ts", "user_id", "track_id", "scenario", "behaviour", "request_id", "position", "play_ms")
 _KIND_BEHAVIOURS = ("impression", "play", "end", "like", "share", "add_to_playlist", "dislike")
+_KIND_CODES = np.array([BEHAVIOUR_CODE.get(k, -1) for k in _KIND_BEHAVIOURS], dtype=np.int64)  # "end": -1, set per row
+_END_KIND = _KIND_BEHAVIOURS.index("end")
 
 
 @dataclass
@@ -172,9 +174,8 @@ class ReactionModel:
         R, S = start.shape
         valid = np.stack(happened, axis=-1)  # [R, S, kinds]
         rows, positions, kinds = np.nonzero(valid)
-        codes = np.array([BEHAVIOUR_CODE.get(k, -1) for k in _KIND_BEHAVIOURS], dtype=np.int64)
-        behaviour = codes[kinds]
-        is_end = kinds == _KIND_BEHAVIOURS.index("end")
+        behaviour = _KIND_CODES[kinds]
+        is_end = kinds == _END_KIND
         behaviour[is_end] = np.where(full[rows[is_end], positions[is_end]],
                                      BEHAVIOUR_CODE["full_play"], BEHAVIOUR_CODE["skip"])
         ts = np.where(kinds == 0, slates.shown_at[rows],

@@ -88,6 +88,10 @@ class ReturnModel:
         self.bad_run = np.zeros(U, np.int64)
         self.churned = np.zeros(U, bool)
         self.dormant_spells = 0
+        # The fixed per-user values as Python scalars for the draws below (numpy scalars cost more).
+        self._base_rate_rows = np.asarray(self.base_rate, np.float64).tolist()
+        self._profile_rows = self.profile.tolist()
+        self._shift_rows = self.shift_ms.tolist()
         self._build_grid()
 
     def _build_grid(self) -> None:
@@ -111,14 +115,14 @@ class ReturnModel:
     def rate(self, user: int, at_ms: int) -> float:
         """Sessions per average day for this user at `at_ms`, with the mood decayed to then."""
         decay = math.exp(-(at_ms - int(self.mood_ms[user])) / (self.config.mood_memory_days * DAY_MS))
-        return float(self.base_rate[user]) * math.exp(self.config.mood_sensitivity * float(self.mood[user]) * decay)
+        return self._base_rate_rows[user] * math.exp(self.config.mood_sensitivity * float(self.mood[user]) * decay)
 
     def next_start(self, user: int, after_ms: int, uniform: Callable[[], float]) -> int | None:
         """The user's next session start after `after_ms`, or None if it falls past the horizon."""
         if self.churned[user]:
             return None
         horizon = self.config.horizon_ms
-        profile, shift = int(self.profile[user]), int(self.shift_ms[user])
+        profile, shift = self._profile_rows[user], self._shift_rows[user]
         cumulative, intensity = self._cumulative_rows[profile], self._intensity_rows[profile]
         t = after_ms
         while t < horizon:

@@ -53,6 +53,8 @@ def generate_interests(users, config: SimConfig, catalog: Catalog, rng: np.rando
     users.interest_hour = rng.random((U, K)) * 24
     users.interest_scenario = config.interest_scenario_sigma * rng.standard_normal((U, K, len(SCENARIOS)))
     users.active_interest = np.zeros(U, np.int64)
+    users.interest_rows = [list(zip(w, h, s)) for w, h, s in zip(
+        users.interest_weight.tolist(), users.interest_hour.tolist(), users.interest_scenario.tolist())]
 
 
 def choose_interest(users, user: int, scenario: int, now_ms: int, elapsed_days: float, config: SimConfig,
@@ -62,9 +64,8 @@ def choose_interest(users, user: int, scenario: int, now_ms: int, elapsed_days: 
     users.interests[user, active] = users.taste[user]
     hour = ((config.start_ts + now_ms) % DAY_MS) / HOUR_MS
     strength = config.interest_hour_strength
-    weights = [w * math.exp(strength * math.cos(2 * math.pi * (hour - h) / 24) + s)  # scalars: Python is faster
-               for w, h, s in zip(users.interest_weight[user].tolist(), users.interest_hour[user].tolist(),
-                                  users.interest_scenario[user, :, scenario].tolist())]
+    weights = [w * math.exp(strength * math.cos(2 * math.pi * (hour - h) / 24) + s[scenario])  # Python scalars
+               for w, h, s in users.interest_rows[user]]
     draw, k = uniform() * sum(weights), 0
     while k < len(weights) - 1 and draw >= weights[k]:
         draw -= weights[k]

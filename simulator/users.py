@@ -17,6 +17,9 @@ objects would make that a loop. Each user has
 
 from __future__ import annotations
 
+import bisect
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +63,10 @@ class Users:
     interest_scenario: np.ndarray | None = None  # float64 [U, K, n_scenarios], log-weight per scenario
     active_interest: np.ndarray | None = None  # int64 [U]
     interest_weight: np.ndarray | None = None  # float64 [U, K], how much of the time each interest is on
+    # The three fixed arrays above as Python rows, per user [(weight, hour, log-weight per scenario)] * K:
+    # choose_interest reads a few scalars per session, and Python floats are cheaper there than numpy's.
+    interest_rows: list | None = None
+    scenario_rows: list | None = None  # scenario_cdf as Python rows (fixed after generation), built on first draw
     taste_shifts: int = 0
     now_ms: int = 0  # simulated ms of the tick being ranked (the platform sets it)
 
@@ -134,18 +141,20 @@ class Users:
 
     def begin_session(self, user: int, now_ms: int, config: SimConfig, rng: np.random.Generator) -> None:
         """Taste random walk for the time since the last session; fresh session fatigue."""
-        elapsed_days = (now_ms - self.last_walk_ms[user]) / DAY_MS
-        if config.taste_walk_per_day > 0 and elapsed_days > 0:
-            step = rng.standard_normal(self.taste.shape[1]) * (config.taste_walk_per_day * np.sqrt(elapsed_days))
-            row = self.taste[user] + step / np.sqrt(self.taste.shape[1])
-            self.taste[user] = row / max(float(np.sqrt(row @ row)), 1e-12)
+        elapsed_days = (now_ms - int(self.last_walk_ms[user])) / DAY_MS
+        if config.taste_walk_per_day > 0 and elapsed_days > 0:  # math.sqrt: the same doubles as np.sqrt, on scalars
+            step = rng.standard_normal(self.taste.shape[1]) * (config.taste_walk_per_day * math.sqrt(elapsed_days))
+            row = self.taste[user] + step / math.sqrt(self.taste.shape[1])
+            self.taste[user] = row / max(math.sqrt(row @ row), 1e-12)
         self.last_walk_ms[user] = now_ms
         self.session_genre_plays[user] = 0
         self.recent_artists[user] = -1
 
     def draw_scenario(self, user: int, u: float) -> int:
-        return int(min(np.searchsorted(self.scenario_cdf[user], u * self.scenario_cdf[user, -1], side="right"),
-                       len(SCENARIOS) - 1))
+        if self.scenario_rows is None:  # bisect on Python rows: np.searchsorted's answer, for less per call
+            self.scenario_rows = self.scenario_cdf.tolist()
+        cdf = self.scenario_rows[user]
+        return min(bisect.bisect_right(cdf, u * cdf[-1]), len(SCENARIOS) - 1)
 
     def draw_query_genre(self, user: int, catalog: Catalog, u: float, sharpness: float = 6.0) -> int:
         """A search query's genre: mostly the genres closest to the user's current taste."""

@@ -37,6 +37,13 @@ def test_user_model_1_gives_the_old_event_log_bit_for_bit():
     assert log_hash(events)[:16] == "d2e7b3e1d4235707"
 
 
+def test_user_model_2_gives_the_pinned_event_log_bit_for_bit():
+    """Model 2's log as configs/2026-12-06-oracle-ceiling-model-2.yaml measured it: a speed-up must
+    keep it; a change of the model changes this hash and dates a new frozen config."""
+    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8)
+    assert log_hash(events)[:16] == "2382afa5157def8d"
+
+
 def test_user_model_2_same_seed_same_log():
     config = dict(n_users=120, n_tracks=1500, days=2.0, seed=8)
     assert log_hash(run("random", **config)[1]) == log_hash(run("random", **config)[1])
