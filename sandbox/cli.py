@@ -130,6 +130,7 @@ def replay(
     from rich.table import Table
 
     from sandbox.replay import replay as run_replay
+    from sandbox.report import feature_rows
 
     try:
         result = run_replay(source, settings, chunk_events=chunk, verify=verify, progress=True)
@@ -142,7 +143,7 @@ def replay(
     rows = [("events read", f"{result.events_read:,}"), ("events applied", f"{result.events_applied:,}"),
             ("dead letters", f"{result.dead_letters:,}"),
             *((f"  {reason}", f"{n:,}") for reason, n in result.dead_letter_reasons.items()),
-            ("users", f"{result.users:,}"), ("feature rows written", f"{result.feature_rows_written:,}"),
+            ("users", f"{result.users:,}"), ("feature rows written", feature_rows(result.feature_rows_written)),
             ("wall seconds", f"{result.wall_seconds:.1f}"), ("events/s", f"{result.events_per_second:,.0f}"),
             ("verified users", f"{result.verified_users:,}" if result.verified_users else "not verified"),
             ("mismatched users", f"{len(result.mismatched_users):,}"),
