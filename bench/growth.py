@@ -10,7 +10,6 @@ counter's hook. Three variants, interleaved `repeats` times so load drifts hit t
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,10 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
-from ranker.models import FAMILIES
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowthConfig
-from ranker.training.train import TrainConfig, add_model_override_argument, train
+from ranker.training.train import TrainConfig, train
 
 VARIANTS = {"dense": dict(), "dense+counter": dict(count_linear_flops=True), "grow-prune": dict(growth=GrowthConfig())}
 
@@ -64,24 +62,12 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
     return figures
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m bench.growth", description=__doc__.split("\n")[0])
-    parser.add_argument("--db", required=True, type=Path)
-    parser.add_argument("--family", default="astro", choices=FAMILIES)
-    parser.add_argument("--size", default="s")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-len", type=int, default=64)
-    add_model_override_argument(parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    return run_bench_growth(args.db, args.family, args.size, args.steps, args.repeats, args.batch_size, args.max_len,
-                            dict(args.overrides))
+    """`python -m bench.growth`: the `climber bench growth` command."""
+    from bench.cli import bench_growth_app
+    from sandbox.cli_options import run_command
+
+    return run_command(bench_growth_app, argv, "python -m bench.growth")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the model is an untrained ASTRO (weights do not change cost), CPU serving config
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -48,7 +47,6 @@ from ranker.models.hstu import relative_buckets
 from ranker.models import build_model
 from ranker.serving.incremental import extend_history
 from ranker.serving.ranker import prepare_for_serving
-from ranker.training.train import add_model_override_argument
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRACKS = 50_000
@@ -504,20 +502,12 @@ def run_bench_serve(quick: bool = False, size: str = "s", threads: int | None = 
     return figures
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="climber bench serve", description="TURBO serving benchmarks")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not for reporting")
-    parser.add_argument("--size", default="s")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--service-seconds", type=float, default=15.0)
-    add_model_override_argument(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    return run_bench_serve(args.quick, args.size, args.threads, args.service_seconds, overrides=dict(args.overrides))
+    """`python -m bench.serve`: the `climber bench serve` command."""
+    from bench.cli import bench_serve_app
+    from sandbox.cli_options import run_command
+
+    return run_command(bench_serve_app, argv, "python -m bench.serve")
 
 
 if __name__ == "__main__":

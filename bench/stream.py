@@ -28,10 +28,9 @@ Feast is compared with `sequences_from_log`; a mismatch is reported, never hidde
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
+from typing import Sequence
 import tempfile
 import threading
 import time
@@ -330,38 +329,33 @@ def bench_embedded_only(batches: list[EventBatch], coalesce_events: int, repeats
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(description="Kafka -> Faust -> Feast stream benchmark")
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--paced-rate", type=float, default=5_000)
-    parser.add_argument("--split-tracks", action="store_true", help="also run each worker count with track_stats in its own process")
-    parser.add_argument("--embedded-only", action="store_true",
-                        help="only the embedded path (no broker, no workers); figures are printed, not saved")
-    parser.add_argument("--coalesce-events", type=int, default=2_300,
-                        help="with --embedded-only: events per coalesced batch")
-    parser.add_argument("--repeats", type=int, default=3, help="with --embedded-only: best of this many runs")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    batches = simulated_log(args.events)
-    if args.embedded_only:
-        result = bench_embedded_only(batches, args.coalesce_events, args.repeats)
+    """`python -m bench.stream`: the `climber bench stream` command."""
+    from bench.cli import bench_stream_app
+    from sandbox.cli_options import run_command
+
+    run_command(bench_stream_app, argv, "python -m bench.stream")
+
+
+def run_bench_stream(events: int = 200_000, workers: Sequence[int] = (1, 2), paced_rate: float = 5_000,
+                     split_tracks: bool = False, embedded_only: bool = False, coalesce_events: int = 2_300,
+                     repeats: int = 3, command_args: Sequence[str] = ()) -> None:
+    """The stream benchmark; `command_args` (the flags it was run with) are saved with the figures."""
+    batches = simulated_log(events)
+    if embedded_only:
+        result = bench_embedded_only(batches, coalesce_events, repeats)
         print({k: round(v) if isinstance(v, float) else v for k, v in result.items()})
         return
     rows = []
-    for split in ([False, True] if args.split_tracks else [False]):
-        for workers in args.workers:
-            rows.append(bench_stream(args.events, workers, split, paced_rate=args.paced_rate, batches=batches))
+    for split in ([False, True] if split_tracks else [False]):
+        for n_workers in workers:
+            rows.append(bench_stream(events, n_workers, split, paced_rate=paced_rate, batches=batches))
             print(rows[-1], flush=True)
     table = format_results(rows)
     print(table)
     from bench.common import save
 
-    print(f"written {save('stream', {'command_args': argv if argv is not None else sys.argv[1:], 'rows': rows, 'markdown': table})}")
+    print(f"written {save('stream', {'command_args': list(command_args), 'rows': rows, 'markdown': table})}")
 
 
 if __name__ == "__main__":

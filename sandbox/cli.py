@@ -7,14 +7,18 @@ from typing import Optional
 
 import typer
 
+from bench.cli import bench_app
+from experiments.cli import experiment_app
+from ranker.serving.cli import serve_app
+from ranker.training.cli import train_app
+from streaming.cli import worker_app
+from studies.cli import growth_study_app, scaling_app, scaling_seeds_app
+
 app = typer.Typer(help="Climber Sandbox: simulator, streaming features, ASTRO ranking, A/B tests.",
                   no_args_is_help=True, add_completion=False)
-bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/results.md.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(topics_app, name="topics")
-from experiments.cli import experiment_app  # noqa: E402  (light: imports its machinery lazily)
-
 app.add_typer(experiment_app, name="experiment")
 
 
@@ -126,6 +130,7 @@ def replay(
     from rich.table import Table
 
     from sandbox.replay import replay as run_replay
+    from sandbox.report import feature_rows
 
     try:
         result = run_replay(source, settings, chunk_events=chunk, verify=verify, progress=True)
@@ -138,7 +143,7 @@ def replay(
     rows = [("events read", f"{result.events_read:,}"), ("events applied", f"{result.events_applied:,}"),
             ("dead letters", f"{result.dead_letters:,}"),
             *((f"  {reason}", f"{n:,}") for reason, n in result.dead_letter_reasons.items()),
-            ("users", f"{result.users:,}"), ("feature rows written", f"{result.feature_rows_written:,}"),
+            ("users", f"{result.users:,}"), ("feature rows written", feature_rows(result.feature_rows_written)),
             ("wall seconds", f"{result.wall_seconds:.1f}"), ("events/s", f"{result.events_per_second:,.0f}"),
             ("verified users", f"{result.verified_users:,}" if result.verified_users else "not verified"),
             ("mismatched users", f"{len(result.mismatched_users):,}"),
@@ -251,93 +256,6 @@ def simulate(
     typer.echo(f"event log: {simulate_policy_log(settings, policy)}")
 
 
-@bench_app.command("sim")
-def bench_sim(
-    users: int = typer.Option(2000), tracks: int = typer.Option(20000), days: float = typer.Option(3.0),
-    seed: int = typer.Option(7), repeats: int = typer.Option(1),
-) -> None:
-    """Simulated events/s of the embedded loop with the baseline rankers."""
-    from bench.sim import run_bench_sim
-
-    run_bench_sim(users=users, tracks=tracks, days=days, seed=seed, repeats=repeats)
-
-
-PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-# Commands that hand their arguments to a module's own argparse parser (`build_parser`, `main`).
-FORWARDED = {
-    "train": "ranker.training.train", "growth-study": "studies.growth_study", "scaling": "studies.scaling",
-    "scaling-seeds": "studies.scaling_seeds",
-    "bench stream": "bench.stream", "bench growth": "bench.growth", "bench serve": "bench.serve",
-    "serve": "ranker.serving.http", "worker": "streaming.worker",
-}
-
-
-def _forward(ctx: typer.Context) -> None:
-    """Hand the remaining arguments to the command's module's `main` (its --help included)."""
-    import importlib
-
-    names, at = [], ctx
-    while at.parent is not None:
-        names.append(at.info_name)
-        at = at.parent
-    importlib.import_module(FORWARDED[" ".join(reversed(names))]).main(list(ctx.args))
-
-
-@app.command(context_settings=PASS_THROUGH)
-def train(ctx: typer.Context) -> None:
-    """Train a ranker: --model astro|sasrec|hstu --size xs|s|m|l|xl --db RUN.duckdb (see --help)."""
-    _forward(ctx)
-
-
-@app.command("growth-study", context_settings=PASS_THROUGH)
-def growth_study(ctx: typer.Context) -> None:
-    """Alternate growth and pruning against dense training, paired by seed: table, plot, HTML (see --help)."""
-    _forward(ctx)
-
-
-@app.command(context_settings=PASS_THROUGH)
-def scaling(ctx: typer.Context) -> None:
-    """The scaling ladder: several sizes per family, power-law fit, table, plot, HTML (see --help)."""
-    _forward(ctx)
-
-
-@app.command("scaling-seeds", context_settings=PASS_THROUGH)
-def scaling_seeds(ctx: typer.Context) -> None:
-    """Ladders that differ only in --seed, side by side: means, paired ASTRO-vs-baseline tests, fits (see --help)."""
-    _forward(ctx)
-
-
-@bench_app.command("feast")
-def bench_feast(store: str = typer.Option("sqlite", help="online store: sqlite or redis (a local Valkey)")) -> None:
-    """Feast online-store writes and reads: our batched client beside Feast's public API."""
-    if store not in ("sqlite", "redis"):
-        typer.secho(f"--store must be sqlite or redis, not {store!r}", fg="red", err=True)
-        raise typer.Exit(2)
-    from bench.feast import run_bench_feast
-
-    run_bench_feast(store)
-
-
-@bench_app.command("stream", context_settings=PASS_THROUGH)
-def bench_stream(ctx: typer.Context) -> None:
-    """Events/s and freshness from producer to Feast, through Kafka and Faust (see --help)."""
-    _forward(ctx)
-
-
-@bench_app.command("growth", context_settings=PASS_THROUGH)
-def bench_growth(ctx: typer.Context) -> None:
-    """Training ms/step: dense, dense with the FLOP counter, grow-and-prune, side by side (see --help)."""
-    _forward(ctx)
-
-
-@bench_app.command("serve", context_settings=PASS_THROUGH)
-def bench_serve(ctx: typer.Context) -> None:
-    """TURBO serving: batched vs per-pair scoring, KV cache, partitioning, service latency (see --help)."""
-    _forward(ctx)
-
-
 @topics_app.command("create")
 def topics_create(
     bootstrap: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP)"),
@@ -370,18 +288,6 @@ def broker(port: int = typer.Option(9092, help="port on 127.0.0.1"),
         pass
     finally:
         running.stop()
-
-
-@app.command(context_settings=PASS_THROUGH)
-def serve(ctx: typer.Context) -> None:
-    """The ranking service over HTTP: POST /rank, GET /health, GET /metrics (see --help)."""
-    _forward(ctx)
-
-
-@app.command(context_settings=PASS_THROUGH)
-def worker(ctx: typer.Context) -> None:
-    """A Faust worker (sequence_builder + track_stats) until SIGINT/SIGTERM (see --help)."""
-    _forward(ctx)
 
 
 @app.command()
@@ -425,6 +331,11 @@ def reproduce(
             typer.echo(f"{path}: {len(config.steps)} steps parse, {len(config.models)} recorded model configs match")
     if failed:
         raise typer.Exit(1)
+
+
+# Each area's commands live beside the code they drive (light modules: machinery loads lazily).
+for area in (train_app, scaling_app, scaling_seeds_app, growth_study_app, serve_app, worker_app):
+    app.registered_commands += area.registered_commands
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -20,12 +20,9 @@ a user would type.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import importlib
-import io
 import json
 import shlex
 import subprocess
@@ -113,17 +110,6 @@ def climber_argv(step: str) -> list[str]:
     return words[words.index("climber") + 1:]
 
 
-def _quiet_argparse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
-    """argparse reports a bad argument by printing and exiting; turn that into a ValueError."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parser.parse_args(args)
-    except SystemExit:
-        message = err.getvalue().strip().splitlines()
-        raise ValueError(message[-1] if message else "bad arguments") from None
-
-
 @functools.cache
 def _climber_command():
     """The `climber` command tree, built once (typer builds it anew on every call)."""
@@ -132,12 +118,10 @@ def _climber_command():
     return typer.main.get_command(app)  # a click command (typer's own copy of click since 0.2x)
 
 
-def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
+def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace]:
     """Parse a step as `climber` would, without running it: the command's name (e.g.
-    "bench growth") and, for commands that hand their arguments on, the parsed flags."""
-    from sandbox.cli import FORWARDED
-
-    if "--help" in argv or "-h" in argv:  # click and argparse would print help and exit mid-check
+    "bench growth") and its parsed flags, by parameter name (`--set` as `overrides`)."""
+    if "--help" in argv or "-h" in argv:  # click would print help and exit mid-check
         raise ValueError("asks for --help, which prints usage instead of running")
     command = _climber_command()
     ctx = typer.Context(command, info_name="climber")
@@ -158,11 +142,7 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace | None]:
         if not hasattr(exc, "format_message"):
             raise
         raise ValueError(exc.format_message()) from None
-    if name == "experiment run":  # the models it trains are in the experiment file
-        return name, argparse.Namespace(**leaf.params)
-    if name not in FORWARDED:
-        return name, None
-    return name, _quiet_argparse(importlib.import_module(FORWARDED[name]).build_parser(), list(leaf.args))
+    return name, argparse.Namespace(**leaf.params)
 
 
 def _trained_by_train(args: argparse.Namespace) -> list[TrainedModel]:
@@ -214,7 +194,7 @@ TRAINS: dict[str, Callable[[argparse.Namespace], list[TrainedModel]]] = {
 }
 
 
-def trained_models(parsed: list[tuple[str, argparse.Namespace | None]]) -> Iterator[tuple[int, TrainedModel]]:
+def trained_models(parsed: list[tuple[str, argparse.Namespace]]) -> Iterator[tuple[int, TrainedModel]]:
     """(step number, model) for every model the parsed steps train, each once."""
     seen: set[tuple] = set()
     for number, (name, args) in enumerate(parsed, 1):

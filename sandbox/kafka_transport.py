@@ -86,7 +86,7 @@ class KafkaFeaturePath:
             self.close()
             raise
         self.last_token_ids: dict[int, int] = {}  # user -> newest sequence-token event id produced
-        self.rows_written = 0  # written by the workers, not counted here
+        self.rows_written: int | None = None  # the Faust workers write the rows; they count them, not this process
 
     def on_events(self, events: EventBatch) -> None:
         self.check()

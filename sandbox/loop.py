@@ -89,7 +89,7 @@ class SandboxResult:
     requests: int
     sessions: int
     dead_letters: int
-    feature_rows_written: int
+    feature_rows_written: int | None  # None: written by Faust workers, counted in their logs
     event_log_hash: str
     facts: list
     arm_metrics: object  # pandas DataFrame

@@ -68,7 +68,7 @@ class ReplayResult:
     dead_letters: int
     dead_letter_reasons: dict[str, int]  # reason (first clause) -> count
     users: int
-    feature_rows_written: int  # embedded path only; Kafka workers count their own
+    feature_rows_written: int | None  # None on the Kafka path: the workers write (and count) them
     wall_seconds: float
     verified_users: int = 0  # 0 when verification was off
     mismatched_users: list[int] = field(default_factory=list)

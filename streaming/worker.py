@@ -16,7 +16,6 @@ Every worker dies with the process that spawned it (`streaming.lifetime`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import logging
@@ -102,20 +101,12 @@ def stop_worker(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
     return process.returncode
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", help="StreamSettings as JSON; otherwise from the environment")
-    parser.add_argument("--role", default="all", choices=["all", "sequences", "tracks"],
-                        help="both agents, or one (see streaming.faust_app.create_app)")
-    parser.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    settings = StreamSettings.model_validate_json(args.settings) if args.settings else StreamSettings()
-    run_worker(settings, args.role, args.loglevel)
+    """`python -m streaming.worker` (how `spawn_worker` starts one): the `climber worker` command."""
+    from sandbox.cli_options import run_command
+    from streaming.cli import worker_app
+
+    run_command(worker_app, argv, "python -m streaming.worker")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ reused), `growth.csv`, `growth.md`, `growth.png`, `growth.html`, and a table on 
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -30,11 +29,10 @@ from scipy import stats
 from ranker.batch import TASKS
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowthConfig
-from ranker.models.config import SIZE_NAMES
-from ranker.models import FAMILIES, resolve_config
+from ranker.models import resolve_config
 from studies.reports import display_frame, markdown_table, write_html_report
 from studies.scaling import Budget, check_reusable, read_done, run_key
-from ranker.training.train import TrainConfig, add_model_override_argument, config_overrides, parse_override, train
+from ranker.training.train import TrainConfig, config_overrides, train
 
 console = Console()
 STUDY_FILE = "study.jsonl"
@@ -177,32 +175,12 @@ def write_reports(table: pd.DataFrame, out_dir: Path, budget: Budget, growth: Gr
     out.print(f"reports in {out_dir}: growth.md, growth.csv, growth.png, growth.html")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m studies.growth_study", description=__doc__.split("\n")[0])
-    parser.add_argument("--db", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--family", default="astro", choices=FAMILIES)
-    parser.add_argument("--size", default="s", choices=list(SIZE_NAMES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--eval-window-h", type=float, default=24.0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--growth", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
-                        help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, dense_from, grow_init)")
-    add_model_override_argument(parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    args = build_parser().parse_args(argv)
-    budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len)
-    return run_study(args.db, args.out, args.family, args.size, args.seeds, budget, GrowthConfig.from_dict(dict(args.growth)),
-                     int(args.eval_window_h * 3_600_000), args.device, overrides=dict(args.overrides))
+    """`python -m studies.growth_study`: the `climber` command of the same name."""
+    from sandbox.cli_options import run_command
+    from studies.cli import growth_study_app
+
+    return run_command(growth_study_app, argv, "python -m studies.growth_study")
 
 
 if __name__ == "__main__":

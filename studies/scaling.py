@@ -21,7 +21,6 @@ reused, so an interrupted ladder picks up where it stopped), `scaling.csv`, `sca
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import warnings
@@ -116,7 +115,7 @@ def parse_family_override(text: str) -> tuple[str, str, Any]:
     """`FAMILY:KEY=VALUE` -> (family, key, value); VALUE is read as `climber train --set` reads it."""
     family, sep, rest = text.partition(":")
     if not sep or not family.strip():
-        raise argparse.ArgumentTypeError(f"--set expects FAMILY:KEY=VALUE (e.g. astro:n_layers=1), got {text!r}")
+        raise ValueError(f"--set expects FAMILY:KEY=VALUE (e.g. astro:n_layers=1), got {text!r}")
     key, value = parse_override(rest)
     return family.strip(), key, value
 
@@ -300,41 +299,29 @@ def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], his
     return pd.DataFrame(rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m studies.scaling", description="Train a scaling ladder and fit L(C).")
-    parser.add_argument("--db", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
-    parser.add_argument("--sizes", nargs="+", default=["xs", "s", "m", "l"])
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-window-h", type=float, default=24.0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--sizes-only", action="store_true", help="print params and FLOPs per request, train nothing")
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_family_override, default=[],
-                        metavar="FAMILY:KEY=VALUE",
-                        help="model config override for one family, repeatable (e.g. --set astro:n_layers=1)")
-    return parser
+def run_scaling(db: Path, out: Path, families: Sequence[str], sizes: Sequence[str], *, epochs: float = 1.0,
+                steps: int | None = None, batch_size: int = 64, lr: float = 1e-3, max_len: int = 64, seed: int = 0,
+                eval_window_h: float = 24.0, device: str = "auto", sizes_only: bool = False,
+                overrides: Sequence[tuple[str, str, Any]] = ()) -> pd.DataFrame:
+    """`climber scaling`: the ladder, or with `sizes_only` its params and FLOPs per request."""
+    by_family = family_overrides(overrides)
+    if sizes_only:
+        log = load_request_log(db)
+        m = max(1, round(float(np.mean(log.candidate_count))))
+        table = size_table(log.n_tracks, families, sizes, max_len, m, by_family)
+        console.print(table.to_string(index=False))
+        return table
+    budget = Budget(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, max_len=max_len, seed=seed)
+    return run_ladder(db, out, families, sizes, budget, eval_window_ms=int(eval_window_h * 3_600_000), device=device,
+                      overrides=by_family)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    args = build_parser().parse_args(argv)
-    overrides = family_overrides(args.overrides)
-    if args.sizes_only:
-        log = load_request_log(args.db)
-        m = max(1, round(float(np.mean(log.candidate_count))))
-        table = size_table(log.n_tracks, args.families, args.sizes, args.max_len, m, overrides)
-        console.print(table.to_string(index=False))
-        return table
-    budget = Budget(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    max_len=args.max_len, seed=args.seed)
-    return run_ladder(args.db, args.out, args.families, args.sizes, budget,
-                      eval_window_ms=int(args.eval_window_h * 3_600_000), device=args.device, overrides=overrides)
+    """`python -m studies.scaling`: the `climber` command of the same name."""
+    from sandbox.cli_options import run_command
+    from studies.cli import scaling_app
+
+    return run_command(scaling_app, argv, "python -m studies.scaling")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Outputs in `--out`: `seeds.csv`, `versus.csv`, `seeds.md`, `seeds.png`, `seeds.h
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
@@ -204,17 +203,12 @@ def write_reports(folders: Sequence[Path], out_dir: Path) -> dict[str, pd.DataFr
     return {"rungs": table, "versus": against, "goal": goal, "trends": trends}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m studies.scaling_seeds", description=__doc__.split("\n")[0])
-    parser.add_argument("ladders", nargs="+", type=Path, help="`climber scaling` output folders, one per seed")
-    parser.add_argument("--out", required=True, type=Path)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    args = build_parser().parse_args(argv)
-    return write_reports(args.ladders, args.out)
+    """`python -m studies.scaling_seeds`: the `climber` command of the same name."""
+    from sandbox.cli_options import run_command
+    from studies.cli import scaling_seeds_app
+
+    return run_command(scaling_seeds_app, argv, "python -m studies.scaling_seeds")
 
 
 if __name__ == "__main__":

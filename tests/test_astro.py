@@ -23,11 +23,11 @@ from ranker.models.reference import (
     astro_reference, in_block, pointwise_reference, reference_candidate_token, reference_history_tokens,
 )
 from streaming.events import BEHAVIOURS, SCENARIOS
+from tests.conftest import TINY_ASTRO
 
 torch.set_num_threads(1)
 N_TRACKS = 40
-# size xs is one block by default; the tests want ASTRO's blocks, so they ask for the default partition of s and up
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8, partition="behaviour")
+TINY = TINY_ASTRO  # ASTRO's blocks, not xs's one block
 
 
 BLOCK_ATTENTIONS = ("softmax", "pointwise")

@@ -1,5 +1,8 @@
 """The `climber` command line: the main job end to end, and bad settings named clearly."""
 
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
 from sandbox.cli import app
@@ -26,10 +29,48 @@ def test_bad_settings_exit_2_naming_the_field(tmp_path):
     assert "transport" in result.output
 
 
-def test_train_forwards_its_own_help():
+def test_train_shows_its_own_help():
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0
     assert "--model" in result.output and "--size" in result.output
+
+
+def test_every_command_parses_its_own_flags_and_list_flags_take_several_values():
+    """One CLI style: no command hands unparsed arguments on; `--sizes xs s` (one flag,
+    several values, as the frozen configs write it) and the registry's choices hold."""
+    import typer
+
+    from ranker.models import FAMILIES
+    from sandbox.frozen import parse_step
+
+    def leaves(command, path=()):
+        subs = getattr(command, "commands", None)
+        if subs is None:
+            yield " ".join(path), command
+        for name, sub in (subs or {}).items():
+            yield from leaves(sub, (*path, name))
+
+    commands = dict(leaves(typer.main.get_command(app)))
+    assert {"train", "scaling", "scaling-seeds", "growth-study", "serve", "worker", "bench stream", "bench growth",
+            "bench serve", "bench sim", "sandbox", "reproduce", "import"} <= set(commands)
+    assert not [name for name, command in commands.items() if command.context_settings.get("allow_extra_args")]
+    _, args = parse_step(["scaling", "--db", "d", "--out", "o", "--sizes", "xs", "s", "--families", "astro", "hstu",
+                          "--set", "astro:n_layers=1", "--max-len", "32"])
+    assert (args.sizes, args.families, args.overrides, args.max_len) == (["xs", "s"], ["astro", "hstu"],
+                                                                          [("astro", "n_layers", 1)], 32)
+    assert parse_step(["scaling", "--db", "d", "--out", "o"])[1].families == list(FAMILIES)
+    assert parse_step(["bench", "stream", "--workers", "1", "2", "--split-tracks"])[1].workers == [1, 2]
+    _, args = parse_step(["growth-study", "--db", "d", "--out", "o", "--seeds", "0", "1", "2", "--set", "d_model=16"])
+    assert (args.seeds, args.overrides) == ([0, 1, 2], [("d_model", 16)])
+    assert parse_step(["scaling-seeds", "a", "b", "--out", "o"])[1].ladders == [Path("a"), Path("b")]
+    for bad, needle in ((["train", "--model", "gpt", "--size", "s", "--db", "d", "--out", "o"], "'astro'"),
+                        (["growth-study", "--db", "d", "--out", "o", "--size", "xxl"], "'xl'"),
+                        (["scaling", "--db", "d", "--out", "o", "--set", "n_layers=1"], "FAMILY:KEY=VALUE"),
+                        (["worker", "--role", "both"], "'sequences'")):
+        with pytest.raises(ValueError, match=needle):
+            parse_step(bad)
+    failed = runner.invoke(app, ["train", "--model", "gpt", "--size", "s", "--db", "d", "--out", "o"])
+    assert failed.exit_code == 2 and "gpt" in failed.output
 
 
 def test_simulate_writes_a_policy_log_that_training_reads(tmp_path):

@@ -21,7 +21,6 @@ from features.updater import FeatureUpdater
 from streaming.events import EventBatch
 from streaming.online_state import TrackStatsState
 
-from tests.test_features import client  # noqa: F401  (the pytest fixture: a fresh SQLite Feast store)
 from tests.test_features import HOUR_MS, assert_same_sequences, random_sequence
 from tests.test_features import event_log as features_event_log
 

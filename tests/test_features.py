@@ -43,13 +43,6 @@ def random_sequence(length: int, rng: np.random.Generator, last_event_id: int = 
     )
 
 
-@pytest.fixture
-def client(tmp_path) -> FeatureStoreClient:
-    store = FeatureStoreClient(tmp_path / "feast")
-    store.apply()
-    return store
-
-
 def assert_same_sequences(got: dict[int, UserSequence], expected: dict[int, UserSequence]) -> None:
     assert set(got) == set(expected)
     for user, seq in expected.items():

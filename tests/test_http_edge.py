@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.serving.http import build_parser, build_service, create_app
+from ranker.serving.http import build_service, create_app
 from ranker.interface import RankRequest
 from tests.test_http import N_TRACKS, tiny_service_settings
 from tests.test_http_load import serving_in_thread
@@ -205,6 +205,8 @@ def test_service_settings_carry_the_limits(monkeypatch):
     monkeypatch.setenv("CLIMBER_SERVE_DUPLICATE_CANDIDATES", "reject")
     settings = ServingSettings()
     assert (settings.max_body_bytes, settings.body_timeout_s, settings.duplicate_candidates) == (2048, 0.5, "reject")
-    args = build_parser().parse_args(["--checkpoint", "m", "--feast-dir", "f", "--max-body-bytes", "99",
-                                      "--body-timeout-s", "2", "--duplicate-candidates", "score"])
+    from sandbox.frozen import parse_step  # `climber serve`'s flags, parsed as the command parses them
+
+    _, args = parse_step(["serve", "--checkpoint", "m", "--feast-dir", "f", "--max-body-bytes", "99",
+                          "--body-timeout-s", "2", "--duplicate-candidates", "score"])
     assert (args.max_body_bytes, args.body_timeout_s, args.duplicate_candidates) == (99, 2.0, "score")

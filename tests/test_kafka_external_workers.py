@@ -47,3 +47,12 @@ def test_flush_without_any_worker_fails_naming_the_missing_workers(feature_path)
         feature_path.on_events(batch)
     with pytest.raises(TimeoutError, match="workers=0"):
         feature_path.flush()
+
+
+def test_the_summary_does_not_say_zero_rows_reached_feast_when_workers_wrote_them():
+    """On the Kafka path the Faust workers write Feast, so this process counts nothing: the
+    summary must say who wrote the rows, not '0' (which reads as nothing reached Feast)."""
+    from sandbox.report import feature_rows
+
+    assert feature_rows(None) == "by the Faust workers (see their logs)"
+    assert feature_rows(1234) == "1,234"

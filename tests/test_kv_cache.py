@@ -11,11 +11,12 @@ from features.sequence import UserSequence
 from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch, model_window, stack_histories
 from ranker.serving.incremental import PATHS, extend_history
 from ranker.models import build_model
+from tests.conftest import ASTRO_BLOCKS, TINY_MODEL
 
 torch.set_num_threads(1)
 N_TRACKS = 50
 MAX_LEN = 24
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=MAX_LEN)
+TINY = {**TINY_MODEL, "max_len": MAX_LEN}
 EXACT = 1e-4  # fp32: cache vs full recompute
 
 
@@ -23,7 +24,7 @@ def tiny_model(family: str = "astro", seed: int = 0, **overrides):
     """A small model in eval mode; HSTU-style relative biases (rab, initialised at 0) are
     spread so that a wrong bias row in a fast path shows up."""
     torch.manual_seed(seed)
-    extra = dict(tau_hidden=8, partition="behaviour") if family == "astro" else {}  # xs alone is one block
+    extra = ASTRO_BLOCKS if family == "astro" else {}  # xs alone is one block
     model = build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

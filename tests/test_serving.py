@@ -16,10 +16,11 @@ from ranker.models import build_model
 from ranker.serving.ranker import NeuralRanker
 from ranker.serving.service import ScoringService, ServingSettings
 from streaming.events import SCENARIO_CODE
+from tests.conftest import TINY_ASTRO
 
 torch.set_num_threads(1)
 N_TRACKS = 60
-TINY = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0, max_len=32, tau_hidden=8, partition="behaviour")  # blocks
+TINY = TINY_ASTRO  # ASTRO's blocks, not xs's one block
 
 
 def tiny_model(seed: int = 0):
@@ -167,8 +168,9 @@ def test_settings_read_batching_and_threads_from_the_environment(monkeypatch):
 def test_bench_serve_pins_model_defaults_with_set():
     """`climber bench serve --set` reaches the models it builds, so its frozen config can pin
     the defaults its figures were measured on."""
-    from bench.serve import build_parser, serving_model
+    from bench.serve import serving_model
+    from sandbox.frozen import parse_step
 
-    args = build_parser().parse_args(["--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
+    _, args = parse_step(["bench", "serve", "--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
     model = serving_model("xs", 32, **dict(args.overrides))
     assert (model.config.partition, model.config.n_layers, model.config.max_len) == ("scenario", 1, 32)

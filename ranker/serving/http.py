@@ -25,7 +25,6 @@ OpenAPI schema, and the tests check replies against it.
 """
 # No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
 
-import argparse
 import contextlib
 import math
 import time
@@ -200,28 +199,12 @@ def serve(settings: ServingSettings) -> None:
                 log_level="warning", access_log=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--feast-dir", type=Path, required=True)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--device")
-    parser.add_argument("--max-batch", type=int)
-    parser.add_argument("--max-wait-ms", type=float)
-    parser.add_argument("--threads", type=int, dest="torch_threads",
-                        help="torch intra-op threads (default 1; 0: torch's default, one per core)")
-    parser.add_argument("--max-body-bytes", type=int, help="413 for a /rank body over this (default 1 MiB)")
-    parser.add_argument("--body-timeout-s", type=float, help="408 for a body not received within this (default 5)")
-    parser.add_argument("--duplicate-candidates", choices=["score", "reject"],
-                        help="score every occurrence of a repeated candidate (default) or reject the request")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
-    serve(ServingSettings(**{k: v for k, v in args.items() if v is not None}))
+    """`python -m ranker.serving.http`: the `climber serve` command."""
+    from ranker.serving.cli import serve_app
+    from sandbox.cli_options import run_command
+
+    run_command(serve_app, argv, "python -m ranker.serving.http")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Checkpoints: ranker.training.checkpoint. Data order depends only on (seed, epoch
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -35,9 +34,9 @@ from ranker.batch import TASKS, RankBatch
 from ranker.training.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
 from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.training.metrics import ranking_report
-from ranker.models.config import SIZE_NAMES, _tuples
+from ranker.models.config import _tuples
 from ranker.models.base import SequenceRanker
-from ranker.models import FAMILIES, build_model, model_class
+from ranker.models import build_model, model_class
 from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
 from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 
@@ -371,7 +370,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     `partition=none` needs no shell quoting."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -382,47 +381,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _tuples(value)  # JSON has no tuples; sequence config fields are tuples
 
 
-def add_model_override_argument(parser: argparse.ArgumentParser) -> None:
-    """`--set KEY=VALUE` (into `args.overrides`): the one model-config override flag of every
-    command that trains one family, so frozen configs can pin a default in any of them."""
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
-                        metavar="KEY=VALUE", help="model config override, repeatable (e.g. --set share_block_layers=true)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; `climber reproduce --check` parses frozen steps with it."""
-    parser = argparse.ArgumentParser(prog="python -m ranker.training.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=FAMILIES)
-    parser.add_argument("--size", required=True, choices=list(SIZE_NAMES))
-    parser.add_argument("--db", required=True, type=Path, help="DuckDB event log (runs/<id>/sandbox.duckdb)")
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch, in requests")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--eval-window-h", type=float, default=24.0, help="hours at the end of the log held out")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--resume", action="store_true")
-    add_model_override_argument(parser)
-    parser.add_argument("--grow-prune", action="store_true",
-                        help="alternate growth and pruning (arXiv 2105.01064): sparse, then full-size at the end")
-    parser.add_argument("--growth", dest="growth", action="append", type=parse_override, default=[],
-                        metavar="KEY=VALUE", help="grow-and-prune setting, repeatable (density, update_every, "
-                        "swap_fraction, dense_from); implies --grow-prune")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    args = build_parser().parse_args(argv)
-    growth = GrowthConfig.from_dict(dict(args.growth)) if args.grow_prune or args.growth else None
-    config = TrainConfig(args.model, args.size, args.db, args.out, epochs=args.epochs, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                         resume=args.resume, max_len=args.max_len, eval_window_ms=int(args.eval_window_h * 3_600_000),
-                         checkpoint_every=args.checkpoint_every, model_overrides=dict(args.overrides),
-                         growth=growth)
+    """`python -m ranker.training.train` (and torchrun): the `climber train` command."""
+    from ranker.training.cli import train_app
+    from sandbox.cli_options import run_command
+
+    return run_command(train_app, argv, "python -m ranker.training.train")
+
+
+def run_from_flags(config: TrainConfig) -> TrainResult:
+    """Train, then leave the process group the run joined (the command's last step)."""
     result = train(config)
     if dist.is_initialized():
         dist.destroy_process_group()

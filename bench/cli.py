@@ -1,0 +1,94 @@
+"""`climber bench ...`: every benchmark's command (also `python -m bench.<name>`).
+
+Figures go to bench/results/ and, with the command and machine, to docs/results.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option
+
+bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/results.md.", no_args_is_help=True)
+# One-command apps for the modules' `python -m` entry points; the same functions as in bench_app.
+bench_stream_app = typer.Typer(add_completion=False)
+bench_growth_app = typer.Typer(add_completion=False)
+bench_serve_app = typer.Typer(add_completion=False)
+
+
+@bench_app.command("sim")
+def bench_sim(
+    users: int = typer.Option(2000), tracks: int = typer.Option(20000), days: float = typer.Option(3.0),
+    seed: int = typer.Option(7), repeats: int = typer.Option(1),
+) -> None:
+    """Simulated events/s of the embedded loop with the baseline rankers."""
+    from bench.sim import run_bench_sim
+
+    run_bench_sim(users=users, tracks=tracks, days=days, seed=seed, repeats=repeats)
+
+
+@bench_app.command("feast")
+def bench_feast(store: str = typer.Option("sqlite", help="online store: sqlite or redis (a local Valkey)")) -> None:
+    """Feast online-store writes and reads: our batched client beside Feast's public API."""
+    if store not in ("sqlite", "redis"):
+        typer.secho(f"--store must be sqlite or redis, not {store!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    from bench.feast import run_bench_feast
+
+    run_bench_feast(store)
+
+
+@bench_stream_app.command("stream", cls=MultiValueCommand)
+@bench_app.command("stream", cls=MultiValueCommand)
+def bench_stream(
+    ctx: typer.Context,
+    events: int = typer.Option(200_000),
+    workers: list[int] = typer.Option([1, 2], help="worker counts, one or more: one run each"),
+    paced_rate: float = typer.Option(5_000),
+    split_tracks: bool = typer.Option(False, "--split-tracks",
+                                      help="also run each worker count with track_stats in its own process"),
+    embedded_only: bool = typer.Option(False, "--embedded-only", help="only the embedded path (no broker, no "
+                                       "workers); figures are printed, not saved"),
+    coalesce_events: int = typer.Option(2_300, help="with --embedded-only: events per coalesced batch"),
+    repeats: int = typer.Option(3, help="with --embedded-only: best of this many runs"),
+) -> None:
+    """Events/s and freshness from producer to Feast, through Kafka and Faust."""
+    from bench.stream import run_bench_stream
+
+    run_bench_stream(events, workers, paced_rate, split_tracks, embedded_only, coalesce_events, repeats,
+                     command_args=ctx.meta.get(MultiValueCommand.ARGV, []))
+
+
+@bench_growth_app.command("growth", cls=MultiValueCommand)
+@bench_app.command("growth", cls=MultiValueCommand)
+def bench_growth(
+    db: Path = typer.Option(...),
+    family: str = typer.Option("astro", parser=family_name, metavar="FAMILY", help=choice_help("family")),
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE", help=choice_help("size")),
+    steps: int = typer.Option(100),
+    repeats: int = typer.Option(3),
+    batch_size: int = typer.Option(64),
+    max_len: int = typer.Option(64),
+    overrides: list[str] = overrides_option(),
+) -> Any:
+    """Training ms/step: dense, dense with the FLOP counter, grow-and-prune, side by side."""
+    from bench.growth import run_bench_growth
+
+    return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides))
+
+
+@bench_serve_app.command("serve", cls=MultiValueCommand)
+@bench_app.command("serve", cls=MultiValueCommand)
+def bench_serve(
+    quick: bool = typer.Option(False, "--quick", help="small sizes: a smoke run, not for reporting"),
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE", help=choice_help("size")),
+    threads: Optional[int] = typer.Option(None),
+    service_seconds: float = typer.Option(15.0),
+    overrides: list[str] = overrides_option(),
+) -> Any:
+    """TURBO serving: batched vs per-pair scoring, KV cache, partitioning, service latency."""
+    from bench.serve import run_bench_serve
+
+    return run_bench_serve(quick, size, threads, service_seconds, overrides=dict(overrides))

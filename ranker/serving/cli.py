@@ -1,0 +1,39 @@
+"""`climber serve` (also `python -m ranker.serving.http`): flags -> ServingSettings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import typer
+
+serve_app = typer.Typer(add_completion=False)
+
+
+@serve_app.command("serve")
+def serve(
+    checkpoint: Path = typer.Option(...),
+    feast_dir: Path = typer.Option(...),
+    host: Optional[str] = typer.Option(None),
+    port: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    max_batch: Optional[int] = typer.Option(None),
+    max_wait_ms: Optional[float] = typer.Option(None),
+    torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
+                                                "torch's default, one per core)"),
+    max_body_bytes: Optional[int] = typer.Option(None, help="413 for a /rank body over this (default 1 MiB)"),
+    body_timeout_s: Optional[float] = typer.Option(None, help="408 for a body not received within this (default 5)"),
+    duplicate_candidates: Optional[Literal["score", "reject"]] = typer.Option(
+        None, help="score every occurrence of a repeated candidate (default) or reject the request"),
+) -> None:
+    """The ranking service over HTTP: POST /rank, GET /health, GET /metrics.
+
+    Flags left out come from the environment (ServingSettings), then the defaults."""
+    from ranker.serving.http import serve as run_service
+    from ranker.serving.service import ServingSettings
+
+    flags = {"checkpoint": checkpoint, "feast_dir": feast_dir, "host": host, "port": port, "device": device,
+             "max_batch": max_batch, "max_wait_ms": max_wait_ms, "torch_threads": torch_threads,
+             "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
+             "duplicate_candidates": duplicate_candidates}
+    run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))
