@@ -95,8 +95,10 @@ def lift_table(users: pd.DataFrame, warm: pd.DataFrame | None, comparisons: list
 
 
 def daily_table(con, spec: ExperimentSpec, ab_start: int, metrics: list[str]) -> pd.DataFrame:
-    """Each metric per arm per full A/B day."""
+    """Each metric per arm per full A/B day. Per user that day, `active_days` would be 1 by
+    construction; its daily value is the share of the arm's assigned users active that day."""
     rows = []
+    assigned = dict(con.execute("SELECT arm, count(*) FROM assignments GROUP BY arm").fetchall())
     for day in range(spec.phases.ab.days):
         users = user_table(con, ab_start + day * DAY_MS, ab_start + (day + 1) * DAY_MS)
         for arm, group in users.groupby("arm"):
@@ -104,6 +106,8 @@ def daily_table(con, spec: ExperimentSpec, ab_start: int, metrics: list[str]) ->
                 if metric in RATIO_METRICS:
                     num, den = RATIO_METRICS[metric]
                     value = group[num].sum() / max(group[den].sum(), 1)
+                elif metric == "active_days":
+                    value = len(group) / max(assigned.get(arm, 0), 1)
                 else:
                     value = group[metric].mean()
                 rows.append({"day": day + 1, "arm": arm, "metric": metric, "value": float(value),

@@ -93,3 +93,28 @@ class DemoteBestRanker:
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         return [_reordered(r, np.roll(r.order, -1), self.name) for r in self.base.rank(requests)]
+
+
+class Handover:
+    """One arm's ranker across the end of the warm-up: requests asked before `at_ts` go to
+    the logging policy, the rest to the arm's own ranker.
+
+    The simulator batches requests, so a slate asked in the last batch window of the warm-up
+    is ranked just after the clock resumes at the A/B start; it is still a warm-up request
+    (its ts says so) and must not be credited to, or served by, the arm under test."""
+
+    def __init__(self, before, after, at_ts: int) -> None:
+        self.before, self.after, self.at_ts = before, after, at_ts
+        self.name, self.version = after.name, after.version
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        early = [i for i, r in enumerate(requests) if r.ts < self.at_ts]
+        if not early:
+            return self.after.rank(requests)
+        late = [i for i, r in enumerate(requests) if r.ts >= self.at_ts]
+        out: list[RankResponse | None] = [None] * len(requests)
+        for rows, ranker in ((early, self.before), (late, self.after)):
+            if rows:
+                for i, response in zip(rows, ranker.rank([requests[i] for i in rows])):
+                    out[i] = response
+        return out  # type: ignore[return-value]

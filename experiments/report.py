@@ -50,6 +50,7 @@ def run_frame(ev: Evaluation) -> pd.DataFrame:
     phases = json.loads(ev.meta["phase_seconds"])
     spec = ev.spec
     rows = [("experiment", spec.name), ("seed / salt", f"{spec.seed} / {spec.salt}"),
+            ("simulator", f"user model {spec.sim.get('user_model', '?')}"),
             ("users x tracks", f"{spec.sim_config().n_users:,} x {spec.sim_config().n_tracks:,}"),
             ("days", f"{spec.phases.warm_up.days} warm-up + {spec.phases.ab.days} A/B"),
             ("wall seconds", f"{float(ev.meta['wall_seconds']):.0f} (" + ", ".join(
@@ -203,7 +204,8 @@ def plot_daily(ev: Evaluation, path: Path) -> Path:
         for arm in ev.spec.arms:
             d = data[data["arm"] == arm]
             ax.plot(d["day"], d["value"], marker="o", label=arm)
-        ax.set(title=LABELS[metric], xlabel="A/B day (full days)")
+        ax.set(title="active share of the arm's users" if metric == "active_days" else LABELS[metric],
+               xlabel="A/B day (full days)")
         ax.set_xticks(sorted(data["day"].unique()))
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -276,7 +278,7 @@ def plot_regret(ev: Evaluation, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(r["arm"], r["regret"], yerr=1.96 * r["regret_se"], capsize=4)
     ax.set(ylabel="expected full plays per slate lost",
-           title="Oracle regret per arm (95% CI; within-slate fatigue not modelled)")
+           title="Oracle regret per arm (95% CI;\nwithin-slate fatigue not modelled)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.rankers import ExploringRanker, OracleRanker
+from experiments.rankers import ExploringRanker, Handover, OracleRanker
 from experiments.spec import BASELINES, ExperimentSpec, FixedArm
 from experiments.training import TrainedModel, train_arm
 from simulator.config import DAY_MS
@@ -76,6 +76,7 @@ class ExperimentLoop:
         self.ab_start_ts = spec.sim_config().start_ts + spec.phases.warm_up.days * DAY_MS
         self.end_ts = spec.sim_config().start_ts + spec.days * DAY_MS
         self.models: dict[str, TrainedModel] = {}
+        self.arm_rankers: dict = {}  # each arm's A/B ranker, set at the pause
         self.regret_rows: list[tuple] = []
         self.phase_seconds: dict[str, float] = {}
         self.oracle = OracleRanker(sb.platform.oracle)
@@ -91,6 +92,10 @@ class ExperimentLoop:
         self.ab_rankers = dict(sb.rankers)
         sb.recommender.rankers = {arm: self.logger for arm in spec.arms}
         self._log_response = sb.recommender.on_response
+        # The oracle's P(full play | examined) of every warm-up impression: the ceiling that
+        # training prints beside each arm's offline GAUC (ranker/training/ceiling.py).
+        self.oracle_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        sb.platform.oracle_sink = lambda *part: self.oracle_parts.append(part)
         sb.recommender.on_response = self._on_response
 
     # -- phases -----------------------------------------------------------------------------
@@ -123,10 +128,14 @@ class ExperimentLoop:
         now = time.perf_counter()
         self.phase_seconds["warm_up"] = now - self._phase_started
         sb.pipeline.finish()
+        sb.platform.oracle_sink, sb.platform.reactions.record_engagement = None, False
+        if self.oracle_parts:
+            sb.recorder.log_oracle_engagement(*(np.concatenate(column) for column in zip(*self.oracle_parts)))
+            self.oracle_parts = []
         log_path = self.run_dir / "warm_up.duckdb"
         con = sb.recorder.connection
         con.execute(f"ATTACH '{log_path}' AS warm")
-        for table in ("runs", "tracks", "events", "requests", "impressions"):
+        for table in ("runs", "tracks", "events", "requests", "impressions", "oracle_engagement"):
             con.execute(f"CREATE TABLE warm.{table} AS SELECT * FROM {table}")
         con.execute("DETACH warm")
         if self.bar is not None:
@@ -153,7 +162,8 @@ class ExperimentLoop:
         for ranker in rankers.values():
             if hasattr(ranker, "warm_up"):
                 ranker.warm_up()
-        sb.recommender.rankers = rankers
+        self.arm_rankers = rankers
+        sb.recommender.rankers = {arm: Handover(self.logger, ranker, self.ab_start_ts) for arm, ranker in rankers.items()}
         self.phase_seconds["train"] = time.perf_counter() - now
         self._phase_started = time.perf_counter()
         if self.bar is not None:
@@ -177,7 +187,7 @@ class ExperimentLoop:
     def _write_tables(self, wall_seconds: float) -> None:
         sb = self.sandbox
         con = sb.recorder.connection
-        rankers = sb.recommender.rankers
+        rankers = self.arm_rankers
         cache = []
         for arm, ranker in rankers.items():
             stats = getattr(getattr(ranker, "cache", None), "stats", None)
@@ -228,6 +238,8 @@ def run_experiment(spec: ExperimentSpec, out: Path = Path("runs"), progress: boo
     every machine."""
     import torch
 
+    # The record names the simulator's user model even where the file leaves it to the default.
+    spec = spec.model_copy(update={"sim": {**spec.sim, "user_model": spec.sim_config().user_model}})
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     loop = ExperimentLoop(spec, out, progress)

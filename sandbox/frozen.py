@@ -28,7 +28,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import typer
 import yaml
@@ -57,6 +57,16 @@ class FrozenConfig(BaseModel):
     notes: str = ""
     steps: list[str] = Field(min_length=1, description="shell-quoted commands, run in order from the repository root")
     models: list[FrozenModel] = Field(default_factory=list)
+    user_model: Literal[1, 2] | None = Field(
+        None, description="the simulator user model the figures were measured on; unset: 1 before "
+                          "simulator.config.USER_MODEL_2_DATE, 2 from it (name it where that is not so)")
+
+    def measured_user_model(self) -> int:
+        from simulator.config import USER_MODEL_2_DATE
+
+        if self.user_model is not None:
+            return self.user_model
+        return 1 if self.date.isoformat() < USER_MODEL_2_DATE else 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +168,21 @@ def _trained_by_one_family(args: argparse.Namespace) -> list[TrainedModel]:
     return [TrainedModel(args.family, args.size, config_overrides(args.max_len, dict(args.overrides)))]
 
 
-def _trained_by_experiment(args: argparse.Namespace) -> list[TrainedModel]:
+def _experiment_spec(args: argparse.Namespace):
+    """The experiment file an `experiment run` step runs, with its `--set` overrides."""
     from experiments.spec import load_spec
-    from ranker.training.train import config_overrides
 
     path = Path(args.file) if Path(args.file).is_absolute() else CONFIG_DIR.parent / args.file
     try:
-        spec = load_spec(path, list(args.set_ or []))
+        return load_spec(path, list(args.set_ or []))
     except FileNotFoundError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _trained_by_experiment(args: argparse.Namespace) -> list[TrainedModel]:
+    from ranker.training.train import config_overrides
+
+    spec = _experiment_spec(args)
     return [TrainedModel(arm.family, arm.size, config_overrides(spec.phases.train.max_len, dict(arm.overrides)))
             for arm in spec.trained_arms().values()]
 
@@ -208,7 +224,7 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
             unparsed.append(f"step {number} ({step}): {exc}")
     if unparsed:  # which models the steps train is unknown until they parse
         return problems + unparsed
-    problems += _unpinned_simulator_steps(config, [name for name, _ in parsed])
+    problems += _unpinned_simulator_steps(config, parsed)
     recorded = {TrainedModel(m.family, m.size, m.overrides).key(): m for m in config.models}
     for number, model in trained_models(parsed):
         frozen = recorded.pop(model.key(), None)
@@ -227,19 +243,40 @@ def check_frozen(config: FrozenConfig, path: Path | None = None) -> list[str]:
 
 
 # Commands that run the simulator: their figures depend on its user model (simulator/config.py).
-SIMULATING = {"simulate", "sandbox", "bench sim", "bench stream"}
+SIMULATING = {"simulate", "sandbox", "bench sim", "bench stream", "experiment run"}
 
 
-def _unpinned_simulator_steps(config: FrozenConfig, names: list[str]) -> list[str]:
-    """A config measured before user model 2 must run the simulator on model 1 (the env pin)."""
-    from simulator.config import USER_MODEL_2_DATE, USER_MODEL_ENV
+def _step_user_model(step: str, name: str, args: argparse.Namespace | None) -> int:
+    """The user model a simulating step runs on wherever it is run: the experiment file's
+    `sim.user_model` (or its `--set`) first, then the step's `env` pin, else today's default (2)."""
+    from simulator.config import USER_MODEL_ENV
 
-    if config.date.isoformat() >= USER_MODEL_2_DATE:
-        return []
-    pin = f"{USER_MODEL_ENV}=1"
-    return [f"step {number} ({step}): measured on simulator user model 1; start it with `env {pin}`"
-            for number, (step, name) in enumerate(zip(config.steps, names), 1)
-            if name in SIMULATING and pin not in shlex.split(step)[:shlex.split(step).index("climber")]]
+    if name == "experiment run" and args is not None:
+        pinned = _experiment_spec(args).sim.get("user_model")
+        if pinned is not None:
+            return int(pinned)
+    words = shlex.split(step)
+    for word in words[:words.index("climber")]:
+        if word.startswith(f"{USER_MODEL_ENV}="):
+            return int(word.split("=", 1)[1])
+    return 2
+
+
+def _unpinned_simulator_steps(config: FrozenConfig, parsed: list[tuple[str, argparse.Namespace | None]]) -> list[str]:
+    """Every simulating step must run on the user model the figures were measured on: a config
+    measured on model 1 pins it (`env CLIMBER_SIM__USER_MODEL=1`, or `sim.user_model: 1` in an
+    experiment file), so neither today's default nor the reader's environment decides."""
+    from simulator.config import USER_MODEL_ENV
+
+    measured = config.measured_user_model()
+    problems = []
+    for number, (step, (name, args)) in enumerate(zip(config.steps, parsed), 1):
+        if name not in SIMULATING or _step_user_model(step, name, args) == measured:
+            continue
+        fix = (f"`sim.user_model: {measured}` in its experiment file or `--set sim.user_model={measured}`"
+               if name == "experiment run" else f"`env {USER_MODEL_ENV}={measured}`")
+        problems.append(f"step {number} ({step}): measured on simulator user model {measured}; pin it with {fix}")
+    return problems
 
 
 def freeze_models(config: FrozenConfig, n_tracks: int) -> FrozenConfig:
@@ -267,6 +304,8 @@ _Dumper.add_representer(list, _represent_list)
 
 def write_frozen(config: FrozenConfig, path: Path) -> None:
     data = config.model_dump(mode="json")
+    if data["user_model"] is None:  # the date says it
+        del data["user_model"]
     steps = data.pop("steps")
     text = yaml.dump({k: v for k, v in data.items() if k != "models"}, Dumper=_Dumper, sort_keys=False,
                      width=10_000, allow_unicode=True)

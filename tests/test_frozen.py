@@ -124,3 +124,28 @@ def test_freezing_models_writes_and_checks_but_runs_no_step(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 steps parse, 1 recorded model configs match" in result.output
     assert not (tmp_path / "runs").exists() and len(load_frozen(path).models) == 1
+
+
+def test_an_experiment_step_runs_on_the_user_model_its_figures_were_measured_on(tmp_path):
+    example = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "examples"
+                              / "model_sizes.yaml").read_text())
+    assert example["sim"]["user_model"] == 2  # the shipped example names its simulator
+    del example["sim"]["user_model"]
+    unpinned = tmp_path / "unpinned.yaml"
+    unpinned.write_text(yaml.safe_dump(example))
+    step = f"climber experiment run {unpinned}"
+
+    def pin_problems(step: str, **fields) -> list[str]:
+        return [p for p in check_frozen(load_frozen(_config(tmp_path, [step], **fields))) if "user model" in p]
+
+    # Measured on model 1 (named, though the date is model 2's): the default would run model 2.
+    assert pin_problems(step, user_model=1) == [
+        f"step 1 ({step}): measured on simulator user model 1; pin it with `sim.user_model: 1` "
+        "in its experiment file or `--set sim.user_model=1`"]
+    assert pin_problems(f"{step} --set sim.user_model=1", user_model=1) == []
+    assert pin_problems(f"env CLIMBER_SIM__USER_MODEL=1 {step}", user_model=1) == []
+    assert pin_problems(step) == []  # dated on model 2's day, nothing named: model 2
+    # The file's own pin wins over the environment, both when run and when checked.
+    assert pin_problems(f"env CLIMBER_SIM__USER_MODEL=1 {step} --set sim.user_model=2", user_model=1) != []
+    with pytest.raises(ValueError, match="user_model"):
+        load_frozen(_config(tmp_path, [step], user_model=3))
