@@ -181,7 +181,10 @@ def _plots(db_path: Path, out_dir: Path) -> list[Path]:
         axes[2].plot(rows["day"] - rows["day"].min(), rows["full_play_rate"], marker="o", label=arm)
     axes[2].set(title="Full plays per impression by arm (full days)", xlabel="day", ylabel="rate")
     axes[2].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[2].legend()
+    if daily.empty:  # a run shorter than one day has no full day to show
+        axes[2].text(0.5, 0.5, "no full day in this run", ha="center", va="center", transform=axes[2].transAxes)
+    else:
+        axes[2].legend()
     fig.tight_layout()
     path = out_dir / "overview.png"
     fig.savefig(path, dpi=110)
