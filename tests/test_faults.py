@@ -334,55 +334,75 @@ def test_a_valkey_restart_mid_stream_loses_no_user(broker, tmp_path, sim_batches
         assert all(process.poll() is None for process in workers)  # carried on: nothing was lost
 
 
+def _lose_the_feature_path_mid_run(run_dir, valkey, sim_batches, fault, match: str, pace_s: float = 0.0,
+                                   flush_after: bool = False):
+    """Feed half the log through a Kafka feature path (the first half reaches Feast), inject
+    `fault(path, valkey)`, then feed the rest until the path raises `FeaturePathLost`
+    matching `match`. Returns the events fed (recorded first, as EventPipeline does), the
+    path and the seconds its close took."""
+    from experiments.recorder import RunRecorder
+    from sandbox.kafka_transport import FeaturePathLost, KafkaFeaturePath
+
+    path = KafkaFeaturePath(run_dir, "", 4, valkey.connection_url, workers=1, max_seq_len=256, drain_timeout_s=120)
+    recorder = RunRecorder(run_dir / "sandbox.duckdb")
+    fed = []
+    try:
+        half = len(sim_batches) // 2
+        for batch in sim_batches[:half]:
+            recorder.log_events(batch)
+            path.on_events(batch)
+            fed.append(batch)
+        path.flush()  # the first half is in Feast
+        fault(path, valkey)
+        with pytest.raises(FeaturePathLost, match=match):
+            for batch in sim_batches[half:]:
+                recorder.log_events(batch)
+                fed.append(batch)
+                path.on_events(batch)
+                time.sleep(pace_s)
+            if flush_after:
+                path.flush()
+    finally:
+        started = time.monotonic()
+        path.close()
+        closed_in = time.monotonic() - started
+        recorder.close()
+    return EventBatch.concat(fed), path, closed_in
+
+
+def _repair_with_replay_into(tmp_path, run_dir, valkey, log, fault: str) -> None:
+    """Audit the store, rebuild it with `replay --into` from the run's DuckDB record, and
+    require the rebuilt store to equal the recompute from the log exactly."""
+    from sandbox.replay import replay
+    from sandbox.settings import SandboxSettings
+    from streaming.audit import audit_store
+
+    store = FeatureStoreClient(run_dir / "feast", "redis", valkey.connection_url)
+    before = audit_store(store, log)
+    settings = SandboxSettings(out=tmp_path / "runs", run_id="repair", online_store="redis",
+                               redis_url=valkey.connection_url)
+    result = replay(run_dir / "sandbox.duckdb", settings)
+    after = audit_store(store, log)
+    report_fault(fault, before, False, users_wrong_after_repair=after.users_wrong)
+    assert result.ok and after.users_wrong == 0 and after.track_counts_lost == after.track_counts_doubled == 0, after
+
+
 @pytest.mark.slow
 @pytest.mark.faults
 def test_a_store_that_lost_its_data_stops_the_workers_and_the_sandbox_and_replay_into_repairs_it(tmp_path, sim_batches):
     """Valkey loses everything mid-run (what a restart without persistence does; here a
     FLUSHALL): the worker refuses to write on (exit 3), the sandbox's feature path stops
     naming it, and `replay --into` rebuilds the store from the DuckDB record."""
-    from experiments.recorder import RunRecorder
-    from sandbox.kafka_transport import FeaturePathLost, KafkaFeaturePath
-    from sandbox.replay import replay
-    from sandbox.settings import SandboxSettings
-    from streaming.audit import audit_store
-
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with start_valkey(tmp_path / "valkey") as valkey:
-        path = KafkaFeaturePath(run_dir, "", 4, valkey.connection_url, workers=1, max_seq_len=256,
-                                drain_timeout_s=120)
-        recorder = RunRecorder(run_dir / "sandbox.duckdb")
-        fed = []
-        try:
-            half = len(sim_batches) // 2
-            for batch in sim_batches[:half]:
-                recorder.log_events(batch)
-                path.on_events(batch)
-                fed.append(batch)
-            path.flush()
-            valkey.client().flushall()
-            with pytest.raises(FeaturePathLost, match=r"exited with code 3 \(the online store lost its data\)"):
-                for batch in sim_batches[half:]:
-                    recorder.log_events(batch)
-                    fed.append(batch)
-                    path.on_events(batch)
-                    time.sleep(0.05)
-                path.flush()
-        finally:
-            path.close()
-            recorder.close()
+        log, _, _ = _lose_the_feature_path_mid_run(
+            run_dir, valkey, sim_batches, lambda path, valkey: valkey.client().flushall(),
+            r"exited with code 3 \(the online store lost its data\)", pace_s=0.05, flush_after=True)
         worker_log = (run_dir / "worker-sequences-0.log").read_text(errors="replace")
         assert "feature store lost its data" in worker_log
-        log = EventBatch.concat(fed)
-        store = FeatureStoreClient(run_dir / "feast", "redis", valkey.connection_url)
-        before = audit_store(store, log)
-        settings = SandboxSettings(out=tmp_path / "runs", run_id="repair", online_store="redis",
-                                   redis_url=valkey.connection_url)
-        result = replay(run_dir / "sandbox.duckdb", settings)
-        after = audit_store(store, log)
-        report_fault("Valkey emptied mid-run (as a restart without persistence; workers refuse, sandbox stops; "
-                     "replay --into repairs)", before, False, users_wrong_after_repair=after.users_wrong)
-        assert result.ok and after.users_wrong == 0 and after.track_counts_lost == after.track_counts_doubled == 0, after
+        _repair_with_replay_into(tmp_path, run_dir, valkey, log, "Valkey emptied mid-run (as a restart without "
+                                 "persistence; workers refuse, sandbox stops; replay --into repairs)")
 
 
 @pytest.mark.slow
@@ -427,50 +447,19 @@ def test_the_sandbox_stops_naming_what_a_lost_broker_cost_and_replay_into_repair
     """The sandbox's own in-memory broker dies mid-run: the feature path raises
     `FeaturePathLost` naming the users whose newest events never reached Feast, closes
     within bounded time, and `replay --into` rebuilds the live store from the DuckDB record."""
-    from experiments.recorder import RunRecorder
-    from sandbox.kafka_transport import FeaturePathLost, KafkaFeaturePath
-    from sandbox.replay import replay
-    from sandbox.settings import SandboxSettings
-    from streaming.audit import audit_store
+    def kill_the_broker(path, valkey) -> None:
+        path.broker.process.kill()
+        path.broker.process.wait()
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with start_valkey(tmp_path / "valkey") as valkey:
-        path = KafkaFeaturePath(run_dir, "", 4, valkey.connection_url, workers=1, max_seq_len=256,
-                                drain_timeout_s=120)
-        recorder = RunRecorder(run_dir / "sandbox.duckdb")
-        fed = []
-        try:
-            half = len(sim_batches) // 2
-            for batch in sim_batches[:half]:
-                recorder.log_events(batch)
-                path.on_events(batch)
-                fed.append(batch)
-            path.flush()  # the first half is in Feast
-            path.broker.process.kill()
-            path.broker.process.wait()
-            with pytest.raises(FeaturePathLost, match=r"in-memory.*users' newest events are not in Feast.*replay"):
-                for batch in sim_batches[half:]:
-                    recorder.log_events(batch)  # the record comes first, as in EventPipeline
-                    fed.append(batch)
-                    path.on_events(batch)
-        finally:
-            started = time.monotonic()
-            path.close()
-            closed_in = time.monotonic() - started
-            recorder.close()
+        log, path, closed_in = _lose_the_feature_path_mid_run(
+            run_dir, valkey, sim_batches, kill_the_broker, r"in-memory.*users' newest events are not in Feast.*replay")
         assert closed_in < 45, f"closing the feature path took {closed_in:.0f} s"
         assert not any(process.poll() is None for process in path.workers)
-        log = EventBatch.concat(fed)
-        store = FeatureStoreClient(run_dir / "feast", "redis", valkey.connection_url)
-        before = audit_store(store, log)
-        settings = SandboxSettings(out=tmp_path / "runs", run_id="repair", online_store="redis",
-                                   redis_url=valkey.connection_url)
-        result = replay(run_dir / "sandbox.duckdb", settings)
-        after = audit_store(store, log)
-        report_fault("local in-memory broker SIGKILLed mid-run (sandbox stops; replay --into repairs)", before,
-                     False, users_wrong_after_repair=after.users_wrong)
-        assert result.ok and after.users_wrong == 0 and after.track_counts_lost == after.track_counts_doubled == 0, after
+        _repair_with_replay_into(tmp_path, run_dir, valkey, log,
+                                 "local in-memory broker SIGKILLed mid-run (sandbox stops; replay --into repairs)")
 
 
 KILLED_SANDBOX = """
