@@ -58,7 +58,7 @@ class TrainResult:
     family: str
     size: str
     loss_history: list[tuple[int, float]] = field(default_factory=list)
-    # Grow-and-prune runs: the schedule, the final density and the rows swapped.
+    # Grow-and-prune runs: the schedule, the final density and the units swapped.
     growth: dict[str, Any] | None = None
     # Linear-layer FLOPs of this invocation's training forwards, done and as a dense run
     # would do them (ranker.training.growth.LinearFlopCounter); counted with growth or when asked.
@@ -205,7 +205,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] | None = None
     stop_after: int | None = None
     growth: GrowthConfig | None = None
-    count_linear_flops: bool = False
+    # Count Linear FLOPs (a TorchFunctionMode hook that costs time): None means with growth only.
+    count_linear_flops: bool | None = None
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -257,8 +258,9 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     if grow is not None:
         grow.start(step)
         say(f"grow-and-prune: density {growth.density} until step {grow.dense_step} of {total_steps}, "
-            f"updates every {growth.update_every} steps; {len(grow.layers)} prunable layers")
-    flop_counter = LinearFlopCounter(model, grow) if grow is not None or count_linear_flops else None
+            f"updates every {growth.update_every} steps; {len(grow.groups)} groups of units, {growth.implementation}")
+    counting = count_linear_flops if count_linear_flops is not None else grow is not None
+    flop_counter = LinearFlopCounter(model, grow) if counting else None
 
     n_hist, n_cand = typical_shape(train_log, max_len)
     flops = int(model.flops_per_request(n_hist, n_cand))
@@ -303,6 +305,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                     group["lr"] = learning_rate(step, total_steps, lr, warmup)
                 global_count = int(train_log.candidate_count[global_rows].sum())
                 batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
+                if grow is not None:
+                    grow.prepare(step)
                 with runtime.autocast(), flop_counter or nullcontext():
                     logits = net(batch)
                 loss = masked_bce_sum(logits, batch) * (runtime.world / global_count)
@@ -322,6 +326,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 if checkpoint_every and step % checkpoint_every == 0 and step < last_step:
                     checkpoint()
     train_seconds = time.perf_counter() - started
+    if grow is not None:
+        grow.release()  # full shapes for evaluation and whatever uses the model next
 
     metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
     if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
@@ -336,15 +342,15 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         final_train_loss=float(np.mean(recent)) if recent else float("nan"), checkpoint=out_dir,
         model_version=version, family=family, size=size, loss_history=loss_history,
         growth=None if grow is None else {**growth.to_dict(), "dense_step": grow.dense_step, "density_now": grow.density(),
-                                          "rows_swapped": grow.swapped},
+                                          "units_swapped": grow.swapped},
         linear_flops=flop_counter.summary() if flop_counter is not None else None,
     )
     if runtime.is_main and metrics:
-        if grow is not None:
+        if grow is not None and flop_counter is not None:
             counted = flop_counter.summary()
             say(f"grow-and-prune: {counted['linear_flops_share_done']:.3f} of the dense run's Linear FLOPs "
                 f"(prunable layers {counted['prunable_flops_done'] / max(1.0, counted['prunable_flops_dense']):.3f}), "
-                f"{grow.swapped} rows swapped, density now {grow.density():.2f}")
+                f"{grow.swapped} units swapped, density now {grow.density():.2f}")
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
             + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
             + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
