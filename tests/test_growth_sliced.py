@@ -121,3 +121,31 @@ def test_restore_brings_back_the_weights_a_unit_had_when_pruned(split):
                                before[rows[0]].index_select(0, rows[3][gone].flatten()))
     with pytest.raises(ValueError, match="regrow"):
         GrowthConfig(regrow="zeros")
+
+
+def test_resume_from_continues_a_full_size_model_on_a_newer_log(tmp_path):
+    from ranker.training.checkpoint import OPTIMIZER_FILE, read_checkpoint_meta
+    from ranker.training.train import main
+
+    old, new = tmp_path / "old.duckdb", tmp_path / "new.duckdb"
+    write_log(old, synthetic_log(n_requests=120, seed=0))
+    write_log(new, synthetic_log(n_requests=120, seed=1))
+    common = ["--db", str(old), "--batch-size", "8", "--device", "cpu", "--checkpoint-every", "0", "--steps", "4"]
+    first = main(["--model", "hstu", "--size", "xs", "--max-len", "16", "--out", str(tmp_path / "day0"),
+                  "--grow-prune", "--growth", "update_every=2", *common])
+    assert first.growth["density_now"] == 1.0  # offline phase: grow-and-prune, ending full size
+    # lr 0: the continued model must be exactly the one it continued (weights loaded), and
+    # AdamW's step count goes on from the first run's (optimizer state loaded).
+    common[1] = str(new)
+    again = main(["--resume-from", str(tmp_path / "day0"), "--out", str(tmp_path / "day1"), "--lr", "0", *common])
+    assert again.model_version.split("-")[-1] == first.model_version.split("-")[-1]
+    state = torch.load(tmp_path / "day1" / OPTIMIZER_FILE, weights_only=True)["optimizer"]["state"]
+    assert float(next(iter(state.values()))["step"]) == 8
+    meta = read_checkpoint_meta(tmp_path / "day1")
+    assert meta["resumed_from"]["model_version"] == first.model_version and meta["family"] == "hstu"
+    later = main(["--resume-from", str(tmp_path / "day1"), "--out", str(tmp_path / "day2"), *common])
+    assert later.model_version != again.model_version and np.isfinite(later.metrics["loss"])
+    with pytest.raises(ValueError, match="grow-and-prune applies to the offline"):
+        main(["--resume-from", str(tmp_path / "day1"), "--out", str(tmp_path / "x"), "--grow-prune", *common])
+    with pytest.raises(ValueError, match="max_len 16"):
+        main(["--resume-from", str(tmp_path / "day1"), "--out", str(tmp_path / "x"), "--max-len", "32", *common])

@@ -36,8 +36,8 @@ from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.training.metrics import ranking_report
 from ranker.models.config import _tuples
 from ranker.models.base import SequenceRanker
-from ranker.models import build_model, model_class
-from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
+from ranker.models import build_model, model_class, model_from_config
+from ranker.training.checkpoint import META_FILE, continue_from, read_checkpoint_meta, restore_checkpoint, save_checkpoint
 from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 
 console = Console()
@@ -207,6 +207,9 @@ class TrainConfig:
     growth: GrowthConfig | None = None
     # Count Linear FLOPs (a TorchFunctionMode hook that costs time): None means with growth only.
     count_linear_flops: bool | None = None
+    # Recurring training: continue the full-size model in this checkpoint folder (weights, and
+    # optimizer state where saved) on `db_path`, a newer log; a fresh LR schedule, steps from 0.
+    resume_from: str | Path | None = None
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -245,11 +248,19 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     last_step = total_steps if stop_after is None else min(total_steps, stop_after)
 
     torch.manual_seed(seed)
-    model = build_model(family, size, train_log.n_tracks,
-                        **config_overrides(max_len, model_overrides)).to(runtime.device)
+    parent = None if c.resume_from is None else parent_checkpoint(c, train_log.n_tracks)
+    if parent is not None:
+        model = model_from_config(family, parent["config"]).to(runtime.device)
+    else:
+        model = build_model(family, size, train_log.n_tracks,
+                            **config_overrides(max_len, model_overrides)).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     grow = GrowPrune(model, growth, total_steps, optimizer, seed) if growth is not None else None
     step = 0
+    if parent is not None and not (resume and (out_dir / META_FILE).exists()):
+        continue_from(c.resume_from, model, optimizer, runtime.device)
+        say(f"continuing {parent['model_version']} (step {parent['step']} of its run) from {c.resume_from} "
+            f"on {db_path or 'the given data'}")
     if resume and (out_dir / META_FILE).exists():
         step = restore_checkpoint(out_dir, model, optimizer, family, size, runtime.device, grow)
         say(f"resumed {family}-{size} from {out_dir} at step {step}")
@@ -277,6 +288,9 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
              "model_overrides": dict(model_overrides or {}),
              "growth": growth.to_dict() if growth is not None else None}
+    if parent is not None:
+        extra["resumed_from"] = {"checkpoint": str(c.resume_from), "model_version": parent["model_version"],
+                                 "step": parent["step"], "cutoff_ts": parent.get("cutoff_ts")}
 
     def checkpoint() -> str:
         version = ""
@@ -360,6 +374,26 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 + (f"{oracle:.3f}; this model closes {gap_closed(metrics['gauc/full_play'], popular, oracle):.0%} "
                    "of the gap" if np.isfinite(oracle) else "n/a (no oracle_engagement in this log)"))
     return result
+
+
+def parent_checkpoint(config: TrainConfig, n_tracks: int) -> dict[str, Any]:
+    """The metadata of the checkpoint `config.resume_from` continues, checked against the run."""
+    meta = read_checkpoint_meta(config.resume_from)
+    if config.growth is not None:
+        raise ValueError("--resume-from continues a full-size model; grow-and-prune applies to the offline "
+                         "(first) training only, as in arXiv 2105.01064: drop --grow-prune / --growth")
+    if (meta["family"], meta["size"]) != (config.family, config.size):
+        raise ValueError(f"{config.resume_from} holds {meta['family']}-{meta['size']}, not "
+                         f"{config.family}-{config.size}")
+    if meta["config"]["n_tracks"] != n_tracks:
+        raise ValueError(f"{config.resume_from} was trained on {meta['config']['n_tracks']} tracks, the log has "
+                         f"{n_tracks}: recurring training needs the same catalogue")
+    if meta["config"]["max_len"] != config.max_len:
+        raise ValueError(f"{config.resume_from} was trained with max_len {meta['config']['max_len']}, this run "
+                         f"asks for {config.max_len}")
+    if config.model_overrides:
+        raise ValueError("--resume-from takes the model config from the checkpoint; drop --set")
+    return meta
 
 
 # ----------------------------------------------------------------------------- command line
