@@ -21,8 +21,8 @@ from features.updater import FeatureUpdater
 from streaming.events import EventBatch
 from streaming.online_state import TrackStatsState
 
-from tests.test_features import HOUR_MS, assert_same_sequences, random_sequence
-from tests.test_features import event_log as features_event_log
+from tests.support import HOUR_MS, assert_same_sequences, random_sequence
+from tests.support import event_log as features_event_log
 
 EPOCH_2026_MS = 1_767_225_600_000
 
