@@ -14,7 +14,7 @@ from ranker.training.data import DAY_MS, load_request_log, split_by_time
 from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.training.train import masked_bce_sum
 from ranker.models import build_model
-from tests.conftest import synthetic_log, write_log
+from tests.support import synthetic_log, write_log
 
 torch.set_num_threads(1)
 CASES = {  # family, size, overrides: every stack a slice runs through

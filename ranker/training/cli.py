@@ -10,6 +10,7 @@ import typer
 from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option, parse_override
 
 train_app = typer.Typer(add_completion=False)
+DEFAULT_MAX_LEN = 256  # without --resume-from (which takes the checkpoint's)
 
 
 @train_app.command("train", cls=MultiValueCommand)
@@ -53,7 +54,7 @@ def train(
         max_len = max_len or meta["config"]["max_len"]
     if model is None or size is None:
         raise typer.BadParameter("--model and --size are required (or --resume-from CHECKPOINT)")
-    max_len = max_len or 256
+    max_len = max_len or DEFAULT_MAX_LEN
     config = TrainConfig(model, size, db, out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          device=device, resume=resume, max_len=max_len,
                          eval_window_ms=int(eval_window_h * 3_600_000), checkpoint_every=checkpoint_every,
