@@ -20,6 +20,8 @@ each outage is logged, and a store that lost its data stops the worker (`Feature
 Writes are fenced against a worker that lost its partitions without noticing (paused past
 a rebalance): sequence rows by compare-and-set on their high-water mark
 (`SequenceState`), track rows by a generation token per partition claimed on assignment.
+Track counts are exactly-once: each row carries per `events` partition the highest event id
+it counts, so an event forwarded or consumed again is skipped (`TrackStatsState`).
 
 Feast calls block; they run on `FeatureLane` threads. A worker runs both agents or, for the
 best sequence freshness, one of them (`role`, see `create_app`).
@@ -234,7 +236,7 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
     """track_stats applies each batch in memory and writes on a timer; a message is acked
     once a flush has written what it changed."""
     lane = FeatureLane(settings, "tracks")
-    tracks = TrackStatsState(lane.store)
+    tracks = TrackStatsState(lane.store, source_partitions=settings.partitions)  # exactly-once counts
     unflushed: list = []  # (stream, event) applied but not yet written
     flush_lock = asyncio.Lock()
 
