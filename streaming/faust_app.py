@@ -46,7 +46,7 @@ from streaming.events import DeadLetter, EventBatch
 from streaming.framing import (decode_event_messages, encode_dead_letter, pack_track_events,
                                unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
-from streaming.plausibility import PlausibilityGate
+from streaming.plausibility import PlausibilityGate, stored_reference
 from streaming.settings import StreamSettings
 from streaming.topics import TRACK_EVENTS_TOPIC
 
@@ -212,6 +212,8 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
         async for events in stream.noack_take(settings.batch_messages, within=settings.batch_ms / 1000):
             received = int(time.time() * 1000)
             batch, dead = decode_event_messages([e.value for e in events], map(_source, events), received)
+            if gate.needs_reference and len(batch):  # a fresh worker: judge its first batch by the store
+                gate.seed(*await lane.call(stored_reference, lane.store, batch))
             batch, implausible = gate.check(batch, f"{_source(events[0])}..{_source(events[-1])}", received,
                                             remember=False)
             dead += implausible
