@@ -220,8 +220,8 @@ def ab(
     """A/B lift of every arm against one of them (e.g. a larger model against a smaller one)."""
     from rich.console import Console
 
-    from experiments.analysis import ab_report, configured_shares
-    from sandbox.report import lift_tables
+    from experiments.analysis import ab_report, ceiling_from_record, configured_shares
+    from sandbox.report import ceiling_table, lift_tables
 
     if not db.exists():
         typer.secho(f"ab: no run record at {db}", fg="red", err=True)
@@ -234,6 +234,9 @@ def ab(
     console = Console()
     for table in lift_tables(lift, srm, control, confidence):
         console.print(table)
+    ceiling = ceiling_from_record(db, control)
+    if ceiling is not None:
+        console.print(ceiling_table(ceiling))
     if srm.mismatch:
         typer.secho(f"sample-ratio mismatch (p = {srm.p_value:.2g}): users per arm {srm.observed} do not match "
                     f"the configured shares; do not trust these lifts", fg="red", err=True)

@@ -118,6 +118,16 @@ def lift_tables(lift: pd.DataFrame, srm, control: str = "control", confidence: f
     return tables
 
 
+def ceiling_table(frame: pd.DataFrame) -> Table:
+    """`experiments.analysis.ceiling_frame` for the terminal (80 columns)."""
+    shown = pd.DataFrame({
+        "arm": frame["arm"], "ranker": frame["ranker"], "impressions": [f"{v:,}" for v in frame["impressions"]],
+        "full-play rate": [f"{v:.4f}" for v in frame["full_play_rate"]],
+        "gap closed": ["n/a" if not np.isfinite(v) else f"{v:.1%}" for v in frame["gap_closed"]]})
+    return _table("The oracle arm as the ceiling: full-play rate per impression", shown,
+                  caption=frame.attrs.get("caption"))
+
+
 def sections(result: SandboxResult) -> list[tuple[str, pd.DataFrame, list[Table]]]:
     """Each part of the summary: its title, its frame for report.html, and its terminal
     tables. In the terminal the wide frames are turned on their side (and each arm's lift

@@ -512,9 +512,14 @@ def test_tombstones_and_implausible_events_are_dead_letters_and_lose_no_batch_ma
     workers.append(spawn_worker(settings, tmp_path / "fresh.log"))
     i = a_play(rest)
     user, top_id, top_ts = int(rest.user_id[i]), int(log.event_id.max()), int(log.ts.max())
-    send(one(rest, i, event_id=10**15, ts=top_ts + 1), with_tombstones=False)
+    wild_id = 10**15 + 7  # not the id of the hostile event above
+    send(one(rest, i, event_id=wild_id, ts=top_ts + 1), with_tombstones=False)  # alone in the first batch
+    wild, deadline = [], time.monotonic() + 90
+    while not wild and time.monotonic() < deadline:
+        assert store.get_last_event_ids([user])[user] < wild_id, "the wild event was its own reference"
+        wild = [d for d in read_dead_letters(settings.bootstrap_servers, len(letters) + 1, timeout_s=2)
+                if str(wild_id) in d.payload]
+    assert wild and all("event_id more than" in d.reason for d in wild), wild
     send(one(rest, i, event_id=top_id + 1, ts=top_ts + 1), with_tombstones=False)
     wait_until_visible(store, {user: top_id + 1}, timeout_s=90)
-    wild = [d for d in read_dead_letters(settings.bootstrap_servers, len(letters) + 1) if "1000000000000000" in d.payload]
-    assert wild and all("event_id more than" in d.reason for d in wild), wild
     raw.close()
