@@ -15,6 +15,7 @@ def test_sandbox_command_runs_and_says_where_results_are(tmp_path):
                                  "--seed", "5", "--out", str(tmp_path), "--run-id", "cli"])
     assert result.exit_code == 0, result.output
     assert "Stylised facts" in result.output and "Engagement per arm" in result.output
+    assert " NO " not in result.output.split("Stylised facts")[1]  # the ranges are the logging policy's (issue 23)
     run_dir = tmp_path / "cli"
     assert (run_dir / "sandbox.duckdb").exists() and (run_dir / "report.html").exists()
     assert str(run_dir) in result.output
