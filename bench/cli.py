@@ -92,3 +92,37 @@ def bench_serve(
     from bench.serve import run_bench_serve
 
     return run_bench_serve(quick, size, threads, service_seconds, overrides=dict(overrides))
+
+
+@bench_app.command("serve-long")
+def bench_serve_long(
+    sizes: str = typer.Option("m,l", help="ladder sizes, comma-separated (depth and width of the shared ladder)"),
+    lengths: str = typer.Option("256,512,1024,2048,4096", help="history lengths n, comma-separated"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    sumi_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    sumi_n: int = typer.Option(1024),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:i"),
+    threads: int = typer.Option(1, help="torch threads on CPU"),
+    min_seconds: float = typer.Option(1.0, help="time each path at least this long (best of N)"),
+) -> Any:
+    """Cost against history length (ASTRO, HSTU, SASRec) and SUMI/incremental ratios beside FLOP ratios."""
+    import torch
+
+    from bench.serve_long import run_bench_serve_long
+
+    torch.set_num_threads(threads)
+    return run_bench_serve_long(tuple(size_name(s) for s in sizes.split(",")), tuple(int(n) for n in lengths.split(",")),
+                                candidates, sumi_size, sumi_n, device, min_seconds)
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    device: str = typer.Option("cuda", help="cuda (the point of it) or cpu (the same steps, to check them)"),
+    tiny: bool = typer.Option(False, "--tiny", help="tiny sizes: what make test runs, not for reporting"),
+    out: Optional[Path] = typer.Option(None, help="JSON path (default bench/results/gpu-<device>.json)"),
+    threads: int = typer.Option(1, help="torch threads on CPU (bench and server)"),
+) -> Any:
+    """Exactness of the device's serving path, then benchmarks 1, 2 and 5 on it (make bench-gpu)."""
+    from bench.gpu import run_bench_gpu
+
+    return run_bench_gpu(device, tiny, out, threads)
