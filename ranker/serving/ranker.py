@@ -93,14 +93,14 @@ class NeuralRanker:
 
     def __init__(self, model: SequenceRanker, model_version: str, sequences: SequenceSource,
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto") -> None:
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32") -> None:
         self.device = serving_device(device)
         self.model = prepare_for_serving(model, self.device)
         self.name = name or model.family
         self.version = str(model_version)
         self.sequences = sequences
         self.max_candidates = max_candidates
-        self.cache = UserKVCache(self.model, self.version, cache_bytes)
+        self.cache = UserKVCache(self.model, self.version, cache_bytes, kv_storage=kv_storage)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, sequences: SequenceSource, **kwargs) -> "NeuralRanker":
