@@ -126,3 +126,17 @@ def bench_gpu(
     from bench.gpu import run_bench_gpu
 
     return run_bench_gpu(device, tiny, out, threads)
+
+
+@bench_app.command("cache", cls=MultiValueCommand)
+def bench_cache(
+    spec: Path = typer.Option(Path("experiments/examples/model_sizes.yaml"), help="the experiment file to run"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override of the experiment, repeatable"),
+    long_n: int = typer.Option(1024, help="history length of the untrained model in the storage comparison"),
+    long_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+) -> Any:
+    """The KV cache in the closed loop (hit/extend/rebuild, bytes per user, rate against the byte
+    budget) and K/V storage in fp32/bf16/int8 (bytes and score error)."""
+    from bench.cache_economics import CacheBench, run_bench_cache
+
+    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size))
