@@ -94,10 +94,10 @@ def bench_serve(
     return run_bench_serve(quick, size, threads, service_seconds, overrides=dict(overrides))
 
 
-@bench_app.command("serve-long")
+@bench_app.command("serve-long", cls=MultiValueCommand)
 def bench_serve_long(
-    sizes: str = typer.Option("m,l", help="ladder sizes, comma-separated (depth and width of the shared ladder)"),
-    lengths: str = typer.Option("256,512,1024,2048,4096", help="history lengths n, comma-separated"),
+    sizes: list[str] = typer.Option(["m", "l"], help="ladder sizes, one or more (depth and width of the shared ladder)"),
+    lengths: list[int] = typer.Option([256, 512, 1024, 2048, 4096], help="history lengths n, one or more"),
     candidates: int = typer.Option(200, "--candidates", "-M"),
     sumi_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
     sumi_n: int = typer.Option(1024),
@@ -111,8 +111,8 @@ def bench_serve_long(
     from bench.serve_long import run_bench_serve_long
 
     torch.set_num_threads(threads)
-    return run_bench_serve_long(tuple(size_name(s) for s in sizes.split(",")), tuple(int(n) for n in lengths.split(",")),
-                                candidates, sumi_size, sumi_n, device, min_seconds)
+    return run_bench_serve_long(tuple(size_name(s) for s in sizes), tuple(lengths), candidates, sumi_size, sumi_n,
+                                device, min_seconds)
 
 
 @bench_app.command("gpu")
@@ -140,3 +140,19 @@ def bench_cache(
     from bench.cache_economics import CacheBench, run_bench_cache
 
     return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size))
+
+
+@bench_app.command("load")
+def bench_load(
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(256, help="history length of every user"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
+    seconds: float = typer.Option(10.0, help="length of each load run"),
+    users: int = typer.Option(200),
+) -> Any:
+    """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
+    from bench.load import run_bench_load
+
+    return run_bench_load(size, n, candidates, device, threads, seconds, users)

@@ -244,3 +244,28 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
         lines += ["", f"HTTP overhead at p50: one client over HTTP {svc['single_client']['p50_ms']:.2f} ms, one request "
                   f"in process {ceiling['single_p50_ms']:.2f} ms: **{svc['http_overhead_p50_ms']:+.2f} ms** (goal <= 1 ms)."]
     return lines
+
+
+def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
+                   seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
+                   save_as: str | None = "load") -> dict:
+    """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
+    p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
+    from bench.common import save
+    from bench.serve_common import console
+
+    started = time.time()
+    svc = bench_service(size, n, M, 32, seconds, users, threads, open_fractions=fractions, open_seconds=seconds,
+                        device=device, open_basis="ceiling")
+    half = next((r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5), None)
+    figures = {"service": svc, "wall_seconds": time.time() - started,
+               "goals": {"p99_over_p50_at_half_ceiling": 3.0, "http_overhead_p50_ms": 1.0},
+               "p99_over_p50_at_half_ceiling": half and half["p99_ms"] / half["p50_ms"]}
+    figures["markdown"] = "\n".join(service_markdown(svc, 20.0))
+    console.print(figures["markdown"])
+    if half:
+        console.print(f"at 50% of the ceiling: p99 / p50 = {figures['p99_over_p50_at_half_ceiling']:.1f} (goal <= 3); "
+                      f"HTTP overhead at p50 {svc['http_overhead_p50_ms']:+.2f} ms (goal <= 1 ms)")
+    if save_as:
+        console.print(f"written {save(save_as, figures)}")
+    return figures
