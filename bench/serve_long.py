@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from bench.serve_common import N_TRACKS, best_seconds, console, prefix, random_sequence, repeat_rows
@@ -91,13 +92,12 @@ def bench_lengths(sizes: tuple[str, ...], ns: tuple[int, ...], M: int, device: t
     return rows
 
 
-def growth_exponent(rows: list[dict], family: str, size: str, key: str = "cold_ms") -> float:
-    """Slope of log(latency) against log(n) between the two longest lengths: how cost grows there."""
-    points = sorted((r["n"], r[key]) for r in rows if r["family"] == family and r["size"] == size)
-    (n0, t0), (n1, t1) = points[-2], points[-1]
-    import math
-
-    return math.log(t1 / t0) / math.log(n1 / n0)
+def growth_exponent(rows: list[dict], family: str, size: str, key: str = "cold_ms", points: int = 3) -> float:
+    """Least-squares slope of log(latency) against log(n) over the `points` longest lengths:
+    how cost grows at long n (one pair of points is at the mercy of one noisy timing)."""
+    xy = sorted((r["n"], r[key]) for r in rows if r["family"] == family and r["size"] == size)[-points:]
+    x, y = np.log([n for n, _ in xy]), np.log([t for _, t in xy])
+    return float(np.polyfit(x, y, 1)[0])
 
 
 def length_summary(rows: list[dict]) -> dict:
@@ -193,7 +193,8 @@ def markdown(lengths: list[dict], summary: dict, sumi: dict, device: str) -> lis
         exps = ", ".join(f"{f} {e:.2f}" for f, e in s["exponents"].items())
         ratio = (f"; HSTU / ASTRO cold at n={s['n']}: **{s['hstu_over_astro_cold']:.2f}x** "
                  f"(FLOP ratio {s['hstu_over_astro_cold_flops']:.2f})" if "hstu_over_astro_cold" in s else "")
-        lines.append(f"\nSize {size}: growth exponent of cold latency between the two longest n: {exps}{ratio}.")
+        lines.append(f"\nSize {size}: growth exponent of cold latency (log-log slope over the three longest n): "
+                     f"{exps}{ratio}.")
     r = sumi["ratios"]
     lines += ["", f"SUMI and incremental, {sumi['family']}-{sumi['size']} ({sumi['n_layers']} layers), n={sumi['n']}, "
               f"M={sumi['M']} (device {device}):", "",
