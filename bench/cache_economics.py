@@ -1,11 +1,11 @@
 """The per-user KV cache's economics (`climber bench cache`): what fits, and what a miss costs.
 
 3. The cache in the closed loop: an experiment run (experiments/examples/model_sizes.yaml by
-   default) with every neural arm's cache logging each lookup (user, outcome, the entry's
-   bytes) under no byte budget. An LRU replay of that log then gives the hit, extend and
-   rebuild rates at any budget, from 1% to 100% of the working set (every user's entry
-   kept), exactly as the cache would have served them: with an entry present a lookup has
-   the outcome it had in the run, without one it is a rebuild.
+   default), whose record keeps every neural arm's cache lookups (user, outcome, the entry's
+   bytes: the kv_cache_lookups table) under a budget that evicted nothing. An LRU replay of
+   that log gives the hit, extend and rebuild rates at any budget, from 1% to 100% of the
+   working set (every user's entry kept): with an entry present a lookup has the outcome it
+   had in the run, without one it is a rebuild.
 4. Storage precision: K/V at rest in fp32, bf16 and int8 (per-row scale), bytes per user and
    the score error against fp32 over M = 200 candidates (max abs, Kendall tau of the
    ranking), on the run's trained models and on an untrained size-l model at n = 1024.
@@ -15,18 +15,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
 from bench.serve_common import N_TRACKS, console, random_sequence
-from ranker.serving.cache import HistoryBuffer, UserKVCache, _token_bytes
+from ranker.serving.cache import UserKVCache, _token_bytes
 from ranker.serving.kv_storage import STORAGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,34 +40,8 @@ OUTCOMES = ("hit", "incremental", "rebuild")
 @dataclass
 class Lookup:
     user: int
-    outcome: str  # one of OUTCOMES, as served with no byte budget
+    outcome: str  # one of OUTCOMES, as served in the run
     nbytes: int  # the entry's bytes after the lookup
-
-
-class TracingCache(UserKVCache):
-    """A UserKVCache with no byte budget that logs every lookup (bench only: the experiment's
-    rankers build one in place of the plain cache while `traced_caches` is active)."""
-
-    instances: list["TracingCache"] = []
-
-    def __init__(self, model, model_version, budget_bytes=0, *args, **kwargs):
-        super().__init__(model, model_version, 2**50, *args, **kwargs)
-        self.log: list[Lookup] = []
-        TracingCache.instances.append(self)
-
-    def _reuse(self, user, window):
-        hits, incremental = self.stats.hits, self.stats.incremental
-        out = super()._reuse(user, window)
-        if self.stats.hits > hits or self.stats.incremental > incremental:
-            entry = self._entries[(user, self.model_version)]
-            self.log.append(Lookup(user, "hit" if self.stats.hits > hits else "incremental", entry.nbytes))
-        return out
-
-    def _store(self, user, window, history: HistoryBuffer, counted: bool = True):
-        out = super()._store(user, window, history, counted)
-        if counted:
-            self.log.append(Lookup(user, "rebuild", self._entries[(user, self.model_version)].nbytes))
-        return out
 
 
 def replay_lru(log: list[Lookup], budget: float) -> dict:
@@ -97,33 +73,50 @@ def working_set(log: list[Lookup]) -> tuple[int, int]:
     return sum(latest.values()), len(latest)
 
 
-def traced_run(spec_file: Path, overrides: list[str], out: Path) -> tuple[Path, dict[str, TracingCache]]:
-    from experiments.runner import run_experiment
-    from experiments.spec import load_spec
-
-    spec = load_spec(spec_file, overrides)
-    TracingCache.instances = []
-    with mock.patch("ranker.serving.ranker.UserKVCache", TracingCache):
-        run_dir = run_experiment(spec, out, progress=True)
-    arms = [arm for arm in spec.arms if arm in spec.trained_arms()]
-    if len(arms) != len(TracingCache.instances):
-        raise RuntimeError(f"expected one cache per neural arm {arms}, got {len(TracingCache.instances)}")
-    return run_dir, dict(zip(arms, TracingCache.instances))
+def experiment_run(spec_file: Path, overrides: list[str], out: Path) -> Path:
+    """The experiment as `climber experiment run` runs it, in a subprocess (bench sits beside
+    experiments in the layering, not above it); returns the run folder."""
+    command = [sys.executable, "-m", "sandbox.cli", "experiment", "run", str(spec_file), "--out", str(out),
+               *[arg for o in overrides for arg in ("--set", o)]]
+    subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    (run_dir,) = [p.parent for p in out.glob("*/sandbox.duckdb")]
+    return run_dir
 
 
-def closed_loop_figures(caches: dict[str, TracingCache], fractions=FRACTIONS) -> dict:
+def read_lookups(run_dir: Path) -> dict[str, dict]:
+    """Per neural arm: its model, the cache's counters and its lookup log (kv_cache_lookups)."""
+    import duckdb
+
+    con = duckdb.connect(str(run_dir / "sandbox.duckdb"), read_only=True)
+    try:
+        counters = con.execute("SELECT * FROM kv_cache ORDER BY arm").df()
+        models = con.execute("SELECT arm, family, size FROM arm_models").df().set_index("arm")
+        rows = con.execute("SELECT arm, user_id, outcome, bytes FROM kv_cache_lookups ORDER BY arm, seq").fetchall()
+    finally:
+        con.close()
     arms = {}
-    for arm, cache in caches.items():
-        total, users = working_set(cache.log)
-        cfg = cache.model.config
-        arms[arm] = {"model": f"{cache.model.family} d={cfg.d_model} layers={cfg.n_layers}", "max_len": cfg.max_len,
-                     "lookups": len(cache.log), "users": users, "working_set_bytes": total,
+    for record in counters.to_dict("records"):
+        arm = record["arm"]
+        if record["evictions"]:  # the log then holds budget-limited outcomes, not the unbounded ones
+            raise RuntimeError(f"{arm}: the run's cache evicted {record['evictions']} entries at "
+                               f"{record['budget_bytes']:,} bytes; rerun with a larger cache budget")
+        arms[arm] = {"model": f"{models.loc[arm, 'family']}-{models.loc[arm, 'size']}", "counters": record,
+                     "log": [Lookup(int(u), o, int(b)) for a, u, o, b in rows if a == arm]}
+    return arms
+
+
+def closed_loop_figures(arms_in: dict[str, dict], fractions=FRACTIONS) -> dict:
+    arms = {}
+    for arm, a in arms_in.items():
+        log = a["log"]
+        total, users = working_set(log)
+        arms[arm] = {"model": a["model"], "lookups": len(log), "users": users, "working_set_bytes": total,
                      # a user's first lookup is a rebuild at any budget; the other rebuilds
                      # with no budget are windows that slid (or changed) since the last one
-                     "first_lookup_rate": users / max(len(cache.log), 1),
+                     "first_lookup_rate": users / max(len(log), 1),
                      "bytes_per_user": total / max(users, 1),
-                     "unbounded": replay_lru(cache.log, float("inf")),
-                     "curve": [{"fraction": f, "budget_bytes": f * total, **replay_lru(cache.log, f * total)}
+                     "unbounded": replay_lru(log, float("inf")),
+                     "curve": [{"fraction": f, "budget_bytes": f * total, **replay_lru(log, f * total)}
                                for f in fractions]}
     return arms
 
@@ -251,11 +244,11 @@ def run_bench_cache(cfg: CacheBench) -> dict:
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        console.print(f"bench cache: 1/2 experiment run {cfg.spec_file.name} {' '.join(cfg.overrides)}, caches traced")
-        run_dir, caches = traced_run(cfg.spec_file, cfg.overrides, Path(tmp))
-        arms = closed_loop_figures(caches)
+        console.print(f"bench cache: 1/2 experiment run {cfg.spec_file.name} {' '.join(cfg.overrides)}")
+        run_dir = experiment_run(cfg.spec_file, cfg.overrides, Path(tmp))
+        arms = closed_loop_figures(read_lookups(run_dir))
         console.print("bench cache: 2/2 storage precision")
-        storage = storage_figures(run_dir, list(caches), cfg.long_n, cfg.long_size)
+        storage = storage_figures(run_dir, list(arms), cfg.long_n, cfg.long_size)
     figures = {"spec": str(cfg.spec_file.relative_to(REPO)) if cfg.spec_file.is_relative_to(REPO) else str(cfg.spec_file),
                "overrides": cfg.overrides, "closed_loop": arms, "storage": storage,
                "wall_seconds": time.time() - started}

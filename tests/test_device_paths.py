@@ -21,7 +21,7 @@ from ranker.batch import random_batch
 from ranker.models import build_model
 from ranker.serving.cache import UserKVCache, history_batch
 from ranker.serving.ranker import prepare_for_serving
-from tests.conftest import ASTRO_BLOCKS, TINY_MODEL
+from tests.support import ASTRO_BLOCKS, TINY_MODEL
 
 DEVICE = torch.device(os.environ.get("CLIMBER_TEST_DEVICE", "cpu"))
 EXACT = 1e-4  # fp32 vs fp32, ranking score

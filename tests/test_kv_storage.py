@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from ranker.serving.cache import UserKVCache
 from ranker.serving.kv_storage import STORAGES, pack, pack_reference, unpack, unpack_reference
-from tests.test_kv_cache import N_TRACKS, append, cached_scores, full_recompute_scores, random_sequence, tiny_model
+from tests.support import cached_scores, full_recompute_scores
+from tests.support import kv_append as append
+from tests.support import kv_sequence as random_sequence
+from tests.support import kv_tiny_model as tiny_model
 
 PACKED_SCORE_TOLERANCE = {"bf16": 2e-2, "int8": 2e-2}  # ranking score vs the fp32 recompute (docs/serving.md)
 

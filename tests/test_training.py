@@ -21,7 +21,7 @@ from ranker.batch import TASKS
 from ranker.training.data import DAY_MS, import_interactions, iterate_batches, load_request_log, split_by_time
 from ranker.training.metrics import auc, gauc, logloss, ndcg_at_k
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, EventBatch
-from tests.conftest import TRAINING_LOG_TRACKS, synthetic_log, write_log
+from tests.support import TRAINING_LOG_TRACKS, synthetic_log, write_log
 
 torch.set_num_threads(1)
 N_TRACKS = TRAINING_LOG_TRACKS

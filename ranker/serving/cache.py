@@ -261,6 +261,10 @@ class UserKVCache:
         self.budget_bytes = int(budget_bytes)
         self.headroom = headroom
         self.stats = CacheStats()
+        # Set to a list to record every lookup of a user with history as (user, outcome,
+        # the entry's bytes after it), outcome "hit", "incremental" or "rebuild": what an
+        # experiment keeps to replay the cache at other byte budgets (bench.cache_economics).
+        self.lookup_log: list[tuple[int, str, int]] | None = None
         self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
         self.set_model(model, model_version)
 
@@ -326,6 +330,7 @@ class UserKVCache:
                 and _same_tokens(entry.window, window, cached):
             self.stats.hits += 1
             self._entries.move_to_end(key)
+            self._log(user, "hit", entry.nbytes)
             return entry.history.view() if isinstance(entry.history, HistoryBuffer) else entry.history.unpacked()
         if cached < len(window) and can_extend(self.model, cached, len(window)) \
                 and _same_tokens(entry.window, window, cached):
@@ -335,11 +340,16 @@ class UserKVCache:
                            self.incremental)
             self.stats.incremental += 1
             self._drop(key, count=False)
-            return self._store(user, window, entry.history, counted=False)
+            return self._store(user, window, entry.history, counted=False, outcome="incremental")
         self._drop(key, count=False)
         return None
 
-    def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True) -> HistoryCache:
+    def _log(self, user: int, outcome: str, nbytes: int) -> None:
+        if self.lookup_log is not None:
+            self.lookup_log.append((user, outcome, nbytes))
+
+    def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True,
+               outcome: str = "rebuild") -> HistoryCache:
         """Insert as most recent, evicting least recent entries to fit the budget."""
         if counted:
             self.stats.rebuilds += 1
@@ -348,6 +358,7 @@ class UserKVCache:
             stored = PackedHistory.from_view(history.view(), self.kv_storage)
         nbytes = stored.nbytes + _token_bytes(window)
         view = history.view() if stored is history else stored.unpacked()
+        self._log(user, outcome, nbytes)
         if nbytes > self.budget_bytes:
             self.stats.oversized += 1
             return view
