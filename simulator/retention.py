@@ -12,7 +12,6 @@ half of the users, the same candidates in random order for the other half.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,25 +83,35 @@ def run_shuffle_ab(config: SimConfig, n_candidates: int = 100) -> tuple[list[Lif
     return compare_arms(activity, treated, covariate=platform.users.sessions_per_day), platform
 
 
-def main(argv: list[str] | None = None) -> None:
-    defaults = SimConfig()
-    parser = argparse.ArgumentParser(description="Oracle ranking against the same candidates shuffled: retention")
-    parser.add_argument("--users", type=int, default=defaults.n_users)
-    parser.add_argument("--tracks", type=int, default=defaults.n_tracks)
-    parser.add_argument("--days", type=float, default=defaults.days)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    config = SimConfig(n_users=args.users, n_tracks=args.tracks, days=args.days, seed=args.seed)
+def report(config: SimConfig) -> None:
+    """Run the shuffle A/B on `config` and print each metric's lift and the churned users."""
     lifts, platform = run_shuffle_ab(config)
-    print(f"{args.users} users, {args.tracks} tracks, {args.days:g} days, seed {args.seed}: "
+    print(f"{config.n_users} users, {config.n_tracks} tracks, {config.days:g} days, seed {config.seed}: "
           f"control = oracle order, treatment = same candidates shuffled")
     print(f"{'metric':18s} {'control':>9s} {'treatment':>9s} {'lift':>8s} {'p (CUPED)':>9s}")
     for lift in lifts:
         print(f"{lift.metric:18s} {lift.control:9.2f} {lift.treatment:9.2f} {lift.relative:+8.1%} {lift.p_value:9.2g}")
-    churned = platform.returns.churned if platform.returns is not None else np.zeros(args.users, bool)
-    treated = np.arange(args.users) % 2 == 1
+    churned = platform.returns.churned if platform.returns is not None else np.zeros(config.n_users, bool)
+    treated = np.arange(config.n_users) % 2 == 1
     print(f"users gone for good: control {churned[~treated].sum()}, treatment {churned[treated].sum()}")
 
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m simulator.retention [--users --tracks --days --seed]` (the CLI is built here,
+    so importing this module for its functions costs no typer app)."""
+    import typer
+
+    from sandbox.cli_options import run_command
+
+    defaults = SimConfig()
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help="Oracle ranking against the same candidates shuffled: retention")
+    def retention(users: int = typer.Option(defaults.n_users), tracks: int = typer.Option(defaults.n_tracks),
+                  days: float = typer.Option(defaults.days), seed: int = typer.Option(defaults.seed)) -> None:
+        report(SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed))
+
+    run_command(app, argv, "python -m simulator.retention")
 
 if __name__ == "__main__":
     main()

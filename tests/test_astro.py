@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ranker.models.astro import AstroModel
 from ranker.batch import TASKS, RankBatch
-from ranker.models.hstu import HSTULayer
 from ranker.models.embedding import TARGET_BEHAVIOUR, log_bucket, seconds_bucket
 from ranker.serving.cache import HistoryBuffer
 from ranker.serving.incremental import extend_history
@@ -23,10 +22,13 @@ from ranker.models.reference import (
     astro_reference, in_block, pointwise_reference, reference_candidate_token, reference_history_tokens,
 )
 from streaming.events import BEHAVIOURS, SCENARIOS
-from tests.conftest import TINY_ASTRO
+from tests.support import (TINY_ASTRO, TINY_TRACKS as N_TRACKS, assert_real_candidates_close, batch_with_edge_cases,
+                           check_gradients_reach_every_parameter, check_one_cached_history_scores_many_requests,
+                           check_padding_changes_no_real_score, check_prefix_keys_and_values_never_change,
+                           check_shuffling_candidates_only_shuffles_scores, randomise_relative_bias,
+                           torch_transformer_logits)
 
 torch.set_num_threads(1)
-N_TRACKS = 40
 TINY = TINY_ASTRO  # ASTRO's blocks, not xs's one block
 
 
@@ -40,35 +42,6 @@ def tiny_astro(**overrides) -> AstroModel:
         with torch.no_grad():
             model.temperature.mlp[2].weight.normal_(std=0.5)
     return randomise_relative_bias(model)
-
-
-def randomise_relative_bias(model):
-    """rab starts at zero; give every HSTU layer's rab values so the pointwise references
-    exercise it (a model without HSTU layers is returned unchanged)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, HSTULayer):
-                module.rab_position.weight.normal_(std=0.5)
-                module.rab_time.weight.normal_(std=0.5)
-    return model
-
-
-def batch_with_edge_cases(seed: int = 0, B: int = 4, n: int = 20, M: int = 5) -> RankBatch:
-    """Ragged histories including an empty one, and a padded candidate slot."""
-    batch = random_batch(B, n, M, N_TRACKS, seed=seed)
-    batch.history_lengths[0] = 0
-    batch.history_lengths[1] = n
-    real = torch.arange(n)[None] < batch.history_lengths[:, None]
-    for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts"):
-        setattr(batch, name, getattr(batch, name) * real)
-    batch.candidate_mask[2, -1] = False
-    batch.candidate_tracks[2, -1] = 0
-    return batch
-
-
-def assert_real_candidates_close(actual: torch.Tensor, expected: torch.Tensor, batch: RankBatch) -> None:
-    mask = batch.candidate_mask
-    torch.testing.assert_close(actual[mask], expected[mask], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- equivalence
@@ -116,99 +89,8 @@ def test_one_pointwise_block_with_fixed_temperature_is_the_hstu_baseline():
     assert astro_flops["temperature"] == astro_flops["fusion"] == 0
 
 
-def torch_transformer_logits(model, layers, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model logits, logits of nn.TransformerEncoderLayers holding the same weights)."""
-    cfg = model.config
-    reference = []
-    for layer in layers:
-        ref = torch.nn.TransformerEncoderLayer(
-            cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
-        )
-        ref.self_attn.in_proj_weight.data.copy_(layer.qkv.weight)
-        ref.self_attn.in_proj_bias.data.copy_(layer.qkv.bias)
-        ref.self_attn.out_proj.load_state_dict(layer.out.state_dict())
-        ref.linear1.load_state_dict(layer.ffn[0].state_dict())
-        ref.linear2.load_state_dict(layer.ffn[3].state_dict())
-        ref.norm1.load_state_dict(layer.norm1.state_dict())
-        ref.norm2.load_state_dict(layer.norm2.state_dict())
-        reference.append(ref.eval())
-    with torch.no_grad():
-        lengths = batch.history_lengths
-        last_ts = torch.stack([batch.history_ts[r, max(int(l) - 1, 0)] if l else torch.tensor(0) for r, l in enumerate(lengths)])
-        x = torch.cat([model.embed.history(batch), model.embed.candidates(batch, lengths, last_ts)], dim=1)
-        n, M = batch.history_tracks.shape[1], batch.candidate_tracks.shape[1]
-        allowed = torch.zeros(len(lengths), n + M, n + M, dtype=torch.bool)
-        allowed[:, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[:, n:, :n] = batch.history_mask[:, None, :]
-        allowed[:, n:, n:] = torch.eye(M, dtype=torch.bool)
-        disallowed = (~allowed).repeat_interleave(cfg.n_heads, dim=0)  # [B * heads, L, L]
-        for ref in reference:
-            x = ref(x, src_mask=disallowed)
-        return model(batch), model.heads(x[:, n:])
-
-
 # ----------------------------------------------------------------------------- invariances
-# The check_* functions are shared with tests/test_model_baselines.py (every family must pass).
-
-def check_shuffling_candidates_only_shuffles_scores(model) -> None:
-    batch = batch_with_edge_cases(seed=3)
-    perm = torch.randperm(batch.candidate_tracks.shape[1], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = model(batch)
-        batch.candidate_tracks, batch.candidate_mask = batch.candidate_tracks[:, perm], batch.candidate_mask[:, perm]
-        torch.testing.assert_close(model(batch), base[:, perm])
-
-
-def check_padding_changes_no_real_score(model) -> None:
-    """Extra padded candidates and extra history padding columns leave real logits alone."""
-    batch = batch_with_edge_cases(seed=4)
-    real, M = batch.candidate_mask.clone(), batch.candidate_tracks.shape[1]
-    with torch.no_grad():
-        base = model(batch)
-        B = len(batch.history_lengths)
-        batch.candidate_tracks = torch.cat([batch.candidate_tracks, torch.randint(0, N_TRACKS, (B, 3))], 1)
-        batch.candidate_mask = torch.cat([batch.candidate_mask, torch.zeros(B, 3, dtype=torch.bool)], 1)
-        for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts"):
-            setattr(batch, name, torch.nn.functional.pad(getattr(batch, name), (0, 4)))
-        padded = model(batch)
-    torch.testing.assert_close(padded[:, :M][real], base[real])
-
-
-def check_prefix_keys_and_values_never_change(model) -> None:
-    """What TURBO's incremental KV cache relies on: appending events leaves a prefix's K/V alone."""
-    full = random_batch(2, 16, 3, N_TRACKS, seed=5, min_length=16)
-    prefix = random_batch(2, 16, 3, N_TRACKS, seed=5, min_length=16)
-    prefix.history_lengths = torch.tensor([10, 13])
-    with torch.no_grad():
-        long_cache, short_cache = model.encode_history(full), model.encode_history(prefix)
-    for long_block, short_block in zip(long_cache.blocks, short_cache.blocks):
-        for row in range(2):
-            keep = int(short_block.lengths[row])
-            for k_long, k_short, v_long, v_short in zip(long_block.keys, short_block.keys, long_block.values, short_block.values):
-                torch.testing.assert_close(k_long[row, :, :keep], k_short[row, :, :keep])
-                torch.testing.assert_close(v_long[row, :, :keep], v_short[row, :, :keep])
-
-
-def check_one_cached_history_scores_many_requests(model) -> None:
-    """forward == score_candidates(encode_history(...)), with the cache reused across requests."""
-    batch = random_batch(1, 12, 4, N_TRACKS, seed=6, min_length=5)
-    more = random_batch(3, 12, 4, N_TRACKS, seed=7)
-    for name in ("history_tracks", "history_behaviours", "history_scenarios", "history_ts", "history_lengths"):
-        setattr(more, name, getattr(batch, name).expand(3, *getattr(batch, name).shape[1:]).clone())
-    with torch.no_grad():
-        cache = model.encode_history(batch).select(torch.zeros(3, dtype=torch.long))
-        torch.testing.assert_close(model.score_candidates(cache, more), model(more))
-        torch.testing.assert_close(model(more), model.score_candidates(model.encode_history(more), more))
-
-
-def check_gradients_reach_every_parameter(model) -> None:
-    model.train()
-    batch = random_batch(3, 12, 4, N_TRACKS, seed=9, min_length=6)
-    model(batch).sum().backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert missing == []
-
+# The check_* functions (tests/support.py) hold every family to the same properties.
 
 @pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
 def test_shuffling_candidates_only_shuffles_scores(block_attention):

@@ -139,3 +139,34 @@ def test_import_turns_an_interaction_file_into_a_log_training_reads(tmp_path):
     missing = runner.invoke(app, ["import", str(source), "--db", str(tmp_path / "x.duckdb"), "--user", "who",
                                   "--item", "song", "--time", "at"])
     assert missing.exit_code == 2 and "lacks column(s) ['who']" in missing.output
+
+
+def test_the_python_m_tools_keep_their_flags(monkeypatch, capsys):
+    """`python -m simulator`, `simulator.retention`, `bench.stream_drain` and `bench.stream_table`
+    (typer, like `climber`): every flag, the hidden worker modes the benchmarks spawn, and a
+    clear exit 2 for a bad value."""
+    import bench.stream_drain as drain
+    import bench.stream_table as table
+    import simulator.__main__ as alone
+    import simulator.retention as retention
+
+    calls = []
+    monkeypatch.setattr(retention, "report", lambda config: calls.append(config))
+    monkeypatch.setattr(drain, "drain", lambda *args: calls.append(("drain", args)))
+    monkeypatch.setattr(table, "table_worker", lambda *args: calls.append(("table worker", args)))
+    monkeypatch.setattr(table, "bench_table", lambda events: calls.append(("table", events)) or 1.0)
+    retention.main(["--users", "30", "--tracks", "300", "--days", "1.5", "--seed", "4"])
+    drain.main(["--events", "7"])
+    drain.main(["--ack-only-worker", '{"bootstrap": "x"}'])
+    table.main(["--worker", "localhost:9092", "1234", "/tmp/d"])
+    table.main(["--events", "5"])
+    config = calls[0]
+    assert (config.n_users, config.n_tracks, config.days, config.seed) == (30, 300, 1.5, 4)
+    assert calls[1:] == [("drain", (7, None)), ("drain", (100_000, '{"bootstrap": "x"}')),
+                         ("table worker", ("localhost:9092", 1234, "/tmp/d")), ("table", 5)]
+    alone.main(["--policy", "popularity", "--users", "20", "--tracks", "200", "--days", "0.2", "--seed", "3",
+                "--window-ms", "60000", "--sessions-per-day", "2.0"])
+    assert "popularity:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        alone.main(["--policy", "best"])
+    assert exit_.value.code == 2 and "'best' is not one of" in capsys.readouterr().err

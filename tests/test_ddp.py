@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ranker.training.checkpoint import WEIGHTS_FILE
 from ranker.training.train import TrainConfig, train
 from ranker.models import build_model
-from tests.conftest import TRAINING_LOG_TRACKS as N_TRACKS, synthetic_log, write_log
+from tests.support import TRAINING_LOG_TRACKS as N_TRACKS, synthetic_log, write_log
 
 TRAIN_ARGS = dict(steps=5, batch_size=16, lr=3e-3, max_len=32, device="cpu", checkpoint_every=0,
                   eval_window_ms=86_400_000, model_overrides={"dropout": 0.0})

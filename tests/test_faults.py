@@ -28,6 +28,7 @@ from bench.stream import simulated_log
 from streaming.events import EventBatch
 from streaming.online_state import SequenceState
 from streaming.valkey import start_valkey
+from tests.support import assigned_partitions
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +219,6 @@ def produce(settings, batches: list[EventBatch], seconds: float) -> threading.Th
 
 
 def latest_assignment(path: Path) -> set[int]:
-    from tests.test_streaming_kafka import assigned_partitions
-
     lines = [line for line in path.read_text(errors="replace").splitlines() if "assigned events[" in line]
     return assigned_partitions(lines[-1]) if lines else set()
 

@@ -15,14 +15,15 @@ from hypothesis import given, settings, strategies as st
 from features.feast_codec import (decode_float64_lists, decode_int64_lists, decode_int64s, encode_float64_lists,
                                   encode_int64_lists, encode_int64s)
 from features.sequence import UserSequence, apply_events, apply_events_reference, sequences_from_log
-from features.store import FeatureStoreClient, _FeatureColumns, _sqlite_ts
+from features.sqlite_rows import FeatureColumns, sqlite_ts
+from features.store import FeatureStoreClient
 from features.track_stats import TrackStats, apply_track_events, apply_track_events_reference
 from features.updater import FeatureUpdater
 from streaming.events import EventBatch
 from streaming.online_state import TrackStatsState
 
-from tests.test_features import HOUR_MS, assert_same_sequences, random_sequence
-from tests.test_features import event_log as features_event_log
+from tests.support import HOUR_MS, assert_same_sequences, random_sequence
+from tests.support import event_log as features_event_log
 
 EPOCH_2026_MS = 1_767_225_600_000
 
@@ -126,11 +127,11 @@ def test_multi_row_upsert_stores_the_rows_executemany_stores(client, tmp_path, u
     for store, method in ((client, "upsert"), (reference, "upsert_reference")):
         values = list(seqs.values())
         lengths = np.array([len(s) for s in values])
-        columns = _FeatureColumns(len(values))
+        columns = FeatureColumns(len(values))
         columns.int64_lists(("track_ids", "timestamps"), [np.concatenate([s.track_ids for s in values]),
                                                           np.concatenate([s.timestamps for s in values])], lengths)
         columns.int64s(("length",), [lengths])
-        stamps = [_sqlite_ts(1_767_225_600_123)] * users
+        stamps = [sqlite_ts(1_767_225_600_123)] * users
         getattr(store._sqlite, method)(store._table("user_sequence"), store._keys("user_id", list(seqs)), columns,
                                        stamps)
 

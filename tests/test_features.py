@@ -21,33 +21,7 @@ from features.track_stats import (
     N_BEHAVIOURS, RECENT_FEATURES, RECENT_TAU_MS, TOTAL_FEATURES, TrackStats, apply_track_events,
 )
 from streaming.events import BEHAVIOUR_CODE, EventBatch
-
-HOUR_MS = 3600 * 1000
-
-
-def event_log(n: int, n_users: int = 20, n_tracks: int = 30, span_ms: int = 72 * HOUR_MS, seed: int = 0,
-              start_ms: int = 0) -> EventBatch:
-    """Events in emission order (ids and times ascending) spread over `span_ms` from `start_ms`."""
-    rng = np.random.default_rng(seed)
-    return EventBatch.from_columns(
-        event_id=np.arange(n), ts=start_ms + np.sort(rng.integers(0, span_ms, n)), user_id=rng.integers(0, n_users, n),
-        track_id=rng.integers(0, n_tracks, n), scenario=rng.integers(0, 5, n), behaviour=rng.integers(0, 8, n),
-    )
-
-
-def random_sequence(length: int, rng: np.random.Generator, last_event_id: int = 0) -> UserSequence:
-    return UserSequence(
-        track_ids=rng.integers(0, 2**40, length), behaviours=rng.integers(1, 8, length).astype(np.int8),
-        scenarios=rng.integers(0, 5, length).astype(np.int8),
-        timestamps=np.sort(rng.integers(0, 2**41, length)), last_event_id=last_event_id,
-    )
-
-
-def assert_same_sequences(got: dict[int, UserSequence], expected: dict[int, UserSequence]) -> None:
-    assert set(got) == set(expected)
-    for user, seq in expected.items():
-        assert got[user].equals(seq), f"user {user}"
-        assert got[user].behaviours.dtype == np.int8 and got[user].track_ids.dtype == np.int64
+from tests.support import HOUR_MS, assert_same_sequences, event_log, random_sequence
 
 
 # -- user sequences through Feast (SQLite) --------------------------------------------------

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from sandbox.cli import app
 from sandbox.frozen import check_frozen, freeze_models, frozen_paths, load_frozen, write_frozen
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results.md"
+HISTORY = ROOT / "docs" / "history"
 TINY_SIM = "climber simulate --users 20 --tracks 200 --days 0.2 --seed 3 --out {out} --run-id tiny"
 
 
@@ -23,10 +25,47 @@ def test_every_frozen_config_still_reproduces_with_todays_code(path):
     config = load_frozen(path)
     assert check_frozen(config, path) == []
     assert config.commit and config.steps
-    # The section it reports to is a heading of docs/results.md (by its start), so a reader can go both ways.
-    headings = [line.lstrip("#").strip() for line in RESULTS.read_text().splitlines() if line.startswith("#")]
-    for section in re.findall(r'"([^"]+)"', config.reports):
-        assert any(h.startswith(section) for h in headings), f"{path.name}: no heading {section!r} in {RESULTS}"
+    assert report_problems(config.reports) == [], path.name
+
+
+def report_problems(reports: str) -> list[str]:
+    """What is wrong with a frozen config's `reports` ('docs/results.md, "Heading"'): the file
+    must be docs/results.md (current figures) or a journal under docs/history/ (superseded
+    ones), and each quoted section must start a heading of that file, so a reader can go both
+    ways."""
+    name = reports.split(",")[0].strip()
+    path = ROOT / name
+    if path != RESULTS and path.parent != HISTORY:
+        return [f"{name!r} is neither docs/results.md nor a journal in docs/history/"]
+    if not path.is_file():
+        return [f"{name} does not exist"]
+    headings = [line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    sections = re.findall(r'"([^"]+)"', reports)
+    if not sections:
+        return [f"{reports!r} names no section in quotes"]
+    return [f"no heading {s!r} in {name}" for s in sections if not any(h.startswith(s) for h in headings)]
+
+
+def test_a_report_naming_a_section_that_exists_nowhere_or_in_the_wrong_file_is_refused():
+    journal = next(HISTORY.glob("*.md")).relative_to(ROOT)
+    assert report_problems('docs/results.md, "Issue 4: TURBO serving"') == []
+    assert report_problems('docs/results.md, "No such section anywhere"') == [
+        "no heading 'No such section anywhere' in docs/results.md"]
+    superseded = '"Scaling ladder with two behaviour blocks"'  # moved to the journal
+    assert report_problems(f"docs/results.md, {superseded}") != []
+    assert report_problems(f"{journal}, {superseded}") == []
+    assert report_problems(f'{journal}, "No such section anywhere"') != []
+    assert report_problems('docs/astro.md, "Issue 4: TURBO serving"') != []
+    assert report_problems("docs/results.md") != []
+
+
+def test_every_config_results_md_names_exists_and_reports_its_current_figures_there():
+    """docs/results.md holds current figures only: a config it names must report to it, not to the journal."""
+    for name in sorted(set(re.findall(r"configs/([\w.-]+\.yaml)", RESULTS.read_text()))):
+        path = ROOT / "configs" / name
+        assert path.is_file(), f"docs/results.md names {name}, which is not in configs/"
+        reports = load_frozen(path).reports
+        assert reports.split(",")[0].strip() == "docs/results.md", f"{name} reports to {reports}"
 
 
 def _config(tmp_path, steps, **fields):

@@ -19,7 +19,7 @@ from ranker.models.layers import SoftmaxLayer
 from ranker.models import build_model
 from ranker.training.checkpoint import GROWTH_FILE, WEIGHTS_FILE, load_checkpoint
 from ranker.training.train import TrainConfig, main, masked_bce_sum, train
-from tests.conftest import synthetic_log, write_log
+from tests.support import synthetic_log, write_log
 
 torch.set_num_threads(1)
 KW = dict(batch_size=16, lr=3e-3, max_len=32, model_overrides={"dropout": 0.0}, device="cpu",

@@ -8,35 +8,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from features.sequence import UserSequence
-from features.store import FeatureStoreClient
 from ranker.serving.http import RankReply, build_service, create_app
 from ranker.interface import RankRequest
-from ranker.models import build_model
 from ranker.serving.service import ServingSettings
-from ranker.training.checkpoint import save_checkpoint
+from tests.support import TINY_TRACKS as N_TRACKS, tiny_service_settings
 
 torch.set_num_threads(1)
-N_TRACKS = 40
-
-
-def tiny_service_settings(root, users: list[int], length: int, seed: int, max_candidates: int) -> ServingSettings:
-    """A real Feast store under `root` holding a random `length`-token history for each of
-    `users`, and a tiny astro checkpoint beside it: what the HTTP tests serve."""
-    store = FeatureStoreClient(root / "feast")
-    store.apply()
-    rng = np.random.default_rng(seed)
-    store.write_sequences({user: UserSequence(rng.integers(0, N_TRACKS, length),
-                                              rng.integers(1, 8, length).astype(np.int8),
-                                              rng.integers(0, 5, length).astype(np.int8),
-                                              1_700_000_000_000 + np.arange(length) * 60_000, length - 1)
-                           for user in users})
-    torch.manual_seed(0)
-    model = build_model("astro", "xs", N_TRACKS, d_model=16, n_heads=2, max_len=32, tau_hidden=8,
-                        partition="behaviour")
-    save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", "xs", step=0, extra={})
-    return ServingSettings(checkpoint=root / "model", feast_dir=root / "feast", max_candidates=max_candidates,
-                           device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import torch
 
 from ranker.serving.http import build_service, create_app
 from ranker.interface import RankRequest
-from tests.test_http import N_TRACKS, tiny_service_settings
-from tests.test_http_load import serving_in_thread
+from tests.support import TINY_TRACKS as N_TRACKS, serving_in_thread, tiny_service_settings
 
 torch.set_num_threads(1)
 BODY_LIMIT = 4096

@@ -1,20 +1,17 @@
 """The benchmark's lean load generator (bench.service_load) against the real app over a socket:
 uvicorn in a thread, a tiny checkpoint, a real Feast store."""
 
-import contextlib
 import os
-import threading
 import time
 
 import orjson
 import pytest
 import torch
-import uvicorn
 
 from bench.service_load import (HttpConnection, closed_loop, open_loop, process_cpu_seconds, request_bodies,
                                 run_async, summary)
-from ranker.serving.http import RankReply, build_service, create_app
-from tests.test_http import N_TRACKS, tiny_service_settings
+from ranker.serving.http import RankReply
+from tests.support import TINY_TRACKS as N_TRACKS, serving_in_thread, tiny_service_settings
 
 torch.set_num_threads(1)
 
@@ -25,24 +22,6 @@ def port(tmp_path_factory):
                                      max_candidates=50)
     with serving_in_thread(settings) as port:
         yield port
-
-
-@contextlib.contextmanager
-def serving_in_thread(settings):
-    """The app over `settings` served by uvicorn in a thread on a free port; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(create_app(build_service(settings)), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-            time.sleep(0.05)
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_one_keep_alive_connection_answers_several_requests(port):

@@ -8,7 +8,7 @@ from ranker.serving.http import build_service, create_app
 from ranker.serving.client import HttpRanker, encode_request
 from ranker.interface import RankRequest
 from sandbox.settings import ExperimentSettings
-from tests.test_http import N_TRACKS, tiny_service_settings
+from tests.support import TINY_TRACKS as N_TRACKS, tiny_service_settings
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from features.sequence import UserSequence
 from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch, model_window, stack_histories
 from ranker.serving.incremental import PATHS, extend_history
 from ranker.models import build_model
-from tests.conftest import ASTRO_BLOCKS, TINY_MODEL
+from tests.support import ASTRO_BLOCKS, TINY_MODEL
 
 torch.set_num_threads(1)
 N_TRACKS = 50

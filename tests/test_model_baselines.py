@@ -10,9 +10,9 @@ from ranker.models.config import SIZE_NAMES
 from ranker.models import build_model, model_from_config
 from ranker.batch import random_batch
 from ranker.models.reference import reference_logits
-from tests.conftest import TINY_MODEL
-from tests.test_astro import (
-    N_TRACKS,
+from tests.support import (
+    TINY_MODEL,
+    TINY_TRACKS as N_TRACKS,
     assert_real_candidates_close,
     batch_with_edge_cases,
     check_gradients_reach_every_parameter,

@@ -18,40 +18,13 @@ from sandbox.loop import EventPipeline, Stopwatch
 from bench.stream import simulated_log
 from streaming.bus import InProcessBus
 from streaming.events import BEHAVIOUR_CODE, EventBatch
-from streaming.plausibility import DAY_MS, EventBounds, PlausibilityGate, content_digest
-
-N_USERS, N_TRACKS = 200, 2_000  # bench.stream.simulated_log: 10 tracks per user
+from streaming.plausibility import EventBounds, PlausibilityGate, content_digest
+from tests.support import SIM_LOG_TRACKS as N_TRACKS, SIM_LOG_USERS as N_USERS, a_play, hostile_events, one
 
 
 @pytest.fixture(scope="module")
 def log() -> EventBatch:
     return EventBatch.concat(simulated_log(4_000, seed=5, n_users=N_USERS))
-
-
-def one(log: EventBatch, i: int, **changes) -> EventBatch:
-    """Event i of the log with some fields changed."""
-    columns = {name: column[i:i + 1].copy() for name, column in log.columns().items()}
-    for name, value in changes.items():
-        columns[name][:] = value
-    return EventBatch.from_columns(**columns)
-
-
-def a_play(log: EventBatch) -> int:
-    return int(np.flatnonzero(log.behaviour == BEHAVIOUR_CODE["full_play"])[0])
-
-
-def hostile_events(log: EventBatch) -> list[tuple[EventBatch, str]]:
-    """(event, what its reason must say), each at the end of the log."""
-    top_id, top_ts, i = int(log.event_id.max()), int(log.ts.max()), a_play(log)
-    return [
-        (one(log, i, event_id=10**15), "event_id more than"),
-        (one(log, i, event_id=top_id + 1, ts=253_402_300_799_000), "ts more than"),  # 9999-12-31
-        (one(log, i, event_id=top_id + 2, user_id=N_USERS), "user space"),
-        (one(log, i, event_id=top_id + 3, track_id=N_TRACKS + 7), "catalogue"),
-        (one(log, i, event_id=top_id + 4, play_ms=10 * DAY_MS), "play_ms"),
-        (one(log, i, ts=top_ts, behaviour=BEHAVIOUR_CODE["like"]), "repeated with different content"),
-        (one(log, i), "repeated (same content"),
-    ]
 
 
 def bounds() -> EventBounds:

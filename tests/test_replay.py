@@ -17,7 +17,7 @@ from sandbox.cli import app
 from sandbox.policy_log import simulate_policy_log
 from sandbox.replay import replay
 from streaming.events import BEHAVIOUR_CODE
-from tests.test_sandbox_e2e import BAD_LINE_REASONS, bad_json_lines, tiny_settings
+from tests.support import BAD_LINE_REASONS, bad_json_lines, tiny_settings
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from simulator.policies import PopularityRecommender, RandomRecommender
 from simulator.retention import activity_per_user, run_shuffle_ab
 from simulator.returns import ReturnModel, weekday_profiles, weekend_profiles
 from streaming.events import EventBatch
-from tests.test_simulator import log_hash
+from tests.support import log_hash
 
 FACTS_SIZE = dict(n_users=2000, n_tracks=20_000, days=7.0)  # the default: the ranges are set for this catalogue
 SMALL = dict(n_users=600, n_tracks=6000, days=7.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import duckdb
 import numpy as np
 import pytest
@@ -12,15 +10,8 @@ from features.sequence import sequences_from_log
 from features.store import FeatureStoreClient
 from sandbox.loop import Sandbox, Stopwatch, run_sandbox
 from sandbox.report import print_summary, write_report
-from sandbox.settings import SandboxSettings
-from simulator.config import SimConfig
 from streaming.events import encode_event
-
-TINY = dict(n_users=60, n_tracks=600, days=1.0)
-
-
-def tiny_settings(out: Path, seed: int = 3, run_id: str = "tiny") -> SandboxSettings:
-    return SandboxSettings(sim=SimConfig(seed=seed, **TINY), out=out, run_id=run_id)
+from tests.support import BAD_LINE_REASONS, bad_json_lines, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +66,6 @@ def test_same_seed_same_event_log(tiny_run, tmp_path):
     assert other.event_log_hash != tiny_run.event_log_hash
 
 
-# Words each bad line's dead-letter reason must contain, in the order of `bad_json_lines`.
-BAD_LINE_REASONS = ("malformed JSON", "user_id", "behaviour", "missing required field", "over the")
-
-
-def bad_json_lines(good: list[bytes]) -> list[bytes]:
-    """One line per way raw input goes wrong, two of them made from good events."""
-    return [b"{broken json", good[0].replace(b'"user_id":', b'"user_id":-'),
-            good[1].replace(b'"behaviour":"', b'"behaviour":"moonwalk'), b"{}", b"x" * 10_000]
 
 
 def test_bad_events_are_dead_lettered_and_good_ones_all_processed(tmp_path):

@@ -16,7 +16,7 @@ from ranker.models import build_model
 from ranker.serving.ranker import NeuralRanker
 from ranker.serving.service import ScoringService, ServingSettings
 from streaming.events import SCENARIO_CODE
-from tests.conftest import TINY_ASTRO
+from tests.support import TINY_ASTRO
 
 torch.set_num_threads(1)
 N_TRACKS = 60

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +14,7 @@ from simulator.facts import session_lengths, stylised_facts
 from simulator.platform import MusicPlatform, SimSummary
 from simulator.policies import OracleRecommender, PopularityRecommender, RandomRecommender
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE, EventBatch, validate_batch
+from tests.support import log_hash
 
 TINY = dict(n_users=80, n_tracks=800, days=1.0)
 SMALL = dict(n_users=300, n_tracks=3000, days=2.0)
@@ -46,14 +46,6 @@ def simulate(policy: str = "random", seed: int = 3, **sizes) -> tuple[MusicPlatf
         platform.recommender = popular
     summary = platform.run()
     return platform, EventBatch.concat(batches), summary
-
-
-def log_hash(events: EventBatch) -> str:
-    digest = hashlib.sha256()
-    for name, column in events.columns().items():
-        digest.update(name.encode())
-        digest.update(column.astype(str).tobytes() if column.dtype == object else column.tobytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from streaming.online_state import SequenceState, TrackStatsState
 from streaming.producer import DeliveryError, KafkaEventSink
 from streaming.settings import StreamSettings
 from streaming.worker import prepare_stream, spawn_worker, stop_worker
+from tests.support import SIM_LOG_TRACKS, SIM_LOG_USERS, assigned_partitions, hostile_events
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,6 @@ def wait_for_log_line(path: Path, text: str, timeout_s: float, after: int = 0) -
                 return line
         time.sleep(0.1)
     raise TimeoutError(f"{text!r} did not appear in {path} within {timeout_s} s")
-
-
-def assigned_partitions(line: str) -> set[int]:
-    return {int(part.split("]")[0]) for part in line.split("events[")[1:]}
 
 
 # -- fast: framing and the idempotent apply ------------------------------------------------
@@ -461,10 +458,8 @@ def test_tombstones_and_implausible_events_are_dead_letters_and_lose_no_batch_ma
     Feast equals the recompute of the good log. Before: the agent crashed on each tombstone
     and restarted, and its batch-mates never reached Feast; the far-ahead id silently hid
     its user's later events."""
-    from tests.test_plausibility import N_TRACKS, N_USERS, hostile_events
-
     settings = StreamSettings(bootstrap=broker.bootstrap, feast_dir=tmp_path / "feast", batch_ms=200,
-                              track_flush_ms=200, n_users=N_USERS, n_tracks=N_TRACKS, max_play_ms=900_000)
+                              track_flush_ms=200, n_users=SIM_LOG_USERS, n_tracks=SIM_LOG_TRACKS, max_play_ms=900_000)
     prepare_stream(settings)
     workers.append(spawn_worker(settings, tmp_path / "worker.log"))
     log = EventBatch.concat(sim_batches)

@@ -22,7 +22,7 @@ from ranker.training.data import DAY_MS, iterate_batches, load_request_log, spli
 from ranker.training.importer import import_interactions
 from ranker.training.metrics import auc, gauc, logloss, ndcg_at_k
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, EventBatch
-from tests.conftest import TRAINING_LOG_TRACKS, synthetic_log, write_log
+from tests.support import TRAINING_LOG_TRACKS, synthetic_log, write_log
 
 torch.set_num_threads(1)
 N_TRACKS = TRAINING_LOG_TRACKS
