@@ -128,7 +128,7 @@ def test_import_turns_an_interaction_file_into_a_log_training_reads(tmp_path):
                  ).to_csv(source, index=False)
     db = tmp_path / "imported.duckdb"
     args = ["import", str(source), "--db", str(db), "--user", "member", "--item", "song", "--time", "at",
-            "--negatives", "1"]
+            "--n-negatives", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "5 interactions of 3 users on 3 items -> 5 requests" in result.output
