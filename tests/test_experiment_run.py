@@ -82,6 +82,8 @@ def test_run_writes_the_record_and_is_reproducible(tiny_runs):
         requests = con.execute("SELECT arm, model_name, min(ts) AS first, max(ts) AS last FROM requests "
                                "GROUP BY ALL ORDER BY first").df()
         cache = con.execute("SELECT * FROM kv_cache").df()
+        lookups = con.execute("SELECT arm, outcome, count(*) AS n, min(bytes) AS b FROM kv_cache_lookups "
+                              "GROUP BY ALL").df()
         models = con.execute("SELECT * FROM arm_models").df()
         regret = con.execute("SELECT arm, avg(best - served) AS r, min(best - served) AS lo FROM regret "
                              "GROUP BY arm").df()
@@ -97,6 +99,11 @@ def test_run_writes_the_record_and_is_reproducible(tiny_runs):
     assert list(models["arm"]) == ["astro_xs"] and models["flops_per_request"].iloc[0] > 0
     assert list(cache["arm"]) == ["astro_xs"]
     assert cache["hits"].iloc[0] + cache["incremental"].iloc[0] + cache["rebuilds"].iloc[0] > 0
+    # every lookup logged, so `climber bench cache` can replay the cache at other budgets
+    logged = {outcome: n for outcome, n in zip(lookups["outcome"], lookups["n"])}
+    assert set(lookups["arm"]) == {"astro_xs"} and (lookups["b"] > 0).all()
+    assert logged.get("rebuild", 0) == cache["rebuilds"].iloc[0] and logged.get("hit", 0) == cache["hits"].iloc[0]
+    assert logged.get("incremental", 0) == cache["incremental"].iloc[0]
     assert (regret["lo"] >= -1e-9).all()  # nobody beats the oracle's own slate of the same candidates
     other = duckdb.connect(str(second / "sandbox.duckdb"), read_only=True)
     try:
@@ -186,6 +193,29 @@ def test_injected_effect_is_detected_with_the_right_sign(calibration):
     regret = ev.regret.set_index("arm")["regret"]
     assert regret["oracle"] == pytest.approx(0, abs=1e-9) and regret["control"] > 0
     assert not ev.srm.mismatch
+
+
+def test_every_ab_report_shows_the_oracle_arm_as_the_ceiling(calibration, tmp_path):
+    """`climber ab`, the experiment report's tables, report.html and a plot: the oracle arm's
+    full-play rate and each arm's share of the popularity -> oracle gap (issue 23)."""
+    from typer.testing import CliRunner
+
+    from experiments.report import CEILING_TITLE, ceiling, write_report
+    from sandbox.cli import app
+
+    _, run, _, _ = calibration
+    ev = evaluate(run / "sandbox.duckdb")
+    top = ceiling(ev).set_index("arm")
+    assert top.loc["oracle", "ranker"] == "oracle (ceiling)" and top.loc["oracle", "gap_closed"] == pytest.approx(1)
+    assert top.loc["control", "full_play_rate"] < top.loc["oracle", "full_play_rate"]
+    assert top.loc["control", "gap_closed"] == pytest.approx(0)  # control is the popularity arm the gap starts at
+    out = CliRunner().invoke(app, ["ab", str(run / "sandbox.duckdb")], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert "oracle arm as the ceiling" in out.output and "100.0%" in out.output
+    assert "gap closed: (arm - control) / (oracle - control)" in out.output
+    assert max(len(line) for line in out.output.splitlines()) <= 80
+    page = write_report(ev, tmp_path).read_text()
+    assert CEILING_TITLE in page and "ceiling.png" in page and (tmp_path / "ceiling.png").stat().st_size > 0
 
 
 def test_retrain_every_fine_tunes_each_trained_arm_and_hot_reloads_it(tmp_path):
