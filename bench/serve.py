@@ -7,9 +7,9 @@
    alone (extend_history vs encode_history) and through the cache (lookup included).
 3. Multi-scale partitioning Nb = 4 vs Nb = 1 at n = 2048: history attention and encode, for
    each block attention kind (two layers per stack: one layer has no history attention).
-4. The HTTP service (uvicorn in a subprocess) under 32 concurrent closed-loop clients, one
-   client, and an open loop (Poisson arrivals below saturation), driven by the lean load
-   generator of bench/service_load.py: latency p50/p99, requests/s, CPU per request of
+4. The HTTP service (uvicorn in a subprocess, bench/load.py) under 32 concurrent closed-loop
+   clients, one client, and an open loop (Poisson arrivals below saturation), driven by the
+   lean load generator of bench/service_load.py: latency p50/p99, requests/s, CPU per request of
    server and load generator; and the ceiling the scoring work alone allows.
 
     python -m bench.serve [--quick]       # written to bench/results/serve.json
@@ -22,76 +22,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
-from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
-                                request_bodies, run_async, summary)
-from features.sequence import UserSequence
+from bench.load import bench_service, service_markdown
+from bench.serve_common import (N_TRACKS, best_seconds, console, prefix, random_sequence, repeat_rows,  # noqa: F401
+                                serving_model)
 from ranker.batch import RankBatch, random_batch
 from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch
 from ranker.models.astro import BLOCK_ATTENTIONS, AstroConfig
 from ranker.models.hstu import relative_buckets
-from ranker.models import build_model
 from ranker.serving.incremental import extend_history
-from ranker.serving.ranker import prepare_for_serving
 
-REPO = Path(__file__).resolve().parent.parent
-N_TRACKS = 50_000
 FOUR_GROUPS = (("full_play", "like"), ("play",), ("skip", "dislike"), ("share", "add_to_playlist"))
-console = Console()
-
-
-def best_seconds(fns: dict[str, Callable[[], object]], min_seconds: float = 0.5, min_reps: int = 5,
-                 max_reps: int = 200) -> dict[str, float]:
-    """Best-of-N wall time of each function, the functions called in turns.
-
-    Side by side and in turns because the cores are shared: whatever else runs slows both
-    paths of a ratio alike, and the minimum is the run least disturbed by it (as `timeit`
-    advises). Each function is called once first to warm up.
-    """
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    spent, reps = 0.0, 0
-    while reps < min_reps or (spent < min_seconds and reps < max_reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            best[name] = min(best[name], elapsed)
-            spent += elapsed
-        reps += 1
-    return best
-
-
-def serving_model(size: str, max_len: int, /, **overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return prepare_for_serving(build_model("astro", size, N_TRACKS, **{"dropout": 0.0, **overrides, "max_len": max_len}),
-                               torch.device("cpu"))
-
-
-def repeat_rows(batch: RankBatch, rows: int) -> RankBatch:
-    """`rows` copies of a one-row batch's history, each with one candidate (per-pair input)."""
-    pick = lambda t: t.expand(rows, *t.shape[1:]).contiguous()  # noqa: E731
-    return RankBatch(
-        history_tracks=pick(batch.history_tracks), history_behaviours=pick(batch.history_behaviours),
-        history_scenarios=pick(batch.history_scenarios), history_ts=pick(batch.history_ts),
-        history_lengths=pick(batch.history_lengths), candidate_tracks=batch.candidate_tracks[0, :rows, None],
-        candidate_mask=batch.candidate_mask[0, :rows, None], scenario=pick(batch.scenario), request_ts=pick(batch.request_ts),
-    )
 
 
 # ----------------------------------------------------------------------------- 1. SUMI vs per pair
@@ -140,17 +88,6 @@ def bench_sumi(size: str, ns: tuple[int, ...], ms: tuple[int, ...], pair_chunk: 
 
 
 # ----------------------------------------------------------------------------- 2. incremental vs full
-
-def random_sequence(n: int, seed: int) -> UserSequence:
-    rng = np.random.default_rng(seed)
-    return UserSequence(rng.integers(0, N_TRACKS, n), rng.integers(1, 8, n).astype(np.int8),
-                        rng.integers(0, 5, n).astype(np.int8),
-                        1_700_000_000_000 + np.cumsum(rng.integers(1, 3_600_000, n)), n - 1)
-
-
-def prefix(seq: UserSequence, n: int) -> UserSequence:
-    return UserSequence(seq.track_ids[:n], seq.behaviours[:n], seq.scenarios[:n], seq.timestamps[:n], n - 1)
-
 
 def bench_incremental(size: str, n: int, reps: int = 500, overrides: dict | None = None) -> dict:
     model = serving_model(size, n, **(overrides or {}))
@@ -240,190 +177,6 @@ def bench_partition(size: str, n: int, overrides: dict | None = None) -> dict:
             "encode_nb1_ms": t["encode_one"] * 1e3, "encode_speedup": t["encode_one"] / t["encode_four"]}
     default = AstroConfig(n_tracks=1).block_attention
     return {**result, "default_kind": default, **result["kinds"][default]}
-
-
-# ----------------------------------------------------------------------------- 4. the HTTP service
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(url: str) -> dict[str, float]:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            label = ",".join(f"{v}" for v in sample.labels.values() if sample.name != "climber_model_info")
-            out[sample.name + (f"[{label}]" if label else "")] = sample.value
-    return out
-
-
-def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threads: int,
-                    batches: tuple[int, ...] = (1, 4, 8, 16, 32)) -> dict:
-    """What the server's scoring work allows: `NeuralRanker.rank_timed` (feature read, cache
-    lookups and stacking, stage two) in this process, warm cache, best of N per batch size.
-
-    No HTTP, no load generator, one process: an upper bound on requests/s for the server's
-    torch threads, so a reader can tell an overhead from the model's own cost.
-    """
-    from features.store import FeatureStoreClient
-    from ranker.interface import RankRequest
-    from ranker.serving.ranker import NeuralRanker
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ranker = NeuralRanker.from_checkpoint(checkpoint, FeatureStoreClient(feast_dir), device="cpu")
-        rng = np.random.default_rng(5)
-        requests = [RankRequest(request_id=i, user_id=i % users, scenario="home_feed",
-                                candidates=rng.integers(0, N_TRACKS, M), ts=1_800_000_000_000)
-                    for i in range(max(batches))]
-        ranker.rank(requests)  # warm: every user's history is cached, as in the loaded server
-        t = best_seconds({b: (lambda b=b: ranker.rank_timed(requests[:b])) for b in batches},
-                         min_seconds=3.0, min_reps=3)
-    finally:
-        torch.set_num_threads(previous)
-    rows = [{"batch": b, "ms_per_batch": s * 1e3, "ms_per_request": s * 1e3 / b, "requests_per_s": b / s,
-             "candidates_per_s": b * M / s} for b, s in t.items()]
-    best = max(rows, key=lambda r: r["requests_per_s"])
-    return {"threads": threads, "rows": rows, "best_requests_per_s": best["requests_per_s"],
-            "best_candidates_per_s": best["candidates_per_s"], "best_batch": best["batch"]}
-
-
-def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict:
-    """One load run with what it cost: latency summary, the server's batches and stage times
-    (from /metrics), and CPU per request of the server process and of this process (the
-    load generator)."""
-    before, server_cpu, client_cpu = scrape(url), process_cpu_seconds(server_pid), own_cpu_seconds()
-    run = load()
-    client_cpu = own_cpu_seconds() - client_cpu
-    server_cpu = None if server_cpu is None else process_cpu_seconds(server_pid) - server_cpu
-    after = scrape(url)
-    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
-    batches, requests = delta("climber_rank_batch_size_count"), len(run.latencies)
-    stages = {stage: delta(f"climber_rank_stage_seconds_sum[{stage}]") for stage in ("features", "cache", "model")}
-    per_request = {f"{stage}_wall": 1e3 * seconds / requests for stage, seconds in stages.items()}
-    if server_cpu is not None:
-        per_request["server_cpu"] = 1e3 * server_cpu / requests
-        # Everything else the server process spends: HTTP parsing, body validation, reply
-        # encoding, the event loop, metrics (stage times are wall: under CPU contention this can go below 0).
-        per_request["server_other_cpu"] = per_request["server_cpu"] - sum(per_request[f"{s}_wall"] for s in stages)
-    per_request["load_generator_cpu"] = 1e3 * client_cpu / requests
-    return {**summary(run), "mean_batch_size": delta("climber_rank_batch_size_sum") / max(batches, 1),
-            "per_batch_stage_ms": {stage: 1e3 * seconds / max(batches, 1) for stage, seconds in stages.items()},
-            "ms_per_request": per_request,
-            "cache_lookups": {k: delta(f"climber_kv_cache_lookups_total[{k}]")
-                              for k in ("hits", "incremental", "rebuilds", "cold")}}
-
-
-def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
-                  open_seconds: float = 10.0, overrides: dict | None = None) -> dict:
-    """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
-
-    Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
-    Poisson arrivals at `open_fractions` of the closed-loop throughput just measured, over
-    `clients` connections (latency at a stated load below saturation).
-    """
-    import httpx
-
-    from features.store import FeatureStoreClient
-    from ranker.training.checkpoint import save_checkpoint
-
-    server_threads = threads or 1
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        root = Path(tmp)
-        store = FeatureStoreClient(root / "feast")
-        store.apply()
-        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
-        torch.manual_seed(0)
-        model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
-        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
-        ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
-             str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-             "--threads", str(server_threads)],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            else:
-                raise RuntimeError("the ranking server did not come up within 60 s")
-            for user in range(users):  # fill the cache: the steady state of a warm server
-                httpx.post(url + "/rank", json={"user_id": user, "scenario": "home_feed", "candidates": [1]}).raise_for_status()
-            bodies = request_bodies(users, M, seed=1, n_tracks=N_TRACKS)
-            closed = lambda k, s: lambda: run_async(closed_loop("127.0.0.1", port, k, s, bodies))  # noqa: E731
-            loaded = measured_run(url, server.pid, closed(clients, seconds))
-            single = measured_run(url, server.pid, closed(1, min(seconds, 5.0)))
-            open_runs = []
-            for fraction in open_fractions:
-                rate = fraction * loaded["requests_per_s"]
-                run = measured_run(url, server.pid, lambda rate=rate: run_async(
-                    open_loop("127.0.0.1", port, rate, clients, open_seconds, bodies, seed=3)))
-                open_runs.append({"fraction_of_saturation": fraction, **run})
-            cache_bytes = scrape(url).get("climber_kv_cache_bytes")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-
-    return {"n": n, "M": M, "size": size, "clients": clients, "users": users, "seconds": seconds,
-            "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
-            "max_wait_ms": max_wait_ms,
-            "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
-                              "bodies encoded up front, in the bench process on the same cores as the server",
-            "loaded": loaded, "single_client": single, "open_loop": open_runs, "ceiling": ceiling,
-            # kept at the top level for readers of earlier serve.json files
-            "mean_batch_size": loaded["mean_batch_size"], "per_batch_stage_ms": loaded["per_batch_stage_ms"],
-            "cache_lookups": loaded["cache_lookups"], "cache_bytes": cache_bytes}
-
-
-def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
-    """The service figures: load table, per-request budget, the ceiling and what the goal needs."""
-    need_rps = svc["clients"] / (goal_p99_ms / 1e3)
-    ceiling = svc["ceiling"]
-    rows = [(f"closed loop, {svc['clients']} clients", svc["loaded"]), ("closed loop, 1 client", svc["single_client"])]
-    rows += [(f"open loop, Poisson {run['offered_per_s']:.0f}/s offered ({run['fraction_of_saturation']:.0%} of the "
-              f"closed-loop throughput), {svc['clients']} connections", run) for run in svc["open_loop"]]
-    lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
-             f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms); the load "
-             f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
-             "clients.", "",
-             "| load | requests/s | p50 ms | p99 ms | server p50 / p99 ms | mean batch |", "|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {run['requests_per_s']:.0f} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
-              f"{run['server_p50_ms']:.1f} / {run['server_p99_ms']:.1f} | {run['mean_batch_size']:.1f} |"
-              for label, run in rows]
-    budget = svc["loaded"]["ms_per_request"]
-    stages = (f"features {budget['features_wall']:.2f} + cache {budget['cache_wall']:.2f} + model "
-              f"{budget['model_wall']:.2f} ms (wall)")
-    if budget.get("server_other_cpu", -1.0) >= 0:
-        lines += ["", f"Per request at {svc['clients']} clients: server process {budget['server_cpu']:.2f} ms CPU = "
-                  f"{stages} + HTTP, validation, encoding, event loop {budget['server_other_cpu']:.2f}; "
-                  f"load generator {budget['load_generator_cpu']:.2f} ms CPU."]
-    elif "server_cpu" in budget:  # stage wall times above the process CPU: the cores were contended
-        lines += ["", f"Per request at {svc['clients']} clients: server process {budget['server_cpu']:.2f} ms CPU; "
-                  f"scoring stages {stages}, more than the CPU the process got (other jobs held the cores), "
-                  f"so the HTTP share cannot be told apart in this run; load generator "
-                  f"{budget['load_generator_cpu']:.2f} ms CPU."]
-    best_rps = ceiling["best_requests_per_s"]
-    per_batch = ", ".join(f"batch {r['batch']} {r['ms_per_request']:.2f} ms/request" for r in ceiling["rows"])
-    lines += ["", f"Ceiling (in-process `rank_timed`, warm cache, {ceiling['threads']} torch thread(s), no HTTP): "
-              f"{per_batch}; best {best_rps:.0f} requests/s = {ceiling['best_candidates_per_s']:,.0f} candidates/s "
-              f"(batch {ceiling['best_batch']}). p99 <= {goal_p99_ms:.0f} ms with {svc['clients']} closed-loop clients "
-              f"needs >= {need_rps:,.0f} requests/s (Little's law), {need_rps / best_rps:.1f}x this ceiling; at the "
-              f"ceiling, {svc['clients']} clients wait at least {1e3 * svc['clients'] / best_rps:.0f} ms."]
-    return lines
 
 
 # ----------------------------------------------------------------------------- report

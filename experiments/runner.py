@@ -162,6 +162,8 @@ class ExperimentLoop:
         for ranker in rankers.values():
             if hasattr(ranker, "warm_up"):
                 ranker.warm_up()
+            if getattr(ranker, "cache", None) is not None:  # every lookup, for the kv_cache_lookups table
+                ranker.cache.lookup_log = []
         self.arm_rankers = rankers
         sb.recommender.rankers = {arm: Handover(self.logger, ranker, self.ab_start_ts) for arm, ranker in rankers.items()}
         self.phase_seconds["train"] = time.perf_counter() - now
@@ -188,13 +190,15 @@ class ExperimentLoop:
         sb = self.sandbox
         con = sb.recorder.connection
         rankers = self.arm_rankers
-        cache = []
+        cache, lookups = [], []
         for arm, ranker in rankers.items():
             stats = getattr(getattr(ranker, "cache", None), "stats", None)
             if stats is not None:
                 cache.append({"arm": arm, "hits": stats.hits, "incremental": stats.incremental,
                               "rebuilds": stats.rebuilds, "cold": stats.cold, "evictions": stats.evictions,
-                              "entries": stats.entries, "bytes": stats.bytes})
+                              "entries": stats.entries, "bytes": stats.bytes, "budget_bytes": ranker.cache.budget_bytes})
+                lookups += [(arm, i, user, outcome, nbytes)
+                            for i, (user, outcome, nbytes) in enumerate(ranker.cache.lookup_log or [])]
         models = [{**asdict(m), "checkpoint": str(m.checkpoint)} for m in self.models.values()]
         meta = pd.DataFrame([{
             "name": self.spec.name, "spec": self.spec.model_dump_json(), "start_ts": sb.settings.sim.start_ts,
@@ -207,7 +211,8 @@ class ExperimentLoop:
         frames = {"experiment": meta, "regret": regret,
                   "arm_models": pd.DataFrame(models, columns=list(TrainedModel.__dataclass_fields__)),
                   "kv_cache": pd.DataFrame(cache, columns=["arm", "hits", "incremental", "rebuilds", "cold",
-                                                           "evictions", "entries", "bytes"])}
+                                                           "evictions", "entries", "bytes", "budget_bytes"]),
+                  "kv_cache_lookups": pd.DataFrame(lookups, columns=["arm", "seq", "user_id", "outcome", "bytes"])}
         for name, frame in frames.items():
             con.register("_frame", frame)
             con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _frame")

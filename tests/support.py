@@ -190,6 +190,80 @@ def check_gradients_reach_every_parameter(model) -> None:
 
 
 # ----------------------------------------------------------------------------- logs
+# ----------------------------------------------------------------------------- KV cache
+
+KV_TRACKS = 50  # the catalogue of the KV cache tests' tiny models
+KV_MAX_LEN = 24
+
+
+def kv_tiny_model(family: str = "astro", seed: int = 0, **overrides):
+    """A small model in eval mode (max_len KV_MAX_LEN); HSTU-style relative biases (rab,
+    initialised at 0) are spread so that a wrong bias row in a fast path shows up."""
+    import torch
+
+    from ranker.models import build_model
+
+    torch.manual_seed(seed)
+    extra = ASTRO_BLOCKS if family == "astro" else {}  # xs alone is one block
+    model = build_model(family, "xs", KV_TRACKS, **{**TINY_MODEL, "max_len": KV_MAX_LEN, **extra, **overrides}).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".rab_" in name:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def kv_sequence(length: int, seed: int, start_ts: int = 1_700_000_000_000, first_id: int = 0) -> UserSequence:
+    """A user's sequence over the KV tests' catalogue, events up to 10 minutes apart."""
+    rng = np.random.default_rng(seed)
+    return UserSequence(
+        track_ids=rng.integers(0, KV_TRACKS, length),
+        behaviours=rng.integers(1, 8, length).astype(np.int8),  # every behaviour but impression
+        scenarios=rng.integers(0, 5, length).astype(np.int8),
+        timestamps=start_ts + np.cumsum(rng.integers(0, 600_000, length)),
+        last_event_id=first_id + length - 1,
+    )
+
+
+def kv_append(seq: UserSequence, k: int, seed: int, max_len: int = 1000) -> UserSequence:
+    """`seq` with k later events appended (keeping the last max_len), as apply_events would."""
+    new = kv_sequence(k, seed, start_ts=int(seq.timestamps[-1]) + 1000 if len(seq) else 1_700_000_000_000)
+    return UserSequence(
+        *(np.concatenate([getattr(seq, f), getattr(new, f)])[-max_len:]
+          for f in ("track_ids", "behaviours", "scenarios", "timestamps")),
+        last_event_id=seq.last_event_id + k,
+    )
+
+
+def _request_for(window: UserSequence, max_len: int, candidates: torch.Tensor) -> RankBatch:
+    from dataclasses import replace
+
+    import torch
+
+    from ranker.serving.cache import history_batch, model_window
+
+    batch = history_batch([model_window(window, max_len)], KV_TRACKS)
+    return replace(batch, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
+                   scenario=torch.tensor([2]), request_ts=batch.history_ts.max(1).values + 60_000)
+
+
+def full_recompute_scores(model, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
+    """Logits [M, tasks] of the window encoded from scratch."""
+    import torch
+
+    with torch.no_grad():
+        return model(_request_for(window, model.config.max_len, candidates))[0]
+
+
+def cached_scores(model, cache, user: int, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
+    """Logits [M, tasks] of the window's history served from `cache` (a UserKVCache)."""
+    import torch
+
+    history = cache.histories([user], [window])[0]
+    with torch.no_grad():
+        return model.score_candidates(history, _request_for(window, model.config.max_len, candidates))[0]
+
+
 TRAINING_LOG_TRACKS = 120  # the catalogue of `synthetic_log`
 HOUR_MS = 3600 * 1000
 

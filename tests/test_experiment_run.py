@@ -93,6 +93,8 @@ def test_run_writes_the_record_and_is_reproducible(tiny_runs):
         requests = con.execute("SELECT arm, model_name, min(ts) AS first, max(ts) AS last FROM requests "
                                "GROUP BY ALL ORDER BY first").df()
         cache = con.execute("SELECT * FROM kv_cache").df()
+        lookups = con.execute("SELECT arm, outcome, count(*) AS n, min(bytes) AS b FROM kv_cache_lookups "
+                              "GROUP BY ALL").df()
         models = con.execute("SELECT * FROM arm_models").df()
         regret = con.execute("SELECT arm, avg(best - served) AS r, min(best - served) AS lo FROM regret "
                              "GROUP BY arm").df()
@@ -108,6 +110,11 @@ def test_run_writes_the_record_and_is_reproducible(tiny_runs):
     assert list(models["arm"]) == ["astro_xs"] and models["flops_per_request"].iloc[0] > 0
     assert list(cache["arm"]) == ["astro_xs"]
     assert cache["hits"].iloc[0] + cache["incremental"].iloc[0] + cache["rebuilds"].iloc[0] > 0
+    # every lookup logged, so `climber bench cache` can replay the cache at other budgets
+    logged = {outcome: n for outcome, n in zip(lookups["outcome"], lookups["n"])}
+    assert set(lookups["arm"]) == {"astro_xs"} and (lookups["b"] > 0).all()
+    assert logged.get("rebuild", 0) == cache["rebuilds"].iloc[0] and logged.get("hit", 0) == cache["hits"].iloc[0]
+    assert logged.get("incremental", 0) == cache["incremental"].iloc[0]
     assert (regret["lo"] >= -1e-9).all()  # nobody beats the oracle's own slate of the same candidates
     other = duckdb.connect(str(second / "sandbox.duckdb"), read_only=True)
     try:

@@ -3,72 +3,21 @@ score exactly as a full recompute of the same sequence does."""
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 from features.sequence import UserSequence
-from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch, model_window, stack_histories
+from ranker.serving.cache import HistoryBuffer, UserKVCache, history_batch, stack_histories
 from ranker.serving.incremental import PATHS, extend_history
-from ranker.models import build_model
-from tests.support import ASTRO_BLOCKS, TINY_MODEL
+from tests.support import KV_MAX_LEN as MAX_LEN
+from tests.support import KV_TRACKS as N_TRACKS
+from tests.support import cached_scores, full_recompute_scores
+from tests.support import kv_append as append
+from tests.support import kv_sequence as random_sequence
+from tests.support import kv_tiny_model as tiny_model
 
 torch.set_num_threads(1)
-N_TRACKS = 50
-MAX_LEN = 24
-TINY = {**TINY_MODEL, "max_len": MAX_LEN}
 EXACT = 1e-4  # fp32: cache vs full recompute
-
-
-def tiny_model(family: str = "astro", seed: int = 0, **overrides):
-    """A small model in eval mode; HSTU-style relative biases (rab, initialised at 0) are
-    spread so that a wrong bias row in a fast path shows up."""
-    torch.manual_seed(seed)
-    extra = ASTRO_BLOCKS if family == "astro" else {}  # xs alone is one block
-    model = build_model(family, "xs", N_TRACKS, **{**TINY, **extra, **overrides}).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".rab_" in name:
-                param.normal_(0.0, 0.5)
-    return model
-
-
-def random_sequence(length: int, seed: int, start_ts: int = 1_700_000_000_000, first_id: int = 0) -> UserSequence:
-    rng = np.random.default_rng(seed)
-    return UserSequence(
-        track_ids=rng.integers(0, N_TRACKS, length),
-        behaviours=rng.integers(1, 8, length).astype(np.int8),  # every behaviour but impression
-        scenarios=rng.integers(0, 5, length).astype(np.int8),
-        timestamps=start_ts + np.cumsum(rng.integers(0, 600_000, length)),
-        last_event_id=first_id + length - 1,
-    )
-
-
-def append(seq: UserSequence, k: int, seed: int, max_len: int = 1000) -> UserSequence:
-    """`seq` with k later events appended (keeping the last max_len), as apply_events would."""
-    new = random_sequence(k, seed, start_ts=int(seq.timestamps[-1]) + 1000 if len(seq) else 1_700_000_000_000)
-    return UserSequence(
-        *(np.concatenate([getattr(seq, f), getattr(new, f)])[-max_len:]
-          for f in ("track_ids", "behaviours", "scenarios", "timestamps")),
-        last_event_id=seq.last_event_id + k,
-    )
-
-
-def full_recompute_scores(model, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
-    batch = history_batch([model_window(window, model.config.max_len)], N_TRACKS)
-    batch = replace(batch, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
-                    scenario=torch.tensor([2]), request_ts=batch.history_ts.max(1).values + 60_000)
-    with torch.no_grad():
-        return model(batch)[0]
-
-
-def cached_scores(model, cache: UserKVCache, user: int, window: UserSequence, candidates: torch.Tensor) -> torch.Tensor:
-    history = cache.histories([user], [window])[0]
-    reference = history_batch([model_window(window, model.config.max_len)], N_TRACKS)
-    batch = replace(reference, candidate_tracks=candidates[None], candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
-                    scenario=torch.tensor([2]), request_ts=reference.history_ts.max(1).values + 60_000)
-    with torch.no_grad():
-        return model.score_candidates(history, batch)[0]
 
 
 def assert_exact(model, cache, user, window, candidates=torch.arange(1, 9)):

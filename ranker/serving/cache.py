@@ -13,7 +13,9 @@ with the cached one:
 
 Memory: a byte budget over everything entries hold (K/V buffers at their capacity, the
 token arrays); the least recently used entries are evicted to stay under it, and an
-entry larger than the whole budget is used for its request and never stored.
+entry larger than the whole budget is used for its request and never stored. K/V are held
+in fp32 by default; `kv_storage="bf16"` or `"int8"` (per-row scale) keeps them packed at
+rest, without headroom, and unpacks them for every use (ranker.serving.kv_storage).
 
 Not thread-safe by design: one scoring thread owns it (ranker.serving.service's worker or the
 sandbox's loop), so lookups and extensions need no lock.
@@ -34,6 +36,7 @@ from ranker.batch import RankBatch
 from ranker.models.layers import BlockCache, HistoryCache
 from ranker.models.base import SequenceRanker
 from ranker.serving.incremental import PATHS, can_extend, drop_derived_tables, extend_history
+from ranker.serving.kv_storage import PackedHistory, check_storage
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -226,7 +229,7 @@ class CacheStats:
 
 @dataclass
 class _Entry:
-    history: HistoryBuffer
+    history: HistoryBuffer | PackedHistory  # PackedHistory unless kv_storage is fp32
     window: UserSequence  # the tokens the K/V were computed from
     nbytes: int
 
@@ -245,17 +248,23 @@ class UserKVCache:
     """Per-(user, model version) history K/V with incremental updates and an LRU byte budget."""
 
     def __init__(self, model: SequenceRanker, model_version: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 headroom: float = 0.25, incremental: str = "fast") -> None:
+                 headroom: float = 0.25, incremental: str = "fast", kv_storage: str = "fp32") -> None:
         """`incremental` picks how appended events are encoded (ranker.serving.incremental.PATHS):
-        "fast" serves, "reference" re-encodes and exists to check it."""
+        "fast" serves, "reference" re-encodes and exists to check it. `kv_storage` is how
+        entries hold K/V at rest (ranker.serving.kv_storage.STORAGES)."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         if incremental not in PATHS:
             raise ValueError(f"incremental path must be one of {PATHS}, got {incremental!r}")
         self.incremental = incremental
+        self.kv_storage = check_storage(kv_storage)
         self.budget_bytes = int(budget_bytes)
         self.headroom = headroom
         self.stats = CacheStats()
+        # Set to a list to record every lookup of a user with history as (user, outcome,
+        # the entry's bytes after it), outcome "hit", "incremental" or "rebuild": what an
+        # experiment keeps to replay the cache at other byte budgets (bench.cache_economics).
+        self.lookup_log: list[tuple[int, str, int]] | None = None
         self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
         self.set_model(model, model_version)
 
@@ -321,31 +330,44 @@ class UserKVCache:
                 and _same_tokens(entry.window, window, cached):
             self.stats.hits += 1
             self._entries.move_to_end(key)
-            return entry.history.view()
+            self._log(user, "hit", entry.nbytes)
+            return entry.history.view() if isinstance(entry.history, HistoryBuffer) else entry.history.unpacked()
         if cached < len(window) and can_extend(self.model, cached, len(window)) \
                 and _same_tokens(entry.window, window, cached):
+            if isinstance(entry.history, PackedHistory):  # extend in the model's dtype, packed again in _store
+                entry.history = HistoryBuffer(entry.history.unpacked(), 0, self.headroom, self.model.config.max_len)
             extend_history(self.model, entry.history, history_batch([window], self.model.config.n_tracks, self.device),
                            self.incremental)
             self.stats.incremental += 1
             self._drop(key, count=False)
-            return self._store(user, window, entry.history, counted=False)
+            return self._store(user, window, entry.history, counted=False, outcome="incremental")
         self._drop(key, count=False)
         return None
 
-    def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True) -> HistoryCache:
+    def _log(self, user: int, outcome: str, nbytes: int) -> None:
+        if self.lookup_log is not None:
+            self.lookup_log.append((user, outcome, nbytes))
+
+    def _store(self, user: int, window: UserSequence, history: HistoryBuffer, counted: bool = True,
+               outcome: str = "rebuild") -> HistoryCache:
         """Insert as most recent, evicting least recent entries to fit the budget."""
         if counted:
             self.stats.rebuilds += 1
-        nbytes = history.nbytes + _token_bytes(window)
+        stored: HistoryBuffer | PackedHistory = history
+        if self.kv_storage != "fp32":  # scored from what is stored, so no path differs from a hit
+            stored = PackedHistory.from_view(history.view(), self.kv_storage)
+        nbytes = stored.nbytes + _token_bytes(window)
+        view = history.view() if stored is history else stored.unpacked()
+        self._log(user, outcome, nbytes)
         if nbytes > self.budget_bytes:
             self.stats.oversized += 1
-            return history.view()
+            return view
         while self.stats.bytes + nbytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
-        self._entries[(user, self.model_version)] = _Entry(history, window, nbytes)
+        self._entries[(user, self.model_version)] = _Entry(stored, window, nbytes)
         self.stats.bytes += nbytes
         self.stats.entries = len(self._entries)
-        return history.view()
+        return view
 
     def _drop(self, key: tuple[int, str], count: bool = True) -> None:
         entry = self._entries.pop(key, None)

@@ -23,6 +23,8 @@ def serve(
                                                 "torch's default, one per core)"),
     max_body_bytes: Optional[int] = typer.Option(None, help="413 for a /rank body over this (default 1 MiB)"),
     body_timeout_s: Optional[float] = typer.Option(None, help="408 for a body not received within this (default 5)"),
+    kv_storage: Optional[Literal["fp32", "bf16", "int8"]] = typer.Option(
+        None, help="K/V cache entries at rest: fp32 (default), bf16, or int8 with a per-row scale"),
     duplicate_candidates: Optional[Literal["score", "reject"]] = typer.Option(
         None, help="score every occurrence of a repeated candidate (default) or reject the request"),
 ) -> None:
@@ -35,5 +37,5 @@ def serve(
     flags = {"checkpoint": checkpoint, "feast_dir": feast_dir, "host": host, "port": port, "device": device,
              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "torch_threads": torch_threads,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
-             "duplicate_candidates": duplicate_candidates}
+             "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

@@ -38,12 +38,15 @@ def serving_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def prepare_for_serving(model: SequenceRanker, device: torch.device) -> SequenceRanker:
-    """Eval mode on `device`; bf16 and fused SDPA on CUDA, fp32 and split candidate softmax on CPU."""
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    model.set_candidate_attention("sdpa" if device.type == "cuda" else "split")
+def prepare_for_serving(model: SequenceRanker, device: torch.device,
+                        dtype: torch.dtype | None = None) -> SequenceRanker:
+    """Eval mode on `device`; bf16 and fused SDPA on CUDA, fp32 and split candidate softmax on CPU.
+
+    `dtype` overrides the weights' dtype (bf16 weights take SDPA on any device), so the CUDA
+    serving configuration can be checked against fp32 on a machine without a GPU."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(device).eval().to(dtype)
+    model.set_candidate_attention("sdpa" if device.type == "cuda" or dtype != torch.float32 else "split")
     return model
 
 
@@ -90,14 +93,14 @@ class NeuralRanker:
 
     def __init__(self, model: SequenceRanker, model_version: str, sequences: SequenceSource,
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto") -> None:
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32") -> None:
         self.device = serving_device(device)
         self.model = prepare_for_serving(model, self.device)
         self.name = name or model.family
         self.version = str(model_version)
         self.sequences = sequences
         self.max_candidates = max_candidates
-        self.cache = UserKVCache(self.model, self.version, cache_bytes)
+        self.cache = UserKVCache(self.model, self.version, cache_bytes, kv_storage=kv_storage)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, sequences: SequenceSource, **kwargs) -> "NeuralRanker":

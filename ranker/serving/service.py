@@ -62,6 +62,7 @@ class ServingSettings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     max_wait_ms: float = Field(1.0, ge=0)
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
+    kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # torch intra-op threads of the serving process (0: torch's default, one per core). 1 by
     # default: a batch is hundreds of small ops, each a parallel region whose barrier waits
     # for every thread, and when another process holds a core (the load generator, other

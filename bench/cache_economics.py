@@ -1,0 +1,261 @@
+"""The per-user KV cache's economics (`climber bench cache`): what fits, and what a miss costs.
+
+3. The cache in the closed loop: an experiment run (experiments/examples/model_sizes.yaml by
+   default), whose record keeps every neural arm's cache lookups (user, outcome, the entry's
+   bytes: the kv_cache_lookups table) under a budget that evicted nothing. An LRU replay of
+   that log gives the hit, extend and rebuild rates at any budget, from 1% to 100% of the
+   working set (every user's entry kept): with an entry present a lookup has the outcome it
+   had in the run, without one it is a rebuild.
+4. Storage precision: K/V at rest in fp32, bf16 and int8 (per-row scale), bytes per user and
+   the score error against fp32 over M = 200 candidates (max abs, Kendall tau of the
+   ranking), on the run's trained models and on an untrained size-l model at n = 1024.
+
+    climber bench cache [--set sim.n_users=500 ...]    # bench/results/cache.json, cache_budget.png
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.serve_common import N_TRACKS, console, random_sequence
+from ranker.serving.cache import UserKVCache, _token_bytes
+from ranker.serving.kv_storage import STORAGES
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = REPO / "experiments" / "examples" / "model_sizes.yaml"
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+OUTCOMES = ("hit", "incremental", "rebuild")
+
+
+@dataclass
+class Lookup:
+    user: int
+    outcome: str  # one of OUTCOMES, as served in the run
+    nbytes: int  # the entry's bytes after the lookup
+
+
+def replay_lru(log: list[Lookup], budget: float) -> dict:
+    """The cache's outcomes at `budget` bytes (LRU, an entry over the budget never stored).
+
+    Entry sizes are those logged in the unbounded run: an entry rebuilt after an eviction
+    gets fresh headroom where the logged one grew by extension, so the replay differs from
+    a real cache at that budget by up to ~3% of lookups (tests/test_cache_economics.py)."""
+    lru: OrderedDict[int, int] = OrderedDict()
+    total, counts, evictions = 0, dict.fromkeys(OUTCOMES, 0), 0
+    for lookup in log:
+        present = lookup.user in lru
+        counts[lookup.outcome if present else "rebuild"] += 1
+        total -= lru.pop(lookup.user, 0)
+        if lookup.nbytes <= budget:
+            lru[lookup.user] = lookup.nbytes
+            total += lookup.nbytes
+        while total > budget:
+            _, dropped = lru.popitem(last=False)
+            total -= dropped
+            evictions += 1
+    n = max(len(log), 1)
+    return {**{f"{k}_rate": v / n for k, v in counts.items()}, "evictions": evictions}
+
+
+def working_set(log: list[Lookup]) -> tuple[int, int]:
+    """(bytes with every user's latest entry kept, users)."""
+    latest = {lookup.user: lookup.nbytes for lookup in log}
+    return sum(latest.values()), len(latest)
+
+
+def experiment_run(spec_file: Path, overrides: list[str], out: Path) -> Path:
+    """The experiment as `climber experiment run` runs it, in a subprocess (bench sits beside
+    experiments in the layering, not above it); returns the run folder."""
+    command = [sys.executable, "-m", "sandbox.cli", "experiment", "run", str(spec_file), "--out", str(out),
+               *[arg for o in overrides for arg in ("--set", o)]]
+    subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    (run_dir,) = [p.parent for p in out.glob("*/sandbox.duckdb")]
+    return run_dir
+
+
+def read_lookups(run_dir: Path) -> dict[str, dict]:
+    """Per neural arm: its model, the cache's counters and its lookup log (kv_cache_lookups)."""
+    import duckdb
+
+    con = duckdb.connect(str(run_dir / "sandbox.duckdb"), read_only=True)
+    try:
+        counters = con.execute("SELECT * FROM kv_cache ORDER BY arm").df()
+        models = con.execute("SELECT arm, family, size FROM arm_models").df().set_index("arm")
+        rows = con.execute("SELECT arm, user_id, outcome, bytes FROM kv_cache_lookups ORDER BY arm, seq").fetchall()
+    finally:
+        con.close()
+    arms = {}
+    for record in counters.to_dict("records"):
+        arm = record["arm"]
+        if record["evictions"]:  # the log then holds budget-limited outcomes, not the unbounded ones
+            raise RuntimeError(f"{arm}: the run's cache evicted {record['evictions']} entries at "
+                               f"{record['budget_bytes']:,} bytes; rerun with a larger cache budget")
+        arms[arm] = {"model": f"{models.loc[arm, 'family']}-{models.loc[arm, 'size']}", "counters": record,
+                     "log": [Lookup(int(u), o, int(b)) for a, u, o, b in rows if a == arm]}
+    return arms
+
+
+def closed_loop_figures(arms_in: dict[str, dict], fractions=FRACTIONS) -> dict:
+    arms = {}
+    for arm, a in arms_in.items():
+        log = a["log"]
+        total, users = working_set(log)
+        arms[arm] = {"model": a["model"], "lookups": len(log), "users": users, "working_set_bytes": total,
+                     # a user's first lookup is a rebuild at any budget; the other rebuilds
+                     # with no budget are windows that slid (or changed) since the last one
+                     "first_lookup_rate": users / max(len(log), 1),
+                     "bytes_per_user": total / max(users, 1),
+                     "unbounded": replay_lru(log, float("inf")),
+                     "curve": [{"fraction": f, "budget_bytes": f * total, **replay_lru(log, f * total)}
+                               for f in fractions]}
+    return arms
+
+
+# ----------------------------------------------------------------------------- 4. storage precision
+
+def precision_rows(model, label: str, n: int, users: int = 20, M: int = 200) -> list[dict]:
+    """Per storage: bytes per user (entry bytes at rest) and the score error against fp32."""
+    from scipy.stats import kendalltau
+
+    from ranker.serving.cache import history_batch
+
+    model = model.eval()
+    rng = np.random.default_rng(11)
+    n_tracks = model.config.n_tracks
+    seqs = []
+    for u in range(users):
+        s = random_sequence(n, seed=200 + u)
+        s.track_ids[:] = rng.integers(0, n_tracks, n)
+        seqs.append(s)
+    scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in STORAGES}
+    nbytes: dict[str, list[int]] = {kind: [] for kind in STORAGES}
+    with torch.inference_mode():
+        for u, seq in enumerate(seqs):
+            batch = history_batch([seq], n_tracks)
+            candidates = torch.from_numpy(rng.choice(n_tracks, M, replace=False) + 1)[None]
+            batch.candidate_tracks, batch.candidate_mask = candidates, torch.ones(1, M, dtype=torch.bool)
+            batch.scenario, batch.request_ts = torch.tensor([0]), batch.history_ts[:, -1] + 60_000
+            for kind in STORAGES:
+                cache = UserKVCache(model, "bench", budget_bytes=2**40, kv_storage=kind)
+                (history,) = cache.histories([u], [seq])
+                scores[kind].append(model.score(model.score_candidates(history, batch))[0])
+                nbytes[kind].append(cache.nbytes - _token_bytes(seq))
+    rows = []
+    for kind in STORAGES:
+        gaps = [float((a - b).abs().max()) for a, b in zip(scores[kind], scores["fp32"])]
+        taus = [kendalltau(a.numpy(), b.numpy()).statistic for a, b in zip(scores[kind], scores["fp32"])]
+        spread = float(np.mean([float(s.max() - s.min()) for s in scores["fp32"]]))
+        rows.append({"model": label, "n": n, "M": M, "users": users, "storage": kind,
+                     "kv_bytes_per_user": float(np.mean(nbytes[kind])),
+                     "bytes_vs_fp32": float(np.mean(nbytes[kind]) / np.mean(nbytes["fp32"])),
+                     "max_abs_score_error": max(gaps), "score_spread_fp32": spread,
+                     "kendall_tau_min": float(min(taus)), "kendall_tau_mean": float(np.mean(taus))})
+    return rows
+
+
+def storage_figures(run_dir: Path | None, arms: list[str], long_n: int, long_size: str) -> list[dict]:
+    from ranker.models import build_model
+    from ranker.training.checkpoint import load_checkpoint
+
+    rows = []
+    for arm in arms:
+        if run_dir is None:
+            break
+        model, meta = load_checkpoint(run_dir / "checkpoints" / arm)
+        rows += precision_rows(model, f"{arm} (trained)", model.config.max_len)
+    torch.manual_seed(0)
+    untrained = build_model("astro", long_size, N_TRACKS, dropout=0.0, max_len=long_n)
+    rows += precision_rows(untrained, f"astro-{long_size} (untrained)", long_n, users=5)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def plot_budget(arms: dict, path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for arm, a in arms.items():
+        xs = [100 * p["fraction"] for p in a["curve"]]
+        ax.plot(xs, [p["hit_rate"] for p in a["curve"]], "-o", markersize=3, label=f"{arm} hit")
+        ax.plot(xs, [p["hit_rate"] + p["incremental_rate"] for p in a["curve"]], "--", label=f"{arm} hit + extend")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}%"))
+    ax.set_xlabel("byte budget, % of the working set (every user's entry)")
+    ax.set_ylabel("share of lookups")
+    top = max(p["hit_rate"] + p["incremental_rate"] for a in arms.values() for p in a["curve"])
+    ax.set_ylim(0, min(1.0, max(0.05, 1.3 * top)))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("KV cache in the closed loop: served without a rebuild")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(arms: dict, storage: list[dict]) -> str:
+    lines = ["| arm | lookups | users | bytes/user | hit | extend | rebuild (first lookup / since) |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        u, first = a["unbounded"], a["users"] / max(a["lookups"], 1)
+        lines.append(f"| {arm} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:.1f} KiB | "
+                     f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} "
+                     f"({first:.1%} / {u['rebuild_rate'] - first:.1%}) |")
+    if arms:
+        fr = [p["fraction"] for p in next(iter(arms.values()))["curve"]]
+        lines += ["", "Rebuild rate against the byte budget (% of each arm's working set):", "",
+                  "| arm | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |", "|---|" + "---|" * len(fr)]
+        for arm, a in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{p['rebuild_rate']:.1%}" for p in a["curve"]) + " |")
+    lines += ["", "| model | n | storage | K/V bytes/user | vs fp32 | max abs score error (fp32 spread) | "
+              "Kendall tau min / mean |", "|---|---|---|---|---|---|---|"]
+    for r in storage:
+        lines.append(f"| {r['model']} | {r['n']} | {r['storage']} | {r['kv_bytes_per_user'] / 1024:,.1f} KiB | "
+                     f"{r['bytes_vs_fp32']:.2f} | {r['max_abs_score_error']:.1e} ({r['score_spread_fp32']:.2f}) | "
+                     f"{r['kendall_tau_min']:.4f} / {r['kendall_tau_mean']:.4f} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class CacheBench:
+    spec_file: Path = DEFAULT_SPEC
+    overrides: list[str] = field(default_factory=list)
+    long_n: int = 1024
+    long_size: str = "l"
+    save_as: str | None = "cache"
+
+
+def run_bench_cache(cfg: CacheBench) -> dict:
+    from bench.common import RESULTS_DIR, save
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        console.print(f"bench cache: 1/2 experiment run {cfg.spec_file.name} {' '.join(cfg.overrides)}")
+        run_dir = experiment_run(cfg.spec_file, cfg.overrides, Path(tmp))
+        arms = closed_loop_figures(read_lookups(run_dir))
+        console.print("bench cache: 2/2 storage precision")
+        storage = storage_figures(run_dir, list(arms), cfg.long_n, cfg.long_size)
+    figures = {"spec": str(cfg.spec_file.relative_to(REPO)) if cfg.spec_file.is_relative_to(REPO) else str(cfg.spec_file),
+               "overrides": cfg.overrides, "closed_loop": arms, "storage": storage,
+               "wall_seconds": time.time() - started}
+    figures["markdown"] = markdown(arms, storage)
+    console.print(figures["markdown"])
+    if cfg.save_as:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        plot_budget(arms, RESULTS_DIR / f"{cfg.save_as}_budget.png")
+        console.print(f"written {save(cfg.save_as, figures)}")
+    return figures

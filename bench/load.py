@@ -1,0 +1,275 @@
+"""The ranking service over HTTP under load (`bench.serve` part 4, and `climber bench gpu`).
+
+uvicorn in a subprocess, driven by the lean load generator of bench/service_load.py: closed
+loops (32 clients and 1), then an open loop (Poisson arrivals) at stated fractions of a
+measured rate, with the in-process ceiling (`NeuralRanker.rank_timed`, no HTTP) measured in
+the same run so an overhead can be told from the model's own cost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.serve_common import N_TRACKS, best_seconds, random_sequence
+from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
+                                request_bodies, run_async, summary)
+from ranker.models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_CLIENT = None
+
+
+def _client():
+    """One plain-HTTP client for the bench's own calls: httpx.get builds a client, with an SSL
+    context, per call (~0.1 s each on a loaded 2-core box)."""
+    import httpx
+
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = httpx.Client(verify=False, timeout=10)
+    return _CLIENT
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = _client().get(url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            label = ",".join(f"{v}" for v in sample.labels.values() if sample.name != "climber_model_info")
+            out[sample.name + (f"[{label}]" if label else "")] = sample.value
+    return out
+
+
+def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threads: int,
+                    batches: tuple[int, ...] = (1, 4, 8, 16, 32), device: str = "cpu", single_calls: int = 50,
+                    min_seconds: float = 3.0) -> dict:
+    """What the server's scoring work allows: `NeuralRanker.rank_timed` (feature read, cache
+    lookups and stacking, stage two) in this process, warm cache, best of N per batch size.
+
+    No HTTP, no load generator, one process: an upper bound on requests/s for the server's
+    torch threads, so a reader can tell an overhead from the model's own cost. Also the p50
+    of one request at a time (`single_calls` calls): what HTTP's p50 is compared with.
+    """
+    from features.store import FeatureStoreClient
+    from ranker.interface import RankRequest
+    from ranker.serving.ranker import NeuralRanker
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ranker = NeuralRanker.from_checkpoint(checkpoint, FeatureStoreClient(feast_dir), device=device)
+        rng = np.random.default_rng(5)
+        requests = [RankRequest(request_id=i, user_id=i % users, scenario="home_feed",
+                                candidates=rng.integers(0, N_TRACKS, M), ts=1_800_000_000_000)
+                    for i in range(max(batches))]
+        ranker.rank(requests)  # warm: every user's history is cached, as in the loaded server
+        t = best_seconds({b: (lambda b=b: ranker.rank_timed(requests[:b])) for b in batches},
+                         min_seconds=min_seconds, min_reps=3)
+        single = []
+        for i in range(single_calls):  # responses are host lists: each call waits for the device
+            start = time.perf_counter()
+            ranker.rank_timed(requests[i % len(requests): i % len(requests) + 1])
+            single.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    rows = [{"batch": b, "ms_per_batch": s * 1e3, "ms_per_request": s * 1e3 / b, "requests_per_s": b / s,
+             "candidates_per_s": b * M / s} for b, s in t.items()]
+    best = max(rows, key=lambda r: r["requests_per_s"])
+    return {"threads": threads, "device": device, "single_p50_ms": 1e3 * float(np.median(single)), "rows": rows, "best_requests_per_s": best["requests_per_s"],
+            "best_candidates_per_s": best["candidates_per_s"], "best_batch": best["batch"]}
+
+
+def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict:
+    """One load run with what it cost: latency summary, the server's batches and stage times
+    (from /metrics), and CPU per request of the server process and of this process (the
+    load generator)."""
+    before, server_cpu, client_cpu = scrape(url), process_cpu_seconds(server_pid), own_cpu_seconds()
+    run = load()
+    client_cpu = own_cpu_seconds() - client_cpu
+    server_cpu = None if server_cpu is None else process_cpu_seconds(server_pid) - server_cpu
+    after = scrape(url)
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    batches, requests = delta("climber_rank_batch_size_count"), len(run.latencies)
+    stages = {stage: delta(f"climber_rank_stage_seconds_sum[{stage}]") for stage in ("features", "cache", "model")}
+    per_request = {f"{stage}_wall": 1e3 * seconds / requests for stage, seconds in stages.items()}
+    if server_cpu is not None:
+        per_request["server_cpu"] = 1e3 * server_cpu / requests
+        # Everything else the server process spends: HTTP parsing, body validation, reply
+        # encoding, the event loop, metrics (stage times are wall: under CPU contention this can go below 0).
+        per_request["server_other_cpu"] = per_request["server_cpu"] - sum(per_request[f"{s}_wall"] for s in stages)
+    per_request["load_generator_cpu"] = 1e3 * client_cpu / requests
+    return {**summary(run), "mean_batch_size": delta("climber_rank_batch_size_sum") / max(batches, 1),
+            "per_batch_stage_ms": {stage: 1e3 * seconds / max(batches, 1) for stage, seconds in stages.items()},
+            "ms_per_request": per_request,
+            "cache_lookups": {k: delta(f"climber_kv_cache_lookups_total[{k}]")
+                              for k in ("hits", "incremental", "rebuilds", "cold")}}
+
+
+def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
+                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
+                  open_basis: str = "closed", ceiling_seconds: float = 3.0) -> dict:
+    """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
+
+    Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
+    Poisson arrivals at `open_fractions` of a measured rate, over `clients` connections
+    (latency at a stated load below saturation). `open_basis` names the rate: "closed" (the
+    closed-loop throughput just measured) or "ceiling" (the in-process ceiling at the batch
+    sizes the server forms, no HTTP: the load an operator plans against). HTTP overhead = 1-client p50 over HTTP minus the
+    in-process p50 of one request.
+    """
+    if open_basis not in ("closed", "ceiling"):
+        raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
+    import httpx
+
+    from features.store import FeatureStoreClient
+    from ranker.training.checkpoint import save_checkpoint
+
+    server_threads = threads or 1
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        store = FeatureStoreClient(root / "feast")
+        store.apply()
+        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
+        torch.manual_seed(0)
+        model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
+        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+        # The ceiling at batch sizes the server can form (it batches at most max_batch requests).
+        batches = tuple(sorted({b for b in (1, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
+        ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads, batches, device,
+                                  min_seconds=ceiling_seconds)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
+             str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+             "--threads", str(server_threads), "--device", device],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            for _ in range(600):
+                try:
+                    if _client().get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            else:
+                raise RuntimeError("the ranking server did not come up within 60 s")
+            for user in range(users):  # fill the cache: the steady state of a warm server
+                _client().post(url + "/rank", json={"user_id": user, "scenario": "home_feed", "candidates": [1]}).raise_for_status()
+            bodies = request_bodies(users, M, seed=1, n_tracks=N_TRACKS)
+            closed = lambda k, s: lambda: run_async(closed_loop("127.0.0.1", port, k, s, bodies))  # noqa: E731
+            loaded = measured_run(url, server.pid, closed(clients, seconds))
+            single = measured_run(url, server.pid, closed(1, min(seconds, 5.0)))
+            open_runs = []
+            for fraction in open_fractions:
+                basis = loaded["requests_per_s"] if open_basis == "closed" else ceiling["best_requests_per_s"]
+                rate = fraction * basis
+                run = measured_run(url, server.pid, lambda rate=rate: run_async(
+                    open_loop("127.0.0.1", port, rate, clients, open_seconds, bodies, seed=3)))
+                open_runs.append({"fraction_of_saturation": fraction, "basis": open_basis, "basis_requests_per_s": basis,
+                                  **run})
+            cache_bytes = scrape(url).get("climber_kv_cache_bytes")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
+            "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
+            "max_wait_ms": max_wait_ms,
+            "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
+                              "bodies encoded up front, in the bench process on the same cores as the server",
+            "loaded": loaded, "single_client": single, "open_loop": open_runs, "ceiling": ceiling,
+            "http_overhead_p50_ms": single["p50_ms"] - ceiling["single_p50_ms"],
+            # kept at the top level for readers of earlier serve.json files
+            "mean_batch_size": loaded["mean_batch_size"], "per_batch_stage_ms": loaded["per_batch_stage_ms"],
+            "cache_lookups": loaded["cache_lookups"], "cache_bytes": cache_bytes}
+
+
+def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
+    """The service figures: load table, per-request budget, the ceiling and what the goal needs."""
+    need_rps = svc["clients"] / (goal_p99_ms / 1e3)
+    ceiling = svc["ceiling"]
+    rows = [(f"closed loop, {svc['clients']} clients", svc["loaded"]), ("closed loop, 1 client", svc["single_client"])]
+    basis = {"closed": "the closed-loop throughput", "ceiling": "the in-process ceiling"}
+    rows += [(f"open loop, Poisson {run['offered_per_s']:.0f}/s offered ({run['fraction_of_saturation']:.0%} of "
+              f"{basis[run.get('basis', 'closed')]}), {svc['clients']} connections", run) for run in svc["open_loop"]]
+    lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
+             f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms); the load "
+             f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
+             "clients.", "",
+             "| load | requests/s | p50 ms | p99 ms | server p50 / p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {run['requests_per_s']:.0f} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
+              f"{run['server_p50_ms']:.1f} / {run['server_p99_ms']:.1f} | {run['mean_batch_size']:.1f} |"
+              for label, run in rows]
+    budget = svc["loaded"]["ms_per_request"]
+    stages = (f"features {budget['features_wall']:.2f} + cache {budget['cache_wall']:.2f} + model "
+              f"{budget['model_wall']:.2f} ms (wall)")
+    if budget.get("server_other_cpu", -1.0) >= 0:
+        lines += ["", f"Per request at {svc['clients']} clients: server process {budget['server_cpu']:.2f} ms CPU = "
+                  f"{stages} + HTTP, validation, encoding, event loop {budget['server_other_cpu']:.2f}; "
+                  f"load generator {budget['load_generator_cpu']:.2f} ms CPU."]
+    elif "server_cpu" in budget:  # stage wall times above the process CPU: the cores were contended
+        lines += ["", f"Per request at {svc['clients']} clients: server process {budget['server_cpu']:.2f} ms CPU; "
+                  f"scoring stages {stages}, more than the CPU the process got (other jobs held the cores), "
+                  f"so the HTTP share cannot be told apart in this run; load generator "
+                  f"{budget['load_generator_cpu']:.2f} ms CPU."]
+    best_rps = ceiling["best_requests_per_s"]
+    per_batch = ", ".join(f"batch {r['batch']} {r['ms_per_request']:.2f} ms/request" for r in ceiling["rows"])
+    lines += ["", f"Ceiling (in-process `rank_timed`, warm cache, {ceiling['threads']} torch thread(s), no HTTP): "
+              f"{per_batch}; best {best_rps:.0f} requests/s = {ceiling['best_candidates_per_s']:,.0f} candidates/s "
+              f"(batch {ceiling['best_batch']}). p99 <= {goal_p99_ms:.0f} ms with {svc['clients']} closed-loop clients "
+              f"needs >= {need_rps:,.0f} requests/s (Little's law), {need_rps / best_rps:.1f}x this ceiling; at the "
+              f"ceiling, {svc['clients']} clients wait at least {1e3 * svc['clients'] / best_rps:.0f} ms."]
+    if "http_overhead_p50_ms" in svc:
+        lines += ["", f"HTTP overhead at p50: one client over HTTP {svc['single_client']['p50_ms']:.2f} ms, one request "
+                  f"in process {ceiling['single_p50_ms']:.2f} ms: **{svc['http_overhead_p50_ms']:+.2f} ms** (goal <= 1 ms)."]
+    return lines
+
+
+def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
+                   seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
+                   save_as: str | None = "load") -> dict:
+    """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
+    p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
+    from bench.common import save
+    from bench.serve_common import console
+
+    started = time.time()
+    svc = bench_service(size, n, M, 32, seconds, users, threads, open_fractions=fractions, open_seconds=seconds,
+                        device=device, open_basis="ceiling")
+    half = next((r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5), None)
+    for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
+        run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]
+    figures = {"service": svc, "wall_seconds": time.time() - started,
+               "goals": {"p99_over_p50_at_half_ceiling": 3.0, "http_overhead_p50_ms": 1.0},
+               "p99_over_p50_at_half_ceiling": half and half["p99_ms"] / half["p50_ms"],
+               "overloaded_at_half_ceiling": half and half["overloaded"]}
+    figures["markdown"] = "\n".join(service_markdown(svc, 20.0))
+    console.print(figures["markdown"])
+    if half:
+        console.print(f"at 50% of the ceiling: p99 / p50 = {figures['p99_over_p50_at_half_ceiling']:.1f} (goal <= 3)"
+                      f"{', OVERLOADED: served below offered, so the ratio is a growing queue' if half['overloaded'] else ''}; "
+                      f"HTTP overhead at p50 {svc['http_overhead_p50_ms']:+.2f} ms (goal <= 1 ms)")
+    if save_as:
+        console.print(f"written {save(save_as, figures)}")
+    return figures
