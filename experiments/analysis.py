@@ -207,3 +207,67 @@ def configured_shares(source: duckdb.DuckDBPyConnection | str | Path) -> dict[st
     total = sum(arms.values())
     return {arm: share / total for arm, share in arms.items()}
 
+
+
+def arm_rankers(source: duckdb.DuckDBPyConnection | str | Path) -> dict[str, str]:
+    """Each arm's ranker as the run recorded it: an experiment run's `experiment.rankers`
+    (where an arm may be the oracle), else the sandbox settings' `experiment.rankers`."""
+    con, owned = connect(source)
+    try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "experiment" in tables:
+            return json.loads(con.execute("SELECT rankers FROM experiment LIMIT 1").fetchone()[0])
+        row = con.execute("SELECT settings FROM runs ORDER BY started_at LIMIT 1").fetchone()
+    finally:
+        if owned:
+            con.close()
+    return dict(json.loads(row[0]).get("experiment", {}).get("rankers", {})) if row else {}
+
+
+def ceiling_frame(full_played: Mapping[str, float], impressions: Mapping[str, float],
+                  rankers: Mapping[str, str], control: str = "control") -> pd.DataFrame | None:
+    """Full-play rate per impression of every arm beside the oracle arm's (the ceiling: the
+    simulator's true engagement orders the same candidates), and each arm's share of the gap
+    from the popularity arm to the oracle arm closed. None when no arm is the oracle."""
+    oracle = [arm for arm, ranker in rankers.items() if ranker == "oracle" and impressions.get(arm)]
+    if not oracle:
+        return None
+    rate = {arm: full_played[arm] / impressions[arm] for arm in impressions if impressions[arm]}
+    popular = sorted((arm for arm, ranker in rankers.items() if ranker == "popularity" and arm in rate),
+                     key=lambda arm: arm != control)  # the control when it is a popularity arm
+    floor, ceiling = (rate[popular[0]] if popular else np.nan), rate[oracle[0]]
+    rows = []
+    for arm in sorted(rate, key=lambda a: (a in oracle, rate[a])):
+        gap = (rate[arm] - floor) / (ceiling - floor) if popular and ceiling != floor else np.nan
+        rows.append({"arm": arm, "ranker": rankers.get(arm, "?") + (" (ceiling)" if arm in oracle else ""),
+                     "impressions": int(impressions[arm]), "full_play_rate": rate[arm], "gap_closed": gap})
+    frame = pd.DataFrame(rows)
+    frame.attrs["caption"] = (f"gap closed: (arm - {popular[0]}) / ({oracle[0]} - {popular[0]}), "
+                              f"{popular[0]} being a popularity arm" if popular else "no popularity arm: no gap")
+    return frame
+
+
+def ceiling_from_record(source: duckdb.DuckDBPyConnection | str | Path, control: str = "control") -> pd.DataFrame | None:
+    """`ceiling_frame` of a run's exposed users, for `climber ab`: over the A/B days of an
+    experiment run (before them every arm but the baselines serves a popularity
+    placeholder), as its report counts them; over the whole run otherwise (`user_metrics`)."""
+    from experiments.user_table import user_table
+
+    con, owned = connect(source)
+    try:
+        rankers = arm_rankers(con)
+        if "oracle" not in rankers.values():
+            return None
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "experiment" in tables:
+            ab_start, end = con.execute("SELECT ab_start_ts, end_ts FROM experiment LIMIT 1").fetchone()
+            totals = user_table(con, int(ab_start), int(end)).groupby("arm")[["full_played_impressions",
+                                                                                "impressions"]].sum()
+            full = totals["full_played_impressions"]
+        else:
+            totals = user_metrics(con).groupby("arm")[["full_played", "impressions"]].sum()
+            full = totals["full_played"]
+    finally:
+        if owned:
+            con.close()
+    return ceiling_frame(full.to_dict(), totals["impressions"].to_dict(), rankers, control)

@@ -21,6 +21,7 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from experiments.analysis import ceiling_frame  # noqa: E402
 from experiments.evaluate import Evaluation, evaluate, summary_json  # noqa: E402
 
 LABELS = {"listening_minutes": "listening min", "plays": "plays", "full_plays": "full plays",
@@ -101,6 +102,22 @@ def regret_frame(ev: Evaluation) -> pd.DataFrame:
                          "relative": [f"{v:.1%}" for v in r["relative_regret"]]})
 
 
+def ceiling(ev: Evaluation) -> pd.DataFrame | None:
+    """Full-play rate per arm beside the oracle arm's, and the share of the popularity ->
+    oracle gap each arm closes (`experiments.analysis.ceiling_frame`); None without an
+    oracle arm."""
+    totals = ev.users.groupby("arm")[["full_played_impressions", "impressions"]].sum()
+    return ceiling_frame(totals["full_played_impressions"].to_dict(), totals["impressions"].to_dict(),
+                         json.loads(ev.meta["rankers"]), ev.control)
+
+
+def ceiling_shown(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"arm": frame["arm"], "ranker": frame["ranker"],
+                         "impressions": [f"{v:,}" for v in frame["impressions"]],
+                         "full-play rate": [f"{v:.4f}" for v in frame["full_play_rate"]],
+                         "gap closed": ["n/a" if not np.isfinite(v) else f"{v:.1%}" for v in frame["gap_closed"]]})
+
+
 def sequential_frame(ev: Evaluation) -> pd.DataFrame:
     s = ev.sequential
     if s.empty:
@@ -141,7 +158,14 @@ def sections(ev: Evaluation) -> list[tuple[str, pd.DataFrame]]:
              "fatigue within the slate, so slates that repeat an artist look better than they play)",
              regret_frame(ev)),
             ("KV cache per neural arm (TURBO serving in the A/B phase)", cache_frame(ev))]
+    top = ceiling(ev)
+    if top is not None:
+        out.append((CEILING_TITLE, ceiling_shown(top)))
     return out
+
+
+CEILING_TITLE = ("The oracle arm as the ceiling: full-play rate per impression over the A/B days; gap closed = "
+                 "(arm - popularity arm) / (oracle arm - popularity arm)")
 
 
 # -- terminal -------------------------------------------------------------------------------------
@@ -288,10 +312,34 @@ def plot_regret(ev: Evaluation, path: Path) -> Path | None:
     return path
 
 
+def plot_ceiling(ev: Evaluation, path: Path) -> Path | None:
+    """Each arm's full-play rate, the oracle arm's drawn as the ceiling line."""
+    top = ceiling(ev)
+    if top is None:
+        return None
+    oracle = top[top["ranker"].str.endswith("(ceiling)")].iloc[0]
+    rest = top[top["arm"] != oracle["arm"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(rest["arm"], rest["full_play_rate"], color="tab:blue")
+    ax.axhline(oracle["full_play_rate"], color="tab:red", linestyle="--",
+               label=f"oracle arm {oracle['arm']!r}: {oracle['full_play_rate']:.4f}")
+    for x, (rate, gap) in enumerate(zip(rest["full_play_rate"], rest["gap_closed"])):
+        if np.isfinite(gap):
+            ax.annotate(f"{gap:.0%} of the gap", (x, rate), ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel="full-play rate per impression", ylim=(0, oracle["full_play_rate"] * 1.15),
+           title="Full-play rate per arm (A/B days) against the oracle ceiling")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(ev: Evaluation, run_dir: Path) -> Path:
     plots = [p for p in (plot_lifts(ev, run_dir / "lift.png"), plot_scaling(ev, run_dir / "lift_vs_flops.png"),
                          plot_daily(ev, run_dir / "daily.png"), plot_sequential(ev, run_dir / "sequential.png"),
-                         plot_regret(ev, run_dir / "regret.png")) if p is not None]
+                         plot_regret(ev, run_dir / "regret.png"), plot_ceiling(ev, run_dir / "ceiling.png"))
+             if p is not None]
     body = "<h2>Lift of each size</h2><ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in size_lines(ev)) + "</ul>"
     body += "".join(f"<h2>{html.escape(title)}</h2>{frame.to_html(index=False, border=0)}"
                     for title, frame in sections(ev))

@@ -362,15 +362,26 @@ class FeatureStoreClient:
         return self._redis.claim(name) if self._redis is not None else None
 
     def write_track_stats(self, stats: TrackStats, event_ts: int | None = None,
-                          owner: tuple[str, bytes] | None = None) -> int:
+                          owner: tuple[str, bytes] | None = None, marks: np.ndarray | None = None) -> int:
         """Upsert the given tracks' rows (typically those `apply_track_events` touched).
         `owner` (name, token from `claim_owner`): on Redis, write only while that token is
-        the newest claim, else raise `NotOwnerError` having written nothing."""
+        the newest claim, else raise `NotOwnerError` having written nothing.
+        `marks` (int64 [K, P]): row i's `source_marks`, written in the same row write as its
+        counts (one HSET on Redis, one transaction on SQLite); None writes them empty, which
+        is what every writer but the Kafka path's track worker wants (a rebuilt row counts
+        nothing from any Kafka partition)."""
         columns = FeatureColumns(len(stats))
         per_track = np.full(len(stats), N_BEHAVIOURS, np.int64)
         columns.int64_lists(("totals",), [stats.totals.ravel()], per_track)
         columns.float64_lists(("recent",), [stats.recent.ravel()], per_track)
         columns.int64s(("as_of_ts",), [stats.as_of_ts])
+        if marks is None:
+            columns.int64_lists(("source_marks",), [np.zeros(0, np.int64)], np.zeros(len(stats), np.int64))
+        else:
+            marks = np.asarray(marks, np.int64)
+            if marks.shape[0] != len(stats):
+                raise ValueError(f"{marks.shape[0]} rows of source marks for {len(stats)} tracks")
+            columns.int64_lists(("source_marks",), [marks.ravel()], np.full(len(stats), marks.shape[1], np.int64))
         stamps = stats.as_of_ts.tolist() if event_ts is None else [event_ts] * len(stats)
         self._write("track_stats", "track_id", stats.track_ids.tolist(), columns, stamps,
                     owner=owner if owner and owner[1] is not None else None)
@@ -382,18 +393,35 @@ class FeatureStoreClient:
         row are zeros. Decoded a column at a time on SQLite, like `get_sequences`."""
         ids = np.unique(np.asarray(track_ids, np.int64))
         fast = self._read_values("track_stats", "track_id", ids.tolist(), TRACK_STAT_FEATURES)
+        return self.read_track_stats_via_feast(ids) if fast is None else _decode_track_stats(ids, *fast)
+
+    def read_track_rows(self, track_ids: Sequence[int], partitions: int) -> tuple[TrackStats, np.ndarray]:
+        """`read_track_stats` and the rows' `source_marks` in one read (what the Kafka
+        path's track worker restores a track from): int64 [K, partitions], -1 where a row
+        has none (no row, or written off the Kafka path). A row marked for another
+        partition count is an error: its marks would name other users' partitions (the
+        topic was recreated with another count; `climber replay --into` rebuilds the
+        store with the marks empty)."""
+        ids = np.unique(np.asarray(track_ids, np.int64))
+        fast = self._read_values("track_stats", "track_id", ids.tolist(), TRACK_STAT_FEATURES + ("source_marks",))
         if fast is None:
-            return self.read_track_stats_via_feast(ids)
-        present, values = fast
-        stats = TrackStats.zeros(ids)
-        totals, total_counts = decode_int64_lists(values["totals"])
-        recent, recent_counts = decode_float64_lists(values["recent"])
-        if np.any(total_counts != N_BEHAVIOURS) or np.any(recent_counts != N_BEHAVIOURS):
-            raise ValueError(f"stored track statistics do not have {N_BEHAVIOURS} behaviours")
-        stats.totals[present] = totals.reshape(-1, N_BEHAVIOURS)
-        stats.recent[present] = recent.reshape(-1, N_BEHAVIOURS)
-        stats.as_of_ts[present] = decode_int64s(values["as_of_ts"])
-        return stats
+            stats = self.read_track_stats_via_feast(ids)
+            rows = self._read("track_stats", "track_id", ids.tolist(), ("source_marks",))
+            present = [i for i, row in enumerate(rows) if row is not None]
+            lists = [list(rows[i]["source_marks"].int64_list_val.val) for i in present]
+            flat = np.array([v for values in lists for v in values], np.int64)
+            counts = np.array([len(values) for values in lists], np.int64)
+        else:
+            present, values = fast
+            stats = _decode_track_stats(ids, present, values)
+            flat, counts = decode_int64_lists(values["source_marks"])
+        marks = np.full((len(ids), partitions), -1, np.int64)
+        marked = counts > 0
+        if np.any(counts[marked] != partitions):
+            raise ValueError(f"stored track statistics are marked for {int(counts[marked][0])} events partitions, "
+                             f"the stream has {partitions}: rebuild the store (`climber replay --into`)")
+        marks[np.asarray(present, np.int64)[marked]] = flat.reshape(-1, partitions)
+        return stats, marks
 
     def read_track_stats_via_feast(self, track_ids: Sequence[int]) -> TrackStats:
         """`read_track_stats` through the provider's `online_read`, one protobuf per value."""
@@ -418,6 +446,19 @@ class FeatureStoreClient:
         columns.update({name: stats.totals[:, i] for i, name in enumerate(TOTAL_FEATURES)})
         columns.update({name: recent[:, i] for i, name in enumerate(RECENT_FEATURES)})
         return columns
+
+
+def _decode_track_stats(ids: np.ndarray, present: list[int], values: dict[str, list[bytes]]) -> TrackStats:
+    """TrackStats of `ids` from a fast read's bytes (`_read_values`); absent rows are zeros."""
+    stats = TrackStats.zeros(ids)
+    totals, total_counts = decode_int64_lists(values["totals"])
+    recent, recent_counts = decode_float64_lists(values["recent"])
+    if np.any(total_counts != N_BEHAVIOURS) or np.any(recent_counts != N_BEHAVIOURS):
+        raise ValueError(f"stored track statistics do not have {N_BEHAVIOURS} behaviours")
+    stats.totals[present] = totals.reshape(-1, N_BEHAVIOURS)
+    stats.recent[present] = recent.reshape(-1, N_BEHAVIOURS)
+    stats.as_of_ts[present] = decode_int64s(values["as_of_ts"])
+    return stats
 
 
 def wait_until_visible(store: FeatureStoreClient, last_event_ids: dict[int, int], timeout_s: float,

@@ -19,9 +19,10 @@ tumbling hourly buckets because
   from any split or interleaving of the log (Kafka partitions, batches) agree up to
   floating-point rounding.
 
-Counting is at-least-once: a redelivered event is counted again. Track events arrive from
-every user partition, so a per-track high-water mark (the sequences' trick) would drop
-legitimate out-of-order events; dedup by event id upstream if redelivery matters.
+This function counts every event it is given. Track events arrive from every user
+partition, so a per-track high-water mark (the sequences' trick) would drop legitimate
+out-of-order events; the Kafka path's track worker skips redelivered copies with a mark
+per track *and* user partition, kept beside these rows (`streaming.online_state.TrackStatsState`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import typer
 from bench.cli import bench_app
 from experiments.cli import experiment_app
 from ranker.serving.cli import serve_app
-from ranker.training.cli import train_app
+from ranker.training.cli import data_app, public_app, train_app
 from streaming.cli import worker_app
 from studies.cli import growth_study_app, scaling_app, scaling_seeds_app
 
@@ -20,6 +20,7 @@ topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(topics_app, name="topics")
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(data_app, name="data")
 
 
 def _parse_rankers(items: Optional[list[str]]) -> Optional[dict[str, str]]:
@@ -180,37 +181,6 @@ def export(
     typer.echo(f"{written:,} events -> {out}")
 
 
-@app.command("import")
-def import_log(
-    source: Path = typer.Argument(..., help="interaction log: .csv, .tsv, .txt or .parquet"),
-    db: Path = typer.Option(..., help="DuckDB file to write the `events` table into (for `climber train --db`)"),
-    user: str = typer.Option(..., help="column holding the user id"),
-    item: str = typer.Option(..., help="column holding the item (track) id"),
-    time: str = typer.Option(..., "--time", help="column holding the time: datetimes, or epoch seconds / ms"),
-    behaviour: Optional[str] = typer.Option(None, help="column of behaviour names (default: every row is full_play)"),
-    scenario: Optional[str] = typer.Option(None, help="column of scenario names (default: library)"),
-    negatives: int = typer.Option(9, help="sampled negatives per interaction (the slate is these plus the positive)"),
-    window_hours: float = typer.Option(24.0, help="negatives come from interactions in the same window of this length"),
-    time_unit: str = typer.Option("auto", help="numeric --time column in 's' or 'ms'; 'auto' reads < 1e11 as seconds"),
-    seed: int = typer.Option(0, help="random seed of the negative sampling"),
-    overwrite: bool = typer.Option(False, help="replace an existing `events` table in --db"),
-) -> None:
-    """Turn a public interaction log into an event log `climber train` reads (ids remapped,
-    one synthetic request per interaction with sampled negatives)."""
-    from ranker.training.data import InteractionColumns, import_interactions
-
-    columns = InteractionColumns(user=user, item=item, timestamp=time, behaviour=behaviour, scenario=scenario)
-    try:
-        summary = import_interactions(source, db, columns, n_negatives=negatives,
-                                      window_ms=round(window_hours * 3_600_000), timestamp_unit=time_unit,
-                                      seed=seed, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        typer.secho(f"import: {exc}", fg="red", err=True)
-        raise typer.Exit(2)
-    typer.echo(f"{summary.n_interactions:,} interactions of {summary.n_users:,} users on {summary.n_tracks:,} items "
-               f"-> {summary.n_requests:,} requests, {summary.n_events:,} events in {db}")
-
-
 @app.command()
 def ab(
     db: Path = typer.Argument(..., help="a sandbox run's sandbox.duckdb"),
@@ -220,8 +190,8 @@ def ab(
     """A/B lift of every arm against one of them (e.g. a larger model against a smaller one)."""
     from rich.console import Console
 
-    from experiments.analysis import ab_report, configured_shares
-    from sandbox.report import lift_tables
+    from experiments.analysis import ab_report, ceiling_from_record, configured_shares
+    from sandbox.report import ceiling_table, lift_tables
 
     if not db.exists():
         typer.secho(f"ab: no run record at {db}", fg="red", err=True)
@@ -234,6 +204,9 @@ def ab(
     console = Console()
     for table in lift_tables(lift, srm, control, confidence):
         console.print(table)
+    ceiling = ceiling_from_record(db, control)
+    if ceiling is not None:
+        console.print(ceiling_table(ceiling))
     if srm.mismatch:
         typer.secho(f"sample-ratio mismatch (p = {srm.p_value:.2g}): users per arm {srm.observed} do not match "
                     f"the configured shares; do not trust these lifts", fg="red", err=True)
@@ -334,7 +307,7 @@ def reproduce(
 
 
 # Each area's commands live beside the code they drive (light modules: machinery loads lazily).
-for area in (train_app, scaling_app, scaling_seeds_app, growth_study_app, serve_app, worker_app):
+for area in (train_app, public_app, scaling_app, scaling_seeds_app, growth_study_app, serve_app, worker_app):
     app.registered_commands += area.registered_commands
 
 

@@ -20,6 +20,8 @@ each outage is logged, and a store that lost its data stops the worker (`Feature
 Writes are fenced against a worker that lost its partitions without noticing (paused past
 a rebalance): sequence rows by compare-and-set on their high-water mark
 (`SequenceState`), track rows by a generation token per partition claimed on assignment.
+Track counts are exactly-once: each row carries per `events` partition the highest event id
+it counts, so an event forwarded or consumed again is skipped (`TrackStatsState`).
 
 Feast calls block; they run on `FeatureLane` threads. A worker runs both agents or, for the
 best sequence freshness, one of them (`role`, see `create_app`).
@@ -44,7 +46,7 @@ from streaming.events import DeadLetter, EventBatch
 from streaming.framing import (decode_event_messages, encode_dead_letter, pack_track_events,
                                unpack_track_events)
 from streaming.online_state import SequenceState, TrackStatsState
-from streaming.plausibility import PlausibilityGate
+from streaming.plausibility import PlausibilityGate, stored_reference
 from streaming.settings import StreamSettings
 from streaming.topics import TRACK_EVENTS_TOPIC
 
@@ -210,6 +212,8 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
         async for events in stream.noack_take(settings.batch_messages, within=settings.batch_ms / 1000):
             received = int(time.time() * 1000)
             batch, dead = decode_event_messages([e.value for e in events], map(_source, events), received)
+            if gate.needs_reference and len(batch):  # a fresh worker: judge its first batch by the store
+                gate.seed(*await lane.call(stored_reference, lane.store, batch))
             batch, implausible = gate.check(batch, f"{_source(events[0])}..{_source(events[-1])}", received,
                                             remember=False)
             dead += implausible
@@ -234,7 +238,7 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
     """track_stats applies each batch in memory and writes on a timer; a message is acked
     once a flush has written what it changed."""
     lane = FeatureLane(settings, "tracks")
-    tracks = TrackStatsState(lane.store)
+    tracks = TrackStatsState(lane.store, source_partitions=settings.partitions)  # exactly-once counts
     unflushed: list = []  # (stream, event) applied but not yet written
     flush_lock = asyncio.Lock()
 

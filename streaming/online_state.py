@@ -28,6 +28,7 @@ from features.sequence import SEQUENCE_BEHAVIOUR_CODES, UserSequence, apply_even
 from features.redis_rows import NotOwnerError
 from features.store import FeatureStoreClient
 from features.track_stats import TrackStats, apply_track_events
+from streaming.topics import partition_of
 from streaming.events import EventBatch
 from streaming.topics import partition_of
 
@@ -93,8 +94,19 @@ class TrackStatsState:
     Unlike sequences, rows are written on a cadence (`flush()`), not per batch: a track
     row has 17 features and popular tracks are touched by nearly every batch, so writing
     per batch made this the slowest stage (~2,000 events/s on SQLite); a flush writes each
-    touched track once. Counting is at-least-once (see features.track_stats): events
-    redelivered after a crash between a flush and the offset commit are counted again.
+    touched track once.
+
+    Exactly-once counts (`source_partitions` given, the Kafka path): an event reaches
+    `events.by_track` again whenever a `sequence_builder` redoes a batch it had forwarded
+    (a crash or a pause past a rebalance before its offsets were committed), and a track
+    event is consumed again after a flush that its offset commit did not follow. Each row
+    therefore carries, per `events` partition, the highest event id its counts include
+    (`source_marks`), written in the same row write as the counts; an event at or below
+    its track's mark for its user's partition is a copy and is skipped. Event ids grow in
+    emission order and a partition's events stay in order all the way to every
+    `events.by_track` partition (one forwarding owner at a time, in offset order), so the
+    mark never passes an event not yet counted. The same id twice in one batch counts
+    once. Without `source_partitions` (tests, tools) counting is at-least-once.
     """
 
     # The first-seen tier is merged into the settled one when it outgrows this share of it
@@ -103,8 +115,11 @@ class TrackStatsState:
     FRESH_SHARE = 0.25
     FRESH_MIN_ROWS = 4096
 
-    def __init__(self, store: FeatureStoreClient) -> None:
+    def __init__(self, store: FeatureStoreClient, source_partitions: int | None = None) -> None:
         self.store = store
+        self.source_partitions = source_partitions
+        self._marks = _SourceMarks(source_partitions or 1)
+        self.copies_skipped = 0  # events already counted (redelivered or forwarded again)
         # Two sorted tiers, so that a batch with tracks never seen before copies only the
         # small one (a track worker's catalogue keeps growing for a long time: popularity
         # has a long tail): settled rows, updated in place, and first-seen rows.
@@ -124,13 +139,43 @@ class TrackStatsState:
         settled = self._settled.holds(tracks)
         unknown = tracks[~settled & ~self._fresh.holds(tracks)]
         if len(unknown):
-            self._fresh = self._fresh.upsert(self.store.read_track_stats(unknown))
+            if self.source_partitions:
+                rows, marks = self.store.read_track_rows(unknown, self.source_partitions)
+                self._marks.set(rows.track_ids, marks)
+            else:
+                rows = self.store.read_track_stats(unknown)
+            self._fresh = self._fresh.upsert(rows)
+        if self.source_partitions:
+            events = self._new_events(events)
+            if len(events) == 0:
+                return
+            tracks = np.unique(events.track_id)
+            settled = self._settled.holds(tracks)
         updated = apply_track_events(self._rows(tracks, settled), events)
         self._settled = self._settled.upsert_in_place(updated.lookup(tracks[settled]))
         self._fresh = self._fresh.upsert_in_place(updated.lookup(tracks[~settled]))
         if len(self._fresh) > max(self.FRESH_MIN_ROWS, self.FRESH_SHARE * len(self._settled)):
             self._settled, self._fresh = self._settled.upsert(self._fresh), TrackStats.empty()
         self._dirty.append(tracks)
+
+    def _new_events(self, events: EventBatch) -> EventBatch:
+        """`events` less those their track's marks say are counted already (and less the
+        second of an id seen twice); the marks of the tracks move up to what is kept."""
+        _, first = np.unique(events.event_id, return_index=True)
+        once = np.zeros(len(events), bool)
+        once[first] = True
+        tracks, row = np.unique(events.track_id, return_inverse=True)
+        marks = self._marks.get(tracks)  # [K, P]
+        partition = partition_of(events.user_id, self.source_partitions)
+        keep = once & (events.event_id > marks[row, partition])
+        np.maximum.at(marks, (row[keep], partition[keep]), events.event_id[keep])
+        self._marks.set(tracks, marks)
+        skipped = len(events) - int(keep.sum())
+        if skipped:
+            self.copies_skipped += skipped
+            log.warning("skipped %d track events counted before (redelivered or forwarded again)", skipped)
+            return events.select(keep)
+        return events
 
     def _rows(self, tracks: np.ndarray, settled: np.ndarray) -> TrackStats:
         """Copies of the rows of `tracks` (sorted, distinct, all held), `settled[i]` saying
@@ -146,7 +191,8 @@ class TrackStatsState:
         if not self._dirty:
             return 0
         tracks = np.unique(np.concatenate(self._dirty))
-        written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)))
+        written = self.store.write_track_stats(self._rows(tracks, self._settled.holds(tracks)),
+                                               marks=self._marks_of(tracks))
         self._dirty = []
         return written
 
@@ -170,7 +216,8 @@ class TrackStatsState:
             try:
                 if partition not in owners:
                     raise NotOwnerError(f"partition {partition} is not assigned to this worker")
-                self.store.write_track_stats(part, owner=(f"tracks:{partition}", owners[partition]))
+                self.store.write_track_stats(part, owner=(f"tracks:{partition}", owners[partition]),
+                                             marks=self._marks_of(part.track_ids))
             except NotOwnerError:
                 refused.append(partition)
         self._dirty = []  # only now: a store outage above retries the whole flush
@@ -182,4 +229,36 @@ class TrackStatsState:
         """Drop the cache, unflushed changes included: their events were not acked, so
         whoever owns the partitions next gets them again."""
         self._settled = self._fresh = TrackStats.empty()
+        self._marks = _SourceMarks(self.source_partitions or 1)
         self._dirty = []
+
+    def _marks_of(self, tracks: np.ndarray) -> np.ndarray | None:
+        return self._marks.get(tracks) if self.source_partitions else None
+
+
+class _SourceMarks:
+    """Per held track, the highest event id counted per `events` partition (-1: none)."""
+
+    def __init__(self, partitions: int) -> None:
+        self._row: dict[int, int] = {}
+        self._values = np.full((1024, partitions), -1, np.int64)
+
+    def get(self, tracks: np.ndarray) -> np.ndarray:
+        """A copy, [len(tracks), partitions]; tracks not held read -1."""
+        rows = np.fromiter((self._row.get(t, -1) for t in tracks.tolist()), np.int64, len(tracks))
+        marks = self._values[np.maximum(rows, 0)]
+        marks[rows < 0] = -1
+        return marks
+
+    def set(self, tracks: np.ndarray, marks: np.ndarray) -> None:
+        rows = []
+        for track in tracks.tolist():
+            row = self._row.get(track)
+            if row is None:
+                row = self._row[track] = len(self._row)
+            rows.append(row)
+        if len(self._row) > len(self._values):
+            grown = np.full((2 * len(self._row), self._values.shape[1]), -1, np.int64)
+            grown[:len(self._values)] = self._values
+            self._values = grown
+        self._values[rows] = marks

@@ -11,7 +11,7 @@ dead-letters (with the reason) every event that
   - has a `play_ms` longer than its track (`track_duration_ms`, or `max_play_ms`);
   - has an `event_id` more than `max_id_lead` ahead of the stream's id watermark, or a
     `ts` more than `max_ts_lead_ms` ahead of its time watermark (the largest accepted so
-    far; before anything is accepted, the batch's median, so one wild event cannot set it);
+    far; before anything is accepted, the reference below);
   - repeats an accepted `event_id` with different content, or, unless `redelivery` (for
     consumers whose at-least-once delivery repeats what they already stored, and whose
     apply is idempotent), with the same content.
@@ -21,18 +21,34 @@ Repeats are found among the last `window` event ids (a ring of ids and content d
 an event further behind the watermark than that is not checked for repeats. Late events
 are not refused: a lagging partition or a slow client is normal, and only a watermark
 that runs ahead can poison state.
+
+Before a gate has accepted anything (a fresh worker, a replay) it judges a batch against
+the larger of (a) what the store already holds for the batch's users and tracks
+(`stored_reference`: their newest event id and time, a lower bound of the stream's
+watermarks, given with `seed`) and (b) the batch's median when the batch has at least
+`MEDIAN_MIN_EVENTS` events (one wild event cannot move a median of three; a backlog after
+an outage is judged by its own median, not by the older stored state). A batch of one or
+two events with nothing stored (a new stream's first events) is judged against itself:
+nothing sane exists to judge it by, and it is logged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streaming.events import DeadLetter, EventBatch, dead_letters_for
 
+if TYPE_CHECKING:
+    from features.store import FeatureStoreClient
+
+log = logging.getLogger("streaming.worker")
 DAY_MS = 86_400_000
+MEDIAN_MIN_EVENTS = 3  # a batch median a single wild event cannot set
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                  0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9,
                  0x2545F4914F6CDD1D], dtype=np.uint64)
@@ -79,8 +95,33 @@ class PlausibilityGate:
     def __init__(self, bounds: EventBounds, id_watermark: int | None = None, ts_watermark: int | None = None):
         self.bounds = bounds
         self.id_watermark, self.ts_watermark = id_watermark, ts_watermark
+        self._seeded = False
+        self._stored_id: int | None = None  # lower bounds from the store (`seed`)
+        self._stored_ts: int | None = None
         self._ids = np.full(bounds.window, -1, np.int64)
         self._digests = np.zeros(bounds.window, np.uint64)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Nothing accepted yet and no stored state asked for: call `seed` first."""
+        return self.id_watermark is None and self.ts_watermark is None and not self._seeded
+
+    def seed(self, stored_id: int | None, stored_ts: int | None) -> None:
+        """What the store holds of the stream (`stored_reference`): the reference of the
+        first batches until this gate has watermarks of its own."""
+        self._seeded = True
+        self._stored_id, self._stored_ts = stored_id, stored_ts
+
+    def _reference(self, column: np.ndarray, watermark: int | None, stored: int | None) -> int:
+        if watermark is not None:
+            return watermark
+        sane = [v for v in (stored, int(np.median(column)) if len(column) >= MEDIAN_MIN_EVENTS else None)
+                if v is not None]
+        if not sane:
+            log.warning("plausibility: a first batch of %d event(s) with nothing stored is judged against itself",
+                        len(column))
+            return int(np.median(column))
+        return max(sane)
 
     def forget_repeats(self) -> None:
         """Drop the remembered ids (a worker whose partitions changed: another may have them)."""
@@ -105,8 +146,8 @@ class PlausibilityGate:
             problems.append((known & (batch.play_ms > duration), "play_ms longer than the track"))
         if b.max_play_ms is not None:
             problems.append((batch.play_ms > b.max_play_ms, f"play_ms over {b.max_play_ms} (the longest track)"))
-        id_ref = self.id_watermark if self.id_watermark is not None else int(np.median(batch.event_id))
-        ts_ref = self.ts_watermark if self.ts_watermark is not None else int(np.median(batch.ts))
+        id_ref = self._reference(batch.event_id, self.id_watermark, self._stored_id)
+        ts_ref = self._reference(batch.ts, self.ts_watermark, self._stored_ts)
         problems.append((batch.event_id - id_ref > b.max_id_lead,
                          f"event_id more than {b.max_id_lead:,} ahead of the stream (watermark {id_ref})"))
         problems.append((batch.ts - ts_ref > b.max_ts_lead_ms,
@@ -158,3 +199,18 @@ class PlausibilityGate:
         top_id, top_ts = int(good.event_id.max()), int(good.ts.max())
         self.id_watermark = top_id if self.id_watermark is None else max(self.id_watermark, top_id)
         self.ts_watermark = top_ts if self.ts_watermark is None else max(self.ts_watermark, top_ts)
+
+
+def stored_reference(store: "FeatureStoreClient", batch: EventBatch) -> tuple[int | None, int | None]:
+    """The newest event id and time the store holds for `batch`'s users (their sequences'
+    `last_event_id` and newest token) and tracks (`as_of_ts`); None where it holds none.
+    Both are lower bounds of the stream's watermarks, read once by a fresh worker."""
+    if len(batch) == 0:
+        return None, None
+    users = np.unique(batch.user_id[(batch.user_id >= 0)]).tolist()
+    sequences = store.get_sequences(users).values()
+    ids = [s.last_event_id for s in sequences if s.last_event_id >= 0]
+    times = [int(s.timestamps[-1]) for s in sequences if len(s)]
+    as_of = store.read_track_stats(np.unique(batch.track_id)).as_of_ts
+    times += [int(as_of.max())] if len(as_of) and as_of.max() > 0 else []
+    return (max(ids) if ids else None), (max(times) if times else None)

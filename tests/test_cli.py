@@ -15,6 +15,7 @@ def test_sandbox_command_runs_and_says_where_results_are(tmp_path):
                                  "--seed", "5", "--out", str(tmp_path), "--run-id", "cli"])
     assert result.exit_code == 0, result.output
     assert "Stylised facts" in result.output and "Engagement per arm" in result.output
+    assert " NO " not in result.output.split("Stylised facts")[1]  # the ranges are the logging policy's (issue 23)
     run_dir = tmp_path / "cli"
     assert (run_dir / "sandbox.duckdb").exists() and (run_dir / "report.html").exists()
     assert str(run_dir) in result.output
@@ -127,7 +128,7 @@ def test_import_turns_an_interaction_file_into_a_log_training_reads(tmp_path):
                  ).to_csv(source, index=False)
     db = tmp_path / "imported.duckdb"
     args = ["import", str(source), "--db", str(db), "--user", "member", "--item", "song", "--time", "at",
-            "--negatives", "1"]
+            "--n-negatives", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "5 interactions of 3 users on 3 items -> 5 requests" in result.output

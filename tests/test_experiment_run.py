@@ -204,3 +204,26 @@ def test_injected_effect_is_detected_with_the_right_sign(calibration):
     regret = ev.regret.set_index("arm")["regret"]
     assert regret["oracle"] == pytest.approx(0, abs=1e-9) and regret["control"] > 0
     assert not ev.srm.mismatch
+
+
+def test_every_ab_report_shows_the_oracle_arm_as_the_ceiling(calibration, tmp_path):
+    """`climber ab`, the experiment report's tables, report.html and a plot: the oracle arm's
+    full-play rate and each arm's share of the popularity -> oracle gap (issue 23)."""
+    from typer.testing import CliRunner
+
+    from experiments.report import CEILING_TITLE, ceiling, write_report
+    from sandbox.cli import app
+
+    _, run, _, _ = calibration
+    ev = evaluate(run / "sandbox.duckdb")
+    top = ceiling(ev).set_index("arm")
+    assert top.loc["oracle", "ranker"] == "oracle (ceiling)" and top.loc["oracle", "gap_closed"] == pytest.approx(1)
+    assert top.loc["control", "full_play_rate"] < top.loc["oracle", "full_play_rate"]
+    assert top.loc["control", "gap_closed"] == pytest.approx(0)  # control is the popularity arm the gap starts at
+    out = CliRunner().invoke(app, ["ab", str(run / "sandbox.duckdb")], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert "oracle arm as the ceiling" in out.output and "100.0%" in out.output
+    assert "gap closed: (arm - control) / (oracle - control)" in out.output
+    assert max(len(line) for line in out.output.splitlines()) <= 80
+    page = write_report(ev, tmp_path).read_text()
+    assert CEILING_TITLE in page and "ceiling.png" in page and (tmp_path / "ceiling.png").stat().st_size > 0

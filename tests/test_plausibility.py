@@ -18,7 +18,7 @@ from sandbox.loop import EventPipeline, Stopwatch
 from bench.stream import simulated_log
 from streaming.bus import InProcessBus
 from streaming.events import BEHAVIOUR_CODE, EventBatch
-from streaming.plausibility import EventBounds, PlausibilityGate, content_digest
+from streaming.plausibility import DAY_MS, EventBounds, PlausibilityGate, content_digest
 from tests.support import SIM_LOG_TRACKS as N_TRACKS, SIM_LOG_USERS as N_USERS, a_play, hostile_events, one
 
 
@@ -53,6 +53,44 @@ def test_one_wild_event_cannot_set_a_fresh_gates_watermark(log):
     batch = EventBatch.concat([log, one(log, 0, event_id=10**15)])
     good, dead = PlausibilityGate(bounds()).check(batch)
     assert len(good) == len(log) and len(dead) == 1 and "event_id" in dead[0].reason
+
+
+def test_a_fresh_workers_first_batch_of_one_wild_event_is_judged_by_the_stored_state(log, tmp_path):
+    """A worker that starts on a running stream (its store holds the first part of the log)
+    and whose first batch is a single wild event: the stored users and tracks are the
+    reference, so the event is a dead letter and sets no watermark; a batch of one good
+    event passes; a backlog far past the stored state is judged by its own median."""
+    from features.track_stats import track_stats_from_log
+    from streaming.plausibility import stored_reference
+
+    stored, rest = log.select(np.arange(len(log)) < len(log) // 2), log.select(np.arange(len(log)) >= len(log) // 2)
+    store = FeatureStoreClient(tmp_path / "feast")
+    store.apply()
+    store.write_sequences(sequences_from_log(stored))
+    store.write_track_stats(track_stats_from_log(stored))
+    i = int(np.flatnonzero(np.isin(rest.user_id, stored.user_id))[0])
+    for changes, reason in (({"event_id": 10**15}, "event_id more than"), ({"ts": 253_402_300_799_000}, "ts more than")):
+        wild = one(rest, i, **changes)
+        unseeded = PlausibilityGate(bounds())  # before: the event was its own median
+        assert len(unseeded.check(wild)[0]) == 1
+        gate = PlausibilityGate(bounds())
+        assert gate.needs_reference
+        gate.seed(*stored_reference(store, wild))
+        assert not gate.needs_reference
+        good, dead = gate.check(wild, source="events[0]@7")
+        assert len(good) == 0 and len(dead) == 1 and reason in dead[0].reason, dead
+        assert gate.id_watermark is None and gate.ts_watermark is None  # the wild event set nothing
+        assert len(gate.check(one(rest, i))[0]) == 1  # a good event alone passes
+    sequence = sequences_from_log(stored)[int(rest.user_id[i])]
+    assert stored_reference(store, one(rest, i)) == (
+        sequence.last_event_id, int(max(sequence.timestamps[-1], stored.ts[stored.track_id == rest.track_id[i]].max(initial=0))))
+    later = EventBatch.from_columns(**{**rest.columns(), "ts": rest.ts + 3 * DAY_MS})  # a backlog after an outage
+    gate = PlausibilityGate(bounds())
+    gate.seed(*stored_reference(store, later))
+    assert len(gate.check(later)[0]) == len(later)
+    nothing = FeatureStoreClient(tmp_path / "empty")
+    nothing.apply()
+    assert stored_reference(nothing, one(rest, i)) == (None, None)
 
 
 def test_repeats_within_a_batch_keep_the_first_and_redelivery_passes_exact_repeats(log):

@@ -482,7 +482,6 @@ def test_tombstones_and_implausible_events_are_dead_letters_and_lose_no_batch_ma
     for event, _ in hostile:  # each on its user's partition, after that user's good events
         send(event, with_tombstones=False)
     send(rest, with_tombstones=True)
-    raw.close()
 
     store = FeatureStoreClient(settings.feast_dir)
     wait_until_visible(store, last_event_ids(log), timeout_s=90)
@@ -498,3 +497,24 @@ def test_tombstones_and_implausible_events_are_dead_letters_and_lose_no_batch_ma
     for _, reason in hostile:
         assert sum(reason in d.reason for d in implausible) == 1, (reason, [d.reason for d in implausible])
     assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+    # A fresh worker on this running stream whose first batch is one wild event: judged by
+    # what the store holds of its user and track (before: by itself, and accepted, which hid
+    # the user's later events), so it is a dead letter and the user's next event arrives.
+    from tests.support import a_play, one
+
+    assert stop_worker(workers.pop(), timeout_s=30) == 0
+    workers.append(spawn_worker(settings, tmp_path / "fresh.log"))
+    i = a_play(rest)
+    user, top_id, top_ts = int(rest.user_id[i]), int(log.event_id.max()), int(log.ts.max())
+    wild_id = 10**15 + 7  # not the id of the hostile event above
+    send(one(rest, i, event_id=wild_id, ts=top_ts + 1), with_tombstones=False)  # alone in the first batch
+    wild, deadline = [], time.monotonic() + 90
+    while not wild and time.monotonic() < deadline:
+        assert store.get_last_event_ids([user])[user] < wild_id, "the wild event was its own reference"
+        wild = [d for d in read_dead_letters(settings.bootstrap_servers, len(letters) + 1, timeout_s=2)
+                if str(wild_id) in d.payload]
+    assert wild and all("event_id more than" in d.reason for d in wild), wild
+    send(one(rest, i, event_id=top_id + 1, ts=top_ts + 1), with_tombstones=False)
+    wait_until_visible(store, {user: top_id + 1}, timeout_s=90)
+    raw.close()

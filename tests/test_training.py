@@ -18,7 +18,8 @@ import torch
 
 from features.sequence import sequences_from_log
 from ranker.batch import TASKS
-from ranker.training.data import DAY_MS, import_interactions, iterate_batches, load_request_log, split_by_time
+from ranker.training.data import DAY_MS, iterate_batches, load_request_log, split_by_time
+from ranker.training.importer import import_interactions
 from ranker.training.metrics import auc, gauc, logloss, ndcg_at_k
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIO_CODE, EventBatch
 from tests.support import TRAINING_LOG_TRACKS, synthetic_log, write_log

@@ -63,6 +63,9 @@ track_stats = FeatureView(
         Field(name="totals", dtype=Array(Int64)),  # all-time counts
         Field(name="recent", dtype=Array(Float64)),  # decayed counts (time constant 24 h) as of as_of_ts
         Field(name="as_of_ts", dtype=Int64),
+        # Exactly-once marks of the Kafka path (streaming.online_state.TrackStatsState): per
+        # `events` partition, the highest event id these counts include; empty elsewhere.
+        Field(name="source_marks", dtype=Array(Int64)),
     ],
     source=track_stats_push,
     online=True,

@@ -288,6 +288,42 @@ class AstroModel(SequenceRanker):
             blocks.append(BlockCache(keys, values, layout.valid, layout.index, timestamps))
         return HistoryCache(blocks, batch.history_lengths, last_timestamps(batch))
 
+    def sequence_output(self, batch: RankBatch) -> torch.Tensor:
+        """[B, n, d]: after token t, each block's output at its newest token <= t (blocks are
+        causal inside), fused by the gate read from token t (blocks not yet started get no
+        weight). The same blocks, temperatures and gate the candidate path uses."""
+        check_batch(batch, self.config)
+        if self.fusion is None:
+            raise ValueError("candidate_path='shared' keeps only K/V per block: no next-item objective")
+        x = self.embed.history(batch)
+        B, n, d = x.shape
+        tau = self.temperatures(batch.history_scenarios, batch.history_behaviours)  # [B, n, Nb, h] or None
+        outputs, started = [], []
+        for b, layout in enumerate(layout_blocks(self.block_membership(batch))):
+            width = layout.index.shape[1]
+            xb = self._with_block_position(gather_tokens(x, layout.index), b, torch.arange(width, device=x.device))
+            tau_b = None if tau is None else gather_tokens(tau[:, :, b], layout.index)
+            out = self.stacks[b].outputs(xb, layout, gather_tokens(batch.history_ts, layout.index), tau_b)
+            # newest block token at or before each step: cummax over "this step is a member"
+            slot = torch.full((B, n), -1, dtype=torch.long, device=x.device)
+            member_slot = torch.where(layout.valid, torch.arange(width, device=x.device).expand(B, -1), -1)
+            slot.scatter_reduce_(1, layout.index, member_slot, reduce="amax")  # padding slots add -1
+            newest = slot.cummax(dim=1).values if n else slot  # [B, n], -1 before the block starts
+            has = newest >= 0
+            picked = gather_tokens(out, newest.clamp_min(0)) if width else x.new_zeros(B, n, d)
+            outputs.append(picked * has[..., None])
+            started.append(has)
+        blocks = torch.stack(outputs, dim=2)  # [B, n, Nb, d]
+        has = torch.stack(started, dim=2)  # [B, n, Nb]
+        if self.fusion.gate is None:
+            return blocks[:, :, 0]
+        gates = self.fusion.gate(x).view(blocks.shape)
+        if self.fusion.kind == "softmax":
+            gates = gates.masked_fill(~has[..., None], float("-inf")).softmax(dim=2).nan_to_num(0.0)
+        else:
+            gates = torch.sigmoid(gates) * has[..., None]
+        return (gates * blocks).sum(2)
+
     def score_candidates(self, cache: HistoryCache, batch: RankBatch) -> torch.Tensor:
         c = self.embed.candidates(batch, cache.history_lengths, cache.last_ts)  # [B, M, d]
         M = c.shape[1]

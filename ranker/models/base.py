@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ranker.batch import RankBatch
@@ -105,6 +106,18 @@ class SequenceRanker(nn.Module):
             if isinstance(module, SoftmaxStack):
                 module.candidate_attention = kind
 
+    def sequence_output(self, batch: RankBatch) -> torch.Tensor:
+        """[B, n, d]: the history's representation after each token (causal), for the
+        next-item objective; width n = the batch's longest history."""
+        raise NotImplementedError
+
+    def next_item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., d] against item embeddings (tied with the input track table, as in
+        SASRec): [..., n_tracks] for the whole catalogue, or [..., K] for `items` [K] (0-based).
+        A parameter-free layer norm keeps the user side on one scale."""
+        table = self.embed.track.weight[1:] if items is None else self.embed.track.weight[items + 1]
+        return F.layer_norm(hidden, hidden.shape[-1:]) @ table.t()
+
     def forward(self, batch: RankBatch) -> torch.Tensor:
         """Logits [B, M, len(TASKS)]."""
         return self.score_candidates(self.encode_history(batch), batch)
@@ -141,6 +154,12 @@ class SingleStackRanker(SequenceRanker):
         keys, values = self.stack.encode(x, layout, timestamps)
         block = BlockCache(keys, values, layout.valid, layout.index, timestamps)
         return HistoryCache([block], batch.history_lengths, last_timestamps(batch))
+
+    def sequence_output(self, batch: RankBatch) -> torch.Tensor:
+        check_batch(batch, self.config)
+        layout = single_block_layout(batch)
+        width = layout.index.shape[1]
+        return self.stack.outputs(self.embed.history(batch)[:, :width], layout, batch.history_ts[:, :width])
 
     def score_candidates(self, cache: HistoryCache, batch: RankBatch) -> torch.Tensor:
         c = self.embed.candidates(batch, cache.history_lengths, cache.last_ts)

@@ -149,6 +149,18 @@ class HSTUStack(nn.Module):
 
         return layer_keys_values(self.layers, x, step)
 
+    def outputs(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor,
+                tau: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer's full causal pass, [B, L, d] (the next-item objective's input)."""
+        buckets = relative_buckets(layout.index, timestamps, layout.index, timestamps, self.n_buckets)
+        for layer in self.layers:
+            if layer.f2 is None:
+                raise ValueError("this stack's last layer keeps K/V only (candidate_path='shared'); "
+                                 "it has no per-position output for the next-item objective")
+            u, q, k, v = layer.project(x)
+            x = layer.finish(x, layer.attention(scale_queries(q, tau), k, v, buckets), u)
+        return x
+
     def attend_candidates(
         self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
         tau: torch.Tensor | None = None,

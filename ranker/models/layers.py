@@ -222,6 +222,15 @@ class SoftmaxStack(nn.Module):
 
         return layer_keys_values(self.layers, x, step)
 
+    def outputs(self, x: torch.Tensor, layout: BlockLayout, timestamps: torch.Tensor,
+                tau: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer's full causal pass, [B, L, d]: token t's output sees tokens <= t, what
+        the next-item objective reads at every position."""
+        for layer in self.layers:
+            q, k, v = layer.project(x)
+            x = layer.finish(x, layer.attend(scale_queries(q, tau), k, v))
+        return x
+
     def attend_candidates(
         self, c: torch.Tensor, block: BlockCache, positions: torch.Tensor, request_ts: torch.Tensor,
         tau: torch.Tensor | None = None,

@@ -14,8 +14,9 @@ History semantics match `features.sequence.apply_events`: tokens are every behav
 `impression`, duplicates (redelivered event ids) count once, order is event_id (emission
 order), and a request sees only tokens emitted strictly before its first impression.
 
-The external importer (`import_interactions`) turns a public interaction log (CSV/Parquet)
-into the same `events` table, so the same trainer runs on public data.
+The external importer (ranker.training.importer) turns a public interaction log into the same
+`events` table, so the same trainer runs on public data; ranker.training.loo holds the
+field's leave-one-out split over each user's token sequence.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RequestLog:
     candidate_positions: np.ndarray  # int16 [N_imp]
     labels: np.ndarray  # uint8 [N_imp, len(TASKS)]
     n_tracks: int
+    token_users: np.ndarray | None = None  # int64 [N_tok], the user of each token (leave-one-out)
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -282,6 +284,7 @@ def _build_request_log(tokens: Mapping[str, np.ndarray], impressions: Mapping[st
         labels=np.stack([_as_array(impressions[task], np.uint8) for task in TASKS], axis=1)
         if len(imp_request) else np.zeros((0, len(TASKS)), np.uint8),
         n_tracks=track_max + 1,
+        token_users=token_user,
     )
 
 
@@ -310,196 +313,3 @@ def split_by_time(log: RequestLog, eval_window_ms: int = DAY_MS, cutoff_ts: int 
         raise ValueError(f"time split at {cutoff_ts} leaves an empty side: the log spans {span_h:.1f} h "
                          f"of requests; choose a shorter eval window than {eval_window_ms} ms")
     return TimeSplit(log.select(~is_eval), log.select(is_eval), int(cutoff_ts))
-
-
-# --------------------------------------------------------------------------------------
-# External importer
-
-
-@dataclass(frozen=True)
-class InteractionColumns:
-    """Which source columns hold what. `behaviour`/`scenario` are optional."""
-
-    user: str
-    item: str
-    timestamp: str
-    behaviour: str | None = None
-    scenario: str | None = None
-
-
-@dataclass(frozen=True)
-class ImportSummary:
-    n_interactions: int
-    n_users: int
-    n_tracks: int
-    n_requests: int
-    n_events: int
-
-
-DEFAULT_BEHAVIOUR = "full_play"  # an implicit-feedback row means the user chose and consumed it
-DEFAULT_SCENARIO = "library"
-
-
-def _timestamps_ms(values: pd.Series, unit: str) -> np.ndarray:
-    """Epoch ms from datetimes, date strings, or numbers in seconds/ms ('auto': numbers below
-    1e11 are seconds, since 1e11 ms is 1973 but 1e11 s is the year 5138)."""
-    if pd.api.types.is_datetime64_any_dtype(values) or values.dtype == object:
-        parsed = pd.to_datetime(values, utc=True, errors="raise")
-        return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")).to_numpy(np.int64)
-    numbers = values.to_numpy(dtype=np.float64)
-    if unit == "auto":
-        unit = "s" if np.nanmax(np.abs(numbers)) < 1e11 else "ms"
-    if unit not in ("s", "ms"):
-        raise ValueError(f"timestamp_unit must be 's', 'ms' or 'auto', not {unit!r}")
-    return np.round(numbers * (1000 if unit == "s" else 1)).astype(np.int64)
-
-
-def _codes(values: pd.Series | None, default: str, names: tuple[str, ...], what: str, n: int) -> np.ndarray:
-    """Contract codes of a name column (case and spaces ignored); `default` where no column."""
-    if values is None:
-        return np.full(n, names.index(default), np.int8)
-    spelled = values.astype(str).str.strip().str.lower()
-    unknown = sorted(set(spelled.unique()) - set(names))
-    if unknown:
-        raise ValueError(f"{what} column holds unknown value(s) {unknown[:5]}; expected one of {list(names)}")
-    return spelled.map({name: code for code, name in enumerate(names)}).to_numpy(np.int8)
-
-
-def _read_table(path: Path, wanted: list[str]) -> pd.DataFrame:
-    """CSV/TSV/Parquet through DuckDB's readers (type and delimiter detection, fast)."""
-    suffix = path.suffix.lower()
-    reader = {".parquet": "read_parquet", ".csv": "read_csv_auto", ".tsv": "read_csv_auto",
-              ".txt": "read_csv_auto"}.get(suffix)
-    if reader is None:
-        raise ValueError(f"{path}: expected a .csv, .tsv, .txt or .parquet file")
-    frame = duckdb.connect().execute(f"SELECT * FROM {reader}(?)", [str(path)]).df()
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}")
-    return frame[wanted]
-
-
-def _sample_negatives(items: np.ndarray, window: np.ndarray, n_negatives: int, n_items: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """For each interaction (sorted by window), `n_negatives` items drawn from the other
-    interactions of the same time window (so by popularity at that time), never the positive
-    itself. Where a window cannot supply one, a uniform draw from the catalogue does."""
-    starts = np.searchsorted(window, window, side="left")
-    ends = np.searchsorted(window, window, side="right")
-    sizes = (ends - starts)[:, None]
-    draws = starts[:, None] + (rng.random((len(items), n_negatives)) * sizes).astype(np.int64)
-    negatives = items[draws]
-    for _ in range(8):  # resample collisions with the positive; few remain after a round
-        clash = negatives == items[:, None]
-        if not clash.any():
-            return negatives
-        rows = np.nonzero(clash)[0]
-        redraw = starts[rows] + (rng.random(len(rows)) * sizes[rows, 0]).astype(np.int64)
-        negatives[clash] = items[redraw]
-    clash = negatives == items[:, None]
-    if clash.any() and n_items < 2:
-        raise ValueError("cannot sample negatives: the source holds a single item")
-    rows = np.nonzero(clash)[0]
-    uniform = rng.integers(0, n_items - 1, len(rows))
-    negatives[clash] = uniform + (uniform >= items[rows])  # uniform over items != positive
-    return negatives
-
-
-def import_interactions(
-    path: str | Path,
-    db_path: str | Path,
-    columns: InteractionColumns | Mapping[str, str],
-    n_negatives: int = 9,
-    window_ms: int = DAY_MS,
-    timestamp_unit: str = "auto",
-    seed: int = 0,
-    overwrite: bool = False,
-) -> ImportSummary:
-    """Turn a public interaction log (CSV or Parquet) into an `events` table.
-
-    Rules (so the same trainer and metrics run on public data):
-      - user and item ids are remapped densely in order of first appearance in time; the
-        maps are kept in tables `user_ids(user_id, source_user)` and `track_ids(track_id, source_item)`;
-      - a missing behaviour column means every row is `full_play` (implicit feedback records
-        what the user chose to consume); a present one must hold Behaviour names;
-      - a missing scenario column means `library`;
-      - each interaction becomes one synthetic request: a slate of the positive item and
-        `n_negatives` items sampled from other interactions in the same `window_ms` time
-        window (popularity of the moment), in a random order, as impressions 1 ms before
-        the interaction; the interaction's behaviour event follows, on the positive only.
-    Event ids follow time order, so a request's history is every earlier interaction.
-    """
-    path, db_path = Path(path), Path(db_path)
-    if isinstance(columns, Mapping):
-        columns = InteractionColumns(**columns)
-    if n_negatives < 1:
-        raise ValueError(f"n_negatives must be >= 1, not {n_negatives}")
-    if not path.exists():
-        raise FileNotFoundError(f"no interaction file at {path}")
-    wanted = list(dict.fromkeys(c for c in (columns.user, columns.item, columns.timestamp,
-                                             columns.behaviour, columns.scenario) if c))
-    frame = _read_table(path, wanted).dropna(subset=[columns.user, columns.item, columns.timestamp])
-    if frame.empty:
-        raise ValueError(f"{path} holds no complete interactions")
-
-    ts = _timestamps_ms(frame[columns.timestamp], timestamp_unit)
-    order = np.lexsort((np.arange(len(frame)), ts))  # stable time order
-    frame, ts = frame.iloc[order].reset_index(drop=True), ts[order]
-    users, source_users = pd.factorize(frame[columns.user])
-    items, source_items = pd.factorize(frame[columns.item])
-    n, k = len(frame), n_negatives
-    behaviour_code = _codes(frame.get(columns.behaviour), DEFAULT_BEHAVIOUR, BEHAVIOURS, "behaviour", n)
-    if np.any(behaviour_code == BEHAVIOUR_CODE["impression"]):
-        raise ValueError("behaviour column holds 'impression': impressions are synthesised by the importer")
-    scenario_code = _codes(frame.get(columns.scenario), DEFAULT_SCENARIO, SCENARIOS, "scenario", n)
-
-    rng = np.random.default_rng(seed)
-    negatives = _sample_negatives(items.astype(np.int64), ts // window_ms, k, len(source_items), rng)
-    slates = np.concatenate([items[:, None], negatives], axis=1)  # [n, k+1], positive first
-    positions = rng.permuted(np.tile(np.arange(k + 1), (n, 1)), axis=1)  # slot of each slate entry
-
-    # Per interaction: k+1 impressions then the behaviour event; event ids in that order.
-    per = k + 2
-    request = np.arange(n, dtype=np.int64)
-    imp_events = EventBatch.from_columns(
-        event_id=(request[:, None] * per + np.arange(k + 1)).ravel(),
-        ts=np.repeat(ts - 1, k + 1),
-        user_id=np.repeat(users, k + 1),
-        track_id=slates.ravel(),
-        scenario=np.repeat(scenario_code, k + 1),
-        behaviour=np.full(n * (k + 1), BEHAVIOUR_CODE["impression"]),
-        request_id=np.repeat(request, k + 1),
-        position=positions.ravel(),
-    )
-    act_events = EventBatch.from_columns(
-        event_id=request * per + k + 1, ts=ts, user_id=users, track_id=items, scenario=scenario_code,
-        behaviour=behaviour_code, request_id=request, position=positions[:, 0],
-    )
-    events = EventBatch.concat([imp_events, act_events])
-    events_df = events.select(np.argsort(events.event_id, kind="stable")).to_pandas()
-    user_map = pd.DataFrame({"user_id": np.arange(len(source_users)),
-                             "source_user": np.asarray(source_users).astype(str)})
-    track_map = pd.DataFrame({"track_id": np.arange(len(source_items)),
-                              "source_item": np.asarray(source_items).astype(str)})
-
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(db_path))
-    try:
-        existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "events" in existing and not overwrite:
-            raise FileExistsError(f"{db_path} already has an `events` table; pass overwrite=True to replace it")
-        con.register("events_df", events_df)
-        con.register("user_map", user_map)
-        con.register("track_map", track_map)
-        con.execute("CREATE OR REPLACE TABLE events AS SELECT * FROM events_df")
-        # The catalogue of a public log is unknown beyond ids; release = first interaction.
-        con.execute("""CREATE OR REPLACE TABLE tracks AS
-                       SELECT track_id, NULL::BIGINT AS artist_id, NULL::BIGINT AS genre_id,
-                              NULL::BIGINT AS duration_ms, min(ts) AS release_ts
-                       FROM events_df GROUP BY track_id ORDER BY track_id""")
-        con.execute("CREATE OR REPLACE TABLE user_ids AS SELECT * FROM user_map")
-        con.execute("CREATE OR REPLACE TABLE track_ids AS SELECT * FROM track_map")
-    finally:
-        con.close()
-    return ImportSummary(n_interactions=n, n_users=len(source_users), n_tracks=len(source_items),
-                         n_requests=n, n_events=len(events_df))

@@ -38,6 +38,8 @@ from ranker.models.config import _tuples
 from ranker.models.base import SequenceRanker
 from ranker.models import build_model, model_class
 from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
+from ranker.training.loo import LeaveOneOut, leave_one_out
+from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer
 from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
 
 console = Console()
@@ -206,6 +208,12 @@ class TrainConfig:
     stop_after: int | None = None
     growth: GrowthConfig | None = None
     count_linear_flops: bool = False
+    # "time": evaluate on the last eval_window_ms; "loo": leave-one-out per user (ranker.training.loo).
+    split: str = "time"
+    # "impression": BCE per task on logged slates; "next_item": softmax over the catalogue at
+    # every position (ranker.training.next_item), with sampled_negatives > 0 a sampled softmax.
+    objective: str = "impression"
+    sampled_negatives: int = 0
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -228,11 +236,21 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
     out_dir = Path(out_dir)
     say = console.print if runtime.is_main and progress else (lambda *a, **k: None)
+    if c.split not in ("time", "loo") or c.objective not in ("impression", "next_item"):
+        raise ValueError(f"split must be 'time' or 'loo' and objective 'impression' or 'next_item' "
+                         f"(got {c.split!r}, {c.objective!r})")
 
+    loo = None
     if data is None:
         if db_path is None:
             raise ValueError("give db_path or data")
-        data = split_by_time(load_request_log(db_path), eval_window_ms)
+        if c.split == "loo":
+            loo = leave_one_out(load_request_log(db_path))
+            if c.objective == "next_item":
+                return _train_next_item(c, loo, say)
+            data = loo_requests(loo)
+        else:
+            data = split_by_time(load_request_log(db_path), eval_window_ms)
     train_log = data.train
     if batch_size > len(train_log):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_log)} train requests")
@@ -274,7 +292,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     extra: dict[str, Any] = {"n_tracks": train_log.n_tracks, "max_len": max_len, "seed": seed, "batch_size": batch_size,
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
              "model_overrides": dict(model_overrides or {}),
-             "growth": growth.to_dict() if growth is not None else None}
+             "growth": growth.to_dict() if growth is not None else None,
+             "objective": "impression", "split": c.split}
 
     def checkpoint() -> str:
         version = ""
@@ -319,6 +338,10 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 loss_value = loss.item() / runtime.world  # this rank's share of the global mean
                 loss_history.append((step, loss_value))
                 bar.update(task, completed=step, loss=loss_value)
+                if step % steps_per_epoch == 0 and not console.is_terminal:  # a log keeps one line per epoch
+                    recent = [value for _, value in loss_history[-steps_per_epoch:]]
+                    say(f"epoch {step // steps_per_epoch}/{math.ceil(total_steps / steps_per_epoch)}  "
+                        f"step {step}/{total_steps}  train loss {np.mean(recent):.4f}")
                 if checkpoint_every and step % checkpoint_every == 0 and step < last_step:
                     checkpoint()
     train_seconds = time.perf_counter() - started
@@ -346,14 +369,53 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 f"(prunable layers {counted['prunable_flops_done'] / max(1.0, counted['prunable_flops_dense']):.3f}), "
                 f"{grow.swapped} rows swapped, density now {grow.density():.2f}")
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
-            + ", ".join(f"AUC {t} {metrics[f'auc/{t}']:.3f}" for t in TASKS)
-            + f", GAUC full_play {metrics['gauc/full_play']:.3f}, NDCG@10 {metrics['ndcg@10']:.3f}")
+            + ", ".join(f"AUC {t} {shown(metrics[f'auc/{t}'])}" for t in TASKS)
+            + f", GAUC full_play {shown(metrics['gauc/full_play'])}, slate NDCG@10 {shown(metrics['ndcg@10'])}")
+        if loo is not None:
+            for which in ("valid", "test"):
+                found = evaluate_loo(model_scorer(model, loo, which, max_len, "impression"), loo, which, Protocol(0), (10,))
+                metrics.update({f"loo_{which}/{key}": value for key, value in found.items()})
+                say(f"{which} ({Protocol(0).describe(loo.n_tracks)}): "
+                    + "  ".join(f"{key.upper()} {value:.4f}" for key, value in found.items() if key != "users"))
         if POPULARITY_KEY in metrics:
             oracle, popular = metrics[ORACLE_KEY], metrics[POPULARITY_KEY]
             say(f"full-play GAUC on the same impressions: popularity {popular:.3f}, oracle "
                 + (f"{oracle:.3f}; this model closes {gap_closed(metrics['gauc/full_play'], popular, oracle):.0%} "
                    "of the gap" if np.isfinite(oracle) else "n/a (no oracle_engagement in this log)"))
     return result
+
+
+def shown(value: float) -> str:
+    """A metric as printed: 'absent' where the log cannot support it (no positives of a task)."""
+    return f"{value:.3f}" if np.isfinite(value) else "absent"
+
+
+def loo_requests(loo: LeaveOneOut) -> TimeSplit:
+    """The impression objective on a leave-one-out split: train on the requests before each
+    user's validation item, report slate metrics on the validation requests."""
+    log = loo.log
+    if len(log) == 0:
+        raise ValueError("this log has no slates (imported with --negatives none): use --objective next-item")
+    train_rows = loo.train_requests()
+    valid_rows = np.flatnonzero(np.isin(log.history_end, loo.valid_index))
+    if not len(train_rows) or not len(valid_rows):
+        raise ValueError("leave-one-out left no training or no validation requests")
+    return TimeSplit(log.select(train_rows), log.select(valid_rows), int(log.request_ts[valid_rows].min()))
+
+
+def _train_next_item(c: TrainConfig, loo: LeaveOneOut, say) -> TrainResult:
+    from ranker.training.next_item import train_next_item
+
+    if c.device not in ("auto", "cpu") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the next-item objective trains in one CPU process here")
+    result = train_next_item(c.family, c.size, loo, c.out_dir, epochs=max(1, round(c.epochs)), batch_size=c.batch_size,
+                             lr=c.lr, seed=c.seed, max_len=c.max_len, negatives=c.sampled_negatives,
+                             weight_decay=c.weight_decay, model_overrides=c.model_overrides, say=say)
+    metrics = {**{f"valid/{k}": v for k, v in result.valid.items()}, **{f"test/{k}": v for k, v in result.test.items()}}
+    return TrainResult(metrics=metrics, n_params=result.n_params, flops_per_request=0,
+                       train_seconds=result.train_seconds, steps=result.steps, requests_seen=0, train_compute=0.0,
+                       final_train_loss=result.epochs[-1]["loss"] if result.epochs else float("nan"),
+                       checkpoint=Path(c.out_dir), model_version=result.model_version, family=c.family, size=c.size)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,0 +1,163 @@
+"""The next-item objective: a user's history predicts the next consumed item, at every position.
+
+As SASRec and HSTU train: the history runs once through the model (`sequence_output`,
+causal, so position t sees tokens <= t), and the output at t is scored against item
+embeddings tied with the input table. Loss, per position whose next token is a training target:
+  - negatives=0: cross-entropy over the whole catalogue (what fits here: ML-100K's 1,682 items);
+  - negatives=K: sampled softmax over the target and K items drawn once per batch in proportion
+    to training popularity q, every logit corrected by -log(K q) (logQ correction, Yi et al.
+    2019), so the sampled loss estimates the full one instead of demoting popular items.
+
+Training data is the leave-one-out split's training tokens (ranker.training.loo): per user,
+windows of at most max_len inputs; consecutive windows overlap by half so every target is
+predicted once per epoch from at least max_len / 2 earlier tokens (when the user has them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ranker.models import build_model
+from ranker.models.base import SequenceRanker
+from ranker.training.checkpoint import save_checkpoint
+from ranker.training.data import iterate_batches
+from ranker.training.loo import LeaveOneOut, token_batch
+from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer
+
+
+@dataclass(frozen=True)
+class Windows:
+    start: np.ndarray  # int64 [W], first input token
+    end: np.ndarray  # int64 [W], one past the last input token
+    loss_from: np.ndarray  # int64 [W], first input position whose target counts
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def training_windows(split: LeaveOneOut, max_len: int) -> Windows:
+    """Input windows over each user's training tokens; input position p predicts token start + p + 1."""
+    stride = max(1, max_len // 2)
+    starts, ends, froms = [], [], []
+    for first, valid in zip(split.user_first.tolist(), split.valid_index.tolist()):
+        t1 = valid  # targets [t0, t1), newest first
+        while t1 > first + 1:
+            t0 = max(first + 1, t1 - stride)
+            a = max(first, t1 - 1 - max_len)
+            starts.append(a)
+            ends.append(t1 - 1)
+            froms.append(t0 - 1 - a)
+            t1 = t0
+    if not starts:
+        raise ValueError("no user has a training token with an earlier one: nothing to train on")
+    return Windows(np.array(starts, np.int64), np.array(ends, np.int64), np.array(froms, np.int64))
+
+
+def next_item_loss(model: SequenceRanker, split: LeaveOneOut, windows: Windows, rows: np.ndarray,
+                   negatives: int = 0, log_q: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Mean loss over the counted positions of windows `rows`, and how many there were."""
+    start, end = windows.start[rows], windows.end[rows]
+    batch = token_batch(split.log, start, end)
+    n = batch.history_tracks.shape[1]
+    position = torch.arange(n)[None, :]
+    counted = (position < batch.history_lengths[:, None]) & (position >= torch.from_numpy(windows.loss_from[rows])[:, None])
+    target_index = torch.from_numpy(start)[:, None] + position + 1
+    targets = torch.from_numpy(split.log.token_tracks.astype(np.int64))[target_index.clamp_max(len(split.log.token_tracks) - 1)]
+    hidden = model.sequence_output(batch)[counted]  # [P, d]
+    targets = targets[counted]
+    if negatives == 0:
+        return F.cross_entropy(model.next_item_logits(hidden).float(), targets), len(targets)
+    if log_q is None:
+        raise ValueError("sampled softmax needs log_q, the log of each item's sampling probability")
+    drawn = torch.multinomial(log_q.exp(), negatives, replacement=True, generator=generator)  # [K]
+    correction = math.log(negatives)
+    pos_logit = (F.layer_norm(hidden, hidden.shape[-1:]) * model.embed.track.weight[targets + 1]).sum(-1)
+    neg_logit = model.next_item_logits(hidden, drawn) - (log_q[drawn] + correction)
+    neg_logit = neg_logit.masked_fill(drawn[None, :] == targets[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([(pos_logit - (log_q[targets] + correction))[:, None], neg_logit], dim=1)
+    return F.cross_entropy(logits.float(), torch.zeros(len(targets), dtype=torch.long)), len(targets)
+
+
+def popularity_log_q(split: LeaveOneOut) -> torch.Tensor:
+    """log of each item's share of training tokens (add-one smoothed: every item can be drawn)."""
+    counts = np.bincount(split.log.token_tracks[split.train_token_mask()], minlength=split.n_tracks) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+@dataclass
+class NextItemResult:
+    epochs: list[dict[str, float]]  # per epoch: loss, valid metrics, seconds
+    valid: dict[str, float]
+    test: dict[str, float]
+    n_params: int
+    steps: int
+    train_seconds: float
+    model_version: str
+
+
+def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | Path, *, epochs: int = 12,
+                    batch_size: int = 128, lr: float = 1e-3, seed: int = 0, max_len: int = 50,
+                    negatives: int = 0, weight_decay: float = 0.0, model_overrides: dict[str, Any] | None = None,
+                    ks: tuple[int, ...] = (10,), say: Callable[[str], None] = print,
+                    extra: dict[str, Any] | None = None) -> NextItemResult:
+    """Train `family`/`size` with the next-item objective on the split's training tokens; print
+    one plain line per epoch (loss and validation HR/NDCG/MRR, full ranking), then test."""
+    windows = training_windows(split, max_len)
+    torch.manual_seed(seed)
+    overrides = {"max_len": max_len, **(model_overrides or {})}
+    model = build_model(family, size, split.n_tracks, **overrides)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    log_q = popularity_log_q(split) if negatives else None
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(windows) / batch_size)
+    total = epochs * steps_per_epoch
+    protocol = Protocol(0)
+    say(f"{family}-{size} next-item ({'full softmax' if not negatives else f'sampled softmax, {negatives} negatives, logQ'}): "
+        f"{model.n_params():,} params, {len(split.users):,} users, {len(windows):,} windows of <= {max_len}, "
+        f"{split.n_tracks:,} items, {total} steps of {batch_size}")
+    from ranker.training.train import learning_rate  # the same warm-up + cosine schedule
+
+    history: list[dict[str, float]] = []
+    step, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        epoch_start, loss_sum, count = time.perf_counter(), 0.0, 0
+        for rows in iterate_batches(len(windows), batch_size, shuffle=True, seed=seed, epoch=epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, lr, min(100, total // 10 + 1))
+            loss, n = next_item_loss(model, split, windows, rows, negatives, log_q, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * n
+            count += n
+        valid = evaluate_loo(model_scorer(model, split, "valid", max_len, "next_item"), split, "valid", protocol, ks)
+        line = {"epoch": epoch + 1, "loss": loss_sum / max(count, 1), **valid,
+                "seconds": time.perf_counter() - epoch_start}
+        history.append(line)
+        say(f"epoch {epoch + 1}/{epochs}  loss {line['loss']:.4f}  valid "
+            + "  ".join(f"{name.upper()} {valid[name]:.4f}" for name in valid if name != "users")
+            + f"  ({line['seconds']:.0f} s)")
+    train_seconds = time.perf_counter() - started
+    valid = history[-1] if history else {}
+    test = evaluate_loo(model_scorer(model, split, "test", max_len, "next_item"), split, "test", protocol, ks)
+    say(f"test ({protocol.describe(split.n_tracks)}): "
+        + "  ".join(f"{name.upper()} {test[name]:.4f}" for name in test if name != "users"))
+    meta = {"objective": "next_item", "split": "loo", "n_tracks": split.n_tracks, "max_len": max_len, "seed": seed,
+            "batch_size": batch_size, "lr": lr, "epochs": epochs, "negatives": negatives,
+            "model_overrides": dict(model_overrides or {}), "epoch_history": history, "test_metrics": test,
+            **(extra or {})}
+    version = save_checkpoint(Path(out_dir), model, optimizer, family, size, step, meta)
+    return NextItemResult(history, {k: v for k, v in valid.items() if k not in ("epoch",)}, test,
+                          model.n_params(), step, train_seconds, version)

@@ -1,0 +1,185 @@
+"""Public data: RecBole's .inter import, leave-one-out, HR/NDCG/MRR (fast == reference), the
+next-item objective of every family, and the `climber import / train / eval` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ranker.batch import random_batch
+from ranker.models import FAMILIES, build_model
+from ranker.training.data import load_request_log
+from ranker.training.importer import import_interactions
+from ranker.training.loo import leave_one_out, metrics_from_ranks, pessimistic_ranks, reference_metrics
+from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer, popularity_scorer
+from ranker.training.next_item import next_item_loss, popularity_log_q, training_windows
+from sandbox.cli import app
+
+TINY = Path(__file__).parent / "data" / "tiny.inter"  # RecBole's format: 12 users, 30 items
+COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("tiny") / "tiny.duckdb"
+    import_interactions(TINY, db, COLUMNS, negatives="none")
+    return db
+
+
+@pytest.fixture(scope="module")
+def split(tiny_db):
+    return leave_one_out(load_request_log(tiny_db))
+
+
+def test_recbole_inter_imports_with_each_negative_sampler(tmp_path):
+    source = [line.split("\t") for line in TINY.read_text().splitlines()[1:]]
+    for negatives in ("none", "uniform", "popularity"):
+        db = tmp_path / f"{negatives}.duckdb"
+        summary = import_interactions(TINY, db, COLUMNS, negatives=negatives, n_negatives=4)
+        assert (summary.n_interactions, summary.n_users) == (len(source), 12)
+        assert summary.n_requests == (0 if negatives == "none" else len(source))
+        con = duckdb.connect(str(db), read_only=True)
+        settings = dict(con.execute("SELECT key, value FROM import_settings").fetchall())
+        items = dict(con.execute("SELECT track_id, source_item FROM track_ids").fetchall())
+        con.close()
+        assert settings["negatives"] == negatives
+        assert set(items.values()) == {row[1] for row in source}  # token ids kept as strings
+        log = load_request_log(db)
+        assert len(log.token_tracks) == len(source) and len(log) == summary.n_requests
+        if len(log):  # the positive is never its own negative
+            batch = log.batch(np.arange(len(log)), max_len=8)
+            positive = batch.labels[..., 0].bool()
+            assert (positive.sum(1) == 1).all()
+            for row in range(len(log)):
+                shown = batch.candidate_tracks[row][batch.candidate_mask[row]].tolist()
+                assert len(shown) == 5 and len(set(shown)) == len(shown) or shown.count(
+                    int(batch.candidate_tracks[row][positive[row]])) == 1
+
+
+def test_inter_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.inter"
+    bad.write_text("user_id\titem_id:token\ttimestamp:float\n1\t2\t3\n")
+    with pytest.raises(ValueError, match="not `name:type`"):
+        import_interactions(bad, tmp_path / "x.duckdb", COLUMNS)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        import_interactions(TINY, tmp_path / "y.duckdb", COLUMNS, negatives="hard")
+
+
+def test_leave_one_out_holds_out_each_users_last_two_items(split):
+    log = split.log
+    for u, first, valid, test in zip(split.users, split.user_first, split.valid_index, split.test_index):
+        mine = np.flatnonzero(log.token_users == u)
+        assert (first, valid, test) == (mine[0], mine[-2], mine[-1])
+    train = split.train_token_mask()
+    assert not train[split.valid_index].any() and not train[split.test_index].any()
+    assert train.sum() == len(log.token_tracks) - 2 * len(split.users)
+    windows = training_windows(split, max_len=4)  # every training target predicted exactly once
+    targets = [s + p + 1 for s, e, f in zip(windows.start, windows.end, windows.loss_from) for p in range(f, e - s)]
+    firsts = set(split.user_first.tolist())
+    assert sorted(targets) == [t for t in np.flatnonzero(train) if t not in firsts]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_metrics_agree_with_the_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (40, 25), generator=g).float()  # many ties
+    targets = torch.randint(0, 25, (40,), generator=g)
+    excluded = torch.rand(40, 25, generator=g) < 0.2
+    for mask in (None, excluded):
+        fast = metrics_from_ranks(pessimistic_ranks(scores, targets, mask).numpy(), (1, 5, 10))
+        skip = None if mask is None else [set(np.flatnonzero(row).tolist()) for row in mask.numpy()]
+        slow = reference_metrics(scores.tolist(), targets.tolist(), (1, 5, 10), skip)
+        assert fast == pytest.approx(slow, abs=1e-12)
+    constant = torch.zeros(3, 7)  # a model that scores everything alike ranks the target last
+    assert pessimistic_ranks(constant, torch.tensor([0, 3, 6])).tolist() == [6, 6, 6]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequence_output_is_causal_for_every_family(family):
+    torch.manual_seed(0)
+    model = build_model(family, "s", 40, dropout=0.0, max_len=16).eval()
+    batch = random_batch(3, 10, 0, 40, seed=2, min_length=10)
+    full = model.sequence_output(batch)
+    for t in (0, 5):
+        cut = {name: getattr(batch, name)[:, :t + 1] for name in
+               ("history_tracks", "history_behaviours", "history_scenarios", "history_ts")}
+        prefix = dataclasses.replace(batch, **cut, history_lengths=batch.history_lengths.clamp_max(t + 1))
+        assert torch.allclose(model.sequence_output(prefix)[:, t], full[:, t], atol=1e-5)
+    assert model.next_item_logits(full).shape == (3, 10, 40)
+
+
+def test_next_item_steps_reduce_the_loss(split):
+    torch.manual_seed(0)
+    model = build_model("sasrec", "xs", split.n_tracks, dropout=0.0, max_len=8)
+    windows = training_windows(split, 8)
+    rows = np.arange(len(windows))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before, _ = next_item_loss(model, split, windows, rows)
+    for _ in range(15):
+        loss, _ = next_item_loss(model, split, windows, rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert next_item_loss(model, split, windows, rows)[0] < before - 0.3
+
+
+def test_sampled_softmax_with_log_q_estimates_the_full_loss(split):
+    """With many popularity-drawn negatives, the logQ-corrected denominator is an importance-
+    sampling estimate of the full softmax's, so the sampled loss is the full loss plus the
+    target's own correction, mean(log K q_target), a constant of the data: equal gradients.
+    Uncorrected, popular items would be overcounted and the gap would depend on the model."""
+    torch.manual_seed(1)
+    model = build_model("hstu", "xs", split.n_tracks, dropout=0.0, max_len=8)
+    windows = training_windows(split, 8)
+    rows = np.arange(len(windows))
+    log_q, k = popularity_log_q(split), 4000
+    targets = [split.log.token_tracks[s + p + 1] for s, e, f in zip(windows.start, windows.end, windows.loss_from)
+               for p in range(f, e - s)]
+    offset = float(np.log(k) + log_q[torch.tensor(targets)].mean())
+    with torch.no_grad():
+        full, _ = next_item_loss(model, split, windows, rows)
+        sampled, _ = next_item_loss(model, split, windows, rows, k, log_q, torch.Generator().manual_seed(0))
+    assert float(sampled) == pytest.approx(float(full) + offset, abs=0.05)
+
+
+def test_protocols_score_the_same_targets(split):
+    full = evaluate_loo(popularity_scorer(split), split, "test", Protocol(0), (10,))
+    sampled = evaluate_loo(popularity_scorer(split), split, "test", Protocol(10), (10,))
+    assert full["users"] == sampled["users"] == len(split.users)
+    assert sampled["hr@10"] >= full["hr@10"]  # 10 negatives: HR@10 is 1 for everyone
+    model = build_model("astro", "xs", split.n_tracks, max_len=8)
+    impression = evaluate_loo(model_scorer(model, split, "test", 8, "impression", candidate_chunk=7), split,
+                              "test", Protocol(0, exclude_seen=True), (5,))
+    assert 0.0 <= impression["hr@5"] <= 1.0
+    with pytest.raises(ValueError, match="loo-sampled:N"):
+        Protocol.parse("loo-sampled")
+
+
+def test_commands_import_train_next_item_and_eval(tmp_path):
+    db, out = tmp_path / "tiny.duckdb", tmp_path / "hstu"
+    imported = runner.invoke(app, ["import", str(TINY), "--db", str(db), "--user", "user_id", "--item", "item_id",
+                                   "--time", "timestamp", "--negatives", "none"])
+    assert imported.exit_code == 0, imported.output
+    assert "no slates (--negatives none)" in imported.output
+    trained = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                  "--split", "loo", "--objective", "next-item", "--epochs", "2", "--batch-size", "8",
+                                  "--max-len", "8"])
+    assert trained.exit_code == 0, trained.output
+    assert "epoch 1/2  loss" in trained.output and "epoch 2/2" in trained.output  # plain lines in a log
+    assert "valid HR@10" in trained.output and "test (leave-one-out by time" in trained.output
+    evaluated = runner.invoke(app, ["eval", str(out), "--db", str(db), "--protocol", "loo-sampled:5", "--k", "1", "3"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "5 sampled items the user never interacted with" in evaluated.output
+    assert "HR@1" in evaluated.output and "NDCG@3" in evaluated.output and "MRR" in evaluated.output
+    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                "--objective", "next-item"])
+    assert wrong.exit_code == 2 and "--split loo" in wrong.output
+    popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
+    assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
