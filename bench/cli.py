@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option
+from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option, parse_override
 
 bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/results.md.", no_args_is_help=True)
 # One-command apps for the modules' `python -m` entry points; the same functions as in bench_app.
@@ -72,11 +72,15 @@ def bench_growth(
     batch_size: int = typer.Option(64),
     max_len: int = typer.Option(64),
     overrides: list[str] = overrides_option(),
+    growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
+                                     help="grow-and-prune setting, repeatable (as `climber train --growth`)"),
 ) -> Any:
-    """Training ms/step: dense, dense with the FLOP counter, grow-and-prune, side by side."""
+    """Training wall time per step and per run: dense, masked and sliced grow-and-prune, side by side."""
     from bench.growth import run_bench_growth
+    from ranker.training.growth import GrowthConfig
 
-    return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides))
+    return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides),
+                            GrowthConfig.from_dict(dict(growth)))
 
 
 @bench_serve_app.command("serve", cls=MultiValueCommand)

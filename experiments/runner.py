@@ -8,6 +8,11 @@ once, at the end of the warm-up, to train the neural arms (simulator.platform `p
   warm-up behaviour is the CUPED covariate of their A/B metrics.
 - train: the warm-up log so far is copied to `warm_up.duckdb` and each neural arm is
   trained on it with the same budget (experiments.training), into `checkpoints/<arm>/`.
+- retrain (optional, `phases.retrain_every` days): the clock pauses again, the log so far
+  is copied, each trained arm is fine-tuned on it from its current checkpoint
+  (`climber train --resume-from`, experiments.training.retrain_arm) and its ranker
+  hot-reloads the new weights (NeuralRanker.reload drops the old version's cached K/V;
+  every logged request carries the model version that scored it). Table `retrains`.
 - A/B: each arm's users get their arm's ranker. Neural arms serve through the TURBO path
   (ranker.serving: per-user KV cache, incremental extends); its hits, extends and rebuilds
   are kept per arm. For every A/B request the simulator's oracle scores the served slate
@@ -31,7 +36,7 @@ import pandas as pd
 
 from experiments.rankers import ExploringRanker, Handover, OracleRanker
 from experiments.spec import BASELINES, ExperimentSpec, FixedArm
-from experiments.training import TrainedModel, train_arm
+from experiments.training import TrainedModel, retrain_arm, train_arm
 from simulator.config import DAY_MS
 from streaming.events import SCENARIO_CODE, SCENARIOS
 
@@ -75,9 +80,11 @@ class ExperimentLoop:
         self.sequences = sb.platform.recommender.sequences
         self.ab_start_ts = spec.sim_config().start_ts + spec.phases.warm_up.days * DAY_MS
         self.end_ts = spec.sim_config().start_ts + spec.days * DAY_MS
-        self.models: dict[str, TrainedModel] = {}
+        self.models: dict[str, TrainedModel] = {}  # as trained on the warm-up log (table arm_models)
+        self.current: dict[str, TrainedModel] = {}  # what each arm serves now (after retrains)
         self.arm_rankers: dict = {}  # each arm's A/B ranker, set at the pause
         self.regret_rows: list[tuple] = []
+        self.retrain_rows: list[dict] = []
         self.phase_seconds: dict[str, float] = {}
         self.oracle = OracleRanker(sb.platform.oracle)
         self.examine = np.array([[sb.settings.sim.scenario(s).examine_first * sb.settings.sim.scenario(s).examine_decay**k
@@ -104,6 +111,13 @@ class ExperimentLoop:
         sb, started = self.sandbox, time.perf_counter()
         self._phase_started = started
         pause = self.ab_start_ts - self.spec.sim_config().start_ts
+        pauses = [(pause, lambda: self._start_ab(task))]
+        every = self.spec.phases.retrain_every
+        if every and self.spec.trained_arms():
+            horizon = self.end_ts - self.spec.sim_config().start_ts
+            for at in range(pause + every * DAY_MS, horizon, every * DAY_MS):
+                pauses.append((at, lambda at=at: self._retrain(at, task)))
+        task = None
         if self.progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -111,11 +125,10 @@ class ExperimentLoop:
                                 TimeElapsedColumn())
             task = self.bar.add_task(f"warm-up ({self.spec.phases.warm_up.days} d)", total=1.0)
             with self.bar:
-                summary = sb.platform.run(progress=lambda f: self.bar.update(task, completed=f),
-                                          pauses=[(pause, lambda: self._start_ab(task))])
+                summary = sb.platform.run(progress=lambda f: self.bar.update(task, completed=f), pauses=pauses)
         else:
             self.bar = None
-            summary = sb.platform.run(pauses=[(pause, lambda: self._start_ab(None))])
+            summary = sb.platform.run(pauses=pauses)
         sb.summary = summary
         sb.pipeline.finish()
         self.phase_seconds["ab"] = time.perf_counter() - self._phase_started
@@ -132,12 +145,7 @@ class ExperimentLoop:
         if self.oracle_parts:
             sb.recorder.log_oracle_engagement(*(np.concatenate(column) for column in zip(*self.oracle_parts)))
             self.oracle_parts = []
-        log_path = self.run_dir / "warm_up.duckdb"
-        con = sb.recorder.connection
-        con.execute(f"ATTACH '{log_path}' AS warm")
-        for table in ("runs", "tracks", "events", "requests", "impressions", "oracle_engagement"):
-            con.execute(f"CREATE TABLE warm.{table} AS SELECT * FROM {table}")
-        con.execute("DETACH warm")
+        log_path = self._copy_log("warm_up.duckdb")
         if self.bar is not None:
             self.bar.stop()
         for arm, arm_spec in self.spec.trained_arms().items():
@@ -147,6 +155,7 @@ class ExperimentLoop:
                                          self.run_dir / "checkpoints" / arm, progress=self.progress)
         from ranker.serving.ranker import NeuralRanker
 
+        self.current = dict(self.models)
         rankers = {}
         for arm, arm_spec in self.spec.arms.items():
             if arm in self.models:
@@ -170,6 +179,43 @@ class ExperimentLoop:
         self._phase_started = time.perf_counter()
         if self.bar is not None:
             self.bar.update(task, description=f"A/B ({self.spec.phases.ab.days} d)")
+            self.bar.start()
+
+    def _copy_log(self, name: str) -> Path:
+        """The log so far, as a DuckDB file the trainer reads."""
+        log_path = self.run_dir / name
+        con = self.sandbox.recorder.connection
+        con.execute(f"ATTACH '{log_path}' AS logcopy")
+        for table in ("runs", "tracks", "events", "requests", "impressions", "oracle_engagement"):
+            con.execute(f"CREATE TABLE logcopy.{table} AS SELECT * FROM {table}")
+        con.execute("DETACH logcopy")
+        return log_path
+
+    def _retrain(self, at_ms: int, task) -> None:
+        """A retrain pause: fine-tune every trained arm on the log so far, then hot-reload it."""
+        from ranker.training.checkpoint import load_checkpoint
+
+        sb, now = self.sandbox, time.perf_counter()
+        day = at_ms // DAY_MS
+        sb.pipeline.finish()
+        log_path = self._copy_log(f"log-day{day}.duckdb")
+        if self.bar is not None:
+            self.bar.stop()
+        for arm, model in list(self.current.items()):
+            if self.progress:
+                print(f"day {day}: fine-tuning {arm} ({model.model_version}) on the log so far")
+            new = retrain_arm(arm, model, self.spec.phases.train, self.spec.phases.retrain, log_path,
+                              self.run_dir / "checkpoints" / f"{arm}-day{day}", progress=self.progress)
+            weights, meta = load_checkpoint(new.checkpoint)
+            self.arm_rankers[arm].reload(weights, meta["model_version"])
+            self.retrain_rows.append({"arm": arm, "day": day, "ts": self.spec.sim_config().start_ts + at_ms,
+                                      "model_version": new.model_version, "resumed_from": model.model_version,
+                                      "steps": new.steps, "train_seconds": new.train_seconds,
+                                      "val_loss": new.val_loss, "gauc_full_play": new.gauc_full_play})
+            self.current[arm] = new
+        log_path.unlink()  # the run's own DuckDB file holds the same rows
+        self.phase_seconds["retrain"] = self.phase_seconds.get("retrain", 0.0) + time.perf_counter() - now
+        if self.bar is not None:
             self.bar.start()
 
     def _on_response(self, request, response, arm: str) -> None:
@@ -208,7 +254,9 @@ class ExperimentLoop:
             "rankers": json.dumps({arm: r.name for arm, r in rankers.items()}),
         }])
         regret = pd.DataFrame(self.regret_rows, columns=["request_id", "ts", "user_id", "arm", "served", "best"])
-        frames = {"experiment": meta, "regret": regret,
+        retrains = pd.DataFrame(self.retrain_rows, columns=["arm", "day", "ts", "model_version", "resumed_from", "steps",
+                                                            "train_seconds", "val_loss", "gauc_full_play"])
+        frames = {"experiment": meta, "regret": regret, "retrains": retrains,
                   "arm_models": pd.DataFrame(models, columns=list(TrainedModel.__dataclass_fields__)),
                   "kv_cache": pd.DataFrame(cache, columns=["arm", "hits", "incremental", "rebuilds", "cold",
                                                            "evictions", "entries", "bytes", "budget_bytes"]),

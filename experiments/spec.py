@@ -62,10 +62,27 @@ class AB(Strict):
     days: int = Field(2, ge=1, le=60, description="whole days of A/B traffic")
 
 
+class Retrain(Strict):
+    """The budget of each recurring fine-tune (`climber train --resume-from`): the same for every arm."""
+
+    steps: int = Field(50, ge=1, description="optimizer steps per fine-tune, on the log so far")
+    lr: float = Field(3e-4, gt=0)
+
+
 class Phases(Strict):
     warm_up: WarmUp = Field(default_factory=WarmUp)
     train: Train = Field(default_factory=Train)
     ab: AB = Field(default_factory=AB)
+    retrain_every: int | None = Field(None, ge=1, description="days between fine-tunes of every trained arm during "
+                                      "the A/B phase (\"1d\" or 1); none by default")
+    retrain: Retrain = Field(default_factory=Retrain)
+
+    @field_validator("retrain_every", mode="before")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().endswith("d") and value.strip()[:-1].strip().isdigit():
+            return int(value.strip()[:-1])
+        return value
 
 
 class TrainedArm(Strict):

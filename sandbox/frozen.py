@@ -147,9 +147,13 @@ def parse_step(argv: list[str]) -> tuple[str, argparse.Namespace]:
 
 
 def _trained_by_train(args: argparse.Namespace) -> list[TrainedModel]:
+    from ranker.training.cli import DEFAULT_MAX_LEN
     from ranker.training.train import config_overrides
 
-    return [TrainedModel(args.model, args.size, config_overrides(args.max_len, dict(args.overrides)))]
+    if args.resume_from is not None:  # the model is the checkpoint's, trained by an earlier step
+        return []
+    return [TrainedModel(args.model, args.size, config_overrides(args.max_len or DEFAULT_MAX_LEN,
+                                                                 dict(args.overrides)))]
 
 
 def _trained_by_scaling(args: argparse.Namespace) -> list[TrainedModel]:

@@ -73,8 +73,11 @@ def growth_study(
     device: str = typer.Option("auto"),
     growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
                                      help="grow-and-prune setting, repeatable (density, update_every, swap_fraction, "
-                                          "dense_from, grow_init)"),
+                                          "dense_from, grow_init, regrow, implementation)"),
     overrides: list[str] = overrides_option(),
+    short_share: Optional[float] = typer.Option(None, help="dense-short's budget as a share of dense's (e.g. the "
+                                                "wall-time ratio from `climber bench growth`); default: "
+                                                "grow-prune's FLOPs share"),
 ) -> Any:
     """Alternate growth and pruning against dense training, paired by seed: table, plot, HTML."""
     from ranker.training.growth import GrowthConfig
@@ -82,4 +85,4 @@ def growth_study(
 
     budget = Budget(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, max_len=max_len)
     return run_study(db, out, family, size, seeds, budget, GrowthConfig.from_dict(dict(growth)),
-                     int(eval_window_h * 3_600_000), device, overrides=dict(overrides))
+                     int(eval_window_h * 3_600_000), device, overrides=dict(overrides), short_share=short_share)

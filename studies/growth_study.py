@@ -4,7 +4,10 @@
 - `grow-prune`: sparse for most of the budget, full-size at the end (ranker.training.growth);
 - `dense-short`: the full model for as many steps as give the grow-prune run's Linear FLOPs
   (its measured share of the dense run's, times the budget), so grow-and-prune is compared
-  with simply training less for the same work as well as with training dense.
+  with simply training less for the same work as well as with training dense. With
+  `short_share` (`--short-share`), that share of the budget instead: the wall-time ratio
+  `climber bench growth` measured, for "the same wall time" (the study's own runs count
+  FLOPs, so their train_s is no timing).
 
     python -m studies.growth_study --db runs/<id>/sandbox.duckdb --out runs/<id>/growth \\
         --family astro --size s --seeds 0 1 2 3 4 --epochs 1 [--growth density=0.5 ...]
@@ -41,17 +44,23 @@ COMPARED = ("val_loss", "gauc_full_play", "auc_full_play", "ndcg@10")
 
 
 def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth: GrowthConfig,
-         overrides: dict[str, Any] | None = None) -> str:
-    return run_key({"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
-                    "growth": growth.to_dict() if variant != "dense" else None}, overrides)
+         overrides: dict[str, Any] | None = None, short_share: float | None = None) -> str:
+    fields = {"variant": variant, "family": family, "size": size, "seed": seed, "budget": asdict(budget),
+              "growth": growth.to_dict() if variant != "dense" else None}
+    if variant == "dense-short" and short_share is not None:
+        fields["short_share"] = short_share
+    return run_key(fields, overrides)
 
 
 def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", size: str = "s",
               seeds: Sequence[int] = (0, 1, 2), budget: Budget = Budget(), growth: GrowthConfig = GrowthConfig(),
               eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
-              overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+              overrides: dict[str, Any] | None = None, short_share: float | None = None) -> pd.DataFrame:
     """Train the three variants at every seed (reusing finished runs), each with the model
-    config `overrides` (as `climber train --set`); write the reports."""
+    config `overrides` (as `climber train --set`); write the reports. `short_share`: the
+    dense-short budget as a share of the dense one (default: grow-prune's FLOPs share)."""
+    if short_share is not None and not 0 < short_share <= 1:
+        raise ValueError(f"short_share must be in (0, 1], got {short_share}")
     if budget.steps is None and budget.epochs <= 0:
         raise ValueError("the budget needs steps or epochs > 0")
     out_dir = Path(out_dir)
@@ -66,7 +75,7 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
 
     def run(variant: str, seed: int, steps: int | None, with_growth: bool) -> dict:
         """One run; `steps=None` is the budget itself (the trainer's rule for epochs)."""
-        key = _key(variant, family, size, seed, budget, growth, overrides)
+        key = _key(variant, family, size, seed, budget, growth, overrides, short_share)
         if key in done:
             check_reusable(done[key], config, path)
             return done[key]
@@ -87,11 +96,12 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
     for seed in seeds:
         dense = run("dense", seed, None, with_growth=False)
         sparse = run("grow-prune", seed, None, with_growth=True)
-        share = sparse["linear_flops"]["linear_flops_done"] / dense["linear_flops"]["linear_flops_done"]
+        share = short_share or sparse["linear_flops"]["linear_flops_done"] / dense["linear_flops"]["linear_flops_done"]
         short = run("dense-short", seed, max(1, round(share * dense["steps"])), with_growth=False)
         rows += [dense, sparse, short]
     table = study_table(rows)
-    write_reports(table, out_dir, budget, growth, f"{family}-{size}")
+    write_reports(table, out_dir, budget, growth, f"{family}-{size}"
+                  + (f", dense-short at {short_share} of the budget" if short_share else ""))
     return table
 
 

@@ -216,3 +216,29 @@ def test_every_ab_report_shows_the_oracle_arm_as_the_ceiling(calibration, tmp_pa
     assert max(len(line) for line in out.output.splitlines()) <= 80
     page = write_report(ev, tmp_path).read_text()
     assert CEILING_TITLE in page and "ceiling.png" in page and (tmp_path / "ceiling.png").stat().st_size > 0
+
+
+def test_retrain_every_fine_tunes_each_trained_arm_and_hot_reloads_it(tmp_path):
+    spec = load_spec(EXAMPLE, ["name=retrain", "sim.n_users=60", "sim.n_tracks=800", "phases.warm_up.days=1",
+                               "phases.ab.days=2", "phases.train.batch_size=16", "phases.train.steps=6",
+                               "phases.retrain_every=1d", "phases.retrain.steps=3",
+                               "arms={control: popularity, astro_xs: {family: astro, size: xs}}"])
+    assert spec.phases.retrain_every == 1
+    run = run_experiment(spec, tmp_path, progress=False)
+    con = duckdb.connect(str(run / "sandbox.duckdb"), read_only=True)
+    try:
+        retrains = con.execute("SELECT * FROM retrains").df()
+        trained = con.execute("SELECT model_version FROM arm_models").fetchone()[0]
+        served = con.execute("SELECT model_version, min(ts) AS first, max(ts) AS last, count(*) AS n FROM requests "
+                             "WHERE arm = 'astro_xs' AND model_name = 'astro_xs' GROUP BY ALL ORDER BY first").df()
+    finally:
+        con.close()
+    assert list(retrains["arm"]) == ["astro_xs"] and list(retrains["day"]) == [2]  # one A/B day, then the retrain
+    row = retrains.iloc[0]
+    assert row["resumed_from"] == trained and row["model_version"] != trained and row["steps"] == 3
+    assert (run / "checkpoints" / "astro_xs-day2" / "checkpoint.json").exists()
+    # Every A/B request names the version that scored it: the first model, then the fine-tuned one.
+    assert list(served["model_version"]) == [trained, row["model_version"]]
+    assert served["last"].iloc[0] < row["ts"] <= served["first"].iloc[1]
+    with pytest.raises(ValueError, match="retrain_every"):
+        load_spec(EXAMPLE, ["phases.retrain_every=0"])

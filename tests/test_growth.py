@@ -1,4 +1,4 @@
-"""Alternate growth and pruning: a masked row is a removed unit, the schedule keeps its
+"""Alternate growth and pruning: a masked unit is a removed unit, the schedule keeps its
 density and ends full-size, resume continues exactly, and the FLOP counter counts the
 rows a structured implementation would compute."""
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ranker.training.data import DAY_MS, load_request_log, split_by_time
-from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter, prunable_layers
+from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter, prunable_groups
 from ranker.models.config import SoftmaxConfig
 from ranker.models.layers import SoftmaxLayer
 from ranker.models import build_model
@@ -48,24 +48,25 @@ def _layer(density: float = 0.5) -> tuple[SoftmaxLayer, GrowPrune]:
     return layer, growth
 
 
-def test_a_masked_feed_forward_row_is_a_removed_unit():
+def test_a_masked_feed_forward_unit_is_a_removed_unit():
     layer, growth = _layer()
-    hidden, out = growth.masks["ffn.0"], growth.masks["ffn.3"]
-    assert int(hidden.sum()) == 16 and int(out.sum()) == 4  # half of 32 hidden units, half of 8 outputs
+    hidden = growth.masks["ffn"]
+    assert int(hidden.sum()) == 16 and int(growth.masks["heads"].sum()) == 1  # half of 32 units, 1 of 2 heads
     x = torch.randn(3, 5, 8)
     w1, b1, w2, b2 = layer.ffn[0].weight, layer.ffn[0].bias, layer.ffn[3].weight, layer.ffn[3].bias
-    # The structured reference: a feed-forward built from the kept rows and columns only.
-    small = F.linear(F.gelu(F.linear(x, w1[hidden], b1[hidden])), w2[out][:, hidden], b2[out])
-    expected = torch.zeros(3, 5, 8).index_copy_(2, out.nonzero().squeeze(1), small)
+    assert w2[:, ~hidden].abs().max() > 0  # a pruned unit keeps its output column, frozen
+    # The structured reference: a feed-forward built from the kept units only.
+    expected = F.linear(F.gelu(F.linear(x, w1[hidden], b1[hidden])), w2[:, hidden], b2)
     with torch.no_grad():
         torch.testing.assert_close(layer.ffn(x), expected)
 
 
-def test_a_prune_and_grow_update_moves_rows_and_keeps_the_density():
+def test_a_prune_and_grow_update_moves_units_and_keeps_the_density():
     torch.manual_seed(0)
     layer = SoftmaxLayer(SoftmaxConfig(n_tracks=10, d_model=8, n_heads=2, dropout=0.0))
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
-    growth = GrowPrune(layer, GrowthConfig(density=0.5, update_every=1, swap_fraction=0.5), 10, optimizer)
+    growth = GrowPrune(layer, GrowthConfig(density=0.5, update_every=1, swap_fraction=0.5, implementation="masked"),
+                       10, optimizer)
     growth.start(0)
     x = torch.randn(4, 6, 8)
     for step in range(3):
@@ -75,14 +76,16 @@ def test_a_prune_and_grow_update_moves_rows_and_keeps_the_density():
         growth.before_step(step)
         optimizer.step()
         growth.after_step(step + 1)
-        for name, linear in growth.layers.items():
+        for name, group in growth.groups.items():
             mask = growth.masks[name]
             assert int(mask.sum()) == int(before[name].sum())  # density kept
-            assert linear.weight[~mask].abs().max() == 0 and linear.bias[~mask].abs().max() == 0
-            for moment in ("exp_avg", "exp_avg_sq"):
-                assert optimizer.state[linear.weight][moment][~mask].abs().max() == 0
+            gone = (~mask).nonzero().squeeze(1)
+            for _, param, dim, index in group.entries(gone):
+                assert optimizer.state[param]["exp_avg"].index_select(dim, index).abs().max() == 0
+            for _, param, dim, index in group.rows:
+                assert param.index_select(dim, index[gone].flatten()).abs().max() == 0
         if step > 0:
-            assert any(not torch.equal(before[n], growth.masks[n]) for n in before), "no rows swapped"
+            assert any(not torch.equal(before[n], growth.masks[n]) for n in before), "no units swapped"
     assert growth.swapped > 0
 
 
@@ -91,14 +94,14 @@ def test_density_one_trains_exactly_like_plain_training(split, tmp_path):
     full = train(TrainConfig("sasrec", "xs", None, tmp_path / "full", steps=5, growth=GrowthConfig(density=1.0),
                              **KW), data=split, progress=False)
     assert full.model_version.removeprefix("sasrec-xs-") == plain.model_version.removeprefix("sasrec-xs-")
-    assert full.linear_flops["linear_flops_share_done"] == 1.0 and full.growth["rows_swapped"] == 0
+    assert full.linear_flops["linear_flops_share_done"] == 1.0 and full.growth["units_swapped"] == 0
 
 
 @pytest.mark.parametrize("family", ["astro", "hstu"])
 def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(split, tmp_path, family):
     straight = train(TrainConfig(family, "xs", None, tmp_path / "straight", steps=10, growth=SCHEDULE,
                                  **KW), data=split, progress=False)
-    assert straight.growth["density_now"] == 1.0 and straight.growth["rows_swapped"] > 0
+    assert straight.growth["density_now"] == 1.0 and straight.growth["units_swapped"] > 0
     assert not (tmp_path / "straight" / GROWTH_FILE).exists()  # a full-size model: a plain checkpoint
     load_checkpoint(tmp_path / "straight")
     # Dense for 4 of 10 steps, half the rows before that, so between 0.5 and 1 of the work.
@@ -111,10 +114,12 @@ def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(s
     masks = load_file(tmp_path / "resumed" / GROWTH_FILE)
     weights = load_file(tmp_path / "resumed" / WEIGHTS_FILE)
     model = build_model(family, "xs", split.train.n_tracks, max_len=32, dropout=0.0)
-    assert set(masks) == {f"growth_mask.{name}" for name in prunable_layers(model)}
+    groups = prunable_groups(model)
+    assert set(masks) == {f"growth_mask.{name}" for name in groups}
     for key, mask in masks.items():
-        name = key.removeprefix("growth_mask.")
-        assert weights[f"{name}.weight"][~mask.bool()].abs().max() == 0
+        gone = (~mask.bool()).nonzero().squeeze(1)
+        for param_name, _, dim, index in groups[key.removeprefix("growth_mask.")].rows:
+            assert weights[param_name].index_select(dim, index[gone].flatten()).abs().max() == 0
     resumed = train(TrainConfig(family, "xs", None, tmp_path / "resumed", steps=10, resume=True, growth=SCHEDULE,
                                 **KW), data=split, progress=False)
     assert resumed.model_version == straight.model_version  # the masks came back with the weights
@@ -124,19 +129,18 @@ def test_the_sparse_phase_keeps_pruned_rows_at_zero_and_the_run_ends_full_size(s
                           **KW), data=split, progress=False)
 
 
-def test_the_counter_counts_kept_rows_of_whole_weights_and_of_row_slices():
+def test_the_counter_counts_kept_units_of_whole_weights_and_of_row_slices():
     layer, growth = _layer()
     x = torch.randn(2, 5, 8)
     counter = LinearFlopCounter(layer, growth)
     with torch.no_grad(), counter:
-        layer.qkv(x)  # all 24 rows of q, k, v
+        layer.qkv(x)  # all 24 rows of q, k, v: one head of two is kept
         layer.project_kv(x)  # rows 8..23 only, through a slice of the weight
-    kept = growth.masks["qkv"]
     tokens, width = 10, 8
     assert counter.dense == 2 * width * tokens * (24 + 16)
-    assert counter.done == 2 * width * tokens * (int(kept.sum()) + int(kept[8:].sum()))
-    assert counter.prunable_done == counter.done and counter.summary()["linear_flops_share_done"] < 1
-    dense = LinearFlopCounter(layer)  # no growth: every row counts, as in a dense run
+    assert counter.done == 2 * width * tokens * (12 + 8)
+    assert counter.prunable_done == counter.done and counter.summary()["linear_flops_share_done"] == 0.5
+    dense = LinearFlopCounter(layer)  # no growth: every unit counts, as in a dense run
     with torch.no_grad(), dense:
         layer.project_kv(x)
     assert dense.done == dense.dense == dense.prunable_done == 2 * width * tokens * 16
@@ -158,12 +162,15 @@ def test_bad_growth_settings_are_named(db_path, tmp_path):
 
 
 def test_grown_rows_learn_again(split, tmp_path):
-    """Rows that come back at zero are trained: after the dense phase no prunable row is all zero."""
+    """Units that come back are trained: after the dense phase no unit's rows or columns are all zero."""
     result = train(TrainConfig("astro", "xs", None, tmp_path / "grown", steps=10, growth=SCHEDULE,
                                **KW), data=split, progress=False)
     model, _ = load_checkpoint(result.checkpoint)
-    for name, linear in prunable_layers(model).items():
-        assert (linear.weight.abs().sum(1) > 0).all(), name
+    for name, group in prunable_groups(model).items():
+        for param_name, param, dim, index in group.rows + group.cols:
+            if param.dim() == 2:
+                per_unit = param.abs().sum(1 - dim)[index].sum(1)
+                assert (per_unit > 0).all(), (name, param_name)
     batch = split.eval.batch(np.arange(4), 32)
     assert torch.isfinite(masked_bce_sum(model(batch), batch))
 

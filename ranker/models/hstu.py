@@ -27,9 +27,12 @@ from ranker.models.config import DEFAULT_SIZES, ModelConfig
 from ranker.models.layers import (
     BlockCache,
     BlockLayout,
+    Sliceable,
+    head_rows,
     layer_keys_values,
     merge_heads,
     scale_queries,
+    sliced_linear,
     split_heads,
 )
 from ranker.models.base import SingleStackRanker
@@ -61,7 +64,11 @@ class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
         self.check_pointwise_attention()
 
 
-class HSTULayer(nn.Module):
+class HSTULayer(Sliceable, nn.Module):
+    """Sliced (Sliceable): "heads" runs only those heads: their U, Q, K and V channels
+    (rows of f1), their relative-bias columns and their columns of f2. norm_attn still
+    normalises over all d channels, the others at zero, as the masked layer does."""
+
     def __init__(self, cfg: HSTUConfig):
         """cfg: an HSTUConfig, or any config with its fields (ASTRO's pointwise blocks pass an
         AstroConfig, which carries n_rab_buckets and attention_norm too)."""
@@ -80,20 +87,36 @@ class HSTULayer(nn.Module):
         nn.init.zeros_(self.rab_position.weight)
         nn.init.zeros_(self.rab_time.weight)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.slices = {}
+
+    def slice_to(self, heads: torch.Tensor | None = None) -> None:
+        """Run on these heads only (None: all of them)."""
+        self.slices = {}
+        if heads is not None:
+            d = self.norm_in.normalized_shape[0]
+            dh = d // self.n_heads
+            self.slices = dict(heads=heads, f1=head_rows(heads, dh, (0, d, 2 * d, 3 * d)),
+                               kv=head_rows(heads, dh, (0, d)), channels=head_rows(heads, dh, (0,)))
 
     def project(self, x: torch.Tensor):
-        u, q, k, v = F.silu(self.f1(self.norm_in(x))).chunk(4, dim=-1)
-        return u, split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+        u, q, k, v = F.silu(sliced_linear(self.f1, self.norm_in(x), self.slices.get("f1"))).chunk(4, dim=-1)
+        h = self.heads_now(self.n_heads)
+        return u, split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor):
-        d = x.shape[-1]
-        k, v = F.silu(F.linear(self.norm_in(x), self.f1.weight[2 * d :], self.f1.bias[2 * d :])).chunk(2, dim=-1)
-        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+        d, h = x.shape[-1], self.heads_now(self.n_heads)
+        weight, bias = self.f1.weight[2 * d :], self.f1.bias[2 * d :]
+        if "kv" in self.slices:  # rows of the K/V part
+            weight, bias = weight.index_select(0, self.slices["kv"]), bias.index_select(0, self.slices["kv"])
+        k, v = F.silu(F.linear(self.norm_in(x), weight, bias)).chunk(2, dim=-1)
+        return split_heads(k, h), split_heads(v, h)
 
     def bias_table(self) -> torch.Tensor:
         """[heads, n_buckets^2]: rab for every (position bucket, time bucket) pair, one lookup."""
         table = self.rab_position.weight[:, None, :] + self.rab_time.weight[None, :, :]
-        return table.view(-1, self.n_heads).t()
+        table = table.view(-1, self.n_heads).t()
+        heads = self.slices.get("heads")
+        return table if heads is None else table.index_select(0, heads)
 
     def attention(self, q, k, v, buckets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(alpha q.k + rab) / N, masked, times V. q [B, h, Lq, dh]; k, v [B, h, Lk, dh].
@@ -121,7 +144,13 @@ class HSTULayer(nn.Module):
         return F.silu(self.alpha * (q * k).sum(-1, keepdim=True) + rab) / self.norm * v
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return x + self.dropout(self.f2(self.norm_attn(merge_heads(attended)) * u))
+        channels = self.slices.get("channels")
+        if channels is None:
+            return x + self.dropout(self.f2(self.norm_attn(merge_heads(attended)) * u))
+        merged = merge_heads(attended)  # [B, L, active channels]; the norm sees the others at zero
+        full = merged.new_zeros(*merged.shape[:-1], x.shape[-1]).index_copy(-1, channels, merged)
+        normed = self.norm_attn(full).index_select(-1, channels)
+        return x + self.dropout(sliced_linear(self.f2, normed * u, cols=channels))
 
 
 def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):
@@ -145,7 +174,7 @@ class HSTUStack(nn.Module):
 
         def step(layer: HSTULayer, x: torch.Tensor):
             u, q, k, v = layer.project(x)
-            return layer.finish(x, layer.attention(scale_queries(q, tau), k, v, buckets), u), k, v
+            return layer.finish(x, layer.attention(scale_queries(q, layer.head_tau(tau)), k, v, buckets), u), k, v
 
         return layer_keys_values(self.layers, x, step)
 
@@ -169,7 +198,7 @@ class HSTUStack(nn.Module):
         buckets = relative_buckets(positions[:, None], request_ts[:, None], block.positions, block.timestamps, self.n_buckets)
         for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
             u, q, k, v = layer.project(c)
-            q = scale_queries(q, tau)
+            q = scale_queries(q, layer.head_tau(tau))
             c = layer.finish(c, layer.attention(q, k_hist, v_hist, buckets, block.valid) + layer.self_attention(q, k, v), u)
         return c
 

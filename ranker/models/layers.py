@@ -115,6 +115,42 @@ def scale_queries(q: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
     return q if tau is None else q / tau.transpose(1, 2).unsqueeze(-1)
 
 
+def head_rows(heads: torch.Tensor, d_head: int, offsets: tuple[int, ...]) -> torch.Tensor:
+    """Row indices of these heads' channels in each projection stacked at `offsets` (e.g.
+    q, k, v at 0, d, 2d): concatenated per projection, so `.chunk(len(offsets))` still splits them."""
+    per_head = (heads[:, None] * d_head + torch.arange(d_head, device=heads.device)).flatten()
+    return torch.cat([per_head + offset for offset in offsets])
+
+
+class Sliceable:
+    """A layer that can run on a structured subset of its units (ranker.training.growth's
+    sliced sparse phases): `slices` holds index tensors, empty for the full layer. Only
+    training sets it; a model that serves always has it empty."""
+
+    slices: dict[str, torch.Tensor]
+
+    def head_tau(self, tau: torch.Tensor | None) -> torch.Tensor | None:
+        """tau [..., heads] of the heads this layer runs on now."""
+        heads = self.slices.get("heads")
+        return tau if tau is None or heads is None else tau.index_select(-1, heads)
+
+    def heads_now(self, n_heads: int) -> int:
+        heads = self.slices.get("heads")
+        return n_heads if heads is None else len(heads)
+
+
+def sliced_linear(linear: nn.Linear, x: torch.Tensor, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(x)` on some of its output rows or input columns only (index_select keeps
+    the gradient flowing to the full weight: the rows left out get zero)."""
+    weight, bias = linear.weight, linear.bias
+    if rows is not None:
+        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    return F.linear(x, weight, bias)
+
+
 def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[list, list]:
     """Per-layer K and V of a history, through `step(layer, x) -> (x_next, k, v)`.
 
@@ -130,8 +166,12 @@ def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[lis
     return keys + [k], values + [v]
 
 
-class SoftmaxLayer(nn.Module):
-    """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True)."""
+class SoftmaxLayer(Sliceable, nn.Module):
+    """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True).
+
+    Sliced (see Sliceable): "heads" runs only those heads (their q, k, v rows and their
+    columns of `out`), "ffn" only those feed-forward hidden units (rows of ffn.0, columns of ffn.3).
+    """
 
     def __init__(self, cfg: SoftmaxConfig):
         super().__init__()
@@ -145,24 +185,44 @@ class SoftmaxLayer(nn.Module):
         hidden = cfg.ffn_mult * d
         self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.slices = {}
+
+    def slice_to(self, heads: torch.Tensor | None = None, ffn: torch.Tensor | None = None) -> None:
+        """Run on these heads and these feed-forward units only (None: all of them)."""
+        d = self.out.in_features
+        self.slices = {}
+        if heads is not None:
+            dh = d // self.n_heads
+            self.slices.update(heads=heads, qkv=head_rows(heads, dh, (0, d, 2 * d)), kv=head_rows(heads, dh, (0, d)),
+                               channels=head_rows(heads, dh, (0,)))
+        if ffn is not None:
+            self.slices["ffn"] = ffn
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        return split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+        q, k, v = sliced_linear(self.qkv, self.norm1(x), self.slices.get("qkv")).chunk(3, dim=-1)
+        h = self.heads_now(self.n_heads)
+        return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V only: the last layer's history needs nothing else (no query, no output)."""
-        d = x.shape[-1]
-        k, v = F.linear(self.norm1(x), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
-        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+        d, h = x.shape[-1], self.heads_now(self.n_heads)
+        weight, bias = self.qkv.weight[d:], self.qkv.bias[d:]
+        if "kv" in self.slices:  # rows of the K/V part
+            weight, bias = weight.index_select(0, self.slices["kv"]), bias.index_select(0, self.slices["kv"])
+        k, v = F.linear(self.norm1(x), weight, bias).chunk(2, dim=-1)
+        return split_heads(k, h), split_heads(v, h)
 
     def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.out(merge_heads(attended)))
-        return x + self.resid_dropout(self.ffn(self.norm2(x)))
+        x = x + self.resid_dropout(sliced_linear(self.out, merge_heads(attended), cols=self.slices.get("channels")))
+        units = self.slices.get("ffn")
+        if units is None:
+            return x + self.resid_dropout(self.ffn(self.norm2(x)))
+        hidden = self.ffn[2](self.ffn[1](sliced_linear(self.ffn[0], self.norm2(x), rows=units)))
+        return x + self.resid_dropout(sliced_linear(self.ffn[3], hidden, cols=units))
 
 
 def split_candidate_attention(q, k_hist, v_hist, k_own, v_own, history_bias: torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +278,7 @@ class SoftmaxStack(nn.Module):
         """
         def step(layer: SoftmaxLayer, x: torch.Tensor):
             q, k, v = layer.project(x)
-            return layer.finish(x, layer.attend(scale_queries(q, tau), k, v)), k, v
+            return layer.finish(x, layer.attend(scale_queries(q, layer.head_tau(tau)), k, v)), k, v
 
         return layer_keys_values(self.layers, x, step)
 
@@ -247,7 +307,7 @@ class SoftmaxStack(nn.Module):
             mask = candidate_key_mask(block.valid, c.shape[1])
         for layer, k_hist, v_hist in zip(self.layers, block.keys, block.values):
             q, k, v = layer.project(c)
-            q = scale_queries(q, tau)
+            q = scale_queries(q, layer.head_tau(tau))
             if split:
                 attended = split_candidate_attention(q, k_hist, v_hist, k, v, bias)
             else:
@@ -272,8 +332,9 @@ class SoftmaxStack(nn.Module):
         }
 
 
-class TaskHeads(nn.Module):
-    """Final norm, a shared hidden layer, then one logit per task."""
+class TaskHeads(Sliceable, nn.Module):
+    """Final norm, a shared hidden layer, then one logit per task. Sliced (Sliceable):
+    "hidden" runs those hidden units only (rows of net.1, columns of net.3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -281,9 +342,16 @@ class TaskHeads(nn.Module):
         self.net = nn.Sequential(
             nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, len(TASKS))
         )
+        self.slices = {}
+
+    def slice_to(self, hidden: torch.Tensor | None = None) -> None:
+        self.slices = {} if hidden is None else {"hidden": hidden}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        units = self.slices.get("hidden")
+        if units is None:
+            return self.net(x)
+        return sliced_linear(self.net[3], self.net[2](sliced_linear(self.net[1], self.net[0](x), rows=units)), cols=units)
 
     @staticmethod
     def flops(cfg: ModelConfig, n_candidates: int) -> int:

@@ -98,3 +98,20 @@ def restore_checkpoint(checkpoint_dir: Path, model: SequenceRanker, optimizer: t
     if growth is not None and (checkpoint_dir / GROWTH_FILE).exists():
         growth.load_state_dict(load_file(str(checkpoint_dir / GROWTH_FILE), device=str(device)))
     return int(meta["step"])
+
+
+def continue_from(checkpoint_dir: str | Path, model: SequenceRanker, optimizer: torch.optim.Optimizer,
+                  device: torch.device) -> dict[str, Any]:
+    """Load a trained model's weights, and its optimizer state where the folder has one,
+    into a model built from the same config, to train it further (recurring training on a
+    newer log); return the checkpoint's metadata. The step count starts again at 0."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_checkpoint_meta(checkpoint_dir)
+    if (checkpoint_dir / GROWTH_FILE).exists():
+        raise ValueError(f"{checkpoint_dir} stopped in a grow-and-prune run's sparse phase; finish it with --resume "
+                         "first (recurring training continues a full-size model)")
+    load_model(model, str(checkpoint_dir / WEIGHTS_FILE), strict=True, device=str(device))
+    if (checkpoint_dir / OPTIMIZER_FILE).exists():
+        state = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+    return meta

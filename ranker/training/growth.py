@@ -5,35 +5,37 @@ pruning and growing structured parts of it, and ends with the full-size model so
 recurring training can start from it. Its body is not available to us, so this is our
 interpretation (documented in `docs/growth.md`):
 
-- Units are output rows of the prunable Linear layers: every Linear inside a transformer
-  layer (softmax or HSTU-style) and the task heads' hidden layer. A pruned row produces 0,
-  so a pruned feed-forward hidden unit is exactly a removed neuron (tested). Embeddings,
-  the temperature MLP, the block gate and the task logits stay dense: they are the model's
-  contract (one logit per task, tau per block) or lookups with no FLOPs to save.
-- Step 0 prunes every prunable layer to `density` by row magnitude. Every `update_every`
-  steps a prune-and-grow update replaces a share of each layer's active rows: the ones
-  with the smallest weight norm go, the inactive ones with the largest gradient norm on
-  this batch come back (small random weights, zero bias, fresh optimizer state), so the
-  density stays put
-  while the sparse structure moves. The share starts at `swap_fraction` and decays (cosine)
-  to 0 at `dense_from`.
-- At `dense_from` of the budget every row grows back the same way and training finishes dense:
-  the checkpoint is an ordinary full-size model.
-
-Rows grow at `grow_init` times a fresh Linear's init scale, not at zero: in attention a
-query channel and its key channel multiply, so both at zero have zero gradient and would
-never learn again. The random draw comes from a generator seeded by (seed, step, layer),
-so a resumed run grows the same rows to the same values as a straight one.
-
-Masked training on dense hardware does the full matmuls, so wall time is not what this
-saves here; the FLOPs a structured implementation would do are counted per Linear call
-(`LinearFlopCounter`), for the prunable layers and for all Linear layers.
+- Units are structured groups (`prunable_groups`): an attention head (its q, k, v rows, or
+  HSTU's U, Q, K, V channels, and its input columns of the output projection), a
+  feed-forward hidden unit (its row of ffn.0 and column of ffn.3) and a hidden unit of the
+  task heads' MLP (row of net.1, column of net.3). A pruned unit's input rows are zero, so
+  it outputs exactly zero and is the same as a removed unit (tested). Embeddings, the
+  temperature MLP, the block gates, the residual-writing rows and the task logits stay dense.
+- Step 0 prunes every group to `density` by magnitude. Every `update_every` steps a
+  prune-and-grow update replaces a share of each group's active units: the smallest go,
+  the inactive ones with the largest gradient on this batch come back, so the density
+  stays put while the sparse structure moves. The share starts at `swap_fraction` and
+  decays (cosine) to 0 at `dense_from`, where every unit grows back and training finishes
+  dense: the checkpoint is an ordinary full-size model.
+- `regrow="init"`: a unit comes back with small random input rows (`grow_init` times a
+  fresh Linear's scale, drawn from a generator seeded by (seed, step, group), so a resumed
+  run grows the same values) and zero output columns, so growing does not change the
+  model's output. `regrow="restore"`: it comes back with the input rows it had when pruned.
+- `implementation="sliced"` (the fast path): while sparse, each layer runs on its active
+  units' weights only (index_select, smaller matmuls, fewer attention heads); the
+  parameters and the optimizer stay full-size, the rows left out get zero gradient. An
+  update step needs the gradient of the inactive units, so it runs full-size, masked.
+  `implementation="masked"` (the reference): full shapes, pruned rows held at zero. The
+  two give the same loss and gradients (tests/test_growth_sliced.py).
+- Optimizer state: pruning zeroes the unit's AdamW moments (rows and columns); its
+  gradients are zero while it is pruned (masked: set to zero; sliced: never computed), so
+  it does not move, and it comes back with no stale momentum either way.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -42,19 +44,24 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ranker.models.hstu import HSTULayer
-from ranker.models.layers import SoftmaxLayer, TaskHeads
+from ranker.models.layers import SoftmaxLayer, TaskHeads, head_rows
 from ranker.models.config import refuse_unknown_fields
 
 STATE_PREFIX = "growth_mask."
+STASH_PREFIX = "growth_stash."
+IMPLEMENTATIONS = ("sliced", "masked")
+REGROW = ("init", "restore")
 
 
 @dataclass(frozen=True)
 class GrowthConfig:
-    density: float = 0.5  # share of each prunable layer's rows active while sparse
+    density: float = 0.5  # share of each group's units active while sparse
     update_every: int = 20  # steps between prune-and-grow updates
-    swap_fraction: float = 0.3  # share of active rows replaced at the first update
+    swap_fraction: float = 0.3  # share of active units replaced at the first update
     dense_from: float = 0.75  # share of the budget after which the model is full-size
-    grow_init: float = 0.1  # a grown row's init scale, relative to nn.Linear's 1/sqrt(fan_in)
+    grow_init: float = 0.1  # a re-initialised unit's scale, relative to nn.Linear's 1/sqrt(fan_in)
+    regrow: str = "init"  # "init" (fresh small weights) or "restore" (the weights it had when pruned)
+    implementation: str = "sliced"  # "sliced" (smaller matmuls) or "masked" (the reference path)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -67,6 +74,10 @@ class GrowthConfig:
             raise ValueError(f"growth dense_from must be in [0, 1], got {self.dense_from}")
         if self.grow_init < 0:
             raise ValueError(f"growth grow_init must be >= 0, got {self.grow_init}")
+        if self.regrow not in REGROW:
+            raise ValueError(f"growth regrow must be one of {REGROW}, got {self.regrow!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"growth implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GrowthConfig":
@@ -77,80 +88,150 @@ class GrowthConfig:
         return asdict(self)
 
 
-def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers whose output rows are units, by parameter name prefix."""
-    found: dict[str, nn.Linear] = {}
+@dataclass
+class Group:
+    """One layer's structured units of one kind. `rows` are the input side (zeroed while a
+    unit is pruned), `cols` the output side (kept, frozen); each entry is (parameter
+    name, parameter, dim, index [units, k]): unit u owns index[u] along dim."""
+
+    module: nn.Module
+    kind: str  # the keyword of module.slice_to: "heads", "ffn" or "hidden"
+    n_units: int
+    fan_in: int  # of the input rows, for the re-initialisation scale
+    rows: list[tuple[str, nn.Parameter, int, torch.Tensor]] = field(default_factory=list)
+    cols: list[tuple[str, nn.Parameter, int, torch.Tensor]] = field(default_factory=list)
+
+    def entries(self, units: torch.Tensor):
+        """(name, parameter, dim, flat index) of these units in every member."""
+        for name, param, dim, index in self.rows + self.cols:
+            yield name, param, dim, index[units].flatten()
+
+
+def _linear_members(prefix: str, linear: nn.Linear, dim: int, index: torch.Tensor):
+    members = [(f"{prefix}.weight", linear.weight, dim, index)]
+    if dim == 0 and linear.bias is not None:
+        members.append((f"{prefix}.bias", linear.bias, 0, index))
+    return members
+
+
+def _units(n: int, width: int = 1) -> torch.Tensor:  # [n, width]: unit u owns u*width .. u*width+width-1
+    return torch.arange(n * width).view(n, width)
+
+
+def prunable_groups(model: nn.Module) -> dict[str, Group]:
+    """Every structured group of `model`, by name ("<layer>.heads", "<layer>.ffn", "<heads>.hidden")."""
+    groups: dict[str, Group] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (SoftmaxLayer, HSTULayer)):
-            for sub, linear in module.named_modules():
-                if isinstance(linear, nn.Linear):
-                    found[f"{name}.{sub}" if name else sub] = linear
+        at = f"{name}." if name else ""
+        if isinstance(module, SoftmaxLayer):
+            d, h = module.out.in_features, module.n_heads
+            heads = torch.arange(h)
+            qkv = torch.stack([head_rows(heads[i:i + 1], d // h, (0, d, 2 * d)) for i in range(h)])
+            groups[f"{at}heads"] = Group(module, "heads", h, d, _linear_members(f"{at}qkv", module.qkv, 0, qkv),
+                                         _linear_members(f"{at}out", module.out, 1, _units(h, d // h)))
+            hidden = module.ffn[0].out_features
+            groups[f"{at}ffn"] = Group(module, "ffn", hidden, d, _linear_members(f"{at}ffn.0", module.ffn[0], 0, _units(hidden)),
+                                       _linear_members(f"{at}ffn.3", module.ffn[3], 1, _units(hidden)))
+        elif isinstance(module, HSTULayer):
+            d, h = module.f1.in_features, module.n_heads
+            heads = torch.arange(h)
+            f1 = torch.stack([head_rows(heads[i:i + 1], d // h, (0, d, 2 * d, 3 * d)) for i in range(h)])
+            cols = [] if module.f2 is None else _linear_members(f"{at}f2", module.f2, 1, _units(h, d // h))
+            groups[f"{at}heads"] = Group(module, "heads", h, d, _linear_members(f"{at}f1", module.f1, 0, f1), cols)
         elif isinstance(module, TaskHeads):
-            found[f"{name}.net.1" if name else "net.1"] = module.net[1]  # the hidden layer; net.3 gives the task logits
-    return found
+            hidden, d = module.net[1].out_features, module.net[1].in_features
+            groups[f"{at}hidden"] = Group(module, "hidden", hidden, d,
+                                          _linear_members(f"{at}net.1", module.net[1], 0, _units(hidden)),
+                                          _linear_members(f"{at}net.3", module.net[3], 1, _units(hidden)))
+    for group in groups.values():
+        device = next(group.module.parameters()).device
+        group.rows = [(n, p, dim, i.to(device)) for n, p, dim, i in group.rows]
+        group.cols = [(n, p, dim, i.to(device)) for n, p, dim, i in group.cols]
+    return groups
 
 
-def _row_norms(linear: nn.Linear, of_grad: bool) -> torch.Tensor:  # [out]
-    weight = linear.weight.grad if of_grad else linear.weight
-    if weight is None:
-        return torch.zeros(linear.out_features, device=linear.weight.device)
-    norms = weight.detach().float().pow(2).sum(1)
-    bias = linear.bias.grad if of_grad else linear.bias
-    if bias is not None:
-        norms = norms + bias.detach().float().pow(2)
+def _unit_norms(group: Group, of_grad: bool) -> torch.Tensor:  # [n_units]
+    """Sum of squares of each unit's entries (rows and columns), of the weights or their gradients."""
+    norms = torch.zeros(group.n_units, device=group.rows[0][1].device)
+    for _, param, dim, index in group.rows + group.cols:
+        values = param.grad if of_grad else param
+        if values is None:
+            continue
+        squares = values.detach().float().pow(2)
+        squares = squares.sum(1 - dim) if squares.dim() == 2 else squares  # per row (dim 0) or per column (dim 1)
+        norms += squares[index].sum(1)
     return norms
 
 
 class GrowPrune:
-    """Masks, schedule and bookkeeping of one training run; the trainer calls
-    `before_step` after backward (gradients all-reduced) and `after_step` after the
-    optimizer step. Under DDP every rank sees the same weights and gradients, so every
-    rank picks the same rows."""
+    """Masks, schedule and bookkeeping of one training run. The trainer calls `prepare`
+    before the forward, `before_step` after backward (gradients all-reduced) and
+    `after_step` after the optimizer step. Under DDP every rank sees the same weights and
+    gradients, so every rank picks the same units."""
 
     def __init__(self, model: nn.Module, cfg: GrowthConfig, total_steps: int, optimizer: torch.optim.Optimizer,
                  seed: int = 0):
         self.cfg, self.seed = cfg, seed
-        self.layers = prunable_layers(model)
-        if not self.layers:
+        self.groups = prunable_groups(model)
+        if not self.groups:
             raise ValueError(f"{type(model).__name__} has no prunable layers")
+        if cfg.implementation == "sliced" and getattr(getattr(model, "config", None), "candidate_path", "") == "shared":
+            raise ValueError("sliced growth does not support ASTRO candidate_path='shared' (a pruned candidate head "
+                             "still feeds norm_attn's statistics there); use --growth implementation=masked")
         self.optimizer = optimizer
-        self.dense_step = math.ceil(cfg.dense_from * total_steps)  # from this step on, no row is masked
-        self.masks = {name: torch.ones(layer.out_features, dtype=torch.bool, device=layer.weight.device)
-                      for name, layer in self.layers.items()}
-        self.swapped = 0  # rows replaced by prune-and-grow updates so far
+        self.dense_step = math.ceil(cfg.dense_from * total_steps)  # from this step on, no unit is masked
+        device = next(model.parameters()).device
+        self.masks = {name: torch.ones(g.n_units, dtype=torch.bool, device=device) for name, g in self.groups.items()}
+        # regrow="restore": each input row's value when its unit was pruned
+        self.stash = ({n: torch.zeros_like(p) for g in self.groups.values() for n, p, _, _ in g.rows}
+                      if cfg.regrow == "restore" else {})
+        self.swapped = 0  # units replaced by prune-and-grow updates so far
+        self._sliced = False  # whether the layers run sliced now
 
     # -- what the trainer calls
 
     def start(self, step: int) -> None:
         """Prune to `density` by magnitude when training starts sparse (not on resume)."""
         if step == 0 and self.dense_step > 0 and self.cfg.density < 1.0:
-            for name, layer in self.layers.items():
-                keep = self._n_active(layer)
-                top = _row_norms(layer, of_grad=False).topk(keep).indices
+            for name, group in self.groups.items():
+                top = _unit_norms(group, of_grad=False).topk(self._n_active(group)).indices
                 self.masks[name] = torch.zeros_like(self.masks[name]).index_fill_(0, top, True)
-            self._apply_masks()
+                self._prune(name, (~self.masks[name]).nonzero().squeeze(1))
+
+    def prepare(self, step: int) -> None:
+        """Before the forward of `step`: the sliced implementation runs on the active units,
+        except at an update step (its choice needs the inactive units' gradients) and once dense."""
+        sliced = (self.cfg.implementation == "sliced" and step < self.dense_step and not self.is_dense
+                  and not self._is_update(step))
+        if sliced or self._sliced:
+            self._slice(sliced)
 
     def before_step(self, step: int) -> None:
-        """At an update step, swap rows by the batch's gradients; then keep masked rows'
-        gradients out of the clip norm and the optimizer. With zero gradients and zero
-        moments, AdamW leaves a zeroed row at exactly zero, so masked rows need no
-        re-zeroing after each step: only rows pruned now are zeroed, here."""
-        if step >= self.dense_step:  # every row is on from dense_step: nothing to mask
+        """At an update step, swap units by the batch's gradients; then keep masked units'
+        gradients out of the clip norm and the optimizer (zero: AdamW with zero gradient
+        and zero moments leaves them where they are)."""
+        if step >= self.dense_step:  # every unit is on from dense_step: nothing to mask
             return
-        if step > 0 and step % self.cfg.update_every == 0:
+        if self._is_update(step):
             self._prune_and_grow(self.swap_share(step), step)
-        for name, layer in self.layers.items():
-            gone = ~self.masks[name]
-            for param in (layer.weight, layer.bias):
-                if param is not None and param.grad is not None:
-                    param.grad[gone] = 0.0
+        for name, group in self.groups.items():
+            gone = (~self.masks[name]).nonzero().squeeze(1)
+            if len(gone):
+                for _, param, dim, index in group.entries(gone):
+                    if param.grad is not None:
+                        param.grad.index_fill_(dim, index, 0.0)
 
     def after_step(self, step_done: int) -> None:
-        """`step_done` optimizer steps have run; at `dense_step` every row grows back."""
+        """`step_done` optimizer steps have run; at `dense_step` every unit grows back."""
         if step_done == self.dense_step and not self.is_dense:
-            for index, (name, layer) in enumerate(self.layers.items()):
-                self._grow_rows(index, layer, (~self.masks[name]).nonzero().squeeze(1), step_done)
+            for index, name in enumerate(self.groups):
+                self._grow(index, name, (~self.masks[name]).nonzero().squeeze(1), step_done)
                 self.masks[name] = torch.ones_like(self.masks[name])
+            self._slice(False)
+
+    def release(self) -> None:
+        """Full shapes again (the end of training, whatever the phase)."""
+        self._slice(False)
 
     # -- schedule and state
 
@@ -163,113 +244,173 @@ class GrowPrune:
         return all(bool(m.all()) for m in self.masks.values())
 
     def density(self) -> float:
-        """Share of prunable rows active now."""
+        """Share of prunable units active now."""
         return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {STATE_PREFIX + name: mask.to(torch.uint8) for name, mask in self.masks.items()}
+        state = {STATE_PREFIX + name: mask.to(torch.uint8) for name, mask in self.masks.items()}
+        state.update({STASH_PREFIX + name: value for name, value in self.stash.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.state_dict())
         if set(state) != expected:
-            raise ValueError(f"growth state names {sorted(set(state) ^ expected)} do not match this model's layers")
+            raise ValueError(f"growth state names {sorted(set(state) ^ expected)} do not match this model's "
+                             f"groups and regrow setting")
         for key, value in state.items():
-            name = key.removeprefix(STATE_PREFIX)
-            if value.shape != self.masks[name].shape:
-                raise ValueError(f"growth mask {name} has shape {tuple(value.shape)}, the layer "
-                                 f"{tuple(self.masks[name].shape)}")
-            self.masks[name] = value.to(device=self.masks[name].device, dtype=torch.bool)
-        self._apply_masks()
+            table, name = (self.masks, key.removeprefix(STATE_PREFIX)) if key.startswith(STATE_PREFIX) \
+                else (self.stash, key.removeprefix(STASH_PREFIX))
+            if value.shape != table[name].shape:
+                raise ValueError(f"growth state {key} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(table[name].shape)}")
+            table[name] = value.to(device=table[name].device, dtype=table[name].dtype)
+        for name in self.groups:  # zero what the masks say is pruned, and its moments
+            self._prune(name, (~self.masks[name]).nonzero().squeeze(1), stash=False)
+        self._sliced = True  # force the next prepare to set (or clear) every layer's slices
+        self._slice(False)
 
     # -- internals
 
-    def _n_active(self, layer: nn.Linear) -> int:
-        return max(1, round(self.cfg.density * layer.out_features))
+    def _is_update(self, step: int) -> bool:
+        return 0 < step < self.dense_step and step % self.cfg.update_every == 0
+
+    def _n_active(self, group: Group) -> int:
+        return max(1, round(self.cfg.density * group.n_units))
+
+    def _slice(self, on: bool) -> None:
+        by_module: dict[int, tuple[nn.Module, dict[str, torch.Tensor | None]]] = {}
+        for name, group in self.groups.items():
+            module, kinds = by_module.setdefault(id(group.module), (group.module, {}))
+            kinds[group.kind] = self.masks[name].nonzero().squeeze(1) if on else None
+        for module, kinds in by_module.values():
+            module.slice_to(**kinds)
+        self._sliced = on
 
     def _prune_and_grow(self, share: float, step: int) -> None:
-        for index, (name, layer) in enumerate(self.layers.items()):
+        for index, (name, group) in enumerate(self.groups.items()):
             mask = self.masks[name]
             active, inactive = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
             k = min(round(share * len(active)), len(inactive))
             if k == 0:
                 continue
-            weakest = active[_row_norms(layer, of_grad=False)[active].topk(k, largest=False).indices]
-            strongest = inactive[_row_norms(layer, of_grad=True)[inactive].topk(k).indices]
+            weakest = active[_unit_norms(group, of_grad=False)[active].topk(k, largest=False).indices]
+            strongest = inactive[_unit_norms(group, of_grad=True)[inactive].topk(k).indices]
             mask[weakest] = False
             mask[strongest] = True
-            self._reset_rows(layer, weakest)  # zero weights and moments: they stay zero from now on
-            self._grow_rows(index, layer, strongest, step)
+            self._prune(name, weakest)
+            self._grow(index, name, strongest, step)
             self.swapped += k
 
-    def _grow_rows(self, index: int, layer: nn.Linear, rows: torch.Tensor, step: int) -> None:
-        self._reset_rows(layer, rows)  # zero weights and moments
-        if len(rows) == 0 or self.cfg.grow_init == 0:
+    def _prune(self, name: str, units: torch.Tensor, stash: bool = True) -> None:
+        """Zero the units' input rows (stashed first under regrow="restore") and every moment they own."""
+        if len(units) == 0:
             return
-        generator = torch.Generator(device=layer.weight.device)
-        generator.manual_seed((self.seed * 1_000_003 + step) * 1_009 + index)
-        bound = self.cfg.grow_init / math.sqrt(layer.in_features)
-        fresh = torch.rand((len(rows), layer.in_features), generator=generator, device=layer.weight.device)
+        group = self.groups[name]
         with torch.no_grad():
-            layer.weight[rows] = ((2 * fresh - 1) * bound).to(layer.weight.dtype)
+            for param_name, param, dim, index in group.entries(units):
+                if any(param is p for _, p, _, _ in group.rows):
+                    if stash and param_name in self.stash:
+                        self.stash[param_name].index_copy_(dim, index, param.index_select(dim, index))
+                    param.index_fill_(dim, index, 0.0)
+                self._zero_moments(param, dim, index)
 
-    def _reset_rows(self, layer: nn.Linear, rows: torch.Tensor) -> None:
+    def _grow(self, group_index: int, name: str, units: torch.Tensor, step: int) -> None:
+        """Bring units back: restored rows, or small random rows with zero output columns."""
+        if len(units) == 0:
+            return
+        group = self.groups[name]
         with torch.no_grad():
-            for param in (layer.weight, layer.bias):
-                if param is None:
-                    continue
-                param[rows] = 0.0
-                for value in self.optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(value) and value.shape == param.shape:
-                        value[rows] = 0.0
+            if self.cfg.regrow == "restore":
+                for param_name, param, dim, index in group.entries(units):
+                    if param_name in self.stash:
+                        param.index_copy_(dim, index, self.stash[param_name].index_select(dim, index))
+                return
+            generator = torch.Generator(device=group.rows[0][1].device)
+            generator.manual_seed((self.seed * 1_000_003 + step) * 1_009 + group_index)
+            bound = self.cfg.grow_init / math.sqrt(group.fan_in)
+            for _, param, dim, index in group.entries(units):
+                if any(param is p for _, p, _, _ in group.rows) and param.dim() == 2:
+                    fresh = torch.rand((len(index), param.shape[1]), generator=generator, device=param.device)
+                    param.index_copy_(0, index, ((2 * fresh - 1) * bound).to(param.dtype))
+                elif param.dim() == 2:  # an output column: the new unit writes nothing yet
+                    param.index_fill_(dim, index, 0.0)
+                self._zero_moments(param, dim, index)
 
-    def _apply_masks(self) -> None:
-        """Zero every masked row and its optimizer moments (a new or restored mask set);
-        from then on the optimizer keeps them at zero (see `before_step`)."""
-        for name, layer in self.layers.items():
-            gone = (~self.masks[name]).nonzero().squeeze(1)
-            if len(gone):
-                self._reset_rows(layer, gone)
+    def _zero_moments(self, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        for value in self.optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.index_fill_(dim, index, 0.0)
 
 
 class LinearFlopCounter(TorchFunctionMode):
-    """Counts the multiply-adds of every F.linear call (nn.Linear and the weight slices the
-    models take for K/V-only projections) as a dense run would do them and as a structured
-    implementation of the masks would (masked rows skipped). Attention matmuls and
+    """Counts the multiply-adds of every F.linear call as a dense run would do them and as
+    they are done with the growth masks: a sliced call (a weight taken by index_select
+    from a prunable weight) is counted at its own shape, a masked call at its active rows
+    and columns (whole weights, and the row slices the models take for K/V-only
+    projections), so both implementations count the same. Attention matmuls and
     embeddings are not counted. Forward only; backward is about twice the same work.
-    Without `growth` every row counts as kept (a dense run, for comparison)."""
+    Without `growth` every unit counts as active (a dense run, for comparison)."""
 
     def __init__(self, model: nn.Module, growth: GrowPrune | None = None):
         super().__init__()
         self.growth = growth
-        layers = growth.layers if growth is not None else prunable_layers(model)
-        self._rows = {id(layer.weight): (name, 0) for name, layer in layers.items()}  # id(weight) -> (name, first row)
+        groups = growth.groups if growth is not None else prunable_groups(model)
+        self._weights: dict[int, tuple[str, nn.Parameter]] = {}
+        for group in groups.values():
+            for name, param, _, _ in group.rows + group.cols:
+                if param.dim() == 2:
+                    self._weights[id(param)] = (name, param)
+        self._taken: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}  # id(taken) -> (taken, shape it was taken from)
         self.dense = self.done = self.prunable_dense = self.prunable_done = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             self._count(x, weight)
-        return func(*args, **kwargs)
+        elif func in (torch.index_select, torch.Tensor.index_select):
+            source = args[0]
+            if id(source) in self._taken:  # rows, then columns: the dense shape stays the first one's
+                self._taken[id(out)] = (out, self._taken[id(source)][1])
+            elif id(source) in self._weights or (source._base is not None and id(source._base) in self._weights):
+                self._taken[id(out)] = (out, tuple(source.shape))  # a whole weight or a row slice of one
+        return out
+
+    def _keep(self, weight: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        """bool [out], [in]: the rows and columns of a prunable weight the masks leave active."""
+        rows = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        cols = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+        if self.growth is None:
+            return rows, cols
+        for name, group in self.growth.groups.items():
+            gone = (~self.growth.masks[name]).nonzero().squeeze(1)
+            for _, param, dim, index in group.entries(gone):
+                if param is weight:
+                    (rows if dim == 0 else cols)[index] = False
+        return rows, cols
 
     def _count(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         rows, width = weight.shape
         tokens = x.numel() // width
-        dense = 2 * rows * width * tokens
-        active = rows
-        layer = self._rows.get(id(weight))
-        if layer is None and weight._base is not None:  # a row slice of a prunable weight
-            base = self._rows.get(id(weight._base))
-            if base is not None:
-                layer = (base[0], weight.storage_offset() // width)
-        if layer is not None:
-            name, first = layer
-            if self.growth is not None:
-                active = int(self.growth.masks[name][first:first + rows].sum())
+        dense = done = 2 * rows * width * tokens
+        taken = self._taken.pop(id(weight), None)
+        full: nn.Parameter | None = None
+        first = 0
+        if taken is not None:  # sliced: this call's shape is the work done
+            dense = 2 * taken[1][0] * taken[1][1] * tokens
+        elif id(weight) in self._weights:
+            full = weight
+        elif weight._base is not None and id(weight._base) in self._weights:  # a row slice of a prunable weight
+            full, first = weight._base, weight.storage_offset() // width
+        if full is not None and taken is None:
+            keep_rows, keep_cols = self._keep(full)
+            done = 2 * int(keep_rows[first:first + rows].sum()) * int(keep_cols.sum()) * tokens
+        if full is not None or taken is not None:
             self.prunable_dense += dense
-            self.prunable_done += 2 * active * width * tokens
+            self.prunable_done += done
         self.dense += dense
-        self.done += 2 * active * width * tokens
+        self.done += done
 
     def summary(self) -> dict[str, float]:
         return {"linear_flops_dense": float(self.dense), "linear_flops_done": float(self.done),

@@ -36,8 +36,8 @@ from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
 from ranker.training.metrics import ranking_report
 from ranker.models.config import _tuples
 from ranker.models.base import SequenceRanker
-from ranker.models import build_model, model_class
-from ranker.training.checkpoint import META_FILE, restore_checkpoint, save_checkpoint
+from ranker.models import build_model, model_class, model_from_config
+from ranker.training.checkpoint import META_FILE, continue_from, read_checkpoint_meta, restore_checkpoint, save_checkpoint
 from ranker.training.loo import LeaveOneOut, leave_one_out
 from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer
 from ranker.training.ceiling import ORACLE_KEY, POPULARITY_KEY, ceiling_metrics, gap_closed
@@ -60,7 +60,7 @@ class TrainResult:
     family: str
     size: str
     loss_history: list[tuple[int, float]] = field(default_factory=list)
-    # Grow-and-prune runs: the schedule, the final density and the rows swapped.
+    # Grow-and-prune runs: the schedule, the final density and the units swapped.
     growth: dict[str, Any] | None = None
     # Linear-layer FLOPs of this invocation's training forwards, done and as a dense run
     # would do them (ranker.training.growth.LinearFlopCounter); counted with growth or when asked.
@@ -207,7 +207,11 @@ class TrainConfig:
     model_overrides: dict[str, Any] | None = None
     stop_after: int | None = None
     growth: GrowthConfig | None = None
-    count_linear_flops: bool = False
+    # Count Linear FLOPs (a TorchFunctionMode hook that costs time): None means with growth only.
+    count_linear_flops: bool | None = None
+    # Recurring training: continue the full-size model in this checkpoint folder (weights, and
+    # optimizer state where saved) on `db_path`, a newer log; a fresh LR schedule, steps from 0.
+    resume_from: str | Path | None = None
     # "time": evaluate on the last eval_window_ms; "loo": leave-one-out per user (ranker.training.loo).
     split: str = "time"
     # "impression": BCE per task on logged slates; "next_item": softmax over the catalogue at
@@ -262,11 +266,19 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     last_step = total_steps if stop_after is None else min(total_steps, stop_after)
 
     torch.manual_seed(seed)
-    model = build_model(family, size, train_log.n_tracks,
-                        **config_overrides(max_len, model_overrides)).to(runtime.device)
+    parent = None if c.resume_from is None else parent_checkpoint(c, train_log.n_tracks)
+    if parent is not None:
+        model = model_from_config(family, parent["config"]).to(runtime.device)
+    else:
+        model = build_model(family, size, train_log.n_tracks,
+                            **config_overrides(max_len, model_overrides)).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     grow = GrowPrune(model, growth, total_steps, optimizer, seed) if growth is not None else None
     step = 0
+    if parent is not None and not (resume and (out_dir / META_FILE).exists()):
+        continue_from(c.resume_from, model, optimizer, runtime.device)
+        say(f"continuing {parent['model_version']} (step {parent['step']} of its run) from {c.resume_from} "
+            f"on {db_path or 'the given data'}")
     if resume and (out_dir / META_FILE).exists():
         step = restore_checkpoint(out_dir, model, optimizer, family, size, runtime.device, grow)
         say(f"resumed {family}-{size} from {out_dir} at step {step}")
@@ -275,8 +287,9 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     if grow is not None:
         grow.start(step)
         say(f"grow-and-prune: density {growth.density} until step {grow.dense_step} of {total_steps}, "
-            f"updates every {growth.update_every} steps; {len(grow.layers)} prunable layers")
-    flop_counter = LinearFlopCounter(model, grow) if grow is not None or count_linear_flops else None
+            f"updates every {growth.update_every} steps; {len(grow.groups)} groups of units, {growth.implementation}")
+    counting = count_linear_flops if count_linear_flops is not None else grow is not None
+    flop_counter = LinearFlopCounter(model, grow) if counting else None
 
     n_hist, n_cand = typical_shape(train_log, max_len)
     flops = int(model.flops_per_request(n_hist, n_cand))
@@ -294,6 +307,9 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
              "model_overrides": dict(model_overrides or {}),
              "growth": growth.to_dict() if growth is not None else None,
              "objective": "impression", "split": c.split}
+    if parent is not None:
+        extra["resumed_from"] = {"checkpoint": str(c.resume_from), "model_version": parent["model_version"],
+                                 "step": parent["step"], "cutoff_ts": parent.get("cutoff_ts")}
 
     def checkpoint() -> str:
         version = ""
@@ -322,6 +338,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                     group["lr"] = learning_rate(step, total_steps, lr, warmup)
                 global_count = int(train_log.candidate_count[global_rows].sum())
                 batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
+                if grow is not None:
+                    grow.prepare(step)
                 with runtime.autocast(), flop_counter or nullcontext():
                     logits = net(batch)
                 loss = masked_bce_sum(logits, batch) * (runtime.world / global_count)
@@ -345,6 +363,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 if checkpoint_every and step % checkpoint_every == 0 and step < last_step:
                     checkpoint()
     train_seconds = time.perf_counter() - started
+    if grow is not None:
+        grow.release()  # full shapes for evaluation and whatever uses the model next
 
     metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
     if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
@@ -359,15 +379,15 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         final_train_loss=float(np.mean(recent)) if recent else float("nan"), checkpoint=out_dir,
         model_version=version, family=family, size=size, loss_history=loss_history,
         growth=None if grow is None else {**growth.to_dict(), "dense_step": grow.dense_step, "density_now": grow.density(),
-                                          "rows_swapped": grow.swapped},
+                                          "units_swapped": grow.swapped},
         linear_flops=flop_counter.summary() if flop_counter is not None else None,
     )
     if runtime.is_main and metrics:
-        if grow is not None:
+        if grow is not None and flop_counter is not None:
             counted = flop_counter.summary()
             say(f"grow-and-prune: {counted['linear_flops_share_done']:.3f} of the dense run's Linear FLOPs "
                 f"(prunable layers {counted['prunable_flops_done'] / max(1.0, counted['prunable_flops_dense']):.3f}), "
-                f"{grow.swapped} rows swapped, density now {grow.density():.2f}")
+                f"{grow.swapped} units swapped, density now {grow.density():.2f}")
         say(f"{family}-{size}: {step - start_step} steps in {train_seconds:.1f}s, val loss {metrics['loss']:.4f}, "
             + ", ".join(f"AUC {t} {shown(metrics[f'auc/{t}'])}" for t in TASKS)
             + f", GAUC full_play {shown(metrics['gauc/full_play'])}, slate NDCG@10 {shown(metrics['ndcg@10'])}")
@@ -383,6 +403,26 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 + (f"{oracle:.3f}; this model closes {gap_closed(metrics['gauc/full_play'], popular, oracle):.0%} "
                    "of the gap" if np.isfinite(oracle) else "n/a (no oracle_engagement in this log)"))
     return result
+
+
+def parent_checkpoint(config: TrainConfig, n_tracks: int) -> dict[str, Any]:
+    """The metadata of the checkpoint `config.resume_from` continues, checked against the run."""
+    meta = read_checkpoint_meta(config.resume_from)
+    if config.growth is not None:
+        raise ValueError("--resume-from continues a full-size model; grow-and-prune applies to the offline "
+                         "(first) training only, as in arXiv 2105.01064: drop --grow-prune / --growth")
+    if (meta["family"], meta["size"]) != (config.family, config.size):
+        raise ValueError(f"{config.resume_from} holds {meta['family']}-{meta['size']}, not "
+                         f"{config.family}-{config.size}")
+    if meta["config"]["n_tracks"] != n_tracks:
+        raise ValueError(f"{config.resume_from} was trained on {meta['config']['n_tracks']} tracks, the log has "
+                         f"{n_tracks}: recurring training needs the same catalogue")
+    if meta["config"]["max_len"] != config.max_len:
+        raise ValueError(f"{config.resume_from} was trained with max_len {meta['config']['max_len']}, this run "
+                         f"asks for {config.max_len}")
+    if config.model_overrides:
+        raise ValueError("--resume-from takes the model config from the checkpoint; drop --set")
+    return meta
 
 
 def shown(value: float) -> str:
