@@ -183,8 +183,11 @@ def print_summary(ev: Evaluation, console: Console | None = None) -> None:
         console.print(table)
     console.print("Lift of each size against the control (CUPED where it applies, "
                   f"{ev.spec.metrics.confidence:.0%} CI):", style="bold")
-    for line in size_lines(ev):
-        console.print("  " + line)
+    for line in size_lines(ev):  # one metric a line: two of them overflow 80 columns mid-interval
+        head, _, metrics = line.partition(": ")
+        console.print(f"  {head}:")
+        for part in metrics.split("; "):
+            console.print(f"    {part}")
     console.print("p: CUPED test where it applies, else plain; Holm p adjusts it over all "
                   f"{len(ev.lifts)} (metric, pair) tests. Library plays are not counted.")
 

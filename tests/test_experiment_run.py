@@ -38,6 +38,17 @@ def test_shipped_examples_validate():
     assert not baseline.trained_arms()
 
 
+def test_the_full_size_example_is_the_shipped_one_with_more_users_and_data_and_the_same_rules():
+    """model_sizes_full.yaml differs from the shipped example only in its name, salt and scale:
+    the same arms, budget rule and metrics, so its figures answer the shipped example's question."""
+    small, full = load_spec(EXAMPLE), load_spec(REPO / "experiments" / "examples" / "model_sizes_full.yaml")
+    assert full.sim["n_users"] > small.sim["n_users"] and full.phases.warm_up.days > small.phases.warm_up.days
+    assert full.phases.ab.days >= small.phases.ab.days and full.sim["user_model"] == small.sim["user_model"]
+    assert full.phases.warm_up.model_copy(update={"days": 1}) == small.phases.warm_up.model_copy(update={"days": 1})
+    assert full.arms == small.arms and full.control == small.control and full.metrics == small.metrics
+    assert full.phases.train == small.phases.train  # one budget rule for every size, as in the shipped file
+
+
 def test_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"phases\.ab\.days: Input should be greater than or equal to 1"):
         load_spec(EXAMPLE, ["phases.ab.days=0"])
