@@ -80,10 +80,12 @@ def sandbox(
     workers: Optional[int] = typer.Option(None, help="Faust worker subprocesses with --transport kafka"),
     ranker: Optional[list[str]] = typer.Option(
         None, "--ranker", help="ARM=RANKER, repeatable: the A/B arms (popularity, cooccurrence, checkpoint:DIR or http://HOST:PORT)"),
+    candidates: Optional[str] = typer.Option(
+        None, "--candidates", help="heuristic (default) or model:CHECKPOINT, a next-item model's top K of the catalogue"),
 ) -> None:
     """Run the closed loop: simulator -> events -> features -> ranker -> simulator."""
     settings = _settings(users, tracks, days, seed, out, rankers=_parse_rankers(ranker), run_id=run_id,
-                         transport=transport, workers=workers)
+                         transport=transport, workers=workers, candidates=candidates)
     from sandbox.loop import run_sandbox
     from sandbox.report import print_summary, write_report
 

@@ -203,6 +203,10 @@ class Sandbox:
         self.recorder.log_tracks(self.metadata)
         sequences = BatchSequences(self.store)
         self.candidates = CandidateGenerator(self.metadata, seed=settings.sim.seed, sequences=sequences)
+        if settings.candidates != "heuristic":  # a learned source; the heuristics serve its cold users
+            from ranker.candidates.learned import ModelCandidates
+
+            self.candidates = ModelCandidates.from_spec(settings.candidates, self.metadata, sequences, self.candidates)
         self.rankers = {arm: build_ranker(spec, self.metadata, sequences) for arm, spec in experiment.rankers.items()}
         self.recommender = ArmRecommender(self.candidates, self.rankers, self.arms, on_response=self._log_response,
                                           watch=self.watch)

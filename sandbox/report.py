@@ -72,13 +72,18 @@ def feature_rows(written: int | None) -> str:
     return f"{written:,}" if written is not None else "by the Faust workers (see their logs)"
 
 
+def candidate_source(spec: str) -> str:
+    """`heuristic`, or `model:<folder name>` (the full path would not fit 80 columns)."""
+    return spec if not spec.startswith("model:") else f"model:{Path(spec.removeprefix('model:')).name}"
+
+
 def run_frame(result: SandboxResult) -> pd.DataFrame:
     rows = [
         ("run", result.run_dir.name), ("events", f"{result.events:,}"), ("requests", f"{result.requests:,}"),
         ("sessions", f"{result.sessions:,}"), ("dead letters", f"{result.dead_letters:,}"),
         ("feature rows pushed to Feast", feature_rows(result.feature_rows_written)),
         ("wall seconds", f"{result.wall_seconds:.1f}"), ("events/s", f"{result.events_per_second:,.0f}"),
-        ("event log hash", result.event_log_hash[:16]),
+        ("event log hash", result.event_log_hash[:16]), ("candidates", candidate_source(result.settings.candidates)),
     ]
     rows += [(f"time in {name}", f"{seconds:.1f} s") for name, seconds in sorted(result.timings.items())]
     return pd.DataFrame(rows, columns=["", "value"])

@@ -74,12 +74,35 @@ class SandboxSettings(BaseSettings):
     # Feast writes on a background thread (SQLite works without the GIL, so on the second
     # core); rankers still read their own writes (see features.updater).
     background_feature_writes: bool = True
+    # Where candidates come from: "heuristic" (the quota-merged sources of
+    # ranker.candidates.generator) or "model:<dir>", a next-item checkpoint's top K of the
+    # catalogue (ranker.candidates.learned); cold users take the heuristic sources.
+    candidates: str = "heuristic"
 
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_folder_name(cls, value: str) -> str:
         if value and (not value.replace("-", "").replace("_", "").isalnum()):
             raise ValueError("run_id may hold letters, digits, '-' and '_' only")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_source(cls, value: str) -> str:
+        if value == "heuristic":
+            return value
+        if not value.startswith("model:"):
+            raise ValueError(f"candidates must be 'heuristic' or 'model:<checkpoint dir>', got {value!r}")
+        from ranker.training.checkpoint import read_checkpoint_meta  # only when a model is named: torch is heavy
+
+        try:
+            meta = read_checkpoint_meta(value.removeprefix("model:"))
+        except FileNotFoundError as exc:
+            raise ValueError(f"candidates: {exc}") from None
+        if meta.get("objective") != "next_item":
+            raise ValueError(f"candidates: {value} was trained with the {meta.get('objective', 'impression')} "
+                             "objective; a candidate source needs the next-item objective "
+                             "(climber train --split loo --objective next-item)")
         return value
 
     def resolved_run_id(self) -> str:

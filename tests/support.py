@@ -13,7 +13,7 @@ import hashlib
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import duckdb
 import numpy as np
@@ -396,6 +396,18 @@ def bad_json_lines(good: list[bytes]) -> list[bytes]:
 def assigned_partitions(line: str) -> set[int]:
     """The partitions of the `events` topic a worker's 'assigned events[...]' log line names."""
     return {int(part.split("]")[0]) for part in line.split("events[")[1:]}
+
+
+class DictSequenceSource:
+    """User history kept in a dict: the SequenceSource contract without a feature store."""
+
+    def __init__(self, sequences: dict[int, UserSequence] | None = None) -> None:
+        self.sequences = dict(sequences or {})
+        self.calls = 0
+
+    def get_sequences(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
+        self.calls += 1
+        return {u: self.sequences.get(u, UserSequence.empty()) for u in user_ids}
 
 
 # ----------------------------------------------------------------------------- running things

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -27,21 +25,10 @@ from ranker.interface import (
 )
 from ranker.recommender import ArmRecommender
 from streaming.events import BEHAVIOUR_CODE, SCENARIO_CODE, EventBatch
+from tests.support import DictSequenceSource
 
 N_TRACKS, N_ARTISTS, N_GENRES = 400, 40, 4
 NOW = 10 * DAY_MS
-
-
-class DictSequenceSource:
-    """User history kept in a dict: the SequenceSource contract without a feature store."""
-
-    def __init__(self, sequences: dict[int, UserSequence] | None = None) -> None:
-        self.sequences = dict(sequences or {})
-        self.calls = 0
-
-    def get_sequences(self, user_ids: Sequence[int]) -> dict[int, UserSequence]:
-        self.calls += 1
-        return {u: self.sequences.get(u, UserSequence.empty()) for u in user_ids}
 
 
 def catalog() -> TrackMetadata:

@@ -12,6 +12,7 @@ from features.sequence import UserSequence
 from features.store import FeatureStoreClient
 from ranker.interface import RANKING_SCORE, RankRequest, order_by_score
 from ranker.serving.cache import history_batch
+from ranker.serving.incremental import PATHS
 from ranker.models import build_model
 from ranker.serving.ranker import NeuralRanker
 from ranker.serving.service import ScoringService, ServingSettings
@@ -174,3 +175,26 @@ def test_bench_serve_pins_model_defaults_with_set():
     _, args = parse_step(["bench", "serve", "--set", "partition=scenario", "--set", "n_layers=1", "--set", "max_len=8"])
     model = serving_model("xs", 32, **dict(args.overrides))
     assert (model.config.partition, model.config.n_layers, model.config.max_len) == ("scenario", 1, 32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_whole_catalogue_in_chunks_scores_as_one_pass(store, path):
+    """M past the chunk size: chunks over one cached history give the one-pass scores, on a
+    rebuilt and on an incrementally extended cache, for ragged batches (one row runs out)."""
+    model = tiny_model(seed=3)
+    chunked = NeuralRanker(model, "v1", store, device="cpu", candidate_chunk=7, incremental=path)
+    one_pass = NeuralRanker(model, "v1", store, device="cpu", candidate_chunk=10**6, incremental=path)
+    catalogue = np.arange(N_TRACKS)[::-1]
+    requests = [request(1, 3, catalogue), request(2, 5, [4, 9, 2]), request(3, 999, catalogue[:20])]
+    for round_ in range(2):
+        got, expected = chunked.rank(requests), one_pass.rank(requests)
+        stored = store.get_sequences([3, 5, 999])
+        for req, a, b in zip(requests, got, expected):
+            np.testing.assert_allclose(a.scores[RANKING_SCORE], b.scores[RANKING_SCORE], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a.scores[RANKING_SCORE], reference_scores(model, stored[req.user_id], req),
+                                       atol=1e-5)
+            for task in ("full_play", "like", "skip", "share"):
+                np.testing.assert_allclose(a.scores[task], b.scores[task], rtol=0, atol=1e-6)
+        if round_ == 0:  # user 3 plays two more tracks: the second round extends the cache
+            store.write_sequences({3: grown(stored[3], 2, seed=91)})
+    assert chunked.cache.stats.incremental == one_pass.cache.stats.incremental == 1

@@ -64,7 +64,8 @@ SOURCES: tuple[str, ...] = (
 RANDOM_SOURCES = frozenset({"query_genre_random", "random"})  # may propose a track twice
 IS_RANDOM_SOURCE = np.array([source in RANDOM_SOURCES for source in SOURCES])
 BACKFILL = "backfill"  # label of tracks that filled leftover quota
-SOURCE_LABELS: tuple[str, ...] = SOURCES + (BACKFILL,)
+# "model": a learned source's picks (ranker/candidates/learned.py), never produced here.
+SOURCE_LABELS: tuple[str, ...] = SOURCES + (BACKFILL, "model")
 SOURCE_CODE = {name: i for i, name in enumerate(SOURCE_LABELS)}
 
 DEFAULT_QUOTAS: dict[str, dict[str, float]] = {

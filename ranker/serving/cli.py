@@ -21,6 +21,9 @@ def serve(
     max_wait_ms: Optional[float] = typer.Option(None),
     torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
                                                 "torch's default, one per core)"),
+    max_candidates: Optional[int] = typer.Option(None, help="422 for a request with more candidates (default 100,000)"),
+    candidate_chunk: Optional[int] = typer.Option(None, help="candidates scored per pass over the cached history; "
+                                                  "more are scored in chunks, same scores (default 1,024)"),
     max_body_bytes: Optional[int] = typer.Option(None, help="413 for a /rank body over this (default 1 MiB)"),
     body_timeout_s: Optional[float] = typer.Option(None, help="408 for a body not received within this (default 5)"),
     kv_storage: Optional[Literal["fp32", "bf16", "int8"]] = typer.Option(
@@ -36,6 +39,7 @@ def serve(
 
     flags = {"checkpoint": checkpoint, "feast_dir": feast_dir, "host": host, "port": port, "device": device,
              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "torch_threads": torch_threads,
+             "max_candidates": max_candidates, "candidate_chunk": candidate_chunk,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

@@ -186,7 +186,8 @@ def build_service(settings: ServingSettings) -> ScoringService:
         raise ValueError("serving needs a checkpoint folder and a Feast data folder (--checkpoint, --feast-dir)")
     store = FeatureStoreClient(settings.feast_dir, settings.online_store, settings.redis_url)
     ranker = NeuralRanker.from_checkpoint(settings.checkpoint, store, cache_bytes=settings.cache_bytes,
-                                          max_candidates=settings.max_candidates, device=settings.device,
+                                          max_candidates=settings.max_candidates,
+                                          candidate_chunk=settings.candidate_chunk, device=settings.device,
                                           kv_storage=settings.kv_storage)
     return ScoringService(ranker, settings)
 

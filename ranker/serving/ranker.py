@@ -26,7 +26,11 @@ from ranker.serving.cache import DEFAULT_BUDGET_BYTES, UserKVCache, history_batc
 from ranker.models.base import SequenceRanker
 from streaming.events import SCENARIO_CODE, SCENARIOS
 
-DEFAULT_MAX_CANDIDATES = 1000
+# A request's candidates are scored in chunks of `candidate_chunk` over one cached history
+# (TURBO: the history is encoded once, whatever M is), so `max_candidates` is a guard against
+# absurd requests, not a memory limit: large enough for a whole catalogue of 100k tracks.
+DEFAULT_MAX_CANDIDATES = 100_000
+DEFAULT_CANDIDATE_CHUNK = 1024
 INT64_MAX = 2**63 - 1  # ids and timestamps are int64 in Feast, DuckDB and the model
 
 
@@ -62,7 +66,8 @@ def check_request(request: RankRequest, n_tracks: int, max_candidates: int = DEF
         raise ValueError(f"{where}: candidates must be a flat list of integer track ids, got dtype "
                          f"{candidates.dtype} and shape {candidates.shape}")
     if not 1 <= len(candidates) <= max_candidates:
-        raise ValueError(f"{where}: needs 1 to {max_candidates} candidates, got {len(candidates)}")
+        raise ValueError(f"{where}: needs 1 to {max_candidates} candidates, got {len(candidates)} "
+                         f"(the service's max_candidates, CLIMBER_SERVE_MAX_CANDIDATES)")
     bad = (candidates < 0) | (candidates >= n_tracks)
     if bad.any():
         raise ValueError(f"{where}: candidate track id {int(candidates[bad][0])} is outside the model's "
@@ -88,19 +93,43 @@ def candidate_batch(requests: Sequence[RankRequest], candidates: Sequence[np.nda
     )
 
 
+def score_in_chunks(model: SequenceRanker, history, requests: Sequence[RankRequest],
+                    candidates: Sequence[np.ndarray], chunk: int, device: torch.device) -> np.ndarray:
+    """float32 [B, max M, 1 + len(TASKS)]: ranking score then task probabilities, candidates
+    scored `chunk` columns at a time against the same stacked history.
+
+    Exact: a candidate attends to the history and to itself only (the SUMI mask), never to
+    another candidate, so which candidates share a pass cannot change its score. A row with
+    no candidates left in a chunk gets masked padding, whose scores are never read."""
+    if chunk < 1:
+        raise ValueError(f"candidate_chunk must be >= 1, got {chunk}")
+    width = max(len(c) for c in candidates)
+    parts = []
+    for start in range(0, width, chunk):
+        batch = candidate_batch(requests, [c[start:start + chunk] for c in candidates], device)
+        logits = model.score_candidates(history, batch)
+        scores = torch.cat([model.score(logits, batch.candidate_mask)[..., None], torch.sigmoid(logits)], -1)
+        parts.append(scores.float().cpu().numpy())
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 class NeuralRanker:
     """`Ranker` over a trained model, reading histories from a `SequenceSource` (Feast)."""
 
     def __init__(self, model: SequenceRanker, model_version: str, sequences: SequenceSource,
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32") -> None:
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32",
+                 candidate_chunk: int = DEFAULT_CANDIDATE_CHUNK, incremental: str = "fast") -> None:
+        if candidate_chunk < 1:
+            raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
         self.device = serving_device(device)
         self.model = prepare_for_serving(model, self.device)
         self.name = name or model.family
         self.version = str(model_version)
         self.sequences = sequences
         self.max_candidates = max_candidates
-        self.cache = UserKVCache(self.model, self.version, cache_bytes, kv_storage=kv_storage)
+        self.candidate_chunk = candidate_chunk
+        self.cache = UserKVCache(self.model, self.version, cache_bytes, incremental=incremental, kv_storage=kv_storage)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, sequences: SequenceSource, **kwargs) -> "NeuralRanker":
@@ -142,10 +171,7 @@ class NeuralRanker:
         history = stack_histories([per_user[int(r.user_id)] for r in requests])
         t2 = time.perf_counter()
         with torch.inference_mode():
-            batch = candidate_batch(requests, candidates, self.device)
-            logits = self.model.score_candidates(history, batch)
-            scores = torch.cat([self.model.score(logits, batch.candidate_mask)[..., None], torch.sigmoid(logits)], -1)
-            scores = scores.float().cpu().numpy()
+            scores = score_in_chunks(self.model, history, requests, candidates, self.candidate_chunk, self.device)
         t3 = time.perf_counter()
         responses = []
         for row, (request, tracks) in enumerate(zip(requests, candidates)):

@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.interface import RankRequest, RankResponse
 from ranker.serving.cache import DEFAULT_BUDGET_BYTES
-from ranker.serving.ranker import DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
+from ranker.serving.ranker import DEFAULT_CANDIDATE_CHUNK, DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -55,7 +55,10 @@ class ServingSettings(BaseSettings):
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"  # auto: CUDA when present
+    # A hard limit per request (a 422 states it); past `candidate_chunk` a request is scored
+    # in chunks over its one cached history, with the same scores as one pass.
     max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, ge=1)
+    candidate_chunk: int = Field(DEFAULT_CANDIDATE_CHUNK, ge=1)
     # 16: measured in-process (astro-s, M = 200, n = 256, 1 CPU thread, warm cache), a
     # request costs least in batches of 8 to 16 (3.4-3.6 ms) and about 25% more at 32
     # (4.5 ms), likely because the activations outgrow the core's cache; at 1, 5.5 ms.
@@ -70,7 +73,7 @@ class ServingSettings(BaseSettings):
     # (load average 3.5): a batch of one took 637 ms with 2 threads, 5.5 ms with 1.
     torch_threads: int = Field(1, ge=0)
     # HTTP limits (ranker.serving.http_limits): a body past max_body_bytes gets a 413 before it is
-    # parsed (1 MiB: a full candidate list of 1,000 int64 ids is under 25 KB); a body not
+    # parsed (1 MiB: 100,000 candidate ids under 100,000 are about 0.7 MB of JSON); a body not
     # received within body_timeout_s gets a 408 and the connection is closed, so slow
     # senders cannot hold connections; "reject" refuses a repeated candidate with a 422,
     # "score" scores every occurrence (equal scores, kept in request order).
