@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.analysis import SampleRatio, mean_lift, ratio_lift, sample_ratio_check
+from experiments.online_growth import gap_by_day
 from experiments.spec import PER_USER_METRICS, RATIO_METRICS, ExperimentSpec
 from experiments.stats import cuped_lift, holm, msprt, running, welch_p
 from experiments.user_table import user_table
@@ -37,6 +38,8 @@ class Evaluation:
     cache: pd.DataFrame  # per neural arm
     models: pd.DataFrame  # per trained arm: params, FLOPs per request, offline metrics
     users: pd.DataFrame = field(repr=False, default=None)  # the A/B per-user table
+    retrains: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per fine-tune; empty without
+    daily_gap: pd.DataFrame = field(default_factory=pd.DataFrame)  # per A/B day: largest size over smallest
 
     @property
     def control(self) -> str:
@@ -179,9 +182,13 @@ def evaluate(db_path: str | Path) -> Evaluation:
         metrics = list(PER_USER_METRICS) + list(RATIO_METRICS)
         lifts = lift_table(users, warm, pairs(spec, flops), metrics, spec.metrics.confidence)
         srm = sample_ratio_check(users.groupby("arm").size().to_dict(), spec.shares())
+        retrains = con.execute("SELECT * FROM retrains ORDER BY day, arm").df() if "retrains" in tables \
+            else pd.DataFrame()
+        daily_gap = gap_by_day(con, spec, ab_start, warm, models) if not retrains.empty else pd.DataFrame()
         return Evaluation(spec=spec, meta=meta, lifts=lifts, daily=daily_table(con, spec, ab_start, metrics),
                           sequential=sequential_table(con, spec, ab_start), srm=srm, regret=regret_table(con),
-                          cache=con.execute("SELECT * FROM kv_cache ORDER BY arm").df(), models=models, users=users)
+                          cache=con.execute("SELECT * FROM kv_cache ORDER BY arm").df(), models=models, users=users,
+                          retrains=retrains, daily_gap=daily_gap)
     finally:
         con.close()
 

@@ -23,6 +23,7 @@ from rich.table import Table  # noqa: E402
 
 from experiments.analysis import ceiling_frame  # noqa: E402
 from experiments.evaluate import Evaluation, evaluate, summary_json  # noqa: E402
+from experiments.online_growth import growth_frame, growth_line, plot_growth, retrained_after  # noqa: E402
 
 LABELS = {"listening_minutes": "listening min", "plays": "plays", "full_plays": "full plays",
           "skips": "skips", "likes": "likes", "shares": "shares", "playlist_adds": "playlist adds",
@@ -161,7 +162,21 @@ def sections(ev: Evaluation) -> list[tuple[str, pd.DataFrame]]:
     top = ceiling(ev)
     if top is not None:
         out.append((CEILING_TITLE, ceiling_shown(top)))
+    if not ev.retrains.empty:
+        out.append((growth_title(ev), growth_frame(ev.daily, ev.daily_gap, ev.spec, _after(ev))))
     return out
+
+
+def _after(ev: Evaluation) -> list[int]:
+    return retrained_after(ev.retrains, ev.spec.phases.warm_up.days)
+
+
+def growth_title(ev: Evaluation) -> str:
+    gap = ev.daily_gap
+    vs = "" if gap.empty else (f"; gap: {gap['arm'].iloc[0]} over {gap['baseline'].iloc[0]} that day "
+                               f"({gap['kind'].iloc[0]}, {ev.spec.metrics.confidence:.0%} CI)")
+    return (f"Growth with daily retraining: {LABELS[ev.spec.metrics.primary[0]]} per exposed user per full "
+            f"A/B day{vs}; retrain: every trained arm fine-tuned after that day")
 
 
 CEILING_TITLE = ("The oracle arm as the ceiling: full-play rate per impression over the A/B days; gap closed = "
@@ -190,6 +205,8 @@ def print_summary(ev: Evaluation, console: Console | None = None) -> None:
             console.print(f"    {part}")
     console.print("p: CUPED test where it applies, else plain; Holm p adjusts it over all "
                   f"{len(ev.lifts)} (metric, pair) tests. Library plays are not counted.")
+    if not ev.retrains.empty:
+        console.print(growth_line(ev.daily_gap, _after(ev)), style="bold")
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -341,6 +358,10 @@ def write_report(ev: Evaluation, run_dir: Path) -> Path:
                          plot_regret(ev, run_dir / "regret.png"), plot_ceiling(ev, run_dir / "ceiling.png"))
              if p is not None]
     body = "<h2>Lift of each size</h2><ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in size_lines(ev)) + "</ul>"
+    if not ev.retrains.empty:
+        plot_growth(ev.daily, ev.daily_gap, ev.spec, _after(ev), run_dir / "growth.png")
+        plots.insert(0, run_dir / "growth.png")
+        body += f"<p><b>{html.escape(growth_line(ev.daily_gap, _after(ev)))}</b></p>"
     body += "".join(f"<h2>{html.escape(title)}</h2>{frame.to_html(index=False, border=0)}"
                     for title, frame in sections(ev))
     body += "<h2>Plots</h2>" + "".join(f'<p><img src="{p.name}" style="max-width:100%"></p>' for p in plots)

@@ -8,6 +8,7 @@ without CUPED; the oracle arm is an injected effect of known sign.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -227,25 +228,28 @@ def test_every_ab_report_shows_the_oracle_arm_as_the_ceiling(calibration, tmp_pa
     assert max(len(line) for line in out.output.splitlines()) <= 80
     page = write_report(ev, tmp_path).read_text()
     assert CEILING_TITLE in page and "ceiling.png" in page and (tmp_path / "ceiling.png").stat().st_size > 0
+    assert ev.retrains.empty and "Growth with daily retraining" not in page  # no retrains: no growth plot
+    assert not (tmp_path / "growth.png").exists()
 
 
 def test_retrain_every_fine_tunes_each_trained_arm_and_hot_reloads_it(tmp_path):
     spec = load_spec(EXAMPLE, ["name=retrain", "sim.n_users=60", "sim.n_tracks=800", "phases.warm_up.days=1",
                                "phases.ab.days=2", "phases.train.batch_size=16", "phases.train.steps=6",
                                "phases.retrain_every=1d", "phases.retrain.steps=3",
-                               "arms={control: popularity, astro_xs: {family: astro, size: xs}}"])
+                               "arms={control: popularity, astro_xs: {family: astro, size: xs}, "
+                               "astro_s: {family: astro, size: s}}"])
     assert spec.phases.retrain_every == 1
     run = run_experiment(spec, tmp_path, progress=False)
     con = duckdb.connect(str(run / "sandbox.duckdb"), read_only=True)
     try:
         retrains = con.execute("SELECT * FROM retrains").df()
-        trained = con.execute("SELECT model_version FROM arm_models").fetchone()[0]
+        trained = con.execute("SELECT model_version FROM arm_models WHERE arm = 'astro_xs'").fetchone()[0]
         served = con.execute("SELECT model_version, min(ts) AS first, max(ts) AS last, count(*) AS n FROM requests "
                              "WHERE arm = 'astro_xs' AND model_name = 'astro_xs' GROUP BY ALL ORDER BY first").df()
     finally:
         con.close()
-    assert list(retrains["arm"]) == ["astro_xs"] and list(retrains["day"]) == [2]  # one A/B day, then the retrain
-    row = retrains.iloc[0]
+    assert list(retrains["arm"]) == ["astro_xs", "astro_s"] and list(retrains["day"]) == [2, 2]  # after A/B day 1
+    row = retrains.set_index("arm").loc["astro_xs"]
     assert row["resumed_from"] == trained and row["model_version"] != trained and row["steps"] == 3
     assert (run / "checkpoints" / "astro_xs-day2" / "checkpoint.json").exists()
     # Every A/B request names the version that scored it: the first model, then the fine-tuned one.
@@ -253,3 +257,32 @@ def test_retrain_every_fine_tunes_each_trained_arm_and_hot_reloads_it(tmp_path):
     assert served["last"].iloc[0] < row["ts"] <= served["first"].iloc[1]
     with pytest.raises(ValueError, match="retrain_every"):
         load_spec(EXAMPLE, ["phases.retrain_every=0"])
+    check_growth_report(run)
+
+
+def check_growth_report(run: Path) -> None:
+    """The report of a retraining run: the primary metric per arm per A/B day, the gap of
+    the largest size over the smallest with its CI, the retrain marked; in 80 columns."""
+    from rich.console import Console
+
+    from experiments.report import report
+
+    ev = evaluate(run / "sandbox.duckdb")
+    gap = ev.daily_gap
+    assert list(gap["day"]) == [1, 2] and set(gap["arm"]) == {"astro_s"} and set(gap["baseline"]) == {"astro_xs"}
+    assert (gap["ci_low"] <= gap["lift"]).all() and (gap["lift"] <= gap["ci_high"]).all()
+    con = duckdb.connect(str(run / "sandbox.duckdb"), read_only=True)
+    try:  # day 2's users alone, warm-up full plays as the covariate: the same figure
+        ab = int(ev.meta["ab_start_ts"])
+        day2 = user_table(con, ab + 86_400_000, ab + 2 * 86_400_000)
+        warm = user_table(con, int(ev.meta["start_ts"]), ab).set_index("user_id")["full_plays"]
+    finally:
+        con.close()
+    direct = compare(day2, "astro_xs", "astro_s", "full_plays", warm, 0.95)
+    assert gap.iloc[1]["kind"] == "CUPED" and gap.iloc[1]["lift"] == pytest.approx(direct["cuped_lift"])
+    console = Console(width=80, record=True, file=io.StringIO())
+    page = report(run, console).read_text()
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "Growth with daily retraining" in text and "Gap s vs xs by day: " in text and "(retrain after 1)" in text
+    assert "growth.png" in page and (run / "growth.png").stat().st_size > 0
