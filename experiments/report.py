@@ -35,6 +35,14 @@ def _pct(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:+.1%}"
 
 
+def _ci(low: float, high: float) -> str:
+    """An interval of relative lifts in percent, the % sign once: '[+2.5, +34.1]%' keeps an
+    80-column table's interval on one line where '[+2.5%, +34.1%]' wrapped."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "n/a"
+    return f"[{100 * low:+.1f}, {100 * high:+.1f}]%"
+
+
 def _p(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.2g}"
 
@@ -79,7 +87,7 @@ def lift_frame(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
     for _, r in rows.iterrows():
         lift, low, high, _ = best_lift(r)
         out.append({"metric": LABELS[r["metric"]], "plain": _pct(r["lift"]), "CUPED": _pct(r["cuped_lift"]),
-                    f"{confidence:.0%} CI": f"[{_pct(low)}, {_pct(high)}]", "p": _p(r["p_tested"]),
+                    f"{confidence:.0%} CI": _ci(low, high), "p": _p(r["p_tested"]),
                     "Holm": _p(r["p_holm"]),
                     "VR": "" if not np.isfinite(r["variance_reduction"]) else f"{r['variance_reduction']:.0%}"})
     return pd.DataFrame(out)
@@ -125,7 +133,7 @@ def sequential_frame(ev: Evaluation) -> pd.DataFrame:
         return pd.DataFrame(columns=["arm"])
     return pd.DataFrame({"day": s["day"], "arm": s["arm"], "metric": [LABELS[m] for m in s["metric"]],
                          "lift": [_pct(v) for v in s["lift"]],
-                         "always-valid CI": [f"[{_pct(lo)}, {_pct(hi)}]" for lo, hi in zip(s["seq_low"], s["seq_high"])],
+                         "always-valid CI": [_ci(lo, hi) for lo, hi in zip(s["seq_low"], s["seq_high"])],
                          "p": [_p(v) for v in s["seq_p"]]})
 
 
