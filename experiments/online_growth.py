@@ -93,6 +93,7 @@ def plot_growth(daily: pd.DataFrame, gap: pd.DataFrame, spec: ExperimentSpec, af
     Dashed lines: the retrain pauses (between the days they separate)."""
     import matplotlib.pyplot as plt
 
+    from experiments.figures import save_figure
     from experiments.report import LABELS
 
     metric = spec.metrics.primary[0]
@@ -122,9 +123,7 @@ def plot_growth(daily: pd.DataFrame, gap: pd.DataFrame, spec: ExperimentSpec, af
         bottom.legend(fontsize=8, loc="best")
     bottom.set_xticks(days)
     bottom.set_xlabel("A/B day (full days); dashed: every trained arm fine-tuned on the log so far")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _pct(v: float, digits: int = 1) -> str:

@@ -22,6 +22,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from experiments.analysis import ceiling_frame  # noqa: E402
+from experiments.figures import save_figure  # noqa: E402
 from experiments.evaluate import Evaluation, evaluate, summary_json  # noqa: E402
 from experiments.online_growth import growth_frame, growth_line, plot_growth, retrained_after  # noqa: E402
 
@@ -240,10 +241,7 @@ def plot_lifts(ev: Evaluation, path: Path) -> Path:
     axes[-1, 0].set_xlabel(f"relative lift against {ev.control}, % ({ev.spec.metrics.confidence:.0%} CI; CUPED for "
                            "per-user metrics)\neach row has its own scale", fontsize=9)
     axes[0, 0].set_title("Lift per metric per arm")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_daily(ev: Evaluation, path: Path) -> Path:
@@ -263,10 +261,7 @@ def plot_daily(ev: Evaluation, path: Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Each metric per arm per A/B day (per exposed user that day; ratios per impression)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_scaling(ev: Evaluation, path: Path) -> Path | None:
@@ -290,10 +285,7 @@ def plot_scaling(ev: Evaluation, path: Path) -> Path | None:
         ax.set(xlabel="model FLOPs per request", ylabel=f"lift against {ev.control}, %",
                title=f"{LABELS[metric]} ({'CUPED' if ev.spec.metrics.cuped else 'plain'}, "
                      f"{ev.spec.metrics.confidence:.0%} CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sequential(ev: Evaluation, path: Path) -> Path | None:
@@ -317,10 +309,7 @@ def plot_sequential(ev: Evaluation, path: Path) -> Path | None:
         ax.set(xlabel="after A/B day", ylabel=f"lift against {ev.control}, %",
                title=f"{LABELS[metric]}: always-valid (thin) vs fixed (thick)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_regret(ev: Evaluation, path: Path) -> Path | None:
@@ -331,10 +320,7 @@ def plot_regret(ev: Evaluation, path: Path) -> Path | None:
     ax.bar(r["arm"], r["regret"], yerr=1.96 * r["regret_se"], capsize=4)
     ax.set(ylabel="expected full plays per slate lost",
            title="Oracle regret per arm (95% CI;\nwithin-slate fatigue not modelled)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ceiling(ev: Evaluation, path: Path) -> Path | None:
@@ -354,10 +340,7 @@ def plot_ceiling(ev: Evaluation, path: Path) -> Path | None:
     ax.set(ylabel="full-play rate per impression", ylim=(0, oracle["full_play_rate"] * 1.15),
            title="Full-play rate per arm (A/B days) against the oracle ceiling")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(ev: Evaluation, run_dir: Path) -> Path:
