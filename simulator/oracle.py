@@ -14,6 +14,9 @@ Model (per examined item; sigma is the logistic function):
                  latent_seed . latent_i for radio, 0 otherwise
     fatigue    = genre_fatigue * max(0, same-genre plays this session - free)
                  + artist_fatigue * (plays of this artist among the session's last 8)
+                 (model 2 and 3: the first repeat of an artist is a bonus instead, and a recently
+                 loved track adds familiarity; model 3: a track that continues an album in
+                 order has -album_continuation instead of its artist terms)
     play logit = play_bias_s + taste_w_s (affinity - c) + pop_w_s popularity_z + ctx_w_s context - fatigue / 2
     full logit = full_bias_s + taste_w_s (affinity - c) + skip_tolerance_u + ctx_w_s context / 2 - fatigue
     P(full play | examined) = sigma(play logit) * sigma(full logit)
@@ -38,7 +41,7 @@ class Oracle:
         self.config, self.catalog, self.users = config, catalog, users
         params = [config.scenario(name) for name in SCENARIOS]
         self.play_bias = np.array([p.play_bias for p in params])
-        self.full_bias = np.array([p.full_bias for p in params]) + (config.full_play_shift if config.user_model == 2 else 0.0)
+        self.full_bias = np.array([p.full_bias for p in params]) + (config.full_play_shift if config.user_model >= 2 else 0.0)
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])
@@ -47,8 +50,12 @@ class Oracle:
     def affinity(self, user_ids: np.ndarray, track_latent: np.ndarray) -> np.ndarray:
         return np.einsum("...d,...d->...", self.users.taste[user_ids], track_latent)
 
-    def session_fatigue(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
-        """Boredom from this session so far: same genre beyond a free allowance, same artist."""
+    def session_fatigue(self, user_ids: np.ndarray, track_ids: np.ndarray,
+                        continues: np.ndarray | None = None) -> np.ndarray:
+        """Boredom from this session so far: same genre beyond a free allowance, same artist.
+
+        Model 3: a track that continues an album in order (`continues`; by default the next
+        track of the album in progress) has no artist fatigue but `album_continuation` off."""
         config, users = self.config, self.users
         same_genre = users.session_genre_plays[user_ids, self.catalog.genre_id[track_ids]]
         recent = users.recent_artists[user_ids]  # [..., 8]
@@ -57,8 +64,13 @@ class Oracle:
         if config.user_model == 1:
             return genre_term + config.artist_fatigue * same_artist
         # Model 2: one more track by an artist just played is welcome (continuation); more tire.
-        return (genre_term + config.artist_fatigue * np.maximum(0, same_artist - 1)
-                - config.artist_continuation * (same_artist == 1))
+        artist_term = (config.artist_fatigue * np.maximum(0, same_artist - 1)
+                       - config.artist_continuation * (same_artist == 1))
+        if users.album_next is not None:  # model 3
+            if continues is None:
+                continues = track_ids == users.album_next[user_ids]
+            artist_term = np.where(continues, -config.album_continuation, artist_term)
+        return genre_term + artist_term
 
     def familiarity(self, user_ids: np.ndarray, track_ids: np.ndarray) -> np.ndarray:
         """exp(-days since the user loved the track / repeat_memory_days) over the user's last
@@ -100,7 +112,7 @@ class Oracle:
         play = (self.play_bias[s] + centred + self.popularity_weight[s] * self.catalog.popularity_z[track_ids]
                 + context - 0.5 * fatigue)
         full = self.full_bias[s] + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
-        if self.config.user_model == 2 and self.config.familiarity_weight > 0:
+        if self.config.user_model >= 2 and self.config.familiarity_weight > 0:
             bonus = self.config.familiarity_weight * self.familiarity(user_ids, track_ids)
             play, full = play + bonus, full + bonus
         return play, full

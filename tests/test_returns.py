@@ -153,5 +153,7 @@ def test_frozen_configs_before_user_model_2_must_pin_model_1(monkeypatch):
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "1")
     assert SimConfig().user_model == 1 and SimConfig(user_model=2).user_model == 2
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "3")
+    assert SimConfig().user_model == 3
+    monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "4")
     with pytest.raises(ValueError, match="CLIMBER_SIM__USER_MODEL"):
         SimConfig()

@@ -1,0 +1,114 @@
+"""User model 3: albums in the catalogue, album listens in order, continuation within a session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulator.config import SimConfig
+from simulator.facts import album_in_order_share, stylised_facts
+from simulator.platform import MusicPlatform
+from simulator.policies import RandomRecommender
+from streaming.events import BEHAVIOUR_CODE, EventBatch
+from tests.support import log_hash
+
+SMALL = dict(n_users=200, n_tracks=2000, days=2.0, seed=5)
+
+
+def run(**config) -> tuple[MusicPlatform, EventBatch]:
+    batches: list[EventBatch] = []
+    platform = MusicPlatform(SimConfig(**config), None, batches.append)
+    platform.recommender = RandomRecommender(platform.catalog.metadata(), 1)
+    platform.run()
+    return platform, EventBatch.concat(batches)
+
+
+@pytest.fixture(scope="module")
+def model_3():
+    return run(**SMALL, user_model=3)
+
+
+def test_albums_group_each_artists_back_catalogue_in_release_order():
+    config = SimConfig(n_tracks=20_000, user_model=3)
+    catalog = MusicPlatform(config, None, lambda batch: None).catalog
+    albums, T = catalog.albums, catalog.n_tracks
+    # Every track is on exactly one album, numbered 0..size-1, all by one artist.
+    sizes = np.bincount(albums.album_id)
+    assert (sizes[albums.album_id] == albums.size).all()
+    assert np.array_equal(np.sort(albums.order), np.arange(T)) and (albums.order[albums.rank] == np.arange(T)).all()
+    by_album = albums.order
+    same_album = albums.album_id[by_album[1:]] == albums.album_id[by_album[:-1]]
+    assert (albums.track_number[by_album[1:]][same_album] == albums.track_number[by_album[:-1]][same_album] + 1).all()
+    assert (catalog.artist_id[by_album[1:]][same_album] == catalog.artist_id[by_album[:-1]][same_album]).all()
+    assert (catalog.release_ts[by_album[1:]][same_album] >= catalog.release_ts[by_album[:-1]][same_album]).all()
+    # Full albums are 7-18 tracks around 12; only an artist's last release is shorter; new releases are singles.
+    new = catalog.release_ts > config.start_ts
+    assert (albums.size[new] == 1).all()
+    # Back-catalogue album ids run in (artist, release) order: an artist's last album takes what is left.
+    back = np.unique(albums.album_id[~new])
+    artist_of = np.zeros(len(sizes), np.int64)
+    artist_of[albums.album_id] = catalog.artist_id
+    last = np.r_[artist_of[back][1:] != artist_of[back][:-1], True]
+    drawn = sizes[back][~last]
+    assert drawn.min() >= config.album_size_min and drawn.max() <= config.album_size_max
+    assert 11 <= np.median(drawn) <= 13
+    assert (sizes[back][last] <= config.album_size_max).all() and (sizes[back][last] < config.album_size_min).any()
+    # The successor chain walks each album in order and ends at its last track.
+    has_next = albums.next_track >= 0
+    assert (albums.album_id[albums.next_track[has_next]] == albums.album_id[has_next]).all()
+    assert (albums.track_number[~has_next] == albums.size[~has_next] - 1).all()
+    metadata = catalog.metadata()
+    assert np.array_equal(metadata.album_id, albums.album_id) and np.array_equal(metadata.album_track,
+                                                                                 albums.track_number)
+
+
+def test_model_3_keeps_model_2s_catalogue_and_adds_albums():
+    two = MusicPlatform(SimConfig(**SMALL, user_model=2), None, lambda batch: None)
+    three = MusicPlatform(SimConfig(**SMALL, user_model=3), None, lambda batch: None)
+    assert two.catalog.albums is None and two.catalog.metadata().album_id is None
+    assert np.array_equal(two.catalog.latent, three.catalog.latent)
+    assert np.array_equal(two.users.taste, three.users.taste)  # albums draw from their own generator
+
+
+def test_model_3_same_seed_same_log_and_not_model_2s(model_3):
+    _, events = model_3
+    assert log_hash(events) == log_hash(run(**SMALL, user_model=3)[1])
+    assert log_hash(events) != log_hash(run(**SMALL, user_model=2)[1])
+
+
+def test_library_sessions_play_albums_on_in_order(model_3):
+    """Model 3's log has album runs in order; model 2's, read with the same albums, has none to speak of."""
+    platform, events = model_3
+    metadata = platform.catalog.metadata()
+    _, old = run(**SMALL, user_model=2)
+    in_order, by_chance = album_in_order_share(events, metadata), album_in_order_share(old, metadata)
+    assert in_order > 0.04 and by_chance < 0.01
+    organic = events.select((events.request_id < 0) & (events.behaviour == BEHAVIOUR_CODE["play"]))
+    assert album_in_order_share(organic, metadata) > in_order  # album listens happen in library slates
+    facts = {fact.name: fact for fact in stylised_facts(events, metadata)}
+    assert "album_in_order_share" in facts
+    assert "album_in_order_share" not in {fact.name for fact in stylised_facts(old, two_metadata(platform))}
+
+
+def two_metadata(platform: MusicPlatform):
+    from dataclasses import replace
+
+    return replace(platform.catalog.metadata(), album_id=None, album_track=None)
+
+
+def test_the_oracle_knows_the_next_track_of_the_album_in_progress(model_3):
+    platform, _ = model_3
+    albums, oracle = platform.catalog.albums, platform.oracle
+    track = int(np.flatnonzero(albums.next_track >= 0)[0])
+    nxt = int(albums.next_track[track])
+    platform.users.album_next[0] = -1
+    before = oracle.expected_engagement(0, nxt, 0)
+    platform.users.album_next[0] = nxt
+    after = oracle.expected_engagement(0, nxt, 0)
+    assert after > before
+    assert oracle.expected_engagement(0, track, 0) == pytest.approx(oracle.expected_engagement(0, track, 0))
+
+
+def test_album_sizes_are_checked():
+    with pytest.raises(ValueError, match="album_size_min"):
+        SimConfig(album_size_min=20, album_size_max=18)
