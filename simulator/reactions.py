@@ -103,9 +103,17 @@ class ReactionModel:
         p_play = sigmoid(play_logit)
         played = examined & (draws[1] < p_play)
 
-        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
-        engagement = p_play * sigmoid(full_logit) if self.record_engagement else None
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
+        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
+        # Model 3 adds the within-slate fatigue the user meets, expected over the earlier positions'
+        # examination and play (draws the oracle cannot know): a slate-aware ceiling.
+        engagement = None
+        if self.record_engagement:
+            expected_fatigue = 0.0
+            if catalog.albums is not None:
+                reached = np.where(mask, self.examine[slates.scenario, :S] * p_play, 0.0)
+                expected_fatigue = self._slate_fatigue(u, genre, artist, reached, continues)
+            engagement = p_play * sigmoid(full_logit - expected_fatigue)
         full_logit = full_logit - self._slate_fatigue(u, genre, artist, played, continues)
         full = played & (draws[2] < sigmoid(full_logit))
         skip = played & ~full
@@ -162,12 +170,14 @@ class ReactionModel:
     def _slate_fatigue(self, u: np.ndarray, genre: np.ndarray, artist: np.ndarray, played: np.ndarray,
                        continues: np.ndarray | None = None) -> np.ndarray:
         """Extra full-play fatigue from same-genre / same-artist plays earlier in this slate
-        (model 3: none from the artist for a track that continues an album in order)."""
+        (model 3: none from the artist for a track that continues an album in order). `played`
+        is bool (what happened) or float (P(played), for the expected fatigue)."""
         config = self.config
         earlier = self._earlier(genre.shape[1])
-        prior = played[:, None, :] & earlier  # [R, k, j]: j is an earlier played position
-        same_genre = ((genre[:, :, None] == genre[:, None, :]) & prior).sum(-1)
-        same_artist = ((artist[:, :, None] == artist[:, None, :]) & prior).sum(-1)
+        # [R, k, j]: j is an earlier played position (or, for floats, how likely it was played)
+        prior = played[:, None, :] & earlier if played.dtype == bool else played[:, None, :] * earlier
+        same_genre = ((genre[:, :, None] == genre[:, None, :]) * prior).sum(-1)
+        same_artist = ((artist[:, :, None] == artist[:, None, :]) * prior).sum(-1)
         before = self.users.session_genre_plays[u, genre]
         free = config.genre_fatigue_free
         extra_genre = np.maximum(0, before + same_genre - free) - np.maximum(0, before - free)

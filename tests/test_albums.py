@@ -112,3 +112,29 @@ def test_the_oracle_knows_the_next_track_of_the_album_in_progress(model_3):
 def test_album_sizes_are_checked():
     with pytest.raises(ValueError, match="album_size_min"):
         SimConfig(album_size_min=20, album_size_max=18)
+
+
+def test_model_3s_recorded_oracle_expects_the_fatigue_met_within_the_slate():
+    """Later tracks by an artist already on the slate are worth less to the user; model 3's recorded
+    oracle engagement says so (expected over earlier plays), model 2's per-item oracle does not."""
+    from simulator.reactions import Slates
+
+    def engagement(user_model: int, same_artist: bool) -> np.ndarray:
+        platform = MusicPlatform(SimConfig(**SMALL, user_model=user_model), None, lambda batch: None)
+        catalog, reactions = platform.catalog, platform.reactions
+        artists, counts = np.unique(catalog.artist_id, return_counts=True)
+        artist = artists[np.argmax(counts)]
+        by_artist = np.flatnonzero(catalog.artist_id == artist)[::-1][:6]  # newest first: not in album order
+        others = np.flatnonzero(catalog.artist_id != artist)[:5]
+        tracks = np.r_[by_artist[:1], by_artist[1:] if same_artist else others][None, :]
+        reactions.record_engagement = True
+        slates = Slates(users=np.array([0]), scenario=np.array([1]), query_genre=np.array([-1]),
+                        seed_track=np.array([-1]), request_id=np.array([0]), shown_at=np.array([catalog.release_ts.max()]),
+                        slate_index=np.array([0]), tracks=tracks, mask=np.ones(tracks.shape, bool))
+        return reactions.react(slates, np.random.default_rng(0)).engagement[0]
+
+    per_item, slate_aware = engagement(2, True), engagement(3, True)  # same world and state, no album order
+    assert slate_aware[0] == pytest.approx(per_item[0])  # nothing earlier on the slate
+    ratio = slate_aware[1:] / per_item[1:]
+    assert (ratio < 1).all() and ratio[-1] < 0.6 and np.all(np.diff(ratio) < 0)  # more repeats, more fatigue
+    assert engagement(3, False)[1:] == pytest.approx(engagement(2, False)[1:], rel=0.05)
