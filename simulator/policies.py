@@ -76,7 +76,8 @@ class RandomRecommender:
 
 
 class OracleRecommender:
-    """Random released candidates ranked by the simulator's true engagement (oracle.py).
+    """Random released candidates ranked by the simulator's true engagement (oracle.py; in user
+    model 3 the top of the slate is ordered for the within-slate fatigue too: `Oracle.rank`).
 
     With the same candidates a learned ranker could not order them better on average, so
     its regret against this arm is the ranker's own error.
@@ -93,12 +94,11 @@ class OracleRecommender:
         responses = []
         for request, candidates in zip(requests, self.candidate_source.candidates(requests)):
             context = request.context
-            engagement = self.oracle.expected_engagement(
+            score, order = self.oracle.rank(
                 request.user_id, candidates, SCENARIO_CODE[request.scenario], ts=request.ts,
                 query_genre=int(context.get("query_genre", -1)), seed_track=int(context.get("seed_track", -1)))
-            score = engagement.astype(np.float32)
             responses.append(RankResponse(request.request_id, request.user_id, candidates,
-                                          {RANKING_SCORE: score}, order_by_score(score), self.name, self.version))
+                                          {RANKING_SCORE: score}, order, self.name, self.version))
         return responses
 
 

@@ -28,6 +28,11 @@ def model_3():
     return run(**SMALL, user_model=3)
 
 
+@pytest.fixture(scope="module")
+def model_2():
+    return run(**SMALL, user_model=2)
+
+
 def test_albums_group_each_artists_back_catalogue_in_release_order():
     config = SimConfig(n_tracks=20_000, user_model=3)
     catalog = MusicPlatform(config, None, lambda batch: None).catalog
@@ -70,17 +75,17 @@ def test_model_3_keeps_model_2s_catalogue_and_adds_albums():
     assert np.array_equal(two.users.taste, three.users.taste)  # albums draw from their own generator
 
 
-def test_model_3_same_seed_same_log_and_not_model_2s(model_3):
+def test_model_3_same_seed_same_log_and_not_model_2s(model_3, model_2):
     _, events = model_3
     assert log_hash(events) == log_hash(run(**SMALL, user_model=3)[1])
-    assert log_hash(events) != log_hash(run(**SMALL, user_model=2)[1])
+    assert log_hash(events) != log_hash(model_2[1])
 
 
-def test_library_sessions_play_albums_on_in_order(model_3):
+def test_library_sessions_play_albums_on_in_order(model_3, model_2):
     """Model 3's log has album runs in order; model 2's, read with the same albums, has none to speak of."""
     platform, events = model_3
     metadata = platform.catalog.metadata()
-    _, old = run(**SMALL, user_model=2)
+    _, old = model_2
     in_order, by_chance = album_in_order_share(events, metadata), album_in_order_share(old, metadata)
     assert in_order > 0.04 and by_chance < 0.01
     organic = events.select((events.request_id < 0) & (events.behaviour == BEHAVIOUR_CODE["play"]))
@@ -138,3 +143,45 @@ def test_model_3s_recorded_oracle_expects_the_fatigue_met_within_the_slate():
     ratio = slate_aware[1:] / per_item[1:]
     assert (ratio < 1).all() and ratio[-1] < 0.6 and np.all(np.diff(ratio) < 0)  # more repeats, more fatigue
     assert engagement(3, False)[1:] == pytest.approx(engagement(2, False)[1:], rel=0.05)
+
+
+def test_model_3s_oracle_orders_the_slate_for_the_fatigue_it_causes(model_3):
+    """The slate-aware order is worth more to the simulated user, in expectation over the
+    examination and plays of the positions above, than the per-item order of the same candidates."""
+    from ranker.interface import order_by_score
+    from simulator.oracle import sigmoid
+    from simulator.reactions import Slates
+
+    platform, _ = model_3
+    oracle, reactions, catalog = platform.oracle, platform.reactions, platform.catalog
+    rng = np.random.default_rng(3)
+    ts = int(catalog.release_ts.max())
+
+    def slate_value(user: int, tracks: np.ndarray, scenario: int) -> float:
+        S = len(tracks)
+        slates = Slates(users=np.array([user]), scenario=np.array([scenario]), query_genre=np.array([-1]),
+                        seed_track=np.array([-1]), request_id=np.array([0]), shown_at=np.array([ts]),
+                        slate_index=np.array([0]), tracks=tracks[None, :], mask=np.ones((1, S), bool))
+        u, t, continues = np.array([[user]]), tracks[None, :], reactions._album_continues(slates)
+        play, full = oracle.logits(u, t, np.array([[scenario]]), np.array([[-1]]), np.array([[-1]]),
+                                   oracle.session_fatigue(u, t, continues))
+        examine = reactions.examine[scenario, :S]
+        reached = examine * sigmoid(play)
+        full = full - reactions._slate_fatigue(u, catalog.genre_id[t], catalog.artist_id[t], reached, continues)
+        return float((reached * sigmoid(full)).sum())
+
+    gains = []
+    for request in range(40):
+        user, scenario = int(rng.integers(platform.config.n_users)), int(rng.integers(3))
+        # Few artists among the candidates, so a per-item order stacks them on the slate.
+        artists = rng.choice(np.unique(catalog.artist_id), 6, replace=False)
+        candidates = np.flatnonzero(np.isin(catalog.artist_id, artists))[:60]
+        k = platform.config.scenario(["home_feed", "daily_mix", "radio"][scenario]).slate_size
+        score, order = oracle.rank(user, candidates, scenario, ts)
+        assert sorted(order.tolist()) == list(range(len(candidates))) and order[0] == order_by_score(score)[0]
+        gains.append(slate_value(user, candidates[order[:k]], scenario)
+                     - slate_value(user, candidates[order_by_score(score)[:k]], scenario))
+        oracle.slate_aware = False
+        assert np.array_equal(oracle.rank(user, candidates, scenario, ts)[1], order_by_score(score))
+        oracle.slate_aware = True
+    assert np.mean(gains) > 0 and np.mean(np.array(gains) >= -1e-9) > 0.9
