@@ -50,13 +50,13 @@ class RandomRecommender:
         ordered = np.sort(picks, axis=1)
         in_row = np.arange(M) < size[:, None]
         repeated = ((ordered[:, 1:] == ordered[:, :-1]) & in_row[:, 1:]).any(axis=1)
+        tracks = self.by_release[picks].astype(np.int64)  # one gather for the batch; rows are sliced from it
         out = []
-        for row in range(len(requests)):
-            if repeated[row]:  # rare in a big catalog; redraw the row without replacement
-                chosen = self.rng.choice(released[row], size[row], replace=False)
+        for row, (n, redraw) in enumerate(zip(size.tolist(), repeated.tolist())):
+            if redraw:  # rare in a big catalog; redraw the row without replacement
+                out.append(self.by_release[self.rng.choice(released[row], n, replace=False)].astype(np.int64))
             else:
-                chosen = picks[row, :size[row]]
-            out.append(self.by_release[chosen].astype(np.int64))
+                out.append(tracks[row, :n])
         return out
 
     def recommend(self, requests: Sequence[SlateRequest]) -> list[RankResponse]:

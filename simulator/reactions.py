@@ -175,9 +175,10 @@ class ReactionModel:
         config = self.config
         earlier = self._earlier(genre.shape[1])
         # [R, k, j]: j is an earlier played position (or, for floats, how likely it was played)
-        prior = played[:, None, :] & earlier if played.dtype == bool else played[:, None, :] * earlier
-        same_genre = ((genre[:, :, None] == genre[:, None, :]) * prior).sum(-1)
-        same_artist = ((artist[:, :, None] == artist[:, None, :]) * prior).sum(-1)
+        combine = np.logical_and if played.dtype == bool else np.multiply
+        prior = combine(played[:, None, :], earlier)
+        same_genre = combine(genre[:, :, None] == genre[:, None, :], prior).sum(-1)
+        same_artist = combine(artist[:, :, None] == artist[:, None, :], prior).sum(-1)
         before = self.users.session_genre_plays[u, genre]
         free = config.genre_fatigue_free
         extra_genre = np.maximum(0, before + same_genre - free) - np.maximum(0, before - free)
