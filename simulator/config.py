@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streaming.events import SCENARIOS
 
@@ -160,6 +160,15 @@ class SimConfig(BaseModel):
     batch_window_ms: int = Field(120_000, ge=1, description="ranking tick and prefetch lead, simulated ms")
     scenario_params: dict[str, ScenarioParams] = Field(default_factory=lambda: dict(DEFAULT_SCENARIO_PARAMS))
     scenario_switch: float = Field(0.3, ge=0, le=1, description="P(next slate of a session is another scenario)")
+
+    @field_validator("user_model", mode="before")
+    @classmethod
+    def _user_model_from_text(cls, value):
+        """`CLIMBER_SIM__USER_MODEL=1` reaches a nested SimConfig (SandboxSettings) as the text
+        "1", which a Literal[1, 2, 3] would refuse."""
+        if isinstance(value, str) and value.strip() in {str(model) for model in USER_MODELS}:
+            return int(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "SimConfig":
