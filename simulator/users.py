@@ -177,17 +177,14 @@ class Users:
     def add_to_library(self, users: np.ndarray, tracks: np.ndarray, mask: np.ndarray,
                        now_ms: int | np.ndarray = 0) -> None:
         """Append the masked tracks of each row; `now_ms` (scalar or one per row) stamps them."""
-        times = np.asarray(now_ms, np.int64)
-        times = np.broadcast_to(times[:, None] if times.ndim else times, tracks.shape)
-        _ring_append(self.library, self.library_next, users, tracks, mask, also=(self.library_ms, times))
-        self.library_count[users] = np.minimum(self.library_count[users] + mask.sum(axis=1), self.library.shape[1])
+        count = _ring_append(self.library, self.library_next, users, tracks, mask,
+                             also=(self.library_ms, np.asarray(now_ms, np.int64)))
+        self.library_count[users] = np.minimum(self.library_count[users] + count, self.library.shape[1])
 
     def note_plays(self, users: np.ndarray, artists: np.ndarray, genres: np.ndarray, played: np.ndarray) -> None:
         """Session fatigue state: same-genre counts and recent artists. `users` are unique."""
-        R, G = len(users), self.session_genre_plays.shape[1]
-        rows = np.broadcast_to(np.arange(R)[:, None], played.shape)
-        counts = np.bincount((rows * G + genres)[played], minlength=R * G).reshape(R, G)
-        self.session_genre_plays[users] += counts.astype(np.int32)
+        rows, cols = np.nonzero(played)
+        np.add.at(self.session_genre_plays, (users[rows], genres[rows, cols]), 1)
         _ring_append(self.recent_artists, self.recent_next, users, artists, played)
 
     def drift_toward(self, users: np.ndarray, latents: np.ndarray, weight: np.ndarray, rate: float) -> None:
@@ -195,24 +192,29 @@ class Users:
         if rate == 0:
             return
         taste = self.taste[users]
-        pull = np.einsum("rs,rsd->rd", weight, latents) - weight.sum(axis=1, keepdims=True) * taste
+        pull = np.einsum("rs,rsd->rd", weight, latents) - np.add.reduce(weight, axis=1, keepdims=True) * taste
         self.taste[users] = unit_rows(taste + rate * pull)
 
 
 def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, values: np.ndarray,
-                 mask: np.ndarray, also: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Append the masked values of each row (in order) to that user's ring buffer.
+                 mask: np.ndarray, also: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Append the masked values of each row (in order) to that user's ring buffer; returns
+    how many each row appended.
 
     `users` must be unique. Only each row's last `capacity` values are kept, so no slot is
-    written twice in one call. `also` = (buffer, values) is written at the same slots.
+    written twice in one call. `also` = (buffer, value: a scalar or one per row) is written
+    at the same slots.
     """
     capacity = buffer.shape[1]
     rank = np.cumsum(mask, axis=1) - 1  # order of each kept value within its row
-    count = mask.sum(axis=1)
-    keep = mask & (rank >= (count - capacity)[:, None])
-    rows, cols = np.nonzero(keep)
-    slot = (next_slot[users][rows] + rank[rows, cols]) % capacity
-    buffer[users[rows], slot] = values[rows, cols]
+    count = rank[:, -1] + 1
+    # A row of at most `capacity` values keeps them all.
+    keep = mask if mask.shape[1] <= capacity else mask & (rank >= (count - capacity)[:, None])
+    rows = np.nonzero(keep)[0]
+    owners = users[rows]
+    slot = (next_slot[owners] + rank[keep]) % capacity
+    buffer[owners, slot] = values[keep]
     if also is not None:  # a parallel buffer written at the same slots (library times)
-        also[0][users[rows], slot] = also[1][rows, cols]
+        also[0][owners, slot] = also[1][rows] if also[1].ndim else also[1]
     next_slot[users] = (next_slot[users] + count) % capacity
+    return count
