@@ -45,6 +45,9 @@ class Oracle:
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])
+        # The five rows above as one table, so a batch gathers its scenarios' parameters at once.
+        self._by_scenario = np.stack([self.play_bias, self.full_bias, self.taste_weight, self.popularity_weight,
+                                      self.context_weight])
         self._familiar_back: np.ndarray | None = None  # 1..FAMILIAR_SLOTS, built on first use
         # `rank` orders for the slate (model 3) or per item (models 1 and 2, and the reference
         # the tests compare the slate-aware order with).
@@ -59,19 +62,26 @@ class Oracle:
 
         Model 3: a track that continues an album in order (`continues`; by default the next
         track of the album in progress) has no artist fatigue but `album_continuation` off."""
-        config, users = self.config, self.users
+        users = self.users
         same_genre = users.session_genre_plays[user_ids, self.catalog.genre_id[track_ids]]
-        recent = users.recent_artists[user_ids]  # [..., 8]
-        same_artist = (recent == self.catalog.artist_id[track_ids][..., None]).sum(axis=-1)
+        if users.album_next is not None and continues is None:  # model 3
+            continues = track_ids == users.album_next[user_ids]
+        return self.fatigue(user_ids, same_genre, self.catalog.artist_id[track_ids], continues)
+
+    def fatigue(self, user_ids: np.ndarray, same_genre: np.ndarray, artist: np.ndarray,
+                continues: np.ndarray | None) -> np.ndarray:
+        """`session_fatigue` from what a caller has gathered: the session's plays of each
+        track's genre so far (`same_genre`), its artist, and (model 3) whether it continues an album."""
+        config = self.config
+        recent = self.users.recent_artists[user_ids]  # [..., 8]
+        same_artist = np.add.reduce(recent == artist[..., None], axis=-1)
         genre_term = config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
         if config.user_model == 1:
             return genre_term + config.artist_fatigue * same_artist
         # Model 2: one more track by an artist just played is welcome (continuation); more tire.
         artist_term = (config.artist_fatigue * np.maximum(0, same_artist - 1)
                        - config.artist_continuation * (same_artist == 1))
-        if users.album_next is not None:  # model 3
-            if continues is None:
-                continues = track_ids == users.album_next[user_ids]
+        if continues is not None:  # model 3
             artist_term = np.where(continues, -config.album_continuation, artist_term)
         return genre_term + artist_term
 
@@ -88,33 +98,38 @@ class Oracle:
             self._familiar_back = 1 + np.arange(min(FAMILIAR_SLOTS, capacity))  # slot next-1 is the newest
         # Slots and weights are gathered per user ([..., 1, F] in a slate), then every track is compared.
         rows = user_ids[..., None]
-        slots = (users.library_next[rows] - self._familiar_back) % capacity
-        age_days = (users.now_ms - users.library_ms[rows, slots]) / DAY_MS
+        slots = rows * capacity + (users.library_next[rows] - self._familiar_back) % capacity  # flat
+        age_days = (users.now_ms - users.library_ms.take(slots)) / DAY_MS
         weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
-        match = track_ids[..., None] == users.library[rows, slots]  # [..., F]
-        return np.where(match, weight, 0.0).max(axis=-1)
+        match = track_ids[..., None] == users.library.take(slots)  # [..., F]
+        return np.maximum.reduce(np.where(match, weight, 0.0), axis=-1)
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
-                      seed_track: np.ndarray) -> np.ndarray:
-        """+-1 for the search query's genre, seed similarity for radio, 0 without context."""
+                      seed_track: np.ndarray, genre: np.ndarray | None = None) -> np.ndarray:
+        """+-1 for the search query's genre, seed similarity for radio, 0 without context.
+
+        `genre` (= catalog.genre_id[track_ids]) may be passed by a caller that has it."""
         catalog = self.catalog
-        in_query = np.where(catalog.genre_id[track_ids] == query_genre, 1.0, -1.0)
+        genre = catalog.genre_id[track_ids] if genre is None else genre
+        in_query = np.where(genre == query_genre, 1.0, -1.0)
         seed_similarity = np.einsum("...d,...d->...", catalog.latent[np.maximum(seed_track, 0)], track_latent)
         return np.where(query_genre >= 0, in_query, 0.0) + np.where(seed_track >= 0, seed_similarity, 0.0)
 
     def logits(self, user_ids: np.ndarray, track_ids: np.ndarray, scenario_codes: np.ndarray,
                query_genre: np.ndarray, seed_track: np.ndarray, fatigue: np.ndarray,
-               track_latent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               track_latent: np.ndarray | None = None, genre: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """(play logit, full-play logit); all arguments broadcast together.
 
-        `track_latent` (= catalog.latent[track_ids]) may be passed by a caller that has it."""
-        s = scenario_codes
+        `track_latent` (= catalog.latent[track_ids]) and `genre` (= catalog.genre_id[track_ids])
+        may be passed by a caller that has them."""
+        play_bias, full_bias, taste_weight, popularity_weight, context_weight = self._by_scenario[:, scenario_codes]
         latent = self.catalog.latent[track_ids] if track_latent is None else track_latent
-        centred = self.taste_weight[s] * (self.affinity(user_ids, latent) - AFFINITY_CENTER)
-        context = self.context_weight[s] * self.context_match(track_ids, latent, query_genre, seed_track)
-        play = (self.play_bias[s] + centred + self.popularity_weight[s] * self.catalog.popularity_z[track_ids]
+        centred = taste_weight * (self.affinity(user_ids, latent) - AFFINITY_CENTER)
+        context = context_weight * self.context_match(track_ids, latent, query_genre, seed_track, genre)
+        play = (play_bias + centred + popularity_weight * self.catalog.popularity_z[track_ids]
                 + context - 0.5 * fatigue)
-        full = self.full_bias[s] + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
+        full = full_bias + centred + self.users.skip_tolerance[user_ids] + 0.5 * context - fatigue
         if self.config.user_model >= 2 and self.config.familiarity_weight > 0:
             bonus = self.config.familiarity_weight * self.familiarity(user_ids, track_ids)
             play, full = play + bonus, full + bonus

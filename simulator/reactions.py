@@ -46,6 +46,12 @@ EVENT_COLUMNS = ("ts", "user_id", "track_id", "scenario", "behaviour", "request_
 _KIND_BEHAVIOURS = ("impression", "play", "end", "like", "share", "add_to_playlist", "dislike")
 _KIND_CODES = np.array([BEHAVIOUR_CODE.get(k, -1) for k in _KIND_BEHAVIOURS], dtype=np.int64)  # "end": -1, set per row
 _END_KIND = _KIND_BEHAVIOURS.index("end")
+# Behaviour code by kind + len(kinds) * (the item was fully played): "end" is a skip or a full play.
+_BEHAVIOUR_BY_KIND_AND_FULL = np.concatenate([_KIND_CODES, _KIND_CODES])
+_BEHAVIOUR_BY_KIND_AND_FULL[_END_KIND] = BEHAVIOUR_CODE["skip"]
+_BEHAVIOUR_BY_KIND_AND_FULL[len(_KIND_BEHAVIOURS) + _END_KIND] = BEHAVIOUR_CODE["full_play"]
+# Rows of react's `happened[3:]` (like, share, playlist, dislike, full, skip) in SATISFACTION_WEIGHTS' order.
+_COUNT_ROWS = np.array([4, 0, 1, 2, 5, 3])
 
 
 @dataclass
@@ -87,23 +93,32 @@ class ReactionModel:
         self.record_engagement = False  # set by the platform when an oracle_sink wants it
 
     def react(self, slates: Slates, rng: np.random.Generator) -> SlateOutcome:
+        # Every step works on the whole batch's [R, S] arrays at once; the calls are few because
+        # at ~10 slates a tick numpy's cost is per call, not per element.
         config, catalog, users = self.config, self.catalog, self.users
         tracks, mask = slates.tracks, slates.mask
         R, S = tracks.shape
         u = slates.users[:, None]
-        s = slates.scenario[:, None]
         draws = rng.random((8, R, S))
 
         latent = catalog.latent[tracks]
-        continues = self._album_continues(slates) if catalog.albums is not None else None
-        session_fatigue = self.oracle.session_fatigue(u, tracks, continues)
-        play_logit, full_logit = self.oracle.logits(u, tracks, s, slates.query_genre[:, None],
-                                                    slates.seed_track[:, None], session_fatigue, latent)
-        examined = mask & (draws[0] < self.examine[slates.scenario, :S])
-        p_play = sigmoid(play_logit)
-        played = examined & (draws[1] < p_play)
-
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
+        before = users.session_genre_plays[u, genre]  # the session's plays of each track's genre so far
+        continues = self._album_continues(slates) if catalog.albums is not None else None
+        session_fatigue = self.oracle.fatigue(u, before, artist, continues)
+        play_logit, full_logit = self.oracle.logits(u, tracks, slates.scenario[:, None], slates.query_genre[:, None],
+                                                    slates.seed_track[:, None], session_fatigue, latent, genre)
+        examine = self.examine[slates.scenario, :S]
+        examined = mask & (draws[0] < examine)
+        p_play = sigmoid(play_logit)
+        # What happened, one [R, S] plane each: the event kinds of _KIND_BEHAVIOURS in order
+        # (impression, play, end, like, share, add_to_playlist, dislike), then full and skip.
+        happened = np.empty((9, R, S), bool)
+        organic = slates.request_id < 0
+        np.logical_and(mask, ~organic[:, None], out=happened[0])
+        played = np.logical_and(examined, draws[1] < p_play, out=happened[1])
+        happened[2] = played
+
         # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
         # Model 3 adds the within-slate fatigue the user meets, expected over the earlier positions'
         # examination and play (draws the oracle cannot know): a slate-aware ceiling.
@@ -111,16 +126,17 @@ class ReactionModel:
         if self.record_engagement:
             expected_fatigue = 0.0
             if catalog.albums is not None:
-                reached = np.where(mask, self.examine[slates.scenario, :S] * p_play, 0.0)
-                expected_fatigue = self._slate_fatigue(u, genre, artist, reached, continues)
+                reached = np.where(mask, examine * p_play, 0.0)
+                expected_fatigue = self._slate_fatigue(u, genre, artist, reached, continues, before)
             engagement = p_play * sigmoid(full_logit - expected_fatigue)
-        full_logit = full_logit - self._slate_fatigue(u, genre, artist, played, continues)
-        full = played & (draws[2] < sigmoid(full_logit))
-        skip = played & ~full
+        full_logit = full_logit - self._slate_fatigue(u, genre, artist, played, continues, before)
+        full = np.logical_and(played, draws[2] < sigmoid(full_logit), out=happened[7])
+        skip = np.greater(played, full, out=happened[8])  # played and not full
         biases = self.signal_biases[:, slates.users, None]  # [4, R, 1]: like, share, playlist, dislike
-        signal = draws[3:7] < sigmoid(biases + self.signal_slopes * full_logit)
-        like, share, playlist = full & signal[0], full & signal[1], full & signal[2]
-        dislike = skip & signal[3]
+        signal = np.less(draws[3:7], sigmoid(biases + self.signal_slopes * full_logit), out=happened[3:7])
+        signal[:3] &= full  # like, share, playlist after a full play
+        signal[3] &= skip  # dislike after a skip
+        like, playlist = happened[3], happened[5]
 
         duration = catalog.duration_ms[tracks]
         skip_ms = self._skip_ms(duration, draws[7])
@@ -130,8 +146,9 @@ class ReactionModel:
         start = slates.shown_at[:, None] + FIRST_DELAY_MS + ends_after - step
         duration_ms = FIRST_DELAY_MS + ends_after[:, -1]
 
-        counts = np.stack([full, like, share, playlist, skip, dislike]).sum(axis=2)  # [6, R]
-        n_examined = examined.sum(1)
+        # [6, R]: full, like, share, playlist, skip, dislike (the order of SATISFACTION_WEIGHTS)
+        counts = np.add.reduce(happened[3:], axis=2)[_COUNT_ROWS]
+        n_examined = np.add.reduce(examined, axis=1)
         satisfied = SATISFACTION_WEIGHTS @ counts
         satisfaction = satisfied / np.maximum(n_examined, 1)
         continue_logit = (self.continue_bias[slates.scenario] + users.stickiness[slates.users]
@@ -139,11 +156,9 @@ class ReactionModel:
         keep_going = rng.random(R) < sigmoid(continue_logit)
         keep_going &= slates.slate_index + 1 < config.max_slates_per_session
 
-        organic = slates.request_id < 0
         end = start + play_ms
-        events = self._events(slates, organic, start, end, play_ms,
-                              (mask & ~organic[:, None], played, played, like, share, playlist, dislike), full)
-        self._learn(slates, organic, latent, played, full, like, playlist, genre, artist)
+        events = self._events(slates, organic, start, end, play_ms, happened[:7], full)
+        self._learn(slates, organic, latent, played, full, playlist, genre, artist)
         return SlateOutcome(events=events, duration_ms=duration_ms.astype(np.int64), keep_going=keep_going,
                             satisfied=satisfied, examined=n_examined, engagement=engagement)
 
@@ -168,59 +183,57 @@ class ReactionModel:
         return continues & slates.mask
 
     def _slate_fatigue(self, u: np.ndarray, genre: np.ndarray, artist: np.ndarray, played: np.ndarray,
-                       continues: np.ndarray | None = None) -> np.ndarray:
+                       continues: np.ndarray | None = None, before: np.ndarray | None = None) -> np.ndarray:
         """Extra full-play fatigue from same-genre / same-artist plays earlier in this slate
         (model 3: none from the artist for a track that continues an album in order). `played`
-        is bool (what happened) or float (P(played), for the expected fatigue)."""
+        is bool (what happened) or float (P(played), for the expected fatigue). `before`, the
+        session's plays of each track's genre so far, may be passed by a caller that has it."""
         config = self.config
-        earlier = self._earlier(genre.shape[1])
+        earlier = self._earlier_cache.get(genre.shape[1])
+        if earlier is None:
+            earlier = self._earlier_cache[genre.shape[1]] = np.tri(genre.shape[1], genre.shape[1], -1, dtype=bool)
         # [R, k, j]: j is an earlier played position (or, for floats, how likely it was played)
         combine = np.logical_and if played.dtype == bool else np.multiply
         prior = combine(played[:, None, :], earlier)
-        same_genre = combine(genre[:, :, None] == genre[:, None, :], prior).sum(-1)
-        same_artist = combine(artist[:, :, None] == artist[:, None, :], prior).sum(-1)
-        before = self.users.session_genre_plays[u, genre]
+        same_genre = np.add.reduce(combine(genre[:, :, None] == genre[:, None, :], prior), axis=-1)
+        same_artist = np.add.reduce(combine(artist[:, :, None] == artist[:, None, :], prior), axis=-1)
+        if before is None:
+            before = self.users.session_genre_plays[u, genre]
         free = config.genre_fatigue_free
         extra_genre = np.maximum(0, before + same_genre - free) - np.maximum(0, before - free)
         if continues is not None:
             same_artist = np.where(continues, 0, same_artist)
         return config.genre_fatigue * extra_genre + config.artist_fatigue * same_artist
 
-    def _earlier(self, S: int) -> np.ndarray:
-        if S not in self._earlier_cache:
-            self._earlier_cache[S] = np.tri(S, S, -1, dtype=bool)
-        return self._earlier_cache[S]
-
     @staticmethod
     def _events(slates: Slates, organic: np.ndarray, start: np.ndarray, end: np.ndarray, play_ms: np.ndarray,
-                happened: tuple[np.ndarray, ...], full: np.ndarray) -> np.ndarray:
-        """Event rows for everything that happened, ordered by (row, position, kind)."""
+                happened: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """Event rows for everything that happened ([kinds, R, S] bool), ordered by (row, position, kind)."""
         R, S = start.shape
-        valid = np.stack(happened, axis=-1)  # [R, S, kinds]
-        rows, positions, kinds = np.nonzero(valid)
-        behaviour = _KIND_CODES[kinds]
+        rows, positions, kinds = np.nonzero(happened.transpose(1, 2, 0))
+        cell = rows * S + positions  # into the flattened [R, S] arrays
         is_end = kinds == _END_KIND
-        behaviour[is_end] = np.where(full[rows[is_end], positions[is_end]],
-                                     BEHAVIOUR_CODE["full_play"], BEHAVIOUR_CODE["skip"])
-        ts = np.where(kinds == 0, slates.shown_at[rows],
-                      np.where(kinds == 1, start[rows, positions], end[rows, positions]))
+        # An "end" is a full play or a skip; every other kind has one code (_KIND_CODES).
+        behaviour = _BEHAVIOUR_BY_KIND_AND_FULL[kinds + len(_KIND_BEHAVIOURS) * full.take(cell)]
+        ts = np.where(kinds == 0, slates.shown_at[rows], np.where(kinds == 1, start.take(cell), end.take(cell)))
         out = np.empty((len(rows), len(EVENT_COLUMNS)), np.int64)
         out[:, 0] = ts
         out[:, 1] = slates.users[rows]
-        out[:, 2] = slates.tracks[rows, positions]
+        out[:, 2] = slates.tracks.take(cell)
         out[:, 3] = slates.scenario[rows]
         out[:, 4] = behaviour
         out[:, 5] = slates.request_id[rows]
         out[:, 6] = np.where(organic[rows], -1, positions)
-        out[:, 7] = np.where(is_end, play_ms[rows, positions], 0)
+        out[:, 7] = np.where(is_end, play_ms.take(cell), 0)
         return out
 
     def _learn(self, slates: Slates, organic: np.ndarray, latent: np.ndarray, played: np.ndarray, full: np.ndarray,
-               like: np.ndarray, playlist: np.ndarray, genre: np.ndarray, artist: np.ndarray) -> None:
+               playlist: np.ndarray, genre: np.ndarray, artist: np.ndarray) -> None:
         users, tracks = self.users, slates.tracks
-        consumed = (full | like).astype(np.float64) + 0.5 * playlist
+        # Likes and playlist adds follow full plays only, so "fully played or liked" is `full`.
+        consumed = full.astype(np.float64) + 0.5 * playlist
         users.drift_toward(slates.users, latent, consumed, self.config.taste_learning_rate)
-        keep = (full | like | playlist) & ~organic[:, None]
+        keep = full & ~organic[:, None]
         users.add_to_library(slates.users, tracks, keep, slates.shown_at - self.config.start_ts)
         users.note_plays(slates.users, artist, genre, played)
         if users.album_next is not None:  # model 3: the album in progress, from the slate's last play
