@@ -102,7 +102,13 @@ class Oracle:
         age_days = (users.now_ms - users.library_ms.take(slots)) / DAY_MS
         weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
         match = track_ids[..., None] == users.library.take(slots)  # [..., F]
-        return np.maximum.reduce(np.where(match, weight, 0.0), axis=-1)
+        # = np.where(match, weight, 0.0).max(axis=-1) (weights are >= 0), visiting only the few matches
+        found = np.nonzero(match)
+        lead = match.ndim - weight.ndim  # weight is [*user_ids.shape, F], broadcast against match
+        at = tuple(0 if n == 1 else found[lead + i] for i, n in enumerate(weight.shape[:-1])) + (found[-1],)
+        familiar = np.zeros(match.shape[:-1])
+        np.maximum.at(familiar, found[:-1], weight[at])
+        return familiar
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
                       seed_track: np.ndarray, genre: np.ndarray | None = None) -> np.ndarray:
