@@ -361,12 +361,13 @@ class MusicPlatform:
 
     def _check_shown(self, request_id: np.ndarray, tracks: np.ndarray, mask: np.ndarray, shown_at: np.ndarray) -> None:
         catalog = self.catalog
-        bad_id = mask & ((tracks < 0) | (tracks >= catalog.n_tracks))
-        if bad_id.any():
+        # Cells outside the mask hold 0, a valid id: the whole array's range tells if any id is bad.
+        if np.minimum.reduce(tracks, axis=None) < 0 or np.maximum.reduce(tracks, axis=None) >= catalog.n_tracks:
+            bad_id = mask & ((tracks < 0) | (tracks >= catalog.n_tracks))
             row = int(np.flatnonzero(bad_id.any(axis=1))[0])
             raise ValueError(f"recommender: request {request_id[row]} got track ids outside "
                              f"[0, {catalog.n_tracks}): {tracks[row][bad_id[row]].tolist()}")
-        unreleased = mask & (catalog.release_ts[np.where(mask, tracks, 0)] > shown_at[:, None])
+        unreleased = mask & (catalog.release_ts[tracks] > shown_at[:, None])
         if unreleased.any():
             row = int(np.flatnonzero(unreleased.any(axis=1))[0])
             raise ValueError(f"recommender: request {request_id[row]} served tracks not yet "

@@ -172,6 +172,20 @@ def test_a_policy_serving_unreleased_tracks_is_refused():
         platform.run()
 
 
+@pytest.mark.parametrize("bad_id", [-1, 10**9])
+def test_a_policy_serving_ids_outside_the_catalog_is_refused(bad_id):
+    class ServesABadId(RandomRecommender):
+        def recommend(self, requests):
+            responses = super().recommend(requests)
+            responses[-1].candidates[responses[-1].order[-1]] = bad_id  # the last shown track of the batch
+            return responses
+
+    platform = MusicPlatform(SimConfig(seed=1, **TINY), None, lambda batch: None)
+    platform.recommender = ServesABadId(platform.catalog.metadata(), 1)
+    with pytest.raises(ValueError, match=rf"got track ids outside \[0, {platform.catalog.n_tracks}\): \[{bad_id}\]"):
+        platform.run()
+
+
 def test_taste_drifts_toward_consumed_tracks():
     config = SimConfig(seed=7, **TINY, taste_walk_per_day=0.0)
     batches = []
