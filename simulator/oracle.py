@@ -96,18 +96,24 @@ class Oracle:
         capacity = users.library.shape[1]
         if self._familiar_back is None or len(self._familiar_back) != min(FAMILIAR_SLOTS, capacity):
             self._familiar_back = 1 + np.arange(min(FAMILIAR_SLOTS, capacity))  # slot next-1 is the newest
-        # Slots and weights are gathered per user ([..., 1, F] in a slate), then every track is compared.
+        # The user's slots are gathered ([..., 1, F] in a slate) and every track compared with them;
+        # the weight is computed for the few matches only: = np.where(match, weight, 0.0).max(-1),
+        # as weights are >= 0.
         rows = user_ids[..., None]
         slots = rows * capacity + (users.library_next[rows] - self._familiar_back) % capacity  # flat
-        age_days = (users.now_ms - users.library_ms.take(slots)) / DAY_MS
-        weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
         match = track_ids[..., None] == users.library.take(slots)  # [..., F]
-        # = np.where(match, weight, 0.0).max(axis=-1) (weights are >= 0), visiting only the few matches
-        found = np.nonzero(match)
-        lead = match.ndim - weight.ndim  # weight is [*user_ids.shape, F], broadcast against match
-        at = tuple(0 if n == 1 else found[lead + i] for i, n in enumerate(weight.shape[:-1])) + (found[-1],)
+        hits = np.flatnonzero(match)
+        cell, slot = np.divmod(hits, match.shape[-1])  # the [...] cell of each match, and its slot
+        if slots.ndim == 1:  # one user
+            matched = slots[slot]
+        elif slots.shape[:-2] == match.shape[:-2] and slots.shape[-2] == 1:  # a user per row of [..., S]
+            matched = slots.reshape(-1)[cell // match.shape[-2] * match.shape[-1] + slot]
+        else:
+            matched = np.broadcast_to(slots, match.shape).reshape(-1)[hits]
+        age_days = (users.now_ms - users.library_ms.take(matched)) / DAY_MS
+        weight = np.exp(-np.maximum(age_days, 0.0) / self.config.repeat_memory_days)
         familiar = np.zeros(match.shape[:-1])
-        np.maximum.at(familiar, found[:-1], weight[at])
+        np.maximum.at(familiar.reshape(-1), cell, weight)
         return familiar
 
     def context_match(self, track_ids: np.ndarray, track_latent: np.ndarray, query_genre: np.ndarray,
