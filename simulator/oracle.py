@@ -102,7 +102,7 @@ class Oracle:
         rows = user_ids[..., None]
         slots = rows * capacity + (users.library_next[rows] - self._familiar_back) % capacity  # flat
         match = track_ids[..., None] == users.library.take(slots)  # [..., F]
-        hits = np.flatnonzero(match)
+        hits = match.reshape(-1).nonzero()[0]
         cell, slot = np.divmod(hits, match.shape[-1])  # the [...] cell of each match, and its slot
         if slots.ndim == 1:  # one user
             matched = slots[slot]

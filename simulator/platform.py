@@ -287,7 +287,7 @@ class MusicPlatform:
         outcome = self.reactions.react(slates, self.rng)
         if self.oracle_sink is not None:
             shown = slates.mask & (slates.request_id >= 0)[:, None]
-            rows = np.nonzero(shown)[0]
+            rows = shown.nonzero()[0]
             self.oracle_sink(slates.request_id[rows], slates.tracks[shown], outcome.engagement[shown])
         if len(outcome.events):
             self.pending = np.concatenate([self.pending, outcome.events]) if len(self.pending) else outcome.events
@@ -322,13 +322,13 @@ class MusicPlatform:
         tracks = np.zeros((R, int(sizes.max())), np.int64)
         lengths = np.zeros(R, np.int64)
         organic = request_id < 0
-        ranked_rows = np.flatnonzero(~organic).tolist()
+        ranked_rows = (~organic).nonzero()[0].tolist()
         for row, response, size in zip(ranked_rows, responses, sizes[ranked_rows].tolist()):
             shown = response.candidates[response.order[:size]]  # = ranked_tracks[:size], gathering only those
             tracks[row, :len(shown)] = shown
             lengths[row] = len(shown)
-        if organic.any():
-            self._library_slates(np.flatnonzero(organic), users[organic], tracks, lengths)
+        if len(ranked_rows) < R:
+            self._library_slates(organic.nonzero()[0], users[organic], tracks, lengths)
         mask = np.arange(tracks.shape[1]) < lengths[:, None]
         self._check_shown(request_id, tracks, mask, shown_at)
         return Slates(users=users, scenario=scenario, query_genre=query_genre, seed_track=seed_track,
@@ -368,7 +368,7 @@ class MusicPlatform:
             raise ValueError(f"recommender: request {request_id[row]} got track ids outside "
                              f"[0, {catalog.n_tracks}): {tracks[row][bad_id[row]].tolist()}")
         unreleased = mask & (catalog.release_ts[tracks] > shown_at[:, None])
-        if unreleased.any():
+        if np.logical_or.reduce(unreleased, axis=None):
             row = int(np.flatnonzero(unreleased.any(axis=1))[0])
             raise ValueError(f"recommender: request {request_id[row]} served tracks not yet "
                              f"released at ts={shown_at[row]}: {tracks[row][unreleased[row]].tolist()}")
@@ -380,10 +380,10 @@ class MusicPlatform:
         if not len(self.pending):
             return
         ready = self.pending[:, 0] <= up_to_ts
-        if not ready.any():
+        if not np.logical_or.reduce(ready):
             return
         out = self.pending[ready]
-        out = out[np.argsort(out[:, 0], kind="stable")]
+        out = out[out[:, 0].argsort(kind="stable")]
         self.pending = self.pending[~ready]
         self.pending_first_ts = int(self.pending[:, 0].min()) if len(self.pending) else np.inf
         n = len(out)

@@ -142,7 +142,7 @@ class ReactionModel:
         skip_ms = self._skip_ms(duration, draws[7])
         play_ms = np.where(full, duration, np.where(skip, skip_ms, 0))
         step = np.where(played, play_ms + GAP_MS, np.where(examined, BROWSE_MS, 0))
-        ends_after = np.cumsum(step, axis=1)
+        ends_after = np.add.accumulate(step, axis=1)
         start = slates.shown_at[:, None] + FIRST_DELAY_MS + ends_after - step
         duration_ms = FIRST_DELAY_MS + ends_after[:, -1]
 
@@ -210,7 +210,7 @@ class ReactionModel:
                 happened: np.ndarray, full: np.ndarray) -> np.ndarray:
         """Event rows for everything that happened ([kinds, R, S] bool), ordered by (row, position, kind)."""
         R, S = start.shape
-        rows, positions, kinds = np.nonzero(happened.transpose(1, 2, 0))
+        rows, positions, kinds = happened.transpose(1, 2, 0).nonzero()
         cell = rows * S + positions  # into the flattened [R, S] arrays
         is_end = kinds == _END_KIND
         # An "end" is a full play or a skip; every other kind has one code (_KIND_CODES).
@@ -238,6 +238,6 @@ class ReactionModel:
         users.note_plays(slates.users, artist, genre, played)
         if users.album_next is not None:  # model 3: the album in progress, from the slate's last play
             last = played.shape[1] - 1 - np.argmax(played[:, ::-1], axis=1)
-            rows = np.flatnonzero(played.any(axis=1))
+            rows = np.logical_or.reduce(played, axis=1).nonzero()[0]
             track, finished = tracks[rows, last[rows]], full[rows, last[rows]]
             users.album_next[slates.users[rows]] = np.where(finished, self.catalog.albums.next_track[track], -1)

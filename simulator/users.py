@@ -164,8 +164,8 @@ class Users:
     def draw_query_genre(self, user: int, catalog: Catalog, u: float, sharpness: float = 6.0) -> int:
         """A search query's genre: mostly the genres closest to the user's current taste."""
         logits = sharpness * (catalog.genre_centroids @ self.taste[user])
-        cdf = np.cumsum(np.exp(logits - logits.max()))
-        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(cdf) - 1))
+        cdf = np.add.accumulate(np.exp(logits - np.maximum.reduce(logits))).tolist()
+        return min(bisect.bisect_right(cdf, u * cdf[-1]), len(cdf) - 1)  # = np.searchsorted(side="right")
 
     def draw_library_track(self, user: int, u: float) -> int:
         """A track from the user's library, or -1 when it is empty."""
@@ -183,7 +183,7 @@ class Users:
 
     def note_plays(self, users: np.ndarray, artists: np.ndarray, genres: np.ndarray, played: np.ndarray) -> None:
         """Session fatigue state: same-genre counts and recent artists. `users` are unique."""
-        rows, cols = np.nonzero(played)
+        rows, cols = played.nonzero()
         np.add.at(self.session_genre_plays, (users[rows], genres[rows, cols]), 1)
         _ring_append(self.recent_artists, self.recent_next, users, artists, played)
 
@@ -206,11 +206,11 @@ def _ring_append(buffer: np.ndarray, next_slot: np.ndarray, users: np.ndarray, v
     at the same slots.
     """
     capacity = buffer.shape[1]
-    rank = np.cumsum(mask, axis=1) - 1  # order of each kept value within its row
+    rank = np.add.accumulate(mask, axis=1, dtype=np.int64) - 1  # order of each kept value within its row
     count = rank[:, -1] + 1
     # A row of at most `capacity` values keeps them all.
     keep = mask if mask.shape[1] <= capacity else mask & (rank >= (count - capacity)[:, None])
-    rows = np.nonzero(keep)[0]
+    rows = keep.nonzero()[0]
     owners = users[rows]
     slot = (next_slot[owners] + rank[keep]) % capacity
     buffer[owners, slot] = values[keep]
