@@ -29,7 +29,7 @@ from scipy.special import expit as sigmoid
 
 from simulator.catalog import Catalog
 from simulator.config import DAY_MS, SimConfig
-from simulator.users import Users
+from simulator.users import RECENT_ARTISTS, Users
 from streaming.events import SCENARIOS
 
 AFFINITY_CENTER = 0.25
@@ -45,6 +45,13 @@ class Oracle:
         self.taste_weight = np.array([p.taste_weight for p in params])
         self.popularity_weight = np.array([p.popularity_weight for p in params])
         self.context_weight = np.array([p.context_weight for p in params])
+        # The artist term of the fatigue by plays of the artist among the session's last 8 (0..8).
+        # Model 1: artist_fatigue each. Model 2: one more track by an artist just played is welcome
+        # (continuation); more tire.
+        repeats = np.arange(RECENT_ARTISTS + 1)
+        self._artist_term = (config.artist_fatigue * repeats if config.user_model == 1 else
+                             config.artist_fatigue * np.maximum(0, repeats - 1)
+                             - config.artist_continuation * (repeats == 1))
         # The five rows above as one table, so a batch gathers its scenarios' parameters at once.
         self._by_scenario = np.stack([self.play_bias, self.full_bias, self.taste_weight, self.popularity_weight,
                                       self.context_weight])
@@ -76,11 +83,7 @@ class Oracle:
         recent = self.users.recent_artists[user_ids]  # [..., 8]
         same_artist = np.add.reduce(recent == artist[..., None], axis=-1)
         genre_term = config.genre_fatigue * np.maximum(0, same_genre - config.genre_fatigue_free)
-        if config.user_model == 1:
-            return genre_term + config.artist_fatigue * same_artist
-        # Model 2: one more track by an artist just played is welcome (continuation); more tire.
-        artist_term = (config.artist_fatigue * np.maximum(0, same_artist - 1)
-                       - config.artist_continuation * (same_artist == 1))
+        artist_term = self._artist_term[same_artist]
         if continues is not None:  # model 3
             artist_term = np.where(continues, -config.album_continuation, artist_term)
         return genre_term + artist_term
