@@ -123,6 +123,7 @@ class MusicPlatform:
             self.users.album_next = np.full(config.n_users, -1, np.int64)
         self.arms = self._check_arms(arms, config.n_users)
         self.slate_size = np.array([config.scenario(s).slate_size for s in SCENARIOS])
+        self._slate_sizes = self.slate_size.tolist()  # the same, as Python ints for one request
 
         self.env = simpy.Environment()
         self.busy_until = np.full(config.n_users, -np.inf)  # ms a user's session ends; inf while unknown
@@ -246,8 +247,9 @@ class MusicPlatform:
             yield env.timeout(window)
             if self.queue:
                 self._flush()
-            if self.pending_first_ts <= self.now_ts:
-                self._emit(self.now_ts)
+            now_ts = self.config.start_ts + int(env.now)
+            if self.pending_first_ts <= now_ts:
+                self._emit(now_ts)
 
     def _progress(self, progress: Callable[[float], None], horizon: int):
         step = max(HOUR_MS, horizon // 200)
@@ -271,7 +273,7 @@ class MusicPlatform:
             context = {"seed_track": seed_track} if seed_track >= 0 else (
                 {"query_genre": query_genre} if query_genre >= 0 else {})
             request = SlateRequest(request_id=self.next_request_id, user_id=user, scenario=SCENARIOS[scenario],
-                                   ts=self.now_ts, slate_size=int(self.slate_size[scenario]), context=context)
+                                   ts=self.now_ts, slate_size=self._slate_sizes[scenario], context=context)
             self.next_request_id += 1
         ask = _Ask(user, scenario, slate_index, show_at, query_genre, seed_track, request, self.env.event())
         self.queue.append(ask)

@@ -148,11 +148,11 @@ class EventBatch:
     def from_columns(cls, **columns) -> "EventBatch":
         """Build a batch, casting each column to its contract dtype; schema_version defaults."""
         n = len(columns["event_id"])
-        columns.setdefault("schema_version", np.full(n, SCHEMA_VERSION, np.int16))
-        columns.setdefault("request_id", np.full(n, -1, np.int64))
-        columns.setdefault("position", np.full(n, -1, np.int16))
-        columns.setdefault("play_ms", np.zeros(n, np.int32))
-        columns.setdefault("arm", np.full(n, "", object))
+        # Defaults are built only for the columns left out (the simulator passes all but one, every tick).
+        for name, fill in (("schema_version", SCHEMA_VERSION), ("request_id", -1), ("position", -1),
+                           ("play_ms", 0), ("arm", "")):
+            if name not in columns:
+                columns[name] = np.full(n, fill, cls.DTYPES[name])
         arrays = {}
         for name, dtype in cls.DTYPES.items():
             col = np.asarray(columns[name], dtype=dtype)
