@@ -210,8 +210,10 @@ class ReactionModel:
                 happened: np.ndarray, full: np.ndarray) -> np.ndarray:
         """Event rows for everything that happened ([kinds, R, S] bool), ordered by (row, position, kind)."""
         R, S = start.shape
-        rows, positions, kinds = happened.transpose(1, 2, 0).nonzero()
-        cell = rows * S + positions  # into the flattened [R, S] arrays
+        # Flat indices into [R, S, kinds] come in (row, position, kind) order (a 1-d nonzero is cheap).
+        found = happened.transpose(1, 2, 0).copy().reshape(-1).nonzero()[0]
+        cell, kinds = np.divmod(found, happened.shape[0])  # cell: into the flattened [R, S] arrays
+        rows, positions = np.divmod(cell, S)
         is_end = kinds == _END_KIND
         # An "end" is a full play or a skip; every other kind has one code (_KIND_CODES).
         behaviour = _BEHAVIOUR_BY_KIND_AND_FULL[kinds + len(_KIND_BEHAVIOURS) * full.take(cell)]
