@@ -21,15 +21,18 @@ interpretation (documented in `docs/growth.md`):
   fresh Linear's scale, drawn from a generator seeded by (seed, step, group), so a resumed
   run grows the same values) and zero output columns, so growing does not change the
   model's output. `regrow="restore"`: it comes back with the input rows it had when pruned.
-- `implementation="sliced"` (the fast path): while sparse, each layer runs on its active
-  units' weights only (index_select, smaller matmuls, fewer attention heads); the
-  parameters and the optimizer stay full-size, the rows left out get zero gradient. An
-  update step needs the gradient of the inactive units, so it runs full-size, masked.
-  `implementation="masked"` (the reference): full shapes, pruned rows held at zero. The
-  two give the same loss and gradients (tests/test_growth_sliced.py).
+- `implementation="sliced"` (the fast path): while sparse, every prunable weight is
+  swapped for a physically smaller parameter holding its active units only, with the
+  optimizer's state cut alike (ranker.training.growth_slices), so a sparse step runs
+  smaller matmuls and fewer attention heads with no gather or scatter. An update step
+  needs the gradient of the inactive units, so it runs full-size, masked; so does the
+  dense phase. `implementation="masked"` (the reference): full shapes, pruned rows held
+  at zero. The two give the same loss, gradients and final weights
+  (tests/test_growth_sliced.py).
 - Optimizer state: pruning zeroes the unit's AdamW moments (rows and columns); its
-  gradients are zero while it is pruned (masked: set to zero; sliced: never computed), so
-  it does not move, and it comes back with no stale momentum either way.
+  gradients are zero while it is pruned (masked: set to zero; sliced: not in the
+  optimizer), so its input rows stay zero and it comes back with no stale momentum
+  either way. Its frozen output columns get AdamW's weight decay in both paths.
 """
 
 from __future__ import annotations
