@@ -236,3 +236,27 @@ def test_horizon_and_defaults():
     config = SimConfig()
     assert config.artists == config.n_tracks // 10 and config.horizon_ms == 7 * DAY_MS
     assert SimConfig(days=0.5).horizon_ms == DAY_MS // 2
+
+
+@pytest.mark.parametrize("users_shape, tracks_shape", [((6, 1), (6, 10)), ((), (40,)), ((25,), (25,)),
+                                                       ((3, 1, 1), (3, 4, 5)), ((4, 1), (1, 7))])
+def test_familiarity_fast_path_equals_the_formula_on_every_broadcast_shape(tiny, users_shape, tracks_shape):
+    """Oracle.familiarity computes weights for matches only; the formula weighs every slot."""
+    from simulator.oracle import FAMILIAR_SLOTS
+
+    platform = tiny[0]
+    oracle, users, config = platform.oracle, platform.users, platform.config
+    rng = np.random.default_rng(5)
+    user_ids = np.asarray(rng.integers(config.n_users, size=users_shape))
+    track_ids = rng.integers(config.n_tracks, size=tracks_shape)
+    loved = users.library[user_ids.reshape(-1)[0]]
+    flat = track_ids.reshape(-1)  # a view: half the tracks become the first user's loves
+    flat[::2] = rng.choice(loved[loved >= 0], len(flat[::2]))
+    rows = user_ids[..., None]
+    slots = (users.library_next[rows] - (1 + np.arange(FAMILIAR_SLOTS))) % users.library.shape[1]
+    weight = np.exp(-np.maximum((users.now_ms - users.library_ms[rows, slots]) / DAY_MS, 0.0)
+                    / config.repeat_memory_days)
+    expected = np.where(track_ids[..., None] == users.library[rows, slots], weight, 0.0).max(axis=-1)
+    got = oracle.familiarity(user_ids, track_ids)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+    assert (expected > 0).any()
