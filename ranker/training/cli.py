@@ -97,6 +97,9 @@ def import_log(
     item: str = typer.Option(..., help="column holding the item (track) id"),
     time: str = typer.Option(..., "--time", help="column holding the time: datetimes, or epoch seconds / ms"),
     behaviour: Optional[str] = typer.Option(None, help="column of behaviour names (default: every row is full_play)"),
+    behaviour_map: Optional[str] = typer.Option(None, help="turn the --behaviour column's values into behaviours, "
+                                                "VALUE=NAME pairs, a-b for whole-number ranges: ML-100K's ratings "
+                                                "as 5=like,4=full_play,1-3=play"),
     scenario: Optional[str] = typer.Option(None, help="column of scenario names (default: library)"),
     negatives: str = typer.Option("uniform", help="slate negatives: 'uniform' over the catalogue, 'popularity' "
                                   "(drawn from the same time window: teaches BCE to demote popular items), "
@@ -115,7 +118,8 @@ def import_log(
     try:
         summary = import_interactions(source, db, columns, n_negatives=n_negatives,
                                       window_ms=round(window_hours * 3_600_000), timestamp_unit=time_unit,
-                                      seed=seed, overwrite=overwrite, negatives=negatives)
+                                      seed=seed, overwrite=overwrite, negatives=negatives,
+                                      behaviour_map=behaviour_map)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         _fail("import", exc)
     slates = (f"{summary.n_requests:,} requests ({negatives} negatives)" if summary.n_requests
