@@ -104,10 +104,18 @@ def test_leave_one_out_holds_out_each_users_last_two_items(split):
     train = split.train_token_mask()
     assert not train[split.valid_index].any() and not train[split.test_index].any()
     assert train.sum() == len(log.token_tracks) - 2 * len(split.users)
-    windows = training_windows(split, max_len=4)  # every training target predicted exactly once
-    targets = [s + p + 1 for s, e, f in zip(windows.start, windows.end, windows.loss_from) for p in range(f, e - s)]
     firsts = set(split.user_first.tolist())
-    assert sorted(targets) == [t for t in np.flatnonzero(train) if t not in firsts]
+    for stride in (None, 1, 3, 4):  # every training target predicted exactly once, whatever the stride
+        windows = training_windows(split, max_len=4, stride=stride)
+        targets = [(s + p + 1, p + 1) for s, e, f in zip(windows.start, windows.end, windows.loss_from)
+                   for p in range(f, e - s)]
+        assert sorted(t for t, _ in targets) == [t for t in np.flatnonzero(train) if t not in firsts]
+        first_of = {t: first for first, stop in zip(split.user_first, split.valid_index) for t in range(first, stop)}
+        for target, context in targets:  # context = earlier tokens in the window: >= max_len - stride, or all
+            assert context >= min(4 - (stride or 2), target - first_of[target])
+        assert (windows.end - windows.start <= 4).all()
+    with pytest.raises(ValueError, match="window stride must be in"):
+        training_windows(split, max_len=4, stride=5)
 
 
 @pytest.mark.parametrize("seed", range(4))
