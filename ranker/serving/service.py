@@ -66,6 +66,10 @@ class ServingSettings(BaseSettings):
     max_wait_ms: float = Field(1.0, ge=0)
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
+    # The served history window's hop (ranker.window): 1 slides it with every event past
+    # max_len, so a full history's cache is rebuilt on every event; h > 1 moves its start in
+    # steps of h, so the cache extends between hops.
+    window_hop: int = Field(1, ge=1)
     # torch intra-op threads of the serving process (0: torch's default, one per core). 1 by
     # default: a batch is hundreds of small ops, each a parallel region whose barrier waits
     # for every thread, and when another process holds a core (the load generator, other

@@ -44,6 +44,15 @@ def _ranks_within_groups(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     """Group AUC: per-group (user) AUC averaged with weights = the group's impressions.
     Groups with a single class have no AUC and are skipped; NaN if none is left."""
+    ids, per_group, weights = group_aucs(labels, scores, groups)
+    if not len(ids):
+        return float("nan")
+    return float(np.average(per_group, weights=weights))
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group ids, their AUCs, their impression counts) for the groups with both classes:
+    what `gauc` averages, and what a paired bootstrap over users resamples."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     _, group = np.unique(np.asarray(groups), return_inverse=True)
@@ -53,10 +62,8 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     n_neg = size - n_pos
     pos_rank_sum = np.bincount(group, weights=ranks * labels)
     valid = (n_pos > 0) & (n_neg > 0)
-    if not valid.any():
-        return float("nan")
     per_group = (pos_rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2) / (n_pos[valid] * n_neg[valid])
-    return float(np.average(per_group, weights=size[valid]))
+    return np.unique(np.asarray(groups))[valid], per_group, size[valid]
 
 
 def logloss(labels: np.ndarray, logits: np.ndarray) -> float:

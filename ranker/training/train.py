@@ -139,31 +139,41 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> floa
 
 @torch.no_grad()
 def evaluate(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
-             runtime: Runtime | None = None) -> dict[str, float]:
-    """All offline metrics of `model` on every request of `log` (see ranker.training.metrics)."""
+             runtime: Runtime | None = None, hop: int = 1) -> dict[str, float]:
+    """All offline metrics of `model` on every request of `log` (see ranker.training.metrics),
+    each request's history the hop window (ranker.window) of its tokens: 1 is the sliding one."""
+    logits, ranking_score = predict(model, log, max_len, batch_size, runtime, hop)
+    impressions = log.impression_rows(np.arange(len(log)))
+    per_request = np.repeat(np.arange(len(log)), log.candidate_count)
+    return ranking_report(
+        labels=log.labels[impressions].astype(np.float64),
+        logits=logits,
+        ranking_score=ranking_score,
+        users=log.user_id[per_request],
+        requests=log.request_id[per_request],
+        relevance=log.relevance(impressions),
+        positions=log.candidate_positions[impressions],
+    )
+
+
+@torch.no_grad()
+def predict(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
+            runtime: Runtime | None = None, hop: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(task logits [N_imp, len(TASKS)], ranking score [N_imp]) for every impression of
+    `log`, in `log.impression_rows` order."""
     runtime = runtime or Runtime(torch.device("cpu"), 0, 1, None)
     was_training = model.training
     model.eval()
     logits_parts, score_parts = [], []
     for rows in iterate_batches(len(log), batch_size, shuffle=False):
-        batch = log.batch(rows, max_len).to(runtime.device)
+        batch = log.batch(rows, max_len, hop).to(runtime.device)
         with runtime.autocast():
             logits = model(batch)
         mask = batch.candidate_mask
         logits_parts.append(logits[mask].float().cpu())
         score_parts.append(model.score(logits.float(), mask)[mask].cpu())
     model.train(was_training)
-    impressions = log.impression_rows(np.arange(len(log)))
-    per_request = np.repeat(np.arange(len(log)), log.candidate_count)
-    return ranking_report(
-        labels=log.labels[impressions].astype(np.float64),
-        logits=torch.cat(logits_parts).numpy(),
-        ranking_score=torch.cat(score_parts).numpy(),
-        users=log.user_id[per_request],
-        requests=log.request_id[per_request],
-        relevance=log.relevance(impressions),
-        positions=log.candidate_positions[impressions],
-    )
+    return torch.cat(logits_parts).numpy(), torch.cat(score_parts).numpy()
 
 
 def typical_shape(log: RequestLog, max_len: int) -> tuple[int, int]:
