@@ -138,12 +138,15 @@ def bench_cache(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override of the experiment, repeatable"),
     long_n: int = typer.Option(1024, help="history length of the untrained model in the storage comparison"),
     long_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    hops: Optional[list[int]] = typer.Option(None, "--hops", help="served window hops, one experiment run each "
+                                             "(1: sliding; default 1 16)"),
 ) -> Any:
     """The KV cache in the closed loop (hit/extend/rebuild, bytes per user, rate against the byte
-    budget) and K/V storage in fp32/bf16/int8 (bytes and score error)."""
+    budget) per served window hop, the hop window's offline GAUC against the sliding one, and
+    K/V storage in fp32/bf16/int8 (bytes and score error)."""
     from bench.cache_economics import CacheBench, run_bench_cache
 
-    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size))
+    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size, hops=tuple(hops or (1, 16))))
 
 
 @bench_app.command("load")
