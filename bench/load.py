@@ -209,15 +209,17 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
     """The service figures: load table, per-request budget, the ceiling and what the goal needs."""
     need_rps = svc["clients"] / (goal_p99_ms / 1e3)
     ceiling = svc["ceiling"]
-    rows = [(f"closed loop, {svc['clients']} clients", svc["loaded"]), ("closed loop, 1 client", svc["single_client"])]
-    basis = {"closed": "the closed-loop throughput", "ceiling": "the in-process ceiling"}
-    rows += [(f"open loop, Poisson {run['offered_per_s']:.0f}/s offered ({run['fraction_of_saturation']:.0%} of "
-              f"{basis[run.get('basis', 'closed')]}), {svc['clients']} connections", run) for run in svc["open_loop"]]
+    # Short labels, so the table fits 80 columns; the sentence under it says what they mean.
+    rows = [(f"closed, {svc['clients']} clients", svc["loaded"]), ("closed, 1 client", svc["single_client"])]
+    basis = {"closed": "closed-loop", "ceiling": "ceiling"}
+    rows += [(f"open {run['fraction_of_saturation']:.0%} {basis[run.get('basis', 'closed')]} "
+              f"({run['offered_per_s']:.0f}/s)", run) for run in svc["open_loop"]]
     lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
-             "clients.", "",
-             "| load | requests/s | p50 ms | p99 ms | server p50 / p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+             f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
+             f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
+             "| load | req/s | p50 | p99 | server p50 / p99 | batch |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {run['requests_per_s']:.0f} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
               f"{run['server_p50_ms']:.1f} / {run['server_p99_ms']:.1f} | {run['mean_batch_size']:.1f} |"
               for label, run in rows]
