@@ -2,8 +2,9 @@
 
 Entries are keyed by (user, model version) and hold, per block and layer, the K/V of the
 history window they were built from (`HistoryBuffer`) plus that window's tokens. A lookup
-compares the user's current window (the last `max_len` tokens of their Feast sequence)
-with the cached one:
+compares the user's current window (the last `max_len` tokens of their Feast sequence, or
+with `window_hop` > 1 the hop window of ranker.window, whose start moves in steps) with the
+cached one:
 
 - same tokens                                   -> hit, score straight from the cache;
 - cached tokens are a prefix, k events appended -> incremental: K/V for the k new tokens
