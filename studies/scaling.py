@@ -281,8 +281,17 @@ def print_table(table: pd.DataFrame, fits: Sequence[PowerLawFit]) -> None:
     out = console if console.is_terminal else Console(width=200)
     out.print(rich_table)
     for fit in fits:
-        out.print(f"{fit.family}: val_loss = {fit.a:.4g} (C/{fit.c0:.3g})^-{fit.b:.4g} + {fit.c:.4g}, "
-                  f"R² = {fit.r2:.4f} over {fit.n_points} sizes")
+        out.print(describe_fit(fit))
+
+
+def describe_fit(fit: PowerLawFit) -> str:
+    """One line per family; says why there is no fit instead of printing NaNs."""
+    if fit.n_points < 3:
+        return f"{fit.family}: no power-law fit: {fit.n_points} size(s), the fit needs at least 3"
+    if not math.isfinite(fit.a):
+        return f"{fit.family}: no power-law fit: least squares did not converge over {fit.n_points} sizes"
+    return (f"{fit.family}: val_loss = {fit.a:.4g} (C/{fit.c0:.3g})^-{fit.b:.4g} + {fit.c:.4g}, "
+            f"R² = {fit.r2:.4f} over {fit.n_points} sizes")
 
 
 def size_table(n_tracks: int, families: Sequence[str], sizes: Sequence[str], history_len: int, n_candidates: int,

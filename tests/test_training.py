@@ -314,6 +314,11 @@ def test_power_law_fit_recovers_known_parameters():
     fit = fit_power_law("x", compute, loss)
     assert (fit.a, fit.b, fit.c) == pytest.approx((2.0, 0.5, 1.0), rel=1e-3) and fit.r2 == pytest.approx(1.0)
     assert math.isnan(fit_power_law("x", compute[:2], loss[:2]).b)  # too few points to fit
+    from studies.scaling import describe_fit
+
+    assert describe_fit(fit).startswith("x: val_loss = 2 (C/1e+09)^-0.5 + 1, R² = 1.0000 over 6 sizes")
+    assert describe_fit(fit_power_law("x", compute[:2], loss[:2])) == (
+        "x: no power-law fit: 2 size(s), the fit needs at least 3")
 
 
 def test_ladder_writes_its_reports_and_reuses_done_rungs(simulated_db, tmp_path):
