@@ -126,7 +126,7 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  max_batch: int = 16, max_wait_ms: float = 0.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
@@ -250,15 +250,15 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
 
 def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
-                   save_as: str | None = "load") -> dict:
+                   save_as: str | None = "load", max_wait_ms: float = 0.0) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
     from bench.common import save
     from bench.serve_common import console
 
     started = time.time()
-    svc = bench_service(size, n, M, 32, seconds, users, threads, open_fractions=fractions, open_seconds=seconds,
-                        device=device, open_basis="ceiling")
+    svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
+                        open_seconds=seconds, device=device, open_basis="ceiling")
     half = next((r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5), None)
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]

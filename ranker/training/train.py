@@ -228,6 +228,9 @@ class TrainConfig:
     # every position (ranker.training.next_item), with sampled_negatives > 0 a sampled softmax.
     objective: str = "impression"
     sampled_negatives: int = 0
+    # The history window of each request (ranker.window): 1 the last max_len tokens; h > 1
+    # the hop window a service with window_hop h serves (impression objective only).
+    window_hop: int = 1
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -316,7 +319,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
              "model_overrides": dict(model_overrides or {}),
              "growth": growth.to_dict() if growth is not None else None,
-             "objective": "impression", "split": c.split}
+             "objective": "impression", "split": c.split, "window_hop": c.window_hop}
     if parent is not None:
         extra["resumed_from"] = {"checkpoint": str(c.resume_from), "model_version": parent["model_version"],
                                  "step": parent["step"], "cutoff_ts": parent.get("cutoff_ts")}
@@ -347,7 +350,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, lr, warmup)
                 global_count = int(train_log.candidate_count[global_rows].sum())
-                batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
+                batch = train_log.batch(shard(global_rows, runtime), max_len, c.window_hop).to(runtime.device)
                 if grow is not None:
                     grow.prepare(step)
                 with runtime.autocast(), flop_counter or nullcontext():
@@ -376,7 +379,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     if grow is not None:
         grow.release()  # full shapes for evaluation and whatever uses the model next
 
-    metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
+    metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime, c.window_hop) if runtime.is_main else {}
     if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
         metrics.update(ceiling_metrics(db_path, data.train, data.eval))
     extra["metrics"] = metrics
