@@ -123,26 +123,6 @@ def closed_loop_figures(arms_in: dict[str, dict], fractions=FRACTIONS) -> dict:
 
 # ----------------------------------------------------------------------------- the hop window's quality
 
-def paired_gauc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, users: np.ndarray,
-                           resamples: int = 2000, seed: int = 0) -> dict:
-    """GAUC of `other` minus GAUC of `base` scores on the same impressions, with a 95% interval
-    from a bootstrap over users (both scores resampled together, so it is paired)."""
-    from ranker.training.metrics import group_aucs
-
-    _, a, weights = group_aucs(labels, base, users)
-    _, b, _ = group_aucs(labels, other, users)  # the same groups: validity depends on labels only
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(a), (resamples, len(a)))
-    w = weights[picks]
-    diffs = ((b - a)[picks] * w).sum(1) / w.sum(1)
-    base_gauc = float(np.average(a, weights=weights))
-    spread = (np.quantile((a[picks] * w).sum(1) / w.sum(1), [0.025, 0.975]) - base_gauc).tolist()
-    return {"gauc_base": base_gauc, "gauc_other": float(np.average(b, weights=weights)),
-            "difference": float(np.average(b - a, weights=weights)),
-            "difference_ci95": np.quantile(diffs, [0.025, 0.975]).tolist(),
-            "base_ci95_halfwidth": float((spread[1] - spread[0]) / 2), "users": int(len(a))}
-
-
 def window_quality(run_dir: Path, arms: list[str], hop: int) -> list[dict]:
     """Each trained arm's full-play GAUC on the A/B phase's impressions (after its training
     log ended) with the hop window against the sliding one: same checkpoint, same impressions."""
@@ -150,15 +130,13 @@ def window_quality(run_dir: Path, arms: list[str], hop: int) -> list[dict]:
 
     from ranker.batch import TASKS
     from ranker.training.checkpoint import load_checkpoint
-    from ranker.training.data import load_request_log, split_by_time
+    from ranker.training.metrics import paired_gauc_difference
     from ranker.training.train import predict
 
+    from ranker.training.data import after_training_log
+
     max_len = json.loads((run_dir / "experiment.json").read_text())["phases"]["train"]["max_len"]
-    cutoff = int(load_request_log(run_dir / "warm_up.duckdb").request_ts.max()) + 1
-    log = split_by_time(load_request_log(run_dir / "sandbox.duckdb"), cutoff_ts=cutoff).eval
-    impressions = log.impression_rows(np.arange(len(log)))
-    users = np.repeat(log.user_id, log.candidate_count)
-    labels = log.labels[impressions, TASKS.index("full_play")]
+    log, labels, users = after_training_log(run_dir)
     starts = {h: log.history_window(np.arange(len(log)), max_len, h)[0] for h in (1, hop)}
     lengths = log.history_end - starts[hop]
     rows = []
@@ -166,7 +144,7 @@ def window_quality(run_dir: Path, arms: list[str], hop: int) -> list[dict]:
         model, _ = load_checkpoint(run_dir / "checkpoints" / arm)
         with torch.inference_mode():
             logits = {h: predict(model, log, max_len, hop=h)[0][:, TASKS.index("full_play")] for h in (1, hop)}
-        rows.append({"arm": arm, "hop": hop, "max_len": max_len, "requests": len(log), "impressions": len(impressions),
+        rows.append({"arm": arm, "hop": hop, "max_len": max_len, "requests": len(log), "impressions": len(labels),
                      "windows_differ": float(np.mean(starts[1] != starts[hop])),
                      "mean_window": float(lengths.mean()),
                      **paired_gauc_difference(labels, logits[1], logits[hop], users)})

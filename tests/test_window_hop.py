@@ -111,3 +111,17 @@ def test_offline_batches_take_the_same_hop_window():
     assert np.array_equal(log.history_window(rows, 8, hop=1)[0], np.maximum(log.history_first, log.history_end - 8))
     batch = log.batch(rows, 8, hop=3)
     assert torch.equal(batch.history_lengths, torch.from_numpy(end - start))
+
+
+def test_the_paired_gauc_difference_is_zero_for_the_same_scores_and_positive_for_better_ones():
+    from ranker.training.metrics import gauc, paired_gauc_difference
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(40), 10)
+    labels = rng.random(400) < 0.4
+    noisy = rng.normal(size=400)
+    same = paired_gauc_difference(labels, noisy, noisy, users, resamples=200)
+    assert same["difference"] == 0 and same["difference_ci95"] == [0, 0]
+    assert same["gauc_base"] == pytest.approx(gauc(labels, noisy, users))
+    better = paired_gauc_difference(labels, noisy, noisy + 2 * labels, users, resamples=200)
+    assert better["difference"] > 0 and better["difference_ci95"][0] > 0

@@ -303,6 +303,15 @@ class TimeSplit:
     cutoff_ts: int  # train requests are before it, eval requests at or after it
 
 
+def after_training_log(run_dir: Path) -> tuple["RequestLog", np.ndarray, np.ndarray]:
+    """An experiment run's A/B-phase requests (those after its warm-up log, which the arms
+    were trained on), with each impression's full-play label and user, in impression order."""
+    cutoff = int(load_request_log(Path(run_dir) / "warm_up.duckdb").request_ts.max()) + 1
+    log = split_by_time(load_request_log(Path(run_dir) / "sandbox.duckdb"), cutoff_ts=cutoff).eval
+    impressions = log.impression_rows(np.arange(len(log)))
+    return log, log.labels[impressions, TASKS.index("full_play")], np.repeat(log.user_id, log.candidate_count)
+
+
 def split_by_time(log: RequestLog, eval_window_ms: int = DAY_MS, cutoff_ts: int | None = None) -> TimeSplit:
     """Train on earlier requests, evaluate on the last `eval_window_ms` of the log (by
     default the last day). Histories of eval requests may reach back into the train period,
