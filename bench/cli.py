@@ -149,6 +149,18 @@ def bench_cache(
     return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size, hops=tuple(hops or (1, 16))))
 
 
+@bench_app.command("http-path", cls=MultiValueCommand)
+def bench_http_path(
+    waits: list[float] = typer.Option([1.0, 0.0], "--waits", help="the service's batching waits (ms) to compare"),
+    turns: int = typer.Option(3),
+    requests: int = typer.Option(200, help="requests per turn, one at a time"),
+) -> Any:
+    """What the app and the batching task add to a lone /rank request, in process (no socket)."""
+    from bench.http_path import run_bench_http_path
+
+    return run_bench_http_path(tuple(waits), turns, requests=requests)
+
+
 @bench_app.command("load")
 def bench_load(
     size: str = typer.Option("s", parser=size_name, metavar="SIZE"),

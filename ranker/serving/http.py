@@ -121,17 +121,20 @@ def encode_reply(scored: ScoredResponse) -> bytes:
     }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def create_app(service: ScoringService) -> FastAPI:
-    """An app over `service`; its lifespan starts and stops the batching task."""
+def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
+    """An app over `service`; its lifespan starts and stops the batching task.
+
+    `freeze_gc` (the server process, `serve`): after warm-up, everything alive (modules, the
+    model, the app) moves to the permanent generation, so a full collection during serving no
+    longer walks it, which is what makes such a pause a latency spike. Not for processes that
+    build many apps (tests): what is frozen is never collected."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
-        # Everything alive now (modules, the model, the app) moves to the permanent
-        # generation: a full collection during serving no longer walks it, which is what
-        # made such a pause a latency spike.
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         yield
         await service.stop()
 
@@ -203,7 +206,7 @@ def serve(settings: ServingSettings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(create_app(build_service(settings)), host=settings.host, port=settings.port,
+    uvicorn.run(create_app(build_service(settings), freeze_gc=True), host=settings.host, port=settings.port,
                 log_level="warning", access_log=False)
 
 

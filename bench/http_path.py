@@ -1,0 +1,103 @@
+"""The /rank path outside the model, in one process (`climber bench http-path`).
+
+One client sends requests one at a time through the FastAPI app over an in-memory ASGI
+transport (no socket, no uvicorn, no second process), for each batching wait setting of the
+service in interleaved turns, and the same requests go to `NeuralRanker.rank_timed`
+directly. The difference of the p50s is what the app and the batching task add to a lone
+request; CPU time beside wall time, because a shared box stretches wall time (a timed wait
+most of all: a 1 ms timer wakes late when the cores are busy). `climber bench load` measures
+the real server over TCP; this isolates the app.
+
+    climber bench http-path --waits 1 0 --turns 3      # bench/results/http_path.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.serve_common import N_TRACKS, console, random_sequence
+
+
+def _turn(checkpoint: Path, feast_dir: Path, wait_ms: float, bodies: list[bytes], warm: int) -> dict:
+    import httpx
+    import orjson
+
+    from ranker.interface import RankRequest
+    from ranker.serving.http import build_service, create_app
+    from ranker.serving.service import ServingSettings
+
+    service = build_service(ServingSettings(checkpoint=checkpoint, feast_dir=feast_dir, max_wait_ms=wait_ms))
+    app = create_app(service)
+
+    async def through_the_app() -> tuple[list[float], float]:
+        await service.start()  # the ASGI transport runs no lifespan
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+                post = lambda b: client.post("/rank", content=b, headers={"content-type": "application/json"})  # noqa: E731
+                for body in bodies[:warm]:
+                    (await post(body)).raise_for_status()
+                walls, cpu = [], time.process_time()
+                for body in bodies:
+                    start = time.perf_counter()
+                    (await post(body)).raise_for_status()
+                    walls.append(time.perf_counter() - start)
+                return walls, time.process_time() - cpu
+        finally:
+            await service.stop()
+
+    walls, cpu = asyncio.run(through_the_app())
+    requests = [RankRequest(request_id=i, user_id=int(orjson.loads(b)["user_id"]), scenario="home_feed",
+                            candidates=np.array(orjson.loads(b)["candidates"])) for i, b in enumerate(bodies)]
+    direct, direct_cpu = [], time.process_time()
+    for request in requests:
+        start = time.perf_counter()
+        service.ranker.rank_timed([request])
+        direct.append(time.perf_counter() - start)
+    direct_cpu = time.process_time() - direct_cpu
+    k = len(bodies)
+    p50, direct_p50 = 1e3 * float(np.median(walls)), 1e3 * float(np.median(direct))
+    return {"max_wait_ms": wait_ms, "app_p50_ms": p50, "app_cpu_ms": 1e3 * cpu / k, "direct_p50_ms": direct_p50,
+            "direct_cpu_ms": 1e3 * direct_cpu / k, "added_p50_ms": p50 - direct_p50,
+            "added_cpu_ms": 1e3 * (cpu - direct_cpu) / k}
+
+
+def run_bench_http_path(waits: tuple[float, ...] = (1.0, 0.0), turns: int = 3, size: str = "s", n: int = 256,
+                        M: int = 200, users: int = 50, requests: int = 200, save_as: str | None = "http_path") -> dict:
+    import orjson
+
+    from bench.common import save
+    from features.store import FeatureStoreClient
+    from ranker.models import build_model
+    from ranker.training.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-http-path-") as tmp:
+        root = Path(tmp)
+        store = FeatureStoreClient(root / "feast")
+        store.apply()
+        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
+        torch.manual_seed(0)
+        model = build_model("astro", size, N_TRACKS, max_len=n)
+        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+        rng = np.random.default_rng(1)
+        bodies = [orjson.dumps({"user_id": i % users, "scenario": "home_feed",
+                                "candidates": rng.choice(N_TRACKS, M, replace=False).tolist()}) for i in range(requests)]
+        rows = [_turn(root / "model", root / "feast", wait, bodies, warm=users)
+                for turn in range(turns) for wait in waits]
+    for row in rows:
+        console.print(f"max wait {row['max_wait_ms']:g} ms: app p50 {row['app_p50_ms']:.2f} ms, in process "
+                      f"{row['direct_p50_ms']:.2f} ms: added {row['added_p50_ms']:+.2f} ms p50, "
+                      f"{row['added_cpu_ms']:+.2f} ms CPU per request")
+    summary = {str(w): {key: float(np.median([r[key] for r in rows if r["max_wait_ms"] == w]))
+                        for key in ("added_p50_ms", "added_cpu_ms")} for w in waits}
+    figures = {"size": size, "n": n, "M": M, "turns": rows, "median_by_wait": summary, "wall_seconds": time.time() - started}
+    if save_as:
+        console.print(f"written {save(save_as, figures)}")
+    return figures
