@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.serve_common import N_TRACKS, console, random_sequence
+from bench.serve_common import N_TRACKS, console, service_files
 
 
 def _turn(checkpoint: Path, feast_dir: Path, wait_ms: float, bodies: list[bytes], warm: int) -> dict:
@@ -72,24 +72,15 @@ def run_bench_http_path(waits: tuple[float, ...] = (1.0, 0.0), turns: int = 3, s
     import orjson
 
     from bench.common import save
-    from features.store import FeatureStoreClient
-    from ranker.models import build_model
-    from ranker.training.checkpoint import save_checkpoint
 
     torch.set_num_threads(1)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-http-path-") as tmp:
-        root = Path(tmp)
-        store = FeatureStoreClient(root / "feast")
-        store.apply()
-        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
-        torch.manual_seed(0)
-        model = build_model("astro", size, N_TRACKS, max_len=n)
-        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+        checkpoint, feast_dir = service_files(tmp, users, n, size)
         rng = np.random.default_rng(1)
         bodies = [orjson.dumps({"user_id": i % users, "scenario": "home_feed",
                                 "candidates": rng.choice(N_TRACKS, M, replace=False).tolist()}) for i in range(requests)]
-        rows = [_turn(root / "model", root / "feast", wait, bodies, warm=users)
+        rows = [_turn(checkpoint, feast_dir, wait, bodies, warm=users)
                 for turn in range(turns) for wait in waits]
     for row in rows:
         console.print(f"max wait {row['max_wait_ms']:g} ms: app p50 {row['app_p50_ms']:.2f} ms, in process "

@@ -20,10 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.serve_common import N_TRACKS, best_seconds, random_sequence
+from bench.serve_common import N_TRACKS, best_seconds, service_files
 from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
                                 request_bodies, run_async, summary)
-from ranker.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,18 +141,10 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
     import httpx
 
-    from features.store import FeatureStoreClient
-    from ranker.training.checkpoint import save_checkpoint
-
     server_threads = threads or 1
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
-        store = FeatureStoreClient(root / "feast")
-        store.apply()
-        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
-        torch.manual_seed(0)
-        model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
-        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+        service_files(root, users, n, size, overrides)
         # The ceiling at batch sizes the server can form (it batches at most max_batch requests).
         batches = tuple(sorted({b for b in (1, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
         ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads, batches, device,
