@@ -119,6 +119,31 @@ def bench_serve_long(
                                 device, min_seconds)
 
 
+@bench_app.command("incremental")
+def bench_incremental(
+    size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(1024, help="history length"),
+    reps: int = typer.Option(60, help="one-event extends timed (and a tenth as many full encodes)"),
+    threads: int = typer.Option(1, help="torch threads"),
+) -> Any:
+    """One-event incremental update vs full re-encode of ASTRO, wall and CPU, beside the FLOP ratio."""
+    import torch
+
+    from bench.common import save
+    from bench.serve_common import console
+    from bench.serve_long import bench_incremental as measure
+
+    torch.set_num_threads(threads)
+    figures = measure(size, n, torch.device("cpu"), reps=reps)
+    console.print(f"astro-{size}, n={n}, {threads} thread(s): extend {figures['extend_one_ms']:.3f} ms wall / "
+                  f"{figures['extend_one_cpu_ms']:.3f} ms CPU, full {figures['full_encode_ms']:.1f} / "
+                  f"{figures['full_encode_cpu_ms']:.1f} ms: {figures['ratio_wall']:.0f}x wall, "
+                  f"{figures['ratio_cpu']:.0f}x CPU, FLOP ratio {figures['flop_ratio']:.0f}x "
+                  f"({figures['share_of_flop_ratio_cpu']:.0%} of it by CPU)")
+    console.print(f"written {save('incremental', {**figures, 'threads': threads})}")
+    return figures
+
+
 @bench_app.command("gpu")
 def bench_gpu(
     device: str = typer.Option("cuda", help="cuda (the point of it) or cpu (the same steps, to check them)"),
