@@ -36,6 +36,9 @@ def test_a_hop_outside_one_to_max_len_is_refused():
         check_hop(0, 8)
     with pytest.raises(ValueError, match="window hop must be in"):
         UserKVCache(tiny_model(), "v1", window_hop=MAX_LEN + 1)
+    cache = UserKVCache(tiny_model(), "v1", window_hop=8)
+    with pytest.raises(ValueError, match="window hop must be in"):
+        cache.set_model(tiny_model(max_len=4), "v2")  # a reload to a shorter max_len must still fit the hop
 
 
 def assert_served_as_reencoded(model, cache, user, seq):

@@ -299,6 +299,7 @@ class UserKVCache:
     def set_model(self, model: SequenceRanker, model_version: str) -> None:
         """Serve a (re)loaded model: entries of any other version can never be used again, so
         they are dropped now rather than left to age out of the budget."""
+        check_hop(self.window_hop, model.config.max_len)  # a shorter max_len must still fit a hop
         self.model, self.model_version = model.eval(), str(model_version)
         drop_derived_tables(model)
         self.device = next(model.parameters()).device
