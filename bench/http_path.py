@@ -67,6 +67,32 @@ def _turn(checkpoint: Path, feast_dir: Path, wait_ms: float, bodies: list[bytes]
             "added_cpu_ms": 1e3 * (cpu - direct_cpu) / k}
 
 
+def body_and_reply_cpu_us(body: bytes, calls: int = 3000) -> dict[str, float]:
+    """CPU microseconds per call of the /rank body's validation from raw bytes and of the
+    reply's encoding, at this body's candidate count: the parts of the path that grow with M."""
+    import orjson
+
+    from ranker.interface import RankResponse
+    from ranker.serving.http import encode_reply, rank_body_model
+    from ranker.serving.service import ScoredResponse
+
+    body_model = rank_body_model(100_000)
+    m = len(orjson.loads(body)["candidates"])
+    scores = {name: np.linspace(0, 1, m, dtype=np.float32) for name in ("score", "full_play", "like", "skip", "share")}
+    scored = ScoredResponse(RankResponse(request_id=1, user_id=1, candidates=np.arange(m), scores=scores,
+                                         order=np.arange(m), model_name="astro", model_version="v"),
+                            {"queue_ms": 0.1, "total_ms": 2.0})
+    out = {}
+    for name, fn in (("validate_body_us", lambda: body_model.model_validate_json(body)),
+                     ("encode_reply_us", lambda: encode_reply(scored))):
+        fn()
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        out[name] = 1e6 * (time.process_time() - start) / calls
+    return out
+
+
 def run_bench_http_path(waits: tuple[float, ...] = (1.0, 0.0), turns: int = 3, size: str = "s", n: int = 256,
                         M: int = 200, users: int = 50, requests: int = 200, save_as: str | None = "http_path") -> dict:
     import orjson
@@ -86,9 +112,12 @@ def run_bench_http_path(waits: tuple[float, ...] = (1.0, 0.0), turns: int = 3, s
         console.print(f"max wait {row['max_wait_ms']:g} ms: app p50 {row['app_p50_ms']:.2f} ms, in process "
                       f"{row['direct_p50_ms']:.2f} ms: added {row['added_p50_ms']:+.2f} ms p50, "
                       f"{row['added_cpu_ms']:+.2f} ms CPU per request")
+    parts = body_and_reply_cpu_us(bodies[0])
+    console.print(f"M = {M}: body validation {parts['validate_body_us']:.0f} us, reply encoding "
+                  f"{parts['encode_reply_us']:.0f} us CPU per request")
     summary = {str(w): {key: float(np.median([r[key] for r in rows if r["max_wait_ms"] == w]))
                         for key in ("added_p50_ms", "added_cpu_ms")} for w in waits}
-    figures = {"size": size, "n": n, "M": M, "turns": rows, "median_by_wait": summary, "wall_seconds": time.time() - started}
+    figures = {"size": size, "n": n, "M": M, "turns": rows, "median_by_wait": summary, **parts, "wall_seconds": time.time() - started}
     if save_as:
         console.print(f"written {save(save_as, figures)}")
     return figures
