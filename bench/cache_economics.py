@@ -253,21 +253,21 @@ def markdown(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -
     first_arms = next(iter(loops.values()), {})
     if first_arms:
         fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
-        lines += ["", "Rebuild rate against the byte budget (% of each arm's working set):", "",
+        lines += ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
                   "| arm | hop | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
         for hop, arms in loops.items():
             for arm, a in arms.items():
-                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{p['rebuild_rate']:.1%}" for p in a["curve"]) + " |")
+                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"]) + " |")
     if quality:
-        lines += ["", "Full-play GAUC, hop window vs sliding, same checkpoint and A/B impressions "
-                  "(95% CI over users, paired):", "",
-                  "| arm | hop | requests | windows differ | mean window | GAUC sliding | GAUC hop | difference [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Full-play GAUC, hop window vs sliding: the same checkpoint on the same "
+                  f"{quality[0]['requests']:,} A/B requests (95% CIs over users; the difference's paired):", "",
+                  "| arm | hop | differ | window | sliding | hop | difference [95% CI] |",
+                  "|---|---|---|---|---|---|---|"]
         for q in quality:
             low, high = q["difference_ci95"]
-            lines.append(f"| {q['arm']} | {q['hop']} | {q['requests']:,} | {q['windows_differ']:.1%} | "
-                         f"{q['mean_window']:.1f} | {q['gauc_base']:.4f} (±{q['base_ci95_halfwidth']:.4f}) | "
-                         f"{q['gauc_other']:.4f} | {q['difference']:+.4f} [{low:+.4f}, {high:+.4f}] |")
+            lines.append(f"| {q['arm']} | {q['hop']} | {q['windows_differ']:.0%} | {q['mean_window']:.1f} | "
+                         f"{q['gauc_base']:.4f}±{q['base_ci95_halfwidth']:.4f} | {q['gauc_other']:.4f} | "
+                         f"{q['difference']:+.4f} [{low:+.4f}, {high:+.4f}] |")
     lines += ["", "| model | n | storage | K/V bytes/user | vs fp32 | max abs score error (fp32 spread) | "
               "Kendall tau min / mean |", "|---|---|---|---|---|---|---|"]
     for r in storage:
