@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ranker.interface import RANKING_SCORE, RankRequest, RankResponse, order_by_score
+from ranker.interface import RANKING_SCORE, RankRequest, RankResponse
 from streaming.events import SCENARIO_CODE
 
 
@@ -66,6 +66,7 @@ class OracleRanker:
         self.oracle = oracle
 
     def engagement(self, request) -> np.ndarray:
+        """Per candidate, the true P(full play | examined) (the regret's yardstick)."""
         context = request.context
         return self.oracle.expected_engagement(
             request.user_id, np.asarray(request.candidates), SCENARIO_CODE[request.scenario], ts=request.ts,
@@ -73,10 +74,13 @@ class OracleRanker:
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         out = []
-        for request in requests:
-            score = self.engagement(request).astype(np.float32)
+        for request in requests:  # Oracle.rank: by score; in simulator user model 3, slate-aware
+            context = request.context
+            score, order = self.oracle.rank(
+                request.user_id, np.asarray(request.candidates), SCENARIO_CODE[request.scenario], ts=request.ts,
+                query_genre=int(context.get("query_genre", -1)), seed_track=int(context.get("seed_track", -1)))
             out.append(RankResponse(request.request_id, request.user_id, np.asarray(request.candidates, np.int64),
-                                    {RANKING_SCORE: score}, order_by_score(score), self.name, self.version))
+                                    {RANKING_SCORE: score}, order, self.name, self.version))
         return out
 
 

@@ -106,6 +106,8 @@ class TrackMetadata:
     genre_id: np.ndarray  # int64 [T]
     duration_ms: np.ndarray  # int64 [T]
     release_ts: np.ndarray  # int64 [T], simulated epoch ms; unreleased tracks must not be served
+    album_id: np.ndarray | None = None  # int64 [T], where the catalogue has albums (simulator user model 3)
+    album_track: np.ndarray | None = None  # int64 [T], 0 for an album's first track
 
     @property
     def n_tracks(self) -> int:

@@ -58,7 +58,7 @@ class FrozenConfig(BaseModel):
     notes: str = ""
     steps: list[str] = Field(min_length=1, description="shell-quoted commands, run in order from the repository root")
     models: list[FrozenModel] = Field(default_factory=list)
-    user_model: Literal[1, 2] | None = Field(
+    user_model: Literal[1, 2, 3] | None = Field(
         None, description="the simulator user model the figures were measured on; unset: 1 before "
                           "simulator.config.USER_MODEL_2_DATE, 2 from it (name it where that is not so)")
 

@@ -19,7 +19,7 @@ from simulator.config import SimConfig
 from simulator.facts import stylised_facts
 from simulator.platform import MusicPlatform
 from simulator.policies import OracleRecommender, PopularityRecommender, RandomRecommender
-from streaming.events import EventBatch
+from streaming.events import BEHAVIOUR_CODE, EventBatch
 
 DEFAULTS = SimConfig()
 simulator_app = typer.Typer(add_completion=False)
@@ -35,6 +35,8 @@ def simulate_alone(
     window_ms: int = typer.Option(DEFAULTS.batch_window_ms, help="the simulator's batch window"),
     sessions_per_day: float = typer.Option(DEFAULTS.sessions_per_day_median,
                                            help="median sessions per user per day (the user mix)"),
+    per_item_oracle: bool = typer.Option(False, "--per-item-oracle",
+                                         help="user model 3: the oracle policy ranks per item, as in models 1 and 2"),
 ) -> None:
     config = SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed,
                        batch_window_ms=window_ms, sessions_per_day_median=sessions_per_day)
@@ -45,6 +47,7 @@ def simulate_alone(
         platform.recommender = RandomRecommender(metadata, seed)
     elif policy == "oracle":
         platform.recommender = OracleRecommender(platform, seed=seed)
+        platform.oracle.slate_aware &= not per_item_oracle
     else:
         popular = platform.recommender = PopularityRecommender(metadata, seed)
         platform.sink = lambda batch: (batches.append(batch), popular.observe(batch))
@@ -56,7 +59,13 @@ def simulate_alone(
           f"in {summary.recommend_calls:,} calls (mean batch {summary.mean_batch_size:.1f})")
     print(f"wall {wall:.2f} s = {summary.events / wall:,.0f} events/s; cpu {cpu:.2f} s = "
           f"{summary.events / cpu:,.0f} events/s")
-    for fact in stylised_facts(EventBatch.concat(batches), metadata):
+    log = EventBatch.concat(batches)
+    ranked = log.request_id >= 0
+    impressions = int((ranked & (log.behaviour == BEHAVIOUR_CODE["impression"])).sum())
+    full_plays = int((ranked & (log.behaviour == BEHAVIOUR_CODE["full_play"])).sum())
+    print(f"full plays per ranked impression {full_plays / max(impressions, 1):.4f} "
+          f"({full_plays:,} of {impressions:,}); user model {config.user_model}")
+    for fact in stylised_facts(log, metadata):
         print(f"  {'ok' if fact.ok else 'NO'}  {fact.name:28s} {fact.value:7.3f}  [{fact.low}, {fact.high}]")
 
 

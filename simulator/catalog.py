@@ -7,7 +7,8 @@ Hidden structure (what a good ranker has to discover from behaviour):
   factor, kept as a standardised log popularity `popularity_z`. It raises the chance a
   listener plays a track (familiarity), which gives the long tail of plays.
 
-Public metadata (`metadata()`) is only artist, genre, duration and release time. A share
+Public metadata (`metadata()`) is only artist, genre, duration and release time (and, in user
+model 3, each track's album and track number: albums.py). A share
 `new_release_fraction` of tracks is released during the simulated days; the rest came out
 in the ten years before the start.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranker.interface import TrackMetadata
+from simulator.albums import ALBUM_RNG_KEY, Albums
 from simulator.config import DAY_MS, SimConfig
 
 BACK_CATALOG_DAYS = 3650
@@ -37,6 +39,7 @@ class Catalog:
     latent: np.ndarray  # float64 [T, d], unit rows (hidden)
     popularity_z: np.ndarray  # float64 [T], standardised log popularity (hidden)
     genre_centroids: np.ndarray  # float64 [G, d], unit rows (hidden)
+    albums: Albums | None = None  # user model 3
 
     @property
     def n_tracks(self) -> int:
@@ -44,8 +47,11 @@ class Catalog:
 
     def metadata(self) -> TrackMetadata:
         """The public part: what any recommender may know."""
+        albums = self.albums
         return TrackMetadata(artist_id=self.artist_id, genre_id=self.genre_id,
-                             duration_ms=self.duration_ms, release_ts=self.release_ts)
+                             duration_ms=self.duration_ms, release_ts=self.release_ts,
+                             album_id=None if albums is None else albums.album_id,
+                             album_track=None if albums is None else albums.track_number)
 
     @classmethod
     def generate(cls, config: SimConfig, rng: np.random.Generator) -> "Catalog":
@@ -81,8 +87,12 @@ class Catalog:
         fresh = config.start_ts + (rng.random(T) * config.horizon_ms).astype(np.int64)
         release_ts = np.where(is_new, fresh, np.maximum(back_catalog, 0)).astype(np.int64)
 
+        albums = None
+        if config.user_model == 3:  # its own generator: the catalogue above and every later draw are model 2's
+            albums = Albums.generate(artist_id, release_ts, config.start_ts, config,
+                                     np.random.default_rng((config.seed, ALBUM_RNG_KEY)))
         return cls(artist_id=artist_id, genre_id=genre_id, duration_ms=duration_ms, release_ts=release_ts,
-                   latent=latent, popularity_z=popularity_z, genre_centroids=centroids)
+                   latent=latent, popularity_z=popularity_z, genre_centroids=centroids, albums=albums)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streaming.events import SCENARIOS
 
@@ -32,12 +32,13 @@ HOUR_MS = 3_600_000
 
 USER_MODEL_ENV = "CLIMBER_SIM__USER_MODEL"
 USER_MODEL_2_DATE = "2026-12-06"  # frozen configs dated before it ran user model 1
+USER_MODELS = (1, 2, 3)
 
 
 def _default_user_model() -> int:
     value = os.environ.get(USER_MODEL_ENV, "2").strip()
-    if value not in ("1", "2"):
-        raise ValueError(f"{USER_MODEL_ENV}: expected 1 or 2, got {value!r}")
+    if value not in ("1", "2", "3"):
+        raise ValueError(f"{USER_MODEL_ENV}: expected 1, 2 or 3, got {value!r}")
     return int(value)
 
 
@@ -90,7 +91,8 @@ class SimConfig(BaseModel):
     # drawn up front), kept so frozen configs measured on it still give their event logs bit for bit.
     # Pin it with CLIMBER_SIM__USER_MODEL=1 in the environment: it sets the default of every
     # SimConfig, so `climber simulate|sandbox|bench sim|bench stream` and `python -m simulator` all obey.
-    user_model: Literal[1, 2] = Field(default_factory=lambda: _default_user_model())
+    # 3 is model 2 plus albums: an artist's tracks grouped into albums, played on in order (catalog.py).
+    user_model: Literal[1, 2, 3] = Field(default_factory=lambda: _default_user_model())
     start_ts: int = Field(DEFAULT_START_TS, ge=0, description="simulated epoch ms at the start")
 
     # Catalog
@@ -130,6 +132,15 @@ class SimConfig(BaseModel):
     repeat_memory_days: float = Field(3.0, gt=0, description="time constant of that bonus since the track was loved")
     artist_continuation: float = Field(0.5, ge=0, description="logit bonus for one more track by the artist just played")
 
+    # Albums (user_model 3; see docs/simulator.md "Albums")
+    album_size_median: float = Field(12.0, ge=1, description="median tracks on an album (published: about 12)")
+    album_size_sigma: float = Field(0.25, ge=0, description="lognormal spread of album sizes")
+    album_size_min: int = Field(7, ge=1, description="fewest tracks on an album; fewer left over make an EP or single")
+    album_size_max: int = Field(18, ge=1, description="most tracks on an album")
+    album_listen_share: float = Field(0.3, ge=0, le=1, description="P(a library slate puts on an album) (ours)")
+    album_continue: float = Field(0.9, ge=0, le=1, description="P(an album listen goes on to the next track)")
+    album_continuation: float = Field(0.5, ge=0, description="logit bonus for the next track of the album just played (ours)")
+
     # Returning and leaving (user_model 2; see docs/simulator.md "Return and leave")
     mood_memory_days: float = Field(4.0, gt=0, description="time constant of the satisfaction memory")
     mood_gain: float = Field(0.3, ge=0, le=1, description="weight of one session in the mood, right after another")
@@ -150,6 +161,15 @@ class SimConfig(BaseModel):
     scenario_params: dict[str, ScenarioParams] = Field(default_factory=lambda: dict(DEFAULT_SCENARIO_PARAMS))
     scenario_switch: float = Field(0.3, ge=0, le=1, description="P(next slate of a session is another scenario)")
 
+    @field_validator("user_model", mode="before")
+    @classmethod
+    def _user_model_from_text(cls, value):
+        """`CLIMBER_SIM__USER_MODEL=1` reaches a nested SimConfig (SandboxSettings) as the text
+        "1", which a Literal[1, 2, 3] would refuse."""
+        if isinstance(value, str) and value.strip() in {str(model) for model in USER_MODELS}:
+            return int(value)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "SimConfig":
         unknown = set(self.scenario_params) - set(SCENARIOS)
@@ -157,6 +177,8 @@ class SimConfig(BaseModel):
             raise ValueError(f"scenario_params: unknown scenario(s) {sorted(unknown)}; known: {list(SCENARIOS)}")
         if self.n_artists is not None and self.n_artists > self.n_tracks:
             raise ValueError(f"n_artists: {self.n_artists} artists cannot exceed n_tracks={self.n_tracks}")
+        if self.album_size_min > self.album_size_max:
+            raise ValueError(f"album_size_min: {self.album_size_min} exceeds album_size_max={self.album_size_max}")
         if self.initial_library > self.library_size:
             raise ValueError(f"initial_library: {self.initial_library} exceeds library_size={self.library_size}")
         return self

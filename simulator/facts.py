@@ -17,7 +17,9 @@ facts, as it should: real listening is not uniform.
 - repeats: share of plays of a track the user had already played in the log;
 - concentration: Gini of plays over the catalog, share of the top 1% of tracks;
 - return: median days between a user's sessions, share of users active on a day;
-- position bias: play rate per impression at position 0 over positions 5 and later.
+- position bias: play rate per impression at position 0 over positions 5 and later;
+- albums (only where the catalogue has them, user model 3): share of plays that continue, in
+  order, the album of the same user's previous play in the session.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from streaming.events import BEHAVIOUR_CODE, EventBatch
 SESSION_GAP_MS = 30 * 60 * 1000
 PLAY, SKIP, IMPRESSION = BEHAVIOUR_CODE["play"], BEHAVIOUR_CODE["skip"], BEHAVIOUR_CODE["impression"]
 LAMERE, ZHANG, BROST = "Lamere 2014", "Zhang et al. 2013", "Brost et al. 2019"
+MBA = "Music Business Association 2016 (full albums 22% of listening time)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,19 @@ def weekend_over_weekday(events: EventBatch) -> float:
     return _ratio(counts[weekend].mean(), counts[~weekend].mean())
 
 
+def album_in_order_share(events: EventBatch, metadata: TrackMetadata, gap_ms: int = SESSION_GAP_MS) -> float:
+    """Share of plays whose track is the next track of the album of the user's previous play
+    in the same session (sessions cut at `gap_ms`)."""
+    plays = events.select(events.behaviour == PLAY)
+    if len(plays) < 2 or metadata.album_id is None:
+        return float("nan")
+    order, starts = _session_starts(plays, gap_ms)
+    track = plays.track_id[order]
+    album, number = metadata.album_id[track], metadata.album_track[track]
+    follows = ~starts[1:] & (album[1:] == album[:-1]) & (number[1:] == number[:-1] + 1)
+    return _ratio(follows.sum(), len(track))
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 
@@ -151,6 +167,9 @@ def stylised_facts(events: EventBatch, metadata: TrackMetadata) -> list[Fact]:
 
     hours = hourly_events(events)
     ours = "ours (no published figure at this scale)"
+    albums = [] if metadata.album_id is None else [
+        Fact("album_in_order_share", album_in_order_share(events, metadata), 0.06, 0.12,
+             "plays that go on with the album of the previous play, in order", f"ours; {MBA}")]
     return [
         Fact("skip_share", _ratio(skips.sum(), n_plays), 0.34, 0.63,
              "plays skipped before the end (published 48.6%)", LAMERE),
@@ -182,4 +201,4 @@ def stylised_facts(events: EventBatch, metadata: TrackMetadata) -> list[Fact]:
              "share of the log's users active on a day (mean over whole days)", ours),
         Fact("position_bias", _ratio(play_rate(events.position == 0), play_rate(events.position >= 5)), 1.3, 10,
              "play rate per impression at position 0 over positions >= 5", "examination model; click logs"),
-    ]
+    ] + albums

@@ -116,9 +116,11 @@ class MusicPlatform:
         self.oracle = Oracle(config, self.catalog, self.users)
         self.reactions = ReactionModel(config, self.catalog, self.users, self.oracle)
         # User model 2 draws each return from satisfaction (returns.py); model 1 draws all starts up front.
-        self.returns = ReturnModel(config, self.users.sessions_per_day, self.rng) if config.user_model == 2 else None
+        self.returns = ReturnModel(config, self.users.sessions_per_day, self.rng) if config.user_model >= 2 else None
         if self.returns is not None:
             generate_interests(self.users, config, self.catalog, self.rng)
+        if self.catalog.albums is not None:  # model 3
+            self.users.album_next = np.full(config.n_users, -1, np.int64)
         self.arms = self._check_arms(arms, config.n_users)
         self.slate_size = np.array([config.scenario(s).slate_size for s in SCENARIOS])
 
@@ -343,7 +345,17 @@ class MusicPlatform:
             back = np.minimum((u ** 2.5 * count).astype(np.int64), count - 1)
             newest = (self.users.library_next[users][:, None] - 1) % self.users.library.shape[1]
             pick = np.where(count < self.users.library.shape[1], count - 1 - back, (newest - back) % self.users.library.shape[1])
-        tracks[rows, :k] = self.users.library[users[:, None], pick]
+        picked = self.users.library[users[:, None], pick]
+        albums = self.catalog.albums
+        if albums is not None:  # model 3: go on with the album in progress, or put one on (albums.py)
+            config, in_progress = self.config, self.users.album_next[users]
+            puts_on, goes_on = self.rng.random(len(rows)), self.rng.random((len(rows), k)) < config.album_continue
+            continuing = in_progress >= 0
+            start = np.where(continuing, in_progress, albums.first_track[picked[:, 0]])
+            on = np.where(continuing, goes_on[:, 0], puts_on < config.album_listen_share)
+            album_tracks, playing = albums.listen(start, on, goes_on)
+            picked = np.where(playing, album_tracks, picked)
+        tracks[rows, :k] = picked
         lengths[rows] = k
         self.library_slates += len(rows)
 

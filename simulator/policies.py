@@ -50,13 +50,13 @@ class RandomRecommender:
         ordered = np.sort(picks, axis=1)
         in_row = np.arange(M) < size[:, None]
         repeated = ((ordered[:, 1:] == ordered[:, :-1]) & in_row[:, 1:]).any(axis=1)
+        tracks = self.by_release[picks].astype(np.int64)  # one gather for the batch; rows are sliced from it
         out = []
-        for row in range(len(requests)):
-            if repeated[row]:  # rare in a big catalog; redraw the row without replacement
-                chosen = self.rng.choice(released[row], size[row], replace=False)
+        for row, (n, redraw) in enumerate(zip(size.tolist(), repeated.tolist())):
+            if redraw:  # rare in a big catalog; redraw the row without replacement
+                out.append(self.by_release[self.rng.choice(released[row], n, replace=False)].astype(np.int64))
             else:
-                chosen = picks[row, :size[row]]
-            out.append(self.by_release[chosen].astype(np.int64))
+                out.append(tracks[row, :n])
         return out
 
     def recommend(self, requests: Sequence[SlateRequest]) -> list[RankResponse]:
@@ -76,7 +76,8 @@ class RandomRecommender:
 
 
 class OracleRecommender:
-    """Random released candidates ranked by the simulator's true engagement (oracle.py).
+    """Random released candidates ranked by the simulator's true engagement (oracle.py; in user
+    model 3 the top of the slate is ordered for the within-slate fatigue too: `Oracle.rank`).
 
     With the same candidates a learned ranker could not order them better on average, so
     its regret against this arm is the ranker's own error.
@@ -93,12 +94,11 @@ class OracleRecommender:
         responses = []
         for request, candidates in zip(requests, self.candidate_source.candidates(requests)):
             context = request.context
-            engagement = self.oracle.expected_engagement(
+            score, order = self.oracle.rank(
                 request.user_id, candidates, SCENARIO_CODE[request.scenario], ts=request.ts,
                 query_genre=int(context.get("query_genre", -1)), seed_track=int(context.get("seed_track", -1)))
-            score = engagement.astype(np.float32)
             responses.append(RankResponse(request.request_id, request.user_id, candidates,
-                                          {RANKING_SCORE: score}, order_by_score(score), self.name, self.version))
+                                          {RANKING_SCORE: score}, order, self.name, self.version))
         return responses
 
 

@@ -95,17 +95,26 @@ class ReactionModel:
         draws = rng.random((8, R, S))
 
         latent = catalog.latent[tracks]
-        session_fatigue = self.oracle.session_fatigue(u, tracks)
+        continues = self._album_continues(slates) if catalog.albums is not None else None
+        session_fatigue = self.oracle.session_fatigue(u, tracks, continues)
         play_logit, full_logit = self.oracle.logits(u, tracks, s, slates.query_genre[:, None],
                                                     slates.seed_track[:, None], session_fatigue, latent)
         examined = mask & (draws[0] < self.examine[slates.scenario, :S])
         p_play = sigmoid(play_logit)
         played = examined & (draws[1] < p_play)
 
-        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
-        engagement = p_play * sigmoid(full_logit) if self.record_engagement else None
         genre, artist = catalog.genre_id[tracks], catalog.artist_id[tracks]
-        full_logit = full_logit - self._slate_fatigue(u, genre, artist, played)
+        # The oracle's expected_engagement at show time, when someone keeps it (platform.oracle_sink).
+        # Model 3 adds the within-slate fatigue the user meets, expected over the earlier positions'
+        # examination and play (draws the oracle cannot know): a slate-aware ceiling.
+        engagement = None
+        if self.record_engagement:
+            expected_fatigue = 0.0
+            if catalog.albums is not None:
+                reached = np.where(mask, self.examine[slates.scenario, :S] * p_play, 0.0)
+                expected_fatigue = self._slate_fatigue(u, genre, artist, reached, continues)
+            engagement = p_play * sigmoid(full_logit - expected_fatigue)
+        full_logit = full_logit - self._slate_fatigue(u, genre, artist, played, continues)
         full = played & (draws[2] < sigmoid(full_logit))
         skip = played & ~full
         biases = self.signal_biases[:, slates.users, None]  # [4, R, 1]: like, share, playlist, dislike
@@ -150,16 +159,31 @@ class ReactionModel:
         tail = 5_000 - np.log(np.maximum(1.0 - (u - fast) / (1.0 - fast), 1e-12)) * (self.config.skip_tail_s * 1000)
         return np.minimum(duration - 1_000, np.where(u < fast, early, tail).astype(np.int64))
 
-    def _slate_fatigue(self, u: np.ndarray, genre: np.ndarray, artist: np.ndarray, played: np.ndarray) -> np.ndarray:
-        """Extra full-play fatigue from same-genre / same-artist plays earlier in this slate."""
+    def _album_continues(self, slates: Slates) -> np.ndarray:
+        """Model 3: [R, S] True where a track continues an album in order: the next track of the
+        session's album in progress, or the next track after its neighbour above in the slate."""
+        tracks = slates.tracks
+        continues = tracks == self.users.album_next[slates.users][:, None]
+        continues[:, 1:] |= self.catalog.albums.next_track[tracks[:, :-1]] == tracks[:, 1:]
+        return continues & slates.mask
+
+    def _slate_fatigue(self, u: np.ndarray, genre: np.ndarray, artist: np.ndarray, played: np.ndarray,
+                       continues: np.ndarray | None = None) -> np.ndarray:
+        """Extra full-play fatigue from same-genre / same-artist plays earlier in this slate
+        (model 3: none from the artist for a track that continues an album in order). `played`
+        is bool (what happened) or float (P(played), for the expected fatigue)."""
         config = self.config
         earlier = self._earlier(genre.shape[1])
-        prior = played[:, None, :] & earlier  # [R, k, j]: j is an earlier played position
-        same_genre = ((genre[:, :, None] == genre[:, None, :]) & prior).sum(-1)
-        same_artist = ((artist[:, :, None] == artist[:, None, :]) & prior).sum(-1)
+        # [R, k, j]: j is an earlier played position (or, for floats, how likely it was played)
+        combine = np.logical_and if played.dtype == bool else np.multiply
+        prior = combine(played[:, None, :], earlier)
+        same_genre = combine(genre[:, :, None] == genre[:, None, :], prior).sum(-1)
+        same_artist = combine(artist[:, :, None] == artist[:, None, :], prior).sum(-1)
         before = self.users.session_genre_plays[u, genre]
         free = config.genre_fatigue_free
         extra_genre = np.maximum(0, before + same_genre - free) - np.maximum(0, before - free)
+        if continues is not None:
+            same_artist = np.where(continues, 0, same_artist)
         return config.genre_fatigue * extra_genre + config.artist_fatigue * same_artist
 
     def _earlier(self, S: int) -> np.ndarray:
@@ -199,3 +223,8 @@ class ReactionModel:
         keep = (full | like | playlist) & ~organic[:, None]
         users.add_to_library(slates.users, tracks, keep, slates.shown_at - self.config.start_ts)
         users.note_plays(slates.users, artist, genre, played)
+        if users.album_next is not None:  # model 3: the album in progress, from the slate's last play
+            last = played.shape[1] - 1 - np.argmax(played[:, ::-1], axis=1)
+            rows = np.flatnonzero(played.any(axis=1))
+            track, finished = tracks[rows, last[rows]], full[rows, last[rows]]
+            users.album_next[slates.users[rows]] = np.where(finished, self.catalog.albums.next_track[track], -1)

@@ -68,6 +68,9 @@ class Users:
     interest_rows: list | None = None
     scenario_rows: list | None = None  # scenario_cdf as Python rows (fixed after generation), built on first draw
     taste_shifts: int = 0
+    # User model 3 (albums.py): the next track of the album whose track this session fully played
+    # last, -1 if none (its last track was skipped, the album ended, or nothing yet).
+    album_next: np.ndarray | None = None  # int64 [U], reset at session start
     now_ms: int = 0  # simulated ms of the tick being ranked (the platform sets it)
 
     @property
@@ -149,6 +152,8 @@ class Users:
         self.last_walk_ms[user] = now_ms
         self.session_genre_plays[user] = 0
         self.recent_artists[user] = -1
+        if self.album_next is not None:
+            self.album_next[user] = -1
 
     def draw_scenario(self, user: int, u: float) -> int:
         if self.scenario_rows is None:  # bisect on Python rows: np.searchsorted's answer, for less per call

@@ -187,4 +187,4 @@ def test_an_experiment_step_runs_on_the_user_model_its_figures_were_measured_on(
     # The file's own pin wins over the environment, both when run and when checked.
     assert pin_problems(f"env CLIMBER_SIM__USER_MODEL=1 {step} --set sim.user_model=2", user_model=1) != []
     with pytest.raises(ValueError, match="user_model"):
-        load_frozen(_config(tmp_path, [step], user_model=3))
+        load_frozen(_config(tmp_path, [step], user_model=4))

@@ -152,6 +152,11 @@ def test_frozen_configs_before_user_model_2_must_pin_model_1(monkeypatch):
     assert check_frozen(config(step, "2026-12-07")) == []
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "1")
     assert SimConfig().user_model == 1 and SimConfig(user_model=2).user_model == 2
+    from sandbox.settings import SandboxSettings  # the pin reaches `climber simulate|sandbox` as text
+
+    assert SandboxSettings().sim.user_model == 1
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "3")
+    assert SimConfig().user_model == 3
+    monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "4")
     with pytest.raises(ValueError, match="CLIMBER_SIM__USER_MODEL"):
         SimConfig()
