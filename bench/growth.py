@@ -7,16 +7,22 @@ load drifts hit them alike, and the best repeat is kept. The FLOP counter is off
 runs (its hook costs time); one extra, untimed, run per variant counts the Linear FLOPs.
 
     climber bench growth --db runs/<id>/sandbox.duckdb [--family astro --size m --steps 100 --repeats 3]
+
+`sliced-floor` (on unless --no-floor) runs the sliced schedule with one unit per group: what
+is left is the part of the step no density reaches (embeddings, dropout, the blocks' gather,
+the unpruned layers, the dense phase and the optimizer over what stays full-size).
 """
 
 from __future__ import annotations
 
+import platform
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -27,57 +33,75 @@ from ranker.training.growth import GrowthConfig
 from ranker.training.train import TrainConfig, train
 
 VARIANTS = ("dense", "masked", "sliced")
+FLOOR = "sliced-floor"  # sliced with one unit per group: the part of the step pruning cannot reach
 
 
 def variant_config(base: TrainConfig, name: str, growth: GrowthConfig) -> TrainConfig:
     if name == "dense":
         return replace(base, growth=None)
+    if name == FLOOR:
+        return replace(base, growth=replace(growth, implementation="sliced", density=1e-6))
     return replace(base, growth=replace(growth, implementation=name))
 
 
 def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats: int, batch_size: int,
                      max_len: int, overrides: dict[str, Any] | None = None,
-                     growth: GrowthConfig | None = None) -> dict:
+                     growth: GrowthConfig | None = None, floor: bool = True, threads: int = 1) -> dict:
     growth = growth or GrowthConfig()
+    torch.set_num_threads(threads)
+    variants = VARIANTS + ((FLOOR,) if floor else ())
     data = split_by_time(load_request_log(db_path), DAY_MS)
     data = TimeSplit(data.train, data.eval.select(np.arange(min(256, len(data.eval)))), data.cutoff_ts)  # eval untimed
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     flops: dict[str, dict[str, float]] = {}
     console = Console()
     with tempfile.TemporaryDirectory() as tmp, Progress(console=console, transient=True) as bar:
         base = TrainConfig(family, size, None, tmp, steps=steps, batch_size=batch_size, max_len=max_len, device="cpu",
                            checkpoint_every=0, model_overrides=overrides, count_linear_flops=False)
-        task = bar.add_task("bench growth", total=len(VARIANTS) * (repeats + 1))
+        task = bar.add_task("bench growth", total=len(variants) * (repeats + 1))
         for repeat in range(repeats):
-            for name in VARIANTS:
+            for name in variants:
                 config = replace(variant_config(base, name, growth), out_dir=Path(tmp) / f"{name}-{repeat}")
-                seconds[name].append(train(config, data=data, progress=False).train_seconds)
+                result = train(config, data=data, progress=False)
+                seconds[name].append(result.train_seconds)
+                cpu[name].append(result.train_cpu_seconds)
                 bar.advance(task)
-        for name in VARIANTS:  # untimed: the counter's hook runs in these only
+        for name in variants:  # untimed: the counter's hook runs in these only
             config = replace(variant_config(base, name, growth), out_dir=Path(tmp) / f"{name}-flops",
                              count_linear_flops=True)
             flops[name] = train(config, data=data, progress=False).linear_flops
             bar.advance(task)
     best = {name: min(times) for name, times in seconds.items()}
+    best_cpu = {name: min(times) for name, times in cpu.items()}
     dense_flops = flops["dense"]["linear_flops_done"]
     figures = {"config": {"db": str(db_path), "family": family, "size": size, "steps": steps, "repeats": repeats,
                           "batch_size": batch_size, "max_len": max_len, "growth": growth.to_dict(),
-                          "overrides": overrides or {}},
+                          "overrides": overrides or {}, "threads": threads},
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "run_seconds": seconds, "best_run_seconds": best,
-               "best_ms_per_step": {name: 1e3 * best[name] / steps for name in VARIANTS},
-               "vs_dense": {name: best[name] / best["dense"] for name in VARIANTS},
+               "run_cpu_seconds": cpu, "best_run_cpu_seconds": best_cpu,
+               "best_ms_per_step": {name: 1e3 * best[name] / steps for name in variants},
+               "vs_dense": {name: best[name] / best["dense"] for name in variants},
+               "cpu_vs_dense": {name: best_cpu[name] / best_cpu["dense"] for name in variants},
+               "round_vs_dense": {name: [t / d for t, d in zip(seconds[name], seconds["dense"])] for name in variants},
                "linear_flops": flops,
-               "linear_flops_vs_dense": {name: flops[name]["linear_flops_done"] / dense_flops for name in VARIANTS}}
-    table = Table(title=f"bench growth: {family}-{size}, {steps} steps of {batch_size}, best of {repeats}")
-    for column in ("variant", "s/run", "ms/step", "all runs (s)", "time vs dense", "FLOPs vs dense"):
+               "linear_flops_vs_dense": {name: flops[name]["linear_flops_done"] / dense_flops for name in variants}}
+    table = Table(title=f"bench growth: {family}-{size}, {steps} steps of {batch_size}, best of {repeats}; "
+                        "against dense")
+    for column in ("variant", "ms/step", "wall", "wall, rounds", "CPU", "Linear FLOPs"):
         table.add_column(column, justify="left" if column == "variant" else "right")
-    for name in VARIANTS:
-        table.add_row(name, f"{best[name]:.1f}", f"{figures['best_ms_per_step'][name]:.1f}",
-                      " / ".join(f"{t:.1f}" for t in seconds[name]), f"{figures['vs_dense'][name]:.3f}",
+    for name in variants:
+        rounds = figures["round_vs_dense"][name]
+        table.add_row(name, f"{figures['best_ms_per_step'][name]:.1f}", f"{figures['vs_dense'][name]:.3f}",
+                      f"{min(rounds):.2f}-{max(rounds):.2f}", f"{figures['cpu_vs_dense'][name]:.3f}",
                       f"{figures['linear_flops_vs_dense'][name]:.3f}")
     console.print(table)
-    console.print("Linear FLOPs of the training forwards (counted in separate, untimed runs); "
-                  "wall time is the training loop, batching included, evaluation not.")
+    console.print("Best run of each variant (wall, and CPU time of the process); rounds: each round's wall time "
+                  "against that round's dense run. Linear FLOPs of the training forwards, counted in separate, "
+                  "untimed runs. The training loop, batching included, evaluation not.")
+    if floor:
+        console.print(f"{FLOOR}: one unit per group, the rest of the schedule unchanged: no density reaches below it.")
     console.print(f"written {save('growth', figures)}")
     return figures
 

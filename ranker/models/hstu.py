@@ -28,11 +28,9 @@ from ranker.models.layers import (
     BlockCache,
     BlockLayout,
     Sliceable,
-    head_rows,
     layer_keys_values,
     merge_heads,
     scale_queries,
-    sliced_linear,
     split_heads,
 )
 from ranker.models.base import SingleStackRanker
@@ -65,8 +63,8 @@ class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
 
 
 class HSTULayer(Sliceable, nn.Module):
-    """Sliced (Sliceable): "heads" runs only those heads: their U, Q, K and V channels
-    (rows of f1), their relative-bias columns and their columns of f2. norm_attn still
+    """Sliced (Sliceable): only the active heads' U, Q, K and V rows of f1 and their columns
+    of f2 are in the weights; the relative bias is taken for those heads. norm_attn still
     normalises over all d channels, the others at zero, as the masked layer does."""
 
     def __init__(self, cfg: HSTUConfig):
@@ -90,25 +88,17 @@ class HSTULayer(Sliceable, nn.Module):
         self.slices = {}
 
     def slice_to(self, heads: torch.Tensor | None = None) -> None:
-        """Run on these heads only (None: all of them)."""
-        self.slices = {}
-        if heads is not None:
-            d = self.norm_in.normalized_shape[0]
-            dh = d // self.n_heads
-            self.slices = dict(heads=heads, f1=head_rows(heads, dh, (0, d, 2 * d, 3 * d)),
-                               kv=head_rows(heads, dh, (0, d)), channels=head_rows(heads, dh, (0,)))
+        """Run on these heads only (None: all of them); f1 and f2 are swapped for their rows / columns."""
+        self.set_active(heads, self.norm_in.normalized_shape[0] // self.n_heads)
 
     def project(self, x: torch.Tensor):
-        u, q, k, v = F.silu(sliced_linear(self.f1, self.norm_in(x), self.slices.get("f1"))).chunk(4, dim=-1)
+        u, q, k, v = F.silu(self.f1(self.norm_in(x))).chunk(4, dim=-1)
         h = self.heads_now(self.n_heads)
         return u, split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor):
-        d, h = x.shape[-1], self.heads_now(self.n_heads)
-        weight, bias = self.f1.weight[2 * d :], self.f1.bias[2 * d :]
-        if "kv" in self.slices:  # rows of the K/V part
-            weight, bias = weight.index_select(0, self.slices["kv"]), bias.index_select(0, self.slices["kv"])
-        k, v = F.silu(F.linear(self.norm_in(x), weight, bias)).chunk(2, dim=-1)
+        rows, h = self.f1.weight.shape[0] // 2, self.heads_now(self.n_heads)  # K and V: the second half of f1's rows
+        k, v = F.silu(F.linear(self.norm_in(x), self.f1.weight[rows:], self.f1.bias[rows:])).chunk(2, dim=-1)
         return split_heads(k, h), split_heads(v, h)
 
     def bias_table(self) -> torch.Tensor:
@@ -150,7 +140,7 @@ class HSTULayer(Sliceable, nn.Module):
         merged = merge_heads(attended)  # [B, L, active channels]; the norm sees the others at zero
         full = merged.new_zeros(*merged.shape[:-1], x.shape[-1]).index_copy(-1, channels, merged)
         normed = self.norm_attn(full).index_select(-1, channels)
-        return x + self.dropout(sliced_linear(self.f2, normed * u, cols=channels))
+        return x + self.dropout(self.f2(normed * u))
 
 
 def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):

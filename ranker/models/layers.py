@@ -124,8 +124,11 @@ def head_rows(heads: torch.Tensor, d_head: int, offsets: tuple[int, ...]) -> tor
 
 class Sliceable:
     """A layer that can run on a structured subset of its units (ranker.training.growth's
-    sliced sparse phases): `slices` holds index tensors, empty for the full layer. Only
-    training sets it; a model that serves always has it empty."""
+    sliced sparse phases). The growth code swaps the layer's prunable weights for
+    physically smaller ones (the active units' rows or columns) and sets `slices`: the
+    active heads (and, where a layer needs them, their channels) for what is not a weight,
+    e.g. the temperature and relative bias of each head. Empty for the full layer; only
+    training sets it, so a model that serves always has it empty."""
 
     slices: dict[str, torch.Tensor]
 
@@ -138,17 +141,10 @@ class Sliceable:
         heads = self.slices.get("heads")
         return n_heads if heads is None else len(heads)
 
-
-def sliced_linear(linear: nn.Linear, x: torch.Tensor, rows: torch.Tensor | None = None,
-                  cols: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear(x)` on some of its output rows or input columns only (index_select keeps
-    the gradient flowing to the full weight: the rows left out get zero)."""
-    weight, bias = linear.weight, linear.bias
-    if rows is not None:
-        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
-    if cols is not None:
-        weight = weight.index_select(1, cols)
-    return F.linear(x, weight, bias)
+    def set_active(self, heads: torch.Tensor | None = None, d_head: int = 1, **units: torch.Tensor | None) -> None:
+        """`slices`: the active heads and their channels, and any other kind of units."""
+        self.slices = {} if heads is None else {"heads": heads, "channels": head_rows(heads, d_head, (0,))}
+        self.slices.update({kind: index for kind, index in units.items() if index is not None})
 
 
 def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[list, list]:
@@ -169,8 +165,8 @@ def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[lis
 class SoftmaxLayer(Sliceable, nn.Module):
     """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True).
 
-    Sliced (see Sliceable): "heads" runs only those heads (their q, k, v rows and their
-    columns of `out`), "ffn" only those feed-forward hidden units (rows of ffn.0, columns of ffn.3).
+    Sliced (see Sliceable): only the active heads (q, k, v rows of `qkv`, columns of `out`)
+    and feed-forward units (rows of ffn.0, columns of ffn.3) are in the weights.
     """
 
     def __init__(self, cfg: SoftmaxConfig):
@@ -188,28 +184,19 @@ class SoftmaxLayer(Sliceable, nn.Module):
         self.slices = {}
 
     def slice_to(self, heads: torch.Tensor | None = None, ffn: torch.Tensor | None = None) -> None:
-        """Run on these heads and these feed-forward units only (None: all of them)."""
-        d = self.out.in_features
-        self.slices = {}
-        if heads is not None:
-            dh = d // self.n_heads
-            self.slices.update(heads=heads, qkv=head_rows(heads, dh, (0, d, 2 * d)), kv=head_rows(heads, dh, (0, d)),
-                               channels=head_rows(heads, dh, (0,)))
-        if ffn is not None:
-            self.slices["ffn"] = ffn
+        """Run on these heads and these feed-forward units (None: all of them); the growth
+        code has swapped qkv, out, ffn.0 and ffn.3 for their active rows or columns."""
+        self.set_active(heads, self.out.out_features // self.n_heads, ffn=ffn)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = sliced_linear(self.qkv, self.norm1(x), self.slices.get("qkv")).chunk(3, dim=-1)
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         h = self.heads_now(self.n_heads)
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V only: the last layer's history needs nothing else (no query, no output)."""
-        d, h = x.shape[-1], self.heads_now(self.n_heads)
-        weight, bias = self.qkv.weight[d:], self.qkv.bias[d:]
-        if "kv" in self.slices:  # rows of the K/V part
-            weight, bias = weight.index_select(0, self.slices["kv"]), bias.index_select(0, self.slices["kv"])
-        k, v = F.linear(self.norm1(x), weight, bias).chunk(2, dim=-1)
+        rows, h = self.qkv.weight.shape[0] // 3, self.heads_now(self.n_heads)  # rows: q's (d, or the active heads')
+        k, v = F.linear(self.norm1(x), self.qkv.weight[rows:], self.qkv.bias[rows:]).chunk(2, dim=-1)
         return split_heads(k, h), split_heads(v, h)
 
     def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,12 +204,8 @@ class SoftmaxLayer(Sliceable, nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(sliced_linear(self.out, merge_heads(attended), cols=self.slices.get("channels")))
-        units = self.slices.get("ffn")
-        if units is None:
-            return x + self.resid_dropout(self.ffn(self.norm2(x)))
-        hidden = self.ffn[2](self.ffn[1](sliced_linear(self.ffn[0], self.norm2(x), rows=units)))
-        return x + self.resid_dropout(sliced_linear(self.ffn[3], hidden, cols=units))
+        x = x + self.resid_dropout(self.out(merge_heads(attended)))
+        return x + self.resid_dropout(self.ffn(self.norm2(x)))
 
 
 def split_candidate_attention(q, k_hist, v_hist, k_own, v_own, history_bias: torch.Tensor | None) -> torch.Tensor:
@@ -333,8 +316,8 @@ class SoftmaxStack(nn.Module):
 
 
 class TaskHeads(Sliceable, nn.Module):
-    """Final norm, a shared hidden layer, then one logit per task. Sliced (Sliceable):
-    "hidden" runs those hidden units only (rows of net.1, columns of net.3)."""
+    """Final norm, a shared hidden layer, then one logit per task. Sliced (Sliceable): only
+    the active hidden units (rows of net.1, columns of net.3) are in the weights."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -345,13 +328,11 @@ class TaskHeads(Sliceable, nn.Module):
         self.slices = {}
 
     def slice_to(self, hidden: torch.Tensor | None = None) -> None:
-        self.slices = {} if hidden is None else {"hidden": hidden}
+        """Run on these hidden units (None: all); net.1 and net.3 are swapped for their rows / columns."""
+        self.set_active(hidden=hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        units = self.slices.get("hidden")
-        if units is None:
-            return self.net(x)
-        return sliced_linear(self.net[3], self.net[2](sliced_linear(self.net[1], self.net[0](x), rows=units)), cols=units)
+        return self.net(x)
 
     @staticmethod
     def flops(cfg: ModelConfig, n_candidates: int) -> int:

@@ -21,15 +21,18 @@ interpretation (documented in `docs/growth.md`):
   fresh Linear's scale, drawn from a generator seeded by (seed, step, group), so a resumed
   run grows the same values) and zero output columns, so growing does not change the
   model's output. `regrow="restore"`: it comes back with the input rows it had when pruned.
-- `implementation="sliced"` (the fast path): while sparse, each layer runs on its active
-  units' weights only (index_select, smaller matmuls, fewer attention heads); the
-  parameters and the optimizer stay full-size, the rows left out get zero gradient. An
-  update step needs the gradient of the inactive units, so it runs full-size, masked.
-  `implementation="masked"` (the reference): full shapes, pruned rows held at zero. The
-  two give the same loss and gradients (tests/test_growth_sliced.py).
+- `implementation="sliced"` (the fast path): while sparse, every prunable weight is
+  swapped for a physically smaller parameter holding its active units only, with the
+  optimizer's state cut alike (ranker.training.growth_slices), so a sparse step runs
+  smaller matmuls and fewer attention heads with no gather or scatter. An update step
+  needs the gradient of the inactive units, so it runs full-size, masked; so does the
+  dense phase. `implementation="masked"` (the reference): full shapes, pruned rows held
+  at zero. The two give the same loss, gradients and final weights
+  (tests/test_growth_sliced.py).
 - Optimizer state: pruning zeroes the unit's AdamW moments (rows and columns); its
-  gradients are zero while it is pruned (masked: set to zero; sliced: never computed), so
-  it does not move, and it comes back with no stale momentum either way.
+  gradients are zero while it is pruned (masked: set to zero; sliced: not in the
+  optimizer), so its input rows stay zero and it comes back with no stale momentum
+  either way. Its frozen output columns get AdamW's weight decay in both paths.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 from ranker.models.hstu import HSTULayer
 from ranker.models.layers import SoftmaxLayer, TaskHeads, head_rows
 from ranker.models.config import refuse_unknown_fields
+from ranker.training.growth_slices import Narrowing
 
 STATE_PREFIX = "growth_mask."
 STASH_PREFIX = "growth_stash."
@@ -179,6 +183,7 @@ class GrowPrune:
             raise ValueError("sliced growth does not support ASTRO candidate_path='shared' (a pruned candidate head "
                              "still feeds norm_attn's statistics there); use --growth implementation=masked")
         self.optimizer = optimizer
+        self.narrowing = Narrowing(model, optimizer)  # the sliced implementation's smaller weights
         self.dense_step = math.ceil(cfg.dense_from * total_steps)  # from this step on, no unit is masked
         device = next(model.parameters()).device
         self.masks = {name: torch.ones(g.n_units, dtype=torch.bool, device=device) for name, g in self.groups.items()}
@@ -203,13 +208,16 @@ class GrowPrune:
         except at an update step (its choice needs the inactive units' gradients) and once dense."""
         sliced = (self.cfg.implementation == "sliced" and step < self.dense_step and not self.is_dense
                   and not self._is_update(step))
-        if sliced or self._sliced:
-            self._slice(sliced)
+        self._slice(sliced)
 
     def before_step(self, step: int) -> None:
         """At an update step, swap units by the batch's gradients; then keep masked units'
         gradients out of the clip norm and the optimizer (zero: AdamW with zero gradient
-        and zero moments leaves them where they are)."""
+        and zero moments leaves them where they are). Sliced, the pruned units have no
+        gradient at all: only the weight decay of their frozen columns is counted."""
+        if self._sliced:
+            self.narrowing.decay_step()
+            return
         if step >= self.dense_step:  # every unit is on from dense_step: nothing to mask
             return
         if self._is_update(step):
@@ -224,14 +232,19 @@ class GrowPrune:
     def after_step(self, step_done: int) -> None:
         """`step_done` optimizer steps have run; at `dense_step` every unit grows back."""
         if step_done == self.dense_step and not self.is_dense:
+            self._slice(False)
             for index, name in enumerate(self.groups):
                 self._grow(index, name, (~self.masks[name]).nonzero().squeeze(1), step_done)
                 self.masks[name] = torch.ones_like(self.masks[name])
-            self._slice(False)
 
     def release(self) -> None:
-        """Full shapes again (the end of training, whatever the phase)."""
+        """Full shapes again (before a checkpoint, at the end of training, whatever the
+        phase); the next `prepare` narrows again where the schedule says so."""
         self._slice(False)
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Sliced: each narrowed weight's gradient in its full shape (what the masked path holds)."""
+        return self.narrowing.full_gradients()
 
     # -- schedule and state
 
@@ -253,6 +266,7 @@ class GrowPrune:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._slice(False)
         expected = set(self.state_dict())
         if set(state) != expected:
             raise ValueError(f"growth state names {sorted(set(state) ^ expected)} do not match this model's "
@@ -266,8 +280,6 @@ class GrowPrune:
             table[name] = value.to(device=table[name].device, dtype=table[name].dtype)
         for name in self.groups:  # zero what the masks say is pruned, and its moments
             self._prune(name, (~self.masks[name]).nonzero().squeeze(1), stash=False)
-        self._sliced = True  # force the next prepare to set (or clear) every layer's slices
-        self._slice(False)
 
     # -- internals
 
@@ -278,10 +290,20 @@ class GrowPrune:
         return max(1, round(self.cfg.density * group.n_units))
 
     def _slice(self, on: bool) -> None:
+        """Narrow every prunable weight to its active units (rows or columns in ascending
+        order, so q/k/v and U/Q/K/V stay in their blocks), or widen them all back."""
+        if on == self._sliced:
+            return
         by_module: dict[int, tuple[nn.Module, dict[str, torch.Tensor | None]]] = {}
         for name, group in self.groups.items():
+            active = self.masks[name].nonzero().squeeze(1)
+            if on:
+                for param_name, param, dim, index in group.rows + group.cols:
+                    self.narrowing.narrow(param_name, param, dim, index[active].flatten().sort().values)
             module, kinds = by_module.setdefault(id(group.module), (group.module, {}))
-            kinds[group.kind] = self.masks[name].nonzero().squeeze(1) if on else None
+            kinds[group.kind] = active if on else None
+        if not on:
+            self.narrowing.widen()
         for module, kinds in by_module.values():
             module.slice_to(**kinds)
         self._sliced = on
@@ -344,12 +366,12 @@ class GrowPrune:
 
 class LinearFlopCounter(TorchFunctionMode):
     """Counts the multiply-adds of every F.linear call as a dense run would do them and as
-    they are done with the growth masks: a sliced call (a weight taken by index_select
-    from a prunable weight) is counted at its own shape, a masked call at its active rows
-    and columns (whole weights, and the row slices the models take for K/V-only
-    projections), so both implementations count the same. Attention matmuls and
-    embeddings are not counted. Forward only; backward is about twice the same work.
-    Without `growth` every unit counts as active (a dense run, for comparison)."""
+    they are done with the growth masks: a sliced call (a narrowed weight, or a row slice
+    of one) is counted at its own shape, a masked call at its active rows and columns
+    (whole weights, and the row slices the models take for K/V-only projections), so both
+    implementations count the same. Attention matmuls and embeddings are not counted.
+    Forward only; backward is about twice the same work. Without `growth` every unit
+    counts as active (a dense run, for comparison)."""
 
     def __init__(self, model: nn.Module, growth: GrowPrune | None = None):
         super().__init__()
@@ -360,7 +382,6 @@ class LinearFlopCounter(TorchFunctionMode):
             for name, param, _, _ in group.rows + group.cols:
                 if param.dim() == 2:
                     self._weights[id(param)] = (name, param)
-        self._taken: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}  # id(taken) -> (taken, shape it was taken from)
         self.dense = self.done = self.prunable_dense = self.prunable_done = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -369,12 +390,6 @@ class LinearFlopCounter(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             self._count(x, weight)
-        elif func in (torch.index_select, torch.Tensor.index_select):
-            source = args[0]
-            if id(source) in self._taken:  # rows, then columns: the dense shape stays the first one's
-                self._taken[id(out)] = (out, self._taken[id(source)][1])
-            elif id(source) in self._weights or (source._base is not None and id(source._base) in self._weights):
-                self._taken[id(out)] = (out, tuple(source.shape))  # a whole weight or a row slice of one
         return out
 
     def _keep(self, weight: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,19 +409,20 @@ class LinearFlopCounter(TorchFunctionMode):
         rows, width = weight.shape
         tokens = x.numel() // width
         dense = done = 2 * rows * width * tokens
-        taken = self._taken.pop(id(weight), None)
+        narrowed = self.growth.narrowing.full_shape(weight) if self.growth is not None else None
         full: nn.Parameter | None = None
         first = 0
-        if taken is not None:  # sliced: this call's shape is the work done
-            dense = 2 * taken[1][0] * taken[1][1] * tokens
+        if narrowed is not None:  # sliced: this call's shape is the work done
+            (full_rows, full_width), (narrow_rows, _) = narrowed
+            dense = 2 * (rows * full_rows // narrow_rows) * full_width * tokens
         elif id(weight) in self._weights:
             full = weight
         elif weight._base is not None and id(weight._base) in self._weights:  # a row slice of a prunable weight
             full, first = weight._base, weight.storage_offset() // width
-        if full is not None and taken is None:
+        if full is not None:
             keep_rows, keep_cols = self._keep(full)
             done = 2 * int(keep_rows[first:first + rows].sum()) * int(keep_cols.sum()) * tokens
-        if full is not None or taken is not None:
+        if full is not None or narrowed is not None:
             self.prunable_dense += dense
             self.prunable_done += done
         self.dense += dense
