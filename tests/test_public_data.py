@@ -72,6 +72,30 @@ def test_inter_errors_name_the_problem(tmp_path):
         import_interactions(TINY, tmp_path / "y.duckdb", COLUMNS, negatives="hard")
 
 
+def test_ratings_import_as_behaviours_and_keep_the_same_targets(tmp_path, split):
+    """ML-100K's ratings through --behaviour-map: every rated item stays a consumed token, so
+    leave-one-out holds out the same items as the import without ratings."""
+    ratings = [int(line.split("\t")[2]) for line in TINY.read_text().splitlines()[1:]]
+    db = tmp_path / "rated.duckdb"
+    import_interactions(TINY, db, {**COLUMNS, "behaviour": "rating"}, negatives="none",
+                        behaviour_map="5=like,4=full_play,1-3=play")
+    con = duckdb.connect(str(db), read_only=True)
+    counts = dict(con.execute("SELECT behaviour, count(*) FROM events GROUP BY 1").fetchall())
+    settings = dict(con.execute("SELECT key, value FROM import_settings").fetchall())
+    con.close()
+    assert counts == {name: n for name, n in (("like", ratings.count(5)), ("full_play", ratings.count(4)),
+                                               ("play", sum(r <= 3 for r in ratings))) if n}
+    assert settings["behaviour_map"] == "5=like,4=full_play,1=play,2=play,3=play"
+    rated = leave_one_out(load_request_log(db))
+    assert np.array_equal(rated.test_index, split.test_index) and np.array_equal(rated.valid_index, split.valid_index)
+    with pytest.raises(ValueError, match=r"does not name value\(s\) \['1', '2', '3'\]"):
+        import_interactions(TINY, tmp_path / "a.duckdb", {**COLUMNS, "behaviour": "rating"}, behaviour_map="4-5=like")
+    with pytest.raises(ValueError, match="'loved' is not one of"):
+        import_interactions(TINY, tmp_path / "b.duckdb", {**COLUMNS, "behaviour": "rating"}, behaviour_map="5=loved")
+    with pytest.raises(ValueError, match="needs a behaviour column"):
+        import_interactions(TINY, tmp_path / "c.duckdb", COLUMNS, behaviour_map="5=like")
+
+
 def test_leave_one_out_holds_out_each_users_last_two_items(split):
     log = split.log
     for u, first, valid, test in zip(split.users, split.user_first, split.valid_index, split.test_index):
@@ -80,10 +104,18 @@ def test_leave_one_out_holds_out_each_users_last_two_items(split):
     train = split.train_token_mask()
     assert not train[split.valid_index].any() and not train[split.test_index].any()
     assert train.sum() == len(log.token_tracks) - 2 * len(split.users)
-    windows = training_windows(split, max_len=4)  # every training target predicted exactly once
-    targets = [s + p + 1 for s, e, f in zip(windows.start, windows.end, windows.loss_from) for p in range(f, e - s)]
     firsts = set(split.user_first.tolist())
-    assert sorted(targets) == [t for t in np.flatnonzero(train) if t not in firsts]
+    for stride in (None, 1, 3, 4):  # every training target predicted exactly once, whatever the stride
+        windows = training_windows(split, max_len=4, stride=stride)
+        targets = [(s + p + 1, p + 1) for s, e, f in zip(windows.start, windows.end, windows.loss_from)
+                   for p in range(f, e - s)]
+        assert sorted(t for t, _ in targets) == [t for t in np.flatnonzero(train) if t not in firsts]
+        first_of = {t: first for first, stop in zip(split.user_first, split.valid_index) for t in range(first, stop)}
+        for target, context in targets:  # context = earlier tokens in the window: >= max_len - stride, or all
+            assert context >= min(4 - (stride or 2), target - first_of[target])
+        assert (windows.end - windows.start <= 4).all()
+    with pytest.raises(ValueError, match="window stride must be in"):
+        training_windows(split, max_len=4, stride=5)
 
 
 @pytest.mark.parametrize("seed", range(4))

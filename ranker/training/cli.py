@@ -44,6 +44,9 @@ def train(
                                   "softmax over the catalogue at every position (needs --split loo)"),
     sampled_negatives: int = typer.Option(0, help="next-item: 0 = full softmax; K = sampled softmax with K "
                                           "popularity-drawn negatives and logQ correction"),
+    window_stride: Optional[int] = typer.Option(None, help="next-item: targets per training window, each predicted "
+                                                "from >= max-len - stride earlier items [default: max-len / 2]; "
+                                                "1 = every prefix, as RecBole (max-len times the work)"),
     checkpoint_every: int = typer.Option(500),
     resume: bool = typer.Option(False, "--resume"),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
@@ -76,6 +79,8 @@ def train(
         _fail("train", ValueError(f"--objective must be 'impression' or 'next-item', not {objective!r}"))
     if objective == "next_item" and split != "loo":
         _fail("train", ValueError("--objective next-item trains on the leave-one-out split: add --split loo"))
+    if window_stride is not None and objective != "next_item":
+        _fail("train", ValueError("--window-stride is a next-item setting: add --objective next-item"))
     if objective == "next_item" and (grow_prune or growth or resume or resume_from or steps is not None):
         _fail("train", ValueError("--objective next-item does not take --grow-prune, --growth, --resume, "
                                   "--resume-from or --steps"))
@@ -85,7 +90,7 @@ def train(
                          model_overrides=dict(overrides),
                          growth=GrowthConfig.from_dict(dict(growth)) if grow_prune or growth else None,
                          split=split, objective=objective, sampled_negatives=sampled_negatives,
-                         resume_from=resume_from)
+                         resume_from=resume_from, window_stride=window_stride)
     return run_from_flags(config)
 
 
@@ -97,6 +102,9 @@ def import_log(
     item: str = typer.Option(..., help="column holding the item (track) id"),
     time: str = typer.Option(..., "--time", help="column holding the time: datetimes, or epoch seconds / ms"),
     behaviour: Optional[str] = typer.Option(None, help="column of behaviour names (default: every row is full_play)"),
+    behaviour_map: Optional[str] = typer.Option(None, help="turn the --behaviour column's values into behaviours, "
+                                                "VALUE=NAME pairs, a-b for whole-number ranges: ML-100K's ratings "
+                                                "as 5=like,4=full_play,1-3=play"),
     scenario: Optional[str] = typer.Option(None, help="column of scenario names (default: library)"),
     negatives: str = typer.Option("uniform", help="slate negatives: 'uniform' over the catalogue, 'popularity' "
                                   "(drawn from the same time window: teaches BCE to demote popular items), "
@@ -115,7 +123,8 @@ def import_log(
     try:
         summary = import_interactions(source, db, columns, n_negatives=n_negatives,
                                       window_ms=round(window_hours * 3_600_000), timestamp_unit=time_unit,
-                                      seed=seed, overwrite=overwrite, negatives=negatives)
+                                      seed=seed, overwrite=overwrite, negatives=negatives,
+                                      behaviour_map=behaviour_map)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         _fail("import", exc)
     slates = (f"{summary.n_requests:,} requests ({negatives} negatives)" if summary.n_requests

@@ -18,6 +18,7 @@ The settings are kept in table `import_settings`, so train and eval can state th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -78,6 +79,55 @@ def _codes(values: pd.Series | None, default: str, names: tuple[str, ...], what:
     if unknown:
         raise ValueError(f"{what} column holds unknown value(s) {unknown[:5]}; expected one of {list(names)}")
     return spelled.map({name: code for code, name in enumerate(names)}).to_numpy(np.int8)
+
+
+def _value_key(value: object) -> str:
+    """How a source value is matched against a behaviour map: a number that is a whole
+    number reads as an integer (RecBole's `rating:float` 5.0 matches "5"), text as stripped."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def parse_behaviour_map(text: str) -> dict[str, str]:
+    """'5=like,4=full_play,1-3=play' -> {"5": "like", "4": "full_play", "1": "play", ...}.
+    A key `a-b` (whole numbers) stands for every integer from a to b."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, name = part.partition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise ValueError(f"behaviour map entry {part!r} is not VALUE=BEHAVIOUR (e.g. 5=like,4=full_play,1-3=play)")
+        key, name = key.strip(), name.strip().lower()
+        if name not in BEHAVIOURS or name == "impression":
+            raise ValueError(f"behaviour map entry {part!r}: {name!r} is not one of "
+                             f"{[b for b in BEHAVIOURS if b != 'impression']}")
+        bounds = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", key)
+        keys = [str(v) for v in range(int(bounds[1]), int(bounds[2]) + 1)] if bounds else [_value_key(key)]
+        if not keys:
+            raise ValueError(f"behaviour map entry {part!r}: the range {key!r} is empty")
+        for k in keys:
+            if mapping.get(k, name) != name:
+                raise ValueError(f"behaviour map gives value {k!r} two behaviours ({mapping[k]!r}, {name!r})")
+            mapping[k] = name
+    if not mapping:
+        raise ValueError("behaviour map is empty; expected VALUE=BEHAVIOUR pairs, e.g. 5=like,4=full_play,1-3=play")
+    return mapping
+
+
+def map_behaviours(values: pd.Series, mapping: Mapping[str, str]) -> pd.Series:
+    """Behaviour names of a source column through `mapping` (see parse_behaviour_map); a
+    value the map does not name is refused with the values it lacks."""
+    keys = values.map(_value_key)
+    unknown = sorted(set(keys.unique()) - set(mapping))
+    if unknown:
+        raise ValueError(f"behaviour map does not name value(s) {unknown[:5]} of the behaviour column; "
+                         f"it names {sorted(mapping)}")
+    return keys.map(dict(mapping))
 
 
 def _read_inter(path: Path) -> pd.DataFrame:
@@ -194,6 +244,7 @@ def import_interactions(
     seed: int = 0,
     overwrite: bool = False,
     negatives: str = "uniform",
+    behaviour_map: Mapping[str, str] | str | None = None,
 ) -> ImportSummary:
     """Turn a public interaction log into an `events` table (see the module docstring).
 
@@ -201,7 +252,8 @@ def import_interactions(
       - user and item ids are remapped densely in order of first appearance in time; the
         maps are kept in tables `user_ids(user_id, source_user)` and `track_ids(track_id, source_item)`;
       - a missing behaviour column means every row is `full_play` (implicit feedback records
-        what the user chose to consume); a present one must hold Behaviour names;
+        what the user chose to consume); a present one must hold Behaviour names, or values
+        that `behaviour_map` turns into them (ML-100K's ratings: "5=like,4=full_play,1-3=play");
       - a missing scenario column means `library`;
       - unless negatives="none", each interaction becomes one synthetic request: a slate of
         the positive and `n_negatives` sampled items ("uniform" or "popularity", the latter
@@ -230,7 +282,14 @@ def import_interactions(
     items, source_items = pd.factorize(frame[columns.item])
     items = items.astype(np.int64)
     n = len(frame)
-    behaviour_code = _codes(frame.get(columns.behaviour), DEFAULT_BEHAVIOUR, BEHAVIOURS, "behaviour", n)
+    if isinstance(behaviour_map, str):
+        behaviour_map = parse_behaviour_map(behaviour_map)
+    if behaviour_map is not None and columns.behaviour is None:
+        raise ValueError("a behaviour map needs a behaviour column (--behaviour COL) to map")
+    behaviours = frame.get(columns.behaviour)
+    if behaviour_map is not None:
+        behaviours = map_behaviours(behaviours, behaviour_map)
+    behaviour_code = _codes(behaviours, DEFAULT_BEHAVIOUR, BEHAVIOURS, "behaviour", n)
     if np.any(behaviour_code == BEHAVIOUR_CODE["impression"]):
         raise ValueError("behaviour column holds 'impression': impressions are synthesised by the importer")
     scenario_code = _codes(frame.get(columns.scenario), DEFAULT_SCENARIO, SCENARIOS, "scenario", n)
@@ -247,9 +306,11 @@ def import_interactions(
                              "source_user": np.asarray(source_users).astype(str)})
     track_map = pd.DataFrame({"track_id": np.arange(len(source_items)),
                               "source_item": np.asarray(source_items).astype(str)})
-    settings = pd.DataFrame({"key": ["source", "negatives", "n_negatives", "window_ms", "seed"],
+    mapped = ",".join(f"{k}={v}" for k, v in behaviour_map.items()) if behaviour_map else ""
+    settings = pd.DataFrame({"key": ["source", "negatives", "n_negatives", "window_ms", "seed", "behaviour",
+                                     "behaviour_map"],
                              "value": [str(path), negatives, str(0 if slates is None else n_negatives),
-                                       str(window_ms), str(seed)]})
+                                       str(window_ms), str(seed), columns.behaviour or "", mapped]})
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(db_path))

@@ -9,8 +9,11 @@ embeddings tied with the input table. Loss, per position whose next token is a t
     2019), so the sampled loss estimates the full one instead of demoting popular items.
 
 Training data is the leave-one-out split's training tokens (ranker.training.loo): per user,
-windows of at most max_len inputs; consecutive windows overlap by half so every target is
-predicted once per epoch from at least max_len / 2 earlier tokens (when the user has them).
+windows of at most max_len inputs; each window's last `stride` positions count (default
+max_len / 2), so every target is predicted once per epoch, from at least max_len - stride
+earlier tokens when the user has them. stride 1 is RecBole's sequential training (every
+prefix an example, one target each, the full context) at max_len times the work of stride
+max_len; a smaller stride trains on the context lengths evaluation uses.
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ class Windows:
         return len(self.start)
 
 
-def training_windows(split: LeaveOneOut, max_len: int) -> Windows:
-    """Input windows over each user's training tokens; input position p predicts token start + p + 1."""
-    stride = max(1, max_len // 2)
+def training_windows(split: LeaveOneOut, max_len: int, stride: int | None = None) -> Windows:
+    """Input windows over each user's training tokens; input position p predicts token start + p + 1.
+    Each window counts the targets of its last `stride` positions (default max_len // 2)."""
+    stride = max(1, max_len // 2) if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"window stride must be in [1, max_len={max_len}], got {stride}")
     starts, ends, froms = [], [], []
     for first, valid in zip(split.user_first.tolist(), split.valid_index.tolist()):
         t1 = valid  # targets [t0, t1), newest first
@@ -107,11 +113,12 @@ class NextItemResult:
 def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | Path, *, epochs: int = 12,
                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, max_len: int = 50,
                     negatives: int = 0, weight_decay: float = 0.0, model_overrides: dict[str, Any] | None = None,
+                    window_stride: int | None = None,
                     ks: tuple[int, ...] = (10,), say: Callable[[str], None] = print,
                     extra: dict[str, Any] | None = None) -> NextItemResult:
     """Train `family`/`size` with the next-item objective on the split's training tokens; print
     one plain line per epoch (loss and validation HR/NDCG/MRR, full ranking), then test."""
-    windows = training_windows(split, max_len)
+    windows = training_windows(split, max_len, window_stride)
     torch.manual_seed(seed)
     overrides = {"max_len": max_len, **(model_overrides or {})}
     model = build_model(family, size, split.n_tracks, **overrides)
@@ -123,7 +130,8 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
     protocol = Protocol(0)
     say(f"{family}-{size} next-item ({'full softmax' if not negatives else f'sampled softmax, {negatives} negatives, logQ'}): "
         f"{model.n_params():,} params, {len(split.users):,} users, {len(windows):,} windows of <= {max_len}, "
-        f"{split.n_tracks:,} items, {total} steps of {batch_size}")
+        f"{split.n_tracks:,} items, {total} steps of {batch_size}"
+        f"{'' if window_stride is None else f' (window stride {window_stride})'}")
     from ranker.training.train import learning_rate  # the same warm-up + cosine schedule
 
     history: list[dict[str, float]] = []
@@ -155,7 +163,7 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
     say(f"test ({protocol.describe(split.n_tracks)}): "
         + "  ".join(f"{name.upper()} {test[name]:.4f}" for name in test if name != "users"))
     meta = {"objective": "next_item", "split": "loo", "n_tracks": split.n_tracks, "max_len": max_len, "seed": seed,
-            "batch_size": batch_size, "lr": lr, "epochs": epochs, "negatives": negatives,
+            "batch_size": batch_size, "lr": lr, "epochs": epochs, "negatives": negatives, "window_stride": window_stride,
             "model_overrides": dict(model_overrides or {}), "epoch_history": history, "test_metrics": test,
             **(extra or {})}
     version = save_checkpoint(Path(out_dir), model, optimizer, family, size, step, meta)
