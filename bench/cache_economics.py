@@ -121,6 +121,36 @@ def closed_loop_figures(arms_in: dict[str, dict], fractions=FRACTIONS) -> dict:
     return arms
 
 
+# ----------------------------------------------------------------------------- the hop window's quality
+
+def window_quality(run_dir: Path, arms: list[str], hop: int) -> list[dict]:
+    """Each trained arm's full-play GAUC on the A/B phase's impressions (after its training
+    log ended) with the hop window against the sliding one: same checkpoint, same impressions."""
+    import json
+
+    from ranker.batch import TASKS
+    from ranker.training.checkpoint import load_checkpoint
+    from ranker.training.metrics import paired_gauc_difference
+    from ranker.training.train import predict
+
+    from ranker.training.data import after_training_log
+
+    max_len = json.loads((run_dir / "experiment.json").read_text())["phases"]["train"]["max_len"]
+    log, labels, users = after_training_log(run_dir)
+    starts = {h: log.history_window(np.arange(len(log)), max_len, h)[0] for h in (1, hop)}
+    lengths = log.history_end - starts[hop]
+    rows = []
+    for arm in arms:
+        model, _ = load_checkpoint(run_dir / "checkpoints" / arm)
+        with torch.inference_mode():
+            logits = {h: predict(model, log, max_len, hop=h)[0][:, TASKS.index("full_play")] for h in (1, hop)}
+        rows.append({"arm": arm, "hop": hop, "max_len": max_len, "requests": len(log), "impressions": len(labels),
+                     "windows_differ": float(np.mean(starts[1] != starts[hop])),
+                     "mean_window": float(lengths.mean()),
+                     **paired_gauc_difference(labels, logits[1], logits[hop], users)})
+    return rows
+
+
 # ----------------------------------------------------------------------------- 4. storage precision
 
 def precision_rows(model, label: str, n: int, users: int = 20, M: int = 200) -> list[dict]:
@@ -181,7 +211,8 @@ def storage_figures(run_dir: Path | None, arms: list[str], long_n: int, long_siz
 
 # ----------------------------------------------------------------------------- report
 
-def plot_budget(arms: dict, path: Path) -> None:
+def plot_budget(loops: dict[int, dict], path: Path) -> None:
+    """Served without a rebuild (hit + extend) against the byte budget, per arm and window hop."""
     import matplotlib
     import matplotlib.ticker
 
@@ -189,38 +220,54 @@ def plot_budget(arms: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for arm, a in arms.items():
-        xs = [100 * p["fraction"] for p in a["curve"]]
-        ax.plot(xs, [p["hit_rate"] for p in a["curve"]], "-o", markersize=3, label=f"{arm} hit")
-        ax.plot(xs, [p["hit_rate"] + p["incremental_rate"] for p in a["curve"]], "--", label=f"{arm} hit + extend")
+    styles = ["--", "-", ":", "-."]
+    for i, (hop, arms) in enumerate(loops.items()):
+        for j, (arm, a) in enumerate(arms.items()):
+            xs = [100 * p["fraction"] for p in a["curve"]]
+            ax.plot(xs, [p["hit_rate"] + p["incremental_rate"] for p in a["curve"]], styles[i % len(styles)],
+                    color=f"C{j}", marker="o", markersize=3, label=f"{arm}, hop {hop}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}%"))
     ax.set_xlabel("byte budget, % of the working set (every user's entry)")
-    ax.set_ylabel("share of lookups")
-    top = max(p["hit_rate"] + p["incremental_rate"] for a in arms.values() for p in a["curve"])
-    ax.set_ylim(0, min(1.0, max(0.05, 1.3 * top)))
+    ax.set_ylabel("share of lookups served without a rebuild")
+    top = max(p["hit_rate"] + p["incremental_rate"] for arms in loops.values() for a in arms.values() for p in a["curve"])
+    ax.set_ylim(0, min(1.0, max(0.05, 1.15 * top)))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("KV cache in the closed loop: served without a rebuild")
+    ax.legend(fontsize=7, handlelength=3.5, title="window hop 1 = sliding", title_fontsize=7)
+    ax.set_title("KV cache in the closed loop: hits + extensions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown(arms: dict, storage: list[dict]) -> str:
-    lines = ["| arm | lookups | users | bytes/user | hit | extend | rebuild (first lookup / since) |",
-             "|---|---|---|---|---|---|---|"]
-    for arm, a in arms.items():
-        u, first = a["unbounded"], a["users"] / max(a["lookups"], 1)
-        lines.append(f"| {arm} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:.1f} KiB | "
-                     f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} "
-                     f"({first:.1%} / {u['rebuild_rate'] - first:.1%}) |")
-    if arms:
-        fr = [p["fraction"] for p in next(iter(arms.values()))["curve"]]
-        lines += ["", "Rebuild rate against the byte budget (% of each arm's working set):", "",
-                  "| arm | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |", "|---|" + "---|" * len(fr)]
+def markdown(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -> str:
+    """The closed loop per window hop (1 = sliding), the hop window's offline quality, storage."""
+    lines = ["| arm | hop | lookups | users | bytes/user | hit | extend | rebuild (first / since) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for hop, arms in loops.items():
         for arm, a in arms.items():
-            lines.append(f"| {arm} | " + " | ".join(f"{p['rebuild_rate']:.1%}" for p in a["curve"]) + " |")
+            u, first = a["unbounded"], a["users"] / max(a["lookups"], 1)
+            lines.append(f"| {arm} | {hop} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:.1f} KiB | "
+                         f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} "
+                         f"({first:.1%} / {u['rebuild_rate'] - first:.1%}) |")
+    first_arms = next(iter(loops.values()), {})
+    if first_arms:
+        fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
+        lines += ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
+                  "| arm | hop | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
+        for hop, arms in loops.items():
+            for arm, a in arms.items():
+                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"]) + " |")
+    if quality:
+        lines += ["", f"Full-play GAUC, hop window vs sliding: the same checkpoint on the same "
+                  f"{quality[0]['requests']:,} A/B requests (95% CIs over users; the difference's paired):", "",
+                  "| arm | hop | differ | window | sliding | hop | difference [95% CI] |",
+                  "|---|---|---|---|---|---|---|"]
+        for q in quality:
+            low, high = q["difference_ci95"]
+            lines.append(f"| {q['arm']} | {q['hop']} | {q['windows_differ']:.0%} | {q['mean_window']:.1f} | "
+                         f"{q['gauc_base']:.4f}±{q['base_ci95_halfwidth']:.4f} | {q['gauc_other']:.4f} | "
+                         f"{q['difference']:+.4f} [{low:+.4f}, {high:+.4f}] |")
     lines += ["", "| model | n | storage | K/V bytes/user | vs fp32 | max abs score error (fp32 spread) | "
               "Kendall tau min / mean |", "|---|---|---|---|---|---|---|"]
     for r in storage:
@@ -237,25 +284,35 @@ class CacheBench:
     long_n: int = 1024
     long_size: str = "l"
     save_as: str | None = "cache"
+    hops: tuple[int, ...] = (1,)  # served window hops, one experiment run each (1: sliding)
 
 
 def run_bench_cache(cfg: CacheBench) -> dict:
     from bench.common import RESULTS_DIR, save
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        console.print(f"bench cache: 1/2 experiment run {cfg.spec_file.name} {' '.join(cfg.overrides)}")
-        run_dir = experiment_run(cfg.spec_file, cfg.overrides, Path(tmp))
-        arms = closed_loop_figures(read_lookups(run_dir))
-        console.print("bench cache: 2/2 storage precision")
-        storage = storage_figures(run_dir, list(arms), cfg.long_n, cfg.long_size)
+    loops: dict[int, dict] = {}
+    quality: list[dict] = []
+    storage: list[dict] = []
+    steps = len(cfg.hops) + 1
+    for i, hop in enumerate(cfg.hops):
+        overrides = [*cfg.overrides, f"serving.window_hop={hop}"]
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+            console.print(f"bench cache: {i + 1}/{steps} experiment run {cfg.spec_file.name} {' '.join(overrides)}")
+            run_dir = experiment_run(cfg.spec_file, overrides, Path(tmp))
+            loops[hop] = closed_loop_figures(read_lookups(run_dir))
+            if hop > 1:
+                quality += window_quality(run_dir, list(loops[hop]), hop)
+            if i == 0:
+                console.print(f"bench cache: {steps}/{steps} storage precision")
+                storage = storage_figures(run_dir, list(loops[hop]), cfg.long_n, cfg.long_size)
     figures = {"spec": str(cfg.spec_file.relative_to(REPO)) if cfg.spec_file.is_relative_to(REPO) else str(cfg.spec_file),
-               "overrides": cfg.overrides, "closed_loop": arms, "storage": storage,
-               "wall_seconds": time.time() - started}
-    figures["markdown"] = markdown(arms, storage)
+               "overrides": cfg.overrides, "hops": list(cfg.hops), "closed_loop": {str(h): a for h, a in loops.items()},
+               "window_quality": quality, "storage": storage, "wall_seconds": time.time() - started}
+    figures["markdown"] = markdown(loops, quality, storage)
     console.print(figures["markdown"])
     if cfg.save_as:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        plot_budget(arms, RESULTS_DIR / f"{cfg.save_as}_budget.png")
+        plot_budget(loops, RESULTS_DIR / f"{cfg.save_as}_budget.png")
         console.print(f"written {save(cfg.save_as, figures)}")
     return figures

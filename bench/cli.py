@@ -121,6 +121,31 @@ def bench_serve_long(
                                 device, min_seconds)
 
 
+@bench_app.command("incremental")
+def bench_incremental(
+    size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(1024, help="history length"),
+    reps: int = typer.Option(60, help="one-event extends timed (and a tenth as many full encodes)"),
+    threads: int = typer.Option(1, help="torch threads"),
+) -> Any:
+    """One-event incremental update vs full re-encode of ASTRO, wall and CPU, beside the FLOP ratio."""
+    import torch
+
+    from bench.common import save
+    from bench.serve_common import console
+    from bench.serve_long import bench_incremental as measure
+
+    torch.set_num_threads(threads)
+    figures = measure(size, n, torch.device("cpu"), reps=reps)
+    console.print(f"astro-{size}, n={n}, {threads} thread(s): extend {figures['extend_one_ms']:.3f} ms wall / "
+                  f"{figures['extend_one_cpu_ms']:.3f} ms CPU, full {figures['full_encode_ms']:.1f} / "
+                  f"{figures['full_encode_cpu_ms']:.1f} ms: {figures['ratio_wall']:.0f}x wall, "
+                  f"{figures['ratio_cpu']:.0f}x CPU, FLOP ratio {figures['flop_ratio']:.0f}x "
+                  f"({figures['share_of_flop_ratio_cpu']:.0%} of it by CPU)")
+    console.print(f"written {save('incremental', {**figures, 'threads': threads})}")
+    return figures
+
+
 @bench_app.command("gpu")
 def bench_gpu(
     device: str = typer.Option("cuda", help="cuda (the point of it) or cpu (the same steps, to check them)"),
@@ -140,12 +165,27 @@ def bench_cache(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override of the experiment, repeatable"),
     long_n: int = typer.Option(1024, help="history length of the untrained model in the storage comparison"),
     long_size: str = typer.Option("l", parser=size_name, metavar="SIZE"),
+    hops: Optional[list[int]] = typer.Option(None, "--hops", help="served window hops, one experiment run each "
+                                             "(1: sliding; default 1 16)"),
 ) -> Any:
     """The KV cache in the closed loop (hit/extend/rebuild, bytes per user, rate against the byte
-    budget) and K/V storage in fp32/bf16/int8 (bytes and score error)."""
+    budget) per served window hop, the hop window's offline GAUC against the sliding one, and
+    K/V storage in fp32/bf16/int8 (bytes and score error)."""
     from bench.cache_economics import CacheBench, run_bench_cache
 
-    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size))
+    return run_bench_cache(CacheBench(spec, list(set_ or []), long_n, long_size, hops=tuple(hops or (1, 16))))
+
+
+@bench_app.command("http-path", cls=MultiValueCommand)
+def bench_http_path(
+    waits: list[float] = typer.Option([1.0, 0.0], "--waits", help="the service's batching waits (ms) to compare"),
+    turns: int = typer.Option(3),
+    requests: int = typer.Option(200, help="requests per turn, one at a time"),
+) -> Any:
+    """What the app and the batching task add to a lone /rank request, in process (no socket)."""
+    from bench.http_path import run_bench_http_path
+
+    return run_bench_http_path(tuple(waits), turns, requests=requests)
 
 
 @bench_app.command("load")
@@ -157,8 +197,11 @@ def bench_load(
     threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
     seconds: float = typer.Option(10.0, help="length of each load run"),
     users: int = typer.Option(200),
+    max_wait_ms: float = typer.Option(0.0, help="the server's batching wait (0: one pass of its event loop)"),
+    save_as: str = typer.Option("load", help="bench/results/<name>.json"),
 ) -> Any:
     """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
     from bench.load import run_bench_load
 
-    return run_bench_load(size, n, candidates, device, threads, seconds, users)
+    return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
+                          save_as=save_as)

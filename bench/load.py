@@ -20,10 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.serve_common import N_TRACKS, best_seconds, random_sequence
+from bench.serve_common import N_TRACKS, best_seconds, service_files
 from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
                                 request_bodies, run_async, summary)
-from ranker.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,7 +125,7 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  max_batch: int = 16, max_wait_ms: float = 0.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
@@ -142,18 +141,10 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
     import httpx
 
-    from features.store import FeatureStoreClient
-    from ranker.training.checkpoint import save_checkpoint
-
     server_threads = threads or 1
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
-        store = FeatureStoreClient(root / "feast")
-        store.apply()
-        store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
-        torch.manual_seed(0)
-        model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
-        save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+        service_files(root, users, n, size, overrides)
         # The ceiling at batch sizes the server can form (it batches at most max_batch requests).
         batches = tuple(sorted({b for b in (1, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
         ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads, batches, device,
@@ -209,15 +200,17 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
     """The service figures: load table, per-request budget, the ceiling and what the goal needs."""
     need_rps = svc["clients"] / (goal_p99_ms / 1e3)
     ceiling = svc["ceiling"]
-    rows = [(f"closed loop, {svc['clients']} clients", svc["loaded"]), ("closed loop, 1 client", svc["single_client"])]
-    basis = {"closed": "the closed-loop throughput", "ceiling": "the in-process ceiling"}
-    rows += [(f"open loop, Poisson {run['offered_per_s']:.0f}/s offered ({run['fraction_of_saturation']:.0%} of "
-              f"{basis[run.get('basis', 'closed')]}), {svc['clients']} connections", run) for run in svc["open_loop"]]
+    # Short labels, so the table fits 80 columns; the sentence under it says what they mean.
+    rows = [(f"closed, {svc['clients']} clients", svc["loaded"]), ("closed, 1 client", svc["single_client"])]
+    basis = {"closed": "closed-loop", "ceiling": "ceiling"}
+    rows += [(f"open {run['fraction_of_saturation']:.0%} {basis[run.get('basis', 'closed')]} "
+              f"({run['offered_per_s']:.0f}/s)", run) for run in svc["open_loop"]]
     lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
-             "clients.", "",
-             "| load | requests/s | p50 ms | p99 ms | server p50 / p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+             f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
+             f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
+             "| load | req/s | p50 | p99 | server p50 / p99 | batch |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {run['requests_per_s']:.0f} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
               f"{run['server_p50_ms']:.1f} / {run['server_p99_ms']:.1f} | {run['mean_batch_size']:.1f} |"
               for label, run in rows]
@@ -248,15 +241,15 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
 
 def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
-                   save_as: str | None = "load") -> dict:
+                   save_as: str | None = "load", max_wait_ms: float = 0.0) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
     from bench.common import save
     from bench.serve_common import console
 
     started = time.time()
-    svc = bench_service(size, n, M, 32, seconds, users, threads, open_fractions=fractions, open_seconds=seconds,
-                        device=device, open_basis="ceiling")
+    svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
+                        open_seconds=seconds, device=device, open_basis="ceiling")
     half = next((r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5), None)
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]

@@ -69,3 +69,22 @@ def random_sequence(n: int, seed: int) -> UserSequence:
 
 def prefix(seq: UserSequence, n: int) -> UserSequence:
     return UserSequence(seq.track_ids[:n], seq.behaviours[:n], seq.scenarios[:n], seq.timestamps[:n], n - 1)
+
+
+def service_files(root, users: int, n: int, size: str, overrides: dict | None = None) -> tuple:
+    """A Feast store under root/feast holding `users` random n-event histories and an untrained
+    ASTRO checkpoint at root/model: what a benchmark's ranking service serves. Returns both paths."""
+    from pathlib import Path
+
+    from features.store import FeatureStoreClient
+    from ranker.training.checkpoint import save_checkpoint
+
+    root = Path(root)
+    store = FeatureStoreClient(root / "feast")
+    store.apply()
+    store.write_sequences({user: random_sequence(n, seed=100 + user) for user in range(users)})
+    torch.manual_seed(0)
+    model = build_model("astro", size, N_TRACKS, **{**(overrides or {}), "max_len": n})
+    save_checkpoint(root / "model", model, torch.optim.AdamW(model.parameters()), "astro", size, 0, {})
+    return root / "model", root / "feast"
+

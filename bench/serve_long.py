@@ -150,6 +150,41 @@ def one_event_flops(model, n: int) -> int:
     return model.flops_per_request(n, 0) - model.flops_per_request(n - 1, 0)
 
 
+def incremental_seconds(model, n: int, device: torch.device, reps: int = 30) -> dict[str, float]:
+    """Best-of-`reps` wall seconds of a full encode of n events and of appending the n-th event
+    to a cached n - 1 (a fresh buffer each time), in turns; and CPU seconds per call of each
+    (process time over the reps), which a shared box disturbs less than wall time."""
+    seq = random_sequence(n, seed=1)
+    with torch.inference_mode():
+        full_batch = history_batch([seq], N_TRACKS, device)
+        encoded_before = model.encode_history(history_batch([prefix(seq, n - 1)], N_TRACKS, device))
+        buffers = [HistoryBuffer(encoded_before, 0, max_len=n) for _ in range(2 * reps + 2)]
+        fns = {"full": lambda: model.encode_history(full_batch),
+               "extend": lambda: extend_history(model, buffers.pop(), full_batch)}
+        best = timed(fns, device, min_seconds=0.0, min_reps=reps, max_reps=reps)
+        cpu = {}
+        for name, fn in fns.items():
+            calls = reps if name == "extend" else max(3, reps // 10)
+            start = time.process_time()
+            for _ in range(calls):
+                synced(fn, device)()
+            cpu[f"{name}_cpu"] = (time.process_time() - start) / calls
+    return {**best, **cpu}
+
+
+def bench_incremental(size: str, n: int, device: torch.device, family: str = "astro", reps: int = 60) -> dict:
+    """One-event incremental vs full re-encode alone (`climber bench incremental`): wall and CPU."""
+    model = long_model(family, size, n, device)
+    inc = incremental_seconds(model, n, device, reps)
+    flops = model.flops_per_request(n, 0) / one_event_flops(model, n)
+    return {"family": family, "size": size, "n": n, "n_layers": model.config.n_layers, "reps": reps,
+            "full_encode_ms": 1e3 * inc["full"], "extend_one_ms": 1e3 * inc["extend"],
+            "full_encode_cpu_ms": 1e3 * inc["full_cpu"], "extend_one_cpu_ms": 1e3 * inc["extend_cpu"],
+            "ratio_wall": inc["full"] / inc["extend"], "ratio_cpu": inc["full_cpu"] / inc["extend_cpu"],
+            "flop_ratio": flops, "share_of_flop_ratio_wall": inc["full"] / inc["extend"] / flops,
+            "share_of_flop_ratio_cpu": inc["full_cpu"] / inc["extend_cpu"] / flops}
+
+
 def bench_sumi_incremental(size: str, n: int, M: int, device: torch.device, family: str = "astro",
                            pair_chunk: int = 64, min_seconds: float = 2.0, reps: int = 30) -> dict:
     """Batched SUMI vs per-pair (cold and warm), incremental vs full, each beside its FLOP ratio."""
@@ -163,13 +198,7 @@ def bench_sumi_incremental(size: str, n: int, M: int, device: torch.device, fami
                    **{f"pairs_{rows}": (lambda b=b: model(b)) for rows, b in pairs.items()}},
                   device, min_seconds=min_seconds, min_reps=3)
         per_pair = full_chunks * t.get(f"pairs_{pair_chunk}", 0.0) + (t[f"pairs_{rest}"] if rest else 0.0)
-        seq = random_sequence(n, seed=1)
-        full_batch = history_batch([seq], N_TRACKS, device)
-        encoded_before = model.encode_history(history_batch([prefix(seq, n - 1)], N_TRACKS, device))
-        buffers = [HistoryBuffer(encoded_before, 0, max_len=n) for _ in range(reps + 1)]
-        inc = timed({"full": lambda: model.encode_history(full_batch),
-                     "extend": lambda: extend_history(model, buffers.pop(), full_batch)},
-                    device, min_seconds=0.0, min_reps=reps, max_reps=reps)
+    inc = incremental_seconds(model, n, device, reps)
     f = model.flops_per_request
     flop = {"cold": M * f(n, 1) / f(n, M), "warm": M * f(n, 1) / (f(n, M) - f(n, 0)),
             "incremental": f(n, 0) / one_event_flops(model, n)}

@@ -159,7 +159,8 @@ class ExperimentLoop:
         rankers = {}
         for arm, arm_spec in self.spec.arms.items():
             if arm in self.models:
-                rankers[arm] = NeuralRanker.from_checkpoint(self.models[arm].checkpoint, self.sequences, name=arm)
+                rankers[arm] = NeuralRanker.from_checkpoint(self.models[arm].checkpoint, self.sequences, name=arm,
+                                                            window_hop=self.spec.serving.window_hop)
             elif arm_spec.ranker == "oracle":
                 rankers[arm] = self.oracle
             elif arm_spec.ranker.startswith("checkpoint:"):

@@ -69,6 +69,13 @@ class Retrain(Strict):
     lr: float = Field(3e-4, gt=0)
 
 
+class Serving(Strict):
+    """How the trained arms serve (ranker.serving): the same for every arm."""
+
+    window_hop: int = Field(1, ge=1, description="the served history window's start moves in steps of this many "
+                            "events (ranker.window); 1 slides it with every event past max_len")
+
+
 class Phases(Strict):
     warm_up: WarmUp = Field(default_factory=WarmUp)
     train: Train = Field(default_factory=Train)
@@ -149,6 +156,7 @@ class ExperimentSpec(Strict):
     arms: dict[str, Arm]
     control: str = "control"
     metrics: Metrics = Field(default_factory=Metrics)
+    serving: Serving = Field(default_factory=Serving)
 
     @field_validator("arms", mode="before")
     @classmethod
@@ -177,6 +185,9 @@ class ExperimentSpec(Strict):
                 raise ValueError(f"arms: arm name {arm!r} must be 1-64 letters, digits, '-' or '_'")
         if self.control not in self.arms:
             raise ValueError(f"control: {self.control!r} is not one of the arms {list(self.arms)}")
+        if self.serving.window_hop > self.phases.train.max_len:
+            raise ValueError(f"serving.window_hop {self.serving.window_hop} exceeds phases.train.max_len "
+                             f"{self.phases.train.max_len}: the window would hold fewer than one token after a hop")
         return self
 
     # -- derived ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`climber scaling`, `scaling-seeds` and `growth-study` (also `python -m studies.<name>`)."""
+"""`climber scaling`, `scaling-seeds`, `growth-study` and `hop-window-study` (also `python -m studies.<name>`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sandbox.cli_options import _registry
 scaling_app = typer.Typer(add_completion=False)
 scaling_seeds_app = typer.Typer(add_completion=False)
 growth_study_app = typer.Typer(add_completion=False)
+hop_window_app = typer.Typer(add_completion=False)
 
 
 @scaling_app.command("scaling", cls=MultiValueCommand)
@@ -86,3 +87,16 @@ def growth_study(
     budget = Budget(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, max_len=max_len)
     return run_study(db, out, family, size, seeds, budget, GrowthConfig.from_dict(dict(growth)),
                      int(eval_window_h * 3_600_000), device, overrides=dict(overrides), short_share=short_share)
+
+
+@hop_window_app.command("hop-window-study", cls=MultiValueCommand)
+def hop_window_study(
+    run: Path = typer.Option(..., help="an experiment run's folder (warm_up.duckdb, sandbox.duckdb)"),
+    hop: int = typer.Option(16),
+    sizes: list[str] = typer.Option(["xs", "s", "m"], parser=size_name, metavar="SIZE...",
+                                    help=choice_help("size", "ASTRO sizes, one or more")),
+) -> Any:
+    """The hop window's full-play GAUC cost against a training seed's, and with hop-window training."""
+    from studies.hop_window import run_hop_window
+
+    return run_hop_window(run, hop, list(sizes))

@@ -119,6 +119,24 @@ def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(stor
     assert samples[("climber_kv_cache_bytes", ())] == service.ranker.cache.nbytes > 0
 
 
+def test_without_a_batching_wait_requests_that_arrive_together_still_share_a_batch(store):
+    """max_wait_ms 0 (the default) waits for no timer, only one pass of the event loop: what
+    was submitted together is ranked together, and a lone request is ranked at once."""
+    service = ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"), ServingSettings(max_batch=8))
+    assert service.settings.max_wait_ms == 0
+    together = [request(200 + i, 1 + i % 5, [i % N_TRACKS, 11]) for i in range(6)]
+
+    async def clients():
+        async with service:
+            first = await asyncio.gather(*(service.rank_one(r) for r in together))
+            alone = await service.rank_one(request(300, 1, [3]))
+            return first, alone
+
+    first, alone = asyncio.run(clients())
+    assert [s.timing_ms["batch_size"] for s in first] == [6] * 6
+    assert alone.timing_ms["batch_size"] == 1
+
+
 def test_bad_requests_are_refused_before_they_reach_a_batch(store):
     service = ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"), ServingSettings(max_candidates=4))
     bad_requests = [

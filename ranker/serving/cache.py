@@ -2,8 +2,9 @@
 
 Entries are keyed by (user, model version) and hold, per block and layer, the K/V of the
 history window they were built from (`HistoryBuffer`) plus that window's tokens. A lookup
-compares the user's current window (the last `max_len` tokens of their Feast sequence)
-with the cached one:
+compares the user's current window (the last `max_len` tokens of their Feast sequence, or
+with `window_hop` > 1 the hop window of ranker.window, whose start moves in steps) with the
+cached one:
 
 - same tokens                                   -> hit, score straight from the cache;
 - cached tokens are a prefix, k events appended -> incremental: K/V for the k new tokens
@@ -37,6 +38,7 @@ from ranker.models.layers import BlockCache, HistoryCache
 from ranker.models.base import SequenceRanker
 from ranker.serving.incremental import PATHS, can_extend, drop_derived_tables, extend_history
 from ranker.serving.kv_storage import PackedHistory, check_storage
+from ranker.window import SLIDING, check_hop, window_start
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -140,12 +142,35 @@ class HistoryBuffer:
         return sum(b.nbytes for b in self.blocks)
 
 
-def model_window(sequence: UserSequence, max_len: int) -> UserSequence:
-    """The last `max_len` tokens: what the model sees of a longer sequence."""
-    if len(sequence) <= max_len:
+def _tail(sequence: UserSequence, start: int) -> UserSequence:
+    """Tokens [start:] of `sequence` (views), keeping its high-water mark."""
+    if start == 0:
         return sequence
-    return UserSequence(sequence.track_ids[-max_len:], sequence.behaviours[-max_len:],
-                        sequence.scenarios[-max_len:], sequence.timestamps[-max_len:], sequence.last_event_id)
+    return UserSequence(sequence.track_ids[start:], sequence.behaviours[start:], sequence.scenarios[start:],
+                        sequence.timestamps[start:], sequence.last_event_id)
+
+
+def model_window(sequence: UserSequence, max_len: int) -> UserSequence:
+    """The last `max_len` tokens: what the model sees of a longer sequence (the sliding window)."""
+    return _tail(sequence, max(len(sequence) - max_len, 0))
+
+
+def hop_window(sequence: UserSequence, max_len: int, hop: int, anchor: int = 0) -> UserSequence:
+    """The hop window (ranker.window) of `sequence` with its hop grid anchored at token `anchor`:
+    it starts at anchor + a multiple of `hop` and holds at most `max_len` tokens."""
+    return _tail(sequence, anchor + window_start(len(sequence) - anchor, max_len, hop))
+
+
+def find_window(sequence: UserSequence, window: UserSequence) -> int | None:
+    """Where `window`'s tokens start inside `sequence` (None if they are not all there): how a
+    cached window's start is followed as the stored sequence gains tokens and, once the
+    feature store's own cap is reached, drops its oldest."""
+    if len(window) == 0:
+        return None
+    for start in np.flatnonzero(sequence.timestamps == window.timestamps[0]).tolist():
+        if start + len(window) <= len(sequence) and _same_tokens(_tail(sequence, start), window, len(window)):
+            return start
+    return None
 
 
 def history_batch(windows: Sequence[UserSequence], n_tracks: int, device: torch.device | str = "cpu") -> RankBatch:
@@ -248,15 +273,18 @@ class UserKVCache:
     """Per-(user, model version) history K/V with incremental updates and an LRU byte budget."""
 
     def __init__(self, model: SequenceRanker, model_version: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 headroom: float = 0.25, incremental: str = "fast", kv_storage: str = "fp32") -> None:
+                 headroom: float = 0.25, incremental: str = "fast", kv_storage: str = "fp32",
+                 window_hop: int = SLIDING) -> None:
         """`incremental` picks how appended events are encoded (ranker.serving.incremental.PATHS):
         "fast" serves, "reference" re-encodes and exists to check it. `kv_storage` is how
-        entries hold K/V at rest (ranker.serving.kv_storage.STORAGES)."""
+        entries hold K/V at rest (ranker.serving.kv_storage.STORAGES). `window_hop` is the
+        served window's hop (ranker.window): 1 slides it by every event past max_len."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         if incremental not in PATHS:
             raise ValueError(f"incremental path must be one of {PATHS}, got {incremental!r}")
         self.incremental = incremental
+        self.window_hop = check_hop(window_hop, model.config.max_len)
         self.kv_storage = check_storage(kv_storage)
         self.budget_bytes = int(budget_bytes)
         self.headroom = headroom
@@ -271,6 +299,7 @@ class UserKVCache:
     def set_model(self, model: SequenceRanker, model_version: str) -> None:
         """Serve a (re)loaded model: entries of any other version can never be used again, so
         they are dropped now rather than left to age out of the budget."""
+        check_hop(self.window_hop, model.config.max_len)  # a shorter max_len must still fit a hop
         self.model, self.model_version = model.eval(), str(model_version)
         drop_derived_tables(model)
         self.device = next(model.parameters()).device
@@ -298,7 +327,7 @@ class UserKVCache:
         if len(set(user_ids)) != len(user_ids):
             raise ValueError("user ids must be distinct within one histories() call")
         max_len = self.model.config.max_len
-        windows = [model_window(s, max_len) for s in sequences]
+        windows = [self.window(int(u), s) for u, s in zip(user_ids, sequences)]
         out: list[HistoryCache | None] = [None] * len(user_ids)
         rebuild: list[int] = []
         with torch.inference_mode():
@@ -312,6 +341,19 @@ class UserKVCache:
                 for row, i in enumerate(rebuild):
                     out[i] = self._store(int(user_ids[i]), windows[i], HistoryBuffer(encoded, row, self.headroom, max_len))
         return out  # type: ignore[return-value]
+
+    def window(self, user: int, sequence: UserSequence) -> UserSequence:
+        """The tokens of `sequence` the model sees for `user`: the last max_len (window_hop 1),
+        or the hop window. Its hop grid is anchored at the start of the user's cached
+        window while that window is still inside the sequence (the store may cap
+        sequences and drop their oldest tokens), else at the sequence's first token; for a
+        sequence the store never capped both anchors give the same window."""
+        max_len = self.model.config.max_len
+        if self.window_hop == SLIDING or len(sequence) <= max_len:
+            return model_window(sequence, max_len)
+        entry = self._entries.get((user, self.model_version))
+        anchor = None if entry is None else find_window(sequence, entry.window)
+        return hop_window(sequence, max_len, self.window_hop, anchor or 0)
 
     # -- internals
 

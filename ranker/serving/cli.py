@@ -28,6 +28,8 @@ def serve(
     body_timeout_s: Optional[float] = typer.Option(None, help="408 for a body not received within this (default 5)"),
     kv_storage: Optional[Literal["fp32", "bf16", "int8"]] = typer.Option(
         None, help="K/V cache entries at rest: fp32 (default), bf16, or int8 with a per-row scale"),
+    window_hop: Optional[int] = typer.Option(None, help="move the served history window's start in steps of this "
+                                             "many events (1: slide it with every event)"),
     duplicate_candidates: Optional[Literal["score", "reject"]] = typer.Option(
         None, help="score every occurrence of a repeated candidate (default) or reject the request"),
 ) -> None:
@@ -41,5 +43,6 @@ def serve(
              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "torch_threads": torch_threads,
              "max_candidates": max_candidates, "candidate_chunk": candidate_chunk,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
-             "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage}
+             "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
+             "window_hop": window_hop}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

@@ -26,6 +26,7 @@ OpenAPI schema, and the tests check replies against it.
 # No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
 
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -120,12 +121,20 @@ def encode_reply(scored: ScoredResponse) -> bytes:
     }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def create_app(service: ScoringService) -> FastAPI:
-    """An app over `service`; its lifespan starts and stops the batching task."""
+def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
+    """An app over `service`; its lifespan starts and stops the batching task.
+
+    `freeze_gc` (the server process, `serve`): after warm-up, everything alive (modules, the
+    model, the app) moves to the permanent generation, so a full collection during serving no
+    longer walks it, which is what makes such a pause a latency spike. Not for processes that
+    build many apps (tests): what is frozen is never collected."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         yield
         await service.stop()
 
@@ -188,7 +197,7 @@ def build_service(settings: ServingSettings) -> ScoringService:
     ranker = NeuralRanker.from_checkpoint(settings.checkpoint, store, cache_bytes=settings.cache_bytes,
                                           max_candidates=settings.max_candidates,
                                           candidate_chunk=settings.candidate_chunk, device=settings.device,
-                                          kv_storage=settings.kv_storage)
+                                          kv_storage=settings.kv_storage, window_hop=settings.window_hop)
     return ScoringService(ranker, settings)
 
 
@@ -197,7 +206,7 @@ def serve(settings: ServingSettings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(create_app(build_service(settings)), host=settings.host, port=settings.port,
+    uvicorn.run(create_app(build_service(settings), freeze_gc=True), host=settings.host, port=settings.port,
                 log_level="warning", access_log=False)
 
 

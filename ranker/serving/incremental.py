@@ -181,7 +181,7 @@ def drop_derived_tables(model: SequenceRanker) -> None:
     stacks' parameter plans); rebuilt on next use. In-place weight changes are detected
     anyway; this covers reloads that replace Parameter objects."""
     for module in model.modules():
-        for name in ("_one_event_cache", "_one_token_plan", "_tau_cache"):
+        for name in ("_one_event_cache", "_one_token_plan", "_tau_cache", "_bias_rows"):
             module.__dict__.pop(name, None)
 
 
@@ -432,6 +432,7 @@ def _hstu_extend_one(stack: HSTUStack, x: torch.Tensor, block: BlockBuffer, at: 
     d = x.shape[-1]
     last = len(stack.layers) - 1
     last_norm, last_kv_weight, last_kv_bias = _hstu_plan(stack)
+    buckets = None
     for i, layer in enumerate(stack.layers):
         kv = block.kv[i]  # [2, h, capacity, dh]
         h, dh = kv.shape[1], kv.shape[3]
@@ -440,16 +441,33 @@ def _hstu_extend_one(stack: HSTUStack, x: torch.Tensor, block: BlockBuffer, at: 
             kv.select(2, at).copy_(F.silu(F.linear(normed, last_kv_weight, last_kv_bias)).view(2, h, dh))
             return
         normed = F.layer_norm(x, (d,), layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
-        u, q, k, v = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh).unbind(0)
-        kv[0, :, at].copy_(k)
-        kv[1, :, at].copy_(v)
-        buckets = relative_buckets(block.positions[:, at:end], block.timestamps[:, at:end],
-                                   block.positions[:, :end], block.timestamps[:, :end], stack.n_buckets)  # [1, 1, end]
-        bias = layer.bias_table()[:, buckets[0]]  # [h, 1, end]
+        uqkv = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh)
+        kv.select(2, at).copy_(uqkv[2:])  # K and V of the new token, one copy
+        u, q = uqkv[0], uqkv[1]
+        if buckets is None:  # the same for every layer: the new token against every key, [end]
+            buckets = relative_buckets(block.positions[:, at:end], block.timestamps[:, at:end],
+                                       block.positions[:, :end], block.timestamps[:, :end], stack.n_buckets).view(-1)
+        bias = _bias_rows(layer).index_select(1, buckets).unsqueeze(1)  # [h, 1, end]
         weights = F.silu(torch.baddbmm(bias, q.unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)))  # [h, 1, end]
         attended = (torch.bmm(weights, kv[1, :, :end]) / layer.norm).view(1, d)  # heads merged
         x = x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
                                       layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
+
+
+def _bias_rows(layer) -> torch.Tensor:
+    """The layer's `bias_table()` [h, n_buckets^2], contiguous, so one event's bias is one
+    index_select of `end` columns (the table itself is a transposed sum: gathering from it
+    strides through memory, and rebuilding it per event costs as much as the gather).
+    Recomputed when the rab weights move; not cached while growth slices the heads."""
+    if layer.slices.get("heads") is not None:
+        return layer.bias_table().contiguous()
+    tables = layer.__dict__.get("_bias_rows")
+    if tables is None or tables.key != tables.version():
+        with torch.inference_mode(False), torch.no_grad():
+            tables = WeightDerivedTables([layer.rab_position.weight, layer.rab_time.weight],
+                                         layer.bias_table().contiguous())
+        layer.__dict__["_bias_rows"] = tables  # a plain attribute: not a buffer, not in state_dict
+    return tables.rows
 
 
 def _build_hstu_plan(stack: HSTUStack) -> tuple:

@@ -119,7 +119,8 @@ class NeuralRanker:
     def __init__(self, model: SequenceRanker, model_version: str, sequences: SequenceSource,
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32",
-                 candidate_chunk: int = DEFAULT_CANDIDATE_CHUNK, incremental: str = "fast") -> None:
+                 candidate_chunk: int = DEFAULT_CANDIDATE_CHUNK, incremental: str = "fast",
+                 window_hop: int = 1) -> None:
         if candidate_chunk < 1:
             raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
         self.device = serving_device(device)
@@ -129,7 +130,8 @@ class NeuralRanker:
         self.sequences = sequences
         self.max_candidates = max_candidates
         self.candidate_chunk = candidate_chunk
-        self.cache = UserKVCache(self.model, self.version, cache_bytes, incremental=incremental, kv_storage=kv_storage)
+        self.cache = UserKVCache(self.model, self.version, cache_bytes, incremental=incremental, kv_storage=kv_storage,
+                                 window_hop=window_hop)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, sequences: SequenceSource, **kwargs) -> "NeuralRanker":

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from ranker.batch import TASKS, RankBatch
+from ranker.window import SLIDING, check_hop, window_start
 from streaming.events import BEHAVIOUR_CODE, BEHAVIOURS, SCENARIOS, EventBatch
 
 DAY_MS = 86_400_000
@@ -82,10 +83,13 @@ class RequestLog:
                        "history_end", "candidate_start", "candidate_count")
         return replace(self, **{name: getattr(self, name)[rows] for name in per_request})
 
-    def history_window(self, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """[start, end) token ranges of the last `max_len` tokens before each request."""
-        end = self.history_end[rows]
-        return np.maximum(self.history_first[rows], end - max_len), end
+    def history_window(self, rows: np.ndarray, max_len: int, hop: int = SLIDING) -> tuple[np.ndarray, np.ndarray]:
+        """[start, end) token ranges of the last `max_len` tokens before each request, or with
+        hop > 1 of the hop window (ranker.window) anchored at the user's first token."""
+        first, end = self.history_first[rows], self.history_end[rows]
+        if hop == SLIDING:
+            return np.maximum(first, end - max_len), end
+        return first + window_start(end - first, max_len, check_hop(hop, max_len)), end
 
     def impression_rows(self, rows: np.ndarray) -> np.ndarray:
         """Indices into the impression arrays, request by request, in position order: the
@@ -94,10 +98,10 @@ class RequestLog:
         starts = np.repeat(self.candidate_start[rows] - np.cumsum(counts) + counts, counts)
         return starts + np.arange(counts.sum())
 
-    def batch(self, rows: np.ndarray, max_len: int) -> RankBatch:
+    def batch(self, rows: np.ndarray, max_len: int, hop: int = SLIDING) -> RankBatch:
         """Materialise the requests at `rows` as padded tensors (ids shifted +1, 0 = pad)."""
         rows = np.asarray(rows)
-        start, end = self.history_window(rows, max_len)
+        start, end = self.history_window(rows, max_len, hop)
         lengths = end - start
         n = max(int(lengths.max(initial=0)), 1)
         hist_mask = np.arange(n)[None, :] < lengths[:, None]
@@ -297,6 +301,15 @@ class TimeSplit:
     train: RequestLog
     eval: RequestLog
     cutoff_ts: int  # train requests are before it, eval requests at or after it
+
+
+def after_training_log(run_dir: Path) -> tuple["RequestLog", np.ndarray, np.ndarray]:
+    """An experiment run's A/B-phase requests (those after its warm-up log, which the arms
+    were trained on), with each impression's full-play label and user, in impression order."""
+    cutoff = int(load_request_log(Path(run_dir) / "warm_up.duckdb").request_ts.max()) + 1
+    log = split_by_time(load_request_log(Path(run_dir) / "sandbox.duckdb"), cutoff_ts=cutoff).eval
+    impressions = log.impression_rows(np.arange(len(log)))
+    return log, log.labels[impressions, TASKS.index("full_play")], np.repeat(log.user_id, log.candidate_count)
 
 
 def split_by_time(log: RequestLog, eval_window_ms: int = DAY_MS, cutoff_ts: int | None = None) -> TimeSplit:

@@ -44,6 +44,15 @@ def _ranks_within_groups(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     """Group AUC: per-group (user) AUC averaged with weights = the group's impressions.
     Groups with a single class have no AUC and are skipped; NaN if none is left."""
+    ids, per_group, weights = group_aucs(labels, scores, groups)
+    if not len(ids):
+        return float("nan")
+    return float(np.average(per_group, weights=weights))
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group ids, their AUCs, their impression counts) for the groups with both classes:
+    what `gauc` averages, and what a paired bootstrap over users resamples."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     _, group = np.unique(np.asarray(groups), return_inverse=True)
@@ -53,10 +62,26 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     n_neg = size - n_pos
     pos_rank_sum = np.bincount(group, weights=ranks * labels)
     valid = (n_pos > 0) & (n_neg > 0)
-    if not valid.any():
-        return float("nan")
     per_group = (pos_rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2) / (n_pos[valid] * n_neg[valid])
-    return float(np.average(per_group, weights=size[valid]))
+    return np.unique(np.asarray(groups))[valid], per_group, size[valid]
+
+
+def paired_gauc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, users: np.ndarray,
+                           resamples: int = 2000, seed: int = 0) -> dict:
+    """GAUC of `other` minus GAUC of `base` scores on the same impressions, with a 95% interval
+    from a bootstrap over users (both scores resampled together, so it is paired)."""
+    _, a, weights = group_aucs(labels, base, users)
+    _, b, _ = group_aucs(labels, other, users)  # the same groups: validity depends on labels only
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), (resamples, len(a)))
+    w = weights[picks]
+    diffs = ((b - a)[picks] * w).sum(1) / w.sum(1)
+    base_gauc = float(np.average(a, weights=weights))
+    spread = (np.quantile((a[picks] * w).sum(1) / w.sum(1), [0.025, 0.975]) - base_gauc).tolist()
+    return {"gauc_base": base_gauc, "gauc_other": float(np.average(b, weights=weights)),
+            "difference": float(np.average(b - a, weights=weights)),
+            "difference_ci95": np.quantile(diffs, [0.025, 0.975]).tolist(),
+            "base_ci95_halfwidth": float((spread[1] - spread[0]) / 2), "users": int(len(a))}
 
 
 def logloss(labels: np.ndarray, logits: np.ndarray) -> float:

@@ -150,31 +150,41 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int) -> floa
 
 @torch.no_grad()
 def evaluate(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
-             runtime: Runtime | None = None) -> dict[str, float]:
-    """All offline metrics of `model` on every request of `log` (see ranker.training.metrics)."""
+             runtime: Runtime | None = None, hop: int = 1) -> dict[str, float]:
+    """All offline metrics of `model` on every request of `log` (see ranker.training.metrics),
+    each request's history the hop window (ranker.window) of its tokens: 1 is the sliding one."""
+    logits, ranking_score = predict(model, log, max_len, batch_size, runtime, hop)
+    impressions = log.impression_rows(np.arange(len(log)))
+    per_request = np.repeat(np.arange(len(log)), log.candidate_count)
+    return ranking_report(
+        labels=log.labels[impressions].astype(np.float64),
+        logits=logits,
+        ranking_score=ranking_score,
+        users=log.user_id[per_request],
+        requests=log.request_id[per_request],
+        relevance=log.relevance(impressions),
+        positions=log.candidate_positions[impressions],
+    )
+
+
+@torch.no_grad()
+def predict(model: SequenceRanker, log: RequestLog, max_len: int, batch_size: int = 256,
+            runtime: Runtime | None = None, hop: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(task logits [N_imp, len(TASKS)], ranking score [N_imp]) for every impression of
+    `log`, in `log.impression_rows` order."""
     runtime = runtime or Runtime(torch.device("cpu"), 0, 1, None)
     was_training = model.training
     model.eval()
     logits_parts, score_parts = [], []
     for rows in iterate_batches(len(log), batch_size, shuffle=False):
-        batch = log.batch(rows, max_len).to(runtime.device)
+        batch = log.batch(rows, max_len, hop).to(runtime.device)
         with runtime.autocast():
             logits = model(batch)
         mask = batch.candidate_mask
         logits_parts.append(logits[mask].float().cpu())
         score_parts.append(model.score(logits.float(), mask)[mask].cpu())
     model.train(was_training)
-    impressions = log.impression_rows(np.arange(len(log)))
-    per_request = np.repeat(np.arange(len(log)), log.candidate_count)
-    return ranking_report(
-        labels=log.labels[impressions].astype(np.float64),
-        logits=torch.cat(logits_parts).numpy(),
-        ranking_score=torch.cat(score_parts).numpy(),
-        users=log.user_id[per_request],
-        requests=log.request_id[per_request],
-        relevance=log.relevance(impressions),
-        positions=log.candidate_positions[impressions],
-    )
+    return torch.cat(logits_parts).numpy(), torch.cat(score_parts).numpy()
 
 
 def typical_shape(log: RequestLog, max_len: int) -> tuple[int, int]:
@@ -230,6 +240,9 @@ class TrainConfig:
     objective: str = "impression"
     sampled_negatives: int = 0
     window_stride: int | None = None  # next-item: targets per training window (None: max_len // 2)
+    # The history window of each request (ranker.window): 1 the last max_len tokens; h > 1
+    # the hop window a service with window_hop h serves (impression objective only).
+    window_hop: int = 1
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -321,7 +334,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
              "model_overrides": dict(model_overrides or {}),
              "growth": growth.to_dict() if growth is not None else None,
-             "objective": "impression", "split": c.split}
+             "objective": "impression", "split": c.split, "window_hop": c.window_hop}
     if parent is not None:
         extra["resumed_from"] = {"checkpoint": str(c.resume_from), "model_version": parent["model_version"],
                                  "step": parent["step"], "cutoff_ts": parent.get("cutoff_ts")}
@@ -354,7 +367,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, lr, warmup)
                 global_count = int(train_log.candidate_count[global_rows].sum())
-                batch = train_log.batch(shard(global_rows, runtime), max_len).to(runtime.device)
+                batch = train_log.batch(shard(global_rows, runtime), max_len, c.window_hop).to(runtime.device)
                 if grow is not None:
                     grow.prepare(step)
                 with runtime.autocast(), flop_counter or nullcontext():
@@ -383,7 +396,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     if grow is not None:
         grow.release()  # full shapes for evaluation and whatever uses the model next
 
-    metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime) if runtime.is_main else {}
+    metrics = evaluate(model, data.eval, max_len, eval_batch_size, runtime, c.window_hop) if runtime.is_main else {}
     if metrics and db_path is not None:  # the floor and the ceiling on the same impressions
         metrics.update(ceiling_metrics(db_path, data.train, data.eval))
     extra["metrics"] = metrics
