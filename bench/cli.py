@@ -197,7 +197,7 @@ def bench_load(
     threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
     seconds: float = typer.Option(10.0, help="length of each load run"),
     users: int = typer.Option(200),
-    max_wait_ms: float = typer.Option(0.0, help="the server's batching wait (0: one pass of its event loop)"),
+    max_wait_ms: float = typer.Option(1.0, help="the server's batching wait (the service default; 0: one pass of its event loop)"),
     save_as: str = typer.Option("load", help="bench/results/<name>.json"),
 ) -> Any:
     """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""

@@ -125,7 +125,7 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float = 0.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
@@ -241,7 +241,7 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
 
 def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
-                   save_as: str | None = "load", max_wait_ms: float = 0.0) -> dict:
+                   save_as: str | None = "load", max_wait_ms: float = 1.0) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
     from bench.common import save

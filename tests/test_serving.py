@@ -120,10 +120,10 @@ def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(stor
 
 
 def test_without_a_batching_wait_requests_that_arrive_together_still_share_a_batch(store):
-    """max_wait_ms 0 (the default) waits for no timer, only one pass of the event loop: what
-    was submitted together is ranked together, and a lone request is ranked at once."""
-    service = ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"), ServingSettings(max_batch=8))
-    assert service.settings.max_wait_ms == 0
+    """max_wait_ms 0 waits for no timer, only one pass of the event loop: what was submitted
+    together is ranked together, and a lone request is ranked at once."""
+    service = ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"),
+                             ServingSettings(max_batch=8, max_wait_ms=0))
     together = [request(200 + i, 1 + i % 5, [i % N_TRACKS, 11]) for i in range(6)]
 
     async def clients():

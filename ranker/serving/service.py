@@ -8,11 +8,11 @@
 Why batch: a `NeuralRanker.rank` call has a fixed cost (one feature-store read, one stacked
 cache, one model pass) that a batch shares, so requests that arrive together are served
 together. The batching task takes the first waiting request, then whatever else arrives
-within `max_wait_ms` (up to `max_batch`), and ranks them in one call. The default wait is 0:
-one pass of the event loop (handlers whose bodies are already read enqueue), then whatever
-is queued. Under load batches form anyway, from the requests that arrived while the previous
-batch scored; a timed wait would only add itself to every request of a lone client (it was
-1 ms, most of the HTTP overhead at p50 that `climber bench load` measured).
+within `max_wait_ms` (up to `max_batch`), and ranks them in one call. The default wait is
+1 ms. A wait of 0 (one pass of the event loop, then what is queued) spares a lone client the
+timer, but at moderate load it forms smaller batches and the tail grows: `climber bench load`
+on a quiet 2-core box put p99/p50 at half the ceiling at 3.4 with 1 ms and at 7.5 (and once
+overloaded) with 0 (docs/results.md, issue 24's open loop).
 
 Why on the event loop, not a worker thread: the model is Python-heavy (hundreds of small
 torch ops per batch), and a scoring thread beside the HTTP loop fights it for the GIL on
@@ -67,7 +67,7 @@ class ServingSettings(BaseSettings):
     # request costs least in batches of 8 to 16 (3.4-3.6 ms) and about 25% more at 32
     # (4.5 ms), likely because the activations outgrow the core's cache; at 1, 5.5 ms.
     max_batch: int = Field(16, ge=1)
-    max_wait_ms: float = Field(0.0, ge=0)
+    max_wait_ms: float = Field(1.0, ge=0)
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past
