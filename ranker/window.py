@@ -12,8 +12,9 @@ relative buckets of the cached tokens stay as they were, and the cache extends; 
 events it re-encodes. The window then holds between max_len - h + 1 and max_len tokens.
 hop = 1 is the sliding window exactly.
 
-Training slices sliding windows; serving and offline evaluation take `hop` as a setting
-(bench.cache_economics compares the two on the same impressions).
+Training slices sliding windows unless `TrainConfig.window_hop` says otherwise; serving and
+offline evaluation take `hop` as a setting (bench.cache_economics compares the two on the
+same impressions).
 """
 
 from __future__ import annotations
