@@ -12,6 +12,7 @@ from torch import nn
 
 from ranker.batch import RankBatch
 from ranker.models.config import ModelConfig
+from ranker.models.layers import Dropout
 from streaming.events import BEHAVIOURS, SCENARIOS
 
 TARGET_BEHAVIOUR = len(BEHAVIOURS)  # the behaviour slot of a candidate token: "to be scored"
@@ -60,7 +61,7 @@ class TokenEmbedding(nn.Module):
         self.scenario = nn.Embedding(len(SCENARIOS), d)
         self.position = nn.Embedding(cfg.max_len + 1, d)
         self.time_gap = nn.Embedding(cfg.n_time_buckets, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         for table in (self.track, self.behaviour, self.scenario, self.position, self.time_gap):
             nn.init.normal_(table.weight, std=0.02)
         with torch.no_grad():
