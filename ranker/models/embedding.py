@@ -72,13 +72,11 @@ class TokenEmbedding(nn.Module):
         n = batch.history_tracks.shape[1]
         positions = torch.arange(start, n, device=batch.history_tracks.device)
         gaps = history_time_gaps(batch.history_ts[:, max(start - 1, 0):], self.n_time_buckets)
-        x = (
-            self.track(batch.history_tracks[:, start:])
-            + self.behaviour(batch.history_behaviours[:, start:])
-            + self.scenario(batch.history_scenarios[:, start:])
-            + self.position(positions)[None]
-            + self.time_gap(gaps[:, 1:] if start else gaps)
-        )
+        x = self.track(batch.history_tracks[:, start:])  # the sum accumulates in place: one [B, n, d] tensor
+        x += self.behaviour(batch.history_behaviours[:, start:])
+        x += self.scenario(batch.history_scenarios[:, start:])
+        x += self.position(positions)
+        x += self.time_gap(gaps[:, 1:] if start else gaps)
         return self.dropout(x)
 
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
