@@ -153,6 +153,8 @@ class SimConfig(BaseModel):
     churn_probability: float = Field(0.25, ge=0, le=1, description="P(a user going dormant never comes back)")
     profile_shift_sigma_h: float = Field(0.75, ge=0, le=12, description="spread of users' daily-profile shift")
     weekend_activity: float = Field(0.8, gt=0, description="weekend session rate over weekday rate")
+    weekday_lunch_dip: float = Field(0.3, ge=0, lt=1, description="user_model 3: share of weekday 12-13 h "
+                                     "sessions early birds and working-hours listeners skip for lunch")
 
     # Platform
     # The ranking tick: requests queue at most this long, and each slate is requested this

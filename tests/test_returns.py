@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ranker.interface import TrackMetadata
 from simulator.config import DAY_MS, HOUR_MS, SimConfig
-from simulator.facts import stylised_facts
+from simulator.facts import hourly_session_starts, stylised_facts
 from simulator.platform import MusicPlatform
 from simulator.policies import PopularityRecommender, RandomRecommender
 from simulator.retention import activity_per_user, run_shuffle_ab
@@ -128,6 +129,48 @@ def test_profiles_and_week():
     per_day = np.diff(returns.cumulative[:, ::24], axis=1)  # grid starts at midnight, 2 days before Monday
     weekend = np.isin(np.arange(per_day.shape[1]) % 7, (0, 1))  # column 0 is a Saturday
     assert np.allclose(per_day[:, weekend], 0.5 * per_day[:, ~weekend].mean())
+
+
+def test_weekday_lunch_dip_in_model_3_only():
+    """Zhang et al. 2013: on weekdays session arrivals drop over lunch after the morning peak and
+    rise again; not at weekends. Model 3 has it; model 2's grid is unchanged (frozen configs)."""
+    plain, dipped = weekday_profiles(), weekday_profiles(0.3)
+    ratio = dipped / plain  # the dip at noon, then each row renormalised to mean 1
+    assert np.allclose(ratio[:2, 12] / ratio[:2, 11], 0.7) and np.allclose(dipped[2:], plain[2:])
+    before, after = plain.mean(axis=0), dipped.mean(axis=0)  # the population, a quarter each
+    assert before[12] > 0.98 * min(before[11], before[13])  # no dip without it
+    assert after[12] < 0.95 * min(after[11], after[13]) and after[9] > 1.3 * after[12]
+    two, three = make_returns(user_model=2), make_returns(user_model=3)
+    assert np.array_equal(two.intensity, make_returns(user_model=2, weekday_lunch_dip=0.0).intensity)
+    assert np.array_equal(two.intensity, make_returns(user_model=3, weekday_lunch_dip=0.0).intensity)
+    hour = np.arange(two.intensity.shape[1])
+    weekend = (hour // 24) % 7 < 2  # the grid starts at midnight two days before a Monday
+    assert np.array_equal(two.intensity[:, weekend], three.intensity[:, weekend])
+    noon = ~weekend & (hour % 24 == 12)
+    assert (three.intensity[:2, noon] < 0.75 * two.intensity[:2, noon]).all()
+
+
+def test_daily_cycle_facts_read_weekday_session_starts_not_events():
+    """Morning sessions that run past noon and weekend sessions that start at noon: events peak
+    at noon, but the source's quantity, weekday session arrivals, peaks when they start."""
+    monday, rows = SimConfig().start_ts, []  # (day, hour the sessions start, users, minutes long)
+    for day in range(7):
+        rows += [(day, 9 if day < 5 else 12, 30, 240), (day, 19, 40, 30), (day, 14, 10, 30)]
+        rows += [(day, hour, 2, 10) for hour in range(24) if hour != 3]  # a trickle, none at 3 am
+    ts, user = [], []
+    for i, (day, hour, n, minutes) in enumerate(rows):
+        for u in range(n):
+            start = monday + day * DAY_MS + hour * HOUR_MS + u * 60_000
+            ts += range(start, start + minutes * 60_000, 5 * 60_000)
+            user += [100 * i + u] * len(range(0, minutes, 5))  # users of one row start one session
+    n = len(ts)
+    events = EventBatch.from_columns(event_id=np.arange(n), ts=ts, user_id=user, track_id=np.zeros(n),
+                                     scenario=np.zeros(n), behaviour=np.zeros(n))
+    assert np.argmax(np.bincount((events.ts // HOUR_MS) % 24)[6:13]) + 6 == 12  # events: noon
+    assert hourly_session_starts(events).sum() == sum(row[2] for row in rows)
+    metadata = TrackMetadata(*(np.zeros(1, np.int64) for _ in range(4)))
+    facts = {f.name: f.value for f in stylised_facts(events, metadata)}
+    assert (facts["morning_peak_hour"], facts["daily_peak_hour"], facts["quietest_hour"]) == (9, 19, 3)
 
 
 def test_churned_users_stop_and_activity_counts_everyone(facts_run):
