@@ -41,12 +41,20 @@ def test_user_model_1_gives_the_old_event_log_bit_for_bit():
 def test_user_model_2_gives_the_pinned_event_log_bit_for_bit():
     """Model 2's log as configs/2026-12-06-oracle-ceiling-model-2.yaml measured it: a speed-up must
     keep it; a change of the model changes this hash and dates a new frozen config."""
-    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8)
+    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8, user_model=2)
     assert log_hash(events)[:16] == "2382afa5157def8d"
 
 
+def test_the_default_is_user_model_3_with_its_pinned_log():
+    """The default world since 2026-12-06: albums, the slate-aware oracle, the weekday lunch dip.
+    A change of it changes this hash and dates a new frozen config."""
+    assert SimConfig().user_model == 3
+    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8)
+    assert log_hash(events)[:16] == "f3026d82cae89b86"
+
+
 def test_user_model_2_same_seed_same_log():
-    config = dict(n_users=120, n_tracks=1500, days=2.0, seed=8)
+    config = dict(n_users=120, n_tracks=1500, days=2.0, seed=8, user_model=2)
     assert log_hash(run("random", **config)[1]) == log_hash(run("random", **config)[1])
     assert log_hash(run("random", **config)[1]) != log_hash(run("random", **{**config, "seed": 9})[1])
 
@@ -192,7 +200,9 @@ def test_frozen_configs_before_user_model_2_must_pin_model_1(monkeypatch):
     step = "climber simulate --users 10 --out runs --run-id a"
     assert any("user model 1" in p for p in check_frozen(config(step)))
     assert check_frozen(config(f"env CLIMBER_SIM__USER_MODEL=1 {step}")) == []
-    assert check_frozen(config(step, "2026-12-07")) == []
+    assert check_frozen(config(step, "2026-12-07")) == []  # from then on model 3, the default
+    assert any("user model 2" in p for p in check_frozen(config(step, "2026-12-06")))
+    assert check_frozen(config(f"env CLIMBER_SIM__USER_MODEL=2 {step}", "2026-12-06")) == []
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "1")
     assert SimConfig().user_model == 1 and SimConfig(user_model=2).user_model == 2
     from sandbox.settings import SandboxSettings  # the pin reaches `climber simulate|sandbox` as text
