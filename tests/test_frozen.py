@@ -168,7 +168,7 @@ def test_freezing_models_writes_and_checks_but_runs_no_step(tmp_path):
 def test_an_experiment_step_runs_on_the_user_model_its_figures_were_measured_on(tmp_path):
     example = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "examples"
                               / "model_sizes.yaml").read_text())
-    assert example["sim"]["user_model"] == 2  # the shipped example names its simulator
+    assert example["sim"]["user_model"] == 3  # the shipped example names its simulator
     del example["sim"]["user_model"]
     unpinned = tmp_path / "unpinned.yaml"
     unpinned.write_text(yaml.safe_dump(example))
