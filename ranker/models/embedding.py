@@ -12,6 +12,7 @@ from torch import nn
 
 from ranker.batch import RankBatch
 from ranker.models.config import ModelConfig
+from ranker.models.layers import Dropout
 from streaming.events import BEHAVIOURS, SCENARIOS
 
 TARGET_BEHAVIOUR = len(BEHAVIOURS)  # the behaviour slot of a candidate token: "to be scored"
@@ -60,7 +61,7 @@ class TokenEmbedding(nn.Module):
         self.scenario = nn.Embedding(len(SCENARIOS), d)
         self.position = nn.Embedding(cfg.max_len + 1, d)
         self.time_gap = nn.Embedding(cfg.n_time_buckets, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         for table in (self.track, self.behaviour, self.scenario, self.position, self.time_gap):
             nn.init.normal_(table.weight, std=0.02)
         with torch.no_grad():
@@ -71,13 +72,11 @@ class TokenEmbedding(nn.Module):
         n = batch.history_tracks.shape[1]
         positions = torch.arange(start, n, device=batch.history_tracks.device)
         gaps = history_time_gaps(batch.history_ts[:, max(start - 1, 0):], self.n_time_buckets)
-        x = (
-            self.track(batch.history_tracks[:, start:])
-            + self.behaviour(batch.history_behaviours[:, start:])
-            + self.scenario(batch.history_scenarios[:, start:])
-            + self.position(positions)[None]
-            + self.time_gap(gaps[:, 1:] if start else gaps)
-        )
+        x = self.track(batch.history_tracks[:, start:])  # the sum accumulates in place: one [B, n, d] tensor
+        x += self.behaviour(batch.history_behaviours[:, start:])
+        x += self.scenario(batch.history_scenarios[:, start:])
+        x += self.position(positions)
+        x += self.time_gap(gaps[:, 1:] if start else gaps)
         return self.dropout(x)
 
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ranker.models.config import DEFAULT_SIZES, ModelConfig
 from ranker.models.layers import (
     BlockCache,
     BlockLayout,
+    Dropout,
     Sliceable,
     layer_keys_values,
     merge_heads,
@@ -84,7 +85,7 @@ class HSTULayer(Sliceable, nn.Module):
         self.rab_time = nn.Embedding(cfg.n_rab_buckets, cfg.n_heads)
         nn.init.zeros_(self.rab_position.weight)
         nn.init.zeros_(self.rab_time.weight)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.slices = {}
 
     def slice_to(self, heads: torch.Tensor | None = None) -> None:

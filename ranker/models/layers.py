@@ -42,8 +42,56 @@ def layout_blocks(membership: torch.Tensor) -> list[BlockLayout]:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, n, ...] -> [B, L, ...] at index [B, L]."""
+    """x [B, n, ...] -> [B, L, ...] at index [B, L] (each in [0, n)).
+
+    One row lookup in the flattened [B * n, ...] tensor: the index stays [B * L], where
+    take_along_dim would expand it to x's trailing shape and check and wrap every entry,
+    and the backward adds whole rows (index_add) instead of scattering single entries."""
+    B, n = x.shape[:2]
+    rows = (index + torch.arange(B, device=index.device)[:, None] * n).reshape(-1)
+    return x.reshape(B * n, *x.shape[2:]).index_select(0, rows).view(*index.shape, *x.shape[2:])
+
+
+def gather_tokens_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """gather_tokens written the obvious way (tests compare the two, values and gradients)."""
     return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's function (each entry zeroed with probability p, the rest scaled by
+    1 / (1 - p); the identity in eval mode) with a cheaper mask on CPU: one float32
+    uniform per entry, where nn.Dropout's bernoulli_ draws a float64 (two 32-bit words of
+    the generator, serially). The mask is the same distribution up to p's rounding to
+    2^-24; the draws differ, so a seed gives other masks than nn.Dropout would."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _ScaledMask.apply(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _ScaledMask(torch.autograd.Function):
+    """x * mask, mask = (uniform >= p) / (1 - p) in x's dtype: one tensor kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+        mask = torch.rand(x.shape, dtype=x.dtype, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 @dataclass
@@ -179,8 +227,8 @@ class SoftmaxLayer(Sliceable, nn.Module):
         self.out = nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d)
         hidden = cfg.ffn_mult * d
-        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.resid_dropout = Dropout(cfg.dropout)
         self.slices = {}
 
     def slice_to(self, heads: torch.Tensor | None = None, ffn: torch.Tensor | None = None) -> None:

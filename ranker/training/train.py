@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ranker.batch import TASKS, RankBatch
 from ranker.training.data import DAY_MS, RequestLog, TimeSplit, iterate_batches, load_request_log, split_by_time
 from ranker.training.growth import GrowPrune, GrowthConfig, LinearFlopCounter
+from ranker.training.step_cost import TrackGradient, clip_gradients
 from ranker.training.metrics import ranking_report
 from ranker.models.config import _tuples
 from ranker.models.base import SequenceRanker
@@ -350,6 +351,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         return version
 
     model.train()
+    track_gradient = TrackGradient(model, enabled=runtime.world == 1)  # DDP keeps the dense lookup
     loss_history: list[tuple[int, float]] = []
     start_step, started, started_cpu = step, time.perf_counter(), time.process_time()
     bar = Progress(TextColumn(f"{family}-{size}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -374,11 +376,12 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                     logits = net(batch)
                 loss = masked_bce_sum(logits, batch) * (runtime.world / global_count)
                 optimizer.zero_grad(set_to_none=True)
+                track_gradient.attach()
                 loss.backward()
                 if grow is not None:
                     grow.before_step(step)
                 if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    clip_gradients(model.parameters(), grad_clip)
                 optimizer.step()
                 step += 1
                 if grow is not None:
@@ -393,6 +396,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 if checkpoint_every and step % checkpoint_every == 0 and step < last_step:
                     checkpoint()
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+    track_gradient.close()
     if grow is not None:
         grow.release()  # full shapes for evaluation and whatever uses the model next
 
