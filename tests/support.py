@@ -88,7 +88,7 @@ def torch_transformer_logits(model, layers, batch: RankBatch) -> tuple[torch.Ten
     for layer in layers:
         ref = torch.nn.TransformerEncoderLayer(
             cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
+            batch_first=True, norm_first=not layer.post_norm,
         )
         ref.self_attn.in_proj_weight.data.copy_(layer.qkv.weight)
         ref.self_attn.in_proj_bias.data.copy_(layer.qkv.bias)

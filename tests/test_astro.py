@@ -64,6 +64,13 @@ def test_batched_sumi_matches_one_candidate_at_a_time(overrides, block_attention
         assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)
 
 
+def test_post_norm_softmax_blocks_match_one_candidate_at_a_time():
+    model = tiny_astro(partition="behaviour", block_attention="softmax", norm="post")
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)
+
+
 def test_one_block_with_fixed_temperature_is_a_standard_target_aware_transformer():
     """Nb = 1, tau = 1 against torch's own nn.TransformerEncoderLayer with the SUMI mask."""
     model = tiny_astro(partition="none", temperature="fixed", block_positions=False, block_attention="softmax")

@@ -226,6 +226,7 @@ def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
 
 @pytest.mark.parametrize("overrides", [dict(block_attention="softmax"),
                                        dict(block_attention="softmax", temperature="fixed", block_positions=False),
+                                       dict(block_attention="softmax", norm="post"),
                                        dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1)])
 def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
     """stack_extend_one (the serving path) against stack_extend (k tokens), for both stack kinds."""
@@ -249,11 +250,11 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
                 torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax")),
+@pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax")), ("astro", dict(block_attention="softmax", norm="post")),
                                                ("astro", dict(block_attention="softmax", partition="scenario")),
                                                ("astro", dict(block_attention="pointwise", partition="behaviour")),
                                                ("astro", {}), ("astro", dict(n_layers=1)),
-                                               ("sasrec", {}), ("hstu", {})])
+                                               ("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
 def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
     weights change in place (its cached tau / embedding tables must follow them). The
@@ -280,7 +281,8 @@ def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(famil
 
 
 @pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax", partition="scenario")),
-                                               ("astro", {}), ("sasrec", {}), ("hstu", {})])
+                                               ("astro", {}), ("sasrec", {}), ("sasrec", dict(norm="post")),
+                                               ("hstu", {})])
 def test_the_fast_and_reference_incremental_paths_fill_the_same_buffers(family, overrides):
     """The switch's two sides agree: after one event at a time and then several at once, the
     fast path's buffers hold the K/V, positions and timestamps the re-encoding reference does."""

@@ -34,9 +34,9 @@ def tiny(family: str, **overrides):
     return build_model(family, "xs", N_TRACKS, **{**TINY, **overrides}).eval()
 
 
-@pytest.mark.parametrize("family", BASELINES)
-def test_batched_sumi_matches_one_candidate_at_a_time(family):
-    model = tiny(family)
+@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
+def test_batched_sumi_matches_one_candidate_at_a_time(family, overrides):
+    model = tiny(family, **overrides)
     if family == "hstu":
         randomise_relative_bias(model)
     batch = batch_with_edge_cases()
@@ -44,8 +44,11 @@ def test_batched_sumi_matches_one_candidate_at_a_time(family):
         assert_real_candidates_close(model(batch), reference_logits(model, batch), batch)
 
 
-def test_sasrec_is_a_standard_target_aware_transformer():
-    model = tiny("sasrec")
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_sasrec_is_a_standard_target_aware_transformer(norm):
+    """Pre-norm: nn.TransformerEncoderLayer(norm_first=True); post-norm (RecBole's layout):
+    norm_first=False, on layer-normed input tokens."""
+    model = tiny("sasrec", norm=norm)
     batch = batch_with_edge_cases(seed=2)
     assert_real_candidates_close(*torch_transformer_logits(model, model.stack.layers, batch), batch)
 
@@ -78,11 +81,25 @@ def test_gradients_reach_every_parameter(family):
     check_gradients_reach_every_parameter(tiny(family))
 
 
-@pytest.mark.parametrize("family", BASELINES)
-def test_config_round_trips_through_json(family):
-    model = tiny(family)
+@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
+def test_config_round_trips_through_json(family, overrides):
+    model = tiny(family, **overrides)
     rebuilt = model_from_config(family, json.loads(json.dumps(model.config.to_dict())))
     assert rebuilt.config == model.config and type(rebuilt) is type(model)
+
+
+@pytest.mark.parametrize("family", ["sasrec", "astro"])
+def test_the_norm_layout_is_recorded_only_when_it_is_not_the_default(family):
+    """Configs frozen before `norm` existed record no such key: the pre-norm default must
+    still read as the same model, and a post-norm one must say so."""
+    assert "norm" not in tiny(family).config.to_dict()
+    overrides = dict(norm="post", **({"block_attention": "softmax"} if family == "astro" else {}))
+    assert tiny(family, **overrides).config.to_dict()["norm"] == "post"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        tiny(family, norm="sandwich")
+    if family == "astro":
+        with pytest.raises(ValueError, match="block_attention='softmax'"):
+            tiny(family, norm="post")
 
 
 @pytest.mark.parametrize("family", ("astro", *BASELINES))

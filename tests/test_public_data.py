@@ -213,5 +213,32 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
     wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
                                 "--objective", "next-item"])
     assert wrong.exit_code == 2 and "--split loo" in wrong.output
+    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                "--patience", "2"])
+    assert wrong.exit_code == 2 and "next-item settings" in wrong.output
     popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
     assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(tmp_path, split):
+    """--patience: epochs are chosen on the validation item; the checkpoint holds the best
+    epoch's weights (re-evaluated, it scores that epoch's validation HR), the test item is
+    scored once, after the choice."""
+    from ranker.training.checkpoint import load_checkpoint
+    from ranker.training.next_item import train_next_item
+
+    lines: list[str] = []
+    result = train_next_item("sasrec", "xs", split, tmp_path / "m", epochs=6, batch_size=4, lr=3e-2, max_len=8,
+                             model_overrides={"norm": "post", "dropout": 0.0}, lr_schedule="constant",
+                             grad_clip=0.0, patience=1, say=lines.append)
+    scores = [line["hr@10"] for line in result.epochs]
+    best = int(np.argmax(scores))  # the first maximum: a tie does not count as a rise
+    assert result.valid["hr@10"] == scores[best]
+    assert len(scores) == 6 or len(scores) == best + 2  # stopped one epoch (patience) after the best
+    model, meta = load_checkpoint(tmp_path / "m")
+    assert meta["best_epoch"] == best + 1 and meta["lr_schedule"] == "constant" and meta["config"]["norm"] == "post"
+    again = evaluate_loo(model_scorer(model.eval(), split, "valid", 8, "next_item"), split, "valid", Protocol(0), (10,))
+    assert again["hr@10"] == pytest.approx(scores[best])
+    assert any("kept epoch" in line for line in lines) and "constant" in lines[0]
+    with pytest.raises(ValueError, match="lr schedule"):
+        train_next_item("sasrec", "xs", split, tmp_path / "x", lr_schedule="linear")

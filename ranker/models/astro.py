@@ -87,6 +87,8 @@ class AstroConfig(PointwiseAttentionConfig, SoftmaxConfig):
             raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
         if self.candidate_path == "shared" and self.block_attention != "pointwise":
             raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
+        if self.norm == "post" and self.block_attention != "softmax":
+            raise ValueError("norm='post' is a softmax-layer layout: it needs block_attention='softmax'")
         self.check_pointwise_attention()
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")

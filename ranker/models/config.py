@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ranker.batch import TASKS
 
@@ -50,6 +50,9 @@ class ModelConfig:
     head_hidden: int = 0  # hidden width of the task heads; 0 means d_model
     # Ranking score = sum_t w_t * sigmoid(logit_t), in TASKS order (full_play, like, skip, share).
     task_weights: tuple[float, ...] = (1.0, 0.5, -1.0, 1.0)
+    # Fields added after figures were frozen: `to_dict` leaves them out at their default, so
+    # a model recorded before they existed (configs/, checkpoints) still reads as the same model.
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_tracks", "d_model", "n_layers", "n_heads", "max_len", "n_time_buckets"):
@@ -67,7 +70,12 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in self.OMITTED_AT_DEFAULT:
+            if data[name] == defaults[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -75,9 +83,21 @@ class ModelConfig:
         return cls(**{k: _tuples(v) for k, v in data.items()})
 
 
+NORMS = ("pre", "post")
+
+
 @dataclass(frozen=True)
 class SoftmaxConfig(ModelConfig):
     ffn_mult: int = 4  # feed-forward width = ffn_mult * d_model
+    # "pre": x + f(LayerNorm(x)) (GPT-2, nanoGPT); "post": LayerNorm(x + f(x)) with a LayerNorm
+    # on the input tokens, the original Transformer's layout and RecBole's SASRec.
+    norm: str = "pre"
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("norm",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 def config_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:

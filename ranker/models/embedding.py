@@ -46,7 +46,8 @@ def history_time_gaps(history_ts: torch.Tensor, n_buckets: int) -> torch.Tensor:
 
 
 class TokenEmbedding(nn.Module):
-    """Token = track + behaviour + scenario + position + time gap (summed).
+    """Token = track + behaviour + scenario + position + time gap (summed; layer-normed for
+    post-norm layers).
 
     A candidate token has behaviour TARGET, the request's scenario, position = history length
     and the gap from the last event to the request.
@@ -61,6 +62,9 @@ class TokenEmbedding(nn.Module):
         self.scenario = nn.Embedding(len(SCENARIOS), d)
         self.position = nn.Embedding(cfg.max_len + 1, d)
         self.time_gap = nn.Embedding(cfg.n_time_buckets, d)
+        # Post-norm layers (SoftmaxConfig.norm) take normalised tokens, as RecBole's SASRec does.
+        self.input_norm = getattr(cfg, "norm", "pre") == "post"
+        self.norm = nn.LayerNorm(d) if self.input_norm else nn.Identity()
         self.dropout = Dropout(cfg.dropout)
         for table in (self.track, self.behaviour, self.scenario, self.position, self.time_gap):
             nn.init.normal_(table.weight, std=0.02)
@@ -77,14 +81,14 @@ class TokenEmbedding(nn.Module):
         x += self.scenario(batch.history_scenarios[:, start:])
         x += self.position(positions)
         x += self.time_gap(gaps[:, 1:] if start else gaps)
-        return self.dropout(x)
+        return self.dropout(self.norm(x))
 
     def candidates(self, batch: RankBatch, history_lengths: torch.Tensor, last_ts: torch.Tensor) -> torch.Tensor:
         """[B, M, d]; needs only the history's length and last timestamp (kept in the cache)."""
         gap = torch.where(history_lengths > 0, 1 + seconds_bucket(batch.request_ts - last_ts, self.n_time_buckets - 1), 0)
         target = torch.full_like(batch.scenario, TARGET_BEHAVIOUR)
         per_row = self.behaviour(target) + self.scenario(batch.scenario) + self.position(history_lengths) + self.time_gap(gap)
-        return self.dropout(self.track(batch.candidate_tracks) + per_row[:, None, :])
+        return self.dropout(self.norm(self.track(batch.candidate_tracks) + per_row[:, None, :]))
 
 
 def last_timestamps(batch: RankBatch) -> torch.Tensor:  # int64 [B], 0 for an empty history

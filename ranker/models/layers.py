@@ -211,7 +211,9 @@ def layer_keys_values(layers: nn.ModuleList, x: torch.Tensor, step) -> tuple[lis
 
 
 class SoftmaxLayer(Sliceable, nn.Module):
-    """Pre-norm transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True).
+    """Transformer layer, the same math as nn.TransformerEncoderLayer(norm_first=True) for
+    cfg.norm "pre", (norm_first=False) for "post" (RecBole's SASRec: norm1 after attention,
+    norm2 after the feed-forward, the input tokens normalised by TokenEmbedding).
 
     Sliced (see Sliceable): only the active heads (q, k, v rows of `qkv`, columns of `out`)
     and feed-forward units (rows of ffn.0, columns of ffn.3) are in the weights.
@@ -222,6 +224,7 @@ class SoftmaxLayer(Sliceable, nn.Module):
         d = cfg.d_model
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
+        self.post_norm = cfg.norm == "post"
         self.norm1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
@@ -236,15 +239,18 @@ class SoftmaxLayer(Sliceable, nn.Module):
         code has swapped qkv, out, ffn.0 and ffn.3 for their active rows or columns."""
         self.set_active(heads, self.out.out_features // self.n_heads, ffn=ffn)
 
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.post_norm else self.norm1(x)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = self.qkv(self.attention_input(x)).chunk(3, dim=-1)
         h = self.heads_now(self.n_heads)
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V only: the last layer's history needs nothing else (no query, no output)."""
         rows, h = self.qkv.weight.shape[0] // 3, self.heads_now(self.n_heads)  # rows: q's (d, or the active heads')
-        k, v = F.linear(self.norm1(x), self.qkv.weight[rows:], self.qkv.bias[rows:]).chunk(2, dim=-1)
+        k, v = F.linear(self.attention_input(x), self.qkv.weight[rows:], self.qkv.bias[rows:]).chunk(2, dim=-1)
         return split_heads(k, h), split_heads(v, h)
 
     def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,6 +259,9 @@ class SoftmaxLayer(Sliceable, nn.Module):
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         x = x + self.resid_dropout(self.out(merge_heads(attended)))
+        if self.post_norm:
+            x = self.norm1(x)
+            return self.norm2(x + self.resid_dropout(self.ffn(x)))
         return x + self.resid_dropout(self.ffn(self.norm2(x)))
 
 

@@ -37,7 +37,7 @@ def reference_history_tokens(model, batch: RankBatch, row: int) -> torch.Tensor:
             e.track.weight[batch.history_tracks[row, i]] + e.behaviour.weight[batch.history_behaviours[row, i]]
             + e.scenario.weight[batch.history_scenarios[row, i]] + e.position.weight[i] + e.time_gap.weight[gap]
         )
-    return torch.stack(tokens) if tokens else torch.zeros(0, model.config.d_model)
+    return e.norm(torch.stack(tokens)) if tokens else torch.zeros(0, model.config.d_model)
 
 
 def reference_candidate_token(model, batch: RankBatch, row: int, m: int) -> torch.Tensor:
@@ -46,24 +46,29 @@ def reference_candidate_token(model, batch: RankBatch, row: int, m: int) -> torc
     gap = 0
     if length:
         gap = _gap_bucket(batch.request_ts[row] - batch.history_ts[row, length - 1], e.n_time_buckets)
-    return (
+    return e.norm(
         e.track.weight[batch.candidate_tracks[row, m]] + e.behaviour.weight[TARGET_BEHAVIOUR]
         + e.scenario.weight[batch.scenario[row]] + e.position.weight[length] + e.time_gap.weight[gap]
     )
 
 
 def softmax_reference(layers, x: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
-    """Plain pre-norm causal transformer over one unpadded sequence x [L, d]; tau [L, heads]."""
+    """Plain causal transformer over one unpadded sequence x [L, d]; tau [L, heads]. Pre-norm:
+    x + f(norm(x)); post-norm (layer.post_norm): norm(x + f(x))."""
     L, d = x.shape
     for layer in layers:
-        h = layer.n_heads
-        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in layer.qkv(layer.norm1(x)).chunk(3, -1))
+        h, post = layer.n_heads, layer.post_norm
+        q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in layer.qkv(x if post else layer.norm1(x)).chunk(3, -1))
         logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)
         if tau is not None:
             logits = logits / tau.T[:, :, None]
         logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
         x = x + layer.out((logits.softmax(-1) @ v).transpose(0, 1).reshape(L, d))
-        x = x + layer.ffn(layer.norm2(x))
+        if post:
+            x = layer.norm1(x)
+            x = layer.norm2(x + layer.ffn(x))
+        else:
+            x = x + layer.ffn(layer.norm2(x))
     return x
 
 

@@ -65,7 +65,7 @@ def one_token(embed: TokenEmbedding, event: OneEvent, position: int) -> torch.Te
     (row views and adds, no index tensors or lookup ops)."""
     x = (embed.track.weight[event.track] + embed.behaviour.weight[event.behaviour]
          + embed.scenario.weight[event.scenario] + embed.position.weight[position] + embed.time_gap.weight[event.gap])
-    return x[None]
+    return (embed.norm(x) if embed.input_norm else x)[None]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -251,6 +251,8 @@ def _extend_astro_one(model: AstroModel, history: HistoryBuffer, batch: RankBatc
     per_code = tables.rows[event.scenario][event.behaviour]  # (embedding row, blocks, scales)
     e = model.embed
     x = (per_code[0] + e.track.weight[event.track] + e.position.weight[at] + e.time_gap.weight[event.gap])[None]  # [1, d]
+    if e.input_norm:
+        x = e.norm(x)
     for b, scale in zip(per_code[1], per_code[2]):
         block = history.blocks[b]
         length = block.length
@@ -361,16 +363,21 @@ def _softmax_extend_one(stack: SoftmaxStack, x: torch.Tensor, block: BlockBuffer
     plan = _softmax_plan(stack)
     last = len(plan) - 1
     d = x.shape[-1]
+    post = stack.layers[0].post_norm
     for i, (norm1, qkv_w, qkv_b, out_w, out_b, norm2, up_w, up_b, down_w, down_b) in enumerate(plan):
         kv = block.kv[i]  # [2, h, capacity, dh]
         h, dh = kv.shape[1], kv.shape[3]
-        qkv = F.linear(F.layer_norm(x, (d,), *norm1), qkv_w, qkv_b).view(3, h, dh)
+        qkv = F.linear(x if post else F.layer_norm(x, (d,), *norm1), qkv_w, qkv_b).view(3, h, dh)
         kv.select(2, at).copy_(qkv[1:])  # K and V of the new token
         if i == last:  # nothing reads the last layer's history output
             return
         weights = torch.bmm(qkv[0].unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)).softmax(-1)  # [h, 1, end]
         x = x + F.linear(torch.bmm(weights, kv[1, :, :end]).view(1, d), out_w, out_b)  # heads merged
-        x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
+        if post:  # norm(x + f(x)) after each sublayer
+            x = F.layer_norm(x, (d,), *norm1)
+            x = F.layer_norm(x + F.linear(F.gelu(F.linear(x, up_w, up_b)), down_w, down_b), (d,), *norm2)
+        else:
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *norm2), up_w, up_b)), down_w, down_b)
 
 
 def _build_softmax_plan(stack: SoftmaxStack) -> list[tuple]:

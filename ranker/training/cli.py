@@ -47,6 +47,11 @@ def train(
     window_stride: Optional[int] = typer.Option(None, help="next-item: targets per training window, each predicted "
                                                 "from >= max-len - stride earlier items [default: max-len / 2]; "
                                                 "1 = every prefix, as RecBole (max-len times the work)"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay"),
+    grad_clip: float = typer.Option(1.0, help="clip the gradient norm at this; 0 clips nothing"),
+    lr_schedule: str = typer.Option("cosine", help="next-item: 'cosine' (warm-up, cosine to 10%) or 'constant'"),
+    patience: Optional[int] = typer.Option(None, help="next-item: stop when validation HR@10 has not risen for "
+                                           "this many epochs and keep the best epoch (--epochs is the most)"),
     checkpoint_every: int = typer.Option(500),
     resume: bool = typer.Option(False, "--resume"),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
@@ -81,6 +86,8 @@ def train(
         _fail("train", ValueError("--objective next-item trains on the leave-one-out split: add --split loo"))
     if window_stride is not None and objective != "next_item":
         _fail("train", ValueError("--window-stride is a next-item setting: add --objective next-item"))
+    if (lr_schedule != "cosine" or patience is not None) and objective != "next_item":
+        _fail("train", ValueError("--lr-schedule and --patience are next-item settings: add --objective next-item"))
     if objective == "next_item" and (grow_prune or growth or resume or resume_from or steps is not None):
         _fail("train", ValueError("--objective next-item does not take --grow-prune, --growth, --resume, "
                                   "--resume-from or --steps"))
@@ -90,7 +97,8 @@ def train(
                          model_overrides=dict(overrides),
                          growth=GrowthConfig.from_dict(dict(growth)) if grow_prune or growth else None,
                          split=split, objective=objective, sampled_negatives=sampled_negatives,
-                         resume_from=resume_from, window_stride=window_stride)
+                         resume_from=resume_from, window_stride=window_stride, weight_decay=weight_decay,
+                         grad_clip=grad_clip, lr_schedule=lr_schedule, patience=patience)
     return run_from_flags(config)
 
 

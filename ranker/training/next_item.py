@@ -36,6 +36,9 @@ from ranker.training.loo import LeaveOneOut, token_batch
 from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class Windows:
     start: np.ndarray  # int64 [W], first input token
@@ -113,11 +116,21 @@ class NextItemResult:
 def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | Path, *, epochs: int = 12,
                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, max_len: int = 50,
                     negatives: int = 0, weight_decay: float = 0.0, model_overrides: dict[str, Any] | None = None,
-                    window_stride: int | None = None,
+                    window_stride: int | None = None, lr_schedule: str = "cosine", grad_clip: float = 1.0,
+                    patience: int | None = None,
                     ks: tuple[int, ...] = (10,), say: Callable[[str], None] = print,
                     extra: dict[str, Any] | None = None) -> NextItemResult:
     """Train `family`/`size` with the next-item objective on the split's training tokens; print
-    one plain line per epoch (loss and validation HR/NDCG/MRR, full ranking), then test."""
+    one plain line per epoch (loss and validation HR/NDCG/MRR, full ranking), then test.
+
+    lr_schedule: "cosine" (warm-up, then cosine to 10% of lr) or "constant" (RecBole's); grad_clip
+    0 clips nothing. patience: stop once validation HR@k (the first k) has not risen for that
+    many epochs and keep the best epoch's weights: epochs chosen on the validation item, so
+    the test item stays unseen by every choice."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 epoch, got {patience}")
     windows = training_windows(split, max_len, window_stride)
     torch.manual_seed(seed)
     overrides = {"max_len": max_len, **(model_overrides or {})}
@@ -131,21 +144,25 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
     say(f"{family}-{size} next-item ({'full softmax' if not negatives else f'sampled softmax, {negatives} negatives, logQ'}): "
         f"{model.n_params():,} params, {len(split.users):,} users, {len(windows):,} windows of <= {max_len}, "
         f"{split.n_tracks:,} items, {total} steps of {batch_size}"
-        f"{'' if window_stride is None else f' (window stride {window_stride})'}")
+        f"{'' if window_stride is None else f' (window stride {window_stride})'}; lr {lr:g} {lr_schedule}, "
+        f"clip {grad_clip or 'none'}{'' if patience is None else f', early stop: patience {patience} on valid HR@{ks[0]}'}")
     from ranker.training.train import learning_rate  # the same warm-up + cosine schedule
 
     history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (valid HR@k, epoch, weights)
     step, started = 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
         epoch_start, loss_sum, count = time.perf_counter(), 0.0, 0
         for rows in iterate_batches(len(windows), batch_size, shuffle=True, seed=seed, epoch=epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, lr, min(100, total // 10 + 1))
+            if lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total, lr, min(100, total // 10 + 1))
             loss, n = next_item_loss(model, split, windows, rows, negatives, log_q, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             step += 1
             loss_sum += loss.item() * n
@@ -157,13 +174,26 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
         say(f"epoch {epoch + 1}/{epochs}  loss {line['loss']:.4f}  valid "
             + "  ".join(f"{name.upper()} {valid[name]:.4f}" for name in valid if name != "users")
             + f"  ({line['seconds']:.0f} s)")
+        if patience is not None:
+            score = valid[f"hr@{ks[0]}"]
+            if best is None or score > best[0]:
+                best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            elif epoch + 1 - best[1] >= patience:
+                say(f"early stop: valid HR@{ks[0]} {best[0]:.4f} at epoch {best[1]}, not beaten in {patience} epochs")
+                break
     train_seconds = time.perf_counter() - started
     valid = history[-1] if history else {}
+    if best is not None:
+        model.load_state_dict(best[2])
+        valid = history[best[1] - 1]
+        say(f"kept epoch {best[1]} (best valid HR@{ks[0]} {best[0]:.4f})")
     test = evaluate_loo(model_scorer(model, split, "test", max_len, "next_item"), split, "test", protocol, ks)
     say(f"test ({protocol.describe(split.n_tracks)}): "
         + "  ".join(f"{name.upper()} {test[name]:.4f}" for name in test if name != "users"))
     meta = {"objective": "next_item", "split": "loo", "n_tracks": split.n_tracks, "max_len": max_len, "seed": seed,
             "batch_size": batch_size, "lr": lr, "epochs": epochs, "negatives": negatives, "window_stride": window_stride,
+            "lr_schedule": lr_schedule, "grad_clip": grad_clip, "patience": patience,
+            "best_epoch": None if best is None else best[1],
             "model_overrides": dict(model_overrides or {}), "epoch_history": history, "test_metrics": test,
             **(extra or {})}
     version = save_checkpoint(Path(out_dir), model, optimizer, family, size, step, meta)
