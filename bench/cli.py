@@ -178,14 +178,24 @@ def bench_cache(
 
 @bench_app.command("http-path", cls=MultiValueCommand)
 def bench_http_path(
-    waits: list[float] = typer.Option([1.0, 0.0], "--waits", help="the service's batching waits (ms) to compare"),
+    routes: list[str] = typer.Option(["fastapi", "lean"], "--routes", help="/rank fronts: lean, fastapi"),
+    batching: list[str] = typer.Option(["fixed", "adaptive"], "--batching", help="batching waits: adaptive, fixed"),
+    waits: list[float] = typer.Option([1.0], "--waits", help="the service's batching waits (ms)"),
     turns: int = typer.Option(3),
     requests: int = typer.Option(200, help="requests per turn, one at a time"),
 ) -> Any:
-    """What the app and the batching task add to a lone /rank request, in process (no socket)."""
+    """What the app and the batching task add to a lone /rank request, in process (no socket):
+    every combination of the options, in interleaved turns."""
+    import itertools
+
     from bench.http_path import run_bench_http_path
 
-    return run_bench_http_path(tuple(waits), turns, requests=requests)
+    for value, allowed in [(r, ("lean", "fastapi")) for r in routes] + [(b, ("adaptive", "fixed")) for b in batching]:
+        if value not in allowed:
+            typer.secho(f"{value!r} is not one of {', '.join(allowed)}", fg="red", err=True)
+            raise typer.Exit(2)
+    variants = tuple((b_route, b, w) for b, b_route, w in itertools.product(batching, routes, waits))
+    return run_bench_http_path(variants, turns, requests=requests)
 
 
 @bench_app.command("load")
@@ -197,11 +207,13 @@ def bench_load(
     threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
     seconds: float = typer.Option(10.0, help="length of each load run"),
     users: int = typer.Option(200),
-    max_wait_ms: float = typer.Option(1.0, help="the server's batching wait (the service default; 0: one pass of its event loop)"),
+    max_wait_ms: Optional[float] = typer.Option(None, help="the server's batching wait in ms (default: the service's)"),
+    batching: Optional[str] = typer.Option(None, help="adaptive or fixed (default: the service's)"),
+    rank_route: Optional[str] = typer.Option(None, help="the /rank front: lean or fastapi (default: the service's)"),
     save_as: str = typer.Option("load", help="bench/results/<name>.json"),
 ) -> Any:
     """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
     from bench.load import run_bench_load
 
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
-                          save_as=save_as)
+                          save_as=save_as, batching=batching, rank_route=rank_route)
