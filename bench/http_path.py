@@ -6,7 +6,9 @@ socket, no HTTP parsing, no client library), for each variant of the service's f
 batching wait) in interleaved turns. Each request through the app is paired with the same
 request ranked by `NeuralRanker.rank_timed` directly, right after it, so the two see the
 same load: the median of the paired differences is what the app and the batching task add
-to a lone request. CPU time beside wall time, because a shared box stretches wall time (a
+to a lone request. Then the same app with the model's answers replayed (each user's first
+reply, computed once, returned by `rank_timed` at no cost) and no direct calls: the app's
+own floor, free of how the model's cost varies on a shared box. CPU time beside wall time, because a shared box stretches wall time (a
 timed wait most of all: a 1 ms timer wakes late when the cores are busy). `climber bench
 load` measures the real server over TCP; this isolates the app.
 
@@ -99,6 +101,44 @@ def _turn(checkpoint: Path, feast_dir: Path, variant: tuple, bodies: list[bytes]
             "added_cpu_ms": 1e3 * (cpu - direct_cpu) / k}
 
 
+def _floor(checkpoint: Path, feast_dir: Path, variant: tuple, bodies: list[bytes], warm: int) -> dict:
+    """The app's own cost per lone request: `rank_timed` replays each user's first answer."""
+    from ranker.serving.http import build_service, create_app
+    from ranker.serving.service import ServingSettings
+
+    route, batching, wait_ms = variant
+    service = build_service(ServingSettings(checkpoint=checkpoint, feast_dir=feast_dir, max_wait_ms=wait_ms,
+                                            batching=batching, rank_route=route))
+    app, rank_timed, answers = create_app(service), service.ranker.rank_timed, {}
+
+    def replay(requests):  # one request per batch here (one client, one at a time)
+        user = requests[0].user_id
+        if user not in answers:
+            answers[user] = rank_timed(requests)
+        return answers[user]
+
+    service.ranker.rank_timed = replay
+
+    async def lone() -> tuple[list[float], float]:
+        await service.start()
+        try:
+            for body in bodies[:warm]:
+                await asgi_post(app, "/rank", body)
+            walls, cpu = [], time.process_time()
+            for body in bodies:
+                start = time.perf_counter()
+                status, _ = await asgi_post(app, "/rank", body)
+                walls.append(time.perf_counter() - start)
+                assert status == 200
+            return walls, time.process_time() - cpu
+        finally:
+            await service.stop()
+
+    walls, cpu = asyncio.run(lone())
+    return {"rank_route": route, "batching": batching, "max_wait_ms": wait_ms,
+            "floor_p50_us": 1e6 * float(np.median(walls)), "floor_cpu_us": 1e6 * cpu / len(bodies)}
+
+
 def body_and_reply_cpu_us(body: bytes, calls: int = 3000) -> dict[str, float]:
     """CPU microseconds per call of the /rank body's validation from raw bytes and of the
     reply's encoding, at this body's candidate count: the parts of the path that grow with M."""
@@ -146,20 +186,27 @@ def run_bench_http_path(variants: tuple[tuple, ...] = DEFAULT_VARIANTS, turns: i
                                 "candidates": rng.choice(N_TRACKS, M, replace=False).tolist()}) for i in range(requests)]
         rows = [_turn(checkpoint, feast_dir, variant, bodies, warm=users)
                 for _, variant in itertools.product(range(turns), variants)]
-    summary = {label(v): {key: float(np.median([r[key] for r in rows if (r["rank_route"], r["batching"],
-                                                                           r["max_wait_ms"]) == v]))
-                          for key in ("added_p50_ms", "added_cpu_ms", "app_p50_ms", "direct_p50_ms")}
-               for v in variants}
+        floors = [_floor(checkpoint, feast_dir, variant, bodies * 5, warm=users)
+                  for _, variant in itertools.product(range(turns), variants)]
+    def of(v: tuple, key: str, table: list[dict]) -> float:
+        return float(np.median([r[key] for r in table if (r["rank_route"], r["batching"], r["max_wait_ms"]) == v]))
+
+    summary = {label(v): {**{key: of(v, key, rows) for key in ("added_p50_ms", "added_cpu_ms", "app_p50_ms",
+                                                                 "direct_p50_ms")},
+                          **{key: of(v, key, floors) for key in ("floor_p50_us", "floor_cpu_us")}} for v in variants}
     console.print(f"astro-{size}, n={n}, M={M}: added to a lone request by the app and the batching task "
                   f"(median of {turns} turns of {requests} paired requests; ms)")
-    console.print(f"{'variant':<26}{'app p50':>9}{'direct p50':>12}{'added p50':>11}{'added CPU':>11}")
+    console.print(f"{'variant':<24}{'app p50':>8}{'direct':>8}{'added':>8}{'CPU':>7}{'floor p50':>11}{'CPU':>7}")
     for name, row in summary.items():
-        console.print(f"{name:<26}{row['app_p50_ms']:>9.2f}{row['direct_p50_ms']:>12.2f}"
-                      f"{row['added_p50_ms']:>+11.2f}{row['added_cpu_ms']:>+11.2f}")
+        console.print(f"{name:<24}{row['app_p50_ms']:>8.2f}{row['direct_p50_ms']:>8.2f}{row['added_p50_ms']:>+8.2f}"
+                      f"{row['added_cpu_ms']:>+7.2f}{row['floor_p50_us'] / 1e3:>11.3f}{row['floor_cpu_us'] / 1e3:>7.3f}")
+    console.print("added: app p50 minus the paired in-process call's, and CPU per request the same way; floor: "
+                  "the app alone, the model's answers replayed (ms)")
     parts = body_and_reply_cpu_us(bodies[0], validate_calls)
     console.print(f"M = {M}: body validation {parts['validate_body_us']:.0f} us, reply encoding "
                   f"{parts['encode_reply_us']:.0f} us CPU per request")
-    figures = {"size": size, "n": n, "M": M, "requests_per_turn": requests, "turns": rows, "median_by_variant": summary,
+    figures = {"size": size, "n": n, "M": M, "requests_per_turn": requests, "turns": rows, "floors": floors,
+               "median_by_variant": summary,
                **parts, "wall_seconds": time.time() - started}
     if save_as:
         console.print(f"written {save(save_as, figures)}")
