@@ -138,9 +138,8 @@ class RankHandler:
     limits, validation from raw bytes, the batching service, the reply's encoding."""
 
     def __init__(self, service: ScoringService) -> None:
-        self.service, settings = service, service.settings
-        self.settings = settings
-        self.body_model = rank_body_model(settings.max_candidates, settings.duplicate_candidates)
+        self.service, self.settings = service, service.settings
+        self.body_model = rank_body_model(self.settings.max_candidates, self.settings.duplicate_candidates)
         self.counter = iter(range(1, 2**62))
         self.busy_seconds = lambda: service.busy_seconds
 
