@@ -60,14 +60,16 @@ class FrozenConfig(BaseModel):
     models: list[FrozenModel] = Field(default_factory=list)
     user_model: Literal[1, 2, 3] | None = Field(
         None, description="the simulator user model the figures were measured on; unset: 1 before "
-                          "simulator.config.USER_MODEL_2_DATE, 2 from it (name it where that is not so)")
+                          "simulator.config.USER_MODEL_2_DATE, 2 from it, 3 from USER_MODEL_3_DATE "
+                          "(name it where that is not so)")
 
     def measured_user_model(self) -> int:
-        from simulator.config import USER_MODEL_2_DATE
+        from simulator.config import USER_MODEL_2_DATE, USER_MODEL_3_DATE
 
         if self.user_model is not None:
             return self.user_model
-        return 1 if self.date.isoformat() < USER_MODEL_2_DATE else 2
+        date = self.date.isoformat()
+        return 1 if date < USER_MODEL_2_DATE else 2 if date < USER_MODEL_3_DATE else 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +255,8 @@ SIMULATING = {"simulate", "sandbox", "bench sim", "bench stream", "experiment ru
 
 def _step_user_model(step: str, name: str, args: argparse.Namespace | None) -> int:
     """The user model a simulating step runs on wherever it is run: the experiment file's
-    `sim.user_model` (or its `--set`) first, then the step's `env` pin, else today's default (2)."""
-    from simulator.config import USER_MODEL_ENV
+    `sim.user_model` (or its `--set`) first, then the step's `env` pin, else today's default."""
+    from simulator.config import DEFAULT_USER_MODEL, USER_MODEL_ENV
 
     if name == "experiment run" and args is not None:
         pinned = _experiment_spec(args).sim.get("user_model")
@@ -264,7 +266,7 @@ def _step_user_model(step: str, name: str, args: argparse.Namespace | None) -> i
     for word in words[:words.index("climber")]:
         if word.startswith(f"{USER_MODEL_ENV}="):
             return int(word.split("=", 1)[1])
-    return 2
+    return DEFAULT_USER_MODEL
 
 
 def _unpinned_simulator_steps(config: FrozenConfig, parsed: list[tuple[str, argparse.Namespace | None]]) -> list[str]:

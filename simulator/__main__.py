@@ -37,9 +37,11 @@ def simulate_alone(
                                            help="median sessions per user per day (the user mix)"),
     per_item_oracle: bool = typer.Option(False, "--per-item-oracle",
                                          help="user model 3: the oracle policy ranks per item, as in models 1 and 2"),
+    weekday_lunch_dip: float = typer.Option(DEFAULTS.weekday_lunch_dip,
+                                            help="user model 3: the weekday lunch dip (0: model 3 before it)"),
 ) -> None:
-    config = SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed,
-                       batch_window_ms=window_ms, sessions_per_day_median=sessions_per_day)
+    config = SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed, batch_window_ms=window_ms,
+                       sessions_per_day_median=sessions_per_day, weekday_lunch_dip=weekday_lunch_dip)
     batches: list[EventBatch] = []
     platform = MusicPlatform(config, None, batches.append)
     metadata = platform.catalog.metadata()

@@ -32,11 +32,13 @@ HOUR_MS = 3_600_000
 
 USER_MODEL_ENV = "CLIMBER_SIM__USER_MODEL"
 USER_MODEL_2_DATE = "2026-12-06"  # frozen configs dated before it ran user model 1
+USER_MODEL_3_DATE = "2026-12-07"  # ... and from it user model 3 (on 2026-12-06 a config names 3 itself)
 USER_MODELS = (1, 2, 3)
+DEFAULT_USER_MODEL = 3  # since 2026-12-06 (model 2 before it that day): what a SimConfig gets unless told
 
 
 def _default_user_model() -> int:
-    value = os.environ.get(USER_MODEL_ENV, "2").strip()
+    value = os.environ.get(USER_MODEL_ENV, str(DEFAULT_USER_MODEL)).strip()
     if value not in ("1", "2", "3"):
         raise ValueError(f"{USER_MODEL_ENV}: expected 1, 2 or 3, got {value!r}")
     return int(value)
@@ -86,12 +88,13 @@ class SimConfig(BaseModel):
     latent_dim: int = Field(16, ge=2, le=512)
     days: float = Field(7.0, gt=0, le=366)
     seed: int = Field(42, ge=0)
-    # Which user model: 2 (the default since 2026-12-06) returns users by a satisfaction-driven
+    # Which user model: 3 (the default, DEFAULT_USER_MODEL) is model 2 plus albums played on in
+    # order, a slate-aware oracle and the weekday lunch dip. 2 returns users by a satisfaction-driven
     # hazard with weekly cycle, daily profiles and churn; 1 is the model before it (session starts
-    # drawn up front), kept so frozen configs measured on it still give their event logs bit for bit.
-    # Pin it with CLIMBER_SIM__USER_MODEL=1 in the environment: it sets the default of every
-    # SimConfig, so `climber simulate|sandbox|bench sim|bench stream` and `python -m simulator` all obey.
-    # 3 is model 2 plus albums: an artist's tracks grouped into albums, played on in order (catalog.py).
+    # drawn up front). Models 1 and 2 are kept so frozen configs measured on them still give their
+    # event logs bit for bit. Pin one with CLIMBER_SIM__USER_MODEL=2 (or 1) in the environment: it
+    # sets the default of every SimConfig, so `climber simulate|sandbox|bench sim|bench stream` and
+    # `python -m simulator` all obey.
     user_model: Literal[1, 2, 3] = Field(default_factory=lambda: _default_user_model())
     start_ts: int = Field(DEFAULT_START_TS, ge=0, description="simulated epoch ms at the start")
 
@@ -153,6 +156,8 @@ class SimConfig(BaseModel):
     churn_probability: float = Field(0.25, ge=0, le=1, description="P(a user going dormant never comes back)")
     profile_shift_sigma_h: float = Field(0.75, ge=0, le=12, description="spread of users' daily-profile shift")
     weekend_activity: float = Field(0.8, gt=0, description="weekend session rate over weekday rate")
+    weekday_lunch_dip: float = Field(0.3, ge=0, lt=1, description="user_model 3: share of weekday 12-13 h "
+                                     "sessions early birds and working-hours listeners skip for lunch")
 
     # Platform
     # The ranking tick: requests queue at most this long, and each slate is requested this

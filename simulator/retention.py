@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
 
     @app.command(help="Oracle ranking against the same candidates shuffled: retention")
     def retention(users: int = typer.Option(defaults.n_users), tracks: int = typer.Option(defaults.n_tracks),
-                  days: float = typer.Option(defaults.days), seed: int = typer.Option(defaults.seed)) -> None:
-        report(SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed))
+                  days: float = typer.Option(defaults.days), seed: int = typer.Option(defaults.seed),
+                  weekday_lunch_dip: float = typer.Option(defaults.weekday_lunch_dip,
+                                                          help="user model 3's weekday lunch dip (0: before it)"),
+                  ) -> None:
+        report(SimConfig(n_users=users, n_tracks=tracks, days=days, seed=seed, weekday_lunch_dip=weekday_lunch_dip))
 
     run_command(app, argv, "python -m simulator.retention")
 

@@ -10,7 +10,10 @@ Each user's session starts are a non-homogeneous Poisson process with intensity
   users of a streaming log into these four groups of similar sizes), each shifted per user
   by a small `shift_u`; weekend days use a later, flatter version of each profile and the
   weekly factor `weekend_activity` (Zhang et al. 2013 find weekday and weekend shapes differ;
-  the factor and the later start are our choice);
+  the factor and the later start are our choice); user model 3 adds the weekday lunch dip
+  Zhang et al. report (session arrivals drop over the lunch break on weekdays and rise again
+  after it; gone at weekends): early birds and working-hours listeners, the two groups whose
+  weekday is a working day, start `weekday_lunch_dip` fewer sessions from 12:00 to 13:00;
 - `mood_u`: a fading average of satisfaction. At the end of each session
   mood <- k * mood + (1 - k) * (satisfaction - expectation), k = (1 - mood_gain) exp(-dt / mood_memory_days),
   with dt the time since the last update; expectation starts at `satisfaction_reference` and
@@ -57,19 +60,27 @@ PROFILE_SHARES = np.array([0.25, 0.25, 0.25, 0.25])
 WEEKEND_LEISURE = np.array([0.4, 0.25, 0.15, 0.1, 0.08, 0.08, 0.1, 0.2, 0.4, 0.7, 1.0, 1.2,
                             1.3, 1.3, 1.3, 1.3, 1.3, 1.4, 1.5, 1.6, 1.6, 1.5, 1.2, 0.8])
 MARGIN_HOURS = 48  # the intensity grid reaches this far before the start and after the end
+LUNCH_HOUR = 12  # the weekday lunch dip (user model 3) falls in 12:00-13:00
+AT_WORK_ON_WEEKDAYS = ("early_bird", "working_hours")  # the profiles the lunch break reaches
 
 
 def _unit_mean(x: np.ndarray) -> np.ndarray:
     return x / x.mean(axis=-1, keepdims=True)
 
 
-def weekday_profiles() -> np.ndarray:
-    """[profile, hour] relative intensity on a weekday (mean 1 per row)."""
-    return _unit_mean(np.array(list(DAILY_PROFILES.values()), dtype=np.float64))
+def weekday_profiles(lunch_dip: float = 0.0) -> np.ndarray:
+    """[profile, hour] relative intensity on a weekday (mean 1 per row). `lunch_dip` > 0 (user
+    model 3): the profiles at work on weekdays lose that share of their 12:00-13:00 sessions."""
+    profiles = np.array(list(DAILY_PROFILES.values()), dtype=np.float64)
+    if lunch_dip > 0:  # models 1 and 2 never come here: their grid stays bit for bit
+        at_work = [PROFILE_NAMES.index(name) for name in AT_WORK_ON_WEEKDAYS]
+        profiles[at_work, LUNCH_HOUR] *= 1.0 - lunch_dip
+    return _unit_mean(profiles)
 
 
 def weekend_profiles() -> np.ndarray:
-    """[profile, hour] on a weekend day: the weekday profile an hour later, blended with leisure."""
+    """[profile, hour] on a weekend day: the weekday profile an hour later, blended with leisure
+    (no lunch dip: the source sees it on weekdays only)."""
     return _unit_mean(0.6 * np.roll(weekday_profiles(), 1, axis=1) + 0.4 * _unit_mean(WEEKEND_LEISURE))
 
 
@@ -104,8 +115,9 @@ class ReturnModel:
         weekend = weekday >= 5
         week = np.where(weekend, config.weekend_activity, 1.0)
         week = week / (5 + 2 * config.weekend_activity) * 7  # a week holds 7 average days
+        lunch_dip = config.weekday_lunch_dip if config.user_model >= 3 else 0.0
         profiles = np.where(weekend[None, :], weekend_profiles()[:, hour_of_day],
-                            weekday_profiles()[:, hour_of_day])
+                            weekday_profiles(lunch_dip)[:, hour_of_day])
         self.intensity = profiles * week[None, :] / 24  # [P, H] average days per hour
         self.cumulative = np.concatenate([np.zeros((len(profiles), 1)), np.cumsum(self.intensity, axis=1)], axis=1)
         # Scalar draws read Python lists (bisect, math): numpy per scalar costs microseconds.

@@ -159,8 +159,10 @@ def test_a_run_folder_that_is_not_an_experiment_is_not_replaced(tmp_path):
 
 # -- calibration ----------------------------------------------------------------------------------
 
+# User model 2: its oracle arm ranks per item, the regret's own yardstick, so its regret is 0;
+# model 3's (the default) orders for within-slate fatigue, which the per-item regret leaves out.
 CALIBRATION = {"name": "calibration", "salt": "calibration-salt", "seed": 5,
-               "sim": {"n_users": 2500, "n_tracks": 3000},
+               "sim": {"n_users": 2500, "n_tracks": 3000, "user_model": 2},
                "phases": {"warm_up": {"days": 1, "exploration": 0.2}, "ab": {"days": 1}},
                "control": "control", "arms": {"control": "popularity", "twin": "popularity", "oracle": "oracle"}}
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from features.redis_rows import StoreLostError
-from features.sequence import UserSequence, sequences_from_log
+from features.sequence import SEQUENCE_BEHAVIOUR_CODES, UserSequence, sequences_from_log
 from features.store import FeatureStoreClient
 from bench.stream import simulated_log
 from streaming.events import EventBatch
@@ -95,7 +95,10 @@ def test_rows_the_store_lost_are_rewritten_from_the_workers_state(tmp_path, valk
     first, second = EventBatch.concat(sim_batches[:half]), EventBatch.concat(sim_batches[half:])
     state = SequenceState(store, 256)
     state.apply(first)
-    lost = sorted(set(first.user_id.tolist()) & set(second.user_id.tolist()))[:10]
+    def listeners(log: EventBatch) -> set[int]:  # users whose sequence the batch writes
+        return set(log.user_id[np.isin(log.behaviour, SEQUENCE_BEHAVIOUR_CODES)].tolist())
+
+    lost = sorted(listeners(first) & listeners(second))[:10]
     client = store._redis.client
     client.delete(*[store._redis.key(k) for k in store._keys("user_id", lost)])  # acknowledged, then gone
     state.apply(second)

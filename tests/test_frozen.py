@@ -71,7 +71,7 @@ def test_every_config_results_md_names_exists_and_reports_its_current_figures_th
 def _config(tmp_path, steps, **fields):
     path = tmp_path / "2026-12-06-probe.yaml"
     data = {**dict(id="2026-12-06-probe", date="2026-12-06", reports="a test", machine="here", commit="abc1234",
-                   steps=steps), **fields}
+                   steps=steps, user_model=3), **fields}  # measured on the default (None: the date says)
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -168,7 +168,7 @@ def test_freezing_models_writes_and_checks_but_runs_no_step(tmp_path):
 def test_an_experiment_step_runs_on_the_user_model_its_figures_were_measured_on(tmp_path):
     example = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "examples"
                               / "model_sizes.yaml").read_text())
-    assert example["sim"]["user_model"] == 2  # the shipped example names its simulator
+    assert example["sim"]["user_model"] == 3  # the shipped example names its simulator
     del example["sim"]["user_model"]
     unpinned = tmp_path / "unpinned.yaml"
     unpinned.write_text(yaml.safe_dump(example))
@@ -183,7 +183,10 @@ def test_an_experiment_step_runs_on_the_user_model_its_figures_were_measured_on(
         "in its experiment file or `--set sim.user_model=1`"]
     assert pin_problems(f"{step} --set sim.user_model=1", user_model=1) == []
     assert pin_problems(f"env CLIMBER_SIM__USER_MODEL=1 {step}", user_model=1) == []
-    assert pin_problems(step) == []  # dated on model 2's day, nothing named: model 2
+    assert pin_problems(step) == []  # measured on model 3, the default
+    # Dated on model 2's day, nothing named: measured on model 2, which is no longer the default.
+    assert [p for p in pin_problems(step, user_model=None) if "user model 2" in p] != []
+    assert pin_problems(f"{step} --set sim.user_model=2", user_model=None) == []
     # The file's own pin wins over the environment, both when run and when checked.
     assert pin_problems(f"env CLIMBER_SIM__USER_MODEL=1 {step} --set sim.user_model=2", user_model=1) != []
     with pytest.raises(ValueError, match="user_model"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ranker.interface import TrackMetadata
 from simulator.config import DAY_MS, HOUR_MS, SimConfig
-from simulator.facts import stylised_facts
+from simulator.facts import hourly_session_starts, stylised_facts
 from simulator.platform import MusicPlatform
 from simulator.policies import PopularityRecommender, RandomRecommender
 from simulator.retention import activity_per_user, run_shuffle_ab
@@ -40,12 +41,20 @@ def test_user_model_1_gives_the_old_event_log_bit_for_bit():
 def test_user_model_2_gives_the_pinned_event_log_bit_for_bit():
     """Model 2's log as configs/2026-12-06-oracle-ceiling-model-2.yaml measured it: a speed-up must
     keep it; a change of the model changes this hash and dates a new frozen config."""
-    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8)
+    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8, user_model=2)
     assert log_hash(events)[:16] == "2382afa5157def8d"
 
 
+def test_the_default_is_user_model_3_with_its_pinned_log():
+    """The default world since 2026-12-06: albums, the slate-aware oracle, the weekday lunch dip.
+    A change of it changes this hash and dates a new frozen config."""
+    assert SimConfig().user_model == 3
+    _, events = run("random", n_users=120, n_tracks=1500, days=2.0, seed=8)
+    assert log_hash(events)[:16] == "f3026d82cae89b86"
+
+
 def test_user_model_2_same_seed_same_log():
-    config = dict(n_users=120, n_tracks=1500, days=2.0, seed=8)
+    config = dict(n_users=120, n_tracks=1500, days=2.0, seed=8, user_model=2)
     assert log_hash(run("random", **config)[1]) == log_hash(run("random", **config)[1])
     assert log_hash(run("random", **config)[1]) != log_hash(run("random", **{**config, "seed": 9})[1])
 
@@ -130,6 +139,48 @@ def test_profiles_and_week():
     assert np.allclose(per_day[:, weekend], 0.5 * per_day[:, ~weekend].mean())
 
 
+def test_weekday_lunch_dip_in_model_3_only():
+    """Zhang et al. 2013: on weekdays session arrivals drop over lunch after the morning peak and
+    rise again; not at weekends. Model 3 has it; model 2's grid is unchanged (frozen configs)."""
+    plain, dipped = weekday_profiles(), weekday_profiles(0.3)
+    ratio = dipped / plain  # the dip at noon, then each row renormalised to mean 1
+    assert np.allclose(ratio[:2, 12] / ratio[:2, 11], 0.7) and np.allclose(dipped[2:], plain[2:])
+    before, after = plain.mean(axis=0), dipped.mean(axis=0)  # the population, a quarter each
+    assert before[12] > 0.98 * min(before[11], before[13])  # no dip without it
+    assert after[12] < 0.95 * min(after[11], after[13]) and after[9] > 1.3 * after[12]
+    two, three = make_returns(user_model=2), make_returns(user_model=3)
+    assert np.array_equal(two.intensity, make_returns(user_model=2, weekday_lunch_dip=0.0).intensity)
+    assert np.array_equal(two.intensity, make_returns(user_model=3, weekday_lunch_dip=0.0).intensity)
+    hour = np.arange(two.intensity.shape[1])
+    weekend = (hour // 24) % 7 < 2  # the grid starts at midnight two days before a Monday
+    assert np.array_equal(two.intensity[:, weekend], three.intensity[:, weekend])
+    noon = ~weekend & (hour % 24 == 12)
+    assert (three.intensity[:2, noon] < 0.75 * two.intensity[:2, noon]).all()
+
+
+def test_daily_cycle_facts_read_weekday_session_starts_not_events():
+    """Morning sessions that run past noon and weekend sessions that start at noon: events peak
+    at noon, but the source's quantity, weekday session arrivals, peaks when they start."""
+    monday, rows = SimConfig().start_ts, []  # (day, hour the sessions start, users, minutes long)
+    for day in range(7):
+        rows += [(day, 9 if day < 5 else 12, 30, 240), (day, 19, 40, 30), (day, 14, 10, 30)]
+        rows += [(day, hour, 2, 10) for hour in range(24) if hour != 3]  # a trickle, none at 3 am
+    ts, user = [], []
+    for i, (day, hour, n, minutes) in enumerate(rows):
+        for u in range(n):
+            start = monday + day * DAY_MS + hour * HOUR_MS + u * 60_000
+            ts += range(start, start + minutes * 60_000, 5 * 60_000)
+            user += [100 * i + u] * len(range(0, minutes, 5))  # users of one row start one session
+    n = len(ts)
+    events = EventBatch.from_columns(event_id=np.arange(n), ts=ts, user_id=user, track_id=np.zeros(n),
+                                     scenario=np.zeros(n), behaviour=np.zeros(n))
+    assert np.argmax(np.bincount((events.ts // HOUR_MS) % 24)[6:13]) + 6 == 12  # events: noon
+    assert hourly_session_starts(events).sum() == sum(row[2] for row in rows)
+    metadata = TrackMetadata(*(np.zeros(1, np.int64) for _ in range(4)))
+    facts = {f.name: f.value for f in stylised_facts(events, metadata)}
+    assert (facts["morning_peak_hour"], facts["daily_peak_hour"], facts["quietest_hour"]) == (9, 19, 3)
+
+
 def test_churned_users_stop_and_activity_counts_everyone(facts_run):
     platform, events = facts_run
     activity = activity_per_user(events, platform.config.n_users, platform.config.start_ts)
@@ -149,7 +200,9 @@ def test_frozen_configs_before_user_model_2_must_pin_model_1(monkeypatch):
     step = "climber simulate --users 10 --out runs --run-id a"
     assert any("user model 1" in p for p in check_frozen(config(step)))
     assert check_frozen(config(f"env CLIMBER_SIM__USER_MODEL=1 {step}")) == []
-    assert check_frozen(config(step, "2026-12-07")) == []
+    assert check_frozen(config(step, "2026-12-07")) == []  # from then on model 3, the default
+    assert any("user model 2" in p for p in check_frozen(config(step, "2026-12-06")))
+    assert check_frozen(config(f"env CLIMBER_SIM__USER_MODEL=2 {step}", "2026-12-06")) == []
     monkeypatch.setenv("CLIMBER_SIM__USER_MODEL", "1")
     assert SimConfig().user_model == 1 and SimConfig(user_model=2).user_model == 2
     from sandbox.settings import SandboxSettings  # the pin reaches `climber simulate|sandbox` as text
