@@ -277,6 +277,47 @@ def markdown(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -
     return "\n".join(lines)
 
 
+def terminal_tables(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -> str:
+    """The same figures as `markdown`, in tables that fit 80 columns (the terminal's); the
+    JSON and docs/results.md keep the fuller tables."""
+    lines = ["Closed loop per served window hop (1: sliding); rates of lookups, first: first", "lookups "
+             "(rebuilds that no cache avoids).", "",
+             "| arm | hop | lookups | users | KiB/user | hit | extend | rebuild | first |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for hop, arms in loops.items():
+        for arm, a in arms.items():
+            u = a["unbounded"]
+            lines.append(f"| {arm} | {hop} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:,.1f} | "
+                         f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} | "
+                         f"{a['users'] / max(a['lookups'], 1):.1%} |")
+    first_arms = next(iter(loops.values()), {})
+    if first_arms:
+        fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
+        lines += ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
+                  "| arm | hop | " + " | ".join(f"{100 * f:g}" for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
+        for hop, arms in loops.items():
+            for arm, a in arms.items():
+                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"])
+                             + " |")
+    if quality:
+        lines += ["", f"Full-play GAUC on {quality[0]['requests']:,} A/B requests, hop window vs sliding",
+                  "(differ: share of windows that differ; CI paired, over users):", "",
+                  "| arm | hop | differ | window | sliding | hop | difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for q in quality:
+            low, high = q["difference_ci95"]
+            lines.append(f"| {q['arm']} | {q['hop']} | {q['windows_differ']:.0%} | {q['mean_window']:.1f} | "
+                         f"{q['gauc_base']:.4f} | {q['gauc_other']:.4f} | {q['difference']:+.4f} "
+                         f"[{low:+.4f}, {high:+.4f}] |")
+    lines += ["", "K/V storage: bytes per user and the score error against fp32 (max abs; Kendall", "tau of the "
+              "ranking, min / mean):", "", "| model | n | storage | KiB/user | vs fp32 | max abs | tau min/mean |",
+              "|---|---|---|---|---|---|---|"]
+    for r in storage:
+        lines.append(f"| {r['model'].replace(' (', ', ').rstrip(')')} | {r['n']} | {r['storage']} | "
+                     f"{r['kv_bytes_per_user'] / 1024:,.1f} | {r['bytes_vs_fp32']:.2f} | {r['max_abs_score_error']:.1e} "
+                     f"| {r['kendall_tau_min']:.4f}/{r['kendall_tau_mean']:.4f} |")
+    return "\n".join(lines)
+
+
 @dataclass
 class CacheBench:
     spec_file: Path = DEFAULT_SPEC
@@ -310,7 +351,7 @@ def run_bench_cache(cfg: CacheBench) -> dict:
                "overrides": cfg.overrides, "hops": list(cfg.hops), "closed_loop": {str(h): a for h, a in loops.items()},
                "window_quality": quality, "storage": storage, "wall_seconds": time.time() - started}
     figures["markdown"] = markdown(loops, quality, storage)
-    console.print(figures["markdown"])
+    console.print(terminal_tables(loops, quality, storage), soft_wrap=True)
     if cfg.save_as:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot_budget(loops, RESULTS_DIR / f"{cfg.save_as}_budget.png")

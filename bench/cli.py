@@ -127,8 +127,11 @@ def bench_incremental(
     n: int = typer.Option(1024, help="history length"),
     reps: int = typer.Option(60, help="one-event extends timed (and a tenth as many full encodes)"),
     threads: int = typer.Option(1, help="torch threads"),
+    compile_check: bool = typer.Option(False, "--compile-check", help="also time the step's attending layer "
+                                       "compiled by torch.compile (needs a C++ compiler; about a minute)"),
 ) -> Any:
-    """One-event incremental update vs full re-encode of ASTRO, wall and CPU, beside the FLOP ratio."""
+    """One-event incremental update vs full re-encode of ASTRO, wall and CPU, beside the FLOP
+    ratio and the two floors under it (dispatch and memory reads)."""
     import torch
 
     from bench.common import save
@@ -142,6 +145,28 @@ def bench_incremental(
                   f"{figures['full_encode_cpu_ms']:.1f} ms: {figures['ratio_wall']:.0f}x wall, "
                   f"{figures['ratio_cpu']:.0f}x CPU, FLOP ratio {figures['flop_ratio']:.0f}x "
                   f"({figures['share_of_flop_ratio_cpu']:.0%} of it by CPU)")
+    if "read_floor_ms" in figures:
+        console.print(f"FLOP-ideal event {figures['flop_ideal_extend_cpu_ms']:.3f} ms CPU (full / FLOP ratio). "
+                      f"Floors: dispatch {figures['aten_calls_per_event']} ATen calls x "
+                      f"{figures['per_call_us']:.1f} us = {figures['dispatch_floor_ms']:.3f} ms; memory: reading "
+                      f"the {figures['bytes_read_per_event'] / 1e6:.1f} MB one event must read (attended K/V "
+                      f"and weights) once, from fresh buffers, {figures['read_floor_ms']:.3f} ms, so no "
+                      f"implementation passes {figures['ratio_ceiling_from_reads']:.0f}x "
+                      f"({figures['share_of_flop_ratio_ceiling_from_reads']:.0%} of the FLOP ratio) here")
+    if compile_check:
+        from bench.incremental_floor import compile_check as check
+        from bench.serve_long import long_model, prefix, random_sequence
+        from bench.serve_common import N_TRACKS
+        from ranker.serving.cache import history_batch
+
+        model, seq, cpu = long_model("astro", size, n, torch.device("cpu")), random_sequence(n, seed=1), torch.device("cpu")
+        with torch.inference_mode():
+            before = model.encode_history(history_batch([prefix(seq, n - 1)], N_TRACKS, cpu))
+            figures["compile_check"] = c = check(model, before, history_batch([seq], N_TRACKS, cpu), n)
+        console.print(f"{c['layer']}: eager {min(c['eager_us']):.0f} us, compiled static "
+                      f"{min(c['compiled_static_us']):.0f} us (compile {c['compiled_static_compile_s']:.0f} s), "
+                      f"dynamic {min(c['compiled_dynamic_us']):.0f} us (compile {c['compiled_dynamic_compile_s']:.0f} s); "
+                      f"largest difference {max(c['compiled_static_max_abs_diff'], c['compiled_dynamic_max_abs_diff']):.1e}")
     console.print(f"written {save('incremental', {**figures, 'threads': threads})}")
     return figures
 
@@ -178,14 +203,24 @@ def bench_cache(
 
 @bench_app.command("http-path", cls=MultiValueCommand)
 def bench_http_path(
-    waits: list[float] = typer.Option([1.0, 0.0], "--waits", help="the service's batching waits (ms) to compare"),
+    routes: list[str] = typer.Option(["fastapi", "lean"], "--routes", help="/rank fronts: lean, fastapi"),
+    batching: list[str] = typer.Option(["fixed", "adaptive"], "--batching", help="batching waits: adaptive, fixed"),
+    waits: list[float] = typer.Option([1.0], "--waits", help="the service's batching waits (ms)"),
     turns: int = typer.Option(3),
     requests: int = typer.Option(200, help="requests per turn, one at a time"),
 ) -> Any:
-    """What the app and the batching task add to a lone /rank request, in process (no socket)."""
+    """What the app and the batching task add to a lone /rank request, in process (no socket):
+    every combination of the options, in interleaved turns."""
+    import itertools
+
     from bench.http_path import run_bench_http_path
 
-    return run_bench_http_path(tuple(waits), turns, requests=requests)
+    for value, allowed in [(r, ("lean", "fastapi")) for r in routes] + [(b, ("adaptive", "fixed")) for b in batching]:
+        if value not in allowed:
+            typer.secho(f"{value!r} is not one of {', '.join(allowed)}", fg="red", err=True)
+            raise typer.Exit(2)
+    variants = tuple((b_route, b, w) for b, b_route, w in itertools.product(batching, routes, waits))
+    return run_bench_http_path(variants, turns, requests=requests)
 
 
 @bench_app.command("load")
@@ -197,11 +232,13 @@ def bench_load(
     threads: int = typer.Option(1, help="torch threads of the server (and of the in-process ceiling)"),
     seconds: float = typer.Option(10.0, help="length of each load run"),
     users: int = typer.Option(200),
-    max_wait_ms: float = typer.Option(1.0, help="the server's batching wait (the service default; 0: one pass of its event loop)"),
+    max_wait_ms: Optional[float] = typer.Option(None, help="the server's batching wait in ms (default: the service's)"),
+    batching: Optional[str] = typer.Option(None, help="adaptive or fixed (default: the service's)"),
+    rank_route: Optional[str] = typer.Option(None, help="the /rank front: lean or fastapi (default: the service's)"),
     save_as: str = typer.Option("load", help="bench/results/<name>.json"),
 ) -> Any:
     """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
     from bench.load import run_bench_load
 
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
-                          save_as=save_as)
+                          save_as=save_as, batching=batching, rank_route=rank_route)

@@ -98,6 +98,15 @@ def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threa
             "best_candidates_per_s": best["candidates_per_s"], "best_batch": best["batch"]}
 
 
+def service_defaults(**given) -> tuple:
+    """The given server settings, each None replaced by ServingSettings' default: the
+    benchmarks start the server as an operator would unless told otherwise."""
+    from ranker.serving.service import ServingSettings
+
+    fields = ServingSettings.model_fields
+    return tuple(fields[name].default if value is None else value for name, value in given.items())
+
+
 def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict:
     """One load run with what it cost: latency summary, the server's batches and stage times
     (from /metrics), and CPU per request of the server process and of this process (the
@@ -125,9 +134,10 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float = 1.0, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  max_batch: int = 16, max_wait_ms: float | None = None, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
-                  open_basis: str = "closed", ceiling_seconds: float = 3.0) -> dict:
+                  open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
+                  rank_route: str | None = None) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -135,13 +145,16 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     (latency at a stated load below saturation). `open_basis` names the rate: "closed" (the
     closed-loop throughput just measured) or "ceiling" (the in-process ceiling at the batch
     sizes the server forms, no HTTP: the load an operator plans against). HTTP overhead = 1-client p50 over HTTP minus the
-    in-process p50 of one request.
+    in-process p50 of one request. The server's batching wait, batching rule and /rank front
+    default to the service's own (ServingSettings).
     """
     if open_basis not in ("closed", "ceiling"):
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
     import httpx
 
     server_threads = threads or 1
+    max_wait_ms, batching, rank_route = service_defaults(max_wait_ms=max_wait_ms, batching=batching,
+                                                         rank_route=rank_route)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
@@ -154,7 +167,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         server = subprocess.Popen(
             [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
              str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-             "--threads", str(server_threads), "--device", device],
+             "--threads", str(server_threads), "--device", device, "--batching", batching, "--rank-route", rank_route],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             for _ in range(600):
@@ -186,7 +199,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
 
     return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
             "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
-            "max_wait_ms": max_wait_ms,
+            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route,
             "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
                               "bodies encoded up front, in the bench process on the same cores as the server",
             "loaded": loaded, "single_client": single, "open_loop": open_runs, "ceiling": ceiling,
@@ -206,7 +219,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
     rows += [(f"open {run['fraction_of_saturation']:.0%} {basis[run.get('basis', 'closed')]} "
               f"({run['offered_per_s']:.0f}/s)", run) for run in svc["open_loop"]]
     lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
-             f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms); the load "
+             f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms"
+             f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
              f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
              f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
@@ -241,7 +255,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
 
 def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
-                   save_as: str | None = "load", max_wait_ms: float = 1.0) -> dict:
+                   save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
+                   rank_route: str | None = None) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process)."""
     from bench.common import save
@@ -249,7 +264,8 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
 
     started = time.time()
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
-                        open_seconds=seconds, device=device, open_basis="ceiling")
+                        open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
+                        rank_route=rank_route)
     half = next((r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5), None)
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]

@@ -174,15 +174,32 @@ def incremental_seconds(model, n: int, device: torch.device, reps: int = 30) -> 
 
 def bench_incremental(size: str, n: int, device: torch.device, family: str = "astro", reps: int = 60) -> dict:
     """One-event incremental vs full re-encode alone (`climber bench incremental`): wall and CPU."""
+    from bench.incremental_floor import calls_per_event, per_call_us, read_floor_seconds
+
     model = long_model(family, size, n, device)
     inc = incremental_seconds(model, n, device, reps)
     flops = model.flops_per_request(n, 0) / one_event_flops(model, n)
-    return {"family": family, "size": size, "n": n, "n_layers": model.config.n_layers, "reps": reps,
-            "full_encode_ms": 1e3 * inc["full"], "extend_one_ms": 1e3 * inc["extend"],
-            "full_encode_cpu_ms": 1e3 * inc["full_cpu"], "extend_one_cpu_ms": 1e3 * inc["extend_cpu"],
-            "ratio_wall": inc["full"] / inc["extend"], "ratio_cpu": inc["full_cpu"] / inc["extend_cpu"],
-            "flop_ratio": flops, "share_of_flop_ratio_wall": inc["full"] / inc["extend"] / flops,
-            "share_of_flop_ratio_cpu": inc["full_cpu"] / inc["extend_cpu"] / flops}
+    figures = {"family": family, "size": size, "n": n, "n_layers": model.config.n_layers, "reps": reps,
+               "full_encode_ms": 1e3 * inc["full"], "extend_one_ms": 1e3 * inc["extend"],
+               "full_encode_cpu_ms": 1e3 * inc["full_cpu"], "extend_one_cpu_ms": 1e3 * inc["extend_cpu"],
+               "ratio_wall": inc["full"] / inc["extend"], "ratio_cpu": inc["full_cpu"] / inc["extend_cpu"],
+               "flop_ratio": flops, "share_of_flop_ratio_wall": inc["full"] / inc["extend"] / flops,
+               "share_of_flop_ratio_cpu": inc["full_cpu"] / inc["extend_cpu"] / flops}
+    if device.type != "cpu":
+        return figures
+    # The floors of bench.incremental_floor, against the FLOP-ideal event (full encode / FLOP ratio).
+    seq = random_sequence(n, seed=1)
+    with torch.inference_mode():
+        full_batch = history_batch([seq], N_TRACKS, device)
+        before = model.encode_history(history_batch([prefix(seq, n - 1)], N_TRACKS, device))
+        calls, call_us = calls_per_event(model, before, full_batch, n), per_call_us()
+        reads = read_floor_seconds(model, before, full_batch, n, reps=min(reps, 30))
+    ideal_ms = figures["full_encode_cpu_ms"] / flops
+    return {**figures, "flop_ideal_extend_cpu_ms": ideal_ms, "aten_calls_per_event": calls, "per_call_us": call_us,
+            "dispatch_floor_ms": calls * call_us / 1e3, "read_floor_ms": 1e3 * reads["read_floor_s"],
+            "bytes_read_per_event": reads["bytes_per_event"], "blocks_joined": reads["blocks_joined"],
+            "ratio_ceiling_from_reads": figures["full_encode_cpu_ms"] / (1e3 * reads["read_floor_s"]),
+            "share_of_flop_ratio_ceiling_from_reads": figures["full_encode_cpu_ms"] / (1e3 * reads["read_floor_s"]) / flops}
 
 
 def bench_sumi_incremental(size: str, n: int, M: int, device: torch.device, family: str = "astro",

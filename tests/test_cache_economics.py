@@ -65,3 +65,22 @@ def test_the_closed_loop_figures_span_no_reuse_to_the_unbounded_cache():
     assert arm["curve"][0]["rebuild_rate"] == 1.0  # 1% holds no entry of this size
     assert arm["curve"][-1]["hit_rate"] == arm["unbounded"]["hit_rate"] > 0
     assert arm["bytes_per_user"] == arm["working_set_bytes"] / arm["users"]
+
+
+def test_the_terminal_tables_fit_80_columns_at_full_size():
+    """Wide figures (thousands of lookups, MiB entries, every budget fraction, a long arm name)."""
+    from bench.cache_economics import FRACTIONS, terminal_tables
+
+    arm = {"lookups": 12_345, "users": 2_000, "bytes_per_user": 4_000_000.0,
+           "unbounded": {"hit_rate": 0.123, "incremental_rate": 0.333, "rebuild_rate": 0.544},
+           "curve": [{"fraction": f, "rebuild_rate": 0.999} for f in FRACTIONS]}
+    loops = {16: {"astro_xs": arm, "astro_m": arm}}
+    quality = [{"arm": "astro_xs", "hop": 16, "requests": 16_427, "windows_differ": 0.86, "mean_window": 54.6,
+                "gauc_base": 0.6686, "base_ci95_halfwidth": 0.0039, "gauc_other": 0.6624, "difference": -0.0062,
+                "difference_ci95": (-0.0073, -0.0051)}]
+    storage = [{"model": "astro-l (untrained)", "n": 4096, "storage": "int8", "kv_bytes_per_user": 3_950_000.0,
+                "bytes_vs_fp32": 0.22, "max_abs_score_error": 5.9e-4, "kendall_tau_min": 0.9977,
+                "kendall_tau_mean": 0.9986}]
+    text = terminal_tables(loops, quality, storage)
+    assert "| astro_xs | 16 | 12,345 | 2,000 | 3,906.2 |" in text and "0.9977/0.9986" in text
+    assert max(map(len, text.splitlines())) <= 80, max(text.splitlines(), key=len)

@@ -114,3 +114,34 @@ def test_openapi_documents_the_rank_body_and_reply(client):
     body = operation["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["candidates"]["maxItems"] == 5 and body["additionalProperties"] is False
     assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankReply")
+
+
+def test_the_lean_rank_route_answers_as_fastapis_route(tmp_path):
+    """POST /rank by the bare ASGI handler (the default) and by FastAPI's route (the
+    reference): the same status, body (timing aside) and headers, good and bad requests."""
+    settings = tiny_service_settings(tmp_path, users=[7], length=12, seed=0, max_candidates=5)
+    cases = [
+        ({"user_id": 7, "scenario": "radio", "candidates": [4, 8, 15], "request_id": 3, "ts": 1_800_000_000_000}, {}),
+        ({"user_id": 99, "scenario": "search", "candidates": [5, 6], "request_id": 4, "ts": 1_800_000_000_000}, {}),
+        ({"user_id": 7, "scenario": "home_feed", "candidates": [1, 2, 3, 4, 5, 6]}, {}),
+        ({"user_id": 7, "scenario": "home_feed", "candidates": [1, N_TRACKS]}, {}),
+        ({"user_id": "7", "scenario": "podcast", "candidates": [1]}, {}),
+        (b'{"user_id": 7, "scenario": "home_feed", "candidates": [1, 2', {}),
+        (b'{"user_id": 7, "scenario": "radio", "candidates": [1]}', {"content-type": "text/plain"}),
+        (b"x" * (settings.max_body_bytes + 1), {}),
+    ]
+    replies = {}
+    for route in ("lean", "fastapi"):
+        service = build_service(settings.model_copy(update={"rank_route": route}))
+        with TestClient(create_app(service)) as client:
+            replies[route] = [client.post("/rank", json=body) if isinstance(body, dict) else
+                              client.post("/rank", content=body, headers={"content-type": "application/json", **h})
+                              for body, h in cases]
+    codes = [r.status_code for r in replies["lean"]]
+    assert codes == [200, 200, 422, 422, 422, 422, 415, 413]
+    for lean, reference in zip(replies["lean"], replies["fastapi"]):
+        assert lean.status_code == reference.status_code
+        assert {k: v for k, v in lean.json().items() if k != "timing_ms"} == \
+            {k: v for k, v in reference.json().items() if k != "timing_ms"}
+        for header in ("content-type", "connection") + (("content-length",) if lean.status_code != 200 else ()):
+            assert lean.headers.get(header) == reference.headers.get(header), header  # a 200's timing varies

@@ -307,3 +307,27 @@ def test_the_fast_and_reference_incremental_paths_fill_the_same_buffers(family, 
 def test_an_unknown_incremental_path_is_refused():
     with pytest.raises(ValueError, match="incremental path"):
         UserKVCache(tiny_model(), "v1", incremental="quick")
+
+
+def test_the_incremental_floors_count_calls_and_the_bytes_one_event_reads():
+    """bench.incremental_floor on a small model: the event's ATen calls are counted, and the
+    bytes read are the joined block's attended K/V (the slot for the new token included)
+    and its stack's weights."""
+    from bench.incremental_floor import calls_per_event, read_floor_seconds
+    from bench.serve_common import N_TRACKS, prefix, random_sequence
+    from bench.serve_long import long_model
+    from ranker.serving.cache import HistoryBuffer, history_batch
+
+    n, cpu = 48, torch.device("cpu")
+    model = long_model("astro", "m", n, cpu)
+    seq = random_sequence(n, seed=1)
+    with torch.inference_mode():
+        full = history_batch([seq], N_TRACKS, cpu)
+        before = model.encode_history(history_batch([prefix(seq, n - 1)], N_TRACKS, cpu))
+        assert 20 < calls_per_event(model, before, full, n) < 400
+        reads = read_floor_seconds(model, before, full, n, reps=2)
+    (b,) = reads["blocks_joined"]
+    block = HistoryBuffer(before, 0, max_len=n).blocks[b]
+    kv = sum(4 * block.kv[i][:, :, : block.length + 1].numel() for i in range(len(block.kv) - 1))
+    weights = sum(4 * p.numel() for p in model.stacks[b].parameters() if p.dim() == 2)
+    assert reads["bytes_per_event"] == kv + weights and reads["read_floor_s"] > 0

@@ -216,3 +216,37 @@ def test_whole_catalogue_in_chunks_scores_as_one_pass(store, path):
         if round_ == 0:  # user 3 plays two more tracks: the second round extends the cache
             store.write_sequences({3: grown(stored[3], 2, seed=91)})
     assert chunked.cache.stats.incremental == one_pass.cache.stats.incremental == 1
+
+
+def test_the_adaptive_wait_spares_a_lone_request_and_waits_for_one_on_its_way(store):
+    """batching "adaptive": with a 10 s wait allowed, a lone request is ranked at once; one
+    whose body is still being read (`arriving`) holds the batch until it is queued; "fixed"
+    waits the whole wait even alone."""
+    def service(batching: str, wait_ms: float) -> ScoringService:
+        return ScoringService(NeuralRanker(tiny_model(), "v1", store, device="cpu"),
+                              ServingSettings(max_batch=8, max_wait_ms=wait_ms, batching=batching))
+
+    async def adaptive():
+        async with service("adaptive", 10_000) as svc:
+            alone = await svc.rank_one(request(400, 1, [3]))
+
+            async def late():
+                with svc.arriving():
+                    await asyncio.sleep(0.05)  # its body still coming in
+                return await svc.rank_one(request(402, 2, [4]))
+
+            arriving = asyncio.ensure_future(late())
+            await asyncio.sleep(0)  # late() has begun arriving
+            pair = await asyncio.gather(svc.rank_one(request(401, 1, [5])), arriving)
+            return alone, pair
+
+    alone, pair = asyncio.run(adaptive())
+    assert alone.timing_ms["batch_size"] == 1 and alone.timing_ms["queue_ms"] < 5_000
+    assert [s.timing_ms["batch_size"] for s in pair] == [2, 2]
+    assert pair[0].timing_ms["queue_ms"] >= 40  # it waited for the one arriving
+
+    async def fixed():
+        async with service("fixed", 50) as svc:
+            return await svc.rank_one(request(403, 1, [3]))
+
+    assert asyncio.run(fixed()).timing_ms["queue_ms"] >= 45

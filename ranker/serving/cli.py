@@ -18,7 +18,11 @@ def serve(
     port: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     max_batch: Optional[int] = typer.Option(None),
-    max_wait_ms: Optional[float] = typer.Option(None),
+    max_wait_ms: Optional[float] = typer.Option(None, help="the longest a batch waits for more requests (default 1)"),
+    batching: Optional[Literal["adaptive", "fixed"]] = typer.Option(
+        None, help="adaptive (default): wait only while other requests are on their way in; fixed: always wait"),
+    rank_route: Optional[Literal["lean", "fastapi"]] = typer.Option(
+        None, help="POST /rank by a bare ASGI handler (lean, default) or FastAPI's route (the reference)"),
     torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
                                                 "torch's default, one per core)"),
     max_candidates: Optional[int] = typer.Option(None, help="422 for a request with more candidates (default 100,000)"),
@@ -44,5 +48,5 @@ def serve(
              "max_candidates": max_candidates, "candidate_chunk": candidate_chunk,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
-             "window_hop": window_hop}
+             "window_hop": window_hop, "batching": batching, "rank_route": rank_route}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

@@ -22,6 +22,13 @@ orjson (float32 scores at float32 precision, about half the bytes). Measured in-
 at M = 200, the /rank path outside the scoring service went from 0.46-0.49 ms to
 0.27-0.32 ms per request (best of 300). `RankReply` still documents the reply in the
 OpenAPI schema, and the tests check replies against it.
+
+Why POST /rank skips FastAPI by default (`ServingSettings.rank_route` "lean"): the hot
+route needs none of the framework's work per request (its middleware stack, routing, a
+Request and a Response object), so `RankingApp` hands it to a bare ASGI handler before
+FastAPI sees it. Both fronts call the same `RankHandler` (limits, validation, ranking,
+encoding), so they answer alike, which the tests check on both; "fastapi" keeps the
+framework's route, the reference path. Every other route is FastAPI's.
 """
 # No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
 
@@ -41,7 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from ranker.interface import RankRequest
-from ranker.serving.http_limits import read_json_body
+from ranker.serving.http_limits import Reply, read_json_body
 from ranker.serving.ranker import INT64_MAX
 from ranker.serving.service import ScoredResponse, ScoringService, ServingSettings
 from streaming.events import SCENARIOS
@@ -103,12 +110,17 @@ def _problem(error: dict) -> str:
     return f"{where}: {error['msg']}" if where else error["msg"]
 
 
-def unprocessable(errors: Sequence[dict], prefix: tuple = ()) -> Response:
+def unprocessable(errors: Sequence[dict], prefix: tuple = ()) -> Reply:
     """The 422 reply: `message` names each field and problem, `detail` is the structured list.
     `prefix` ("body",) gives body errors the locations FastAPI's own validation uses."""
     detail = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
     content = {"message": "; ".join(map(_problem, detail)), "detail": detail}
-    return Response(orjson.dumps(content), status_code=422, media_type="application/json")
+    return Reply(422, orjson.dumps(content))
+
+
+def as_response(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status, media_type="application/json",
+                    headers={"connection": "close"} if reply.close else None)
 
 
 def encode_reply(scored: ScoredResponse) -> bytes:
@@ -119,6 +131,61 @@ def encode_reply(scored: ScoredResponse) -> bytes:
         "model_version": response.model_version, "candidates": response.candidates, "order": response.order,
         "scores": dict(response.scores), "timing_ms": scored.timing_ms,
     }, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class RankHandler:
+    """POST /rank from headers and the ASGI `receive` to a Reply, for either front: body
+    limits, validation from raw bytes, the batching service, the reply's encoding."""
+
+    def __init__(self, service: ScoringService) -> None:
+        self.service, self.settings = service, service.settings
+        self.body_model = rank_body_model(self.settings.max_candidates, self.settings.duplicate_candidates)
+        self.counter = iter(range(1, 2**62))
+        self.busy_seconds = lambda: service.busy_seconds
+
+    async def __call__(self, headers, receive) -> Reply:
+        service, settings = self.service, self.settings
+        with service.arriving():  # the adaptive batching wait holds the batch while this is read
+            raw = await read_json_body(headers, receive, settings.max_body_bytes, settings.body_timeout_s,
+                                       busy_seconds=self.busy_seconds)
+            if isinstance(raw, Reply):  # 415, 413 or 408, before any parsing
+                return raw
+            try:  # raw bytes -> validated body in one pass (see the module docstring)
+                body = self.body_model.model_validate_json(raw)
+            except ValidationError as error:
+                return unprocessable(error.errors(include_url=False), prefix=("body",))
+            request = RankRequest(
+                request_id=body.request_id if body.request_id is not None else next(self.counter),
+                user_id=body.user_id, scenario=body.scenario, candidates=body.candidates,
+                context=body.context, ts=body.ts if body.ts is not None else int(time.time() * 1000),
+            )
+        try:
+            scored = await service.rank_one(request)
+        except ValueError as error:  # beyond what the body schema can say, e.g. unknown track
+            return unprocessable([{"loc": [], "msg": str(error), "type": "value_error"}])
+        return Reply(200, encode_reply(scored))
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+class RankingApp(FastAPI):
+    """FastAPI, with POST /rank answered by a bare ASGI handler when `lean_rank` is set."""
+
+    lean_rank: RankHandler | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.lean_rank is not None and scope["type"] == "http" and scope["path"] == "/rank" \
+                and scope["method"] == "POST":
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+            reply = await self.lean_rank(headers, receive)
+            response_headers = [_JSON, (b"content-length", str(len(reply.body)).encode())]
+            if reply.close:
+                response_headers.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": reply.status, "headers": response_headers})
+            await send({"type": "http.response.body", "body": reply.body})
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
@@ -138,39 +205,24 @@ def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
         yield
         await service.stop()
 
-    app = FastAPI(title="Climber ranking service", lifespan=lifespan)
+    app = RankingApp(title="Climber ranking service", lifespan=lifespan)
     app.state.service = service
-    settings = service.settings
-    RankBody = rank_body_model(settings.max_candidates, settings.duplicate_candidates)
-    counter = iter(range(1, 2**62))
+    handler = RankHandler(service)
+    if service.settings.rank_route == "lean":
+        app.lean_rank = handler
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        return unprocessable(exc.errors())
+        return as_response(unprocessable(exc.errors()))
 
-    body_schema = {"content": {"application/json": {"schema": RankBody.model_json_schema()}}, "required": True}
+    schema = handler.body_model.model_json_schema()
+    body_schema = {"content": {"application/json": {"schema": schema}}, "required": True}
 
+    # The reference front of POST /rank (rank_route "fastapi"), and its OpenAPI entry either way.
     @app.post("/rank", response_model=None, responses={200: {"model": RankReply}},
               openapi_extra={"requestBody": body_schema})
     async def rank(http_request: Request) -> Response:
-        raw = await read_json_body(http_request, settings.max_body_bytes, settings.body_timeout_s,
-                                   busy_seconds=lambda: service.busy_seconds)
-        if isinstance(raw, Response):  # 415, 413 or 408, before any parsing
-            return raw
-        try:  # raw bytes -> validated body in one pass (see the module docstring)
-            body = RankBody.model_validate_json(raw)
-        except ValidationError as error:
-            return unprocessable(error.errors(include_url=False), prefix=("body",))
-        request = RankRequest(
-            request_id=body.request_id if body.request_id is not None else next(counter),
-            user_id=body.user_id, scenario=body.scenario, candidates=body.candidates,
-            context=body.context, ts=body.ts if body.ts is not None else int(time.time() * 1000),
-        )
-        try:
-            scored = await service.rank_one(request)
-        except ValueError as error:  # beyond what the body schema can say, e.g. unknown track
-            return unprocessable([{"loc": [], "msg": str(error), "type": "value_error"}])
-        return Response(encode_reply(scored), media_type="application/json")
+        return as_response(await handler(http_request.headers, http_request.receive))
 
     @app.get("/health")
     async def health() -> dict:

@@ -16,57 +16,90 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable, Mapping, NamedTuple
 
 import orjson
-from fastapi import Request
-from fastapi.responses import Response
 
 JSON_TYPES = frozenset({"application/json"})
 
 
-def problem(status: int, field: str, message: str, kind: str, close: bool = False) -> Response:
+class Reply(NamedTuple):
+    """A reply's status and JSON body, for either front of /rank (the FastAPI route or the
+    bare ASGI one in ranker.serving.http): `close` asks the server to close the connection."""
+
+    status: int
+    body: bytes
+    close: bool = False
+
+
+def problem(status: int, field: str, message: str, kind: str, close: bool = False) -> Reply:
     """An error reply in the shape of the 422s: `message` and a structured `detail`."""
     detail = [{"loc": [field] if field else [], "msg": message, "type": kind}]
     body = {"message": f"{field}: {message}" if field else message, "detail": detail}
-    headers = {"connection": "close"} if close else None
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    return Reply(status, orjson.dumps(body), close)
 
 
-async def read_json_body(request: Request, max_bytes: int, timeout_s: float,
-                         busy_seconds: Callable[[], float] = lambda: 0.0) -> bytes | Response:
+async def receive_within(receive: Callable[[], Awaitable[dict]], seconds_left: Callable[[], float]) -> dict | None:
+    """`await receive()`, or None once `seconds_left()` reaches 0 first.
+
+    One timer on the loop, re-armed while time is left, instead of a task per receive: an
+    ASGI server hands over a body that has already arrived without suspending, so the
+    common case costs a timer set and cancelled, and no extra passes of the event loop."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    expired = False
+
+    def check() -> None:
+        nonlocal timer, expired
+        left = seconds_left()
+        if left > 0:
+            timer = loop.call_later(left, check)
+        else:
+            expired = True
+            task.cancel()
+
+    left = seconds_left()
+    if left <= 0:
+        return None
+    timer = loop.call_later(left, check)
+    try:
+        return await receive()  # ASGI receive: safe to cancel
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            return None
+        raise
+    finally:
+        timer.cancel()
+
+
+async def read_json_body(headers: Mapping[str, str], receive: Callable[[], Awaitable[dict]], max_bytes: int,
+                         timeout_s: float, busy_seconds: Callable[[], float] = lambda: 0.0) -> bytes | Reply:
     """The raw body, or the error reply that refuses it (see the module docstring).
 
-    The timeout is the client's: `busy_seconds()` (the seconds the loop has spent blocked
-    in scoring) is taken out of the time waited, so bytes that arrived while the loop was
-    busy with other clients' batches never turn into a 408."""
-    content_type = request.headers.get("content-type", "")
+    `headers`: lower-case names. The timeout is the client's: `busy_seconds()` (the seconds
+    the loop has spent blocked in scoring) is taken out of the time waited, so bytes that
+    arrived while the loop was busy with other clients' batches never turn into a 408."""
+    content_type = headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() not in JSON_TYPES:
         return problem(415, "content-type", f"expected application/json, got {content_type or 'none'!r}",
                        "unsupported_media_type")
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         return problem(413, "body", f"{int(declared):,} bytes is over the {max_bytes:,}-byte limit",
                        "too_large", close=True)
     started, busy_at_start = time.perf_counter(), busy_seconds()
+    left = lambda: timeout_s - (time.perf_counter() - started) + (busy_seconds() - busy_at_start)  # noqa: E731
     chunks, size, more = [], 0, True
     while more:
-        waiter = asyncio.ensure_future(request.receive())  # ASGI receive: safe to cancel and call again
-        try:
-            while not waiter.done():
-                left = timeout_s - (time.perf_counter() - started) + (busy_seconds() - busy_at_start)
-                if left <= 0:
-                    return problem(408, "body", f"not received within {timeout_s:g} s ({size:,} bytes arrived)",
-                                   "timeout", close=True)
-                await asyncio.wait({waiter}, timeout=left)
-        finally:
-            waiter.cancel()  # no-op once done
-        message = waiter.result()
+        message = await receive_within(receive, left)
+        if message is None:
+            return problem(408, "body", f"not received within {timeout_s:g} s ({size:,} bytes arrived)",
+                           "timeout", close=True)
         if message["type"] == "http.disconnect":
             return problem(400, "body", "the client closed the connection mid-body", "disconnect", close=True)
-        size += len(message.get("body", b""))
+        body = message.get("body", b"")
+        size += len(body)
         if size > max_bytes:
             return problem(413, "body", f"over the {max_bytes:,}-byte limit", "too_large", close=True)
-        chunks.append(message.get("body", b""))
+        chunks.append(body)
         more = message.get("more_body", False)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

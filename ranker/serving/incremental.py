@@ -447,18 +447,29 @@ def _hstu_extend_one(stack: HSTUStack, x: torch.Tensor, block: BlockBuffer, at: 
             normed = F.layer_norm(x, (d,), *last_norm)
             kv.select(2, at).copy_(F.silu(F.linear(normed, last_kv_weight, last_kv_bias)).view(2, h, dh))
             return
-        normed = F.layer_norm(x, (d,), layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
-        uqkv = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh)
-        kv.select(2, at).copy_(uqkv[2:])  # K and V of the new token, one copy
-        u, q = uqkv[0], uqkv[1]
         if buckets is None:  # the same for every layer: the new token against every key, [end]
             buckets = relative_buckets(block.positions[:, at:end], block.timestamps[:, at:end],
                                        block.positions[:, :end], block.timestamps[:, :end], stack.n_buckets).view(-1)
-        bias = _bias_rows(layer).index_select(1, buckets).unsqueeze(1)  # [h, 1, end]
-        weights = F.silu(torch.baddbmm(bias, q.unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)))  # [h, 1, end]
-        attended = (torch.bmm(weights, kv[1, :, :end]) / layer.norm).view(1, d)  # heads merged
-        x = x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
-                                      layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
+        x = hstu_layer_one(layer, x, kv, at, buckets, query_scale)
+
+
+def hstu_layer_one(layer, x: torch.Tensor, kv: torch.Tensor, at: int, buckets: torch.Tensor,
+                   query_scale: torch.Tensor | float) -> torch.Tensor:
+    """One attending pointwise layer for the new token x [1, d] at `at`: writes its K/V into
+    kv [2, h, capacity, dh] and returns the layer's output [1, d]. `buckets` [at + 1]: its
+    relative buckets against every key. (A function of its own so a benchmark can time it
+    compiled: `climber bench incremental --compile-check`.)"""
+    end, d = at + 1, x.shape[-1]
+    h, dh = kv.shape[1], kv.shape[3]
+    normed = F.layer_norm(x, (d,), layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
+    uqkv = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh)
+    kv.select(2, at).copy_(uqkv[2:])  # K and V of the new token, one copy
+    u, q = uqkv[0], uqkv[1]
+    bias = _bias_rows(layer).index_select(1, buckets).unsqueeze(1)  # [h, 1, end]
+    weights = F.silu(torch.baddbmm(bias, q.unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)))  # [h, 1, end]
+    attended = (torch.bmm(weights, kv[1, :, :end]) / layer.norm).view(1, d)  # heads merged
+    return x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
+                                     layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
 
 
 def _bias_rows(layer) -> torch.Tensor:

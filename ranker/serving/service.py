@@ -7,12 +7,16 @@
 
 Why batch: a `NeuralRanker.rank` call has a fixed cost (one feature-store read, one stacked
 cache, one model pass) that a batch shares, so requests that arrive together are served
-together. The batching task takes the first waiting request, then whatever else arrives
-within `max_wait_ms` (up to `max_batch`), and ranks them in one call. The default wait is
-1 ms. A wait of 0 (one pass of the event loop, then what is queued) spares a lone client the
-timer, but at moderate load it forms smaller batches and the tail grows: `climber bench load`
-on a quiet 2-core box put p99/p50 at half the ceiling at 3.4 with 1 ms and at 7.5 (and once
-overloaded) with 0 (docs/results.md, issue 24's open loop).
+together. The batching task takes the first waiting request, lets the event loop run what
+is ready (requests already read join the batch), then waits up to `max_wait_ms` for more
+(up to `max_batch`) and ranks them in one call.
+
+How long it waits is `batching`: "fixed" waits the whole `max_wait_ms` after the first
+request, so a lone request pays the timer (1 ms, and more when the cores are busy and the
+timer wakes late); "adaptive" (the default) waits only while other requests are on their
+way in (`arriving()`: a front end, the HTTP handler, has begun reading one and not yet
+queued or refused it), and ends the wait as soon as none is. A lone request then never
+waits, while requests that arrive together still share a batch.
 
 Why on the event loop, not a worker thread: the model is Python-heavy (hundreds of small
 torch ops per batch), and a scoring thread beside the HTTP loop fights it for the GIL on
@@ -28,12 +32,14 @@ stage, and the KV cache's lookups by outcome, evictions, bytes and hit rate.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
-import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import Field
@@ -68,6 +74,10 @@ class ServingSettings(BaseSettings):
     # (4.5 ms), likely because the activations outgrow the core's cache; at 1, 5.5 ms.
     max_batch: int = Field(16, ge=1)
     max_wait_ms: float = Field(1.0, ge=0)
+    batching: Literal["adaptive", "fixed"] = "adaptive"  # see the module docstring
+    # POST /rank by a bare ASGI handler ("lean") or FastAPI's route ("fastapi", the reference
+    # path); the same checks and replies either way (ranker.serving.http).
+    rank_route: Literal["lean", "fastapi"] = "lean"
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past
@@ -112,17 +122,17 @@ class _Histogram:
     """
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = np.asarray(bounds, np.float64)
-        self.counts = np.zeros(len(bounds) + 1, np.int64)  # the last slot is +Inf
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[np.searchsorted(self.bounds, value, side="left")] += 1  # le: upper bound inclusive
+    def observe(self, value: float) -> None:  # a few per request: bisect, not numpy's per-call overhead
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: upper bound inclusive
         self.sum += value
 
     def buckets(self) -> list[tuple[str, int]]:
-        cumulative = np.cumsum(self.counts).tolist()
-        return [(repr(float(b)), c) for b, c in zip(self.bounds, cumulative)] + [("+Inf", cumulative[-1])]
+        cumulative = list(itertools.accumulate(self.counts))
+        return [(repr(b), c) for b, c in zip(self.bounds, cumulative)] + [("+Inf", cumulative[-1])]
 
 
 class ServiceMetrics:
@@ -190,6 +200,11 @@ class ScoringService:
         # them against a client whose bytes arrived while the loop was busy.
         self.busy_seconds = 0.0
         self._task: asyncio.Task | None = None
+        # Requests a front end has begun reading and not yet queued or refused (`arriving`);
+        # the adaptive batching wait lasts while there are any. `_news` wakes the batching
+        # task when one is queued or the count drops.
+        self._arriving = 0
+        self._news: asyncio.Event | None = None
 
     # -- lifecycle (on the event loop that will call rank_one)
 
@@ -197,6 +212,7 @@ class ScoringService:
         if self._task is None:
             self.ranker.warm_up()
             self._queue = asyncio.Queue()
+            self._news = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._serve(), name="climber-ranker")
         return self
 
@@ -219,6 +235,18 @@ class ScoringService:
 
     # -- requests
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request on its way in (body being read or checked) until it is queued with
+        `rank_one` or refused: the adaptive batching wait lasts while any is."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if self._news is not None:
+                self._news.set()
+
     async def rank_one(self, request: RankRequest) -> ScoredResponse:
         """Rank one request in the next batch. Raises ValueError at once (before queueing)
         for a request that could never be ranked."""
@@ -227,6 +255,7 @@ class ScoringService:
         check_request(request, self.ranker.model.config.n_tracks, self.settings.max_candidates)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(request, future, time.perf_counter()))
+        self._news.set()
         return await future
 
     def rank(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
@@ -253,11 +282,19 @@ class ScoringService:
         batch = [first]
         await asyncio.sleep(0)  # one pass of the loop: requests already read join this batch
         deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        adaptive = self.settings.batching == "adaptive"
         while len(batch) < self.settings.max_batch:
             if self._queue.empty():
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or (adaptive and self._arriving == 0):
                     break
+                if adaptive:  # until one is queued or none is on its way
+                    self._news.clear()
+                    try:
+                        await asyncio.wait_for(self._news.wait(), remaining)
+                    except TimeoutError:
+                        break
+                    continue
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
