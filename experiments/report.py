@@ -299,11 +299,11 @@ def plot_sequential(ev: Evaluation, path: Path) -> Path | None:
         for i, arm in enumerate(arms):
             d = {k: v.to_numpy() for k, v in s[(s["arm"] == arm) & (s["metric"] == metric)].items()}
             x = d["day"] + (i - (len(arms) - 1) / 2) * 0.12
-            line = ax.errorbar(x, d["lift"] * 100, yerr=[(d["lift"] - d["seq_low"]) * 100,
-                                                          (d["seq_high"] - d["lift"]) * 100],
-                               fmt="o-", capsize=3, label=f"{arm} always-valid")
-            ax.errorbar(x, d["lift"] * 100, yerr=[(d["lift"] - d["ci_low"]) * 100, (d["ci_high"] - d["lift"]) * 100],
-                        fmt="none", capsize=6, lw=6, alpha=0.4, color=line[0].get_color())
+            # Intervals as spans, not error bars around the lift: the always-valid one is
+            # intersected over the looks, so a day's lift may lie outside it.
+            (line,) = ax.plot(x, d["lift"] * 100, "o-", label=f"{arm} always-valid")
+            ax.vlines(x, d["seq_low"] * 100, d["seq_high"] * 100, color=line.get_color(), lw=1.5)
+            ax.vlines(x, d["ci_low"] * 100, d["ci_high"] * 100, lw=6, alpha=0.4, color=line.get_color())
         ax.axhline(0, color="grey", lw=1)
         ax.set_xticks(sorted(s["day"].unique()))
         ax.set(xlabel="after A/B day", ylabel=f"lift against {ev.control}, %",

@@ -149,6 +149,24 @@ def test_report_is_rebuilt_from_duckdb_alone(tiny_runs):
     assert ev.users["full_plays"].sum() == ranked
 
 
+def test_the_sequential_plot_draws_a_lift_outside_its_running_always_valid_interval(tmp_path):
+    """The always-valid interval is intersected over the looks, so a later day's lift can fall
+    outside it (a 16,000-user run's report once failed on exactly this)."""
+    import types
+
+    import pandas as pd
+
+    from experiments.report import plot_sequential
+
+    sequential = pd.DataFrame({"day": [1, 2], "arm": "astro_m", "metric": "full_plays", "lift": [0.20, 0.05],
+                               "ci_low": [0.10, 0.01], "ci_high": [0.30, 0.09],
+                               "seq_low": [0.08, 0.08], "seq_high": [0.32, 0.12], "seq_p": [0.01, 0.01]})
+    ev = types.SimpleNamespace(sequential=sequential, control="control",
+                               spec=types.SimpleNamespace(metrics=types.SimpleNamespace(primary=["full_plays"])))
+    path = plot_sequential(ev, tmp_path / "sequential.png")
+    assert path is not None and path.stat().st_size > 0
+
+
 def test_a_run_folder_that_is_not_an_experiment_is_not_replaced(tmp_path):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "precious.txt").write_text("keep me")
