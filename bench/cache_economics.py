@@ -240,6 +240,22 @@ def plot_budget(loops: dict[int, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _budget_curve(loops: dict[int, dict], percent_sign: str) -> list[str]:
+    """The rebuild rate against the byte budget, one row per (arm, hop); both tables show it
+    (the terminal's without the % in its header, to fit 80 columns)."""
+    first_arms = next(iter(loops.values()), {})
+    if not first_arms:
+        return []
+    fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
+    lines = ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
+             "| arm | hop | " + " | ".join(f"{100 * f:g}{percent_sign}" for f in fr) + " |",
+             "|---|---|" + "---|" * len(fr)]
+    for hop, arms in loops.items():
+        for arm, a in arms.items():
+            lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"]) + " |")
+    return lines
+
+
 def markdown(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -> str:
     """The closed loop per window hop (1 = sliding), the hop window's offline quality, storage."""
     lines = ["| arm | hop | lookups | users | bytes/user | hit | extend | rebuild (first / since) |",
@@ -250,14 +266,7 @@ def markdown(loops: dict[int, dict], quality: list[dict], storage: list[dict]) -
             lines.append(f"| {arm} | {hop} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:.1f} KiB | "
                          f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} "
                          f"({first:.1%} / {u['rebuild_rate'] - first:.1%}) |")
-    first_arms = next(iter(loops.values()), {})
-    if first_arms:
-        fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
-        lines += ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
-                  "| arm | hop | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
-        for hop, arms in loops.items():
-            for arm, a in arms.items():
-                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"]) + " |")
+    lines += _budget_curve(loops, percent_sign="%")
     if quality:
         lines += ["", f"Full-play GAUC, hop window vs sliding: the same checkpoint on the same "
                   f"{quality[0]['requests']:,} A/B requests (95% CIs over users; the difference's paired):", "",
@@ -290,15 +299,7 @@ def terminal_tables(loops: dict[int, dict], quality: list[dict], storage: list[d
             lines.append(f"| {arm} | {hop} | {a['lookups']:,} | {a['users']:,} | {a['bytes_per_user'] / 1024:,.1f} | "
                          f"{u['hit_rate']:.1%} | {u['incremental_rate']:.1%} | {u['rebuild_rate']:.1%} | "
                          f"{a['users'] / max(a['lookups'], 1):.1%} |")
-    first_arms = next(iter(loops.values()), {})
-    if first_arms:
-        fr = [p["fraction"] for p in next(iter(first_arms.values()))["curve"]]
-        lines += ["", "Rebuild rate (%) against the byte budget (% of each arm's working set):", "",
-                  "| arm | hop | " + " | ".join(f"{100 * f:g}" for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
-        for hop, arms in loops.items():
-            for arm, a in arms.items():
-                lines.append(f"| {arm} | {hop} | " + " | ".join(f"{100 * p['rebuild_rate']:.1f}" for p in a["curve"])
-                             + " |")
+    lines += _budget_curve(loops, percent_sign="")
     if quality:
         lines += ["", f"Full-play GAUC on {quality[0]['requests']:,} A/B requests, hop window vs sliding",
                   "(differ: share of windows that differ; CI paired, over users):", "",
