@@ -29,6 +29,7 @@ import numpy as np
 import orjson
 
 from bench.common import process_cpu_seconds  # noqa: F401 - part of this module's interface
+from ranker.serving.gc_pauses import GcPauses
 
 T = TypeVar("T")
 
@@ -78,11 +79,17 @@ class LoadRun:
     wall: float = 0.0
     offered_rate: float | None = None  # open loop only
     waited_for_connection: int = 0  # open loop: arrivals that found every connection busy
+    # open loop with trace=True, one per request: perf_counter seconds when it was scheduled,
+    # sent and answered, the client's GC pause seconds meanwhile, and the server's reply trace
+    traces: list[dict] | None = None
+    client_gc: dict | None = None  # the load generator's GC pauses over the run (GcPauses.summary)
 
 
-def _record(run: LoadRun, reply: bytes, latency: float) -> None:
+def _record(run: LoadRun, reply: bytes, latency: float) -> dict:
+    parsed = orjson.loads(reply)
     run.latencies.append(latency)
-    run.server_ms.append(orjson.loads(reply)["timing_ms"]["total_ms"])
+    run.server_ms.append(parsed["timing_ms"]["total_ms"])
+    return parsed
 
 
 async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies: list[bytes]) -> LoadRun:
@@ -111,12 +118,16 @@ async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies
 
 
 async def open_loop(host: str, port: int, rate: float, connections: int, seconds: float, bodies: list[bytes],
-                    seed: int = 0) -> LoadRun:
-    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`."""
+                    seed: int = 0, trace: bool = False) -> LoadRun:
+    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`.
+
+    `trace`: also keep each request's timestamps and the server's reply trace (a server
+    started with `trace`), and time this process's GC pauses (`LoadRun.traces`)."""
     pool: asyncio.Queue[HttpConnection] = asyncio.Queue()
     for _ in range(connections):
         pool.put_nowait(await HttpConnection.open(host, port))
-    run = LoadRun(offered_rate=rate)
+    run = LoadRun(offered_rate=rate, traces=[] if trace else None)
+    pauses = GcPauses().install() if trace else None
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals < seconds]
@@ -124,10 +135,17 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
     async def one(k: int, scheduled: float) -> None:
         if pool.empty():
             run.waited_for_connection += 1
+        gc_at_start = pauses.total_s if pauses else 0.0
         connection = await pool.get()
         try:
+            sent = time.perf_counter()
             reply = await connection.post(bodies[k % len(bodies)])
-            _record(run, reply, time.perf_counter() - scheduled)
+            done = time.perf_counter()
+            parsed = _record(run, reply, done - scheduled)  # from the scheduled time: no coordinated omission
+            if pauses:
+                run.traces.append({"scheduled": scheduled, "sent": sent, "done": done,
+                                   "client_gc_s": pauses.total_s - gc_at_start, "server": parsed.get("trace"),
+                                   "batch_size": parsed["timing_ms"]["batch_size"]})
         finally:
             pool.put_nowait(connection)
 
@@ -140,6 +158,9 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
         tasks.append(asyncio.create_task(one(k, start + at)))
     await asyncio.gather(*tasks)
     run.wall = time.perf_counter() - start
+    if pauses:
+        pauses.uninstall()
+        run.client_gc = pauses.summary()
     while not pool.empty():
         pool.get_nowait().close()
     return run

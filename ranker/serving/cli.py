@@ -36,6 +36,8 @@ def serve(
                                              "many events (1: slide it with every event)"),
     duplicate_candidates: Optional[Literal["score", "reject"]] = typer.Option(
         None, help="score every occurrence of a repeated candidate (default) or reject the request"),
+    trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="per-request timestamps in /rank replies "
+                                         "and GC pauses in /metrics (for `climber bench load --breakdown`)"),
 ) -> None:
     """The ranking service over HTTP: POST /rank, GET /health, GET /metrics.
 
@@ -48,5 +50,6 @@ def serve(
              "max_candidates": max_candidates, "candidate_chunk": candidate_chunk,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
-             "window_hop": window_hop, "batching": batching, "rank_route": rank_route}
+             "window_hop": window_hop, "batching": batching, "rank_route": rank_route,
+             "trace": trace}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

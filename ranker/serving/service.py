@@ -47,6 +47,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.interface import RankRequest, RankResponse
 from ranker.serving.cache import DEFAULT_BUDGET_BYTES
+from ranker.serving.gc_pauses import GcPauses
 from ranker.serving.ranker import DEFAULT_CANDIDATE_CHUNK, DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -98,12 +99,19 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1)
     body_timeout_s: float = Field(5.0, gt=0)
     duplicate_candidates: Literal["score", "reject"] = "score"
+    # Per-request timestamps in every /rank reply (`trace`: perf_counter seconds at each step,
+    # which on Linux is CLOCK_MONOTONIC, shared by the processes of one machine) and the
+    # process's garbage-collection pauses in /metrics: what `climber bench load --breakdown`
+    # reads to tell where a slow request spent its time. Off: a few dict entries per reply.
+    trace: bool = False
 
 
 @dataclass
 class ScoredResponse:
     response: RankResponse
     timing_ms: dict[str, float] = field(default_factory=dict)  # queue, batch stages, total
+    # with settings.trace: perf_counter seconds when it was queued and its batch started and ended
+    stamps: dict[str, float] | None = None
 
 
 @dataclass
@@ -145,6 +153,7 @@ class ServiceMetrics:
         self.batch_size = _Histogram(BATCH_BUCKETS)
         self.stages: dict[str, _Histogram] = {}
         self.requests = {"ok": 0, "error": 0}
+        self.gc_pauses: GcPauses | None = None  # set by the service when tracing
 
     def record(self, n: int, stages: dict[str, float], latencies: Sequence[float]) -> None:
         self.batch_size.observe(n)
@@ -166,6 +175,16 @@ class ServiceMetrics:
         for outcome, count in self.requests.items():
             requests.add_metric([outcome], count)
         yield requests
+        if self.gc_pauses is not None:
+            pauses = CounterMetricFamily("climber_gc_pause_seconds", "Seconds in cyclic GC collections",
+                                         labels=["generation"])
+            collections = CounterMetricFamily("climber_gc_collections", "Cyclic GC collections", labels=["generation"])
+            for generation in range(3):
+                pauses.add_metric([str(generation)], self.gc_pauses.seconds[generation])
+                collections.add_metric([str(generation)], self.gc_pauses.collections[generation])
+            yield pauses
+            yield collections
+            yield GaugeMetricFamily("climber_gc_pause_max_seconds", "Longest GC collection", value=self.gc_pauses.max_s)
         info = GaugeMetricFamily("climber_model_info", "Model served", labels=["name", "version"])
         info.add_metric([self.ranker.name, self.ranker.version], 1)
         yield info
@@ -205,12 +224,16 @@ class ScoringService:
         # task when one is queued or the count drops.
         self._arriving = 0
         self._news: asyncio.Event | None = None
+        self.gc_pauses = GcPauses() if self.settings.trace else None
+        self.metrics.gc_pauses = self.gc_pauses
 
     # -- lifecycle (on the event loop that will call rank_one)
 
     async def start(self) -> "ScoringService":
         if self._task is None:
             self.ranker.warm_up()
+            if self.gc_pauses is not None:
+                self.gc_pauses.install()
             self._queue = asyncio.Queue()
             self._news = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._serve(), name="climber-ranker")
@@ -222,6 +245,8 @@ class ScoringService:
             self._queue.put_nowait(None)
             await self._task
             self._task = None
+            if self.gc_pauses is not None:
+                self.gc_pauses.uninstall()
 
     async def __aenter__(self) -> "ScoringService":
         return await self.start()
@@ -332,12 +357,14 @@ class ScoringService:
         done = time.perf_counter()
         self._record(len(batch), stages, [p.enqueued for p in batch])
         batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+        trace = self.settings.trace
         for pending, response in zip(batch, responses):
             if pending.future.done():  # the caller went away (e.g. a dropped connection)
                 continue
             timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
                       "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
-            pending.future.set_result(ScoredResponse(response, timing))
+            stamps = {"queued": pending.enqueued, "batch_start": started, "batch_end": done} if trace else None
+            pending.future.set_result(ScoredResponse(response, timing, stamps))
 
     def _record(self, n: int, stages: dict[str, float], enqueued: Sequence[float]) -> None:
         now = time.perf_counter()
