@@ -14,16 +14,20 @@ only the reply's `timing_ms`: about 0.1 ms of CPU per request.
 
 Open loop: arrivals follow a Poisson process at `rate`, whatever the replies do. Each
 latency runs from the request's scheduled arrival, so time spent waiting for a free
-connection counts (no coordinated omission).
+connection counts (no coordinated omission). Either loop holds this process's garbage
+collector off while it runs (`gc_held`), so a pause of the generator is not read as the
+server's latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Iterator, TypeVar
 
 import numpy as np
 import orjson
@@ -85,6 +89,29 @@ class LoadRun:
     client_gc: dict | None = None  # the load generator's GC pauses over the run (GcPauses.summary)
 
 
+@contextlib.contextmanager
+def gc_held() -> Iterator[None]:
+    """The load generator's cyclic GC held off for a run: everything alive is frozen (never
+    scanned) and collection is disabled until the run ends, then both are undone.
+
+    Why: the generator runs in the bench process, which holds torch and the in-process
+    model, and an open loop keeps every arrival's task until the run ends, so a run can set
+    off a full collection of that heap: 604 ms on the loaded box (one, at 75% of the
+    ceiling), during which no request is sent or read, and each one's latency counts from
+    its scheduled arrival. A pause of the measuring process is not the server's tail. A
+    run's garbage is freed by reference counting; what only the cyclic GC frees waits for
+    the end of the run."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
 def _record(run: LoadRun, reply: bytes, latency: float) -> dict:
     parsed = orjson.loads(reply)
     run.latencies.append(latency)
@@ -92,8 +119,10 @@ def _record(run: LoadRun, reply: bytes, latency: float) -> dict:
     return parsed
 
 
-async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies: list[bytes]) -> LoadRun:
-    """`clients` connections, each sending its next request as soon as the last one answers."""
+async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies: list[bytes],
+                      hold_gc: bool = True) -> LoadRun:
+    """`clients` connections, each sending its next request as soon as the last one answers;
+    this process's GC held off meanwhile (`gc_held`) unless `hold_gc` is False."""
     connections = [await HttpConnection.open(host, port) for _ in range(clients)]
     run = LoadRun()
     deadline = time.perf_counter() + seconds
@@ -109,7 +138,8 @@ async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies
 
     start = time.perf_counter()
     try:
-        await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
+        with gc_held() if hold_gc else contextlib.nullcontext():
+            await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
     finally:
         for connection in connections:
             connection.close()
@@ -118,8 +148,9 @@ async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies
 
 
 async def open_loop(host: str, port: int, rate: float, connections: int, seconds: float, bodies: list[bytes],
-                    seed: int = 0, trace: bool = False) -> LoadRun:
-    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`.
+                    seed: int = 0, trace: bool = False, hold_gc: bool = True) -> LoadRun:
+    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`; this
+    process's GC held off meanwhile (`gc_held`) unless `hold_gc` is False.
 
     `trace`: also keep each request's timestamps and the server's reply trace (a server
     started with `trace`), and time this process's GC pauses (`LoadRun.traces`)."""
@@ -149,15 +180,16 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
         finally:
             pool.put_nowait(connection)
 
-    start = time.perf_counter()
-    tasks = []
-    for k, at in enumerate(arrivals):
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(k, start + at)))
-    await asyncio.gather(*tasks)
-    run.wall = time.perf_counter() - start
+    with gc_held() if hold_gc else contextlib.nullcontext():
+        start = time.perf_counter()
+        tasks = []
+        for k, at in enumerate(arrivals):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(k, start + at)))
+        await asyncio.gather(*tasks)
+        run.wall = time.perf_counter() - start
     if pauses:
         pauses.uninstall()
         run.client_gc = pauses.summary()

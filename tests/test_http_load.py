@@ -1,6 +1,7 @@
 """The benchmark's lean load generator (bench.service_load) against the real app over a socket:
 uvicorn in a thread, a tiny checkpoint, a real Feast store."""
 
+import asyncio
 import gc
 import os
 import time
@@ -85,6 +86,35 @@ def test_slow_requests_are_grouped_into_episodes_and_gc_pauses_are_timed():
         pauses.uninstall()
     assert pauses.collections[2] >= 1 and pauses.total_s > 0 and pauses.max_s > 0
     assert pauses._callback not in gc.callbacks
+    pauses.reset()
+    assert pauses.collections == [0, 0, 0] and pauses.total_s == pauses.max_s == 0
+
+
+def test_the_load_generator_holds_its_gc_off_during_a_run_and_gives_it_back(port):
+    """A generator's GC pause would read as server latency: off during the run, restored after."""
+    bodies = request_bodies(users=3, n_candidates=5, seed=1, n_tracks=N_TRACKS, count=4)
+    seen = []
+
+    async def watched(hold: bool):
+        async def watch():
+            while True:
+                seen.append((hold, gc.isenabled()))
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0)
+        try:
+            return await open_loop("127.0.0.1", port, rate=40.0, connections=2, seconds=0.2, bodies=bodies,
+                                   hold_gc=hold)
+        finally:
+            watcher.cancel()
+
+    frozen = gc.get_freeze_count()
+    for hold in (True, False):
+        run_async(watched(hold))
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+    assert False in {enabled for hold, enabled in seen if hold}  # off while it sent (before: opening connections)
+    assert {enabled for hold, enabled in seen if not hold} == {True}
 
 
 def test_a_refused_request_is_an_error_naming_the_status(port):

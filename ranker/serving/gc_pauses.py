@@ -40,6 +40,10 @@ class GcPauses:
         self.total_s += pause
         self.max_s = max(self.max_s, pause)
 
+    def reset(self) -> None:
+        """Forget what was recorded (e.g. the full collection a server runs before it freezes)."""
+        self.collections, self.seconds, self.max_s, self.total_s = [0, 0, 0], [0.0, 0.0, 0.0], 0.0, 0.0
+
     def install(self) -> "GcPauses":
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)

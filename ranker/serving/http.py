@@ -216,6 +216,8 @@ def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
         if freeze_gc:
             gc.collect()
             gc.freeze()
+            if service.gc_pauses is not None:  # what serving costs, not this start-up collection
+                service.gc_pauses.reset()
         yield
         await service.stop()
 
