@@ -147,7 +147,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
                   max_batch: int = 16, max_wait_ms: float | None = None, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
-                  rank_route: str | None = None, repeats: int = 1, trace: bool = False) -> dict:
+                  rank_route: str | None = None, repeats: int = 1, trace: bool = False,
+                  generator_gc: bool = False) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -159,6 +160,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     default to the service's own (ServingSettings). `repeats`: the open loop at every fraction
     that many times, in rounds (25, 50, 75%, then again), each run with its own arrivals.
     `trace`: the server traces its requests and the open loop splits each one's latency.
+    `generator_gc`: let the load generator's GC run during the runs (the reference; by
+    default it is held off, bench.service_load.gc_held).
     """
     if open_basis not in ("closed", "ceiling"):
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
@@ -194,7 +197,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
             for user in range(users):  # fill the cache: the steady state of a warm server
                 _client().post(url + "/rank", json={"user_id": user, "scenario": "home_feed", "candidates": [1]}).raise_for_status()
             bodies = request_bodies(users, M, seed=1, n_tracks=N_TRACKS)
-            closed = lambda k, s: lambda: run_async(closed_loop("127.0.0.1", port, k, s, bodies))  # noqa: E731
+            hold_gc = not generator_gc
+            closed = lambda k, s: lambda: run_async(closed_loop("127.0.0.1", port, k, s, bodies, hold_gc))  # noqa: E731
             loaded = measured_run(url, server.pid, closed(clients, seconds))
             single = measured_run(url, server.pid, closed(1, min(seconds, 5.0)))
             open_runs = []
@@ -202,7 +206,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
                 basis = loaded["requests_per_s"] if open_basis == "closed" else ceiling["best_requests_per_s"]
                 rate = fraction * basis
                 run = measured_run(url, server.pid, lambda rate=rate, repeat=repeat: run_async(
-                    open_loop("127.0.0.1", port, rate, clients, open_seconds, bodies, seed=3 + repeat, trace=trace)))
+                    open_loop("127.0.0.1", port, rate, clients, open_seconds, bodies, seed=3 + repeat, trace=trace,
+                              hold_gc=hold_gc)))
                 open_runs.append({"fraction_of_saturation": fraction, "basis": open_basis, "basis_requests_per_s": basis,
                                   "repeat": repeat, **run})
             cache_bytes = scrape(url).get("climber_kv_cache_bytes")
@@ -213,8 +218,9 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
             "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
             "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "repeats": repeats,
-            "trace": trace, "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
-                              "bodies encoded up front, in the bench process on the same cores as the server",
+            "trace": trace, "generator_gc": generator_gc, "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
+                              "bodies encoded up front, in the bench process on the same cores as the server, "
+                              + ("its GC running" if generator_gc else "its GC held off during each run"),
             "loaded": loaded, "single_client": single, "open_loop": open_runs, "ceiling": ceiling,
             "http_overhead_p50_ms": single["p50_ms"] - ceiling["single_p50_ms"],
             # kept at the top level for readers of earlier serve.json files
@@ -283,7 +289,8 @@ def gc_line(run: dict) -> str:
 def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "cpu", threads: int = 1,
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
                    save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
-                   rank_route: str | None = None, repeats: int = 1, breakdown: bool = False) -> dict:
+                   rank_route: str | None = None, repeats: int = 3, breakdown: bool = False,
+                   generator_gc: bool = False) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process).
     `repeats` > 1: the median p99 / p50 of the runs at 50% is the figure (one 10 s run holds
@@ -295,7 +302,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
     started = time.time()
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
                         open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
-                        rank_route=rank_route, repeats=repeats, trace=breakdown)
+                        rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc)
     halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]
