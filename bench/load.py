@@ -148,7 +148,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
                   rank_route: str | None = None, repeats: int = 1, trace: bool = False,
-                  generator_gc: bool = False) -> dict:
+                  generator_gc: bool = False, scoring: str | None = None) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -168,8 +168,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     import httpx
 
     server_threads = threads or 1
-    max_wait_ms, batching, rank_route = service_defaults(max_wait_ms=max_wait_ms, batching=batching,
-                                                         rank_route=rank_route)
+    max_wait_ms, batching, rank_route, scoring = service_defaults(max_wait_ms=max_wait_ms, batching=batching,
+                                                                  rank_route=rank_route, scoring=scoring)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
@@ -183,7 +183,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
             [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
              str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
              "--threads", str(server_threads), "--device", device, "--batching", batching, "--rank-route", rank_route,
-             "--trace" if trace else "--no-trace"],
+             "--scoring", scoring, "--trace" if trace else "--no-trace"],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             for _ in range(600):
@@ -217,7 +217,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
 
     return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
             "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
-            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "repeats": repeats,
+            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "scoring": scoring, "repeats": repeats,
             "trace": trace, "generator_gc": generator_gc, "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
                               "bodies encoded up front, in the bench process on the same cores as the server, "
                               + ("its GC running" if generator_gc else "its GC held off during each run"),
@@ -241,7 +241,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
              for run in svc["open_loop"]]
     lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms"
-             f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}); the load "
+             f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}"
+             f"{', scoring in a thread' if svc.get('scoring') == 'thread' else ''}); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
              f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
              f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
@@ -290,7 +291,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
                    save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
                    rank_route: str | None = None, repeats: int = 3, breakdown: bool = False,
-                   generator_gc: bool = False) -> dict:
+                   generator_gc: bool = False, scoring: str | None = None) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process).
     `repeats` > 1: the median p99 / p50 of the runs at 50% is the figure (one 10 s run holds
@@ -302,7 +303,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
     started = time.time()
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
                         open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
-                        rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc)
+                        rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc, scoring=scoring)
     halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]

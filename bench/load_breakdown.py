@@ -16,7 +16,8 @@ into consecutive parts that add up to it exactly:
     outbound   encoded -> answered     reply encoded, written, read by the generator
 
 Groups: the p50 group (latencies between the 45th and 55th percentile) and the slowest 1%
-(at or above the 99th). GC pauses in either process during a request are reported beside
+(at or above the 99th). Beside them, the share of the run the server's loop spent computing
+batches (near 1: the run is at the server's knee, and the tail is its queue). GC pauses in either process during a request are reported beside
 (they fall inside whichever part they interrupted).
 """
 
@@ -67,9 +68,14 @@ def breakdown(traces: list[dict], start: float | None = None) -> dict:
     middle = [i for i, ms in enumerate(latency) if p45 <= ms <= p55]
     slow = [i for i, ms in enumerate(latency) if ms >= p99]
     start = min(t["scheduled"] for t in traces) if start is None else start
+    # How busy the batching task kept the loop: distinct batches' compute over the traced span.
+    batches = {(t["server"]["batch_start"], t["server"]["batch_end"]) for t in traces}
+    span = max(t["done"] for t in traces) - start
+    busy = sum(end - begin for begin, end in batches) / span
     runs = episodes(np.array([traces[i]["scheduled"] for i in slow]) - start, 0.05)
     longest = max(runs, key=lambda r: r[2])
     return {"requests": len(traces), "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(p99),
+            "server_busy_share": busy,
             "p50_group": _group([rows[i] for i in middle], [traces[i] for i in middle]),
             "slowest_1pct": _group([rows[i] for i in slow], [traces[i] for i in slow]),
             "slow_episodes": len(runs), "largest_episode": {"at_s": longest[0], "span_ms": 1e3 * (longest[1] - longest[0]),
@@ -89,5 +95,6 @@ def breakdown_markdown(label: str, b: dict) -> list[str]:
               f"Dominant part: p50 group {mid['dominant']}, slowest 1% {slow['dominant']}. The slowest "
               f"{slow['requests']} fall in {b['slow_episodes']} episode(s) (scheduled within 50 ms of "
               f"another); the largest: {b['largest_episode']['requests']} requests over "
-              f"{b['largest_episode']['span_ms']:.0f} ms from {b['largest_episode']['at_s']:.1f} s."]
+              f"{b['largest_episode']['span_ms']:.0f} ms from {b['largest_episode']['at_s']:.1f} s. The server's "
+              f"loop spent {b['server_busy_share']:.0%} of the run computing batches."]
     return lines

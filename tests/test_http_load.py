@@ -74,6 +74,7 @@ def test_a_traced_open_loop_splits_every_latency_into_parts_that_add_up(traced_p
     assert figures["p50_group"]["requests"] >= 1 and figures["slowest_1pct"]["requests"] >= 1
     assert figures["slowest_1pct"]["latency_ms"] >= figures["p50_group"]["latency_ms"]
     assert figures["slowest_1pct"]["dominant"] in PARTS and figures["slow_episodes"] >= 1
+    assert 0 < figures["server_busy_share"] < 1
 
 
 def test_slow_requests_are_grouped_into_episodes_and_gc_pauses_are_timed():

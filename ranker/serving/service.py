@@ -20,9 +20,12 @@ waits, while requests that arrive together still share a batch.
 
 Why on the event loop, not a worker thread: the model is Python-heavy (hundreds of small
 torch ops per batch), and a scoring thread beside the HTTP loop fights it for the GIL on
-every op; on 2 cores that convoy cost more than the scoring itself. So the batching task
-ranks on the loop: while a batch scores, new requests wait in socket buffers and form the
-next batch. One task owns the model and the KV cache, so neither needs a lock. Requests
+every op; on 2 cores that convoy cost more than the scoring itself (an earlier version). So
+the batching task ranks on the loop: while a batch scores, new requests wait in socket
+buffers and form the next batch. `scoring="thread"` is the other way, kept as an option to
+measure: one worker thread ranks each batch while the loop reads the next requests (the
+batching task still waits for it, so batches never overlap). One task owns the model and
+the KV cache, so neither needs a lock. Requests
 are validated before they are queued, so one bad request never fails a batch.
 
 Metrics (Prometheus text, `metrics_text()`): request latency, batch sizes, seconds per
@@ -36,10 +39,12 @@ import bisect
 import contextlib
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import Field
@@ -79,6 +84,10 @@ class ServingSettings(BaseSettings):
     # POST /rank by a bare ASGI handler ("lean") or FastAPI's route ("fastapi", the reference
     # path); the same checks and replies either way (ranker.serving.http).
     rank_route: Literal["lean", "fastapi"] = "lean"
+    # Where a batch is ranked: "loop" (the default, see the module docstring) or "thread", one
+    # worker thread, so the loop reads and checks request bodies while a batch scores (torch
+    # releases the GIL inside its ops); batches still run one at a time, in the same order.
+    scoring: Literal["loop", "thread"] = "loop"
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past
@@ -226,6 +235,7 @@ class ScoringService:
         self._news: asyncio.Event | None = None
         self.gc_pauses = GcPauses() if self.settings.trace else None
         self.metrics.gc_pauses = self.gc_pauses
+        self._executor: ThreadPoolExecutor | None = None  # scoring "thread"
 
     # -- lifecycle (on the event loop that will call rank_one)
 
@@ -234,6 +244,10 @@ class ScoringService:
             self.ranker.warm_up()
             if self.gc_pauses is not None:
                 self.gc_pauses.install()
+            if self.settings.scoring == "thread":  # torch's thread count is per calling thread: carry it over
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="climber-ranker",
+                                                    initializer=torch.set_num_threads,
+                                                    initargs=(torch.get_num_threads(),))
             self._queue = asyncio.Queue()
             self._news = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._serve(), name="climber-ranker")
@@ -245,6 +259,9 @@ class ScoringService:
             self._queue.put_nowait(None)
             await self._task
             self._task = None
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
             if self.gc_pauses is not None:
                 self.gc_pauses.uninstall()
 
@@ -333,38 +350,51 @@ class ScoringService:
         return batch
 
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
-            started = time.perf_counter()
-            self._rank_batch(batch)
-            self.busy_seconds += time.perf_counter() - started
+            if self._executor is None:  # blocking on purpose: see the module docstring
+                started = time.perf_counter()
+                self._rank_batch(batch)
+                self.busy_seconds += time.perf_counter() - started
+            else:  # the loop reads and checks new requests meanwhile; the next batch waits for this one
+                self._deliver(await loop.run_in_executor(self._executor, self._score, batch))
 
     def _rank_batch(self, batch: list[_Pending]) -> None:
-        """Rank a batch and deliver each reply; if the batch fails, rank its requests one by
-        one, so an error reaches only the request that causes it (validation before
-        queueing should leave none: this is the guard for what it cannot foresee)."""
+        self._deliver(self._score(batch))
+
+    def _score(self, batch: list[_Pending]) -> list[tuple]:
+        """Rank a batch: [(batch, responses, stages, started, done)]; if the batch fails, its
+        requests one by one, so an error reaches only the request that causes it, as
+        (batch of one, error, None, started, done) (validation before queueing should leave
+        none: this is the guard for what it cannot foresee). Touches the model and the cache
+        only, never the loop's objects, so it may run in the scoring thread."""
         started = time.perf_counter()
-        try:  # blocking on purpose: see the module docstring
+        try:
             responses, stages = self.ranker.rank_timed([p.request for p in batch])
         except Exception as error:  # noqa: BLE001 - delivered to the failing caller only
             if len(batch) > 1:
-                for pending in batch:
-                    self._rank_batch([pending])
-                return
-            self.metrics.requests["error"] += 1
-            if not batch[0].future.done():
-                batch[0].future.set_exception(error)
-            return
-        done = time.perf_counter()
-        self._record(len(batch), stages, [p.enqueued for p in batch])
-        batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+                return [outcome for pending in batch for outcome in self._score([pending])]
+            return [(batch, error, None, started, time.perf_counter())]
+        return [(batch, responses, stages, started, time.perf_counter())]
+
+    def _deliver(self, outcomes: list[tuple]) -> None:
+        """On the loop: each reply (or error) to its caller, and the metrics."""
         trace = self.settings.trace
-        for pending, response in zip(batch, responses):
-            if pending.future.done():  # the caller went away (e.g. a dropped connection)
+        for batch, responses, stages, started, done in outcomes:
+            if stages is None:  # `responses` is the error of a request that failed alone
+                self.metrics.requests["error"] += 1
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(responses)
                 continue
-            timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
-                      "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
-            stamps = {"queued": pending.enqueued, "batch_start": started, "batch_end": done} if trace else None
-            pending.future.set_result(ScoredResponse(response, timing, stamps))
+            self._record(len(batch), stages, [p.enqueued for p in batch])
+            batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+            for pending, response in zip(batch, responses):
+                if pending.future.done():  # the caller went away (e.g. a dropped connection)
+                    continue
+                timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
+                          "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
+                stamps = {"queued": pending.enqueued, "batch_start": started, "batch_end": done} if trace else None
+                pending.future.set_result(ScoredResponse(response, timing, stamps))
 
     def _record(self, n: int, stages: dict[str, float], enqueued: Sequence[float]) -> None:
         now = time.perf_counter()
