@@ -158,7 +158,7 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
     for _ in range(connections):
         pool.put_nowait(await HttpConnection.open(host, port))
     run = LoadRun(offered_rate=rate, traces=[] if trace else None)
-    pauses = GcPauses().install() if trace else None
+    pauses = GcPauses() if trace else None
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals < seconds]
@@ -181,6 +181,8 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
             pool.put_nowait(connection)
 
     with gc_held() if hold_gc else contextlib.nullcontext():
+        if pauses:  # the timed window only
+            pauses.install()
         start = time.perf_counter()
         tasks = []
         for k, at in enumerate(arrivals):
