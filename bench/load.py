@@ -63,13 +63,14 @@ def scrape(url: str) -> dict[str, float]:
 
 def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threads: int,
                     batches: tuple[int, ...] = (1, 4, 8, 16, 32), device: str = "cpu", single_calls: int = 50,
-                    min_seconds: float = 3.0) -> dict:
+                    min_seconds: float = 3.0, median_calls: int = 30) -> dict:
     """What the server's scoring work allows: `NeuralRanker.rank_timed` (feature read, cache
     lookups and stacking, stage two) in this process, warm cache, best of N per batch size.
 
     No HTTP, no load generator, one process: an upper bound on requests/s for the server's
     torch threads, so a reader can tell an overhead from the model's own cost. Also the p50
-    of one request at a time (`single_calls` calls): what HTTP's p50 is compared with.
+    of one request at a time (`single_calls` calls): what HTTP's p50 is compared with; and
+    the median stage times of the largest batch (`median_calls` calls), beside the server's.
     """
     from features.store import FeatureStoreClient
     from ranker.interface import RankRequest
@@ -86,6 +87,9 @@ def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threa
         ranker.rank(requests)  # warm: every user's history is cached, as in the loaded server
         t = best_seconds({b: (lambda b=b: ranker.rank_timed(requests[:b])) for b in batches},
                          min_seconds=min_seconds, min_reps=3)
+        # The same full batch timed call after call, stage by stage: its median (not the best) is
+        # what the server's mean per-batch stage times compare with.
+        stage_runs = [ranker.rank_timed(requests[:max(batches)])[1] for _ in range(median_calls)]
         single = []
         for i in range(single_calls):  # responses are host lists: each call waits for the device
             start = time.perf_counter()
@@ -96,7 +100,9 @@ def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threa
     rows = [{"batch": b, "ms_per_batch": s * 1e3, "ms_per_request": s * 1e3 / b, "requests_per_s": b / s,
              "candidates_per_s": b * M / s} for b, s in t.items()]
     best = max(rows, key=lambda r: r["requests_per_s"])
-    return {"threads": threads, "device": device, "single_p50_ms": 1e3 * float(np.median(single)), "rows": rows, "best_requests_per_s": best["requests_per_s"],
+    median_stages = {stage: 1e3 * float(np.median([r[stage] for r in stage_runs])) for stage in stage_runs[0]}
+    return {"threads": threads, "device": device, "single_p50_ms": 1e3 * float(np.median(single)),
+            "median_stage_ms_at_max_batch": median_stages, "rows": rows, "best_requests_per_s": best["requests_per_s"],
             "best_candidates_per_s": best["candidates_per_s"], "best_batch": best["batch"]}
 
 
@@ -269,6 +275,11 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
               f"(batch {ceiling['best_batch']}). p99 <= {goal_p99_ms:.0f} ms with {svc['clients']} closed-loop clients "
               f"needs >= {need_rps:,.0f} requests/s (Little's law), {need_rps / best_rps:.1f}x this ceiling; at the "
               f"ceiling, {svc['clients']} clients wait at least {1e3 * svc['clients'] / best_rps:.0f} ms."]
+    if "median_stage_ms_at_max_batch" in ceiling:
+        inside, outside = svc["loaded"]["per_batch_stage_ms"], ceiling["median_stage_ms_at_max_batch"]
+        lines += ["", f"Per batch (closed loop, {svc['loaded']['mean_batch_size']:.1f} requests on average), "
+                  f"in the server (mean) against in process (median, batch {max(r['batch'] for r in ceiling['rows'])}): "
+                  + ", ".join(f"{stage} {inside[stage]:.1f} / {outside[stage]:.1f} ms" for stage in outside) + "."]
     if "http_overhead_p50_ms" in svc:
         lines += ["", f"HTTP overhead at p50: one client over HTTP {svc['single_client']['p50_ms']:.2f} ms, one request "
                   f"in process {ceiling['single_p50_ms']:.2f} ms: **{svc['http_overhead_p50_ms']:+.2f} ms** (goal <= 1 ms)."]
