@@ -237,6 +237,8 @@ def bench_load(
     rank_route: Optional[str] = typer.Option(None, help="the /rank front: lean or fastapi (default: the service's)"),
     scoring: Optional[str] = typer.Option(None, help="where the server ranks a batch: loop or thread (default: the "
                                           "service's)"),
+    malloc: Optional[str] = typer.Option(None, help="the server's malloc: keep or glibc (its dynamic thresholds, the "
+                                         "reference; default: the service's)"),
     repeats: int = typer.Option(3, min=1, help="open-loop rounds (25/50/75% each); the figure at 50% is their "
                                 "median (one 10 s run holds ~40 requests past its p99)"),
     breakdown: bool = typer.Option(False, "--breakdown", help="trace every open-loop request: where the p50 group's "
@@ -250,4 +252,4 @@ def bench_load(
 
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
                           save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
-                          breakdown=breakdown, generator_gc=generator_gc, scoring=scoring)
+                          breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc)

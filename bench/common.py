@@ -30,6 +30,15 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_minor_faults(pid: int) -> int | None:
+    """Minor page faults of a process so far (Linux /proc): pages it touched for the first
+    time, e.g. memory malloc mapped afresh; None where that is not readable."""
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return None
+
+
 def calibration() -> dict:
     """Two fixed workloads timed here (best of 5), so figures from different boxes can be put
     side by side: the interpreter (a pure-Python loop; the simulator and the loop's glue are

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bench.common import process_minor_faults
 from bench.load_breakdown import breakdown, breakdown_markdown
 from bench.serve_common import N_TRACKS, best_seconds, service_files
 from bench.service_load import (LoadRun, closed_loop, open_loop, own_cpu_seconds, process_cpu_seconds,
@@ -121,7 +122,9 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
     load generator); for a traced run, where its requests' time went (bench.load_breakdown)
     and both processes' GC pauses."""
     before, server_cpu, client_cpu = scrape(url), process_cpu_seconds(server_pid), own_cpu_seconds()
+    faults = process_minor_faults(server_pid)
     run = load()
+    faults = None if faults is None else process_minor_faults(server_pid) - faults
     client_cpu = own_cpu_seconds() - client_cpu
     server_cpu = None if server_cpu is None else process_cpu_seconds(server_pid) - server_cpu
     after = scrape(url)
@@ -140,6 +143,8 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
            "ms_per_request": per_request,
            "cache_lookups": {k: delta(f"climber_kv_cache_lookups_total[{k}]")
                              for k in ("hits", "incremental", "rebuilds", "cold")}}
+    if faults is not None:  # pages the server process touched afresh (ranker.serving.malloc)
+        out["server_minor_faults_per_batch"] = faults / max(batches, 1)
     if run.traces is not None:
         out["breakdown"] = breakdown(run.traces)
         out["client_gc"] = run.client_gc
@@ -154,7 +159,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
                   rank_route: str | None = None, repeats: int = 1, trace: bool = False,
-                  generator_gc: bool = False, scoring: str | None = None) -> dict:
+                  generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -167,15 +172,16 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     that many times, in rounds (25, 50, 75%, then again), each run with its own arrivals.
     `trace`: the server traces its requests and the open loop splits each one's latency.
     `generator_gc`: let the load generator's GC run during the runs (the reference; by
-    default it is held off, bench.service_load.gc_held).
+    default it is held off, bench.service_load.gc_held). `malloc`: the server's
+    ServingSettings.malloc ("keep" or "glibc", the reference).
     """
     if open_basis not in ("closed", "ceiling"):
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
     import httpx
 
     server_threads = threads or 1
-    max_wait_ms, batching, rank_route, scoring = service_defaults(max_wait_ms=max_wait_ms, batching=batching,
-                                                                  rank_route=rank_route, scoring=scoring)
+    max_wait_ms, batching, rank_route, scoring, malloc = service_defaults(
+        max_wait_ms=max_wait_ms, batching=batching, rank_route=rank_route, scoring=scoring, malloc=malloc)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
@@ -189,7 +195,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
             [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
              str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
              "--threads", str(server_threads), "--device", device, "--batching", batching, "--rank-route", rank_route,
-             "--scoring", scoring, "--trace" if trace else "--no-trace"],
+             "--scoring", scoring, "--malloc", malloc, "--trace" if trace else "--no-trace"],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             for _ in range(600):
@@ -223,7 +229,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
 
     return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
             "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
-            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "scoring": scoring, "repeats": repeats,
+            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "scoring": scoring, "malloc": malloc, "repeats": repeats,
             "trace": trace, "generator_gc": generator_gc, "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
                               "bodies encoded up front, in the bench process on the same cores as the server, "
                               + ("its GC running" if generator_gc else "its GC held off during each run"),
@@ -248,7 +254,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
     lines = [f"Service, astro-{svc['size']}, n={svc['n']}, M={svc['M']}: uvicorn server in a subprocess (torch threads "
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms"
              f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}"
-             f"{', scoring in a thread' if svc.get('scoring') == 'thread' else ''}); the load "
+             f"{', scoring in a thread' if svc.get('scoring') == 'thread' else ''}"
+             f"{', glibc malloc thresholds' if svc.get('malloc') == 'glibc' else ''}); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
              f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
              f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
@@ -279,7 +286,9 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
         inside, outside = svc["loaded"]["per_batch_stage_ms"], ceiling["median_stage_ms_at_max_batch"]
         lines += ["", f"Per batch (closed loop, {svc['loaded']['mean_batch_size']:.1f} requests on average), "
                   f"in the server (mean) against in process (median, batch {max(r['batch'] for r in ceiling['rows'])}): "
-                  + ", ".join(f"{stage} {inside[stage]:.1f} / {outside[stage]:.1f} ms" for stage in outside) + "."]
+                  + ", ".join(f"{stage} {inside[stage]:.1f} / {outside[stage]:.1f} ms" for stage in outside)
+                  + (f"; the server process took {svc['loaded']['server_minor_faults_per_batch']:,.0f} minor page "
+                     f"faults per batch" if "server_minor_faults_per_batch" in svc["loaded"] else "") + "."]
     if "http_overhead_p50_ms" in svc:
         lines += ["", f"HTTP overhead at p50: one client over HTTP {svc['single_client']['p50_ms']:.2f} ms, one request "
                   f"in process {ceiling['single_p50_ms']:.2f} ms: **{svc['http_overhead_p50_ms']:+.2f} ms** (goal <= 1 ms)."]
@@ -302,7 +311,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
                    save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
                    rank_route: str | None = None, repeats: int = 3, breakdown: bool = False,
-                   generator_gc: bool = False, scoring: str | None = None) -> dict:
+                   generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process).
     `repeats` > 1: the median p99 / p50 of the runs at 50% is the figure (one 10 s run holds
@@ -314,7 +323,8 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
     started = time.time()
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
                         open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
-                        rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc, scoring=scoring)
+                        rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc, scoring=scoring,
+                        malloc=malloc)
     halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]

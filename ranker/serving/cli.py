@@ -25,6 +25,9 @@ def serve(
         None, help="POST /rank by a bare ASGI handler (lean, default) or FastAPI's route (the reference)"),
     scoring: Optional[Literal["loop", "thread"]] = typer.Option(
         None, help="rank each batch on the event loop (default) or in one worker thread while the loop reads requests"),
+    malloc: Optional[Literal["keep", "glibc"]] = typer.Option(
+        None, help="keep (default): fix glibc's malloc thresholds so a batch reuses the pages the last one freed; "
+        "glibc: its own dynamic thresholds"),
     torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
                                                 "torch's default, one per core)"),
     max_candidates: Optional[int] = typer.Option(None, help="422 for a request with more candidates (default 100,000)"),
@@ -53,5 +56,5 @@ def serve(
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
              "window_hop": window_hop, "batching": batching, "rank_route": rank_route,
-             "trace": trace, "scoring": scoring}
+             "trace": trace, "scoring": scoring, "malloc": malloc}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

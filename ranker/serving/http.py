@@ -34,6 +34,7 @@ framework's route, the reference path. Every other route is FastAPI's.
 
 import contextlib
 import gc
+import logging
 import math
 import time
 from pathlib import Path
@@ -254,6 +255,24 @@ def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
     return app
 
 
+def process_settings(settings: ServingSettings) -> dict:
+    """The serving process's own settings (torch threads, malloc), so here and not in the
+    service, which tests and the sandbox build inside processes of their own."""
+    applied: dict = {}
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+        applied["torch_threads"] = settings.torch_threads
+    if settings.malloc == "keep":
+        from ranker.serving.malloc import keep_freed_pages
+
+        applied["malloc"] = keep_freed_pages()
+        if not applied["malloc"].applied:
+            logging.getLogger(__name__).warning("malloc thresholds not set: %s", applied["malloc"].reason)
+    return applied
+
+
 def build_service(settings: ServingSettings) -> ScoringService:
     """Checkpoint + the run's Feast store -> a ready (not yet started) service."""
     from features.store import FeatureStoreClient
@@ -270,10 +289,7 @@ def build_service(settings: ServingSettings) -> ScoringService:
 
 
 def serve(settings: ServingSettings) -> None:
-    if settings.torch_threads:  # a process-wide setting, so here and not in the service
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+    process_settings(settings)
     uvicorn.run(create_app(build_service(settings), freeze_gc=True), host=settings.host, port=settings.port,
                 log_level="warning", access_log=False)
 

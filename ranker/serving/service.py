@@ -88,6 +88,10 @@ class ServingSettings(BaseSettings):
     # worker thread, so the loop reads and checks request bodies while a batch scores (torch
     # releases the GIL inside its ops); batches still run one at a time, in the same order.
     scoring: Literal["loop", "thread"] = "loop"
+    # The serving process's glibc malloc: "keep" fixes its mmap and trim thresholds at start so
+    # the pages a batch frees are reused by the next batch, not unmapped and faulted in again
+    # (ranker.serving.malloc); "glibc" leaves glibc's dynamic thresholds (the reference).
+    malloc: Literal["keep", "glibc"] = "keep"
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past
