@@ -298,11 +298,12 @@ def test_the_adaptive_wait_spares_a_lone_request_and_waits_for_one_on_its_way(st
 
 # A batch's buffers freed and allocated again, counted in minor page faults: first with glibc
 # held at its starting mmap threshold (where every such buffer is a fresh mapping, as in a
-# server whose dynamic thresholds settled low), then after keep_freed_pages().
+# server whose dynamic thresholds settled low), then after the serving process's settings.
 _MALLOC_CHURN = """
 import resource, sys
 import numpy as np
-from ranker.serving.malloc import keep_freed_pages
+from ranker.serving.http import process_settings
+from ranker.serving.service import ServingSettings
 
 def churn():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -313,7 +314,7 @@ def churn():
 
 churn()
 default = churn()
-setting = keep_freed_pages()
+setting = process_settings(ServingSettings(malloc="keep", torch_threads=0))["malloc"]  # as `climber serve` starts
 churn()
 kept = churn()
 print(setting.applied, default, kept)
@@ -331,11 +332,16 @@ def test_keep_freed_pages_reuses_a_batchs_pages():
 
     if _glibc() is None:
         pytest.skip("not glibc")
+    from ranker.serving.http import process_settings
+
     with pytest.raises(ValueError, match="mmap_threshold"):
         keep_freed_pages(mmap_threshold=1 << 30)
+    assert process_settings(ServingSettings(malloc="glibc", torch_threads=0)) == {}  # the reference: left alone
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    out = subprocess.run([sys.executable, "-c", _MALLOC_CHURN], env=env, capture_output=True, text=True, check=True)
-    applied, default, kept = out.stdout.split()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _MALLOC_CHURN], env=env, cwd=root, capture_output=True, text=True,
+                         check=True)
+    applied, default, kept = out.stdout.split()[-3:]
     assert applied == "True"
     # 20 rounds of 3.5 MiB: ~17,900 faults when each buffer is a fresh mapping; near none when kept.
     assert int(default) > 10_000, out.stdout
