@@ -151,14 +151,17 @@ def test_time_the_loop_spends_scoring_is_not_counted_against_a_clients_body(tmp_
 
     rank_timed = NeuralRanker.rank_timed
 
+    blocking = threading.Event()
+
     def slow_for_user_99(self, requests):
         if any(r.user_id == 99 for r in requests):
-            time.sleep(1.5)  # three body timeouts; blocks the event loop, as a large batch does
+            blocking.set()
+            time.sleep(3.0)  # three body timeouts; blocks the event loop, as a large batch does
         return rank_timed(self, requests)
 
     monkeypatch.setattr(NeuralRanker, "rank_timed", slow_for_user_99)
     settings = tiny_service_settings(tmp_path, users=[1], length=5, seed=2, max_candidates=10)
-    with serving_in_thread(settings.model_copy(update={"body_timeout_s": 0.5})) as port:
+    with serving_in_thread(settings.model_copy(update={"body_timeout_s": 1.0})) as port:
         body = b'{"user_id": 1, "scenario": "radio", "candidates": [1, 2]}'
         b = socket.create_connection(("127.0.0.1", port))
         b.sendall(b"POST /rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -167,7 +170,9 @@ def test_time_the_loop_spends_scoring_is_not_counted_against_a_clients_body(tmp_
         a = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/rank", timeout=30,
                                                        json={"user_id": 99, "scenario": "radio", "candidates": [1]}))
         a.start()
-        time.sleep(0.5)  # A's batch is blocking the loop now
+        # B's body goes once A's batch blocks the loop (an event, not a fixed sleep: a loaded
+        # box may take a while to get A's request that far)
+        assert blocking.wait(10)
         b.sendall(body)
         b.settimeout(30)
         reply = b.recv(4096)
