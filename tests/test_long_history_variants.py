@@ -1,5 +1,7 @@
-"""`climber train --test-window-h` keeps the test window unseen; `climber paired-gauc` scores
-checkpoints on the same window and pairs each with its seed's baseline (studies.paired_gauc)."""
+"""Choosing an ASTRO variant for long histories (issue 24): `climber train --test-window-h`
+keeps the test window unseen; `climber paired-gauc` scores checkpoints on the same window and
+pairs each with its seed's baseline (studies.paired_gauc); `climber bench serve-long --set`
+times the variant against HSTU."""
 
 from __future__ import annotations
 
@@ -60,3 +62,15 @@ def test_each_checkpoint_is_paired_with_its_seeds_baseline(db_path, tmp_path):
     assert np.isclose(pair_other["gauc_other"], gaucs[str(tmp_path / "other1")]["gauc"])
     assert "vs base1" in markdown(out) and out["requests"] == len(split_by_time(load_request_log(db_path),
                                                                                   24 * HOUR_MS).eval)
+
+
+def test_serve_long_times_a_variant_beside_the_baselines():
+    from bench.serve_long import bench_lengths
+
+    rows = bench_lengths(("xs",), (8, 16), 4, torch.device("cpu"), ("astro", "hstu"), min_seconds=0.0, min_reps=1,
+                         overrides={"astro": {"partition": "behaviour", "candidate_path": "shared"}})
+    assert [(r["family"], r["n"]) for r in rows] == [("astro", 8), ("hstu", 8), ("astro", 16), ("hstu", 16)]
+    astro, hstu = rows[2], rows[3]
+    assert astro["cold_ms"] > 0 and hstu["cold_ms"] > 0
+    # two behaviour blocks with the shared candidate stack cost what that model counts, not xs's one block
+    assert astro["cold_mflops"] != hstu["cold_mflops"]
