@@ -5,6 +5,8 @@ times the variant against HSTU."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,16 @@ def test_each_checkpoint_is_paired_with_its_seeds_baseline(db_path, tmp_path):
     assert np.isclose(pair_other["gauc_other"], gaucs[str(tmp_path / "other1")]["gauc"])
     assert "vs base1" in markdown(out) and out["requests"] == len(split_by_time(load_request_log(db_path),
                                                                                   24 * HOUR_MS).eval)
+    # the command: several checkpoints after one --base / --other, as the frozen configs write them
+    from typer.testing import CliRunner
+
+    from sandbox.cli import app
+
+    written = tmp_path / "paired.json"
+    result = CliRunner().invoke(app, ["paired-gauc", "--db", str(db_path), "--base", *map(str, bases),
+                                      "--other", str(tmp_path / "other1"), "--eval-window-h", "24", "--json", str(written)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(written.read_text())["pairs"][0]["difference"] == pair_other["difference"]
 
 
 def test_serve_long_times_a_variant_beside_the_baselines():
