@@ -25,7 +25,7 @@ import torch
 from ranker.batch import TASKS
 from ranker.training.checkpoint import load_checkpoint
 from ranker.training.data import load_request_log, split_by_time
-from ranker.training.metrics import gauc, paired_gauc_difference
+from ranker.training.metrics import gauc, group_aucs, paired_gauc_difference
 from ranker.training.train import predict
 
 HOUR_MS = 3_600_000
@@ -70,8 +70,32 @@ def compare(db: Path, bases: list[Path], others: list[Path], eval_window_h: floa
         base = base_of.get(scored[path]["seed"], str(bases[0]))
         diff = paired_gauc_difference(labels, scored[base]["score"], scored[path]["score"], users, resamples)
         out["pairs"].append({"other": path, "base": base, **diff})
+    out["pooled"] = {}
+    for model in dict.fromkeys(scored[str(p)]["model"] for p in others):
+        pairs = [(scored[p["base"]]["score"], scored[p["other"]]["score"]) for p in out["pairs"]
+                 if scored[p["other"]]["model"] == model]
+        if len(pairs) > 1:
+            out["pooled"][model] = pooled_difference(labels, users, pairs, resamples)
     out["markdown"] = markdown(out)
     return out
+
+
+def pooled_difference(labels: np.ndarray, users: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]],
+                      resamples: int = 2000, seed: int = 0) -> dict:
+    """GAUC difference averaged over (base, other) seed pairs, with a 95% interval from one
+    bootstrap over users: each user's AUC difference is first averaged over the pairs, so the
+    interval holds both the users' spread and (through the averaging) the seeds' agreement."""
+    per_pair = []
+    for base, other in pairs:
+        _, a, weights = group_aucs(labels, base, users)
+        _, b, _ = group_aucs(labels, other, users)  # the same users: validity depends on labels only
+        per_pair.append(b - a)
+    diff = np.mean(per_pair, axis=0)  # [users]
+    picks = np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))
+    w = weights[picks]
+    boot = (diff[picks] * w).sum(1) / w.sum(1)
+    return {"difference": float(np.average(diff, weights=weights)), "seeds": len(pairs),
+            "difference_ci95": np.quantile(boot, [0.025, 0.975]).tolist(), "users": int(len(diff))}
 
 
 def markdown(out: dict) -> str:
@@ -82,6 +106,9 @@ def markdown(out: dict) -> str:
         diff = "base" if p is None else (f"{p['difference']:+.4f} [{p['difference_ci95'][0]:+.4f}, "
                                          f"{p['difference_ci95'][1]:+.4f}] vs {Path(p['base']).name}")
         lines.append(f"| {Path(path).name} | {c['model']} | {c['seed']} | {c['gauc']:.4f} | {diff} |")
+    means = [f"{model}: {p['difference']:+.4f} [{p['difference_ci95'][0]:+.4f}, {p['difference_ci95'][1]:+.4f}] "
+             f"averaged over {p['seeds']} seed pairs" for model, p in out.get("pooled", {}).items()]
+    lines += [""] * bool(means) + means
     return "\n".join(lines)
 
 

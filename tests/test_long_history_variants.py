@@ -59,6 +59,8 @@ def test_each_checkpoint_is_paired_with_its_seeds_baseline(db_path, tmp_path):
     pair_other, pair_self = out["pairs"]
     assert pair_other["base"] == str(tmp_path / "base1")  # seed 1 against seed 1
     assert pair_self["difference"] == 0.0 and pair_self["difference_ci95"] == [0.0, 0.0]
+    (pooled,) = out["pooled"].values()  # both others are the same model: one average over the two seed pairs
+    assert pooled["seeds"] == 2 and np.isclose(pooled["difference"], pair_other["difference"] / 2)
     gaucs = out["checkpoints"]
     assert np.isclose(pair_other["gauc_other"] - pair_other["gauc_base"], pair_other["difference"])
     assert np.isclose(pair_other["gauc_other"], gaucs[str(tmp_path / "other1")]["gauc"])
