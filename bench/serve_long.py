@@ -118,8 +118,9 @@ def length_summary(rows: list[dict]) -> dict:
     return out
 
 
-def plot_lengths(rows: list[dict], path) -> None:
-    """One log-log panel per family: cold, warm and encode ms against n, one line per size."""
+def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """One log-log panel per family: cold, warm and encode ms against n, one line per size;
+    a family run with overrides (a variant) names them in its title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,9 @@ def plot_lengths(rows: list[dict], path) -> None:
                 ax.plot(ns, [r[key] for r in points], style, label=f"{size} {key[:-3]}", markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(family)
+        changed = (overrides or {}).get(family)
+        ax.set_title(family + ("\n" + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else ""),
+                     fontsize=10 if changed else None)
         ax.set_xlabel("history length n")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"ms per request (M = {rows[0]['M']})")
@@ -282,7 +285,7 @@ def run_bench_serve_long(sizes: tuple[str, ...] = ("m", "l"), ns: tuple[int, ...
     if plot:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path = RESULTS_DIR / f"{save_as or 'serve_long'}.png"
-        plot_lengths(lengths, path)
+        plot_lengths(lengths, path, overrides)
         figures["plot"] = str(path)
     if save_as:
         console.print(f"written {save(save_as, figures)}")
