@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import typer
 
-from sandbox.cli_options import choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option, parse_override
+from sandbox.cli_options import (choice_help, family as family_name, size as size_name, MultiValueCommand, overrides_option,
+                                 parse_family_override, parse_override)
 
 bench_app = typer.Typer(help="Benchmarks; figures go to bench/results/ and docs/results.md.", no_args_is_help=True)
 # One-command apps for the modules' `python -m` entry points; the same functions as in bench_app.
@@ -112,15 +113,26 @@ def bench_serve_long(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:i"),
     threads: int = typer.Option(1, help="torch threads on CPU"),
     min_seconds: float = typer.Option(1.0, help="time each path at least this long (best of N)"),
+    families: list[str] = typer.Option(["astro", "hstu", "sasrec"], parser=family_name, metavar="FAMILY...",
+                                       help="families timed in turns"),
+    overrides: list[str] = typer.Option([], "--set", parser=parse_family_override, metavar="FAMILY:KEY=VALUE",
+                                        help="a variant: config override for one family, repeatable "
+                                             "(e.g. --set astro:candidate_path=shared)"),
+    sumi: bool = typer.Option(True, "--sumi/--no-sumi", help="also the SUMI and incremental ratios (part 2)"),
+    save_as: str = typer.Option("serve_long", help="bench/results/NAME.json and .png"),
 ) -> Any:
     """Cost against history length (ASTRO, HSTU, SASRec) and SUMI/incremental ratios beside FLOP ratios."""
     import torch
 
     from bench.serve_long import run_bench_serve_long
 
+    by_family: dict[str, dict[str, Any]] = {}
+    for family, key, value in overrides:
+        by_family.setdefault(family, {})[key] = value
     torch.set_num_threads(threads)
     return run_bench_serve_long(tuple(size_name(s) for s in sizes), tuple(lengths), candidates, sumi_size, sumi_n,
-                                device, min_seconds)
+                                device, min_seconds, save_as=save_as, families=tuple(families),
+                                overrides=by_family, sumi=sumi)
 
 
 @bench_app.command("incremental")

@@ -16,7 +16,7 @@ configuration there) for `climber bench gpu`.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,12 +64,15 @@ def long_model(family: str, size: str, max_len: int, device: torch.device, **ove
 # ----------------------------------------------------------------------------- 1. cost against n
 
 def bench_lengths(sizes: tuple[str, ...], ns: tuple[int, ...], M: int, device: torch.device,
-                  families: tuple[str, ...] = FAMILIES, min_seconds: float = 1.0, min_reps: int = 2) -> list[dict]:
+                  families: tuple[str, ...] = FAMILIES, min_seconds: float = 1.0, min_reps: int = 2,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> list[dict]:
     """Cold, warm and encode latency per (family, size, n); at each (size, n) the families are
-    timed in turns, so a ratio between families is side by side too."""
+    timed in turns, so a ratio between families is side by side too. `overrides`: config
+    fields per family (a variant, e.g. {"astro": {"candidate_path": "shared"}})."""
     rows = []
     for size in sizes:
-        models = {family: long_model(family, size, max(ns), device) for family in families}
+        models = {family: long_model(family, size, max(ns), device, **(overrides or {}).get(family, {}))
+                  for family in families}
         for n in ns:
             batch = random_batch(1, n, M, N_TRACKS, seed=n, min_length=n).to(device)
             fns: dict[str, Callable[[], object]] = {}
@@ -115,8 +118,9 @@ def length_summary(rows: list[dict]) -> dict:
     return out
 
 
-def plot_lengths(rows: list[dict], path) -> None:
-    """One log-log panel per family: cold, warm and encode ms against n, one line per size."""
+def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """One log-log panel per family: cold, warm and encode ms against n, one line per size;
+    a family run with overrides (a variant) names them in its title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +136,9 @@ def plot_lengths(rows: list[dict], path) -> None:
                 ax.plot(ns, [r[key] for r in points], style, label=f"{size} {key[:-3]}", markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(family)
+        changed = (overrides or {}).get(family)
+        ax.set_title(family + ("\n" + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else ""),
+                     fontsize=10 if changed else None)
         ax.set_xlabel("history length n")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"ms per request (M = {rows[0]['M']})")
@@ -229,7 +235,7 @@ def bench_sumi_incremental(size: str, n: int, M: int, device: torch.device, fami
 
 # ----------------------------------------------------------------------------- report
 
-def markdown(lengths: list[dict], summary: dict, sumi: dict, device: str) -> list[str]:
+def markdown(lengths: list[dict], summary: dict, sumi: dict | None, device: str) -> list[str]:
     lines = [f"Cost against history length (device {device}, M = {lengths[0]['M']}; depth and width of the shared "
              "ladder for every family; ms per request, best of N, families timed in turns):", "",
              "| family | size | n | cold ms | warm ms | encode ms | cold MFLOPs |", "|---|---|---|---|---|---|---|"]
@@ -241,6 +247,8 @@ def markdown(lengths: list[dict], summary: dict, sumi: dict, device: str) -> lis
                  f"(FLOP ratio {s['hstu_over_astro_cold_flops']:.2f})" if "hstu_over_astro_cold" in s else "")
         lines.append(f"\nSize {size}: growth exponent of cold latency (log-log slope over the three longest n): "
                      f"{exps}{ratio}.")
+    if sumi is None:
+        return lines
     r = sumi["ratios"]
     lines += ["", f"SUMI and incremental, {sumi['family']}-{sumi['size']} ({sumi['n_layers']} layers), n={sumi['n']}, "
               f"M={sumi['M']} (device {device}):", "",
@@ -256,26 +264,28 @@ def markdown(lengths: list[dict], summary: dict, sumi: dict, device: str) -> lis
 
 def run_bench_serve_long(sizes: tuple[str, ...] = ("m", "l"), ns: tuple[int, ...] = LENGTHS, M: int = 200,
                          sumi_size: str = "l", sumi_n: int = 1024, device: str = "cpu", min_seconds: float = 1.0,
-                         plot: bool = True, save_as: str | None = "serve_long") -> dict:
+                         plot: bool = True, save_as: str | None = "serve_long", families: tuple[str, ...] = FAMILIES,
+                         overrides: dict[str, dict[str, Any]] | None = None, sumi: bool = True) -> dict:
     from bench.common import RESULTS_DIR, save
     from ranker.serving.ranker import serving_device
 
     dev = serving_device(device)
     started = time.time()
-    console.print(f"bench serve-long: 1/2 cost against n on {dev}")
-    lengths = bench_lengths(sizes, ns, M, dev, min_seconds=min_seconds)
-    console.print("bench serve-long: 2/2 SUMI and incremental")
-    sumi = bench_sumi_incremental(sumi_size, sumi_n, M, dev, min_seconds=min_seconds)
+    console.print(f"bench serve-long: 1/2 cost against n on {dev}"
+                  + (f" (overrides {overrides})" if overrides else ""))
+    lengths = bench_lengths(sizes, ns, M, dev, families, min_seconds=min_seconds, overrides=overrides)
+    console.print("bench serve-long: 2/2 SUMI and incremental" + ("" if sumi else ": skipped"))
+    sumi = bench_sumi_incremental(sumi_size, sumi_n, M, dev, min_seconds=min_seconds) if sumi else None
     summary = length_summary(lengths)
     figures = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "torch_threads": torch.get_num_threads(), "goals": GOALS, "lengths": lengths,
+               "torch_threads": torch.get_num_threads(), "goals": GOALS, "overrides": overrides or {}, "lengths": lengths,
                "length_summary": summary, "sumi_incremental": sumi, "wall_seconds": time.time() - started}
     figures["markdown"] = "\n".join(markdown(lengths, summary, sumi, str(dev)))
     console.print(figures["markdown"])
     if plot:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path = RESULTS_DIR / f"{save_as or 'serve_long'}.png"
-        plot_lengths(lengths, path)
+        plot_lengths(lengths, path, overrides)
         figures["plot"] = str(path)
     if save_as:
         console.print(f"written {save(save_as, figures)}")

@@ -12,7 +12,7 @@ from experiments.cli import experiment_app
 from ranker.serving.cli import serve_app
 from ranker.training.cli import data_app, public_app, train_app
 from streaming.cli import worker_app
-from studies.cli import growth_study_app, hop_window_app, scaling_app, scaling_seeds_app
+from studies.cli import growth_study_app, hop_window_app, paired_gauc_app, scaling_app, scaling_seeds_app
 
 app = typer.Typer(help="Climber Sandbox: simulator, streaming features, ASTRO ranking, A/B tests.",
                   no_args_is_help=True, add_completion=False)
@@ -309,7 +309,7 @@ def reproduce(
 
 
 # Each area's commands live beside the code they drive (light modules: machinery loads lazily).
-for area in (train_app, public_app, scaling_app, scaling_seeds_app, growth_study_app, hop_window_app, serve_app,
+for area in (train_app, public_app, scaling_app, scaling_seeds_app, growth_study_app, hop_window_app, paired_gauc_app, serve_app,
              worker_app):
     app.registered_commands += area.registered_commands
 

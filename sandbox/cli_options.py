@@ -96,7 +96,7 @@ class MultiValueCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, spread)
 
 
-MULTI_VALUE = {"families", "sizes", "seeds", "workers", "lengths", "k", "hops", "waits"}
+MULTI_VALUE = {"families", "sizes", "seeds", "workers", "lengths", "k", "hops", "waits", "base", "other"}
 
 
 def _is_number(word: str) -> bool:

@@ -1,4 +1,4 @@
-"""`climber scaling`, `scaling-seeds`, `growth-study` and `hop-window-study` (also `python -m studies.<name>`)."""
+"""`climber scaling`, `scaling-seeds`, `growth-study`, `hop-window-study` and `paired-gauc` (also `python -m studies.<name>`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ scaling_app = typer.Typer(add_completion=False)
 scaling_seeds_app = typer.Typer(add_completion=False)
 growth_study_app = typer.Typer(add_completion=False)
 hop_window_app = typer.Typer(add_completion=False)
+paired_gauc_app = typer.Typer(add_completion=False)
 
 
 @scaling_app.command("scaling", cls=MultiValueCommand)
@@ -102,3 +103,22 @@ def hop_window_study(
     from studies.hop_window import run_hop_window
 
     return run_hop_window(run, hop, list(sizes))
+
+
+@paired_gauc_app.command("paired-gauc", cls=MultiValueCommand)
+def paired_gauc(
+    db: Path = typer.Option(..., help="the DuckDB event log the checkpoints were trained on"),
+    base: list[Path] = typer.Option(..., metavar="CHECKPOINT...", help="baselines, one per training seed"),
+    other: list[Path] = typer.Option(..., metavar="CHECKPOINT...", help="each paired with its seed's baseline"),
+    eval_window_h: float = typer.Option(24.0, help="the window scored, as `climber train --eval-window-h`"),
+    test_window_h: float = typer.Option(0.0, help="hours left out at the end first, as `climber train "
+                                        "--test-window-h` (0: score the last --eval-window-h hours)"),
+    max_len: Optional[int] = typer.Option(None, help="history length (default: each checkpoint's)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
+) -> Any:
+    """Full-play GAUC of checkpoints on one time window, each minus its seed's baseline (paired bootstrap)."""
+    from studies.paired_gauc import run_paired_gauc
+
+    if eval_window_h <= 0 or test_window_h < 0:
+        raise typer.BadParameter("--eval-window-h must be > 0 and --test-window-h >= 0")
+    return run_paired_gauc(db, list(base), list(other), eval_window_h, test_window_h, max_len, json_out)

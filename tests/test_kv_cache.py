@@ -224,6 +224,11 @@ def test_the_host_gap_bucket_equals_the_tensor_buckets_around_every_boundary():
     assert [gap_bucket(int(g), n_buckets) for g in gaps] == expected.tolist()
 
 
+# ASTRO's long-history setting (docs/astro-ablations.md): one candidate stack over both
+# behaviour blocks' K/V, no in-block position tables.
+LONG_HISTORY = dict(block_attention="pointwise", candidate_path="shared", block_positions=False)
+
+
 @pytest.mark.parametrize("overrides", [dict(block_attention="softmax"),
                                        dict(block_attention="softmax", temperature="fixed", block_positions=False),
                                        dict(block_attention="softmax", norm="post"),
@@ -254,6 +259,7 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
                                                ("astro", dict(block_attention="softmax", partition="scenario")),
                                                ("astro", dict(block_attention="pointwise", partition="behaviour")),
                                                ("astro", {}), ("astro", dict(n_layers=1)),
+                                               ("astro", LONG_HISTORY), ("astro", dict(LONG_HISTORY, n_layers=1)),
                                                ("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
 def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
@@ -281,8 +287,8 @@ def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(famil
 
 
 @pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax", partition="scenario")),
-                                               ("astro", {}), ("sasrec", {}), ("sasrec", dict(norm="post")),
-                                               ("hstu", {})])
+                                               ("astro", {}), ("astro", LONG_HISTORY), ("sasrec", {}),
+                                               ("sasrec", dict(norm="post")), ("hstu", {})])
 def test_the_fast_and_reference_incremental_paths_fill_the_same_buffers(family, overrides):
     """The switch's two sides agree: after one event at a time and then several at once, the
     fast path's buffers hold the K/V, positions and timestamps the re-encoding reference does."""

@@ -493,7 +493,7 @@ def _build_hstu_plan(stack: HSTUStack) -> tuple:
     lookups and the two slices cost as much as the one-layer step's arithmetic. Views of
     the Parameters, so in-place updates show through (`_hstu_plan` checks they still are)."""
     layer = stack.layers[-1]
-    d = layer.f2.weight.shape[0]
+    d = layer.f1.weight.shape[1]  # f2 is None on the last layer of a shared-candidate-path block
     plan = ((layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps), layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
     f1 = layer.f1
     # a plain attribute: not a submodule, not in state_dict; keyed by the Parameter and the storage it views

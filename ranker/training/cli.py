@@ -38,6 +38,8 @@ def train(
     max_len: Optional[int] = typer.Option(None, help="history length [default: 256; with --resume-from, the "
                                           "checkpoint's]"),
     eval_window_h: float = typer.Option(24.0, help="hours at the end of the log held out (--split time)"),
+    test_window_h: float = typer.Option(0.0, help="hours at the very end of the log left out of train and eval "
+                                        "(--split time): choose on the --eval-window-h before them, test later"),
     split: str = typer.Option("time", help="'time': the last --eval-window-h hours; 'loo': leave-one-out per "
                               "user (last consumed item test, the one before validation)"),
     objective: str = typer.Option("impression", help="'impression': BCE per task on logged slates; 'next-item': "
@@ -84,6 +86,8 @@ def train(
         _fail("train", ValueError(f"--objective must be 'impression' or 'next-item', not {objective!r}"))
     if objective == "next_item" and split != "loo":
         _fail("train", ValueError("--objective next-item trains on the leave-one-out split: add --split loo"))
+    if test_window_h < 0 or (test_window_h and split != "time"):
+        _fail("train", ValueError("--test-window-h must be >= 0 and needs --split time"))
     if window_stride is not None and objective != "next_item":
         _fail("train", ValueError("--window-stride is a next-item setting: add --objective next-item"))
     if (lr_schedule != "cosine" or patience is not None) and objective != "next_item":
@@ -94,6 +98,7 @@ def train(
     config = TrainConfig(model, size, db, out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          device=device, resume=resume, max_len=max_len,
                          eval_window_ms=int(eval_window_h * 3_600_000), checkpoint_every=checkpoint_every,
+                         test_window_ms=int(test_window_h * 3_600_000),
                          model_overrides=dict(overrides),
                          growth=GrowthConfig.from_dict(dict(growth)) if grow_prune or growth else None,
                          split=split, objective=objective, sampled_negatives=sampled_negatives,

@@ -221,6 +221,9 @@ class TrainConfig:
     resume: bool = False
     max_len: int = 256
     eval_window_ms: int = DAY_MS  # the held-out last window of the log
+    # Left out of train and eval alike: the test window, kept unseen while variants are
+    # chosen on the eval window just before it (0: nothing left out).
+    test_window_ms: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int | None = None
@@ -282,7 +285,10 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
                 return _train_next_item(c, loo, say)
             data = loo_requests(loo)
         else:
-            data = split_by_time(load_request_log(db_path), eval_window_ms)
+            log = load_request_log(db_path)
+            if c.test_window_ms:
+                log = split_by_time(log, c.test_window_ms).train
+            data = split_by_time(log, eval_window_ms)
     train_log = data.train
     if batch_size > len(train_log):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_log)} train requests")
@@ -335,6 +341,7 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     extra: dict[str, Any] = {"n_tracks": train_log.n_tracks, "max_len": max_len, "seed": seed, "batch_size": batch_size,
              "lr": lr, "total_steps": total_steps, "cutoff_ts": data.cutoff_ts,
+             "test_window_ms": c.test_window_ms,
              "model_overrides": dict(model_overrides or {}),
              "growth": growth.to_dict() if growth is not None else None,
              "objective": "impression", "split": c.split, "window_hop": c.window_hop}
