@@ -235,10 +235,19 @@ def bench_load(
     max_wait_ms: Optional[float] = typer.Option(None, help="the server's batching wait in ms (default: the service's)"),
     batching: Optional[str] = typer.Option(None, help="adaptive or fixed (default: the service's)"),
     rank_route: Optional[str] = typer.Option(None, help="the /rank front: lean or fastapi (default: the service's)"),
+    scoring: Optional[str] = typer.Option(None, help="where the server ranks a batch: loop or thread (default: the "
+                                          "service's)"),
+    repeats: int = typer.Option(3, min=1, help="open-loop rounds (25/50/75% each); the figure at 50% is their "
+                                "median (one 10 s run holds ~40 requests past its p99)"),
+    breakdown: bool = typer.Option(False, "--breakdown", help="trace every open-loop request: where the p50 group's "
+                                   "and the slowest 1%'s time goes (generator, server read, queue, batch, reply), GC"),
+    generator_gc: bool = typer.Option(False, "--generator-gc", help="let the load generator's GC run during the "
+                                      "runs (by default it is held off: its pauses are not the server's latency)"),
     save_as: str = typer.Option("load", help="bench/results/<name>.json"),
 ) -> Any:
     """The HTTP service under an open loop at 25/50/75% of the in-process ceiling; HTTP overhead at p50."""
     from bench.load import run_bench_load
 
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
-                          save_as=save_as, batching=batching, rank_route=rank_route)
+                          save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
+                          breakdown=breakdown, generator_gc=generator_gc, scoring=scoring)

@@ -14,21 +14,26 @@ only the reply's `timing_ms`: about 0.1 ms of CPU per request.
 
 Open loop: arrivals follow a Poisson process at `rate`, whatever the replies do. Each
 latency runs from the request's scheduled arrival, so time spent waiting for a free
-connection counts (no coordinated omission).
+connection counts (no coordinated omission). Either loop holds this process's garbage
+collector off while it runs (`gc_held`), so a pause of the generator is not read as the
+server's latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Iterator, TypeVar
 
 import numpy as np
 import orjson
 
 from bench.common import process_cpu_seconds  # noqa: F401 - part of this module's interface
+from ranker.serving.gc_pauses import GcPauses
 
 T = TypeVar("T")
 
@@ -78,15 +83,46 @@ class LoadRun:
     wall: float = 0.0
     offered_rate: float | None = None  # open loop only
     waited_for_connection: int = 0  # open loop: arrivals that found every connection busy
+    # open loop with trace=True, one per request: perf_counter seconds when it was scheduled,
+    # sent and answered, the client's GC pause seconds meanwhile, and the server's reply trace
+    traces: list[dict] | None = None
+    client_gc: dict | None = None  # the load generator's GC pauses over the run (GcPauses.summary)
 
 
-def _record(run: LoadRun, reply: bytes, latency: float) -> None:
+@contextlib.contextmanager
+def gc_held() -> Iterator[None]:
+    """The load generator's cyclic GC held off for a run: everything alive is frozen (never
+    scanned) and collection is disabled until the run ends, then both are undone.
+
+    Why: the generator runs in the bench process, which holds torch and the in-process
+    model, and an open loop keeps every arrival's task until the run ends, so a run can set
+    off a full collection of that heap: 604 ms on the loaded box (one, at 75% of the
+    ceiling), during which no request is sent or read, and each one's latency counts from
+    its scheduled arrival. A pause of the measuring process is not the server's tail. A
+    run's garbage is freed by reference counting; what only the cyclic GC frees waits for
+    the end of the run."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def _record(run: LoadRun, reply: bytes, latency: float) -> dict:
+    parsed = orjson.loads(reply)
     run.latencies.append(latency)
-    run.server_ms.append(orjson.loads(reply)["timing_ms"]["total_ms"])
+    run.server_ms.append(parsed["timing_ms"]["total_ms"])
+    return parsed
 
 
-async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies: list[bytes]) -> LoadRun:
-    """`clients` connections, each sending its next request as soon as the last one answers."""
+async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies: list[bytes],
+                      hold_gc: bool = True) -> LoadRun:
+    """`clients` connections, each sending its next request as soon as the last one answers;
+    this process's GC held off meanwhile (`gc_held`) unless `hold_gc` is False."""
     connections = [await HttpConnection.open(host, port) for _ in range(clients)]
     run = LoadRun()
     deadline = time.perf_counter() + seconds
@@ -102,7 +138,8 @@ async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies
 
     start = time.perf_counter()
     try:
-        await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
+        with gc_held() if hold_gc else contextlib.nullcontext():
+            await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
     finally:
         for connection in connections:
             connection.close()
@@ -111,12 +148,17 @@ async def closed_loop(host: str, port: int, clients: int, seconds: float, bodies
 
 
 async def open_loop(host: str, port: int, rate: float, connections: int, seconds: float, bodies: list[bytes],
-                    seed: int = 0) -> LoadRun:
-    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`."""
+                    seed: int = 0, trace: bool = False, hold_gc: bool = True) -> LoadRun:
+    """Poisson arrivals at `rate` per second for `seconds`, over a pool of `connections`; this
+    process's GC held off meanwhile (`gc_held`) unless `hold_gc` is False.
+
+    `trace`: also keep each request's timestamps and the server's reply trace (a server
+    started with `trace`), and time this process's GC pauses (`LoadRun.traces`)."""
     pool: asyncio.Queue[HttpConnection] = asyncio.Queue()
     for _ in range(connections):
         pool.put_nowait(await HttpConnection.open(host, port))
-    run = LoadRun(offered_rate=rate)
+    run = LoadRun(offered_rate=rate, traces=[] if trace else None)
+    pauses = GcPauses() if trace else None
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals < seconds]
@@ -124,22 +166,35 @@ async def open_loop(host: str, port: int, rate: float, connections: int, seconds
     async def one(k: int, scheduled: float) -> None:
         if pool.empty():
             run.waited_for_connection += 1
+        gc_at_start = pauses.total_s if pauses else 0.0
         connection = await pool.get()
         try:
+            sent = time.perf_counter()
             reply = await connection.post(bodies[k % len(bodies)])
-            _record(run, reply, time.perf_counter() - scheduled)
+            done = time.perf_counter()
+            parsed = _record(run, reply, done - scheduled)  # from the scheduled time: no coordinated omission
+            if pauses:
+                run.traces.append({"scheduled": scheduled, "sent": sent, "done": done,
+                                   "client_gc_s": pauses.total_s - gc_at_start, "server": parsed.get("trace"),
+                                   "batch_size": parsed["timing_ms"]["batch_size"]})
         finally:
             pool.put_nowait(connection)
 
-    start = time.perf_counter()
-    tasks = []
-    for k, at in enumerate(arrivals):
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(k, start + at)))
-    await asyncio.gather(*tasks)
-    run.wall = time.perf_counter() - start
+    with gc_held() if hold_gc else contextlib.nullcontext():
+        if pauses:  # the timed window only
+            pauses.install()
+        start = time.perf_counter()
+        tasks = []
+        for k, at in enumerate(arrivals):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(k, start + at)))
+        await asyncio.gather(*tasks)
+        run.wall = time.perf_counter() - start
+    if pauses:
+        pauses.uninstall()
+        run.client_gc = pauses.summary()
     while not pool.empty():
         pool.get_nowait().close()
     return run

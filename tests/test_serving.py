@@ -1,6 +1,7 @@
 """The neural ranker and the micro-batching service over a real Feast store (SQLite, tmp dir)."""
 
 import asyncio
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -88,9 +89,11 @@ def test_neural_ranker_scores_a_batch_of_users_like_the_model_and_follows_new_ev
     assert ranker.cache.stats.incremental == 1
 
 
-def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(store):
+@pytest.mark.parametrize("scoring", ["loop", "thread"])
+def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(store, scoring):
     model = tiny_model()
-    service = ScoringService(NeuralRanker(model, "v1", store, device="cpu"), ServingSettings(max_batch=8, max_wait_ms=20.0))
+    service = ScoringService(NeuralRanker(model, "v1", store, device="cpu"),
+                             ServingSettings(max_batch=8, max_wait_ms=20.0, scoring=scoring))
     requests = [request(100 + i, 1 + i % 5, [i % N_TRACKS, (i * 7) % N_TRACKS, 11]) for i in range(12)]
 
     async def clients():
@@ -135,6 +138,47 @@ def test_without_a_batching_wait_requests_that_arrive_together_still_share_a_bat
     first, alone = asyncio.run(clients())
     assert [s.timing_ms["batch_size"] for s in first] == [6] * 6
     assert alone.timing_ms["batch_size"] == 1
+
+
+def test_scoring_in_a_thread_leaves_the_loop_free_and_still_fails_a_bad_request_alone(store):
+    """scoring "thread": while a (slow) batch ranks, the event loop keeps running, and a
+    request that fails its batch fails alone after the one-by-one retry, as on the loop."""
+    ranker = NeuralRanker(tiny_model(), "v1", store, device="cpu")
+    rank_timed = ranker.rank_timed
+
+    def slow(requests):
+        time.sleep(0.15)
+        if any(r.request_id == 666 for r in requests):
+            raise RuntimeError("cannot rank request 666")
+        return rank_timed(requests)
+
+    ranker.rank_timed = slow
+
+    async def run(scoring: str):
+        async with ScoringService(ranker, ServingSettings(scoring=scoring)) as service:
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.ensure_future(tick())
+            await asyncio.sleep(0)
+            results = await asyncio.gather(service.rank_one(request(1, 1, [3])), service.rank_one(request(666, 2, [4])),
+                                           return_exceptions=True)
+            ticker.cancel()
+            return ticks, results, service.busy_seconds
+
+    for scoring in ("thread", "loop"):  # the batch of two fails (0.15 s), then each alone (0.3 s)
+        ticks, (good, bad), busy = asyncio.run(run(scoring))
+        assert good.response.request_id == 1 and good.timing_ms["batch_size"] == 1
+        assert isinstance(bad, RuntimeError) and "666" in str(bad)
+        if scoring == "thread":
+            assert ticks >= 10 and busy == 0  # the loop ran all along
+        else:
+            assert ticks <= 3 and busy >= 0.4  # blocked for the whole batch and its retries
 
 
 def test_bad_requests_are_refused_before_they_reach_a_batch(store):

@@ -23,6 +23,8 @@ def serve(
         None, help="adaptive (default): wait only while other requests are on their way in; fixed: always wait"),
     rank_route: Optional[Literal["lean", "fastapi"]] = typer.Option(
         None, help="POST /rank by a bare ASGI handler (lean, default) or FastAPI's route (the reference)"),
+    scoring: Optional[Literal["loop", "thread"]] = typer.Option(
+        None, help="rank each batch on the event loop (default) or in one worker thread while the loop reads requests"),
     torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
                                                 "torch's default, one per core)"),
     max_candidates: Optional[int] = typer.Option(None, help="422 for a request with more candidates (default 100,000)"),
@@ -36,6 +38,8 @@ def serve(
                                              "many events (1: slide it with every event)"),
     duplicate_candidates: Optional[Literal["score", "reject"]] = typer.Option(
         None, help="score every occurrence of a repeated candidate (default) or reject the request"),
+    trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="per-request timestamps in /rank replies "
+                                         "and GC pauses in /metrics (for `climber bench load --breakdown`)"),
 ) -> None:
     """The ranking service over HTTP: POST /rank, GET /health, GET /metrics.
 
@@ -48,5 +52,6 @@ def serve(
              "max_candidates": max_candidates, "candidate_chunk": candidate_chunk,
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
-             "window_hop": window_hop, "batching": batching, "rank_route": rank_route}
+             "window_hop": window_hop, "batching": batching, "rank_route": rank_route,
+             "trace": trace, "scoring": scoring}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

@@ -67,6 +67,10 @@ class RankReply(BaseModel):
     order: list[int]  # indices into candidates, best first
     scores: dict[str, list[float]]  # "score" (ranked by) and one probability per task
     timing_ms: dict[str, float]
+    # only with the `trace` setting: perf_counter seconds (CLOCK_MONOTONIC on Linux) when the
+    # handler started, the body was read and checked, the request was queued, its batch started
+    # and ended, and the reply was encoded; gc_s: GC pause seconds in the server meanwhile
+    trace: dict[str, float] | None = None
 
 
 def rank_body_model(max_candidates: int, duplicates: str = "score") -> type[BaseModel]:
@@ -123,14 +127,17 @@ def as_response(reply: Reply) -> Response:
                     headers={"connection": "close"} if reply.close else None)
 
 
-def encode_reply(scored: ScoredResponse) -> bytes:
+def encode_reply(scored: ScoredResponse, trace: dict[str, float] | None = None) -> bytes:
     """The /rank reply (the RankReply shape) as JSON bytes, straight from the numpy arrays."""
     response = scored.response
-    return orjson.dumps({
+    reply = {
         "request_id": response.request_id, "user_id": response.user_id, "model_name": response.model_name,
         "model_version": response.model_version, "candidates": response.candidates, "order": response.order,
         "scores": dict(response.scores), "timing_ms": scored.timing_ms,
-    }, option=orjson.OPT_SERIALIZE_NUMPY)
+    }
+    if trace is not None:
+        reply["trace"] = trace
+    return orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class RankHandler:
@@ -145,6 +152,8 @@ class RankHandler:
 
     async def __call__(self, headers, receive) -> Reply:
         service, settings = self.service, self.settings
+        if settings.trace:
+            received, gc_at_start = time.perf_counter(), service.gc_pauses.total_s
         with service.arriving():  # the adaptive batching wait holds the batch while this is read
             raw = await read_json_body(headers, receive, settings.max_body_bytes, settings.body_timeout_s,
                                        busy_seconds=self.busy_seconds)
@@ -159,10 +168,15 @@ class RankHandler:
                 user_id=body.user_id, scenario=body.scenario, candidates=body.candidates,
                 context=body.context, ts=body.ts if body.ts is not None else int(time.time() * 1000),
             )
+            read = time.perf_counter()
         try:
             scored = await service.rank_one(request)
         except ValueError as error:  # beyond what the body schema can say, e.g. unknown track
             return unprocessable([{"loc": [], "msg": str(error), "type": "value_error"}])
+        if settings.trace:  # read = body read and checked; queued = handed to the batching task
+            trace = {"received": received, "read": read, **scored.stamps, "replied": time.perf_counter(),
+                     "gc_s": service.gc_pauses.total_s - gc_at_start}
+            return Reply(200, encode_reply(scored, trace))
         return Reply(200, encode_reply(scored))
 
 
@@ -202,6 +216,8 @@ def create_app(service: ScoringService, freeze_gc: bool = False) -> FastAPI:
         if freeze_gc:
             gc.collect()
             gc.freeze()
+            if service.gc_pauses is not None:  # what serving costs, not this start-up collection
+                service.gc_pauses.reset()
         yield
         await service.stop()
 

@@ -20,9 +20,12 @@ waits, while requests that arrive together still share a batch.
 
 Why on the event loop, not a worker thread: the model is Python-heavy (hundreds of small
 torch ops per batch), and a scoring thread beside the HTTP loop fights it for the GIL on
-every op; on 2 cores that convoy cost more than the scoring itself. So the batching task
-ranks on the loop: while a batch scores, new requests wait in socket buffers and form the
-next batch. One task owns the model and the KV cache, so neither needs a lock. Requests
+every op; on 2 cores that convoy cost more than the scoring itself (an earlier version). So
+the batching task ranks on the loop: while a batch scores, new requests wait in socket
+buffers and form the next batch. `scoring="thread"` is the other way, kept as an option to
+measure: one worker thread ranks each batch while the loop reads the next requests (the
+batching task still waits for it, so batches never overlap). One task owns the model and
+the KV cache, so neither needs a lock. Requests
 are validated before they are queued, so one bad request never fails a batch.
 
 Metrics (Prometheus text, `metrics_text()`): request latency, batch sizes, seconds per
@@ -36,10 +39,12 @@ import bisect
 import contextlib
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import Field
@@ -47,6 +52,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.interface import RankRequest, RankResponse
 from ranker.serving.cache import DEFAULT_BUDGET_BYTES
+from ranker.serving.gc_pauses import GcPauses
 from ranker.serving.ranker import DEFAULT_CANDIDATE_CHUNK, DEFAULT_MAX_CANDIDATES, NeuralRanker, check_request
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -78,6 +84,10 @@ class ServingSettings(BaseSettings):
     # POST /rank by a bare ASGI handler ("lean") or FastAPI's route ("fastapi", the reference
     # path); the same checks and replies either way (ranker.serving.http).
     rank_route: Literal["lean", "fastapi"] = "lean"
+    # Where a batch is ranked: "loop" (the default, see the module docstring) or "thread", one
+    # worker thread, so the loop reads and checks request bodies while a batch scores (torch
+    # releases the GIL inside its ops); batches still run one at a time, in the same order.
+    scoring: Literal["loop", "thread"] = "loop"
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past
@@ -98,12 +108,19 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1)
     body_timeout_s: float = Field(5.0, gt=0)
     duplicate_candidates: Literal["score", "reject"] = "score"
+    # Per-request timestamps in every /rank reply (`trace`: perf_counter seconds at each step,
+    # which on Linux is CLOCK_MONOTONIC, shared by the processes of one machine) and the
+    # process's garbage-collection pauses in /metrics: what `climber bench load --breakdown`
+    # reads to tell where a slow request spent its time. Off: a few dict entries per reply.
+    trace: bool = False
 
 
 @dataclass
 class ScoredResponse:
     response: RankResponse
     timing_ms: dict[str, float] = field(default_factory=dict)  # queue, batch stages, total
+    # with settings.trace: perf_counter seconds when it was queued and its batch started and ended
+    stamps: dict[str, float] | None = None
 
 
 @dataclass
@@ -145,6 +162,7 @@ class ServiceMetrics:
         self.batch_size = _Histogram(BATCH_BUCKETS)
         self.stages: dict[str, _Histogram] = {}
         self.requests = {"ok": 0, "error": 0}
+        self.gc_pauses: GcPauses | None = None  # set by the service when tracing
 
     def record(self, n: int, stages: dict[str, float], latencies: Sequence[float]) -> None:
         self.batch_size.observe(n)
@@ -166,6 +184,16 @@ class ServiceMetrics:
         for outcome, count in self.requests.items():
             requests.add_metric([outcome], count)
         yield requests
+        if self.gc_pauses is not None:
+            pauses = CounterMetricFamily("climber_gc_pause_seconds", "Seconds in cyclic GC collections",
+                                         labels=["generation"])
+            collections = CounterMetricFamily("climber_gc_collections", "Cyclic GC collections", labels=["generation"])
+            for generation in range(3):
+                pauses.add_metric([str(generation)], self.gc_pauses.seconds[generation])
+                collections.add_metric([str(generation)], self.gc_pauses.collections[generation])
+            yield pauses
+            yield collections
+            yield GaugeMetricFamily("climber_gc_pause_max_seconds", "Longest GC collection", value=self.gc_pauses.max_s)
         info = GaugeMetricFamily("climber_model_info", "Model served", labels=["name", "version"])
         info.add_metric([self.ranker.name, self.ranker.version], 1)
         yield info
@@ -205,12 +233,21 @@ class ScoringService:
         # task when one is queued or the count drops.
         self._arriving = 0
         self._news: asyncio.Event | None = None
+        self.gc_pauses = GcPauses() if self.settings.trace else None
+        self.metrics.gc_pauses = self.gc_pauses
+        self._executor: ThreadPoolExecutor | None = None  # scoring "thread"
 
     # -- lifecycle (on the event loop that will call rank_one)
 
     async def start(self) -> "ScoringService":
         if self._task is None:
             self.ranker.warm_up()
+            if self.gc_pauses is not None:
+                self.gc_pauses.install()
+            if self.settings.scoring == "thread":  # torch's thread count is per calling thread: carry it over
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="climber-ranker",
+                                                    initializer=torch.set_num_threads,
+                                                    initargs=(torch.get_num_threads(),))
             self._queue = asyncio.Queue()
             self._news = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._serve(), name="climber-ranker")
@@ -222,6 +259,11 @@ class ScoringService:
             self._queue.put_nowait(None)
             await self._task
             self._task = None
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
+            if self.gc_pauses is not None:
+                self.gc_pauses.uninstall()
 
     async def __aenter__(self) -> "ScoringService":
         return await self.start()
@@ -308,36 +350,51 @@ class ScoringService:
         return batch
 
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
-            started = time.perf_counter()
-            self._rank_batch(batch)
-            self.busy_seconds += time.perf_counter() - started
+            if self._executor is None:  # blocking on purpose: see the module docstring
+                started = time.perf_counter()
+                self._rank_batch(batch)
+                self.busy_seconds += time.perf_counter() - started
+            else:  # the loop reads and checks new requests meanwhile; the next batch waits for this one
+                self._deliver(await loop.run_in_executor(self._executor, self._score, batch))
 
     def _rank_batch(self, batch: list[_Pending]) -> None:
-        """Rank a batch and deliver each reply; if the batch fails, rank its requests one by
-        one, so an error reaches only the request that causes it (validation before
-        queueing should leave none: this is the guard for what it cannot foresee)."""
+        self._deliver(self._score(batch))
+
+    def _score(self, batch: list[_Pending]) -> list[tuple]:
+        """Rank a batch: [(batch, responses, stages, started, done)]; if the batch fails, its
+        requests one by one, so an error reaches only the request that causes it, as
+        (batch of one, error, None, started, done) (validation before queueing should leave
+        none: this is the guard for what it cannot foresee). Touches the model and the cache
+        only, never the loop's objects, so it may run in the scoring thread."""
         started = time.perf_counter()
-        try:  # blocking on purpose: see the module docstring
+        try:
             responses, stages = self.ranker.rank_timed([p.request for p in batch])
         except Exception as error:  # noqa: BLE001 - delivered to the failing caller only
             if len(batch) > 1:
-                for pending in batch:
-                    self._rank_batch([pending])
-                return
-            self.metrics.requests["error"] += 1
-            if not batch[0].future.done():
-                batch[0].future.set_exception(error)
-            return
-        done = time.perf_counter()
-        self._record(len(batch), stages, [p.enqueued for p in batch])
-        batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
-        for pending, response in zip(batch, responses):
-            if pending.future.done():  # the caller went away (e.g. a dropped connection)
+                return [outcome for pending in batch for outcome in self._score([pending])]
+            return [(batch, error, None, started, time.perf_counter())]
+        return [(batch, responses, stages, started, time.perf_counter())]
+
+    def _deliver(self, outcomes: list[tuple]) -> None:
+        """On the loop: each reply (or error) to its caller, and the metrics."""
+        trace = self.settings.trace
+        for batch, responses, stages, started, done in outcomes:
+            if stages is None:  # `responses` is the error of a request that failed alone
+                self.metrics.requests["error"] += 1
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(responses)
                 continue
-            timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
-                      "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
-            pending.future.set_result(ScoredResponse(response, timing))
+            self._record(len(batch), stages, [p.enqueued for p in batch])
+            batch_ms = {f"{name}_ms": seconds * 1000 for name, seconds in stages.items()}
+            for pending, response in zip(batch, responses):
+                if pending.future.done():  # the caller went away (e.g. a dropped connection)
+                    continue
+                timing = {"queue_ms": (started - pending.enqueued) * 1000, **batch_ms,
+                          "total_ms": (done - pending.enqueued) * 1000, "batch_size": len(batch)}
+                stamps = {"queued": pending.enqueued, "batch_start": started, "batch_end": done} if trace else None
+                pending.future.set_result(ScoredResponse(response, timing, stamps))
 
     def _record(self, n: int, stages: dict[str, float], enqueued: Sequence[float]) -> None:
         now = time.perf_counter()
