@@ -75,14 +75,16 @@ def bench_growth(
     growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
                                      help="grow-and-prune setting, repeatable (as `climber train --growth`)"),
     floor: bool = typer.Option(True, help="also sliced with one unit per group (what no density removes)"),
+    masked: bool = typer.Option(True, help="also the masked reference (as slow as dense; --no-masked in sweeps)"),
     threads: int = typer.Option(1, help="torch threads"),
+    name: str = typer.Option("growth", help="results file: bench/results/NAME.json"),
 ) -> Any:
     """Training wall and CPU time per step and per run: dense, masked and sliced grow-and-prune, side by side."""
     from bench.growth import run_bench_growth
     from ranker.training.growth import GrowthConfig
 
     return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides),
-                            GrowthConfig.from_dict(dict(growth)), floor, threads)
+                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name)
 
 
 @bench_serve_app.command("serve", cls=MultiValueCommand)

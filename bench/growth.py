@@ -46,10 +46,13 @@ def variant_config(base: TrainConfig, name: str, growth: GrowthConfig) -> TrainC
 
 def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats: int, batch_size: int,
                      max_len: int, overrides: dict[str, Any] | None = None,
-                     growth: GrowthConfig | None = None, floor: bool = True, threads: int = 1) -> dict:
+                     growth: GrowthConfig | None = None, floor: bool = True, threads: int = 1,
+                     masked: bool = True, result_name: str = "growth") -> dict:
+    """`masked=False` leaves out the reference variant (it costs what dense does; schedule
+    sweeps time dense against sliced only); `result_name`: bench/results/NAME.json."""
     growth = growth or GrowthConfig()
     torch.set_num_threads(threads)
-    variants = VARIANTS + ((FLOOR,) if floor else ())
+    variants = tuple(v for v in VARIANTS if masked or v != "masked") + ((FLOOR,) if floor else ())
     data = split_by_time(load_request_log(db_path), DAY_MS)
     data = TimeSplit(data.train, data.eval.select(np.arange(min(256, len(data.eval)))), data.cutoff_ts)  # eval untimed
     seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -88,7 +91,7 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
                "linear_flops": flops,
                "linear_flops_vs_dense": {name: flops[name]["linear_flops_done"] / dense_flops for name in variants}}
     table = Table(title=f"bench growth: {family}-{size}, {steps} steps of {batch_size}, best of {repeats}; "
-                        "against dense")
+                        f"against dense; density {growth.density}, dense from {growth.dense_from}")
     for column in ("variant", "ms/step", "wall", "wall, rounds", "CPU", "Linear FLOPs"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name in variants:
@@ -102,7 +105,7 @@ def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats:
                   "untimed runs. The training loop, batching included, evaluation not.")
     if floor:
         console.print(f"{FLOOR}: one unit per group, the rest of the schedule unchanged: no density reaches below it.")
-    console.print(f"written {save('growth', figures)}")
+    console.print(f"written {save(result_name, figures)}")
     return figures
 
 

@@ -79,6 +79,8 @@ def growth_study(
     short_share: Optional[float] = typer.Option(None, help="dense-short's budget as a share of dense's (e.g. the "
                                                 "wall-time ratio from `climber bench growth`); default: "
                                                 "grow-prune's FLOPs share"),
+    short: bool = typer.Option(True, help="also dense-short (--no-short: dense and grow-prune only, a schedule "
+                                          "sweep's quality screen)"),
 ) -> Any:
     """Alternate growth and pruning against dense training, paired by seed: table, plot, HTML."""
     from ranker.training.growth import GrowthConfig
@@ -86,7 +88,7 @@ def growth_study(
 
     budget = Budget(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, max_len=max_len)
     return run_study(db, out, family, size, seeds, budget, GrowthConfig.from_dict(dict(growth)),
-                     int(eval_window_h * 3_600_000), device, overrides=dict(overrides), short_share=short_share)
+                     int(eval_window_h * 3_600_000), device, overrides=dict(overrides), short_share=short_share, short=short)
 
 
 @hop_window_app.command("hop-window-study", cls=MultiValueCommand)

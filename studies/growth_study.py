@@ -55,10 +55,12 @@ def _key(variant: str, family: str, size: str, seed: int, budget: Budget, growth
 def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", size: str = "s",
               seeds: Sequence[int] = (0, 1, 2), budget: Budget = Budget(), growth: GrowthConfig = GrowthConfig(),
               eval_window_ms: int = DAY_MS, device: str = "auto", progress: bool = True,
-              overrides: dict[str, Any] | None = None, short_share: float | None = None) -> pd.DataFrame:
+              overrides: dict[str, Any] | None = None, short_share: float | None = None,
+              short: bool = True) -> pd.DataFrame:
     """Train the three variants at every seed (reusing finished runs), each with the model
     config `overrides` (as `climber train --set`); write the reports. `short_share`: the
-    dense-short budget as a share of the dense one (default: grow-prune's FLOPs share)."""
+    dense-short budget as a share of the dense one (default: grow-prune's FLOPs share).
+    `short=False` trains dense and grow-prune only (a schedule sweep's quality screen)."""
     if short_share is not None and not 0 < short_share <= 1:
         raise ValueError(f"short_share must be in (0, 1], got {short_share}")
     if budget.steps is None and budget.epochs <= 0:
@@ -97,8 +99,9 @@ def run_study(db_path: str | Path, out_dir: str | Path, family: str = "astro", s
         dense = run("dense", seed, None, with_growth=False)
         sparse = run("grow-prune", seed, None, with_growth=True)
         share = short_share or sparse["linear_flops"]["linear_flops_done"] / dense["linear_flops"]["linear_flops_done"]
-        short = run("dense-short", seed, max(1, round(share * dense["steps"])), with_growth=False)
-        rows += [dense, sparse, short]
+        rows += [dense, sparse]
+        if short:
+            rows.append(run("dense-short", seed, max(1, round(share * dense["steps"])), with_growth=False))
     table = study_table(rows)
     write_reports(table, out_dir, budget, growth, f"{family}-{size}"
                   + (f", dense-short at {short_share} of the budget" if short_share else ""))
@@ -126,7 +129,7 @@ def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
     """grow-prune minus each other variant, per metric, paired by seed: mean, sd, t-test p."""
     wide = table.pivot(index="seed", columns="variant")
     records = []
-    for other in ("dense", "dense-short"):
+    for other in [v for v in ("dense", "dense-short") if v in set(table.variant)]:
         for metric in COMPARED:
             diff = (wide[metric]["grow-prune"] - wide[metric][other]).to_numpy()
             p = float(stats.ttest_rel(wide[metric]["grow-prune"], wide[metric][other]).pvalue) if len(diff) > 1 else float("nan")
@@ -147,6 +150,8 @@ def plot_study(table: pd.DataFrame, path: Path, title: str) -> None:
     for ax, metric in zip(axes, ("gauc_full_play", "val_loss")):
         for i, variant in enumerate(VARIANTS):
             group = table[table.variant == variant]
+            if group.empty:
+                continue
             ax.scatter(group["flops_vs_dense"], group[metric], color=f"C{i}", label=variant, alpha=0.8)
             ax.errorbar(group["flops_vs_dense"].mean(), group[metric].mean(), yerr=group[metric].std(ddof=1) if len(group) > 1 else None,
                         color=f"C{i}", marker="D", markersize=8, capsize=4)

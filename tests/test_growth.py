@@ -5,6 +5,7 @@ rows a structured implementation would compute."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -196,6 +197,13 @@ def test_the_study_pairs_three_variants_per_seed_and_reuses_finished_runs(db_pat
                       device="cpu", progress=False)
     assert (tmp_path / STUDY_FILE).read_text().splitlines() == lines  # nothing retrained
     assert again[["variant", "seed", "val_loss"]].equals(table[["variant", "seed", "val_loss"]])
+    # A sweep's screen: another schedule, no dense-short, the dense runs reused.
+    sweep = run_study(db_path, tmp_path, family="hstu", size="xs", seeds=[0, 1], budget=budget,
+                      growth=replace(SCHEDULE, density=0.25), device="cpu", progress=False, short=False)
+    assert sorted(sweep.variant.value_counts().items()) == [("dense", 2), ("grow-prune", 2)]
+    assert len((tmp_path / STUDY_FILE).read_text().splitlines()) == len(lines) + 2
+    assert "dense-short" not in (tmp_path / "growth.md").read_text()
+    lines = (tmp_path / STUDY_FILE).read_text().splitlines()
     # A run recorded under another config (a default changed since) is refused, not reused.
     rows = [json.loads(line) for line in lines]
     rows[0]["config"]["n_rab_buckets"] = 32
