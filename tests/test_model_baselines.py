@@ -34,7 +34,8 @@ def tiny(family: str, **overrides):
     return build_model(family, "xs", N_TRACKS, **{**TINY, **overrides}).eval()
 
 
-@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
+@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")),
+                                               ("sasrec", dict(norm="post", init="normal")), ("hstu", {})])
 def test_batched_sumi_matches_one_candidate_at_a_time(family, overrides):
     model = tiny(family, **overrides)
     if family == "hstu":
@@ -100,6 +101,45 @@ def test_the_norm_layout_is_recorded_only_when_it_is_not_the_default(family):
     if family == "astro":
         with pytest.raises(ValueError, match="block_attention='softmax'"):
             tiny(family, norm="post")
+
+
+@pytest.mark.parametrize("family", ("astro", *BASELINES))
+def test_init_and_logit_norm_are_recorded_only_off_their_default(family):
+    """Configs frozen before `init` and `logit_norm` existed must still read as the same model."""
+    recorded = tiny(family).config.to_dict()
+    assert "init" not in recorded and "logit_norm" not in recorded
+    changed = tiny(family, init="normal", logit_norm=False).config.to_dict()
+    assert changed["init"] == "normal" and changed["logit_norm"] is False
+    with pytest.raises(ValueError, match="init must be one of"):
+        tiny(family, init="xavier")
+    with pytest.raises(ValueError, match="logit_norm must be true or false"):
+        tiny(family, logit_norm="no")
+
+
+@pytest.mark.parametrize("family", ("astro", *BASELINES))
+def test_normal_init_is_recboles_rule_and_keeps_deliberate_starts(family):
+    """init=normal: every Linear weight N(0, 0.02) and bias 0, LayerNorms 1 and 0 (RecBole's
+    SASRec); ASTRO's temperature still starts at tau = 1, HSTU's relative bias at 0."""
+    default, normal = tiny(family), tiny(family, init="normal")
+    linears = [m for m in normal.modules() if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears if m.weight.numel() >= 256])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.1) and abs(weights.mean().item()) < 0.002
+    temperature = getattr(normal, "temperature", None)
+    for m in linears:
+        if temperature is None or m is not temperature.mlp[2]:
+            assert m.bias is None or not m.bias.any()
+    if temperature is not None:
+        assert torch.equal(temperature.mlp[2].bias, default.temperature.mlp[2].bias)  # tau = 1 at the start
+    for m in normal.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+    for name, p in normal.named_parameters():
+        if "rab_" in name:
+            assert not p.any()
+    assert not normal.embed.track.weight[0].any()  # padding row
+    # the default init draws exactly what it drew before the option existed
+    again = tiny(family)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), again.state_dict().values()))
 
 
 @pytest.mark.parametrize("family", ("astro", *BASELINES))

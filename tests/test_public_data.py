@@ -147,6 +147,23 @@ def test_sequence_output_is_causal_for_every_family(family):
     assert model.next_item_logits(full).shape == (3, 10, 40)
 
 
+@pytest.mark.parametrize("logit_norm", [True, False])
+def test_next_item_logits_against_a_written_out_dot_product(logit_norm):
+    """logit = <norm(h), item row> with the parameter-free layer norm (default), or <h, item
+    row> as SASRec / RecBole score (logit_norm=false); items are 0-based, row 0 is padding."""
+    torch.manual_seed(0)
+    model = build_model("sasrec", "xs", 12, dropout=0.0, max_len=8, norm="post", logit_norm=logit_norm).eval()
+    hidden = torch.randn(3, model.config.d_model) * 3 + 1
+    table = model.embed.track.weight
+    for row in range(3):
+        h = hidden[row]
+        if logit_norm:
+            h = (h - h.mean()) / (h.var(unbiased=False) + 1e-5).sqrt()
+        expected = torch.stack([(h * table[item + 1]).sum() for item in range(12)])
+        assert torch.allclose(model.next_item_logits(hidden)[row], expected, atol=1e-5)
+        assert torch.allclose(model.next_item_logits(hidden, torch.tensor([4, 0]))[row], expected[[4, 0]], atol=1e-5)
+
+
 def test_next_item_steps_reduce_the_loss(split):
     torch.manual_seed(0)
     model = build_model("sasrec", "xs", split.n_tracks, dropout=0.0, max_len=8)
@@ -162,13 +179,14 @@ def test_next_item_steps_reduce_the_loss(split):
     assert next_item_loss(model, split, windows, rows)[0] < before - 0.3
 
 
-def test_sampled_softmax_with_log_q_estimates_the_full_loss(split):
+@pytest.mark.parametrize("logit_norm", [True, False])
+def test_sampled_softmax_with_log_q_estimates_the_full_loss(split, logit_norm):
     """With many popularity-drawn negatives, the logQ-corrected denominator is an importance-
     sampling estimate of the full softmax's, so the sampled loss is the full loss plus the
     target's own correction, mean(log K q_target), a constant of the data: equal gradients.
     Uncorrected, popular items would be overcounted and the gap would depend on the model."""
     torch.manual_seed(1)
-    model = build_model("hstu", "xs", split.n_tracks, dropout=0.0, max_len=8)
+    model = build_model("hstu", "xs", split.n_tracks, dropout=0.0, max_len=8, logit_norm=logit_norm)
     windows = training_windows(split, 8)
     rows = np.arange(len(windows))
     log_q, k = popularity_log_q(split), 4000

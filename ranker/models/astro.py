@@ -151,8 +151,12 @@ class DynamicTemperature(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(2 * cfg.d_model, cfg.tau_hidden), nn.SiLU(), nn.Linear(cfg.tau_hidden, cfg.n_blocks * cfg.n_heads)
         )
+        self.reset_start()
+
+    def reset_start(self) -> None:
+        """Small output weights and the bias at tau = 1 (SequenceRanker.apply_init calls it again)."""
         nn.init.normal_(self.mlp[2].weight, std=0.02)
-        nn.init.constant_(self.mlp[2].bias, softplus_inverse(1.0 - cfg.tau_min) if cfg.tau_min < 1 else 0.0)
+        nn.init.constant_(self.mlp[2].bias, softplus_inverse(1.0 - self.tau_min) if self.tau_min < 1 else 0.0)
 
     def forward(self, scenario_emb: torch.Tensor, behaviour_emb: torch.Tensor) -> torch.Tensor:  # [..., Nb, h]
         raw = self.mlp(torch.cat([scenario_emb, behaviour_emb], dim=-1))
@@ -218,6 +222,7 @@ class AstroModel(SequenceRanker):
         self.register_buffer("block_of_behaviour", torch.tensor(block_of_behaviour), persistent=False)
         self.register_buffer("block_of_scenario", torch.tensor(block_of_scenario), persistent=False)
         self.register_buffer("recency_scales", torch.tensor(cfg.recency_scales), persistent=False)
+        self.apply_init()
 
     # -- partition
 

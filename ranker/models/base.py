@@ -111,12 +111,36 @@ class SequenceRanker(nn.Module):
         next-item objective; width n = the batch's longest history."""
         raise NotImplementedError
 
+    def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The user side of a next-item logit: hidden [..., d] through a parameter-free layer
+        norm (one scale whatever the stack's last layer) when cfg.logit_norm, else as is."""
+        return F.layer_norm(hidden, hidden.shape[-1:]) if self.config.logit_norm else hidden
+
     def next_item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., d] against item embeddings (tied with the input track table, as in
-        SASRec): [..., n_tracks] for the whole catalogue, or [..., K] for `items` [K] (0-based).
-        A parameter-free layer norm keeps the user side on one scale."""
+        SASRec): [..., n_tracks] for the whole catalogue, or [..., K] for `items` [K] (0-based)."""
         table = self.embed.track.weight[1:] if items is None else self.embed.track.weight[items + 1]
-        return F.layer_norm(hidden, hidden.shape[-1:]) @ table.t()
+        return self.next_item_query(hidden) @ table.t()
+
+    def apply_init(self) -> None:
+        """cfg.init "normal": RecBole's SASRec / BERT init, run once the model is built. Every
+        Linear weight N(0, 0.02) and bias 0, every LayerNorm 1 and 0; the token tables are
+        N(0, 0.02) under either init. A module with a deliberate start (ASTRO's temperature
+        at tau = 1) re-applies it in `reset_start`, so "normal" changes scales, not meanings."""
+        if self.config.init == "default":
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            reset = getattr(module, "reset_start", None)
+            if module is not self and callable(reset):
+                reset()
 
     def forward(self, batch: RankBatch) -> torch.Tensor:
         """Logits [B, M, len(TASKS)]."""
@@ -144,6 +168,7 @@ class SingleStackRanker(SequenceRanker):
     def __init__(self, cfg: ModelConfig, stack: nn.Module):
         super().__init__(cfg)
         self.stack = stack
+        self.apply_init()
 
     def encode_history(self, batch: RankBatch) -> HistoryCache:
         check_batch(batch, self.config)

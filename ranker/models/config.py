@@ -37,6 +37,8 @@ def refuse_unknown_fields(cls: type, keys, what: str) -> None:
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
 
+INITS = ("default", "normal")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,9 +52,17 @@ class ModelConfig:
     head_hidden: int = 0  # hidden width of the task heads; 0 means d_model
     # Ranking score = sum_t w_t * sigmoid(logit_t), in TASKS order (full_play, like, skip, share).
     task_weights: tuple[float, ...] = (1.0, 0.5, -1.0, 1.0)
+    # "default": PyTorch's per-layer init (Linear: uniform +-1/sqrt(fan_in)), token tables
+    # N(0, 0.02); "normal": RecBole's / BERT's rule, every Linear weight N(0, 0.02), its bias 0
+    # (SequenceRanker.apply_init; deliberate starts such as tau = 1 are kept).
+    init: str = "default"
+    # Next-item logits = LayerNorm(h) . item (parameter-free norm: one scale for the user side)
+    # when true; h . item as SASRec/RecBole score when false (a post-norm stack already ends
+    # in a LayerNorm with its own gain, which then sets the softmax's temperature).
+    logit_norm: bool = True
     # Fields added after figures were frozen: `to_dict` leaves them out at their default, so
     # a model recorded before they existed (configs/, checkpoints) still reads as the same model.
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("init", "logit_norm")
 
     def __post_init__(self) -> None:
         for name in ("n_tracks", "d_model", "n_layers", "n_heads", "max_len", "n_time_buckets"):
@@ -62,6 +72,10 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.logit_norm, bool):
+            raise ValueError(f"logit_norm must be true or false, got {self.logit_norm!r}")
         if len(self.task_weights) != len(TASKS):
             raise ValueError(f"task_weights needs {len(TASKS)} weights for {TASKS}, got {self.task_weights}")
 
@@ -92,7 +106,7 @@ class SoftmaxConfig(ModelConfig):
     # "pre": x + f(LayerNorm(x)) (GPT-2, nanoGPT); "post": LayerNorm(x + f(x)) with a LayerNorm
     # on the input tokens, the original Transformer's layout and RecBole's SASRec.
     norm: str = "pre"
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("norm",)
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ModelConfig.OMITTED_AT_DEFAULT + ("norm",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

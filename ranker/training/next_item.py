@@ -89,7 +89,7 @@ def next_item_loss(model: SequenceRanker, split: LeaveOneOut, windows: Windows, 
         raise ValueError("sampled softmax needs log_q, the log of each item's sampling probability")
     drawn = torch.multinomial(log_q.exp(), negatives, replacement=True, generator=generator)  # [K]
     correction = math.log(negatives)
-    pos_logit = (F.layer_norm(hidden, hidden.shape[-1:]) * model.embed.track.weight[targets + 1]).sum(-1)
+    pos_logit = (model.next_item_query(hidden) * model.embed.track.weight[targets + 1]).sum(-1)
     neg_logit = model.next_item_logits(hidden, drawn) - (log_q[drawn] + correction)
     neg_logit = neg_logit.masked_fill(drawn[None, :] == targets[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([(pos_logit - (log_q[targets] + correction))[:, None], neg_logit], dim=1)
