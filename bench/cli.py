@@ -247,6 +247,8 @@ def bench_load(
     seconds: float = typer.Option(10.0, help="length of each load run"),
     users: int = typer.Option(200),
     max_wait_ms: Optional[float] = typer.Option(None, help="the server's batching wait in ms (default: the service's)"),
+    max_batch: Optional[int] = typer.Option(None, min=1, help="the most requests the server ranks in one batch "
+                                            "(default: the service's); the ceiling is timed at batch sizes up to it"),
     batching: Optional[str] = typer.Option(None, help="adaptive or fixed (default: the service's)"),
     rank_route: Optional[str] = typer.Option(None, help="the /rank front: lean or fastapi (default: the service's)"),
     scoring: Optional[str] = typer.Option(None, help="where the server ranks a batch: loop or thread (default: the "
@@ -266,4 +268,5 @@ def bench_load(
 
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
                           save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
-                          breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc)
+                          breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc,
+                          max_batch=max_batch)

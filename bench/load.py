@@ -155,7 +155,7 @@ def measured_run(url: str, server_pid: int, load: Callable[[], LoadRun]) -> dict
 
 
 def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users: int, threads: int | None,
-                  max_batch: int = 16, max_wait_ms: float | None = None, open_fractions: tuple[float, ...] = (0.25, 0.5),
+                  max_batch: int | None = None, max_wait_ms: float | None = None, open_fractions: tuple[float, ...] = (0.25, 0.5),
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
                   rank_route: str | None = None, repeats: int = 1, trace: bool = False,
@@ -180,8 +180,9 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     import httpx
 
     server_threads = threads or 1
-    max_wait_ms, batching, rank_route, scoring, malloc = service_defaults(
-        max_wait_ms=max_wait_ms, batching=batching, rank_route=rank_route, scoring=scoring, malloc=malloc)
+    max_batch, max_wait_ms, batching, rank_route, scoring, malloc = service_defaults(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching, rank_route=rank_route, scoring=scoring,
+        malloc=malloc)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
@@ -311,7 +312,8 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                    seconds: float = 10.0, users: int = 200, fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
                    save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
                    rank_route: str | None = None, repeats: int = 3, breakdown: bool = False,
-                   generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None) -> dict:
+                   generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None,
+                   max_batch: int | None = None) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process).
     `repeats` > 1: the median p99 / p50 of the runs at 50% is the figure (one 10 s run holds
@@ -324,7 +326,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
                         open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
                         rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc, scoring=scoring,
-                        malloc=malloc)
+                        malloc=malloc, max_batch=max_batch)
     halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]
