@@ -128,7 +128,7 @@ def test_fast_metrics_agree_with_the_reference(seed):
         fast = metrics_from_ranks(pessimistic_ranks(scores, targets, mask).numpy(), (1, 5, 10))
         skip = None if mask is None else [set(np.flatnonzero(row).tolist()) for row in mask.numpy()]
         slow = reference_metrics(scores.tolist(), targets.tolist(), (1, 5, 10), skip)
-        assert fast == pytest.approx(slow, abs=1e-12)
+        assert fast == pytest.approx(slow, abs=1e-12) and "mrr@5" in fast  # RecBole's MRR@K too
     constant = torch.zeros(3, 7)  # a model that scores everything alike ranks the target last
     assert pessimistic_ranks(constant, torch.tensor([0, 3, 6])).tolist() == [6, 6, 6]
 
@@ -234,8 +234,36 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
     wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
                                 "--patience", "2"])
     assert wrong.exit_code == 2 and "next-item settings" in wrong.output
+    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                "--select-by", "mrr@10"])
+    assert wrong.exit_code == 2 and "--select-by" in wrong.output
     popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
     assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
+
+
+def test_select_by_keeps_the_best_validation_epoch_by_that_metric(tmp_path, split):
+    """--select-by mrr@10 (RecBole's protocol): every epoch runs, the checkpoint holds the
+    epoch best by validation MRR@10 (the earlier on a tie; re-evaluated from the checkpoint,
+    it scores that epoch's figure), and the last epoch's test figures are kept beside."""
+    from ranker.training.checkpoint import load_checkpoint
+    from ranker.training.next_item import train_next_item
+
+    lines: list[str] = []
+    result = train_next_item("sasrec", "xs", split, tmp_path / "m", epochs=5, batch_size=4, lr=3e-2, max_len=8,
+                             model_overrides={"norm": "post", "dropout": 0.0}, lr_schedule="constant",
+                             grad_clip=0.0, select_by="mrr@10", say=lines.append)
+    scores = [line["mrr@10"] for line in result.epochs]
+    best = int(np.argmax(scores))  # the first maximum
+    assert len(scores) == 5 and result.valid["mrr@10"] == scores[best]
+    model, meta = load_checkpoint(tmp_path / "m")
+    assert meta["select_by"] == "mrr@10" and meta["best_epoch"] == best + 1 and meta["patience"] is None
+    again = evaluate_loo(model_scorer(model.eval(), split, "valid", 8, "next_item"), split, "valid", Protocol(0), (10,))
+    assert again["mrr@10"] == pytest.approx(scores[best]) and again["hr@10"] == pytest.approx(result.epochs[best]["hr@10"])
+    assert meta["test_metrics"] == result.test and set(meta["last_test_metrics"]) == set(result.test)
+    assert any(f"kept epoch {best + 1} (best valid MRR@10" in line for line in lines)
+    for wrong in ("auc", "hr@20", "MRR@10"):
+        with pytest.raises(ValueError, match="select-by must be one of last, hr@10, ndcg@10, mrr@10, mrr"):
+            train_next_item("sasrec", "xs", split, tmp_path / "x", select_by=wrong)
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(tmp_path, split):

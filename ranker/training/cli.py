@@ -54,6 +54,8 @@ def train(
     lr_schedule: str = typer.Option("cosine", help="next-item: 'cosine' (warm-up, cosine to 10%) or 'constant'"),
     patience: Optional[int] = typer.Option(None, help="next-item: stop when validation HR@10 has not risen for "
                                            "this many epochs and keep the best epoch (--epochs is the most)"),
+    select_by: str = typer.Option("last", metavar="METRIC", help="next-item: test the last epoch ('last') or the "
+                                  "epoch best on validation by METRIC (hr@10, ndcg@10, mrr@10, mrr; RecBole: mrr@10)"),
     checkpoint_every: int = typer.Option(500),
     resume: bool = typer.Option(False, "--resume"),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
@@ -90,8 +92,9 @@ def train(
         _fail("train", ValueError("--test-window-h must be >= 0 and needs --split time"))
     if window_stride is not None and objective != "next_item":
         _fail("train", ValueError("--window-stride is a next-item setting: add --objective next-item"))
-    if (lr_schedule != "cosine" or patience is not None) and objective != "next_item":
-        _fail("train", ValueError("--lr-schedule and --patience are next-item settings: add --objective next-item"))
+    if (lr_schedule != "cosine" or patience is not None or select_by != "last") and objective != "next_item":
+        _fail("train", ValueError("--lr-schedule, --patience and --select-by are next-item settings: "
+                                  "add --objective next-item"))
     if objective == "next_item" and (grow_prune or growth or resume or resume_from or steps is not None):
         _fail("train", ValueError("--objective next-item does not take --grow-prune, --growth, --resume, "
                                   "--resume-from or --steps"))
@@ -103,7 +106,8 @@ def train(
                          growth=GrowthConfig.from_dict(dict(growth)) if grow_prune or growth else None,
                          split=split, objective=objective, sampled_negatives=sampled_negatives,
                          resume_from=resume_from, window_stride=window_stride, weight_decay=weight_decay,
-                         grad_clip=grad_clip, lr_schedule=lr_schedule, patience=patience)
+                         grad_clip=grad_clip, lr_schedule=lr_schedule, patience=patience,
+                         select_by=select_by)
     return run_from_flags(config)
 
 

@@ -8,7 +8,8 @@ RecBole and the HSTU README. Users with fewer than three consumed tokens are lef
 
 Ranks are 0-based and pessimistic: rank = the number of other candidates scored >= the
 target, so a model that scores everything alike ranks last, never first.
-    HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), MRR = 1 / (rank + 1)
+    HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), MRR = 1 / (rank + 1),
+    MRR@K = [rank < K] / (rank + 1) (RecBole's MRR@K, its SASRec's validation metric)
 `metrics_from_ranks` is the fast path; `reference_metrics` sorts each list in Python.
 """
 
@@ -143,6 +144,7 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, floa
         hit = ranks < k
         out[f"hr@{k}"] = float(hit.mean())
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0).mean())
+        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (ranks + 1), 0.0).mean())  # RecBole's: 0 past K
     out["mrr"] = float((1.0 / (ranks + 1)).mean())
     return out
 
@@ -151,7 +153,7 @@ def reference_metrics(score_lists: list[list[float]], targets: list[int], ks: tu
                       excluded: list[set[int]] | None = None) -> dict[str, float]:
     """The slow, obviously correct path: per list, sort candidates by score (the target after
     every tie), find the target, and average the textbook formulas."""
-    totals: dict[str, float] = {f"{m}@{k}": 0.0 for k in ks for m in ("hr", "ndcg")} | {"mrr": 0.0}
+    totals: dict[str, float] = {f"{m}@{k}": 0.0 for k in ks for m in ("hr", "ndcg", "mrr")} | {"mrr": 0.0}
     for i, (scores, target) in enumerate(zip(score_lists, targets)):
         skip = excluded[i] if excluded else set()
         kept = [j for j in range(len(scores)) if j == target or j not in skip]
@@ -161,5 +163,6 @@ def reference_metrics(score_lists: list[list[float]], targets: list[int], ks: tu
             if rank < k:
                 totals[f"hr@{k}"] += 1.0
                 totals[f"ndcg@{k}"] += 1.0 / math.log2(rank + 2)
+                totals[f"mrr@{k}"] += 1.0 / (rank + 1)
         totals["mrr"] += 1.0 / (rank + 1)
     return {name: value / len(targets) for name, value in totals.items()}

@@ -96,6 +96,11 @@ def next_item_loss(model: SequenceRanker, split: LeaveOneOut, windows: Windows, 
     return F.cross_entropy(logits.float(), torch.zeros(len(targets), dtype=torch.long)), len(targets)
 
 
+def select_by_choices(ks: tuple[int, ...]) -> tuple[str, ...]:
+    """What --select-by accepts: "last", or a validation metric the epochs print."""
+    return ("last", *(f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "mrr")), "mrr")
+
+
 def popularity_log_q(split: LeaveOneOut) -> torch.Tensor:
     """log of each item's share of training tokens (add-one smoothed: every item can be drawn)."""
     counts = np.bincount(split.log.token_tracks[split.train_token_mask()], minlength=split.n_tracks) + 1.0
@@ -117,7 +122,7 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, max_len: int = 50,
                     negatives: int = 0, weight_decay: float = 0.0, model_overrides: dict[str, Any] | None = None,
                     window_stride: int | None = None, lr_schedule: str = "cosine", grad_clip: float = 1.0,
-                    patience: int | None = None,
+                    patience: int | None = None, select_by: str = "last",
                     ks: tuple[int, ...] = (10,), say: Callable[[str], None] = print,
                     extra: dict[str, Any] | None = None) -> NextItemResult:
     """Train `family`/`size` with the next-item objective on the split's training tokens; print
@@ -126,11 +131,18 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
     lr_schedule: "cosine" (warm-up, then cosine to 10% of lr) or "constant" (RecBole's); grad_clip
     0 clips nothing. patience: stop once validation HR@k (the first k) has not risen for that
     many epochs and keep the best epoch's weights: epochs chosen on the validation item, so
-    the test item stays unseen by every choice."""
+    the test item stays unseen by every choice. select_by: "last" tests the last epoch's
+    weights; a validation metric (hr@K, ndcg@K, mrr@K for a K in ks, or mrr) keeps the epoch
+    best by it (ties: the earlier) and tests that, as RecBole does (MRR@10); the last epoch's
+    test figures are recorded beside. With both, patience watches the select_by metric."""
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 epoch, got {patience}")
+    choices = select_by_choices(ks)
+    if select_by not in choices:
+        raise ValueError(f"select-by must be one of {', '.join(choices)}, got {select_by!r}")
+    watched = f"hr@{ks[0]}" if select_by == "last" else select_by  # what patience and selection compare
     windows = training_windows(split, max_len, window_stride)
     torch.manual_seed(seed)
     overrides = {"max_len": max_len, **(model_overrides or {})}
@@ -145,11 +157,12 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
         f"{model.n_params():,} params, {len(split.users):,} users, {len(windows):,} windows of <= {max_len}, "
         f"{split.n_tracks:,} items, {total} steps of {batch_size}"
         f"{'' if window_stride is None else f' (window stride {window_stride})'}; lr {lr:g} {lr_schedule}, "
-        f"clip {grad_clip or 'none'}{'' if patience is None else f', early stop: patience {patience} on valid HR@{ks[0]}'}")
+        f"clip {grad_clip or 'none'}{'' if patience is None else f', early stop: patience {patience} on valid {watched.upper()}'}"
+        f"{'' if select_by == 'last' else f', test the best valid {watched.upper()} epoch'}")
     from ranker.training.train import learning_rate  # the same warm-up + cosine schedule
 
     history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (valid HR@k, epoch, weights)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (valid `watched`, epoch, weights)
     step, started = 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
@@ -174,26 +187,33 @@ def train_next_item(family: str, size: str, split: LeaveOneOut, out_dir: str | P
         say(f"epoch {epoch + 1}/{epochs}  loss {line['loss']:.4f}  valid "
             + "  ".join(f"{name.upper()} {valid[name]:.4f}" for name in valid if name != "users")
             + f"  ({line['seconds']:.0f} s)")
-        if patience is not None:
-            score = valid[f"hr@{ks[0]}"]
-            if best is None or score > best[0]:
+        if patience is not None or select_by != "last":
+            score = valid[watched]
+            if best is None or score > best[0]:  # strictly: a tie keeps the earlier epoch
                 best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            elif epoch + 1 - best[1] >= patience:
-                say(f"early stop: valid HR@{ks[0]} {best[0]:.4f} at epoch {best[1]}, not beaten in {patience} epochs")
+            elif patience is not None and epoch + 1 - best[1] >= patience:
+                say(f"early stop: valid {watched.upper()} {best[0]:.4f} at epoch {best[1]}, not beaten in {patience} epochs")
                 break
     train_seconds = time.perf_counter() - started
     valid = history[-1] if history else {}
+    last_test = None
     if best is not None:
+        if select_by != "last" and best[1] != len(history):  # the last epoch's figures, side by side
+            last_test = evaluate_loo(model_scorer(model, split, "test", max_len, "next_item"), split, "test", protocol, ks)
+            say(f"test at the last epoch ({len(history)}): "
+                + "  ".join(f"{name.upper()} {last_test[name]:.4f}" for name in last_test if name != "users"))
         model.load_state_dict(best[2])
         valid = history[best[1] - 1]
-        say(f"kept epoch {best[1]} (best valid HR@{ks[0]} {best[0]:.4f})")
+        say(f"kept epoch {best[1]} (best valid {watched.upper()} {best[0]:.4f})")
     test = evaluate_loo(model_scorer(model, split, "test", max_len, "next_item"), split, "test", protocol, ks)
     say(f"test ({protocol.describe(split.n_tracks)}): "
         + "  ".join(f"{name.upper()} {test[name]:.4f}" for name in test if name != "users"))
+    if last_test is None and best is not None and select_by != "last":
+        last_test = test  # the best epoch was the last
     meta = {"objective": "next_item", "split": "loo", "n_tracks": split.n_tracks, "max_len": max_len, "seed": seed,
             "batch_size": batch_size, "lr": lr, "epochs": epochs, "negatives": negatives, "window_stride": window_stride,
             "lr_schedule": lr_schedule, "grad_clip": grad_clip, "patience": patience,
-            "best_epoch": None if best is None else best[1],
+            "select_by": select_by, "best_epoch": None if best is None else best[1], "last_test_metrics": last_test,
             "model_overrides": dict(model_overrides or {}), "epoch_history": history, "test_metrics": test,
             **(extra or {})}
     version = save_checkpoint(Path(out_dir), model, optimizer, family, size, step, meta)
