@@ -83,6 +83,11 @@ def run_block_cost(variants: tuple[str, ...], overrides: dict[str, dict[str, Any
         sources[f"log, last {window_h:g} h, max_len {max_len}"], log_mix = log_histories(db, max_len, window_h)
     for mix in HISTORY_MIXES:
         sources[f"bench mix {mix}, n {n}"] = mixed_batch(n, M, seed=n, mix=mix)
+    if db is not None:
+        try:  # serve-long --mix DB: the log's longest history, its last n tokens
+            sources[f"bench mix log (longest history), n {n}"] = mixed_batch(n, M, seed=n, mix=str(db))
+        except ValueError as error:
+            console.print(f"[yellow]{error}: no bench row from the log's own history[/]")
     rows = []
     for label in variants:
         model = variant_model(label, "s", max(max_len, n), overrides.get(label, {}))

@@ -114,8 +114,12 @@ def family_label(value: str) -> str:
 def history_mix(value: str) -> str:
     from bench.serve_common import HISTORY_MIXES
 
+    if value.endswith(".duckdb"):
+        if not Path(value).exists():
+            raise typer.BadParameter(f"--mix {value}: no such event log")
+        return value
     if value not in HISTORY_MIXES:
-        raise typer.BadParameter(f"unknown history mix {value!r}; known: {', '.join(HISTORY_MIXES)}")
+        raise typer.BadParameter(f"unknown history mix {value!r}; known: {', '.join(HISTORY_MIXES)} or a .duckdb log")
     return value
 
 
@@ -137,7 +141,8 @@ def bench_serve_long(
                                              "(e.g. --set astro:candidate_path=shared)"),
     sumi: bool = typer.Option(True, "--sumi/--no-sumi", help="also the SUMI and incremental ratios (part 2)"),
     mix: str = typer.Option("sandbox", help="the histories' behaviour and scenario mix: sandbox (the simulator "
-                                            "log's shares) or uniform; it sets ASTRO's block lengths"),
+                                            "log's shares), uniform, or a .duckdb event log (the last n tokens "
+                                            "of its longest history); it sets ASTRO's block lengths"),
     save_as: str = typer.Option("serve_long", help="bench/results/NAME.json and .png"),
 ) -> Any:
     """Cost against history length (ASTRO, HSTU, SASRec) and SUMI/incremental ratios beside FLOP ratios."""

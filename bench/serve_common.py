@@ -89,9 +89,13 @@ HISTORY_MIXES: dict[str, tuple[dict[str, float], dict[str, float]] | None] = {
 
 def mixed_batch(n: int, M: int, seed: int, mix: str = "sandbox") -> RankBatch:
     """One request with a full n-event random history whose behaviours and scenarios are
-    drawn (independently) from the mix `mix` of HISTORY_MIXES."""
+    drawn (independently) from the mix `mix` of HISTORY_MIXES; or, when `mix` is a path to
+    an event log (.duckdb), the last n tokens of that log's longest history, so a user's
+    own concentration on a few scenarios (which an independent draw lacks) is kept."""
+    if mix.endswith(".duckdb"):
+        return log_history_batch(mix, n, M, seed)
     if mix not in HISTORY_MIXES:
-        raise ValueError(f"unknown history mix {mix!r}; known: {list(HISTORY_MIXES)}")
+        raise ValueError(f"unknown history mix {mix!r}; known: {list(HISTORY_MIXES)} or a .duckdb log")
     batch = random_batch(1, n, M, N_TRACKS, seed=seed, min_length=n)
     shares = HISTORY_MIXES[mix]
     if shares is None:
@@ -103,6 +107,31 @@ def mixed_batch(n: int, M: int, seed: int, mix: str = "sandbox") -> RankBatch:
         codes = rng.choice(len(names), size=(1, n), p=p / p.sum())
         setattr(batch, field, torch.from_numpy(codes).to(torch.int64))
     return batch
+
+
+def log_history_batch(db: str, n: int, M: int, seed: int) -> RankBatch:
+    """The last n tokens of the longest user history in the log `db`, random candidates."""
+    log = _cached_log(db)
+    last = int(np.argmax(log.history_end - log.history_first))  # the request after the longest history
+    first, end = int(log.history_first[last]), int(log.history_end[last])
+    if end - first < n:
+        raise ValueError(f"{db}: the longest history has {end - first} tokens, fewer than n = {n}")
+    batch = random_batch(1, n, M, N_TRACKS, seed=seed, min_length=n)
+    window = slice(end - n, end)
+    batch.history_behaviours = torch.from_numpy(log.token_behaviours[window].astype(np.int64))[None]
+    batch.history_scenarios = torch.from_numpy(log.token_scenarios[window].astype(np.int64))[None]
+    return batch
+
+
+_LOGS: dict = {}
+
+
+def _cached_log(db: str):
+    from ranker.training.data import load_request_log
+
+    if db not in _LOGS:
+        _LOGS[db] = load_request_log(db)
+    return _LOGS[db]
 
 
 def prefix(seq: UserSequence, n: int) -> UserSequence:

@@ -160,7 +160,9 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r["family"] for r in rows))
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), sharey=True, squeeze=False)
+    title_lines = max((override_text((overrides or {}).get(f) or {}).count("\n") + 1 for f in families), default=1)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6 + 0.15 * title_lines),
+                             sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         for size in sorted({r["size"] for r in rows}):
             points = sorted((r for r in rows if r["family"] == family and r["size"] == size), key=lambda r: r["n"])
@@ -170,8 +172,7 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         changed = (overrides or {}).get(family)
-        ax.set_title(family + ("\n" + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else ""),
-                     fontsize=10 if changed else None)
+        ax.set_title(family + ("\n" + override_text(changed) if changed else ""), fontsize=8 if changed else None)
         ax.set_xlabel("history length n")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"ms per request (M = {rows[0]['M']})")
@@ -179,6 +180,20 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def override_text(changed: dict[str, Any], width: int = 44) -> str:
+    """A variant's overrides for a panel title, wrapped to the panel: groups read
+    "a+b / c" rather than nested tuples."""
+    import textwrap
+
+    def show(value: Any) -> str:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(g, (list, tuple)) for g in value):
+            return " / ".join("+".join(map(str, g)) for g in value)
+        return str(value)
+
+    text = ", ".join(f"{k}={show(v)}" for k, v in changed.items())
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) if text else ""
 
 
 # ----------------------------------------------------------------------------- 2. SUMI and incremental

@@ -82,3 +82,20 @@ def test_block_cost_reads_a_logs_histories(tmp_path):
     assert abs(sum(figures["log_mix"]["behaviours"].values()) - 1) < 1e-9
     bad = CliRunner().invoke(app, ["bench", "block-cost", "--families", "astro", "--set", "astro@x:partition=scenario"])
     assert bad.exit_code != 0 and "not in --families" in bad.output
+
+
+def test_a_log_gives_the_bench_its_longest_real_history(tmp_path):
+    from bench.serve_common import mixed_batch
+    from ranker.training.data import load_request_log
+
+    db = tmp_path / "sandbox.duckdb"
+    write_log(db, synthetic_log(n_requests=80))
+    log = load_request_log(db)
+    longest = int((log.history_end - log.history_first).max())
+    batch = mixed_batch(8, 3, seed=0, mix=str(db))
+    row = int((log.history_end - log.history_first).argmax())
+    end = int(log.history_end[row])
+    assert batch.history_behaviours.tolist() == [log.token_behaviours[end - 8:end].tolist()]
+    assert batch.history_scenarios.tolist() == [log.token_scenarios[end - 8:end].tolist()]
+    with pytest.raises(ValueError, match="fewer than n"):
+        mixed_batch(longest + 1, 3, seed=0, mix=str(db))
