@@ -74,6 +74,21 @@ def flop_ratios(label: str, overrides: dict[str, Any], request_shares: list[list
     return out
 
 
+def terminal_table(rows: list[dict], sizes: tuple[str, ...], n: int):
+    """The figures in 80 columns (the markdown, with the sources spelt out, goes to the JSON)."""
+    from rich.table import Table
+
+    table = Table(title=f"ASTRO blocks: tokens per block, attention share, FLOP ratio vs HSTU at n = {n}",
+                  title_justify="left", pad_edge=False, box=None)
+    for name in ("variant", "histories", "tokens per block", "ΣL²/n²", *(f"×{s}" for s in sizes)):
+        table.add_column(name, justify="left" if name in ("variant", "histories", "tokens per block") else "right")
+    for r in rows:
+        short = r["source"].split(",")[0].replace("bench mix ", "").replace(" (longest history)", " longest")
+        table.add_row(r["variant"], short, "/".join(f"{x:.0f}" for x in r["mean_block_lengths"]),
+                      f"{r['attention_share']:.3f}", *(f"{r['flop_ratio_vs_hstu'][s]:.2f}" for s in sizes))
+    return table
+
+
 def run_block_cost(variants: tuple[str, ...], overrides: dict[str, dict[str, Any]], db: Path | None = None,
                    max_len: int = 1024, window_h: float = 48.0, n: int = 4096, M: int = 200,
                    sizes: tuple[str, ...] = ("m", "l")) -> dict:
@@ -112,5 +127,6 @@ def run_block_cost(variants: tuple[str, ...], overrides: dict[str, dict[str, Any
                                                           if k != "impression")
                      + "; " + ", ".join(f"{k} {v:.3f}" for k, v in log_mix["scenarios"].items()))
     text = "\n".join(lines)
-    console.print(text)
+    console.print(terminal_table(rows, sizes, n))
+    console.print("\n".join(line for line in lines[4 + len(rows):] if line))  # the variants' settings, the mix
     return {"rows": rows, "log_mix": log_mix, "n": n, "M": M, "sizes": list(sizes), "markdown": text}
