@@ -72,7 +72,7 @@ def reference_scores(model, seq: UserSequence, req: RankRequest) -> np.ndarray:
 @pytest.mark.parametrize("scoring", SCORING_PATHS)
 def test_neural_ranker_scores_a_batch_of_users_like_the_model_and_follows_new_events(store, scoring):
     model = tiny_model()
-    ranker = NeuralRanker(model, "v1", store, device="cpu", scoring=scoring)
+    ranker = NeuralRanker(model, "v1", store, device="cpu", stage_two=scoring)
     assert has_fast_path(ranker.model)  # so "fast" is the fast path here, not the reference
     requests = [request(1, 2, [3, 1, 4, 1, 5]), request(2, 4, [9, 2, 6]), request(3, 2, [5, 3], "radio"),
                 request(4, 999, [7, 8, 0])]  # user 999 has no sequence: a cold start, still ranked

@@ -123,12 +123,12 @@ class NeuralRanker:
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32",
                  candidate_chunk: int = DEFAULT_CANDIDATE_CHUNK, incremental: str = "fast",
-                 window_hop: int = 1, scoring: str = "fast") -> None:
+                 window_hop: int = 1, stage_two: str = "fast") -> None:
         if candidate_chunk < 1:
             raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
-        if scoring not in SCORING_PATHS:
-            raise ValueError(f"scoring path must be one of {SCORING_PATHS}, got {scoring!r}")
-        self.scoring = scoring  # stage two: "fast" (small fixed cost per batch) or "reference"
+        if stage_two not in SCORING_PATHS:
+            raise ValueError(f"stage_two must be one of {SCORING_PATHS}, got {stage_two!r}")
+        self.stage_two = stage_two  # candidates against the cache: "fast" (small fixed cost) or "reference"
         self.device = serving_device(device)
         self.model = prepare_for_serving(model, self.device)
         self.name = name or model.family
@@ -180,7 +180,7 @@ class NeuralRanker:
         t2 = time.perf_counter()
         with torch.inference_mode():
             scores = score_in_chunks(self.model, history, requests, candidates, self.candidate_chunk, self.device,
-                                     self.scoring)
+                                     self.stage_two)
         t3 = time.perf_counter()
         responses = []
         for row, (request, tracks) in enumerate(zip(requests, candidates)):
