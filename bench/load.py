@@ -190,7 +190,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
         # The ceiling at batch sizes the server can form (it batches at most max_batch requests).
-        batches = tuple(sorted({b for b in (1, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
+        # 2 and 3: the sizes an open loop at half the ceiling forms, where the fixed cost per batch tells
+        batches = tuple(sorted({b for b in (1, 2, 3, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
         ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads, batches, device,
                                   min_seconds=ceiling_seconds, stage_two=stage_two)
         port = free_port()
@@ -259,7 +260,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms"
              f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}"
              f"{', scoring in a thread' if svc.get('scoring') == 'thread' else ''}"
-             f"{', glibc malloc thresholds' if svc.get('malloc') == 'glibc' else ''}); the load "
+             f"{', glibc malloc thresholds' if svc.get('malloc') == 'glibc' else ''}"
+             f"{', stage two: the reference path' if svc.get('stage_two') == 'reference' else ''}); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
              f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
              f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
@@ -297,6 +299,24 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
         lines += ["", f"HTTP overhead at p50: one client over HTTP {svc['single_client']['p50_ms']:.2f} ms, one request "
                   f"in process {ceiling['single_p50_ms']:.2f} ms: **{svc['http_overhead_p50_ms']:+.2f} ms** (goal <= 1 ms)."]
     return lines
+
+
+def half_ceiling_batch_cost(svc: dict) -> dict | None:
+    """Where 50% of the ceiling sits for the server: the in-process cost per request at the
+    batch size the open loop at 50% formed (its mean, rounded, over the rounds) against the
+    ceiling's best; their ratio times 0.5 is the load's share of what the server can do at
+    that batch size (HTTP not counted)."""
+    halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
+    rows = {r["batch"]: r for r in svc["ceiling"]["rows"]}
+    if not halves or not rows:
+        return None
+    mean_batch = float(np.mean([r["mean_batch_size"] for r in halves]))
+    batch = min(rows, key=lambda b: abs(b - mean_batch))
+    best = rows[svc["ceiling"]["best_batch"]]["ms_per_request"]
+    ratio = rows[batch]["ms_per_request"] / best
+    return {"mean_batch": mean_batch, "batch": batch, "ms_per_request": rows[batch]["ms_per_request"],
+            "ceiling_batch": svc["ceiling"]["best_batch"], "ceiling_ms_per_request": best, "ratio": ratio,
+            "utilisation": 0.5 * ratio}
 
 
 def gc_line(run: dict) -> str:
@@ -338,7 +358,8 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                "goals": {"p99_over_p50_at_half_ceiling": 3.0, "http_overhead_p50_ms": 1.0},
                "p99_over_p50_at_half_ceiling": float(np.median(ratios)) if ratios else None,
                "p99_over_p50_at_half_ceiling_runs": ratios,
-               "overloaded_at_half_ceiling": any(r["overloaded"] for r in halves) if halves else None}
+               "overloaded_at_half_ceiling": any(r["overloaded"] for r in halves) if halves else None,
+               "half_ceiling_batch_cost": half_ceiling_batch_cost(svc)}
     lines = service_markdown(svc, 20.0)
     for run in svc["open_loop"] if breakdown else ():
         label = (f"open {run['fraction_of_saturation']:.0%} of the ceiling"
@@ -351,6 +372,12 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
         console.print(f"at 50% of the ceiling: p99 / p50 = {figures['p99_over_p50_at_half_ceiling']:.1f}{each} (goal <= 3)"
                       f"{', OVERLOADED: served below offered, so the ratio is a growing queue' if figures['overloaded_at_half_ceiling'] else ''}; "
                       f"HTTP overhead at p50 {svc['http_overhead_p50_ms']:+.2f} ms (goal <= 1 ms)")
+        cost = figures["half_ceiling_batch_cost"]
+        console.print(f"the ceiling is batch {cost['ceiling_batch']} at {cost['ceiling_ms_per_request']:.2f} ms/request; "
+                      f"at 50% the server formed batches of {cost['mean_batch']:.1f}, which cost "
+                      f"{cost['ms_per_request']:.2f} ms/request in process (batch {cost['batch']}): "
+                      f"{cost['ratio']:.2f}x, so 50% of the ceiling is ~{cost['utilisation']:.0%} of the server's "
+                      f"capacity at that batch size (before HTTP)")
     if save_as:
         console.print(f"written {save(save_as, figures)}")
     return figures

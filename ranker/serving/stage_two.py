@@ -89,11 +89,13 @@ def score_fast(model: AstroModel, history: HistoryCache, batch: RankBatch) -> to
     lengths, request_ts = history.history_lengths, batch.request_ts
     # the candidate tokens [B, M, d] (TokenEmbedding.candidates)
     gap = torch.where(lengths > 0, 1 + seconds_bucket(request_ts - history.last_ts, embed.n_time_buckets - 1), 0)
-    per_row = rows[batch.scenario] + embed.position.weight[lengths] + embed.time_gap.weight[gap]
-    c = embed.track.weight[batch.candidate_tracks] + per_row[:, None, :]
+    # index_select and F.embedding: the lookups of the reference's embeddings, without indexing's Python path
+    per_row = rows.index_select(0, batch.scenario) + F.embedding(lengths, embed.position.weight) \
+        + F.embedding(gap, embed.time_gap.weight)
+    c = F.embedding(batch.candidate_tracks, embed.track.weight) + per_row[:, None, :]
     if embed.input_norm:
         c = embed.norm(c)
-    tau = None if tau is None else tau[batch.scenario]  # [B, Nb, h]
+    tau = None if tau is None else tau.index_select(0, batch.scenario)  # [B, Nb, h]
     # every block's relative buckets [B, 1, L_b] in one pass over the keys of all blocks
     widths = [block.positions.shape[1] for block in history.blocks]
     every = relative_buckets(lengths[:, None], request_ts[:, None], torch.cat([b.positions for b in history.blocks], 1),
@@ -104,7 +106,7 @@ def score_fast(model: AstroModel, history: HistoryCache, batch: RankBatch) -> to
         start += widths[b]
         block_lengths = block.valid.sum(1)
         keep = None if bool((block_lengths == widths[b]).all()) else block.valid  # None: no padded key
-        cb = c if model.block_position is None else c + model.block_position[b].weight[block_lengths[:, None]]
+        cb = c if model.block_position is None else c + F.embedding(block_lengths[:, None], model.block_position[b].weight)
         tau_b = None if tau is None else tau[:, b, :, None, None]  # [B, h, 1, 1]
         for i, layer in enumerate(stack.layers):
             table, self_bias = bias[b * n_layers + i]
@@ -135,7 +137,7 @@ def _layer(layer, c, k_hist, v_hist, buckets, keep, tau, table, self_bias) -> to
         q = q / tau
     B, _, Lq, dh = q.shape
     Lk = k_hist.shape[2]
-    bias = table[:, buckets].reshape(h * B, buckets.shape[1], Lk)
+    bias = table.index_select(1, buckets.reshape(-1)).view(h * B, buckets.shape[1], Lk)
     heads_first = lambda t: t.transpose(0, 1).reshape(h * B, -1, dh)  # noqa: E731
     w = F.silu(torch.baddbmm(bias, heads_first(q * layer.alpha), heads_first(k_hist).transpose(1, 2)))
     if keep is not None:
