@@ -7,7 +7,8 @@ fixed + B x per-request; the least-squares line through the medians splits the t
 stage. Why it matters: under an open loop at half the ceiling the server forms batches of
 about 3, so the fixed cost decides how close that load is to the server's own capacity.
 Wall time and the process's CPU time of every call (CPU is less disturbed by other jobs on
-a shared box).
+a shared box); the two paths alternate which goes first, and malloc's thresholds are fixed
+as the server fixes them (ranker.serving.malloc), so neither pays for the other's pages.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batch
     """Per (path, batch): median and best wall ms per call, median CPU ms per call, median stage ms."""
     from features.store import FeatureStoreClient
     from ranker.interface import RankRequest
+    from ranker.serving.malloc import keep_freed_pages
     from ranker.serving.ranker import NeuralRanker
 
+    malloc = keep_freed_pages()  # as the server does at start (ServingSettings.malloc "keep")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -48,7 +51,7 @@ def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batch
             calls: dict[tuple[str, int], list[tuple[float, float, dict]]] = {(p, b): [] for p in paths for b in batches}
             for turn in range(turns + 1):  # turn 0 warms each (path, batch) up and is dropped
                 for b in batches:
-                    for path in paths:
+                    for path in (paths if turn % 2 else paths[::-1]):  # each path goes first every other turn
                         ranker.stage_two = path
                         cpu, wall = time.process_time(), time.perf_counter()
                         _, stages = ranker.rank_timed(requests[:b])
@@ -66,7 +69,8 @@ def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batch
         stage["other"] = float(np.median(wall - 1e3 * np.array([sum(r[2].values()) for r in runs])))
         rows.append({"path": path, "batch": b, "wall_ms": float(np.median(wall)), "best_wall_ms": float(wall.min()),
                      "cpu_ms": 1e3 * float(np.median([r[1] for r in runs])), "stage_ms": stage})
-    return {"size": size, "n": n, "M": M, "users": users, "threads": threads, "turns": turns, "rows": rows,
+    return {"size": size, "n": n, "M": M, "users": users, "threads": threads, "turns": turns,
+            "malloc_thresholds_fixed": malloc.applied, "rows": rows,
             "fits": {path: split_fixed(rows, path) for path in paths}}
 
 
