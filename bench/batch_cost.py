@@ -26,9 +26,9 @@ STAGES = ("features", "cache", "model", "other")
 
 
 def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batches: tuple[int, ...] = (1, 2, 3, 4, 8, 16),
-            paths: tuple[str, ...] = ("reference", "fast"), turns: int = 30, threads: int = 1, root: Path | None = None,
-            progress=None) -> dict:
-    """Per (path, batch): median and best wall ms per call, median CPU ms per call, median stage ms."""
+            paths: tuple[str, ...] = ("reference", "fast"), turns: int = 30, threads: int = 1, progress=None) -> dict:
+    """The benchmark's own set-up (bench.serve_common.service_files: a Feast store of `users`
+    random n-event histories, an untrained ASTRO checkpoint) timed by `time_batches`."""
     from features.store import FeatureStoreClient
     from ranker.interface import RankRequest
     from ranker.serving.malloc import keep_freed_pages
@@ -39,29 +39,40 @@ def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batch
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-batch-cost-") as tmp:
-            model_dir, feast_dir = service_files(root or Path(tmp), users, n, size)
+            model_dir, feast_dir = service_files(Path(tmp), users, n, size)
             ranker = NeuralRanker.from_checkpoint(model_dir, FeatureStoreClient(feast_dir), device="cpu")
             rng = np.random.default_rng(5)
             scenarios = ("home_feed", "daily_mix", "radio")
-            # Users spread over the store, as the load's random users are; every history cached first.
+            # Users spread over the store, as the load's random users are.
             requests = [RankRequest(request_id=i, user_id=(7 * i) % users, scenario=scenarios[i % 3],
                                     candidates=rng.integers(0, N_TRACKS, M), ts=1_800_000_000_000)
                         for i in range(max(batches))]
-            ranker.rank(requests)
-            calls: dict[tuple[str, int], list[tuple[float, float, dict]]] = {(p, b): [] for p in paths for b in batches}
-            for turn in range(turns + 1):  # turn 0 warms each (path, batch) up and is dropped
-                for b in batches:
-                    for path in (paths if turn % 2 else paths[::-1]):  # each path goes first every other turn
-                        ranker.stage_two = path
-                        cpu, wall = time.process_time(), time.perf_counter()
-                        _, stages = ranker.rank_timed(requests[:b])
-                        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                        if turn:
-                            calls[path, b].append((wall, cpu, stages))
-                if progress is not None:
-                    progress()
+            timed = time_batches(ranker, requests, batches, paths, turns, progress)
     finally:
         torch.set_num_threads(previous)
+    return {"size": size, "n": n, "M": M, "users": users, "threads": threads, "turns": turns,
+            "malloc_thresholds_fixed": malloc.applied, **timed}
+
+
+def time_batches(ranker, requests: list, batches: tuple[int, ...], paths: tuple[str, ...] = ("reference", "fast"),
+                 turns: int = 30, progress=None) -> dict:
+    """`ranker.rank_timed(requests[:b])` for every batch size b and stage-two path, in turns
+    (each path first every other turn; turn 0 warms up and is dropped), every history cached
+    first. Per (path, batch): median and best wall ms per call, median CPU ms, median stage ms;
+    and each path's fixed and per-request costs (`split_fixed`)."""
+    ranker.rank(requests[:max(batches)])
+    calls: dict[tuple[str, int], list[tuple[float, float, dict]]] = {(p, b): [] for p in paths for b in batches}
+    for turn in range(turns + 1):
+        for b in batches:
+            for path in (paths if turn % 2 else paths[::-1]):
+                ranker.stage_two = path
+                cpu, wall = time.process_time(), time.perf_counter()
+                _, stages = ranker.rank_timed(requests[:b])
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                if turn:
+                    calls[path, b].append((wall, cpu, stages))
+        if progress is not None:
+            progress()
     rows = []
     for (path, b), runs in calls.items():
         wall = np.array([r[0] for r in runs]) * 1e3
@@ -69,9 +80,7 @@ def measure(size: str = "s", n: int = 256, M: int = 200, users: int = 200, batch
         stage["other"] = float(np.median(wall - 1e3 * np.array([sum(r[2].values()) for r in runs])))
         rows.append({"path": path, "batch": b, "wall_ms": float(np.median(wall)), "best_wall_ms": float(wall.min()),
                      "cpu_ms": 1e3 * float(np.median([r[1] for r in runs])), "stage_ms": stage})
-    return {"size": size, "n": n, "M": M, "users": users, "threads": threads, "turns": turns,
-            "malloc_thresholds_fixed": malloc.applied, "rows": rows,
-            "fits": {path: split_fixed(rows, path) for path in paths}}
+    return {"rows": rows, "fits": {path: split_fixed(rows, path) for path in paths}}
 
 
 def split_fixed(rows: list[dict], path: str) -> dict:

@@ -4,6 +4,7 @@ and the reference for every model it does not."""
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,27 @@ def test_the_fast_path_follows_weight_changes_and_leaves_other_models_to_the_ref
     with pytest.raises(ValueError, match="scoring path"):
         score_candidates(model, history, batch, "fastest")
     assert SCORING_PATHS == ("fast", "reference")
+
+
+def test_bench_batch_cost_times_both_paths_and_splits_fixed_from_per_request_cost():
+    """`climber bench batch-cost`'s timing at a tiny size: every (path, batch) timed, the line
+    through the medians recovered exactly when the costs are a line, a table within 80 columns."""
+    from bench.batch_cost import STAGES, split_fixed, table, time_batches
+    from ranker.interface import RankRequest
+    from ranker.serving.ranker import NeuralRanker
+    from tests.support import DictSequenceSource
+
+    source = DictSequenceSource({u: kv_sequence(10 + u, seed=u) for u in range(3)})
+    ranker = NeuralRanker(kv_tiny_model("astro"), "v1", source, device="cpu")
+    requests = [RankRequest(request_id=i, user_id=i, scenario="radio", candidates=np.arange(4) + i, ts=1_800_000_000_000)
+                for i in range(3)]
+    result = time_batches(ranker, requests, (1, 2, 3), SCORING_PATHS, turns=2)
+    assert {(r["path"], r["batch"]) for r in result["rows"]} == {(p, b) for p in SCORING_PATHS for b in (1, 2, 3)}
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and set(r["stage_ms"]) == set(STAGES) for r in result["rows"])
+    lines = table(result)
+    assert len(lines) == 2 + 3 + 1 + 2 + 2 * len(SCORING_PATHS) and all(len(line) <= 80 for line in lines)
+    line = [{"path": "fast", "batch": b, "wall_ms": 0.5 + 1.25 * b, "cpu_ms": 0.25 + b,
+             "stage_ms": {s: 0.1 + 0.2 * b for s in STAGES}} for b in (1, 2, 4, 8)]
+    fit = split_fixed(line, "fast")
+    assert abs(fit["wall"]["fixed_ms"] - 0.5) < 1e-9 and abs(fit["wall"]["per_request_ms"] - 1.25) < 1e-9
+    assert abs(fit["cpu"]["fixed_ms"] - 0.25) < 1e-9 and abs(fit["model"]["per_request_ms"] - 0.2) < 1e-9
