@@ -5,12 +5,15 @@ assert they agree):
 
 - "reference": the model's own `score_candidates`. Obviously correct.
 - "fast": the same arithmetic for ASTRO with pointwise (HSTU) blocks and per-block
-  candidate paths on CPU (the default model), written for a small batch. At batch 1-4
-  a call is mostly fixed cost: ~300 torch calls, module calls and tables rebuilt per
-  call, not FLOPs. This path computes what depends only on weights once per weight version
-  (each block layer's relative-bias table, the candidate token's behaviour + scenario rows,
-  tau per scenario), the relative buckets of all blocks in one pass, calls no modules, and
-  skips the key mask where no row of a block is padded (a cache hit of one user).
+  candidate paths on CPU (the default model), written for a small batch. At the batch
+  sizes of a server below saturation (1-4) much of a call is fixed cost: hundreds of small
+  torch calls, module calls and tables rebuilt per call, not FLOPs. This path computes what
+  depends only on weights once per weight version (each block layer's relative-bias table,
+  the candidate token's behaviour + scenario rows, tau per scenario; kept as the incremental
+  path keeps its tables, so a reload that replaces Parameters goes through
+  `drop_derived_tables`, as `UserKVCache.set_model` does), the relative buckets of all
+  blocks in one pass, calls no modules, and skips the key mask where no row of a block is
+  padded (one user's cached view never is).
   Any other model, device or dtype (softmax blocks, the shared candidate path, sliced
   layers, CUDA, bf16) takes the reference path.
 
