@@ -260,6 +260,24 @@ def bench_http_path(
     return run_bench_http_path(variants, turns, requests=requests)
 
 
+@bench_app.command("batch-cost", cls=MultiValueCommand)
+def bench_batch_cost(
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(256, help="history length of every user"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    users: int = typer.Option(200),
+    batches: list[int] = typer.Option([1, 2, 3, 4, 8, 16], help="batch sizes, one or more"),
+    turns: int = typer.Option(30, min=1, help="calls per (stage-two path, batch size), in turns"),
+    threads: int = typer.Option(1, help="torch threads"),
+    save_as: str = typer.Option("batch_cost", help="bench/results/<name>.json"),
+) -> Any:
+    """One scoring batch's cost by batch size, split into fixed and per-request parts, stage
+    two's fast and reference paths in turns (in process, warm cache)."""
+    from bench.batch_cost import run_bench_batch_cost
+
+    return run_bench_batch_cost(size, n, candidates, users, tuple(sorted(set(batches))), turns, threads, save_as)
+
+
 @bench_app.command("load")
 def bench_load(
     size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
@@ -278,6 +296,8 @@ def bench_load(
                                           "service's)"),
     malloc: Optional[str] = typer.Option(None, help="the server's malloc: keep or glibc (its dynamic thresholds, the "
                                          "reference; default: the service's)"),
+    stage_two: Optional[str] = typer.Option(None, help="the server's and the ceiling's stage two: fast or reference "
+                                            "(the model's own; default: the service's)"),
     repeats: int = typer.Option(3, min=1, help="open-loop rounds (25/50/75% each); the figure at 50% is their "
                                 "median (one 10 s run holds ~40 requests past its p99)"),
     breakdown: bool = typer.Option(False, "--breakdown", help="trace every open-loop request: where the p50 group's "
@@ -292,4 +312,4 @@ def bench_load(
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
                           save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
                           breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc,
-                          max_batch=max_batch)
+                          max_batch=max_batch, stage_two=stage_two)
