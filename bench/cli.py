@@ -62,6 +62,27 @@ def bench_stream(
                      command_args=ctx.meta.get(MultiValueCommand.ARGV, []))
 
 
+@bench_app.command("growth-profile", cls=MultiValueCommand)
+def bench_growth_profile(
+    db: Path = typer.Option(...),
+    size: str = typer.Option("m", parser=size_name, metavar="SIZE", help=choice_help("size")),
+    steps: int = typer.Option(60, help="steps per run (steady sparse steps are counted)"),
+    rounds: int = typer.Option(2, help="dense and sliced in turns, this many times; the lower figure kept"),
+    batch_size: int = typer.Option(64),
+    max_len: int = typer.Option(64),
+    growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
+                                     help="grow-and-prune setting, repeatable (as `climber train --growth`)"),
+    threads: int = typer.Option(1, help="torch threads"),
+    name: str = typer.Option("growth-profile", help="results file: bench/results/NAME.json"),
+) -> Any:
+    """Where an ASTRO training step's CPU time goes, dense against sliced: by phase, and the forward by part."""
+    from bench.growth_profile import run_bench_growth_profile
+    from ranker.training.growth import GrowthConfig
+
+    return run_bench_growth_profile(db, "astro", size, steps, batch_size, max_len, GrowthConfig.from_dict(dict(growth)),
+                                    threads, rounds, name)
+
+
 @bench_growth_app.command("growth", cls=MultiValueCommand)
 @bench_app.command("growth", cls=MultiValueCommand)
 def bench_growth(
@@ -79,13 +100,15 @@ def bench_growth(
     masked: bool = typer.Option(True, help="also the masked reference (as slow as dense; --no-masked in sweeps)"),
     threads: int = typer.Option(1, help="torch threads"),
     name: str = typer.Option("growth", help="results file: bench/results/NAME.json"),
+    track_gradient: str = typer.Option("rows", help="the track table's gradient path: rows, sparse (the reference) "
+                                       "or both (adds dense-sparse and sliced-sparse to the same rounds)"),
 ) -> Any:
     """Training wall and CPU time per step and per run: dense, masked and sliced grow-and-prune, side by side."""
     from bench.growth import run_bench_growth
     from ranker.training.growth import GrowthConfig
 
     return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides),
-                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name)
+                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name, track_gradient)
 
 
 @bench_serve_app.command("serve", cls=MultiValueCommand)
