@@ -62,6 +62,27 @@ def bench_stream(
                      command_args=ctx.meta.get(MultiValueCommand.ARGV, []))
 
 
+@bench_app.command("growth-profile", cls=MultiValueCommand)
+def bench_growth_profile(
+    db: Path = typer.Option(...),
+    size: str = typer.Option("m", parser=size_name, metavar="SIZE", help=choice_help("size")),
+    steps: int = typer.Option(60, help="steps per run (steady sparse steps are counted)"),
+    rounds: int = typer.Option(2, help="dense and sliced in turns, this many times; the lower figure kept"),
+    batch_size: int = typer.Option(64),
+    max_len: int = typer.Option(64),
+    growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
+                                     help="grow-and-prune setting, repeatable (as `climber train --growth`)"),
+    threads: int = typer.Option(1, help="torch threads"),
+    name: str = typer.Option("growth-profile", help="results file: bench/results/NAME.json"),
+) -> Any:
+    """Where an ASTRO training step's CPU time goes, dense against sliced: by phase, and the forward by part."""
+    from bench.growth_profile import run_bench_growth_profile
+    from ranker.training.growth import GrowthConfig
+
+    return run_bench_growth_profile(db, "astro", size, steps, batch_size, max_len, GrowthConfig.from_dict(dict(growth)),
+                                    threads, rounds, name)
+
+
 @bench_growth_app.command("growth", cls=MultiValueCommand)
 @bench_app.command("growth", cls=MultiValueCommand)
 def bench_growth(
@@ -79,13 +100,15 @@ def bench_growth(
     masked: bool = typer.Option(True, help="also the masked reference (as slow as dense; --no-masked in sweeps)"),
     threads: int = typer.Option(1, help="torch threads"),
     name: str = typer.Option("growth", help="results file: bench/results/NAME.json"),
+    track_gradient: str = typer.Option("rows", help="the track table's gradient path: rows, sparse (the reference) "
+                                       "or both (adds dense-sparse and sliced-sparse to the same rounds)"),
 ) -> Any:
     """Training wall and CPU time per step and per run: dense, masked and sliced grow-and-prune, side by side."""
     from bench.growth import run_bench_growth
     from ranker.training.growth import GrowthConfig
 
     return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides),
-                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name)
+                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name, track_gradient)
 
 
 @bench_serve_app.command("serve", cls=MultiValueCommand)
@@ -299,6 +322,24 @@ def bench_http_path(
     return run_bench_http_path(variants, turns, requests=requests)
 
 
+@bench_app.command("batch-cost", cls=MultiValueCommand)
+def bench_batch_cost(
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(256, help="history length of every user"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    users: int = typer.Option(200),
+    batches: list[int] = typer.Option([1, 2, 3, 4, 8, 16], help="batch sizes, one or more"),
+    turns: int = typer.Option(30, min=1, help="calls per (stage-two path, batch size), in turns"),
+    threads: int = typer.Option(1, help="torch threads"),
+    save_as: str = typer.Option("batch_cost", help="bench/results/<name>.json"),
+) -> Any:
+    """One scoring batch's cost by batch size, split into fixed and per-request parts, stage
+    two's fast and reference paths in turns (in process, warm cache)."""
+    from bench.batch_cost import run_bench_batch_cost
+
+    return run_bench_batch_cost(size, n, candidates, users, tuple(sorted(set(batches))), turns, threads, save_as)
+
+
 @bench_app.command("load")
 def bench_load(
     size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
@@ -317,6 +358,8 @@ def bench_load(
                                           "service's)"),
     malloc: Optional[str] = typer.Option(None, help="the server's malloc: keep or glibc (its dynamic thresholds, the "
                                          "reference; default: the service's)"),
+    stage_two: Optional[str] = typer.Option(None, help="the server's and the ceiling's stage two: fast or reference "
+                                            "(the model's own; default: the service's)"),
     repeats: int = typer.Option(3, min=1, help="open-loop rounds (25/50/75% each); the figure at 50% is their "
                                 "median (one 10 s run holds ~40 requests past its p99)"),
     breakdown: bool = typer.Option(False, "--breakdown", help="trace every open-loop request: where the p50 group's "
@@ -331,4 +374,4 @@ def bench_load(
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
                           save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
                           breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc,
-                          max_batch=max_batch)
+                          max_batch=max_batch, stage_two=stage_two)
