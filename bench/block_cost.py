@@ -108,9 +108,9 @@ def run_block_cost(variants: tuple[str, ...], overrides: dict[str, dict[str, Any
         model = variant_model(label, "s", max(max_len, n), overrides.get(label, {}))
         for source, batch in sources.items():
             stats = block_stats(model, batch)
+            shares = stats.pop("request_shares")  # per request: the FLOP ratio's input, not saved
             rows.append({"variant": label, "overrides": overrides.get(label, {}), "source": source, **stats,
-                         "flop_ratio_vs_hstu": flop_ratios(label, overrides.get(label, {}),
-                                                           stats.pop("request_shares"), n, M, sizes)})
+                         "flop_ratio_vs_hstu": flop_ratios(label, overrides.get(label, {}), shares, n, M, sizes)})
     lines = [f"ASTRO blocks on real and synthetic histories; FLOP ratio HSTU / variant at n = {n}, M = {M}, "
              "each request's block shares scaled to n:", "",
              "| variant | histories | tokens per block (mean) | sum L_b^2 / n^2 | "

@@ -80,6 +80,7 @@ def test_block_cost_reads_a_logs_histories(tmp_path):
     # more blocks, less attention than two on the same histories
     assert log_row["attention_share"] < rows[("astro", "log")]["attention_share"]
     assert abs(sum(figures["log_mix"]["behaviours"].values()) - 1) < 1e-9
+    assert all("request_shares" not in r for r in figures["rows"])  # per-request lists stay out of the JSON
     bad = CliRunner().invoke(app, ["bench", "block-cost", "--families", "astro", "--set", "astro@x:partition=scenario"])
     assert bad.exit_code != 0 and "not in --families" in bad.output
 
