@@ -62,6 +62,27 @@ def bench_stream(
                      command_args=ctx.meta.get(MultiValueCommand.ARGV, []))
 
 
+@bench_app.command("growth-profile", cls=MultiValueCommand)
+def bench_growth_profile(
+    db: Path = typer.Option(...),
+    size: str = typer.Option("m", parser=size_name, metavar="SIZE", help=choice_help("size")),
+    steps: int = typer.Option(60, help="steps per run (steady sparse steps are counted)"),
+    rounds: int = typer.Option(2, help="dense and sliced in turns, this many times; the lower figure kept"),
+    batch_size: int = typer.Option(64),
+    max_len: int = typer.Option(64),
+    growth: list[str] = typer.Option([], "--growth", parser=parse_override, metavar="KEY=VALUE",
+                                     help="grow-and-prune setting, repeatable (as `climber train --growth`)"),
+    threads: int = typer.Option(1, help="torch threads"),
+    name: str = typer.Option("growth-profile", help="results file: bench/results/NAME.json"),
+) -> Any:
+    """Where an ASTRO training step's CPU time goes, dense against sliced: by phase, and the forward by part."""
+    from bench.growth_profile import run_bench_growth_profile
+    from ranker.training.growth import GrowthConfig
+
+    return run_bench_growth_profile(db, "astro", size, steps, batch_size, max_len, GrowthConfig.from_dict(dict(growth)),
+                                    threads, rounds, name)
+
+
 @bench_growth_app.command("growth", cls=MultiValueCommand)
 @bench_app.command("growth", cls=MultiValueCommand)
 def bench_growth(
@@ -79,13 +100,15 @@ def bench_growth(
     masked: bool = typer.Option(True, help="also the masked reference (as slow as dense; --no-masked in sweeps)"),
     threads: int = typer.Option(1, help="torch threads"),
     name: str = typer.Option("growth", help="results file: bench/results/NAME.json"),
+    track_gradient: str = typer.Option("rows", help="the track table's gradient path: rows, sparse (the reference) "
+                                       "or both (adds dense-sparse and sliced-sparse to the same rounds)"),
 ) -> Any:
     """Training wall and CPU time per step and per run: dense, masked and sliced grow-and-prune, side by side."""
     from bench.growth import run_bench_growth
     from ranker.training.growth import GrowthConfig
 
     return run_bench_growth(db, family, size, steps, repeats, batch_size, max_len, dict(overrides),
-                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name)
+                            GrowthConfig.from_dict(dict(growth)), floor, threads, masked, name, track_gradient)
 
 
 @bench_serve_app.command("serve", cls=MultiValueCommand)
@@ -103,6 +126,26 @@ def bench_serve(
     return run_bench_serve(quick, size, threads, service_seconds, overrides=dict(overrides))
 
 
+def family_label(value: str) -> str:
+    """FAMILY or FAMILY@NAME (a labelled variant of FAMILY)."""
+    family, at, name = value.partition("@")
+    if at and not name.strip():
+        raise typer.BadParameter(f"{value!r}: a variant label needs a name after '@' (e.g. astro@3g)")
+    return family_name(family) + (at + name.strip() if at else "")
+
+
+def history_mix(value: str) -> str:
+    from bench.serve_common import HISTORY_MIXES
+
+    if value.endswith(".duckdb"):
+        if not Path(value).exists():
+            raise typer.BadParameter(f"--mix {value}: no such event log")
+        return value
+    if value not in HISTORY_MIXES:
+        raise typer.BadParameter(f"unknown history mix {value!r}; known: {', '.join(HISTORY_MIXES)} or a .duckdb log")
+    return value
+
+
 @bench_app.command("serve-long", cls=MultiValueCommand)
 def bench_serve_long(
     sizes: list[str] = typer.Option(["m", "l"], help="ladder sizes, one or more (depth and width of the shared ladder)"),
@@ -113,12 +156,16 @@ def bench_serve_long(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:i"),
     threads: int = typer.Option(1, help="torch threads on CPU"),
     min_seconds: float = typer.Option(1.0, help="time each path at least this long (best of N)"),
-    families: list[str] = typer.Option(["astro", "hstu", "sasrec"], parser=family_name, metavar="FAMILY...",
-                                       help="families timed in turns"),
+    families: list[str] = typer.Option(["astro", "hstu", "sasrec"], parser=family_label, metavar="FAMILY...",
+                                       help="families timed in turns; FAMILY@NAME adds a variant of FAMILY "
+                                            "(its own --set FAMILY@NAME:KEY=VALUE), timed in the same turns"),
     overrides: list[str] = typer.Option([], "--set", parser=parse_family_override, metavar="FAMILY:KEY=VALUE",
-                                        help="a variant: config override for one family, repeatable "
+                                        help="a variant: config override for one family or label, repeatable "
                                              "(e.g. --set astro:candidate_path=shared)"),
     sumi: bool = typer.Option(True, "--sumi/--no-sumi", help="also the SUMI and incremental ratios (part 2)"),
+    mix: str = typer.Option("sandbox", help="the histories' behaviour and scenario mix: sandbox (the simulator "
+                                            "log's shares), uniform, or a .duckdb event log (the last n tokens "
+                                            "of its longest history); it sets ASTRO's block lengths"),
     save_as: str = typer.Option("serve_long", help="bench/results/NAME.json and .png"),
 ) -> Any:
     """Cost against history length (ASTRO, HSTU, SASRec) and SUMI/incremental ratios beside FLOP ratios."""
@@ -128,11 +175,49 @@ def bench_serve_long(
 
     by_family: dict[str, dict[str, Any]] = {}
     for family, key, value in overrides:
+        if family not in families:
+            raise typer.BadParameter(f"--set names {family!r}, which is not in --families {families}")
         by_family.setdefault(family, {})[key] = value
     torch.set_num_threads(threads)
     return run_bench_serve_long(tuple(size_name(s) for s in sizes), tuple(lengths), candidates, sumi_size, sumi_n,
                                 device, min_seconds, save_as=save_as, families=tuple(families),
-                                overrides=by_family, sumi=sumi)
+                                overrides=by_family, sumi=sumi, mix=history_mix(mix))
+
+
+@bench_app.command("block-cost", cls=MultiValueCommand)
+def bench_block_cost(
+    families: list[str] = typer.Option(["astro"], parser=family_label, metavar="astro[@NAME]...",
+                                       help="ASTRO and labelled variants of it (astro@NAME, set with --set)"),
+    overrides: list[str] = typer.Option([], "--set", parser=parse_family_override, metavar="LABEL:KEY=VALUE",
+                                        help="config override for one label, repeatable"),
+    db: Optional[Path] = typer.Option(None, help="an event log (DuckDB): also its own request histories"),
+    max_len: int = typer.Option(1024, help="history window of the log's requests"),
+    window_h: float = typer.Option(48.0, help="the log's requests of the last H hours (0: all)"),
+    n: int = typer.Option(4096, help="history length of the synthetic histories and of the FLOP ratio"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    sizes: list[str] = typer.Option(["m", "l"], help="ladder sizes of the FLOP ratio"),
+    save_as: str = typer.Option("block_cost", help="bench/results/NAME.json"),
+) -> Any:
+    """Tokens per ASTRO block and the attention share sum_b L_b^2 / n^2 on a log's histories
+    and on serve-long's synthetic ones, with the FLOP ratio against HSTU it allows."""
+    from bench.block_cost import run_block_cost
+    from bench.common import save
+    from bench.serve_common import console
+
+    by_label: dict[str, dict[str, Any]] = {}
+    for label, key, value in overrides:
+        if label not in families:
+            raise typer.BadParameter(f"--set names {label!r}, which is not in --families {families}")
+        by_label.setdefault(label, {})[key] = value
+    if db is not None and not db.exists():
+        raise typer.BadParameter(f"--db {db}: no such file")
+    try:
+        figures = run_block_cost(tuple(families), by_label, db, max_len, window_h, n, candidates,
+                                 tuple(size_name(s) for s in sizes))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    console.print(f"written {save(save_as, figures)}")
+    return figures
 
 
 @bench_app.command("incremental")
@@ -237,6 +322,24 @@ def bench_http_path(
     return run_bench_http_path(variants, turns, requests=requests)
 
 
+@bench_app.command("batch-cost", cls=MultiValueCommand)
+def bench_batch_cost(
+    size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
+    n: int = typer.Option(256, help="history length of every user"),
+    candidates: int = typer.Option(200, "--candidates", "-M"),
+    users: int = typer.Option(200),
+    batches: list[int] = typer.Option([1, 2, 3, 4, 8, 16], help="batch sizes, one or more"),
+    turns: int = typer.Option(30, min=1, help="calls per (stage-two path, batch size), in turns"),
+    threads: int = typer.Option(1, help="torch threads"),
+    save_as: str = typer.Option("batch_cost", help="bench/results/<name>.json"),
+) -> Any:
+    """One scoring batch's cost by batch size, split into fixed and per-request parts, stage
+    two's fast and reference paths in turns (in process, warm cache)."""
+    from bench.batch_cost import run_bench_batch_cost
+
+    return run_bench_batch_cost(size, n, candidates, users, tuple(sorted(set(batches))), turns, threads, save_as)
+
+
 @bench_app.command("load")
 def bench_load(
     size: str = typer.Option("s", parser=size_name, metavar="SIZE"),
@@ -255,6 +358,8 @@ def bench_load(
                                           "service's)"),
     malloc: Optional[str] = typer.Option(None, help="the server's malloc: keep or glibc (its dynamic thresholds, the "
                                          "reference; default: the service's)"),
+    stage_two: Optional[str] = typer.Option(None, help="the server's and the ceiling's stage two: fast or reference "
+                                            "(the model's own; default: the service's)"),
     repeats: int = typer.Option(3, min=1, help="open-loop rounds (25/50/75% each); the figure at 50% is their "
                                 "median (one 10 s run holds ~40 requests past its p99)"),
     breakdown: bool = typer.Option(False, "--breakdown", help="trace every open-loop request: where the p50 group's "
@@ -269,4 +374,4 @@ def bench_load(
     return run_bench_load(size, n, candidates, device, threads, seconds, users, max_wait_ms=max_wait_ms,
                           save_as=save_as, batching=batching, rank_route=rank_route, repeats=repeats,
                           breakdown=breakdown, generator_gc=generator_gc, scoring=scoring, malloc=malloc,
-                          max_batch=max_batch)
+                          max_batch=max_batch, stage_two=stage_two)

@@ -64,7 +64,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threads: int,
                     batches: tuple[int, ...] = (1, 4, 8, 16, 32), device: str = "cpu", single_calls: int = 50,
-                    min_seconds: float = 3.0, median_calls: int = 30) -> dict:
+                    min_seconds: float = 3.0, median_calls: int = 30, stage_two: str = "fast") -> dict:
     """What the server's scoring work allows: `NeuralRanker.rank_timed` (feature read, cache
     lookups and stacking, stage two) in this process, warm cache, best of N per batch size.
 
@@ -80,7 +80,8 @@ def service_ceiling(checkpoint: Path, feast_dir: Path, users: int, M: int, threa
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ranker = NeuralRanker.from_checkpoint(checkpoint, FeatureStoreClient(feast_dir), device=device)
+        ranker = NeuralRanker.from_checkpoint(checkpoint, FeatureStoreClient(feast_dir), device=device,
+                                              stage_two=stage_two)
         rng = np.random.default_rng(5)
         requests = [RankRequest(request_id=i, user_id=i % users, scenario="home_feed",
                                 candidates=rng.integers(0, N_TRACKS, M), ts=1_800_000_000_000)
@@ -159,7 +160,8 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
                   open_seconds: float = 10.0, overrides: dict | None = None, device: str = "cpu",
                   open_basis: str = "closed", ceiling_seconds: float = 3.0, batching: str | None = None,
                   rank_route: str | None = None, repeats: int = 1, trace: bool = False,
-                  generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None) -> dict:
+                  generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None,
+                  stage_two: str | None = None) -> dict:
     """The HTTP service (uvicorn subprocess) under the lean load generator of bench.service_load.
 
     Closed loop with `clients` and with 1 client (saturation behaviour), then open loop:
@@ -173,30 +175,32 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
     `trace`: the server traces its requests and the open loop splits each one's latency.
     `generator_gc`: let the load generator's GC run during the runs (the reference; by
     default it is held off, bench.service_load.gc_held). `malloc`: the server's
-    ServingSettings.malloc ("keep" or "glibc", the reference).
+    ServingSettings.malloc ("keep" or "glibc", the reference). `stage_two`: the server's and
+    the ceiling's ServingSettings.stage_two ("fast" or "reference").
     """
     if open_basis not in ("closed", "ceiling"):
         raise ValueError(f"open_basis must be 'closed' or 'ceiling', got {open_basis!r}")
     import httpx
 
     server_threads = threads or 1
-    max_batch, max_wait_ms, batching, rank_route, scoring, malloc = service_defaults(
+    max_batch, max_wait_ms, batching, rank_route, scoring, malloc, stage_two = service_defaults(
         max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching, rank_route=rank_route, scoring=scoring,
-        malloc=malloc)
+        malloc=malloc, stage_two=stage_two)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         service_files(root, users, n, size, overrides)
         # The ceiling at batch sizes the server can form (it batches at most max_batch requests).
-        batches = tuple(sorted({b for b in (1, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
+        # 2 and 3: the sizes an open loop at half the ceiling forms, where the fixed cost per batch tells
+        batches = tuple(sorted({b for b in (1, 2, 3, 4, 8, 16, 32) if b <= max_batch} | {max_batch}))
         ceiling = service_ceiling(root / "model", root / "feast", users, M, server_threads, batches, device,
-                                  min_seconds=ceiling_seconds)
+                                  min_seconds=ceiling_seconds, stage_two=stage_two)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
             [sys.executable, "-m", "ranker.serving.http", "--checkpoint", str(root / "model"), "--feast-dir",
              str(root / "feast"), "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
              "--threads", str(server_threads), "--device", device, "--batching", batching, "--rank-route", rank_route,
-             "--scoring", scoring, "--malloc", malloc, "--trace" if trace else "--no-trace"],
+             "--scoring", scoring, "--malloc", malloc, "--stage-two", stage_two, "--trace" if trace else "--no-trace"],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             for _ in range(600):
@@ -230,7 +234,7 @@ def bench_service(size: str, n: int, M: int, clients: int, seconds: float, users
 
     return {"n": n, "M": M, "size": size, "device": device, "clients": clients, "users": users, "seconds": seconds,
             "open_seconds": open_seconds, "server_threads": server_threads, "max_batch": max_batch,
-            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "scoring": scoring, "malloc": malloc, "repeats": repeats,
+            "max_wait_ms": max_wait_ms, "batching": batching, "rank_route": rank_route, "scoring": scoring, "malloc": malloc, "stage_two": stage_two, "repeats": repeats,
             "trace": trace, "generator_gc": generator_gc, "load_generator": "bench.service_load: asyncio HTTP/1.1, one keep-alive connection per client, "
                               "bodies encoded up front, in the bench process on the same cores as the server, "
                               + ("its GC running" if generator_gc else "its GC held off during each run"),
@@ -256,7 +260,8 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
              f"{svc['server_threads']}, max batch {svc['max_batch']}, max wait {svc['max_wait_ms']} ms"
              f"{', ' + svc['batching'] if 'batching' in svc else ''}{', /rank ' + svc['rank_route'] if 'rank_route' in svc else ''}"
              f"{', scoring in a thread' if svc.get('scoring') == 'thread' else ''}"
-             f"{', glibc malloc thresholds' if svc.get('malloc') == 'glibc' else ''}); the load "
+             f"{', glibc malloc thresholds' if svc.get('malloc') == 'glibc' else ''}"
+             f"{', stage two: the reference path' if svc.get('stage_two') == 'reference' else ''}); the load "
              f"generator ({svc['load_generator']}). Goal: p99 <= {goal_p99_ms:.0f} ms at {svc['clients']} concurrent "
              f"clients. Open loop: Poisson arrivals at a share of the in-process ceiling (or of the closed-loop "
              f"throughput) over {svc['clients']} connections. Latencies in ms.", "",
@@ -296,6 +301,24 @@ def service_markdown(svc: dict, goal_p99_ms: float) -> list[str]:
     return lines
 
 
+def half_ceiling_batch_cost(svc: dict) -> dict | None:
+    """Where 50% of the ceiling sits for the server: the in-process cost per request at the
+    batch size the open loop at 50% formed (its mean, rounded, over the rounds) against the
+    ceiling's best; their ratio times 0.5 is the load's share of what the server can do at
+    that batch size (HTTP not counted)."""
+    halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
+    rows = {r["batch"]: r for r in svc["ceiling"]["rows"]}
+    if not halves or not rows:
+        return None
+    mean_batch = float(np.mean([r["mean_batch_size"] for r in halves]))
+    batch = min(rows, key=lambda b: abs(b - mean_batch))
+    best = rows[svc["ceiling"]["best_batch"]]["ms_per_request"]
+    ratio = rows[batch]["ms_per_request"] / best
+    return {"mean_batch": mean_batch, "batch": batch, "ms_per_request": rows[batch]["ms_per_request"],
+            "ceiling_batch": svc["ceiling"]["best_batch"], "ceiling_ms_per_request": best, "ratio": ratio,
+            "utilisation": 0.5 * ratio}
+
+
 def gc_line(run: dict) -> str:
     """Both processes' GC collections and pause seconds over one traced run."""
     def one(name: str, gc_: dict) -> str:
@@ -313,7 +336,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                    save_as: str | None = "load", max_wait_ms: float | None = None, batching: str | None = None,
                    rank_route: str | None = None, repeats: int = 3, breakdown: bool = False,
                    generator_gc: bool = False, scoring: str | None = None, malloc: str | None = None,
-                   max_batch: int | None = None) -> dict:
+                   max_batch: int | None = None, stage_two: str | None = None) -> dict:
     """Benchmark 5: the service under an open loop at `fractions` of the in-process ceiling,
     p50/p99 at each, and HTTP's overhead at p50 (one client over HTTP vs one request in process).
     `repeats` > 1: the median p99 / p50 of the runs at 50% is the figure (one 10 s run holds
@@ -326,7 +349,7 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
     svc = bench_service(size, n, M, 32, seconds, users, threads, max_wait_ms=max_wait_ms, open_fractions=fractions,
                         open_seconds=seconds, device=device, open_basis="ceiling", batching=batching,
                         rank_route=rank_route, repeats=repeats, trace=breakdown, generator_gc=generator_gc, scoring=scoring,
-                        malloc=malloc, max_batch=max_batch)
+                        malloc=malloc, max_batch=max_batch, stage_two=stage_two)
     halves = [r for r in svc["open_loop"] if r["fraction_of_saturation"] == 0.5]
     for run in svc["open_loop"]:  # served well below offered: a queue grew all run, p99 / p50 means nothing
         run["overloaded"] = run["requests_per_s"] < 0.95 * run["offered_per_s"]
@@ -335,7 +358,8 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
                "goals": {"p99_over_p50_at_half_ceiling": 3.0, "http_overhead_p50_ms": 1.0},
                "p99_over_p50_at_half_ceiling": float(np.median(ratios)) if ratios else None,
                "p99_over_p50_at_half_ceiling_runs": ratios,
-               "overloaded_at_half_ceiling": any(r["overloaded"] for r in halves) if halves else None}
+               "overloaded_at_half_ceiling": any(r["overloaded"] for r in halves) if halves else None,
+               "half_ceiling_batch_cost": half_ceiling_batch_cost(svc)}
     lines = service_markdown(svc, 20.0)
     for run in svc["open_loop"] if breakdown else ():
         label = (f"open {run['fraction_of_saturation']:.0%} of the ceiling"
@@ -348,6 +372,12 @@ def run_bench_load(size: str = "s", n: int = 256, M: int = 200, device: str = "c
         console.print(f"at 50% of the ceiling: p99 / p50 = {figures['p99_over_p50_at_half_ceiling']:.1f}{each} (goal <= 3)"
                       f"{', OVERLOADED: served below offered, so the ratio is a growing queue' if figures['overloaded_at_half_ceiling'] else ''}; "
                       f"HTTP overhead at p50 {svc['http_overhead_p50_ms']:+.2f} ms (goal <= 1 ms)")
+        cost = figures["half_ceiling_batch_cost"]
+        console.print(f"the ceiling is batch {cost['ceiling_batch']} at {cost['ceiling_ms_per_request']:.2f} ms/request; "
+                      f"at 50% the server formed batches of {cost['mean_batch']:.1f}, which cost "
+                      f"{cost['ms_per_request']:.2f} ms/request in process (batch {cost['batch']}): "
+                      f"{cost['ratio']:.2f}x, so 50% of the ceiling is ~{cost['utilisation']:.0%} of the server's "
+                      f"capacity at that batch size (before HTTP)")
     if save_as:
         console.print(f"written {save(save_as, figures)}")
     return figures

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench.serve_common import N_TRACKS, best_seconds, console, prefix, random_sequence, repeat_rows
+from bench.serve_common import N_TRACKS, best_seconds, console, mixed_batch, prefix, random_sequence, repeat_rows
 from ranker.batch import random_batch
 from ranker.models import build_model
 from ranker.models.config import DEFAULT_SIZES
@@ -54,42 +54,70 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, **kwargs) 
 def long_model(family: str, size: str, max_len: int, device: torch.device, **overrides) -> torch.nn.Module:
     """An untrained model (weights do not change cost) in the serving configuration of
     `device`, at the shared ladder's depth and width for `size`: ASTRO's ladder is one layer
-    shallower than HSTU's from m on, and the comparison is at the same depth and width."""
+    shallower than HSTU's from m on, and the comparison is at the same depth and width.
+    `family` may carry a variant label, "astro@3g": the model is the family's."""
     torch.manual_seed(0)
     shape = DEFAULT_SIZES[size]
-    model = build_model(family, size, N_TRACKS, **{**shape, "dropout": 0.0, "max_len": max_len, **overrides})
+    model = build_model(base_family(family), size, N_TRACKS,
+                        **{**shape, "dropout": 0.0, "max_len": max_len, **overrides})
     return prepare_for_serving(model, device)
+
+
+def base_family(label: str) -> str:
+    """"astro@3g" -> "astro": a label names a variant (its own --set overrides) of a family."""
+    return label.partition("@")[0]
+
+
+def block_lengths(model, batch) -> list[int] | None:
+    """ASTRO's tokens per block for the first request of `batch` (None for one-block families)."""
+    if not hasattr(model, "block_membership"):
+        return None
+    return [int(x) for x in model.block_membership(batch)[0].sum(0)]
+
+
+def request_flops(model, batch, n: int, M: int) -> int:
+    """Analytic FLOPs of this request: ASTRO's with the batch's real block lengths (the
+    history's behaviour mix decides them), not an even split."""
+    lengths = block_lengths(model, batch)
+    if lengths is None:
+        return model.flops_per_request(n, M)
+    return sum(model.flops_breakdown(n, M, lengths).values())
 
 
 # ----------------------------------------------------------------------------- 1. cost against n
 
 def bench_lengths(sizes: tuple[str, ...], ns: tuple[int, ...], M: int, device: torch.device,
                   families: tuple[str, ...] = FAMILIES, min_seconds: float = 1.0, min_reps: int = 2,
-                  overrides: dict[str, dict[str, Any]] | None = None) -> list[dict]:
-    """Cold, warm and encode latency per (family, size, n); at each (size, n) the families are
-    timed in turns, so a ratio between families is side by side too. `overrides`: config
-    fields per family (a variant, e.g. {"astro": {"candidate_path": "shared"}})."""
+                  overrides: dict[str, dict[str, Any]] | None = None, mix: str = "sandbox") -> list[dict]:
+    """Cold, warm and encode latency (wall, and CPU per call) per (family, size, n); at each
+    (size, n) the families are timed in turns, so a ratio between families is side by side
+    too. `families` may hold variant labels ("astro@3g"); `overrides`: config fields per
+    label (e.g. {"astro@3g": {"behaviour_groups": ...}}). `mix`: the histories' behaviour
+    and scenario mix (bench.serve_common.HISTORY_MIXES), which sets ASTRO's block lengths."""
     rows = []
     for size in sizes:
         models = {family: long_model(family, size, max(ns), device, **(overrides or {}).get(family, {}))
                   for family in families}
         for n in ns:
-            batch = random_batch(1, n, M, N_TRACKS, seed=n, min_length=n).to(device)
+            batch = mixed_batch(n, M, seed=n, mix=mix).to(device)
             fns: dict[str, Callable[[], object]] = {}
+            cpu: dict[str, float] = {}
             with torch.inference_mode():
                 caches = {family: model.encode_history(batch) for family, model in models.items()}
                 for family, model in models.items():
                     fns[f"{family}/cold"] = lambda m=model: m(batch)
                     fns[f"{family}/warm"] = lambda m=model, c=caches[family]: m.score_candidates(c, batch)
                     fns[f"{family}/encode"] = lambda m=model: m.encode_history(batch)
-                t = timed(fns, device, min_seconds=min_seconds, min_reps=min_reps, max_reps=50)
+                t = timed(fns, device, min_seconds=min_seconds, min_reps=min_reps, max_reps=50, cpu=cpu)
+                blocks = {family: block_lengths(model, batch) for family, model in models.items()}
             for family, model in models.items():
                 rows.append({"family": family, "size": size, "n": n, "M": M, "n_layers": model.config.n_layers,
-                             "d_model": model.config.d_model,
+                             "d_model": model.config.d_model, "mix": mix, "block_lengths": blocks[family],
                              "cold_ms": 1e3 * t[f"{family}/cold"], "warm_ms": 1e3 * t[f"{family}/warm"],
-                             "encode_ms": 1e3 * t[f"{family}/encode"],
-                             "cold_mflops": model.flops_per_request(n, M) / 1e6,
-                             "encode_mflops": model.flops_per_request(n, 0) / 1e6})
+                             "encode_ms": 1e3 * t[f"{family}/encode"], "cold_cpu_ms": 1e3 * cpu[f"{family}/cold"],
+                             "warm_cpu_ms": 1e3 * cpu[f"{family}/warm"], "encode_cpu_ms": 1e3 * cpu[f"{family}/encode"],
+                             "cold_mflops": request_flops(model, batch, n, M) / 1e6,
+                             "encode_mflops": request_flops(model, batch, n, 0) / 1e6})
             line = ", ".join(f"{r['family']} {r['cold_ms']:.1f}" for r in rows[-len(models):])
             console.print(f"  length {size} n={n}: cold ms {line}")
     return rows
@@ -104,17 +132,22 @@ def growth_exponent(rows: list[dict], family: str, size: str, key: str = "cold_m
 
 
 def length_summary(rows: list[dict]) -> dict:
-    """Per size: ASTRO over HSTU cold at the longest n, and each family's growth exponent."""
+    """Per size: each ASTRO label's speed-up over HSTU at the longest n (cold wall, cold CPU,
+    and the FLOP ratio of the same requests), and each label's growth exponent."""
     out = {}
     for size in sorted({r["size"] for r in rows}):
         at = {r["family"]: r for r in rows if r["size"] == size and r["n"] == max(x["n"] for x in rows)}
-        families = sorted({r["family"] for r in rows if r["size"] == size})
+        families = list(dict.fromkeys(r["family"] for r in rows if r["size"] == size))
+        vs = {} if "hstu" not in at else {
+            label: {"cold": at["hstu"]["cold_ms"] / r["cold_ms"], "cold_cpu": at["hstu"]["cold_cpu_ms"] / r["cold_cpu_ms"],
+                    "flops": at["hstu"]["cold_mflops"] / r["cold_mflops"], "block_lengths": r["block_lengths"]}
+            for label, r in at.items() if base_family(label) == "astro"}
         out[size] = {"n": at[families[0]]["n"],
                      "exponents": {f: growth_exponent(rows, f, size) for f in families} if len({r["n"] for r in rows}) > 1
                      else {},
-                     **({"hstu_over_astro_cold": at["hstu"]["cold_ms"] / at["astro"]["cold_ms"],
-                         "hstu_over_astro_cold_flops": at["hstu"]["cold_mflops"] / at["astro"]["cold_mflops"]}
-                        if {"astro", "hstu"} <= set(at) else {})}
+                     "hstu_over": vs,
+                     **({"hstu_over_astro_cold": vs["astro"]["cold"], "hstu_over_astro_cold_flops": vs["astro"]["flops"]}
+                        if "astro" in vs else {})}
     return out
 
 
@@ -126,8 +159,10 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), sharey=True, squeeze=False)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    title_lines = max((override_text((overrides or {}).get(f) or {}).count("\n") + 1 for f in families), default=1)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6 + 0.15 * title_lines),
+                             sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         for size in sorted({r["size"] for r in rows}):
             points = sorted((r for r in rows if r["family"] == family and r["size"] == size), key=lambda r: r["n"])
@@ -137,8 +172,7 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         changed = (overrides or {}).get(family)
-        ax.set_title(family + ("\n" + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else ""),
-                     fontsize=10 if changed else None)
+        ax.set_title(family + ("\n" + override_text(changed) if changed else ""), fontsize=8 if changed else None)
         ax.set_xlabel("history length n")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"ms per request (M = {rows[0]['M']})")
@@ -146,6 +180,20 @@ def plot_lengths(rows: list[dict], path, overrides: dict[str, dict[str, Any]] | 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def override_text(changed: dict[str, Any], width: int = 44) -> str:
+    """A variant's overrides for a panel title, wrapped to the panel: groups read
+    "a+b / c" rather than nested tuples."""
+    import textwrap
+
+    def show(value: Any) -> str:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(g, (list, tuple)) for g in value):
+            return " / ".join("+".join(map(str, g)) for g in value)
+        return str(value)
+
+    text = ", ".join(f"{k}={show(v)}" for k, v in changed.items())
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) if text else ""
 
 
 # ----------------------------------------------------------------------------- 2. SUMI and incremental
@@ -236,17 +284,20 @@ def bench_sumi_incremental(size: str, n: int, M: int, device: torch.device, fami
 # ----------------------------------------------------------------------------- report
 
 def markdown(lengths: list[dict], summary: dict, sumi: dict | None, device: str) -> list[str]:
-    lines = [f"Cost against history length (device {device}, M = {lengths[0]['M']}; depth and width of the shared "
-             "ladder for every family; ms per request, best of N, families timed in turns):", "",
-             "| family | size | n | cold ms | warm ms | encode ms | cold MFLOPs |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['size']} | {r['n']} | {r['cold_ms']:.1f} | {r['warm_ms']:.2f} | "
-              f"{r['encode_ms']:.1f} | {r['cold_mflops']:,.0f} |" for r in lengths]
+    lines = [f"Cost against history length (device {device}, M = {lengths[0]['M']}, history mix "
+             f"{lengths[0].get('mix', 'uniform')}; depth and width of the shared ladder for every family; ms per "
+             "request, best of N, families timed in turns; CPU: process time per call):", "",
+             "| family | size | n | cold ms | cold CPU ms | warm ms | encode ms | cold MFLOPs | block lengths |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['size']} | {r['n']} | {r['cold_ms']:.1f} | {r.get('cold_cpu_ms', float('nan')):.1f} | "
+              f"{r['warm_ms']:.2f} | {r['encode_ms']:.1f} | {r['cold_mflops']:,.0f} | "
+              f"{' / '.join(map(str, r['block_lengths'])) if r.get('block_lengths') else '-'} |" for r in lengths]
     for size, s in summary.items():
         exps = ", ".join(f"{f} {e:.2f}" for f, e in s["exponents"].items())
-        ratio = (f"; HSTU / ASTRO cold at n={s['n']}: **{s['hstu_over_astro_cold']:.2f}x** "
-                 f"(FLOP ratio {s['hstu_over_astro_cold_flops']:.2f})" if "hstu_over_astro_cold" in s else "")
+        ratios = "; ".join(f"HSTU / {label} cold at n={s['n']}: **{v['cold']:.2f}x** wall, {v['cold_cpu']:.2f}x CPU "
+                           f"(FLOP ratio {v['flops']:.2f})" for label, v in s.get("hstu_over", {}).items())
         lines.append(f"\nSize {size}: growth exponent of cold latency (log-log slope over the three longest n): "
-                     f"{exps}{ratio}.")
+                     f"{exps}" + (f"; {ratios}" if ratios else "") + ".")
     if sumi is None:
         return lines
     r = sumi["ratios"]
@@ -265,7 +316,8 @@ def markdown(lengths: list[dict], summary: dict, sumi: dict | None, device: str)
 def run_bench_serve_long(sizes: tuple[str, ...] = ("m", "l"), ns: tuple[int, ...] = LENGTHS, M: int = 200,
                          sumi_size: str = "l", sumi_n: int = 1024, device: str = "cpu", min_seconds: float = 1.0,
                          plot: bool = True, save_as: str | None = "serve_long", families: tuple[str, ...] = FAMILIES,
-                         overrides: dict[str, dict[str, Any]] | None = None, sumi: bool = True) -> dict:
+                         overrides: dict[str, dict[str, Any]] | None = None, sumi: bool = True,
+                         mix: str = "sandbox") -> dict:
     from bench.common import RESULTS_DIR, save
     from ranker.serving.ranker import serving_device
 
@@ -273,12 +325,13 @@ def run_bench_serve_long(sizes: tuple[str, ...] = ("m", "l"), ns: tuple[int, ...
     started = time.time()
     console.print(f"bench serve-long: 1/2 cost against n on {dev}"
                   + (f" (overrides {overrides})" if overrides else ""))
-    lengths = bench_lengths(sizes, ns, M, dev, families, min_seconds=min_seconds, overrides=overrides)
+    lengths = bench_lengths(sizes, ns, M, dev, families, min_seconds=min_seconds, overrides=overrides, mix=mix)
     console.print("bench serve-long: 2/2 SUMI and incremental" + ("" if sumi else ": skipped"))
     sumi = bench_sumi_incremental(sumi_size, sumi_n, M, dev, min_seconds=min_seconds) if sumi else None
     summary = length_summary(lengths)
     figures = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "torch_threads": torch.get_num_threads(), "goals": GOALS, "overrides": overrides or {}, "lengths": lengths,
+               "torch_threads": torch.get_num_threads(), "goals": GOALS, "overrides": overrides or {}, "mix": mix,
+               "lengths": lengths,
                "length_summary": summary, "sumi_incremental": sumi, "wall_seconds": time.time() - started}
     figures["markdown"] = "\n".join(markdown(lengths, summary, sumi, str(dev)))
     console.print(figures["markdown"])

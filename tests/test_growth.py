@@ -222,3 +222,40 @@ def test_a_run_stopped_in_its_dense_phase_resumes_exactly(split, tmp_path):
     resumed = train(TrainConfig("astro", "xs", None, tmp_path / "late", steps=10, resume=True, growth=SCHEDULE,
                                 **KW), data=split, progress=False)
     assert resumed.model_version == straight.model_version and resumed.growth["density_now"] == 1.0
+
+
+def test_the_bench_times_the_track_gradients_reference_path_in_the_same_rounds(db_path, tmp_path, monkeypatch):
+    """`bench growth --track-gradient both`: dense and sliced with the table's reference
+    gradient path join the rounds, share their variant's FLOPs, and get their own ratio."""
+    import bench.common
+    from bench.growth import run_bench_growth
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)  # keep the repository's figures
+    figures = run_bench_growth(db_path, "astro", "xs", steps=4, repeats=1, batch_size=16, max_len=16,
+                               floor=False, masked=False, result_name="growth-test", track_gradient="both")
+    assert list(figures["run_cpu_seconds"]) == ["dense", "sliced", "dense-sparse", "sliced-sparse"]
+    assert figures["linear_flops"]["sliced-sparse"] == figures["linear_flops"]["sliced"]
+    assert figures["reference_track_cpu_sliced_vs_dense"] > 0
+    assert json.loads((tmp_path / "growth-test.json").read_text())["config"]["track_gradient"] == "both"
+    with pytest.raises(ValueError, match="track_gradient"):
+        run_bench_growth(db_path, "astro", "xs", steps=4, repeats=1, batch_size=16, max_len=16, track_gradient="lazy")
+
+
+def test_the_step_profile_times_steady_steps_by_phase_and_forward_part(db_path, tmp_path, monkeypatch):
+    """`bench growth-profile`: only steady sparse steps are counted, every phase and the
+    forward's parts are there, and the model's methods are restored afterwards."""
+    import bench.common
+    from bench.growth_profile import PARTS, REST, run_bench_growth_profile
+    from ranker.models.hstu import HSTULayer
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    project = HSTULayer.project
+    figures = run_bench_growth_profile(db_path, "astro", "s", steps=10, batch_size=8, max_len=16, rounds=1,
+                                       growth=GrowthConfig(update_every=3), result_name="profile-test")
+    assert HSTULayer.project is project
+    sliced = figures["runs"]["sliced"][0]
+    assert sliced["steps_counted"] == 2  # steps 5 and 7: 6 is an update, 8 on dense
+    assert figures["runs"]["dense"][0]["steps_counted"] == 5
+    assert set(sliced["phase_ms"]) == {"batch", "narrow/widen", "forward", "backward", "clip", "AdamW", "grow back"}
+    assert {label for _, _, label, _ in PARTS} | {REST} >= set(sliced["forward_part_ms"]) > {REST}
+    assert (tmp_path / "profile-test.json").exists()

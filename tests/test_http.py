@@ -117,8 +117,9 @@ def test_openapi_documents_the_rank_body_and_reply(client):
 
 
 def test_the_lean_rank_route_answers_as_fastapis_route(tmp_path):
-    """POST /rank by the bare ASGI handler (the default) and by FastAPI's route (the
-    reference): the same status, body (timing aside) and headers, good and bad requests."""
+    """POST /rank by the bare ASGI handler with stage two's fast path (the defaults) and by
+    FastAPI's route with the model's own scoring (the references): the same status, body
+    (timing aside; the scores to the last bit) and headers, good and bad requests."""
     settings = tiny_service_settings(tmp_path, users=[7], length=12, seed=0, max_candidates=5)
     cases = [
         ({"user_id": 7, "scenario": "radio", "candidates": [4, 8, 15], "request_id": 3, "ts": 1_800_000_000_000}, {}),
@@ -131,8 +132,9 @@ def test_the_lean_rank_route_answers_as_fastapis_route(tmp_path):
         (b"x" * (settings.max_body_bytes + 1), {}),
     ]
     replies = {}
-    for route in ("lean", "fastapi"):
-        service = build_service(settings.model_copy(update={"rank_route": route}))
+    for route, stage_two in (("lean", "fast"), ("fastapi", "reference")):  # both defaults against both references
+        service = build_service(settings.model_copy(update={"rank_route": route, "stage_two": stage_two}))
+        assert service.ranker.stage_two == stage_two
         with TestClient(create_app(service)) as client:
             replies[route] = [client.post("/rank", json=body) if isinstance(body, dict) else
                               client.post("/rank", content=body, headers={"content-type": "application/json", **h})

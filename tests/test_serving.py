@@ -16,6 +16,7 @@ from ranker.serving.cache import history_batch
 from ranker.serving.incremental import PATHS
 from ranker.models import build_model
 from ranker.serving.ranker import NeuralRanker
+from ranker.serving.stage_two import SCORING_PATHS, has_fast_path
 from ranker.serving.service import ScoringService, ServingSettings
 from streaming.events import SCENARIO_CODE
 from tests.support import TINY_ASTRO
@@ -68,9 +69,11 @@ def reference_scores(model, seq: UserSequence, req: RankRequest) -> np.ndarray:
         return model.score(model(batch))[0].numpy()
 
 
-def test_neural_ranker_scores_a_batch_of_users_like_the_model_and_follows_new_events(store):
+@pytest.mark.parametrize("scoring", SCORING_PATHS)
+def test_neural_ranker_scores_a_batch_of_users_like_the_model_and_follows_new_events(store, scoring):
     model = tiny_model()
-    ranker = NeuralRanker(model, "v1", store, device="cpu")
+    ranker = NeuralRanker(model, "v1", store, device="cpu", stage_two=scoring)
+    assert has_fast_path(ranker.model)  # so "fast" is the fast path here, not the reference
     requests = [request(1, 2, [3, 1, 4, 1, 5]), request(2, 4, [9, 2, 6]), request(3, 2, [5, 3], "radio"),
                 request(4, 999, [7, 8, 0])]  # user 999 has no sequence: a cold start, still ranked
     responses = ranker.rank(requests)

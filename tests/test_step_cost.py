@@ -67,14 +67,16 @@ def test_clip_gradients_is_clip_grad_norm():
         torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
 
 
-def test_track_gradient_is_the_dense_lookups_gradient():
-    """Three AdamW steps with the clip: the sparse rows into one reused buffer give the dense
-    lookups' gradients and weights (a row's history and candidate terms are summed in
-    another order, hence assert_close), and the buffer is the same tensor every step."""
+@pytest.mark.parametrize("implementation", ["rows", "sparse"])
+def test_track_gradient_is_the_dense_lookups_gradient(implementation):
+    """Three AdamW steps with the clip: the rows written into one reused buffer give the
+    dense lookups' gradients and weights (a row's history and candidate terms are summed in
+    another order, hence assert_close), and the buffer is the same tensor every step.
+    "rows" zeroes only the rows the last step wrote: a stale row would show here."""
     torch.manual_seed(0)
     dense = build_model("astro", "s", TINY_TRACKS, **TINY_ASTRO)
-    sparse = copy.deepcopy(dense)
-    runs = [(dense, TrackGradient(dense, enabled=False)), (sparse, TrackGradient(sparse))]
+    fast = copy.deepcopy(dense)
+    runs = [(dense, TrackGradient(dense, enabled=False)), (fast, TrackGradient(fast, implementation=implementation))]
     optimizers = [adamw(model.parameters(), 1e-2, 0.1, torch.device("cpu")) for model, _ in runs]
     pointers = set()
     for step in range(3):
@@ -88,12 +90,18 @@ def test_track_gradient_is_the_dense_lookups_gradient():
             loss.backward()
             clip_gradients(model.parameters(), 0.05)
             optimizer.step()
-        pointers.add(sparse.embed.track.weight.grad.data_ptr())
-        assert sparse.embed.track.weight.grad.layout == torch.strided
-        for (name, p), q in zip(dense.named_parameters(), sparse.parameters()):
+        pointers.add(fast.embed.track.weight.grad.data_ptr())
+        assert fast.embed.track.weight.grad.layout == torch.strided
+        for (name, p), q in zip(dense.named_parameters(), fast.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert len(pointers) == 1
-    assert sparse.embed.track.sparse
+    assert fast.embed.track.sparse == (implementation == "sparse")
+    with torch.no_grad():  # no gradient wanted: a plain lookup, nothing written
+        written = len(runs[1][1].written)
+        torch.testing.assert_close(fast.embed.track(batch.candidate_tracks), dense.embed.track(batch.candidate_tracks))
+        assert len(runs[1][1].written) == written
     runs[1][1].close()
-    assert not sparse.embed.track.sparse
+    assert not fast.embed.track.sparse and "forward" not in fast.embed.track.__dict__
+    with pytest.raises(ValueError, match="track gradient implementation"):
+        TrackGradient(fast, implementation="lazy")

@@ -28,6 +28,9 @@ def serve(
     malloc: Optional[Literal["keep", "glibc"]] = typer.Option(
         None, help="keep (default): fix glibc's malloc thresholds so a batch reuses the pages the last one freed; "
         "glibc: its own dynamic thresholds"),
+    stage_two: Optional[Literal["fast", "reference"]] = typer.Option(
+        None, help="candidates against the cached history: fast (default; same scores, smaller fixed cost per "
+        "batch) or reference (the model's own)"),
     torch_threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default 1; 0: "
                                                 "torch's default, one per core)"),
     max_candidates: Optional[int] = typer.Option(None, help="422 for a request with more candidates (default 100,000)"),
@@ -56,5 +59,6 @@ def serve(
              "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
              "duplicate_candidates": duplicate_candidates, "kv_storage": kv_storage,
              "window_hop": window_hop, "batching": batching, "rank_route": rank_route,
-             "trace": trace, "scoring": scoring, "malloc": malloc}
+             "trace": trace, "scoring": scoring, "malloc": malloc,
+             "stage_two": stage_two}
     run_service(ServingSettings(**{k: v for k, v in flags.items() if v is not None}))

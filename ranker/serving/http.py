@@ -284,7 +284,8 @@ def build_service(settings: ServingSettings) -> ScoringService:
     ranker = NeuralRanker.from_checkpoint(settings.checkpoint, store, cache_bytes=settings.cache_bytes,
                                           max_candidates=settings.max_candidates,
                                           candidate_chunk=settings.candidate_chunk, device=settings.device,
-                                          kv_storage=settings.kv_storage, window_hop=settings.window_hop)
+                                          kv_storage=settings.kv_storage, window_hop=settings.window_hop,
+                                          stage_two=settings.stage_two)
     return ScoringService(ranker, settings)
 
 

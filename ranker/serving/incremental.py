@@ -181,7 +181,8 @@ def drop_derived_tables(model: SequenceRanker) -> None:
     stacks' parameter plans); rebuilt on next use. In-place weight changes are detected
     anyway; this covers reloads that replace Parameter objects."""
     for module in model.modules():
-        for name in ("_one_event_cache", "_one_token_plan", "_tau_cache", "_bias_rows"):
+        for name in ("_one_event_cache", "_one_token_plan", "_tau_cache", "_bias_rows",
+                     "_stage_two_tables", "_stage_two_layers"):
             module.__dict__.pop(name, None)
 
 

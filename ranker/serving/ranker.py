@@ -24,6 +24,7 @@ from ranker.interface import RANKING_SCORE, RankRequest, RankResponse, SequenceS
 from features.sequence import UserSequence
 from ranker.serving.cache import DEFAULT_BUDGET_BYTES, UserKVCache, history_batch, stack_histories
 from ranker.models.base import SequenceRanker
+from ranker.serving.stage_two import SCORING_PATHS, score_candidates
 from streaming.events import SCENARIO_CODE, SCENARIOS
 
 # A request's candidates are scored in chunks of `candidate_chunk` over one cached history
@@ -94,20 +95,22 @@ def candidate_batch(requests: Sequence[RankRequest], candidates: Sequence[np.nda
 
 
 def score_in_chunks(model: SequenceRanker, history, requests: Sequence[RankRequest],
-                    candidates: Sequence[np.ndarray], chunk: int, device: torch.device) -> np.ndarray:
+                    candidates: Sequence[np.ndarray], chunk: int, device: torch.device,
+                    path: str = "fast") -> np.ndarray:
     """float32 [B, max M, 1 + len(TASKS)]: ranking score then task probabilities, candidates
     scored `chunk` columns at a time against the same stacked history.
 
     Exact: a candidate attends to the history and to itself only (the SUMI mask), never to
     another candidate, so which candidates share a pass cannot change its score. A row with
-    no candidates left in a chunk gets masked padding, whose scores are never read."""
+    no candidates left in a chunk gets masked padding, whose scores are never read.
+    `path`: stage two's implementation (ranker.serving.stage_two.SCORING_PATHS)."""
     if chunk < 1:
         raise ValueError(f"candidate_chunk must be >= 1, got {chunk}")
     width = max(len(c) for c in candidates)
     parts = []
     for start in range(0, width, chunk):
         batch = candidate_batch(requests, [c[start:start + chunk] for c in candidates], device)
-        logits = model.score_candidates(history, batch)
+        logits = score_candidates(model, history, batch, path)
         scores = torch.cat([model.score(logits, batch.candidate_mask)[..., None], torch.sigmoid(logits)], -1)
         parts.append(scores.float().cpu().numpy())
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -120,9 +123,12 @@ class NeuralRanker:
                  name: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", kv_storage: str = "fp32",
                  candidate_chunk: int = DEFAULT_CANDIDATE_CHUNK, incremental: str = "fast",
-                 window_hop: int = 1) -> None:
+                 window_hop: int = 1, stage_two: str = "fast") -> None:
         if candidate_chunk < 1:
             raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
+        if stage_two not in SCORING_PATHS:
+            raise ValueError(f"stage_two must be one of {SCORING_PATHS}, got {stage_two!r}")
+        self.stage_two = stage_two  # candidates against the cache: "fast" (small fixed cost) or "reference"
         self.device = serving_device(device)
         self.model = prepare_for_serving(model, self.device)
         self.name = name or model.family
@@ -173,7 +179,8 @@ class NeuralRanker:
         history = stack_histories([per_user[int(r.user_id)] for r in requests])
         t2 = time.perf_counter()
         with torch.inference_mode():
-            scores = score_in_chunks(self.model, history, requests, candidates, self.candidate_chunk, self.device)
+            scores = score_in_chunks(self.model, history, requests, candidates, self.candidate_chunk, self.device,
+                                     self.stage_two)
         t3 = time.perf_counter()
         responses = []
         for row, (request, tracks) in enumerate(zip(requests, candidates)):

@@ -92,6 +92,9 @@ class ServingSettings(BaseSettings):
     # the pages a batch frees are reused by the next batch, not unmapped and faulted in again
     # (ranker.serving.malloc); "glibc" leaves glibc's dynamic thresholds (the reference).
     malloc: Literal["keep", "glibc"] = "keep"
+    # Stage two (candidates against the cached history): "fast" (ranker.serving.stage_two: the
+    # same scores with a smaller fixed cost per batch) or "reference" (the model's own).
+    stage_two: Literal["fast", "reference"] = "fast"
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, ge=0)
     kv_storage: Literal["fp32", "bf16", "int8"] = "fp32"  # K/V at rest (ranker.serving.kv_storage)
     # The served history window's hop (ranker.window): 1 slides it with every event past

@@ -206,8 +206,10 @@ class GrowPrune:
     def prepare(self, step: int) -> None:
         """Before the forward of `step`: the sliced implementation runs on the active units,
         except at an update step (its choice needs the inactive units' gradients) and once dense."""
-        sliced = (self.cfg.implementation == "sliced" and step < self.dense_step and not self.is_dense
-                  and not self._is_update(step))
+        # While sliced the masks cannot change (updates run full-size), so is_dense (a
+        # reduction per group) is asked only when the layers are full-size.
+        sliced = (self.cfg.implementation == "sliced" and step < self.dense_step and not self._is_update(step)
+                  and (self._sliced or not self.is_dense))
         self._slice(sliced)
 
     def before_step(self, step: int) -> None:

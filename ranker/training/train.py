@@ -251,6 +251,9 @@ class TrainConfig:
     # The history window of each request (ranker.window): 1 the last max_len tokens; h > 1
     # the hop window a service with window_hop h serves (impression objective only).
     window_hop: int = 1
+    # The track table's gradient (ranker.training.step_cost.TrackGradient): "rows" (index_add_
+    # into a kept buffer, only written rows zeroed) or "sparse" (the reference, sparse rows).
+    track_gradient: str = "rows"
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
@@ -362,7 +365,8 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
         return version
 
     model.train()
-    track_gradient = TrackGradient(model, enabled=runtime.world == 1)  # DDP keeps the dense lookup
+    track_gradient = TrackGradient(model, enabled=runtime.world == 1,  # DDP keeps the dense lookup
+                                   implementation=c.track_gradient)
     loss_history: list[tuple[int, float]] = []
     start_step, started, started_cpu = step, time.perf_counter(), time.process_time()
     bar = Progress(TextColumn(f"{family}-{size}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
