@@ -300,6 +300,9 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
     wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
                                 "--select-by", "mrr@10"])
     assert wrong.exit_code == 2 and "--select-by" in wrong.output
+    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                "--prefix-windows", "separate"])
+    assert wrong.exit_code == 2 and "--prefix-windows" in wrong.output
     popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
     assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
 
