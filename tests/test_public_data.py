@@ -18,7 +18,7 @@ from ranker.training.data import load_request_log
 from ranker.training.importer import import_interactions
 from ranker.training.loo import leave_one_out, metrics_from_ranks, pessimistic_ranks, reference_metrics
 from ranker.training.loo_eval import Protocol, evaluate_loo, model_scorer, popularity_scorer
-from ranker.training.next_item import next_item_loss, popularity_log_q, training_windows
+from ranker.training.next_item import counted_outputs, next_item_loss, popularity_log_q, training_windows
 from sandbox.cli import app
 
 TINY = Path(__file__).parent / "data" / "tiny.inter"  # RecBole's format: 12 users, 30 items
@@ -164,6 +164,69 @@ def test_next_item_logits_against_a_written_out_dot_product(logit_norm):
         assert torch.allclose(model.next_item_logits(hidden, torch.tensor([4, 0]))[row], expected[[4, 0]], atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def rated_split(tmp_path_factory):
+    """The tiny log with ratings as behaviours: ASTRO's behaviour blocks both hold tokens."""
+    db = tmp_path_factory.mktemp("rated") / "rated.duckdb"
+    import_interactions(TINY, db, {**COLUMNS, "behaviour": "rating"}, negatives="none",
+                        behaviour_map="5=like,4=full_play,1-3=play")
+    return leave_one_out(load_request_log(db))
+
+
+def _per_target(model, split, windows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [T, n_tracks], targets and per-target losses, ordered by the target's token."""
+    with torch.no_grad():
+        hidden, targets, index = counted_outputs(model, split, windows, np.arange(len(windows)))
+        order = index.argsort()
+        logits = model.next_item_logits(hidden[order])
+        losses = torch.nn.functional.cross_entropy(logits, targets[order], reduction="none")
+    return logits, index[order], losses
+
+
+MERGE_CASES = [(family, {}) for family in FAMILIES] + [
+    ("astro", {"block_attention": "softmax", "norm": "post", "logit_norm": False}),  # the ML-100K recipe
+    ("hstu", {"n_layers": 2}),  # relative position and time buckets between history tokens
+]
+
+
+@pytest.mark.parametrize("family,overrides", MERGE_CASES, ids=lambda c: c if isinstance(c, str) else
+                         ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_merged_prefixes_equal_one_window_per_prefix(rated_split, family, overrides):
+    """Every prefix (stride 1): one window from each user's first token holds the prefixes of its
+    first max_len + 1 tokens; in eval mode each target's logits and loss equal the reference's
+    (one window per prefix), and the examples (target, context start) are the same multiset."""
+    split, max_len = rated_split, 4
+    merged = training_windows(split, max_len, 1, "merged")
+    separate = training_windows(split, max_len, 1, "separate")
+    examples = lambda w: sorted((int(s) + p + 1, int(s)) for s, e, f in zip(w.start, w.end, w.loss_from)  # noqa: E731
+                                for p in range(f, e - s))
+    assert examples(merged) == examples(separate)
+    assert merged.n_targets == separate.n_targets and merged.n_items < separate.n_items
+    assert len(merged) < len(separate)
+    torch.manual_seed(0)
+    size = "s" if family == "astro" else "xs"  # xs is one block; s has the two behaviour blocks
+    model = build_model(family, size, split.n_tracks, max_len=max_len, **overrides).eval()
+    assert model.prefix_invariant()
+    fast, reference = _per_target(model, split, merged), _per_target(model, split, separate)
+    assert torch.equal(fast[1], reference[1])
+    torch.testing.assert_close(fast[0], reference[0])
+    torch.testing.assert_close(fast[2], reference[2])
+
+
+def test_recency_blocks_are_not_prefix_invariant(rated_split):
+    """ASTRO's recency partition counts ages from the window's end: the merge would change its
+    outputs (checked here), so the trainer gives it one window per prefix."""
+    split = rated_split
+    torch.manual_seed(0)
+    model = build_model("astro", "s", split.n_tracks, max_len=4, partition="recency", recency_scales=(2, 4)).eval()
+    assert not model.prefix_invariant()
+    fast = _per_target(model, split, training_windows(split, 4, 1, "merged"))
+    reference = _per_target(model, split, training_windows(split, 4, 1, "separate"))
+    assert not torch.allclose(fast[0], reference[0], atol=1e-4)
+    with pytest.raises(ValueError, match="prefix windows must be one of"):
+        training_windows(split, 4, 1, "joined")
+
+
 def test_next_item_steps_reduce_the_loss(split):
     torch.manual_seed(0)
     model = build_model("sasrec", "xs", split.n_tracks, dropout=0.0, max_len=8)
@@ -237,6 +300,9 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
     wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
                                 "--select-by", "mrr@10"])
     assert wrong.exit_code == 2 and "--select-by" in wrong.output
+    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                "--prefix-windows", "separate"])
+    assert wrong.exit_code == 2 and "--prefix-windows" in wrong.output
     popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
     assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
 

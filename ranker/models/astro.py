@@ -236,6 +236,10 @@ class AstroModel(SequenceRanker):
             member = self.token_blocks(batch.history_behaviours, batch.history_scenarios)
         return member & valid[..., None]
 
+    def prefix_invariant(self) -> bool:
+        """The recency partition counts a token's age from the window's last token."""
+        return self.config.partition != "recency"
+
     def token_blocks(self, behaviours: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
         """bool [..., Nb] for partitions that depend on the token alone (recency: every block)."""
         blocks = torch.arange(self.config.n_blocks, device=behaviours.device)

@@ -111,6 +111,12 @@ class SequenceRanker(nn.Module):
         next-item objective; width n = the batch's longest history."""
         raise NotImplementedError
 
+    def prefix_invariant(self) -> bool:
+        """Whether a history token's output depends only on the tokens up to it, counted from
+        the window's start (never on the window's end), so one window can hold every prefix
+        that shares its start (ranker.training.next_item, merged prefixes)."""
+        return True
+
     def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
         """The user side of a next-item logit: hidden [..., d] through a parameter-free layer
         norm (one scale whatever the stack's last layer) when cfg.logit_norm, else as is."""

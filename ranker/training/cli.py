@@ -48,7 +48,10 @@ def train(
                                           "popularity-drawn negatives and logQ correction"),
     window_stride: Optional[int] = typer.Option(None, help="next-item: targets per training window, each predicted "
                                                 "from >= max-len - stride earlier items [default: max-len / 2]; "
-                                                "1 = every prefix, as RecBole (max-len times the work)"),
+                                                "1 = every prefix, as RecBole"),
+    prefix_windows: str = typer.Option("merged", help="next-item, --window-stride 1: 'merged' (one window per "
+                                       "user's first max-len + 1 items holds all their prefixes, exact for causal "
+                                       "models) or 'separate' (one window per prefix, the reference; slower)"),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay"),
     grad_clip: float = typer.Option(1.0, help="clip the gradient norm at this; 0 clips nothing"),
     lr_schedule: str = typer.Option("cosine", help="next-item: 'cosine' (warm-up, cosine to 10%) or 'constant'"),
@@ -90,8 +93,9 @@ def train(
         _fail("train", ValueError("--objective next-item trains on the leave-one-out split: add --split loo"))
     if test_window_h < 0 or (test_window_h and split != "time"):
         _fail("train", ValueError("--test-window-h must be >= 0 and needs --split time"))
-    if window_stride is not None and objective != "next_item":
-        _fail("train", ValueError("--window-stride is a next-item setting: add --objective next-item"))
+    if (window_stride is not None or prefix_windows != "merged") and objective != "next_item":
+        _fail("train", ValueError("--window-stride and --prefix-windows are next-item settings: "
+                                  "add --objective next-item"))
     if (lr_schedule != "cosine" or patience is not None or select_by != "last") and objective != "next_item":
         _fail("train", ValueError("--lr-schedule, --patience and --select-by are next-item settings: "
                                   "add --objective next-item"))
@@ -107,7 +111,7 @@ def train(
                          split=split, objective=objective, sampled_negatives=sampled_negatives,
                          resume_from=resume_from, window_stride=window_stride, weight_decay=weight_decay,
                          grad_clip=grad_clip, lr_schedule=lr_schedule, patience=patience,
-                         select_by=select_by)
+                         select_by=select_by, prefix_windows=prefix_windows)
     return run_from_flags(config)
 
 

@@ -244,6 +244,7 @@ class TrainConfig:
     objective: str = "impression"
     sampled_negatives: int = 0
     window_stride: int | None = None  # next-item: targets per training window (None: max_len // 2)
+    prefix_windows: str = "merged"  # next-item, window_stride 1: "merged" or "separate" (the reference)
     lr_schedule: str = "cosine"  # next-item: "cosine" (warm-up + cosine) or "constant" (RecBole's)
     patience: int | None = None  # next-item: early stop on validation HR@10, keep the best epoch
     select_by: str = "last"  # next-item: test the last epoch, or the best on this validation metric
@@ -500,7 +501,7 @@ def _train_next_item(c: TrainConfig, loo: LeaveOneOut, say) -> TrainResult:
                              lr=c.lr, seed=c.seed, max_len=c.max_len, negatives=c.sampled_negatives,
                              weight_decay=c.weight_decay, model_overrides=c.model_overrides, say=say,
                              window_stride=c.window_stride, lr_schedule=c.lr_schedule, grad_clip=c.grad_clip,
-                             patience=c.patience, select_by=c.select_by)
+                             patience=c.patience, select_by=c.select_by, prefix_windows=c.prefix_windows)
     metrics = {**{f"valid/{k}": v for k, v in result.valid.items()}, **{f"test/{k}": v for k, v in result.test.items()}}
     return TrainResult(metrics=metrics, n_params=result.n_params, flops_per_request=0,
                        train_seconds=result.train_seconds, steps=result.steps, requests_seen=0, train_compute=0.0,
