@@ -100,7 +100,7 @@ def bench_growth(
     masked: bool = typer.Option(True, help="also the masked reference (as slow as dense; --no-masked in sweeps)"),
     threads: int = typer.Option(1, help="torch threads"),
     name: str = typer.Option("growth", help="results file: bench/results/NAME.json"),
-    track_gradient: str = typer.Option("rows", help="the track table's gradient path: rows, sparse (the reference) "
+    track_gradient: str = typer.Option("sparse", help="the track table's gradient path: sparse (the reference, the trainer's default), rows "
                                        "or both (adds dense-sparse and sliced-sparse to the same rounds)"),
 ) -> Any:
     """Training wall and CPU time per step and per run: dense, masked and sliced grow-and-prune, side by side."""

@@ -12,9 +12,10 @@ runs (its hook costs time); one extra, untimed, run per variant counts the Linea
 is left is the part of the step no density reaches (embeddings, dropout, the blocks' gather,
 the unpruned layers, the dense phase and the optimizer over what stays full-size).
 
-`--track-gradient sparse` times the track table's reference gradient path
-(ranker.training.step_cost); `both` adds `dense-sparse` and `sliced-sparse` (the reference
-path) to the same rounds, a before/after of that path side by side.
+`--track-gradient` picks the track table's gradient path (ranker.training.step_cost):
+`sparse` (the reference and the trainer's default) or `rows` (the option); `both` times
+`rows` as dense and sliced and adds `dense-sparse` and `sliced-sparse` (the reference path)
+to the same rounds, the two paths side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def variant_config(base: TrainConfig, name: str, growth: GrowthConfig) -> TrainC
 def run_bench_growth(db_path: Path, family: str, size: str, steps: int, repeats: int, batch_size: int,
                      max_len: int, overrides: dict[str, Any] | None = None,
                      growth: GrowthConfig | None = None, floor: bool = True, threads: int = 1,
-                     masked: bool = True, result_name: str = "growth", track_gradient: str = "rows") -> dict:
+                     masked: bool = True, result_name: str = "growth", track_gradient: str = "sparse") -> dict:
     """`masked=False` leaves out the reference variant (it costs what dense does; schedule
     sweeps time dense against sliced only); `result_name`: bench/results/NAME.json;
     `track_gradient`: "rows", "sparse" or "both" (see the module's docstring)."""

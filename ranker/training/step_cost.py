@@ -3,10 +3,10 @@
 - `TrackGradient`: the track table ([n_tracks + 1, d], the model's largest tensor) gets its
   gradient as rows added into one dense buffer kept across steps. A dense embedding
   backward allocates and zero-fills a fresh table-sized tensor for each lookup (history and
-  candidates: two), and autograd then adds the two. `implementation="rows"` (the default)
+  candidates: two), and autograd then adds the two. `implementation="rows"` (an option)
   adds each lookup's output gradient straight into the buffer's looked-up rows
   (index_add_) and, before the next backward, zeroes only the rows the last step wrote:
-  no table-sized pass at all. `"sparse"` (the reference, the previous default) lets
+  no table-sized pass at all. `"sparse"` (the reference and the default) lets
   F.embedding(sparse=True) yield sparse rows that autograd adds into the buffer, which is
   zeroed whole each step. The clip and AdamW see a dense gradient with the same values
   either way (up to the order in which a row's contributions are summed), so the update is
@@ -40,7 +40,7 @@ class TrackGradient:
     (the clip scales every gradient by one factor and AdamW only reads them, so nothing
     else makes a row non-zero), hence zeroing those rows zeroes the buffer."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True, implementation: str = "rows"):
+    def __init__(self, model: nn.Module, enabled: bool = True, implementation: str = "sparse"):
         if implementation not in TRACK_GRADIENTS:
             raise ValueError(f"track gradient implementation must be one of {TRACK_GRADIENTS}, got {implementation!r}")
         self.table: nn.Embedding | None = model.embed.track if enabled else None

@@ -251,9 +251,11 @@ class TrainConfig:
     # The history window of each request (ranker.window): 1 the last max_len tokens; h > 1
     # the hop window a service with window_hop h serves (impression objective only).
     window_hop: int = 1
-    # The track table's gradient (ranker.training.step_cost.TrackGradient): "rows" (index_add_
-    # into a kept buffer, only written rows zeroed) or "sparse" (the reference, sparse rows).
-    track_gradient: str = "rows"
+    # The track table's gradient (ranker.training.step_cost.TrackGradient): "sparse" (the
+    # reference, sparse rows) or "rows" (index_add_ into a kept buffer, only written rows
+    # zeroed). "rows" sums a row's contributions in another order, which moves every trained
+    # model at rounding level (and with it the closed loop's A/B logs), so it stays an option.
+    track_gradient: str = "sparse"
 
 
 def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = True) -> TrainResult:
