@@ -296,8 +296,9 @@ def markdown(lengths: list[dict], summary: dict, sumi: dict | None, device: str)
         exps = ", ".join(f"{f} {e:.2f}" for f, e in s["exponents"].items())
         ratios = "; ".join(f"HSTU / {label} cold at n={s['n']}: **{v['cold']:.2f}x** wall, {v['cold_cpu']:.2f}x CPU "
                            f"(FLOP ratio {v['flops']:.2f})" for label, v in s.get("hstu_over", {}).items())
-        lines.append(f"\nSize {size}: growth exponent of cold latency (log-log slope over the three longest n): "
-                     f"{exps}" + (f"; {ratios}" if ratios else "") + ".")
+        parts = ([f"growth exponent of cold latency (log-log slope over the three longest n): {exps}"] if exps
+                 else []) + ([ratios] if ratios else [])  # one length: no slope to state
+        lines.append(f"\nSize {size}: " + "; ".join(parts) + ".")
     if sumi is None:
         return lines
     r = sumi["ratios"]
