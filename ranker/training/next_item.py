@@ -20,7 +20,8 @@ position p of a window depends only on the window's tokens <= p counted from its
 the prefixes of a user's first max_len + 1 training tokens are exactly the positions of ONE
 window starting at the user's first token; only later targets need their own window (its
 last position counted). The same (context, target) examples as one window per prefix
-(prefixes="separate", the reference path), with about half the items through the model.
+(prefixes="separate", the reference path), with fewer items through the model: a user's
+first max_len prefixes share one window instead of one each.
 Exact for every family whose history tokens depend on nothing after them (positions from
 the window's start, gaps to the previous event, pairwise relative biases); ASTRO's recency
 partition counts ages from the window's end, so it keeps one window per prefix
