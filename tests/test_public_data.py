@@ -291,18 +291,11 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert "5 sampled items the user never interacted with" in evaluated.output
     assert "HR@1" in evaluated.output and "NDCG@3" in evaluated.output and "MRR" in evaluated.output
-    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
-                                "--objective", "next-item"])
-    assert wrong.exit_code == 2 and "--split loo" in wrong.output
-    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
-                                "--patience", "2"])
-    assert wrong.exit_code == 2 and "next-item settings" in wrong.output
-    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
-                                "--select-by", "mrr@10"])
-    assert wrong.exit_code == 2 and "--select-by" in wrong.output
-    wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
-                                "--prefix-windows", "separate"])
-    assert wrong.exit_code == 2 and "--prefix-windows" in wrong.output
+    for flags, named in ((["--objective", "next-item"], "--split loo"), (["--patience", "2"], "next-item settings"),
+                         (["--select-by", "mrr@10"], "--select-by"), (["--prefix-windows", "separate"], "--prefix-windows")):
+        wrong = runner.invoke(app, ["train", "--model", "hstu", "--size", "xs", "--db", str(db), "--out", str(out),
+                                    *flags])
+        assert wrong.exit_code == 2 and named in wrong.output, (flags, wrong.output)
     popular = runner.invoke(app, ["eval", "popularity", "--db", str(db), "--protocol", "loo-full", "--exclude-seen"])
     assert popular.exit_code == 0 and "items seen before the target excluded" in popular.output
 
