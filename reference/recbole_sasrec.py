@@ -4,7 +4,10 @@ RecBole (issue 26)"). Not project code: it runs in a virtualenv of its own with 
 installed (docs/results.md, "Reproducing RecBole's reference"), and nothing in the
 project or its tests imports it, since recbole is not a project dependency.
 
-    python reference/recbole_sasrec.py --seed 2020 --out /tmp/recbole-2020
+    cd /tmp/recbole-run && python $REPO/reference/recbole_sasrec.py --seed 2020 --out /tmp/recbole-2020
+
+RecBole writes log/ and log_tensorboard/ into the working directory (a file named `log`
+there stops it), hence a scratch folder.
 
 Settings: 12 epochs, batch 256, max length 50, cross-entropy over all items, no negative
 sampling, leave-one-out by time ("LS": valid_and_test, ordered by time, grouped by user),
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 
 import numpy as np
@@ -66,6 +70,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    # RecBole's Config also reads sys.argv: every --key=value would override the dict below
+    # (and it warns about the rest). The settings are this script's, so it sees none.
+    sys.argv = sys.argv[:1]
     torch.set_num_threads(args.threads)
 
     config = Config(model="SASRec", dataset="ml-100k",
