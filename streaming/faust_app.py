@@ -175,11 +175,11 @@ def create_app(settings: StreamSettings, role: Role = "all") -> faust.App:
     async def send_dead_letters(letters: list[DeadLetter]) -> list:
         return [await dlq_topic.send(value=encode_dead_letter(letter)) for letter in letters]
 
-    forgets = []  # per agent: drop its cache after a rebalance
+    forgets = []  # drop the sequence cache after a rebalance (track_stats handles its own)
     if role in ("all", "sequences"):
         forgets.append(_add_sequence_builder(app, settings, send_dead_letters))
     if role in ("all", "tracks"):
-        forgets.append(_add_track_stats(app, settings, send_dead_letters))
+        _add_track_stats(app, settings, send_dead_letters)
     input_topic = TRACK_EVENTS_TOPIC if role == "tracks" else EVENTS_TOPIC
 
     # The caches are valid only while this worker is the rows' single writer.
@@ -234,13 +234,19 @@ def _add_sequence_builder(app: faust.App, settings: StreamSettings, send_dead_le
     return forget
 
 
-def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters) -> Callable:
+def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters) -> None:
     """track_stats applies each batch in memory and writes on a timer; a message is acked
-    once a flush has written what it changed."""
+    once a flush has written what it changed.
+
+    The cache is dropped on every rebalance (another worker may have written its rows) and
+    the partitions' tokens claimed anew, both before any batch of the new assignment is
+    applied (`claimed`): a batch applied first would be dropped with the cache while its
+    messages stay queued for the next flush, which would ack them unwritten."""
     lane = FeatureLane(settings, "tracks")
     tracks = TrackStatsState(lane.store, source_partitions=settings.partitions)  # exactly-once counts
     unflushed: list = []  # (stream, event) applied but not yet written
     flush_lock = asyncio.Lock()
+    claimed = asyncio.Event()  # set once the cache is fresh and `owners` holds this assignment's claims
 
     @app.agent(app.topic(TRACK_EVENTS_TOPIC, partitions=settings.partitions), name="track_stats")
     async def track_stats(stream):
@@ -254,6 +260,7 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
                                            int(time.time() * 1000)))
             pending = await send_dead_letters(dead)
             batch = EventBatch.concat(batches)
+            await claimed.wait()
             if len(batch):
                 await lane.call(tracks.add, batch)
             await asyncio.gather(*pending)
@@ -264,15 +271,35 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
     # rebalance cannot overwrite the counts of the partition's new owner.
     owners: dict[int, bytes | None] = {}
 
+    # Faust sends the revoke signal after every message in flight was acked (its
+    # `wait_empty`), so nothing applied is unflushed here, and the assignment's first batch
+    # waits for `claim`.
     @app.on_partitions_revoked.connect
     async def release(app, revoked, **kwargs) -> None:
+        claimed.clear()
         owners.clear()
+        await forget()
 
     @app.on_partitions_assigned.connect
     async def claim(app, assigned, **kwargs) -> None:
+        claimed.clear()
         owners.clear()
+        await forget()
         for partition in sorted(tp.partition for tp in assigned if tp.topic == TRACK_EVENTS_TOPIC):
             owners[partition] = await lane.call(lane.store.claim_owner, f"tracks:{partition}")
+        claimed.set()
+
+    async def forget() -> None:
+        """Drop the cache. Anything applied but unflushed would be dropped with it and
+        must not be acked as written: left unacked, it is consumed again after the next
+        rebalance or restart (the marks skip what was counted), and this is logged."""
+        async with flush_lock:
+            await lane.call(tracks.forget)
+            if unflushed:
+                log.error("track cache dropped with %d applied but unflushed messages (%s); they are not acked "
+                          "and will be consumed again after the next rebalance or restart", len(unflushed),
+                          _source(unflushed[0][1]))
+                unflushed.clear()
 
     @app.timer(interval=settings.track_flush_ms / 1000)
     async def flush_track_stats() -> None:
@@ -294,5 +321,3 @@ def _add_track_stats(app: faust.App, settings: StreamSettings, send_dead_letters
             # worker never committed them), and the group refuses this stale member's commits.
             for stream, event in written:
                 await stream.ack(event)
-
-    return lambda: lane.call(tracks.forget)
