@@ -53,14 +53,13 @@ def settings(seed: int, out: str, epochs: int) -> dict:
     data path: for "ml-100k" RecBole always reads the copy packaged with it
     (recbole/dataset_example/ml-100k, the file `climber data fetch ml-100k` takes from the
     same wheel), whatever data_path says."""
-    cfg = dict(
+    return dict(
         checkpoint_dir=out, use_gpu=False, seed=seed, reproducibility=True, show_progress=False,
         epochs=epochs, train_batch_size=256, MAX_ITEM_LIST_LENGTH=50, loss_type="CE",
         train_neg_sample_args=None,
         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
         metrics=["Hit", "NDCG", "MRR"], topk=[10], valid_metric="MRR@10",
     )
-    return cfg
 
 
 def main() -> None:
