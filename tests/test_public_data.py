@@ -4,6 +4,7 @@ next-item objective of every family, and the `climber import / train / eval` com
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import duckdb
@@ -285,7 +286,12 @@ def test_commands_import_train_next_item_and_eval(tmp_path):
                                   "--split", "loo", "--objective", "next-item", "--epochs", "2", "--batch-size", "8",
                                   "--max-len", "8"])
     assert trained.exit_code == 0, trained.output
-    assert "epoch 1/2  loss" in trained.output and "epoch 2/2" in trained.output  # plain lines in a log
+    # Plain lines in a log, one per epoch with every figure on it (no wrap at 80 columns).
+    epochs = [line for line in trained.output.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2, trained.output
+    assert all(re.fullmatch(r"epoch \d/2  loss \S+  valid HR@10 \S+  NDCG@10 \S+  MRR@10 \S+  MRR \S+  \(\d+ s\)", line)
+               for line in epochs), epochs
+    assert any(len(line) > 80 for line in epochs)  # long enough that a wrapping console would split it
     assert "valid HR@10" in trained.output and "test (leave-one-out by time" in trained.output
     evaluated = runner.invoke(app, ["eval", str(out), "--db", str(db), "--protocol", "loo-sampled:5", "--k", "1", "3"])
     assert evaluated.exit_code == 0, evaluated.output

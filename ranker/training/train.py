@@ -20,6 +20,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -277,7 +278,10 @@ def train(config: TrainConfig, data: TimeSplit | None = None, progress: bool = T
     if runtime.device.type == "cpu" and runtime.world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
     out_dir = Path(out_dir)
-    say = console.print if runtime.is_main and progress else (lambda *a, **k: None)
+    # Off a terminal (a log file, CI) each message is one line however long: rich would
+    # otherwise wrap at 80 columns and split an epoch's figures over two lines.
+    say = (partial(console.print, soft_wrap=not console.is_terminal) if runtime.is_main and progress
+           else (lambda *a, **k: None))
     if c.split not in ("time", "loo") or c.objective not in ("impression", "next_item"):
         raise ValueError(f"split must be 'time' or 'loo' and objective 'impression' or 'next_item' "
                          f"(got {c.split!r}, {c.objective!r})")
