@@ -8,7 +8,12 @@ norm "post" (RecBole's SASRec layout, which lifted the softmax layers on ML-100K
 input tokens are layer-normed (TokenEmbedding) and each layer maps a normalised x to
             U, Q, K, V = SiLU(f1(x));  x = Norm_in(x + f2(Norm(A V) * U))
 with the same LayerNorm module (norm_in) moved from the layer's input to its output, so
-the parameters and state-dict keys are the same in both layouts; only the wiring differs.
+a layer's parameters and state-dict keys are the same in both layouts (only the token
+embedding gains its input LayerNorm, `embed.norm.*`, as post-norm softmax layers do).
+The last history layer stops at K/V (`layer_keys_values`): post-norm they read the layer
+before's normalised output as it is, and that layer's output norm never runs on history
+(candidates run it). ASTRO's shared candidate path drops the blocks' last-layer output
+altogether, which would leave a post-norm norm_in unused: that combination is refused.
 Without softmax the weights do not sum to 1, so the output keeps "how much" related history
 there is, not just a weighted average; N is a constant (max_len), which also keeps a
 token's output independent of padding and of later events (a cacheable prefix).
