@@ -55,6 +55,20 @@ def randomise_relative_bias(model):
     return model
 
 
+def randomise_layer_norms(model):
+    """LayerNorms start at weight 1, bias 0, so every one is the same function and a path
+    that runs the wrong one (norm_attn for norm_in, an input norm for an output norm) would
+    agree with the reference; give each its own gain and bias."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.3)
+    return model
+
+
 def batch_with_edge_cases(seed: int = 0, B: int = 4, n: int = 20, M: int = 5) -> RankBatch:
     """Ragged histories including an empty one, and a padded candidate slot."""
     import torch
@@ -198,7 +212,8 @@ KV_MAX_LEN = 24
 
 def kv_tiny_model(family: str = "astro", seed: int = 0, **overrides):
     """A small model in eval mode (max_len KV_MAX_LEN); HSTU-style relative biases (rab,
-    initialised at 0) are spread so that a wrong bias row in a fast path shows up."""
+    initialised at 0) are spread so that a wrong bias row in a fast path shows up, and so
+    are a post-norm model's LayerNorms (a norm run in the wrong place or the wrong one)."""
     import torch
 
     from ranker.models import build_model
@@ -210,7 +225,7 @@ def kv_tiny_model(family: str = "astro", seed: int = 0, **overrides):
         for name, param in model.named_parameters():
             if ".rab_" in name:
                 param.normal_(0.0, 0.5)
-    return model
+    return randomise_layer_norms(model) if overrides.get("norm") == "post" else model
 
 
 def kv_sequence(length: int, seed: int, start_ts: int = 1_700_000_000_000, first_id: int = 0) -> UserSequence:

@@ -25,7 +25,7 @@ from streaming.events import BEHAVIOURS, SCENARIOS
 from tests.support import (TINY_ASTRO, TINY_TRACKS as N_TRACKS, assert_real_candidates_close, batch_with_edge_cases,
                            check_gradients_reach_every_parameter, check_one_cached_history_scores_many_requests,
                            check_padding_changes_no_real_score, check_prefix_keys_and_values_never_change,
-                           check_shuffling_candidates_only_shuffles_scores, randomise_relative_bias,
+                           check_shuffling_candidates_only_shuffles_scores, randomise_layer_norms, randomise_relative_bias,
                            torch_transformer_logits)
 
 torch.set_num_threads(1)
@@ -64,8 +64,9 @@ def test_batched_sumi_matches_one_candidate_at_a_time(overrides, block_attention
         assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)
 
 
-def test_post_norm_softmax_blocks_match_one_candidate_at_a_time():
-    model = tiny_astro(partition="behaviour", block_attention="softmax", norm="post")
+@pytest.mark.parametrize("block_attention", BLOCK_ATTENTIONS)
+def test_post_norm_blocks_match_one_candidate_at_a_time(block_attention):
+    model = randomise_layer_norms(tiny_astro(partition="behaviour", block_attention=block_attention, norm="post"))
     batch = batch_with_edge_cases()
     with torch.no_grad():
         assert_real_candidates_close(model(batch), astro_reference(model, batch), batch)

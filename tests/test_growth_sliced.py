@@ -22,6 +22,10 @@ CASES = {  # family, size, overrides: every stack a slice runs through
     "astro-softmax": ("astro", "xs", {"block_attention": "softmax", "n_layers": 2}),
     "sasrec": ("sasrec", "xs", {}),
     "hstu": ("hstu", "s", {}),
+    # norm_in after the sliced heads' output. Size xs with two layers: at s, one entry of a
+    # time-gap row first reached at step 4 gets a gradient of ~7e-9 (the two paths 2e-9
+    # apart), below AdamW's eps, which turns that rounding into steps 3e-4 apart.
+    "hstu-post": ("hstu", "xs", {"norm": "post", "n_layers": 2}),
 }
 
 

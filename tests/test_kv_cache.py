@@ -26,9 +26,10 @@ def assert_exact(model, cache, user, window, candidates=torch.arange(1, 9)):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("family", ["astro", "sasrec", "hstu"])
-def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(family, path):
-    model = tiny_model(family)
+@pytest.mark.parametrize("family, overrides", [("astro", {}), ("sasrec", {}), ("hstu", {}),
+                                               ("astro", dict(norm="post")), ("hstu", dict(norm="post"))])
+def test_appending_one_event_is_an_incremental_update_equal_to_a_full_recompute(family, overrides, path):
+    model = tiny_model(family, **overrides)
     cache = UserKVCache(model, "v1", budget_bytes=10**7, incremental=path)
     seq = random_sequence(10, seed=1)
     assert_exact(model, cache, 7, seq)
@@ -232,7 +233,9 @@ LONG_HISTORY = dict(block_attention="pointwise", candidate_path="shared", block_
 @pytest.mark.parametrize("overrides", [dict(block_attention="softmax"),
                                        dict(block_attention="softmax", temperature="fixed", block_positions=False),
                                        dict(block_attention="softmax", norm="post"),
-                                       dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1)])
+                                       dict(block_attention="pointwise"), dict(block_attention="pointwise", n_layers=1),
+                                       dict(block_attention="pointwise", norm="post"),
+                                       dict(block_attention="pointwise", norm="post", n_layers=1)])
 def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
     """stack_extend_one (the serving path) against stack_extend (k tokens), for both stack kinds."""
     from ranker.serving.incremental import query_scales, stack_extend, stack_extend_one
@@ -259,8 +262,10 @@ def test_the_one_token_stack_step_equals_the_reference_extend(overrides):
                                                ("astro", dict(block_attention="softmax", partition="scenario")),
                                                ("astro", dict(block_attention="pointwise", partition="behaviour")),
                                                ("astro", {}), ("astro", dict(n_layers=1)),
+                                               ("astro", dict(norm="post")), ("astro", dict(norm="post", n_layers=1)),
                                                ("astro", LONG_HISTORY), ("astro", dict(LONG_HISTORY, n_layers=1)),
-                                               ("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
+                                               ("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {}),
+                                               ("hstu", dict(norm="post"))])
 def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(family, overrides):
     """The fast path event by event, past the buffers' capacity (reallocation), and after
     weights change in place (its cached tau / embedding tables must follow them). The
@@ -288,7 +293,8 @@ def test_one_event_at_a_time_through_buffer_growth_equals_a_full_recompute(famil
 
 @pytest.mark.parametrize("family, overrides", [("astro", dict(block_attention="softmax", partition="scenario")),
                                                ("astro", {}), ("astro", LONG_HISTORY), ("sasrec", {}),
-                                               ("sasrec", dict(norm="post")), ("hstu", {})])
+                                               ("sasrec", dict(norm="post")), ("hstu", {}), ("astro", dict(norm="post")),
+                                               ("hstu", dict(norm="post"))])
 def test_the_fast_and_reference_incremental_paths_fill_the_same_buffers(family, overrides):
     """The switch's two sides agree: after one event at a time and then several at once, the
     fast path's buffers hold the K/V, positions and timestamps the re-encoding reference does."""

@@ -9,7 +9,7 @@ from ranker.batch import TASKS
 from ranker.models.config import SIZE_NAMES
 from ranker.models import build_model, model_from_config
 from ranker.batch import random_batch
-from ranker.models.reference import reference_logits
+from ranker.models.reference import pointwise_reference, reference_history_tokens, reference_logits
 from tests.support import (
     TINY_MODEL,
     TINY_TRACKS as N_TRACKS,
@@ -20,6 +20,7 @@ from tests.support import (
     check_padding_changes_no_real_score,
     check_prefix_keys_and_values_never_change,
     check_shuffling_candidates_only_shuffles_scores,
+    randomise_layer_norms,
     randomise_relative_bias,
     torch_transformer_logits,
 )
@@ -35,9 +36,10 @@ def tiny(family: str, **overrides):
 
 
 @pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")),
-                                               ("sasrec", dict(norm="post", init="normal")), ("hstu", {})])
+                                               ("sasrec", dict(norm="post", init="normal")), ("hstu", {}),
+                                               ("hstu", dict(norm="post")), ("hstu", dict(norm="post", n_layers=1))])
 def test_batched_sumi_matches_one_candidate_at_a_time(family, overrides):
-    model = tiny(family, **overrides)
+    model = randomise_layer_norms(tiny(family, **overrides))
     if family == "hstu":
         randomise_relative_bias(model)
     batch = batch_with_edge_cases()
@@ -52,6 +54,35 @@ def test_sasrec_is_a_standard_target_aware_transformer(norm):
     model = tiny("sasrec", norm=norm)
     batch = batch_with_edge_cases(seed=2)
     assert_real_candidates_close(*torch_transformer_logits(model, model.stack.layers, batch), batch)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_hstu_next_item_outputs_match_the_reference_layer(norm):
+    """The training path (`sequence_output`, every history position) against Meta's layer
+    written out (`pointwise_reference`) on each row's unpadded history."""
+    model = randomise_relative_bias(randomise_layer_norms(tiny("hstu", norm=norm)))
+    batch = batch_with_edge_cases(seed=3)
+    with torch.no_grad():
+        out = model.sequence_output(batch)
+        for row, length in enumerate(batch.history_lengths.tolist()):
+            tokens = reference_history_tokens(model, batch, row)
+            want = pointwise_reference(model.stack.layers, tokens, torch.arange(length),
+                                       batch.history_ts[row, :length], None, float(model.config.max_len))
+            torch.testing.assert_close(out[row, :length], want, atol=1e-5, rtol=1e-5)
+
+
+def test_post_norm_hstu_has_the_same_parameters_and_other_outputs():
+    """Post-norm moves norm_in from the layer's input to its output and normalises the input
+    tokens (TokenEmbedding): the same state-dict keys and shapes load into either layout, and
+    the layouts then score differently (the flag is not a no-op)."""
+    pre, post = tiny("hstu"), tiny("hstu", norm="post")
+    post_state = {k: v for k, v in post.state_dict().items() if not k.startswith("embed.norm.")}
+    assert {k: v.shape for k, v in pre.state_dict().items()} == {k: v.shape for k, v in post_state.items()}
+    assert set(post.state_dict()) - set(post_state) == {"embed.norm.weight", "embed.norm.bias"}
+    pre.load_state_dict(post_state)
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        assert (pre(batch) - post(batch)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", BASELINES)
@@ -77,30 +108,33 @@ def test_one_cached_history_scores_many_requests(family):
     check_one_cached_history_scores_many_requests(tiny(family))
 
 
-@pytest.mark.parametrize("family", BASELINES)
-def test_gradients_reach_every_parameter(family):
-    check_gradients_reach_every_parameter(tiny(family))
+@pytest.mark.parametrize("family, overrides", [(family, {}) for family in BASELINES] + [("hstu", dict(norm="post"))])
+def test_gradients_reach_every_parameter(family, overrides):
+    """Post-norm HSTU too: each layer's norm_in, the last layer's included, is now its output norm."""
+    check_gradients_reach_every_parameter(tiny(family, **overrides))
 
 
-@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {})])
+@pytest.mark.parametrize("family, overrides", [("sasrec", {}), ("sasrec", dict(norm="post")), ("hstu", {}),
+                                               ("hstu", dict(norm="post"))])
 def test_config_round_trips_through_json(family, overrides):
     model = tiny(family, **overrides)
     rebuilt = model_from_config(family, json.loads(json.dumps(model.config.to_dict())))
     assert rebuilt.config == model.config and type(rebuilt) is type(model)
 
 
-@pytest.mark.parametrize("family", ["sasrec", "astro"])
+@pytest.mark.parametrize("family", ["sasrec", "hstu", "astro"])
 def test_the_norm_layout_is_recorded_only_when_it_is_not_the_default(family):
     """Configs frozen before `norm` existed record no such key: the pre-norm default must
-    still read as the same model, and a post-norm one must say so."""
+    still read as the same model, and a post-norm one must say so. ASTRO's pointwise blocks
+    (its default) take either layout; its shared candidate path is pre-norm only."""
     assert "norm" not in tiny(family).config.to_dict()
-    overrides = dict(norm="post", **({"block_attention": "softmax"} if family == "astro" else {}))
-    assert tiny(family, **overrides).config.to_dict()["norm"] == "post"
+    assert tiny(family, norm="post").config.to_dict()["norm"] == "post"
     with pytest.raises(ValueError, match="norm must be one of"):
         tiny(family, norm="sandwich")
     if family == "astro":
-        with pytest.raises(ValueError, match="block_attention='softmax'"):
-            tiny(family, norm="post")
+        assert tiny(family, norm="post", block_attention="softmax").config.to_dict()["norm"] == "post"
+        with pytest.raises(ValueError, match="norm='post' needs candidate_path='per_block'"):
+            tiny(family, norm="post", candidate_path="shared")
 
 
 @pytest.mark.parametrize("family", ("astro", *BASELINES))

@@ -187,6 +187,8 @@ def _per_target(model, split, windows) -> tuple[torch.Tensor, torch.Tensor, torc
 MERGE_CASES = [(family, {}) for family in FAMILIES] + [
     ("astro", {"block_attention": "softmax", "norm": "post", "logit_norm": False}),  # the ML-100K recipe
     ("hstu", {"n_layers": 2}),  # relative position and time buckets between history tokens
+    ("hstu", {"n_layers": 2, "norm": "post", "logit_norm": False}),  # post-norm HSTU layers
+    ("astro", {"norm": "post"}),  # post-norm pointwise blocks
 ]
 
 

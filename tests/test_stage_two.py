@@ -34,6 +34,8 @@ VARIANTS = {
     "no block positions": {"block_positions": False},
     "sigmoid fusion": {"fusion": "sigmoid"},
     "recency blocks": {"partition": "recency", "recency_scales": (4, 12)},
+    "post-norm": {"norm": "post"},
+    "post-norm, one layer": {"norm": "post", "n_layers": 1},
 }
 
 

@@ -3,8 +3,9 @@
     tokens -> split into Nb blocks (by behaviour group, scenario or recency scale)
            -> per block: its own transformer stack, causal over the block's history,
               attention logits / (tau * sqrt(d_head)) with tau from scenario and behaviour;
-              block_attention picks the stack: "softmax" (pre-norm transformer) or
-              "pointwise" (HSTU layers: SiLU(alpha (q / tau) k + rab) / N, U gating, no FFN)
+              block_attention picks the stack: "softmax" (transformer) or
+              "pointwise" (HSTU layers: SiLU(alpha (q / tau) k + rab) / N, U gating, no FFN);
+              `norm` makes either pre-norm (the default) or post-norm
            -> each candidate attends each block's history and itself (target-aware, SUMI)
            -> a per-dimension gate fuses the Nb block outputs -> one logit per task
 
@@ -87,8 +88,11 @@ class AstroConfig(PointwiseAttentionConfig, SoftmaxConfig):
             raise ValueError(f"candidate_path must be one of {CANDIDATE_PATHS}, got {self.candidate_path!r}")
         if self.candidate_path == "shared" and self.block_attention != "pointwise":
             raise ValueError("candidate_path='shared' needs block_attention='pointwise'")
-        if self.norm == "post" and self.block_attention != "softmax":
-            raise ValueError("norm='post' is a softmax-layer layout: it needs block_attention='softmax'")
+        if self.norm == "post" and self.candidate_path == "shared":
+            # A shared-path block's last layer keeps K/V only (no f2, no output), and post-norm
+            # moves that layer's only LayerNorm to its output: it would never run nor train.
+            raise ValueError("norm='post' needs candidate_path='per_block': a shared-path block's last "
+                             "layer keeps K/V only, so its post-norm output LayerNorm would never run")
         self.check_pointwise_attention()
         if self.tau_min <= 0:
             raise ValueError(f"tau_min must be > 0, got {self.tau_min}")

@@ -1,8 +1,19 @@
 """HSTU-style baseline (Meta, arXiv 2402.17152): pointwise SiLU attention, no softmax.
 
-Per layer:  U, Q, K, V = SiLU(f1(Norm(x)))
+Per layer (norm "pre", Meta's layout and the default):
+            U, Q, K, V = SiLU(f1(Norm(x)))
             A = SiLU(alpha * Q K^T + rab) / N, masked      (rab: relative position + time bias)
             x = x + f2(Norm(A V) * U)
+norm "post" (RecBole's SASRec layout, which lifted the softmax layers on ML-100K): the
+input tokens are layer-normed (TokenEmbedding) and each layer maps a normalised x to
+            U, Q, K, V = SiLU(f1(x));  x = Norm_in(x + f2(Norm(A V) * U))
+with the same LayerNorm module (norm_in) moved from the layer's input to its output, so
+a layer's parameters and state-dict keys are the same in both layouts (only the token
+embedding gains its input LayerNorm, `embed.norm.*`, as post-norm softmax layers do).
+The last history layer stops at K/V (`layer_keys_values`): post-norm they read the layer
+before's normalised output as it is, and that layer's output norm never runs on history
+(candidates run it). ASTRO's shared candidate path drops the blocks' last-layer output
+altogether, which would leave a post-norm norm_in unused: that combination is refused.
 Without softmax the weights do not sum to 1, so the output keeps "how much" related history
 there is, not just a weighted average; N is a constant (max_len), which also keeps a
 token's output independent of padding and of later events (a cacheable prefix).
@@ -18,12 +29,13 @@ pass over B x h x L x L. The HSTU baseline passes no tau (tau = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ranker.models.config import DEFAULT_SIZES, ModelConfig
+from ranker.models.config import DEFAULT_SIZES, NORMS, ModelConfig
 from ranker.models.layers import (
     BlockCache,
     BlockLayout,
@@ -58,22 +70,36 @@ class PointwiseAttentionConfig:
 
 @dataclass(frozen=True)
 class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
+    # "pre": x + f(Norm(x)), Meta's HSTU; "post": Norm(x + f(x)) with a LayerNorm on the input
+    # tokens (see the module docstring). The same field and values as SoftmaxConfig.norm, which
+    # AstroConfig's pointwise blocks read; left out of `to_dict` at "pre", so every config and
+    # checkpoint recorded before it existed still reads as the same model.
+    norm: str = "pre"
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ModelConfig.OMITTED_AT_DEFAULT + ("norm",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_pointwise_attention()
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 class HSTULayer(Sliceable, nn.Module):
     """Sliced (Sliceable): only the active heads' U, Q, K and V rows of f1 and their columns
     of f2 are in the weights; the relative bias is taken for those heads. norm_attn still
-    normalises over all d channels, the others at zero, as the masked layer does."""
+    normalises over all d channels, the others at zero, as the masked layer does.
+
+    norm_in is the input LayerNorm when pre-norm and the output LayerNorm when post-norm
+    (`post_norm`): `project` / `project_kv` then read x as it is (already normalised by the
+    layer before, or by TokenEmbedding) and `finish` normalises the residual sum."""
 
     def __init__(self, cfg: HSTUConfig):
         """cfg: an HSTUConfig, or any config with its fields (ASTRO's pointwise blocks pass an
-        AstroConfig, which carries n_rab_buckets and attention_norm too)."""
+        AstroConfig, which carries n_rab_buckets, attention_norm and norm too)."""
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
+        self.post_norm = cfg.norm == "post"
         self.alpha = cfg.d_head**-0.5
         self.norm = float(cfg.attention_norm or cfg.max_len)
         self.n_buckets = cfg.n_rab_buckets
@@ -92,14 +118,18 @@ class HSTULayer(Sliceable, nn.Module):
         """Run on these heads only (None: all of them); f1 and f2 are swapped for their rows / columns."""
         self.set_active(heads, self.norm_in.normalized_shape[0] // self.n_heads)
 
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What f1 reads: Norm(x) pre-norm; x itself post-norm (normalised already)."""
+        return x if self.post_norm else self.norm_in(x)
+
     def project(self, x: torch.Tensor):
-        u, q, k, v = F.silu(self.f1(self.norm_in(x))).chunk(4, dim=-1)
+        u, q, k, v = F.silu(self.f1(self.layer_input(x))).chunk(4, dim=-1)
         h = self.heads_now(self.n_heads)
         return u, split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def project_kv(self, x: torch.Tensor):
         rows, h = self.f1.weight.shape[0] // 2, self.heads_now(self.n_heads)  # K and V: the second half of f1's rows
-        k, v = F.silu(F.linear(self.norm_in(x), self.f1.weight[rows:], self.f1.bias[rows:])).chunk(2, dim=-1)
+        k, v = F.silu(F.linear(self.layer_input(x), self.f1.weight[rows:], self.f1.bias[rows:])).chunk(2, dim=-1)
         return split_heads(k, h), split_heads(v, h)
 
     def bias_table(self) -> torch.Tensor:
@@ -135,13 +165,17 @@ class HSTULayer(Sliceable, nn.Module):
         return F.silu(self.alpha * (q * k).sum(-1, keepdim=True) + rab) / self.norm * v
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """x + Dropout(f2(Norm(AV) * U)); post-norm, that sum through norm_in (all d channels:
+        the residual stream is never sliced, only the heads are)."""
         channels = self.slices.get("channels")
         if channels is None:
-            return x + self.dropout(self.f2(self.norm_attn(merge_heads(attended)) * u))
-        merged = merge_heads(attended)  # [B, L, active channels]; the norm sees the others at zero
-        full = merged.new_zeros(*merged.shape[:-1], x.shape[-1]).index_copy(-1, channels, merged)
-        normed = self.norm_attn(full).index_select(-1, channels)
-        return x + self.dropout(self.f2(normed * u))
+            normed = self.norm_attn(merge_heads(attended))
+        else:
+            merged = merge_heads(attended)  # [B, L, active channels]; the norm sees the others at zero
+            full = merged.new_zeros(*merged.shape[:-1], x.shape[-1]).index_copy(-1, channels, merged)
+            normed = self.norm_attn(full).index_select(-1, channels)
+        x = x + self.dropout(self.f2(normed * u))
+        return self.norm_in(x) if self.post_norm else x
 
 
 def relative_buckets(query_pos, query_ts, key_pos, key_ts, n_buckets: int):

@@ -78,11 +78,13 @@ def pointwise_reference(layers, x: torch.Tensor, positions: torch.Tensor, ts: to
 
     positions/ts [L]: each token's index in the full history and time (ms); tau [L, heads]
     divides the q.k term of each query (rab is not divided), None means tau = 1.
+    Pre-norm: U, Q, K, V from norm_in(x), x + f2(...); post-norm (layer.post_norm): from x
+    itself, norm_in(x + f2(...)).
     """
     L, d = x.shape
     for layer in layers:
-        h = layer.n_heads
-        u, q, k, v = F.silu(layer.f1(layer.norm_in(x))).chunk(4, -1)
+        h, post = layer.n_heads, layer.post_norm
+        u, q, k, v = F.silu(layer.f1(x if post else layer.norm_in(x))).chunk(4, -1)
         q, k, v = (t.view(L, h, d // h).transpose(0, 1) for t in (q, k, v))
         bias = layer.rab_position(log_bucket(positions[:, None] - positions[None, :], layer.n_buckets))
         bias = bias + layer.rab_time(seconds_bucket(ts[:, None] - ts[None, :], layer.n_buckets))
@@ -92,6 +94,8 @@ def pointwise_reference(layers, x: torch.Tensor, positions: torch.Tensor, ts: to
         weights = F.silu(logits + bias.permute(2, 0, 1)) * torch.ones(L, L).tril() / norm
         attended = (weights @ v).transpose(0, 1).reshape(L, d)
         x = x + layer.f2(layer.norm_attn(attended) * u)
+        if post:
+            x = layer.norm_in(x)
     return x
 
 

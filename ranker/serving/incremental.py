@@ -445,7 +445,7 @@ def _hstu_extend_one(stack: HSTUStack, x: torch.Tensor, block: BlockBuffer, at: 
         kv = block.kv[i]  # [2, h, capacity, dh]
         h, dh = kv.shape[1], kv.shape[3]
         if i == last:  # nothing reads the last layer's history output: K and V only
-            normed = F.layer_norm(x, (d,), *last_norm)
+            normed = x if last_norm is None else F.layer_norm(x, (d,), *last_norm)
             kv.select(2, at).copy_(F.silu(F.linear(normed, last_kv_weight, last_kv_bias)).view(2, h, dh))
             return
         if buckets is None:  # the same for every layer: the new token against every key, [end]
@@ -462,15 +462,17 @@ def hstu_layer_one(layer, x: torch.Tensor, kv: torch.Tensor, at: int, buckets: t
     compiled: `climber bench incremental --compile-check`.)"""
     end, d = at + 1, x.shape[-1]
     h, dh = kv.shape[1], kv.shape[3]
-    normed = F.layer_norm(x, (d,), layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
+    norm_in = (layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)  # post-norm: the output norm
+    normed = x if layer.post_norm else F.layer_norm(x, (d,), *norm_in)
     uqkv = F.silu(F.linear(normed, layer.f1.weight, layer.f1.bias)).view(4, h, dh)
     kv.select(2, at).copy_(uqkv[2:])  # K and V of the new token, one copy
     u, q = uqkv[0], uqkv[1]
     bias = _bias_rows(layer).index_select(1, buckets).unsqueeze(1)  # [h, 1, end]
     weights = F.silu(torch.baddbmm(bias, q.unsqueeze(1) * query_scale, kv[0, :, :end].transpose(1, 2)))  # [h, 1, end]
     attended = (torch.bmm(weights, kv[1, :, :end]) / layer.norm).view(1, d)  # heads merged
-    return x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
-                                     layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
+    x = x + F.linear(F.layer_norm(attended, (d,), layer.norm_attn.weight, layer.norm_attn.bias,
+                                  layer.norm_attn.eps) * u.reshape(1, d), layer.f2.weight, layer.f2.bias)
+    return F.layer_norm(x, (d,), *norm_in) if layer.post_norm else x
 
 
 def _bias_rows(layer) -> torch.Tensor:
@@ -490,12 +492,15 @@ def _bias_rows(layer) -> torch.Tensor:
 
 
 def _build_hstu_plan(stack: HSTUStack) -> tuple:
-    """The last layer's norm and the K/V rows of its f1, gathered once: module attribute
-    lookups and the two slices cost as much as the one-layer step's arithmetic. Views of
-    the Parameters, so in-place updates show through (`_hstu_plan` checks they still are)."""
+    """The last layer's input norm (None post-norm: its K/V read the normalised x as it is,
+    and its output norm never runs on the history) and the K/V rows of its f1, gathered
+    once: module attribute lookups and the two slices cost as much as the one-layer step's
+    arithmetic. Views of the Parameters, so in-place updates show through (`_hstu_plan`
+    checks they still are)."""
     layer = stack.layers[-1]
     d = layer.f1.weight.shape[1]  # f2 is None on the last layer of a shared-candidate-path block
-    plan = ((layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps), layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
+    norm = None if layer.post_norm else (layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps)
+    plan = (norm, layer.f1.weight[2 * d:], layer.f1.bias[2 * d:])
     f1 = layer.f1
     # a plain attribute: not a submodule, not in state_dict; keyed by the Parameter and the storage it views
     stack.__dict__["_one_token_plan"] = (f1._parameters, f1.weight, f1.weight.data_ptr(), f1.bias.data_ptr(), plan)

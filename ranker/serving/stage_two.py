@@ -130,10 +130,11 @@ def score_fast(model: AstroModel, history: HistoryCache, batch: RankBatch) -> to
 
 
 def _layer(layer, c, k_hist, v_hist, buckets, keep, tau, table, self_bias) -> torch.Tensor:
-    """One HSTULayer's candidate step (project, attention to the block and to itself, finish)."""
+    """One HSTULayer's candidate step (project, attention to the block and to itself, finish);
+    post-norm layers read c as it is and normalise the residual sum with norm_in instead."""
     h = layer.n_heads
     norm_in = layer.norm_in
-    x = F.layer_norm(c, norm_in.normalized_shape, norm_in.weight, norm_in.bias, norm_in.eps)
+    x = c if layer.post_norm else F.layer_norm(c, norm_in.normalized_shape, norm_in.weight, norm_in.bias, norm_in.eps)
     u, q, k, v = F.silu(F.linear(x, layer.f1.weight, layer.f1.bias)).chunk(4, dim=-1)
     q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
     if tau is not None:
@@ -150,4 +151,5 @@ def _layer(layer, c, k_hist, v_hist, buckets, keep, tau, table, self_bias) -> to
     norm_attn = layer.norm_attn
     merged = F.layer_norm(merge_heads(attended), norm_attn.normalized_shape, norm_attn.weight, norm_attn.bias,
                           norm_attn.eps)
-    return c + F.linear(merged * u, layer.f2.weight, layer.f2.bias)
+    c = c + F.linear(merged * u, layer.f2.weight, layer.f2.bias)
+    return F.layer_norm(c, norm_in.normalized_shape, norm_in.weight, norm_in.bias, norm_in.eps) if layer.post_norm else c
