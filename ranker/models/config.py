@@ -38,6 +38,7 @@ def refuse_unknown_fields(cls: type, keys, what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
 
 INITS = ("default", "normal")
+NORMS = ("pre", "post")
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,13 @@ class ModelConfig:
     # when true; h . item as SASRec/RecBole score when false (a post-norm stack already ends
     # in a LayerNorm with its own gain, which then sets the softmax's temperature).
     logit_norm: bool = True
+    # Layer layout, every family: "pre": x + f(LayerNorm(x)) (GPT-2, nanoGPT, Meta's HSTU);
+    # "post": LayerNorm(x + f(x)) with a LayerNorm on the input tokens, the original
+    # Transformer's layout and RecBole's SASRec (each family's layers say how they apply it).
+    norm: str = "pre"
     # Fields added after figures were frozen: `to_dict` leaves them out at their default, so
     # a model recorded before they existed (configs/, checkpoints) still reads as the same model.
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("init", "logit_norm")
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("init", "logit_norm", "norm")
 
     def __post_init__(self) -> None:
         for name in ("n_tracks", "d_model", "n_layers", "n_heads", "max_len", "n_time_buckets"):
@@ -76,6 +81,8 @@ class ModelConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.logit_norm, bool):
             raise ValueError(f"logit_norm must be true or false, got {self.logit_norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if len(self.task_weights) != len(TASKS):
             raise ValueError(f"task_weights needs {len(TASKS)} weights for {TASKS}, got {self.task_weights}")
 
@@ -97,21 +104,9 @@ class ModelConfig:
         return cls(**{k: _tuples(v) for k, v in data.items()})
 
 
-NORMS = ("pre", "post")
-
-
 @dataclass(frozen=True)
 class SoftmaxConfig(ModelConfig):
     ffn_mult: int = 4  # feed-forward width = ffn_mult * d_model
-    # "pre": x + f(LayerNorm(x)) (GPT-2, nanoGPT); "post": LayerNorm(x + f(x)) with a LayerNorm
-    # on the input tokens, the original Transformer's layout and RecBole's SASRec.
-    norm: str = "pre"
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ModelConfig.OMITTED_AT_DEFAULT + ("norm",)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 def config_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:

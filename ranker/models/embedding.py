@@ -62,8 +62,8 @@ class TokenEmbedding(nn.Module):
         self.scenario = nn.Embedding(len(SCENARIOS), d)
         self.position = nn.Embedding(cfg.max_len + 1, d)
         self.time_gap = nn.Embedding(cfg.n_time_buckets, d)
-        # Post-norm layers (SoftmaxConfig.norm) take normalised tokens, as RecBole's SASRec does.
-        self.input_norm = getattr(cfg, "norm", "pre") == "post"
+        # Post-norm layers (ModelConfig.norm) take normalised tokens, as RecBole's SASRec does.
+        self.input_norm = cfg.norm == "post"
         self.norm = nn.LayerNorm(d) if self.input_norm else nn.Identity()
         self.dropout = Dropout(cfg.dropout)
         for table in (self.track, self.behaviour, self.scenario, self.position, self.time_gap):

@@ -29,13 +29,12 @@ pass over B x h x L x L. The HSTU baseline passes no tau (tau = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ranker.models.config import DEFAULT_SIZES, NORMS, ModelConfig
+from ranker.models.config import DEFAULT_SIZES, ModelConfig
 from ranker.models.layers import (
     BlockCache,
     BlockLayout,
@@ -70,18 +69,10 @@ class PointwiseAttentionConfig:
 
 @dataclass(frozen=True)
 class HSTUConfig(PointwiseAttentionConfig, ModelConfig):
-    # "pre": x + f(Norm(x)), Meta's HSTU; "post": Norm(x + f(x)) with a LayerNorm on the input
-    # tokens (see the module docstring). The same field and values as SoftmaxConfig.norm, which
-    # AstroConfig's pointwise blocks read; left out of `to_dict` at "pre", so every config and
-    # checkpoint recorded before it existed still reads as the same model.
-    norm: str = "pre"
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ModelConfig.OMITTED_AT_DEFAULT + ("norm",)
-
+    # ModelConfig.norm picks the layer layout (see the module docstring).
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_pointwise_attention()
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 class HSTULayer(Sliceable, nn.Module):
